@@ -1,0 +1,86 @@
+"""The admin entrypoint (Traefik's `traefik`, :8080): /ping, /api/rawdata, /metrics.
+
+Off the hot path, so it is plain aiohttp.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from meshproxy import __version__
+from meshproxy.config.decode import to_builtins
+from meshproxy.observability.metrics import RequestMetrics
+from meshproxy.runtime.manager import ConfigManager
+from meshproxy.runtime.snapshot import ObjectStatus
+
+
+def _section(
+    objects: dict[str, Any], statuses: dict[str, ObjectStatus], provider: str
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, definition in objects.items():
+        qualified = name if "@" in name else f"{name}@{provider}"
+        entry = dict(to_builtins(definition))
+        status = statuses.get(qualified, ObjectStatus())
+        entry["status"] = status.status
+        if status.errors:
+            entry["error"] = list(status.errors)
+        if status.using:
+            entry["using"] = list(status.using)
+        entry["name"] = qualified
+        entry["provider"] = provider
+        out[qualified] = entry
+    return out
+
+
+def rawdata(manager: ConfigManager) -> dict[str, Any]:
+    snapshot = manager.snapshot
+    config = snapshot.config
+    provider = snapshot.provider
+    return {
+        "routers": _section(config.http.routers, snapshot.routers, provider),
+        "services": _section(config.http.services, snapshot.services, provider),
+        "middlewares": _section(config.http.middlewares, snapshot.middlewares, provider),
+        "tcpRouters": _section(config.tcp.routers, snapshot.tcp_routers, provider),
+        "tcpServices": _section(config.tcp.services, snapshot.tcp_services, provider),
+        "udpRouters": _section(config.udp.routers, snapshot.udp_routers, provider),
+        "udpServices": _section(config.udp.services, snapshot.udp_services, provider),
+        "meshproxy": {
+            "generation": snapshot.generation,
+            "lastConfigError": manager.last_error,
+            "errors": snapshot.error_lines(),
+        },
+    }
+
+
+def build_admin_app(
+    manager: ConfigManager, metrics: RequestMetrics | None, *, ping: bool, api: bool
+) -> web.Application:
+    app = web.Application()
+
+    async def handle_ping(request: web.Request) -> web.Response:
+        return web.Response(text="OK")
+
+    async def handle_rawdata(request: web.Request) -> web.Response:
+        return web.json_response(rawdata(manager))
+
+    async def handle_version(request: web.Request) -> web.Response:
+        return web.json_response({"Version": __version__, "Codename": "meshproxy"})
+
+    async def handle_metrics(request: web.Request) -> web.Response:
+        assert metrics is not None
+        return web.Response(
+            body=metrics.render(),
+            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        )
+
+    if ping:
+        app.router.add_route("*", "/ping", handle_ping)
+    if api:
+        app.router.add_get("/api/rawdata", handle_rawdata)
+        app.router.add_get("/api/version", handle_version)
+    if metrics is not None:
+        app.router.add_get("/metrics", handle_metrics)
+    return app

@@ -1,0 +1,380 @@
+"""Static configuration, Traefik style: a YAML file (`--configFile`) and/or dotted CLI flags
+(`--entryPoints.web.address=:80`). Unknown or not-yet-implemented options produce warnings,
+never a crash, so Traefik Mesh's DaemonSet arguments are accepted as they are.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from meshproxy.config.decode import ConfigDecodeError, ConfigError, convert, load_text, normalize
+from meshproxy.config.durations import Duration
+
+
+class _Base(msgspec.Struct, rename="camel", omit_defaults=True, kw_only=True):
+    pass
+
+
+Raw = dict[str, Any]
+
+
+class ForwardedHeaders(_Base):
+    insecure: bool = False
+    trusted_i_ps: list[str] = msgspec.field(default_factory=list, name="trustedIPs")
+    connection: list[str] | None = None
+
+
+class RespondingTimeouts(_Base):
+    read_timeout: Duration | None = None
+    write_timeout: Duration | None = None
+    idle_timeout: Duration | None = None
+
+
+class LifeCycle(_Base):
+    request_accept_grace_timeout: Duration | None = None
+    grace_time_out: Duration | None = None
+
+
+class EntryPointTransport(_Base):
+    responding_timeouts: RespondingTimeouts | None = None
+    life_cycle: LifeCycle | None = None
+    keep_alive_max_requests: int | None = None
+    keep_alive_max_time: Duration | None = None
+
+
+class EntryPointHTTP(_Base):
+    max_header_bytes: int | None = None
+    sanitize_path: bool | None = None
+    middlewares: list[str] | None = None
+    redirections: Raw | None = None
+    tls: Raw | None = None
+    encoded_characters: Raw | None = None
+    encode_query_semicolons: bool | None = None
+
+
+class EntryPointUDP(_Base):
+    timeout: Duration | None = None
+
+
+class EntryPoint(_Base):
+    address: str = ""
+    as_default: bool | None = None
+    reuse_port: bool | None = None
+    forwarded_headers: ForwardedHeaders | None = None
+    transport: EntryPointTransport | None = None
+    http: EntryPointHTTP | None = None
+    http2: Raw | None = None
+    http3: Raw | None = None
+    proxy_protocol: Raw | None = None
+    udp: EntryPointUDP | None = None
+    observability: Raw | None = None
+    allow_a_c_m_e_bypass: bool | None = msgspec.field(default=None, name="allowACMEByPass")
+
+
+class HTTPProviderConfig(_Base):
+    endpoint: str = ""
+    poll_interval: Duration = Duration(5.0)
+    poll_timeout: Duration = Duration(5.0)
+    headers: dict[str, str] | None = None
+    tls: Raw | None = None
+    max_response_body_size: int | None = None
+
+
+class FileProviderConfig(_Base):
+    filename: str | None = None
+    directory: str | None = None
+    watch: bool = True
+    debug_log_generated_template: bool | None = None
+
+
+class Providers(_Base):
+    http: HTTPProviderConfig | None = None
+    file: FileProviderConfig | None = None
+    providers_throttle_duration: Duration | None = None
+
+
+class Ping(_Base):
+    entry_point: str = "traefik"
+    manual_routing: bool | None = None
+    terminating_status_code: int | None = None
+
+
+class API(_Base):
+    insecure: bool = False
+    dashboard: bool = True
+    debug: bool | None = None
+    base_path: str | None = None
+    disable_dashboard_ad: bool | None = None
+
+
+class Log(_Base):
+    level: str = "ERROR"
+    format: str = "common"
+    file_path: str | None = None
+    no_color: bool | None = None
+    max_size: int | None = None
+    max_age: int | None = None
+    max_backups: int | None = None
+    compress: bool | None = None
+
+
+class Prometheus(_Base):
+    buckets: list[float] | None = None
+    add_entry_points_labels: bool = True
+    add_routers_labels: bool = False
+    add_services_labels: bool = True
+    entry_point: str = "traefik"
+    manual_routing: bool | None = None
+    header_labels: dict[str, str] | None = None
+
+
+class Metrics(_Base):
+    prometheus: Prometheus | None = None
+    add_internals: bool | None = None
+    datadog: Raw | None = None
+    influx_d_b2: Raw | None = msgspec.field(default=None, name="influxDB2")
+    influx_d_b: Raw | None = msgspec.field(default=None, name="influxDB")
+    statsd: Raw | None = None
+    otlp: Raw | None = None
+
+
+class ForwardingTimeoutsStatic(_Base):
+    dial_timeout: Duration | None = None
+    response_header_timeout: Duration | None = None
+    idle_conn_timeout: Duration | None = None
+    read_idle_timeout: Duration | None = None
+    ping_timeout: Duration | None = None
+
+
+class ServersTransportStatic(_Base):
+    insecure_skip_verify: bool | None = None
+    root_c_as: list[str] | None = msgspec.field(default=None, name="rootCAs")
+    max_idle_conns_per_host: int | None = None
+    forwarding_timeouts: ForwardingTimeoutsStatic | None = None
+    spiffe: Raw | None = None
+
+
+class Core(_Base):
+    default_rule_syntax: str | None = None
+
+
+class StaticConfig(_Base):
+    entry_points: dict[str, EntryPoint] = {}
+    providers: Providers = msgspec.field(default_factory=Providers)
+    ping: Ping | None = None
+    api: API | None = None
+    log: Log = msgspec.field(default_factory=Log)
+    access_log: Raw | None = None
+    metrics: Metrics | None = None
+    tracing: Raw | None = None
+    servers_transport: ServersTransportStatic | None = None
+    tcp_servers_transport: Raw | None = None
+    global_: Raw | None = msgspec.field(default=None, name="global")
+    core: Core | None = None
+    experimental: Raw | None = None
+    certificates_resolvers: Raw | None = None
+    hub: Raw | None = None
+    spiffe: Raw | None = None
+    ocsp: Raw | None = None
+
+
+# Sections we decode but do not act on: a warning says so, once.
+_NOT_IMPLEMENTED = {
+    "accessLog": "access logs are not implemented yet",
+    "tracing": "tracing is not implemented yet",
+    "experimental": "experimental features are not implemented",
+    "certificatesResolvers": "ACME certificate resolvers are not implemented",
+    "hub": "Traefik Hub is not supported",
+    "tcpServersTransport": "tcpServersTransport is not implemented yet",
+}
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    host: str | None  # None = all interfaces
+    port: int
+    protocol: str  # "tcp" or "udp"
+
+
+_ADDRESS = re.compile(
+    r"^(?P<host>\[[^\]]*\]|[^:/\[\]]*)?:(?P<port>\d+)(?:/(?P<proto>tcp|udp))?$", re.IGNORECASE
+)
+
+
+def parse_address(address: str) -> ListenAddress:
+    """':5000', '127.0.0.1:5000', '[::1]:5000', ':15000/udp'."""
+    match = _ADDRESS.match(address.strip())
+    if match is None:
+        raise ValueError(f"invalid address {address!r}: expected [host]:port[/tcp|/udp]")
+    host = match.group("host") or None
+    if host and host.startswith("["):
+        host = host[1:-1] or None
+    port = int(match.group("port"))
+    if port > 65535:
+        raise ValueError(f"invalid address {address!r}: port out of range")
+    return ListenAddress(host, port, (match.group("proto") or "tcp").lower())
+
+
+def flags_to_tree(args: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """`--a.b.c=v` / `--a.b` (true) into a nested dict; returns (tree, problems)."""
+    tree: dict[str, Any] = {}
+    problems: list[str] = []
+    for arg in args:
+        if not arg.startswith("--"):
+            problems.append(f"unexpected argument {arg!r}: flags look like --name=value")
+            continue
+        key, sep, value = arg[2:].partition("=")
+        if not key:
+            problems.append(f"unexpected argument {arg!r}")
+            continue
+        parsed: Any = value if sep else "true"
+        parts = key.split(".")
+        node = tree
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {} if child in (None, "true") else {"": child}
+                node[part] = child
+            node = child
+        last = parts[-1]
+        if isinstance(node.get(last), dict) and parsed == "true":
+            continue  # `--ping` after `--ping.entryPoint=x`: already enabled
+        if "," in parsed and last.lower() in _LIST_KEYS:
+            node[last] = [p.strip() for p in parsed.split(",") if p.strip()]
+        elif last.lower() in _LIST_KEYS:
+            node[last] = [parsed]
+        else:
+            node[last] = parsed
+    return tree, problems
+
+
+_LIST_KEYS = {"trustedips", "buckets", "sourcerange", "rootcas", "middlewares", "connection"}
+
+
+def _enable_structs(value: Any, tp: Any) -> Any:
+    """Traefik lets `--ping` or `--metrics.prometheus=true` enable a section with defaults."""
+    import types
+    import typing
+
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = args[0] if len(args) == 1 else tp
+    if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+        if value in (True, "true", "True", ""):
+            return {}
+        if value in (False, "false", "False"):
+            return None
+        if isinstance(value, dict):
+            hints = typing.get_type_hints(tp)
+            fields = {f.encode_name.lower(): hints[f.name] for f in msgspec.structs.fields(tp)}
+            return {
+                k: _enable_structs(v, fields.get(str(k).lower()))
+                for k, v in value.items()
+                if _enable_structs(v, fields.get(str(k).lower())) is not None or v is None
+            }
+        return value
+    if origin is dict and isinstance(value, dict):
+        _, item_type = typing.get_args(tp) or (Any, Any)
+        return {k: _enable_structs(v, item_type) for k, v in value.items()}
+    return value
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        match = next((k for k in out if k.lower() == key.lower()), None)
+        if match is not None and isinstance(out[match], dict) and isinstance(value, dict):
+            out[match] = _merge(out[match], value)
+        else:
+            if match is not None:
+                del out[match]
+            out[key] = value
+    return out
+
+
+def build_static(file_data: bytes | str | None, flags: list[str]) -> tuple[StaticConfig, list[str]]:
+    """File first, flags on top. Returns (config, warnings); raises ConfigDecodeError."""
+    warnings: list[str] = []
+    raw: dict[str, Any] = {}
+    if file_data is not None:
+        loaded = load_text(file_data)
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigDecodeError([ConfigError("$", "expected an object")])
+        raw = loaded or {}
+    tree, problems = flags_to_tree(flags)
+    if problems:
+        raise ConfigDecodeError([ConfigError("", p) for p in problems])
+    raw = _merge(raw, tree)
+    raw = _enable_structs(raw, StaticConfig)
+    notes: list[ConfigError] = []
+    normalized = normalize(raw, StaticConfig, "", notes, strict=False)
+    warnings.extend(str(n) for n in notes)
+    errors: list[ConfigError] = []
+    config = convert(normalized, StaticConfig, "", errors)
+    if errors or config is None:
+        raise ConfigDecodeError(errors)
+    for key, message in _NOT_IMPLEMENTED.items():
+        if key in normalized:
+            warnings.append(f"{key}: {message}; option ignored")
+    if config.metrics is not None:
+        for key in ("datadog", "influxDB", "influxDB2", "statsd", "otlp"):
+            if normalized["metrics"].get(key) is not None:
+                warnings.append(f"metrics.{key}: only Prometheus metrics are implemented; ignored")
+    for name, entry in config.entry_points.items():
+        try:
+            parse_address(entry.address)
+        except ValueError as exc:
+            errors.append(ConfigError(f"entryPoints.{name}.address", str(exc)))
+        for key in ("http2", "http3", "proxyProtocol"):
+            if normalized["entryPoints"][name].get(key) is not None:
+                warnings.append(f"entryPoints.{name}.{key}: not implemented yet; ignored")
+    if errors:
+        raise ConfigDecodeError(errors)
+    return config, warnings
+
+
+# ------------------------------------------------------------------ the mesh layout
+
+CONTROLLER_URL = (
+    "http://traefik-mesh-controller.traefik-mesh.svc.cluster.local:9000/api/configuration/current"
+)
+
+
+def mesh_layout_flags(http_ports: int = 10, tcp_ports: int = 25, udp_ports: int = 25) -> list[str]:
+    """The arguments Traefik Mesh's DaemonSet passes, as our defaults."""
+    flags = ["--entryPoints.readiness.address=:1081", "--entryPoints.liveness.address=:1082"]
+    for port in range(5000, 5000 + http_ports):
+        flags += [
+            f"--entryPoints.http-{port}.address=:{port}",
+            f"--entryPoints.http-{port}.forwardedHeaders.insecure=true",
+        ]
+    for port in range(10000, 10000 + tcp_ports):
+        flags += [
+            f"--entryPoints.tcp-{port}.address=:{port}",
+            f"--entryPoints.tcp-{port}.forwardedHeaders.insecure=true",
+        ]
+    for port in range(15000, 15000 + udp_ports):
+        flags.append(f"--entryPoints.udp-{port}.address=:{port}/udp")
+    flags += [
+        f"--providers.http.endpoint={CONTROLLER_URL}",
+        "--providers.http.pollInterval=1s",
+        "--providers.http.pollTimeout=1s",
+        "--api.dashboard=false",
+        "--api.insecure",
+        "--ping",
+        "--metrics.prometheus=true",
+    ]
+    return flags
+
+
+def needs_mesh_layout(file_data: bytes | str | None, flags: list[str]) -> bool:
+    """No entrypoints and no providers given anywhere: take Traefik Mesh's layout."""
+    if file_data is not None:
+        return False
+    lowered = [f.lower() for f in flags]
+    return not any(f.startswith(("--entrypoints.", "--providers.")) for f in lowered)

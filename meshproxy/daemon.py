@@ -1,0 +1,256 @@
+"""The proxy daemon: listeners for every entrypoint, the admin API, the providers, and the
+housekeeping loop, wired around one ConfigManager."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import signal
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from meshproxy.admin.api import build_admin_app
+from meshproxy.config.static import StaticConfig, parse_address
+from meshproxy.http.server import EntryPointSettings, HTTPEntryPoint
+from meshproxy.http.upstream import TransportSettings
+from meshproxy.observability.metrics import DEFAULT_BUCKETS, RequestMetrics
+from meshproxy.providers.file import FileProvider
+from meshproxy.providers.http_poll import HTTPProvider
+from meshproxy.runtime.compiler import CompileContext
+from meshproxy.runtime.dispatch import make_dispatcher
+from meshproxy.runtime.manager import ConfigManager
+from meshproxy.runtime.state import RuntimeState
+
+log = logging.getLogger("meshproxy")
+
+ADMIN_ENTRYPOINT = "traefik"
+
+
+@dataclass
+class Listener:
+    name: str
+    entry: HTTPEntryPoint
+    server: asyncio.AbstractServer
+
+
+@dataclass
+class ProxyDaemon:
+    static: StaticConfig
+    metrics: RequestMetrics = field(init=False)
+    state: RuntimeState = field(default_factory=RuntimeState)
+    listeners: list[Listener] = field(default_factory=list)
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    admin_runner: web.AppRunner | None = None
+
+    def __post_init__(self) -> None:
+        prometheus = self.static.metrics.prometheus if self.static.metrics else None
+        if prometheus is not None:
+            self.metrics = RequestMetrics(
+                prometheus.buckets or DEFAULT_BUCKETS,
+                entrypoint_labels=prometheus.add_entry_points_labels,
+                router_labels=prometheus.add_routers_labels,
+                service_labels=prometheus.add_services_labels,
+            )
+        else:
+            self.metrics = RequestMetrics()
+        self.http_entrypoints: dict[str, Any] = {}
+        self.udp_entrypoints: list[str] = []
+        for name, entry in self.static.entry_points.items():
+            if name == ADMIN_ENTRYPOINT:
+                continue
+            address = parse_address(entry.address)
+            if address.protocol == "udp":
+                self.udp_entrypoints.append(name)
+            else:
+                self.http_entrypoints[name] = entry
+        explicit_default = [n for n, e in self.http_entrypoints.items() if e.as_default]
+        self.default_entrypoints = sorted(explicit_default or self.http_entrypoints)
+        self.transport = self._transport_settings()
+        provider = (
+            "http" if self.static.providers.http and self.static.providers.http.endpoint else "file"
+        )
+        self.manager = ConfigManager(self._context_factory(provider))
+
+    def _transport_settings(self) -> TransportSettings:
+        st = self.static.servers_transport
+        timeouts = st.forwarding_timeouts if st else None
+        defaults = TransportSettings()
+        return TransportSettings(
+            dial_timeout=float(timeouts.dial_timeout)
+            if timeouts and timeouts.dial_timeout is not None
+            else defaults.dial_timeout,
+            response_header_timeout=float(timeouts.response_header_timeout)
+            if timeouts and timeouts.response_header_timeout is not None
+            else defaults.response_header_timeout,
+            idle_conn_timeout=float(timeouts.idle_conn_timeout)
+            if timeouts and timeouts.idle_conn_timeout is not None
+            else defaults.idle_conn_timeout,
+            max_idle_per_host=(
+                st.max_idle_conns_per_host
+                if st and st.max_idle_conns_per_host
+                else defaults.max_idle_per_host
+            ),
+            insecure_skip_verify=bool(st and st.insecure_skip_verify),
+        )
+
+    def _context_factory(self, provider: str) -> Any:
+        def factory(generation: int) -> CompileContext:
+            return CompileContext(
+                provider=provider,
+                http_entrypoints=list(self.http_entrypoints),
+                udp_entrypoints=list(self.udp_entrypoints),
+                default_entrypoints=self.default_entrypoints,
+                transport=self.transport,
+                metrics=self.metrics,
+                state=self.state,
+                generation=generation,
+            )
+
+        return factory
+
+    # -- startup ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for name, entry in self.http_entrypoints.items():
+            address = parse_address(entry.address)
+            fwd = entry.forwarded_headers
+            timeouts = entry.transport.responding_timeouts if entry.transport else None
+            settings = EntryPointSettings(
+                name=name,
+                port=address.port,
+                trusted_networks=[
+                    ipaddress.ip_network(t, strict=False) for t in (fwd.trusted_i_ps if fwd else [])
+                ],
+                insecure_forwarded=bool(fwd and fwd.insecure),
+                max_header_bytes=(
+                    entry.http.max_header_bytes
+                    if entry.http and entry.http.max_header_bytes
+                    else 1 << 20
+                ),
+                idle_timeout=float(timeouts.idle_timeout)
+                if timeouts and timeouts.idle_timeout is not None
+                else 180.0,
+                read_timeout=float(timeouts.read_timeout)
+                if timeouts and timeouts.read_timeout is not None
+                else 60.0,
+            )
+            http_entry = HTTPEntryPoint(
+                settings,
+                make_dispatcher(name, self.manager, self.metrics),
+                on_open=lambda delta, n=name: self.metrics.connection_delta(n, "TCP", delta),
+            )
+            server = await loop.create_server(
+                http_entry.protocol_factory,
+                address.host,
+                address.port,
+                reuse_port=bool(entry.reuse_port),
+                backlog=4096,
+            )
+            self.listeners.append(Listener(name, http_entry, server))
+            log.info("entrypoint %s listening on %s", name, entry.address)
+        for name in self.udp_entrypoints:
+            log.warning("entrypoint %s: UDP entrypoints are accepted but not served yet", name)
+        await self._start_admin()
+        self._start_providers()
+        self.tasks.append(loop.create_task(self._housekeeping()))
+
+    async def _start_admin(self) -> None:
+        static = self.static
+        wants_admin = (
+            static.api is not None
+            or static.ping is not None
+            or (static.metrics is not None and static.metrics.prometheus is not None)
+        )
+        admin = static.entry_points.get(ADMIN_ENTRYPOINT)
+        if not wants_admin and admin is None:
+            return
+        address = parse_address(admin.address if admin else ":8080")
+        app = build_admin_app(
+            self.manager,
+            self.metrics if static.metrics and static.metrics.prometheus else None,
+            ping=static.ping is not None,
+            api=static.api is not None,
+        )
+        self.admin_runner = web.AppRunner(app, access_log=None)
+        await self.admin_runner.setup()
+        site = web.TCPSite(self.admin_runner, address.host, address.port, backlog=256)
+        await site.start()
+        log.info(
+            "admin entrypoint %s listening on %s",
+            ADMIN_ENTRYPOINT,
+            admin.address if admin else ":8080",
+        )
+
+    def _start_providers(self) -> None:
+        loop = asyncio.get_running_loop()
+        providers = self.static.providers
+        if providers.http is not None and providers.http.endpoint:
+            http = providers.http
+            poller = HTTPProvider(
+                http.endpoint,
+                self.manager,
+                float(http.poll_interval),
+                float(http.poll_timeout),
+                http.headers,
+                http.max_response_body_size,
+            )
+            self.tasks.append(loop.create_task(poller.run()))
+        if providers.file is not None and (providers.file.filename or providers.file.directory):
+            path = providers.file.filename or providers.file.directory or ""
+            file_provider = FileProvider(path, self.manager, providers.file.watch)
+            self.tasks.append(loop.create_task(file_provider.run()))
+        if not self.tasks:
+            log.warning("no provider configured: every request will get 404")
+
+    async def _housekeeping(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(1.0)
+            now = loop.time()
+            for listener in self.listeners:
+                listener.entry.sweep(now)
+            self.state.sweep(now)
+
+    # -- shutdown -----------------------------------------------------------------------
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop accepting, let in-flight requests finish (up to `grace`), then close."""
+        for listener in self.listeners:
+            listener.server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while loop.time() < deadline and any(
+            conn.current is not None for lst in self.listeners for conn in lst.entry.connections
+        ):
+            await asyncio.sleep(0.05)
+        for listener in self.listeners:
+            listener.entry.close_all()
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.admin_runner is not None:
+            await self.admin_runner.cleanup()
+        self.state.close()
+
+    async def run_forever(self) -> None:
+        await self.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down")
+        grace = 10.0
+        for entry in self.static.entry_points.values():
+            life = entry.transport.life_cycle if entry.transport else None
+            if life and life.grace_time_out is not None:
+                grace = float(life.grace_time_out)
+        await self.stop(grace)

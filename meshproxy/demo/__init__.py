@@ -1,0 +1,1 @@
+"""Demo backends for the local mesh and the benchmarks."""

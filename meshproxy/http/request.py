@@ -1,0 +1,147 @@
+"""The parsed request as routing and forwarding see it (protocol-independent)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from urllib.parse import parse_qs
+
+# Reserved characters Traefik keeps percent-encoded in the routing path (upper-case hex only).
+_KEEP_ENCODED = frozenset(
+    "%3A %2F %3F %23 %5B %5D %40 %21 %24 %26 %27 %28 %29 %2A %2B %2C %3B %3D %25".split()
+)
+
+
+def routing_path(raw_path: str) -> str:
+    """Decode %XX except reserved ones, as Traefik's matchers see the path."""
+    if "%" not in raw_path:
+        return raw_path
+    out: list[str] = []
+    i = 0
+    n = len(raw_path)
+    pending = bytearray()
+    while i < n:
+        ch = raw_path[i]
+        if ch == "%":
+            triplet = raw_path[i : i + 3]
+            if len(triplet) == 3 and _is_hex(triplet[1:]):
+                if triplet in _KEEP_ENCODED:
+                    if pending:
+                        out.append(pending.decode("utf-8", "replace"))
+                        pending.clear()
+                    out.append(triplet)
+                else:
+                    pending.append(int(triplet[1:], 16))
+                i += 3
+                continue
+            raise ValueError("invalid percent-encoding in path")
+        if pending:
+            out.append(pending.decode("utf-8", "replace"))
+            pending.clear()
+        out.append(ch)
+        i += 1
+    if pending:
+        out.append(pending.decode("utf-8", "replace"))
+    return "".join(out)
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdefABCDEF" for c in text)
+
+
+def split_host_port(host: str) -> tuple[str, str]:
+    """'Example.com:8080' -> ('example.com', '8080'); '[::1]:80' -> ('::1', '80')."""
+    if host.startswith("["):
+        end = host.find("]")
+        if end > 0:
+            rest = host[end + 1 :]
+            return host[1:end].lower(), rest[1:] if rest.startswith(":") else ""
+    name, sep, port = host.rpartition(":")
+    if sep and port.isdigit() and ":" not in name:
+        return name.lower(), port
+    return host.lower(), ""
+
+
+class Request:
+    """One HTTP request. Header names are lower-cased on arrival (as Envoy does): one spelling
+    for matching, forwarding and HTTP/2, and no per-request case folding later."""
+
+    __slots__ = (
+        "_header_map",
+        "_query_map",
+        "client_ip",
+        "client_port",
+        "content_length",
+        "expect_continue",
+        "headers",
+        "host",
+        "host_header",
+        "http_version",
+        "keep_alive",
+        "method",
+        "path",
+        "query",
+        "scheme",
+        "target",
+        "upgrade",
+    )
+
+    def __init__(
+        self,
+        method: str,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        host_header: bytes,
+        client_ip: str,
+        client_port: int,
+        http_version: str = "1.1",
+        scheme: str = "http",
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.host_header = host_header
+        self.client_ip = client_ip
+        self.client_port = client_port
+        self.http_version = http_version
+        self.scheme = scheme
+        self.content_length: int | None = None
+        self.expect_continue = False
+        self.keep_alive = True
+        self.upgrade: bytes | None = None
+        self._header_map: dict[str, list[str]] | None = None
+        self._query_map: dict[str, list[str]] | None = None
+        raw = target.decode("latin-1")
+        if raw.startswith(("http://", "https://")):
+            # absolute-form: its authority wins over the Host header
+            after = raw.split("://", 1)[1]
+            authority, slash, rest = after.partition("/")
+            if authority:
+                self.host_header = authority.encode("latin-1")
+            raw = slash + rest if slash else "/"
+            self.target = raw.encode("latin-1")
+        path, _, self.query = raw.partition("?")
+        self.path = routing_path(path)
+        self.host = split_host_port(self.host_header.decode("latin-1").strip())[0].rstrip(".")
+
+    # -- matcher view -------------------------------------------------------------------
+
+    def header_values(self, name: str) -> Sequence[str]:
+        """All values of a header (name in lower case)."""
+        header_map = self._header_map
+        if header_map is None:
+            header_map = {}
+            for key, value in self.headers:
+                header_map.setdefault(key.decode("latin-1"), []).append(value.decode("latin-1"))
+            self._header_map = header_map
+        return header_map.get(name, ())
+
+    def query_values(self, key: str) -> Sequence[str] | None:
+        query_map = self._query_map
+        if query_map is None:
+            query_map = parse_qs(self.query.replace(";", "&"), keep_blank_values=True)
+            self._query_map = query_map
+        return query_map.get(key)
+
+    def invalidate_headers(self) -> None:
+        """Call after editing `headers` so matchers see the new values."""
+        self._header_map = None

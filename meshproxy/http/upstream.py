@@ -1,0 +1,395 @@
+"""HTTP/1.1 client side: pooled keep-alive connections to backend servers.
+
+An `UpstreamConnection` sends one request at a time and relays the response straight into the
+exchange's sink (no buffering); `UpstreamPool` keeps idle connections per server origin and
+survives config reloads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from dataclasses import dataclass
+
+import httptools
+
+from meshproxy.http.errors import (
+    ClientGone,
+    ResponseAborted,
+    UpstreamConnectError,
+    UpstreamDialTimeout,
+    UpstreamError,
+    UpstreamResponseTimeout,
+)
+from meshproxy.http.exchange import Exchange
+
+log = logging.getLogger("meshproxy.upstream")
+
+_CHUNK_END = b"0\r\n\r\n"
+_CRLF = b"\r\n"
+
+
+@dataclass(frozen=True)
+class TransportSettings:
+    """Traefik's serversTransport forwardingTimeouts and pool size."""
+
+    dial_timeout: float = 30.0
+    response_header_timeout: float = 0.0
+    idle_conn_timeout: float = 90.0
+    max_idle_per_host: int = 200
+    insecure_skip_verify: bool = False
+    server_name: str | None = None
+
+
+class _EarlyEOF(Exception):
+    """The connection ended before any response byte: the request may be replayed."""
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "_chunked_body",
+        "_done",
+        "_got_response_bytes",
+        "_header_timer",
+        "_headers",
+        "_reading_paused",
+        "_reason",
+        "_response_complete",
+        "_response_headers_done",
+        "_status",
+        "_until_close",
+        "closed",
+        "ex",
+        "idle_since",
+        "keep_alive",
+        "loop",
+        "parser",
+        "pool",
+        "request_sent",
+        "transport",
+    )
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+        self.loop = asyncio.get_event_loop()
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.ex: Exchange | None = None
+        self.parser: httptools.HttpResponseParser | None = None
+        self._done: asyncio.Future[None] | None = None
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._reason = b""
+        self._status = 0
+        self._chunked_body = False
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._got_response_bytes = False
+        self._response_headers_done = False
+        self._response_complete = False
+        self._until_close = False
+        self._reading_paused = False
+        self.request_sent = False
+        self.keep_alive = False
+        self.idle_since = 0.0
+
+    # -- connection lifecycle -----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.forget(self)
+        ex = self.ex
+        if ex is None or self._response_complete:
+            return
+        if self._response_headers_done and self._until_close:
+            self._complete()  # close-delimited body ends with the connection
+            return
+        if self._response_headers_done:
+            self._fail(ResponseAborted("backend closed the connection mid-response"))
+        elif not self._got_response_bytes:
+            self._fail(_EarlyEOF())
+        else:
+            self._fail(UpstreamError("backend closed the connection before a full response head"))
+
+    def usable(self) -> bool:
+        return not self.closed and self.transport is not None and not self.transport.is_closing()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- one request --------------------------------------------------------------------
+
+    def start(self, ex: Exchange, head: bytes, chunked_body: bool) -> asyncio.Future[None]:
+        """Send the request head; the body follows as the client sends it."""
+        self.ex = ex
+        self.parser = httptools.HttpResponseParser(self)
+        self._headers = []
+        self._reason = b""
+        self._status = 0
+        self._got_response_bytes = False
+        self._response_headers_done = False
+        self._response_complete = False
+        self._until_close = False
+        self.request_sent = not ex.has_body
+        self._chunked_body = chunked_body
+        done = self._done = self.loop.create_future()
+        ex.upstream = self
+        self.transport.write(head)  # type: ignore[union-attr]
+        if ex.has_body:
+            if ex.request.expect_continue:
+                ex.sink.write_continue(ex)
+            ex.attach_body_target(self)
+        timeout = self.pool.settings.response_header_timeout
+        if timeout > 0:
+            self._header_timer = self.loop.call_later(timeout, self._on_header_timeout)
+        if self._reading_paused:
+            self.resume_reading()
+        return done
+
+    def send_body(self, chunk: bytes) -> None:
+        if self.closed:
+            return
+        if self._chunked_body:
+            self.transport.writelines((b"%x\r\n" % len(chunk), chunk, _CRLF))  # type: ignore[union-attr]
+        else:
+            self.transport.write(chunk)  # type: ignore[union-attr]
+
+    def end_body(self) -> None:
+        if self.closed:
+            return
+        if self._chunked_body:
+            self.transport.write(_CHUNK_END)  # type: ignore[union-attr]
+        self.request_sent = True
+        if self._response_complete:
+            self._finish_connection()
+
+    def _on_header_timeout(self) -> None:
+        self._header_timer = None
+        if not self._response_headers_done:
+            self._fail(UpstreamResponseTimeout("no response headers in time"))
+            self.close()
+
+    def client_gone(self) -> None:
+        """The client went away: this connection's state is unknown, drop it."""
+        if not self._response_complete:
+            self._fail(ClientGone())
+            self.close()
+
+    # -- response parsing ---------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.ex is None:
+            self.close()  # bytes on an idle connection: the backend misbehaves
+            return
+        self._got_response_bytes = True
+        try:
+            self.parser.feed_data(data)  # type: ignore[union-attr]
+        except httptools.HttpParserError as exc:
+            if self._response_headers_done:
+                self._fail(ResponseAborted(f"invalid response body: {exc}"))
+            else:
+                self._fail(UpstreamError(f"invalid response from backend: {exc}"))
+            self.close()
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        status = parser.get_status_code()  # type: ignore[union-attr]
+        if 100 <= status < 200:
+            self._headers = []  # interim response: the final one follows
+            self._reason = b""
+            self._status = status
+            return
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        ex = self.ex
+        assert ex is not None
+        self._status = status
+        self._response_headers_done = True
+        self.keep_alive = parser.should_keep_alive()  # type: ignore[union-attr]
+        content_length: int | None = None
+        chunked = False
+        for name, value in self._headers:
+            if name == b"content-length":
+                content_length = int(value)
+            elif name == b"transfer-encoding":
+                chunked = True
+        no_body = ex.request.method == "HEAD" or status in (204, 304)
+        if not no_body and content_length is None and not chunked:
+            self._until_close = True
+            self.keep_alive = False
+        ex.start_response(status, self._reason or b"", self._headers, content_length, no_body)
+        if no_body:
+            self._complete()
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.ex
+        if ex is not None and not self._response_complete:
+            ex.send_body(body)
+
+    def on_message_complete(self) -> None:
+        if 100 <= self._status < 200 or self._response_complete:
+            return
+        self._complete()
+
+    def _complete(self) -> None:
+        self._response_complete = True
+        ex = self.ex
+        if ex is not None:
+            ex.end_response()
+        done = self._done
+        if done is not None and not done.done():
+            done.set_result(None)
+        if self.request_sent or self.closed:
+            self._finish_connection()
+
+    def _finish_connection(self) -> None:
+        ex = self.ex
+        self.ex = None
+        self.parser = None
+        if ex is not None:
+            ex.upstream = None
+            ex.detach_body_target()
+        if self._reading_paused:
+            self.resume_reading()
+        if self.keep_alive and self.request_sent and not self.closed:
+            self.pool.release(self)
+        else:
+            self.close()
+
+    def _fail(self, exc: Exception) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        self._response_complete = True
+        ex = self.ex
+        self.ex = None
+        if ex is not None:
+            ex.upstream = None
+            ex.detach_body_target()
+        done = self._done
+        if done is not None and not done.done():
+            done.set_exception(exc)
+        if not self.closed:
+            self.close()
+
+    # -- flow control -------------------------------------------------------------------
+
+    def pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None and not self.closed:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None and not self.closed:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        ex = self.ex
+        if ex is not None:
+            ex.sink.pause_client()
+
+    def resume_writing(self) -> None:
+        ex = self.ex
+        if ex is not None:
+            ex.sink.resume_client()
+
+
+class UpstreamPool:
+    """Idle keep-alive connections to one server origin."""
+
+    def __init__(self, scheme: str, host: str, port: int, settings: TransportSettings) -> None:
+        self.scheme = scheme
+        self.host = host
+        self.port = port
+        self.settings = settings
+        self.idle: list[UpstreamConnection] = []
+        self.ssl: ssl.SSLContext | None = None
+        if scheme == "https":
+            context = ssl.create_default_context()
+            if settings.insecure_skip_verify:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            self.ssl = context
+
+    async def acquire(self) -> tuple[UpstreamConnection, bool]:
+        """An idle connection (reused=True) or a new one; raises UpstreamConnectError."""
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if conn.usable():
+                return conn, True
+        return await self.connect(), False
+
+    async def connect(self) -> UpstreamConnection:
+        loop = asyncio.get_event_loop()
+        try:
+            _, protocol = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: UpstreamConnection(self),
+                    self.host,
+                    self.port,
+                    ssl=self.ssl,
+                    server_hostname=(self.settings.server_name or self.host) if self.ssl else None,
+                ),
+                self.settings.dial_timeout if self.settings.dial_timeout > 0 else None,
+            )
+        except TimeoutError:
+            raise UpstreamDialTimeout(f"dial {self.host}:{self.port}: timeout") from None
+        except (OSError, ssl.SSLError) as exc:
+            raise UpstreamConnectError(f"dial {self.host}:{self.port}: {exc}") from None
+        return protocol
+
+    def release(self, conn: UpstreamConnection) -> None:
+        if len(self.idle) >= self.settings.max_idle_per_host:
+            conn.close()
+            return
+        conn.idle_since = conn.loop.time()
+        self.idle.append(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+
+    def sweep(self, now: float) -> None:
+        limit = self.settings.idle_conn_timeout
+        if limit <= 0:
+            return
+        for conn in [c for c in self.idle if now - c.idle_since > limit]:
+            self.forget(conn)
+            conn.close()
+
+    def close(self) -> None:
+        for conn in list(self.idle):
+            conn.close()
+        self.idle.clear()
+
+
+async def exchange_once(pool: UpstreamPool, ex: Exchange, head: bytes, chunked_body: bool) -> None:
+    """Send `ex` through `pool`; replay once on a fresh connection when a reused one turns out
+    to be dead before answering and the request has no body (as Go's transport does)."""
+    conn, reused = await pool.acquire()
+    try:
+        await conn.start(ex, head, chunked_body)
+        return
+    except _EarlyEOF:
+        if not (reused and not ex.has_body and not ex.response_started):
+            raise UpstreamError("backend closed the connection without answering") from None
+    conn = await pool.connect()
+    try:
+        await conn.start(ex, head, chunked_body)
+    except _EarlyEOF:
+        raise UpstreamError("backend closed the connection without answering") from None

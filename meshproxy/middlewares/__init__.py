@@ -1,0 +1,1 @@
+"""HTTP middlewares: one module per kind, each turning its options into a handler wrapper."""

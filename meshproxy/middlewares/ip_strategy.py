@@ -1,0 +1,58 @@
+"""Which IP is "the client" for a middleware: the peer, or an X-Forwarded-For entry."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from typing import Any
+
+from meshproxy.config.dynamic import IPStrategy
+from meshproxy.middlewares.base import MiddlewareConfigError
+
+
+def parse_ranges(ranges: list[str], path: str) -> list[Any]:
+    networks = []
+    for i, value in enumerate(ranges):
+        try:
+            networks.append(ipaddress.ip_network(value.strip(), strict=False))
+        except ValueError:
+            raise MiddlewareConfigError(f"{path}[{i}]", f"invalid IP or CIDR {value!r}") from None
+    return networks
+
+
+def client_ip_getter(strategy: IPStrategy | None, path: str) -> Callable[[Any], str]:
+    """Traefik's ipStrategy: depth from the right of X-Forwarded-For, or skip excludedIPs."""
+    if strategy is None:
+        return lambda request: request.client_ip
+    depth = strategy.depth or 0
+    if depth < 0:
+        raise MiddlewareConfigError(f"{path}.depth", "must be >= 0")
+    if depth > 0:
+
+        def by_depth(request: Any) -> str:
+            values = request.header_values("x-forwarded-for")
+            if not values:
+                return ""
+            items = [v.strip() for v in values[0].split(",")]
+            return items[-depth] if len(items) >= depth else ""
+
+        return by_depth
+    if strategy.excluded_i_ps:
+        excluded = parse_ranges(strategy.excluded_i_ps, f"{path}.excludedIPs")
+
+        def by_exclusion(request: Any) -> str:
+            values = request.header_values("x-forwarded-for")
+            if not values:
+                return ""
+            for item in reversed(values[0].split(",")):
+                item = item.strip()
+                try:
+                    addr = ipaddress.ip_address(item)
+                except ValueError:
+                    return item
+                if not any(addr.version == n.version and addr in n for n in excluded):
+                    return item
+            return ""
+
+        return by_exclusion
+    return lambda request: request.client_ip

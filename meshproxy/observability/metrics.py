@@ -1,0 +1,210 @@
+"""Prometheus metrics with Traefik's names and labels.
+
+The hot path only bumps plain counters in dicts keyed by label tuples; prometheus-client renders
+them at scrape time through a custom collector. Series of routers and services that left the
+config are dropped on reload, as Traefik does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+DEFAULT_BUCKETS = (0.1, 0.3, 1.2, 5.0)
+_METHODS = {
+    m: m
+    for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "PRI")
+}
+
+
+def method_label(method: str) -> str:
+    return _METHODS.get(method, "EXTENSION_METHOD")
+
+
+def protocol_label(ex: Any) -> str:
+    request = ex.request
+    if request.upgrade is not None:
+        return "websocket"
+    for name, value in request.headers:
+        if name == b"content-type" and value.startswith(b"application/grpc"):
+            return "grpc-web" if value.startswith(b"application/grpc-web") else "grpc"
+        if name == b"accept" and b"text/event-stream" in value:
+            return "sse"
+    return "http"
+
+
+class _Histogram:
+    __slots__ = ("buckets", "count", "sum")
+
+    def __init__(self, size: int) -> None:
+        self.buckets = [0] * size
+        self.count = 0
+        self.sum = 0.0
+
+
+class RequestMetrics(Collector):
+    """Request counters and histograms per entrypoint, router and service, plus process gauges."""
+
+    def __init__(
+        self,
+        buckets: Iterable[float] = DEFAULT_BUCKETS,
+        *,
+        entrypoint_labels: bool = True,
+        router_labels: bool = False,
+        service_labels: bool = True,
+    ) -> None:
+        self.bounds = tuple(sorted(buckets))
+        self.entrypoint_labels = entrypoint_labels
+        self.router_labels = router_labels
+        self.service_labels = service_labels
+        self.entrypoint: dict[tuple[str, str, str, str], _Histogram] = {}
+        self.router: dict[tuple[str, str, str, str, str], _Histogram] = {}
+        self.service: dict[tuple[str, str, str, str], _Histogram] = {}
+        self.retries: dict[str, int] = {}
+        self.open_connections: dict[tuple[str, str], int] = {}
+        self.server_up: dict[tuple[str, str], int] = {}
+        self.reloads_total = 0
+        self.last_reload_success = 0.0
+        self.reload_failures_total = 0
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+
+    # -- hot path -----------------------------------------------------------------------
+
+    def _observe(self, table: dict[Any, _Histogram], key: Any, seconds: float) -> None:
+        hist = table.get(key)
+        if hist is None:
+            hist = table[key] = _Histogram(len(self.bounds))
+        hist.count += 1
+        hist.sum += seconds
+        buckets = hist.buckets
+        for i, bound in enumerate(self.bounds):
+            if seconds <= bound:
+                buckets[i] += 1
+                break
+
+    def record_request(self, ex: Any, status: int, seconds: float) -> None:
+        """Once per request: entrypoint (and router) series."""
+        code = str(status)
+        method = method_label(ex.request.method)
+        protocol = protocol_label(ex)
+        if self.entrypoint_labels:
+            self._observe(self.entrypoint, (code, method, protocol, ex.entrypoint), seconds)
+        if self.router_labels and ex.router:
+            self._observe(self.router, (code, method, protocol, ex.router, ex.service), seconds)
+
+    def record_service(self, service: str, ex: Any, status: int, seconds: float) -> None:
+        """Once per attempt at a server."""
+        if self.service_labels:
+            self._observe(
+                self.service,
+                (str(status), method_label(ex.request.method), protocol_label(ex), service),
+                seconds,
+            )
+
+    def add_retry(self, service: str) -> None:
+        self.retries[service] = self.retries.get(service, 0) + 1
+
+    def connection_delta(self, entrypoint: str, protocol: str, delta: int) -> None:
+        key = (entrypoint, protocol)
+        self.open_connections[key] = self.open_connections.get(key, 0) + delta
+
+    # -- reloads ------------------------------------------------------------------------
+
+    def reload_succeeded(self, routers: set[str], services: set[str]) -> None:
+        self.reloads_total += 1
+        self.last_reload_success = time.time()
+        self.router = {k: v for k, v in self.router.items() if k[3] in routers}
+        self.service = {k: v for k, v in self.service.items() if k[3] in services}
+        self.retries = {k: v for k, v in self.retries.items() if k in services}
+        self.server_up = {k: v for k, v in self.server_up.items() if k[0] in services}
+
+    def reload_failed(self) -> None:
+        self.reload_failures_total += 1
+
+    # -- exposition ---------------------------------------------------------------------
+
+    def _histogram(
+        self, name: str, doc: str, labels: list[str], table: dict[Any, _Histogram]
+    ) -> Iterator[Any]:
+        scope = name.split("_")[1]
+        counter = CounterMetricFamily(
+            f"traefik_{scope}_requests",
+            f"How many HTTP requests processed on a {scope}, "
+            "partitioned by status code, protocol, and method.",
+            labels=labels,
+        )
+        hist = HistogramMetricFamily(name, doc, labels=labels)
+        for key, value in table.items():
+            cumulative = 0
+            buckets = []
+            for bound, count in zip(self.bounds, value.buckets, strict=True):
+                cumulative += count
+                buckets.append((repr(float(bound)), cumulative))
+            buckets.append(("+Inf", value.count))
+            hist.add_metric(list(key), buckets, value.sum)
+            counter.add_metric(list(key), value.count)
+        yield counter
+        yield hist
+
+    def collect(self) -> Iterator[Any]:
+        yield from self._histogram(
+            "traefik_entrypoint_request_duration_seconds",
+            "How long it took to process the request on an entrypoint, partitioned by status "
+            "code, protocol, and method.",
+            ["code", "method", "protocol", "entrypoint"],
+            self.entrypoint,
+        )
+        if self.router_labels:
+            yield from self._histogram(
+                "traefik_router_request_duration_seconds",
+                "How long it took to process the request on a router, partitioned by service, "
+                "status code, protocol, and method.",
+                ["code", "method", "protocol", "router", "service"],
+                self.router,
+            )
+        yield from self._histogram(
+            "traefik_service_request_duration_seconds",
+            "How long it took to process the request on a service, partitioned by status code, "
+            "protocol, and method.",
+            ["code", "method", "protocol", "service"],
+            self.service,
+        )
+        retries = CounterMetricFamily(
+            "traefik_service_retries",
+            "How many request retries happened on a service.",
+            labels=["service"],
+        )
+        for service, count in self.retries.items():
+            retries.add_metric([service], count)
+        yield retries
+        open_conns = GaugeMetricFamily(
+            "traefik_open_connections",
+            "How many open connections exist, by entryPoint and protocol",
+            labels=["entrypoint", "protocol"],
+        )
+        for (entrypoint, protocol), count in self.open_connections.items():
+            open_conns.add_metric([entrypoint, protocol], count)
+        yield open_conns
+        up = GaugeMetricFamily(
+            "traefik_service_server_up",
+            "service server is up, described by gauge value of 0 or 1.",
+            labels=["service", "url"],
+        )
+        for (service, url), value in self.server_up.items():
+            up.add_metric([service, url], value)
+        yield up
+        reloads = CounterMetricFamily("traefik_config_reloads", "Config reloads")
+        reloads.add_metric([], self.reloads_total)
+        yield reloads
+        last = GaugeMetricFamily("traefik_config_last_reload_success", "Last config reload success")
+        last.add_metric([], self.last_reload_success)
+        yield last
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

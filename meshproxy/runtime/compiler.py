@@ -1,0 +1,496 @@
+"""Compile a DynamicConfig into a RuntimeSnapshot.
+
+Errors are per object, as in Traefik: a broken service, middleware or rule disables only the
+routers that depend on it, and every problem is recorded on the object it belongs to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from meshproxy.balancer.http_services import (
+    LoadBalancerService,
+    MirroringService,
+    ServerTarget,
+    WeightedService,
+)
+from meshproxy.config.dynamic import DynamicConfig, Middleware, Router, ServersTransport, Service
+from meshproxy.http.errors import ProxyError
+from meshproxy.http.exchange import Exchange, NullSink
+from meshproxy.http.upstream import TransportSettings
+from meshproxy.middlewares.base import BuildContext, Handler, MiddlewareConfigError
+from meshproxy.middlewares.registry import MIDDLEWARE_BUILDERS
+from meshproxy.observability.metrics import RequestMetrics
+from meshproxy.rules.http import compile_http_rule, default_priority
+from meshproxy.rules.parser import RuleError
+from meshproxy.rules.tcp import compile_tcp_rule
+from meshproxy.runtime.snapshot import ObjectStatus, Route, RouterTable, RuntimeSnapshot
+from meshproxy.runtime.state import RuntimeState
+
+log = logging.getLogger("meshproxy.runtime")
+
+MAX_PRIORITY = (1 << 63) - 1 - 1000
+
+
+@dataclass
+class CompileContext:
+    """What the compiler needs from the static configuration and the process."""
+
+    provider: str
+    http_entrypoints: list[str]
+    udp_entrypoints: list[str]
+    default_entrypoints: list[str]
+    transport: TransportSettings
+    metrics: RequestMetrics
+    state: RuntimeState
+    generation: int = 0
+    internal_services: dict[str, Handler] = field(default_factory=dict)
+
+
+class _BuildError(Exception):
+    pass
+
+
+class _Compiler:
+    def __init__(self, config: DynamicConfig, ctx: CompileContext) -> None:
+        self.config = config
+        self.ctx = ctx
+        self.snapshot = RuntimeSnapshot(ctx.generation, config, ctx.provider)
+        self.services: dict[str, Handler | None] = {}
+        self.building: set[str] = set()
+        self.used_pools: set[Any] = set()
+        self.service_objects: dict[str, Any] = {}
+
+    # -- names --------------------------------------------------------------------------
+
+    def qualify(self, name: str) -> str:
+        return name if "@" in name else f"{name}@{self.ctx.provider}"
+
+    def resolve(self, reference: str, kind: str) -> str:
+        base, _, provider = reference.partition("@")
+        if provider and provider != self.ctx.provider:
+            if provider == "internal" and reference in self.ctx.internal_services:
+                return reference
+            raise _BuildError(
+                f"the {kind} {reference!r} does not exist (unknown provider {provider!r})"
+            )
+        return f"{base}@{self.ctx.provider}"
+
+    # -- services -----------------------------------------------------------------------
+
+    def service(self, qualified: str) -> Handler:
+        if qualified in self.ctx.internal_services:
+            return self.ctx.internal_services[qualified]
+        if qualified in self.services:
+            handler = self.services[qualified]
+            if handler is None:
+                raise _BuildError(
+                    f"the service {qualified!r} is disabled: "
+                    + "; ".join(self.snapshot.services[qualified].errors)
+                )
+            return handler
+        if qualified in self.building:
+            raise _BuildError(f"the service {qualified!r} references itself (cycle)")
+        name = qualified.rpartition("@")[0]
+        definition = self.config.http.services.get(name)
+        if definition is None:
+            raise _BuildError(f"the service {qualified!r} does not exist")
+        status = self.snapshot.services.setdefault(qualified, ObjectStatus())
+        self.building.add(qualified)
+        try:
+            handler = self.build_service(qualified, definition)
+        except _BuildError as exc:
+            status.fail(str(exc))
+            self.services[qualified] = None
+            raise _BuildError(f"the service {qualified!r} is disabled: {exc}") from None
+        finally:
+            self.building.discard(qualified)
+        self.services[qualified] = handler
+        return handler
+
+    def build_service(self, qualified: str, definition: Service) -> Handler:
+        kinds = [
+            k
+            for k in ("load_balancer", "weighted", "mirroring", "failover", "highest_random_weight")
+            if getattr(definition, k) is not None
+        ]
+        if not kinds:
+            raise _BuildError("the service does not have any type defined")
+        if len(kinds) > 1:
+            raise _BuildError(
+                "multi-types service not supported, consider declaring two "
+                "different pieces of service instead"
+            )
+        kind = kinds[0]
+        if kind == "load_balancer":
+            return self.build_load_balancer(qualified, definition)
+        if kind == "weighted":
+            return self.build_weighted(qualified, definition)
+        if kind == "mirroring":
+            return self.build_mirroring(qualified, definition)
+        raise _BuildError(f"service type {kind_name(kind)!r} is not supported yet")
+
+    def transport_for(self, name: str | None) -> TransportSettings:
+        base = self.ctx.transport
+        if not name:
+            return base
+        transport: ServersTransport | None = self.config.http.servers_transports.get(
+            self.resolve(name, "serversTransport").rpartition("@")[0]
+        )
+        if transport is None:
+            raise _BuildError(f"serversTransport {name!r} does not exist")
+        timeouts = transport.forwarding_timeouts
+        return TransportSettings(
+            dial_timeout=_pick(timeouts and timeouts.dial_timeout, base.dial_timeout),
+            response_header_timeout=_pick(
+                timeouts and timeouts.response_header_timeout, base.response_header_timeout
+            ),
+            idle_conn_timeout=_pick(
+                timeouts and timeouts.idle_conn_timeout, base.idle_conn_timeout
+            ),
+            max_idle_per_host=transport.max_idle_conns_per_host or base.max_idle_per_host,
+            insecure_skip_verify=bool(transport.insecure_skip_verify),
+            server_name=transport.server_name,
+        )
+
+    def build_load_balancer(self, qualified: str, definition: Service) -> Handler:
+        lb = definition.load_balancer
+        assert lb is not None
+        if lb.strategy not in (None, "", "wrr"):
+            raise _BuildError(
+                f"load-balancer strategy {lb.strategy!r} is not supported (supported: wrr)"
+            )
+        if lb.sticky is not None:
+            raise _BuildError("sticky sessions are not supported yet")
+        settings = self.transport_for(lb.servers_transport)
+        servers: list[tuple[ServerTarget, int]] = []
+        for index, server in enumerate(lb.servers):
+            target = self.server_target(
+                server.url,
+                settings,
+                bool(server.preserve_path),
+                f"loadBalancer.servers[{index}].url",
+            )
+            weight = 1 if server.weight is None else server.weight
+            servers.append((target, weight))
+        pass_host = True if lb.pass_host_header is None else lb.pass_host_header
+        service = LoadBalancerService(qualified, servers, pass_host, self.ctx.metrics)
+        previous = self.ctx.state.services.get(qualified)
+        if (
+            isinstance(previous, LoadBalancerService)
+            and previous.weights_key == service.weights_key
+        ):
+            service.balancer.adopt_position(previous.balancer)
+        self.service_objects[qualified] = service
+        for target, _ in servers:
+            self.ctx.metrics.server_up[(qualified, target.url)] = 1
+        return service.serve
+
+    def server_target(
+        self, url: str, settings: TransportSettings, preserve_path: bool, path: str
+    ) -> ServerTarget:
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise _BuildError(f"{path}: invalid URL {url!r}: {exc}") from None
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https"):
+            raise _BuildError(
+                f"{path}: scheme {scheme!r} of {url!r} is not supported yet "
+                "(supported: http, https)"
+            )
+        if not parts.hostname:
+            raise _BuildError(f"{path}: URL {url!r} has no host")
+        port = port or (443 if scheme == "https" else 80)
+        host = parts.hostname
+        pool = self.ctx.state.pool(scheme, host, port, settings)
+        self.used_pools.add((scheme, host, port, settings))
+        host_header = parts.netloc.rpartition("@")[2].encode()
+        prefix = parts.path.rstrip("/").encode() if preserve_path else b""
+        return ServerTarget(url, pool, host_header, prefix)
+
+    def build_weighted(self, qualified: str, definition: Service) -> Handler:
+        weighted = definition.weighted
+        assert weighted is not None
+        if weighted.sticky is not None:
+            raise _BuildError("sticky sessions are not supported yet")
+        children = []
+        for child in weighted.services:
+            handler = self.service(self.resolve(child.name, "service"))
+            children.append((handler, 1 if child.weight is None else child.weight))
+        service = WeightedService(qualified, children)
+        previous = self.ctx.state.services.get(qualified)
+        if isinstance(previous, WeightedService) and previous.weights_key == service.weights_key:
+            service.balancer.adopt_position(previous.balancer)
+        self.service_objects[qualified] = service
+        return service.serve
+
+    def build_mirroring(self, qualified: str, definition: Service) -> Handler:
+        mirroring = definition.mirroring
+        assert mirroring is not None
+        main = self.service(self.resolve(mirroring.service, "service"))
+        mirrors = []
+        for index, mirror in enumerate(mirroring.mirrors):
+            if not 0 <= mirror.percent <= 100:
+                raise _BuildError(f"mirroring.mirrors[{index}].percent must be within 0..100")
+            mirrors.append(
+                (mirror.name, self.service(self.resolve(mirror.name, "service")), mirror.percent)
+            )
+        service = MirroringService(qualified, main, mirrors, _mirror_request)
+        self.service_objects[qualified] = service
+        return service.serve
+
+    # -- middlewares --------------------------------------------------------------------
+
+    def middleware_chain(
+        self, router: str, names: list[str], handler: Handler, seen: tuple[str, ...] = ()
+    ) -> Handler:
+        for reference in reversed(names):
+            qualified = self.resolve(reference, "middleware")
+            if qualified in seen:
+                raise _BuildError(f"middleware chain cycle through {qualified!r}")
+            name = qualified.rpartition("@")[0]
+            definition = self.config.http.middlewares.get(name)
+            if definition is None:
+                raise _BuildError(f"middleware {qualified!r} does not exist")
+            status = self.snapshot.middlewares.setdefault(qualified, ObjectStatus())
+            try:
+                handler = self.build_middleware(
+                    router, qualified, definition, handler, (*seen, qualified)
+                )
+            except MiddlewareConfigError as exc:
+                message = f"{kind_name(_middleware_kind(definition) or '')}.{exc}"
+                if message not in status.errors:
+                    status.fail(message)
+                raise _BuildError(f"middleware {qualified!r} is invalid: {message}") from None
+            except _BuildError as exc:
+                if str(exc) not in status.errors:
+                    status.fail(str(exc))
+                raise _BuildError(f"middleware {qualified!r} is invalid: {exc}") from None
+            if router not in status.using:
+                status.using.append(router)
+        return handler
+
+    def build_middleware(
+        self,
+        router: str,
+        qualified: str,
+        definition: Middleware,
+        next_handler: Handler,
+        seen: tuple[str, ...],
+    ) -> Handler:
+        kinds = [k for k in definition.__struct_fields__ if getattr(definition, k) is not None]
+        if not kinds:
+            raise _BuildError("the middleware does not have any type defined")
+        if len(kinds) > 1:
+            raise _BuildError(
+                "multi-types middleware not supported, consider declaring two "
+                "different pieces of middleware instead"
+            )
+        kind = kinds[0]
+        if kind == "chain":
+            chain = definition.chain
+            assert chain is not None
+            return self.middleware_chain(router, chain.middlewares, next_handler, seen)
+        builder = MIDDLEWARE_BUILDERS.get(kind)
+        if builder is None:
+            raise _BuildError(f"middleware type {kind_name(kind)!r} is not supported yet")
+        context = BuildContext(
+            router=router, name=qualified, metrics=self.ctx.metrics, state=self.ctx.state
+        )
+        return builder(getattr(definition, kind), next_handler, context)
+
+    # -- routers ------------------------------------------------------------------------
+
+    def compile_router(self, name: str, router: Router) -> tuple[list[str], Route] | None:
+        qualified = self.qualify(name)
+        status = self.snapshot.routers.setdefault(qualified, ObjectStatus())
+        entrypoints = router.entry_points or self.ctx.default_entrypoints
+        valid = [ep for ep in entrypoints if ep in self.ctx.http_entrypoints]
+        for ep in entrypoints:
+            if ep not in self.ctx.http_entrypoints:
+                status.warn(f"entryPoint {ep!r} doesn't exist")
+        status.using = valid
+        if not valid:
+            status.fail("no valid entryPoint for this router")
+            return None
+        if router.tls is not None:
+            status.fail("TLS routers are not supported yet: meshproxy does not terminate TLS")
+            return None
+        if not router.rule:
+            status.fail("router has no rule")
+            return None
+        try:
+            rule = compile_http_rule(router.rule, router.rule_syntax)
+        except RuleError as exc:
+            status.fail(f"invalid rule: {exc}")
+            return None
+        priority = router.priority or default_priority(router.rule)
+        if priority > MAX_PRIORITY:
+            status.fail(f"the router priority {priority} exceeds the max priority {MAX_PRIORITY}")
+            return None
+        if not router.service:
+            status.fail("router has no service")
+            return None
+        try:
+            service_name = self.resolve(router.service, "service")
+            handler = self.service(service_name)
+            handler = self.middleware_chain(qualified, router.middlewares, handler)
+        except _BuildError as exc:
+            status.fail(str(exc))
+            return None
+        if service_name in self.snapshot.services:
+            using = self.snapshot.services[service_name].using
+            if qualified not in using:
+                using.append(qualified)
+        return valid, Route(qualified, priority, rule.matcher, rule.hosts, handler, service_name)
+
+    def compile(self) -> RuntimeSnapshot:
+        per_entrypoint: dict[str, list[Route]] = {ep: [] for ep in self.ctx.http_entrypoints}
+        for name, router in sorted(self.config.http.routers.items()):
+            built = self.compile_router(name, router)
+            if built is None:
+                continue
+            entrypoints, route = built
+            for ep in entrypoints:
+                per_entrypoint[ep].append(route)
+        # services no router uses are still validated, so their errors show up
+        for name in sorted(self.config.http.services):
+            qualified = self.qualify(name)
+            if qualified not in self.services:
+                try:
+                    self.service(qualified)
+                except _BuildError:
+                    pass
+        for name in sorted(self.config.http.middlewares):
+            self.snapshot.middlewares.setdefault(self.qualify(name), ObjectStatus())
+        self.snapshot.http_tables = {
+            ep: RouterTable(routes) for ep, routes in per_entrypoint.items()
+        }
+        self.compile_tcp()
+        self.compile_udp()
+        self.snapshot.service_objects = self.service_objects
+        return self.snapshot
+
+    def compile_tcp(self) -> None:
+        tcp = self.config.tcp
+        for name, service in sorted(tcp.services.items()):
+            status = self.snapshot.tcp_services.setdefault(self.qualify(name), ObjectStatus())
+            kinds = [k for k in ("load_balancer", "weighted") if getattr(service, k) is not None]
+            if len(kinds) != 1:
+                status.fail(
+                    "the service does not have any type defined"
+                    if not kinds
+                    else "multi-types service not supported"
+                )
+                continue
+            if service.load_balancer is not None:
+                for i, server in enumerate(service.load_balancer.servers):
+                    if not _valid_address(server.address):
+                        status.warn(
+                            f"loadBalancer.servers[{i}].address {server.address!r} is "
+                            "not host:port; server skipped"
+                        )
+        for name, router in sorted(tcp.routers.items()):
+            status = self.snapshot.tcp_routers.setdefault(self.qualify(name), ObjectStatus())
+            status.using = list(router.entry_points)
+            if not router.rule:
+                status.fail("router has no rule")
+                continue
+            try:
+                rule = compile_tcp_rule(router.rule, router.rule_syntax)
+            except RuleError as exc:
+                status.fail(f"invalid rule: {exc}")
+                continue
+            if rule.needs_sni and router.tls is None:
+                status.fail("router has HostSNI matcher, but no TLS on router")
+                continue
+            service = self.resolve(router.service, "service") if router.service else ""
+            if service.rpartition("@")[0] not in tcp.services:
+                status.fail(f"the service {service!r} does not exist")
+                continue
+            status.warn("TCP routing is not served yet by meshproxy (validated only)")
+
+    def compile_udp(self) -> None:
+        udp = self.config.udp
+        for name, service in sorted(udp.services.items()):
+            status = self.snapshot.udp_services.setdefault(self.qualify(name), ObjectStatus())
+            if (service.load_balancer is None) == (service.weighted is None):
+                status.fail("the service must define exactly one of loadBalancer, weighted")
+        for name, router in sorted(udp.routers.items()):
+            status = self.snapshot.udp_routers.setdefault(self.qualify(name), ObjectStatus())
+            status.using = list(router.entry_points)
+            if router.service.partition("@")[0] not in udp.services:
+                status.fail(f"the service {router.service!r} does not exist")
+                continue
+            status.warn("UDP routing is not served yet by meshproxy (validated only)")
+
+
+def compile_snapshot(config: DynamicConfig, ctx: CompileContext) -> RuntimeSnapshot:
+    compiler = _Compiler(config, ctx)
+    snapshot = compiler.compile()
+    ctx.state.services = compiler.service_objects
+    ctx.state.retain_pools(compiler.used_pools)
+    return snapshot
+
+
+def kind_name(field_name: str) -> str:
+    """load_balancer -> loadBalancer."""
+    head, *rest = field_name.split("_")
+    return head + "".join(p.capitalize() for p in rest)
+
+
+def _middleware_kind(definition: Middleware) -> str | None:
+    for name in definition.__struct_fields__:
+        if getattr(definition, name) is not None:
+            return name
+    return None
+
+
+def _pick(value: float | None, default: float) -> float:
+    return default if value is None else float(value)
+
+
+def _valid_address(address: str) -> bool:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return False
+    host = host.strip("[]")
+    if not host:
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return all(part for part in host.split("."))
+    return True
+
+
+async def _mirror_request(ex: Exchange, handler: Handler) -> None:
+    """Replay a bodiless request to a mirror, discarding the response."""
+    from meshproxy.http.request import Request
+
+    original = ex.request
+    request = Request(
+        original.method,
+        original.target,
+        list(original.headers),
+        original.host_header,
+        original.client_ip,
+        original.client_port,
+        original.http_version,
+    )
+    shadow = Exchange(NullSink(), request, ex.entrypoint, ex.started_at, False)
+    try:
+        await handler(shadow)
+    except ProxyError:
+        pass
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # a mirror must never hurt the main path
+        log.debug("mirror request failed", exc_info=True)

@@ -1,0 +1,36 @@
+"""State that outlives one config snapshot: upstream pools and balancer positions, kept by
+name and reused when their definition did not change."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from meshproxy.http.upstream import TransportSettings, UpstreamPool
+
+
+class RuntimeState:
+    def __init__(self) -> None:
+        self.pools: dict[tuple[str, str, int, TransportSettings], UpstreamPool] = {}
+        self.services: dict[str, Any] = {}  # qualified name -> previous service object
+        self.middleware_state: dict[tuple[str, str, str], Any] = {}
+
+    def pool(self, scheme: str, host: str, port: int, settings: TransportSettings) -> UpstreamPool:
+        key = (scheme, host, port, settings)
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = self.pools[key] = UpstreamPool(scheme, host, port, settings)
+        return pool
+
+    def retain_pools(self, used: set[tuple[str, str, int, TransportSettings]]) -> None:
+        """Close idle connections of pools the new config no longer uses."""
+        for key in [k for k in self.pools if k not in used]:
+            self.pools.pop(key).close()
+
+    def sweep(self, now: float) -> None:
+        for pool in self.pools.values():
+            pool.sweep(now)
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
+        self.pools.clear()
