@@ -1,0 +1,274 @@
+"""Test helpers: a real proxy process, real backends, an h11 client over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h11
+import yaml
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "traefik-mesh"
+if not FIXTURES.exists():  # a fresh clone has shared/ beside it
+    FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "traefik-mesh"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
+    """Poll `condition` (sync or async) until truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or condition}")
+        await asyncio.sleep(0.02)
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    raw_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+
+async def request(
+    port: int,
+    method: str = "GET",
+    target: str = "/",
+    headers: dict[str, str] | list[tuple[str, str]] | None = None,
+    body: bytes = b"",
+    host: str = "example.test",
+    timeout: float = 10.0,
+) -> Response:
+    """One request on a new connection, parsed with h11 (an independent HTTP implementation)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        conn = h11.Connection(h11.CLIENT)
+        hdrs = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
+        if not any(k.lower() == "host" for k, _ in hdrs):
+            hdrs.insert(0, ("Host", host))
+        if body and not any(k.lower() in ("content-length", "transfer-encoding") for k, _ in hdrs):
+            hdrs.append(("Content-Length", str(len(body))))
+        writer.write(conn.send(h11.Request(method=method, target=target, headers=hdrs)))
+        if body:
+            writer.write(conn.send(h11.Data(data=body)))
+        writer.write(conn.send(h11.EndOfMessage()))
+        return await asyncio.wait_for(read_response(conn, reader), timeout)
+    finally:
+        writer.close()
+
+
+async def read_response(conn: h11.Connection, reader: asyncio.StreamReader) -> Response:
+    status = 0
+    headers: list[tuple[bytes, bytes]] = []
+    chunks: list[bytes] = []
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await reader.read(65536))
+            continue
+        if isinstance(event, h11.Response):
+            status = event.status_code
+            headers = list(event.headers)
+        elif isinstance(event, h11.Data):
+            chunks.append(bytes(event.data))
+        elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+            break
+    return Response(status, {k.decode(): v.decode() for k, v in headers}, b"".join(chunks), headers)
+
+
+async def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
+    """Send raw bytes, read until the proxy closes the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    try:
+        return await asyncio.wait_for(reader.read(-1), timeout)
+    finally:
+        writer.close()
+
+
+# ---------------------------------------------------------------- backends
+
+
+class Backend:
+    """A real HTTP/1.1 backend (httptools-based whoami) that counts connections and requests."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.port = 0
+        self.server: asyncio.AbstractServer | None = None
+        self.connections = 0
+        self.requests: list[dict[str, Any]] = []
+
+    async def start(self, port: int = 0) -> Backend:
+        from meshproxy.demo.backend import WhoamiProtocol
+
+        backend = self
+
+        class Counting(WhoamiProtocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                backend.connections += 1
+                super().connection_made(transport)
+
+            def on_message_complete(self) -> None:
+                backend.requests.append(
+                    {
+                        "method": self.parser.get_method().decode(),
+                        "url": self.url.decode(),
+                        "headers": [(n.decode().lower(), v.decode()) for n, v in self.headers],
+                        "body": b"".join(self.body),
+                    }
+                )
+                super().on_message_complete()
+
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: Counting(self.name), "127.0.0.1", port)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def start_raw_backend(
+    handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> tuple[asyncio.AbstractServer, int]:
+    """A backend scripted at the byte level (for resets, slowness, odd framing)."""
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def read_request_head(reader: asyncio.StreamReader) -> bytes:
+    return await reader.readuntil(b"\r\n\r\n")
+
+
+# ---------------------------------------------------------------- the proxy process
+
+
+class ProxyProcess:
+    """`meshproxy proxy` in a subprocess, fed by a dynamic config file we rewrite."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        dynamic: dict[str, Any] | None = None,
+        entrypoints: dict[str, str] | None = None,
+        extra_flags: list[str] | None = None,
+        provider: str = "file",
+    ) -> None:
+        self.tmp_path = tmp_path
+        self.config_file = tmp_path / "dynamic.yaml"
+        self.admin_port = free_port()
+        self.entrypoints = entrypoints or {"web": f"127.0.0.1:{free_port()}"}
+        self.extra_flags = extra_flags or []
+        self.provider = provider
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = tmp_path / "proxy.log"
+        if dynamic is not None:
+            self.write(dynamic)
+
+    @property
+    def port(self) -> int:
+        return self.port_of("web")
+
+    def port_of(self, entrypoint: str) -> int:
+        return int(self.entrypoints[entrypoint].rsplit(":", 1)[1].split("/")[0])
+
+    def write(self, dynamic: dict[str, Any] | str) -> None:
+        text = dynamic if isinstance(dynamic, str) else yaml.safe_dump(dynamic)
+        tmp = self.config_file.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.config_file)
+
+    def flags(self) -> list[str]:
+        flags = [f"--entryPoints.{n}.address={a}" for n, a in self.entrypoints.items()]
+        flags += [
+            f"--entryPoints.traefik.address=127.0.0.1:{self.admin_port}",
+            "--api.insecure",
+            "--ping",
+            "--metrics.prometheus=true",
+            "--log.level=INFO",
+        ]
+        if self.provider == "file":
+            flags.append(f"--providers.file.filename={self.config_file}")
+        return flags + self.extra_flags
+
+    async def start(self, wait_config: bool = True) -> ProxyProcess:
+        self.log = open(self.log_path, "wb")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "meshproxy", "proxy", *self.flags()],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        await wait_for(self.admin_up, 15, "proxy admin /ping")
+        if wait_config:
+            await wait_for(lambda: self.generation() >= 1, 10, "first config applied")
+        return self
+
+    def admin_get(self, path: str) -> bytes | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=2) as r:
+                return r.read()
+        except OSError:
+            return None
+
+    def admin_up(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"proxy exited: {self.log_path.read_text()}")
+        return self.admin_get("/ping") == b"OK"
+
+    def rawdata(self) -> dict[str, Any]:
+        data = self.admin_get("/api/rawdata")
+        assert data is not None
+        return json.loads(data)
+
+    def generation(self) -> int:
+        data = self.admin_get("/api/rawdata")
+        return json.loads(data)["meshproxy"]["generation"] if data else 0
+
+    def metrics(self) -> str:
+        return (self.admin_get("/metrics") or b"").decode()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        if hasattr(self, "log"):
+            self.log.close()
+
+
+def lb(*urls: str, **options: Any) -> dict[str, Any]:
+    return {"loadBalancer": {"servers": [{"url": u} for u in urls], **options}}
+
+
+def router(rule: str, service: str, **options: Any) -> dict[str, Any]:
+    return {"rule": rule, "service": service, "entryPoints": ["web"], **options}
