@@ -191,8 +191,11 @@ class H1ServerConnection(asyncio.Protocol):
             self._protocol_error(431)
         except httptools.HttpParserUpgrade:
             self._protocol_error(501)
-        except httptools.HttpParserError:
-            self._protocol_error(400)
+        except httptools.HttpParserError as exc:
+            too_large = isinstance(exc.__context__, _HeaderTooLarge) or isinstance(
+                exc.__cause__, _HeaderTooLarge
+            )
+            self._protocol_error(431 if too_large else 400)
 
     def on_message_begin(self) -> None:
         self._url = b""
@@ -324,11 +327,11 @@ class H1ServerConnection(asyncio.Protocol):
         self.current = None
         if self._closing:
             return
-        if not ex.request.keep_alive or not ex.body_complete:
-            self.close()
-            return
         if self._error_after_current is not None:
             self._write_error_and_close(self._error_after_current)
+            return
+        if not ex.request.keep_alive or not ex.body_complete:
+            self.close()
             return
         self.idle_since = self.loop.time()
         if self.pipeline:
