@@ -18,9 +18,8 @@ from typing import Any
 import h11
 import yaml
 
+# The project's shared/ folder sits beside the repository (also in CI's fresh clone).
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "traefik-mesh"
-if not FIXTURES.exists():  # a fresh clone has shared/ beside it
-    FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "traefik-mesh"
 
 
 def free_port() -> int:
@@ -232,7 +231,9 @@ class ProxyProcess:
 
     def admin_get(self, path: str) -> bytes | None:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=2) as r:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.admin_port}{path}", timeout=2
+            ) as r:
                 return r.read()
         except OSError:
             return None

@@ -33,6 +33,8 @@ class Sink(Protocol):
 
     def write_end(self, ex: Exchange) -> None: ...
 
+    def flush(self) -> None: ...
+
     def abort(self, ex: Exchange) -> None: ...
 
     def write_continue(self, ex: Exchange) -> None: ...
@@ -58,6 +60,7 @@ class Exchange:
         "entrypoint",
         "finished",
         "has_body",
+        "protocol",
         "request",
         "response_started",
         "router",
@@ -87,6 +90,7 @@ class Exchange:
         self.router = ""
         self.service = ""
         self.upstream: Any = None
+        self.protocol = ""  # metrics label, computed once
 
     # -- request body (fed by the downstream protocol) -----------------------------------
 
@@ -193,6 +197,9 @@ class NullSink:
         pass
 
     def write_end(self, ex: Exchange) -> None:
+        pass
+
+    def flush(self) -> None:
         pass
 
     def abort(self, ex: Exchange) -> None:

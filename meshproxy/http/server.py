@@ -96,6 +96,7 @@ class H1ServerConnection(asyncio.Protocol):
         "_headers",
         "_host",
         "_message_started_at",
+        "_pending_head",
         "_perf_start",
         "_receiving",
         "_trusted",
@@ -131,6 +132,7 @@ class H1ServerConnection(asyncio.Protocol):
         self._client_paused = False
         self._write_paused = False
         self._chunked = False
+        self._pending_head = b""
         self._error_after_current: int | None = None
         self._message_started_at: float | None = None
         self._perf_start = 0.0
@@ -378,22 +380,45 @@ class H1ServerConnection(asyncio.Protocol):
             parts.append(b"connection: keep-alive\r\n")
         parts.append(_CRLF)
         self._chunked = chunked
-        self.transport.write(b"".join(parts))  # type: ignore[union-attr]
+        # Held back so head and body leave in one write (one syscall) when the body is small.
+        self._pending_head = b"".join(parts)
 
     def write_body(self, ex: Exchange, chunk: bytes) -> None:
         if self._closing or not chunk:
             return
+        head = self._pending_head
+        transport = self.transport
+        if head:
+            self._pending_head = b""
+            if self._chunked:
+                transport.writelines((head, b"%x\r\n" % len(chunk), chunk, _CRLF))  # type: ignore[union-attr]
+            elif len(chunk) <= 16384:
+                transport.write(head + chunk)  # type: ignore[union-attr]
+            else:
+                transport.writelines((head, chunk))  # type: ignore[union-attr]
+            return
         if self._chunked:
-            self.transport.writelines((b"%x\r\n" % len(chunk), chunk, _CRLF))  # type: ignore[union-attr]
+            transport.writelines((b"%x\r\n" % len(chunk), chunk, _CRLF))  # type: ignore[union-attr]
         else:
-            self.transport.write(chunk)  # type: ignore[union-attr]
+            transport.write(chunk)  # type: ignore[union-attr]
 
     def write_end(self, ex: Exchange) -> None:
         if self._closing:
             return
-        if self._chunked:
+        head = self._pending_head
+        if head:
+            self._pending_head = b""
+            self.transport.write(head + _CHUNK_END if self._chunked else head)  # type: ignore[union-attr]
+        elif self._chunked:
             self.transport.write(_CHUNK_END)  # type: ignore[union-attr]
-            self._chunked = False
+        self._chunked = False
+
+    def flush(self) -> None:
+        """Send a held-back response head now (the upstream read ended without body bytes)."""
+        head = self._pending_head
+        if head and not self._closing:
+            self._pending_head = b""
+            self.transport.write(head)  # type: ignore[union-attr]
 
     def abort(self, ex: Exchange) -> None:
         ex.finished = True

@@ -50,6 +50,7 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "_chunked_body",
         "_done",
+        "_fresh_parser",
         "_got_response_bytes",
         "_header_timer",
         "_headers",
@@ -87,6 +88,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._response_headers_done = False
         self._response_complete = False
         self._until_close = False
+        self._fresh_parser = False
         self._reading_paused = False
         self.request_sent = False
         self.keep_alive = False
@@ -126,7 +128,9 @@ class UpstreamConnection(asyncio.Protocol):
     def start(self, ex: Exchange, head: bytes, chunked_body: bool) -> asyncio.Future[None]:
         """Send the request head; the body follows as the client sends it."""
         self.ex = ex
-        self.parser = httptools.HttpResponseParser(self)
+        if self.parser is None:
+            # reused across keep-alive responses; replaced after a bodiless HEAD/204/304
+            self.parser = httptools.HttpResponseParser(self)
         self._headers = []
         self._reason = b""
         self._status = 0
@@ -186,8 +190,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()  # bytes on an idle connection: the backend misbehaves
             return
         self._got_response_bytes = True
+        sink = self.ex.sink
         try:
             self.parser.feed_data(data)  # type: ignore[union-attr]
+            sink.flush()
         except httptools.HttpParserError as exc:
             if self._response_headers_done:
                 self._fail(ResponseAborted(f"invalid response body: {exc}"))
@@ -225,6 +231,8 @@ class UpstreamConnection(asyncio.Protocol):
             elif name == b"transfer-encoding":
                 chunked = True
         no_body = ex.request.method == "HEAD" or status in (204, 304)
+        if no_body:
+            self._fresh_parser = True
         if not no_body and content_length is None and not chunked:
             self._until_close = True
             self.keep_alive = False
@@ -256,7 +264,9 @@ class UpstreamConnection(asyncio.Protocol):
     def _finish_connection(self) -> None:
         ex = self.ex
         self.ex = None
-        self.parser = None
+        if self._fresh_parser:
+            self.parser = None
+            self._fresh_parser = False
         if ex is not None:
             ex.upstream = None
             ex.detach_body_target()

@@ -27,6 +27,13 @@ def method_label(method: str) -> str:
 
 
 def protocol_label(ex: Any) -> str:
+    if ex.protocol:
+        return ex.protocol
+    ex.protocol = _protocol_label(ex)
+    return ex.protocol
+
+
+def _protocol_label(ex: Any) -> str:
     request = ex.request
     if request.upgrade is not None:
         return "websocket"

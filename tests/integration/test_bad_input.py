@@ -11,7 +11,12 @@ from tests.helpers import lb, raw_exchange, router
 async def proxied(backends, proxy_factory):
     backend = await backends()
     proxy = await proxy_factory(
-        {"http": {"routers": {"r": router("PathPrefix(`/`)", "s")}, "services": {"s": lb(backend.url)}}}
+        {
+            "http": {
+                "routers": {"r": router("PathPrefix(`/`)", "s")},
+                "services": {"s": lb(backend.url)},
+            }
+        }
     )
     return proxy, backend
 
@@ -27,8 +32,15 @@ async def proxied(backends, proxy_factory):
         b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
         b"GET /%zz HTTP/1.1\r\nHost: x\r\n\r\n",
     ],
-    ids=["garbage", "cl-and-te", "two-content-lengths", "space-before-colon", "no-host",
-         "two-hosts", "bad-percent-encoding"],
+    ids=[
+        "garbage",
+        "cl-and-te",
+        "two-content-lengths",
+        "space-before-colon",
+        "no-host",
+        "two-hosts",
+        "bad-percent-encoding",
+    ],
 )
 async def test_malformed_request_gets_400_and_is_never_forwarded(proxied, raw):
     proxy, backend = proxied

@@ -33,7 +33,9 @@ async def test_fifty_reloads_under_load_fail_no_request(backends, proxy_factory)
         reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
         conn = h11.Connection(h11.CLIENT)
         while not done.is_set():
-            writer.write(conn.send(h11.Request(method="GET", target="/", headers=[("Host", "app.test")])))
+            writer.write(
+                conn.send(h11.Request(method="GET", target="/", headers=[("Host", "app.test")]))
+            )
             writer.write(conn.send(h11.EndOfMessage()))
             response = await read_response(conn, reader)
             if response.status != 200:
@@ -49,7 +51,10 @@ async def test_fifty_reloads_under_load_fail_no_request(backends, proxy_factory)
                 failures.append(f"new connection: {response.status}")
             counts["requests"] += 1
 
-    clients = [asyncio.create_task(keep_alive_client()), asyncio.create_task(new_connection_client())]
+    clients = [
+        asyncio.create_task(keep_alive_client()),
+        asyncio.create_task(new_connection_client()),
+    ]
     start = proxy.generation()
     for i in range(1, 51):
         proxy.write(config(i))
@@ -67,12 +72,27 @@ async def test_undecodable_config_is_rejected_with_its_path_and_last_good_keeps_
     backends, proxy_factory
 ):
     backend = await backends()
-    good = {"http": {"routers": {"r": router("Host(`a.test`)", "s")}, "services": {"s": lb(backend.url)}}}
+    good = {
+        "http": {
+            "routers": {"r": router("Host(`a.test`)", "s")},
+            "services": {"s": lb(backend.url)},
+        }
+    }
     proxy = await proxy_factory(good)
     proxy.write(
-        {"http": {"routers": {"r": router("Host(`a.test`)", "s")},
-                  "services": {"s": {"loadBalancer": {"servers": [{"url": backend.url, "weight": "x"}],
-                                                      "surprise": 1}}}}}
+        {
+            "http": {
+                "routers": {"r": router("Host(`a.test`)", "s")},
+                "services": {
+                    "s": {
+                        "loadBalancer": {
+                            "servers": [{"url": backend.url, "weight": "x"}],
+                            "surprise": 1,
+                        }
+                    }
+                },
+            }
+        }
     )
 
     def rejected():
@@ -80,10 +100,15 @@ async def test_undecodable_config_is_rejected_with_its_path_and_last_good_keeps_
         return error and "http.services.s.loadBalancer.surprise: field not found" in error
 
     await wait_for(rejected, 10, "config rejected")
-    assert "http.services.s.loadBalancer.servers[0].weight" in proxy.rawdata()["meshproxy"]["lastConfigError"]
+    assert (
+        "http.services.s.loadBalancer.servers[0].weight"
+        in proxy.rawdata()["meshproxy"]["lastConfigError"]
+    )
     assert (await request(proxy.port, host="a.test")).status == 200
     proxy.write("http: [this is: not valid")
-    await wait_for(lambda: "invalid YAML" in (proxy.rawdata()["meshproxy"]["lastConfigError"] or ""))
+    await wait_for(
+        lambda: "invalid YAML" in (proxy.rawdata()["meshproxy"]["lastConfigError"] or "")
+    )
     assert (await request(proxy.port, host="a.test")).status == 200
 
 
@@ -128,14 +153,23 @@ async def test_broken_object_disables_only_the_routers_that_depend_on_it(backend
 async def test_balancer_position_survives_a_reload_that_does_not_change_it(backends, proxy_factory):
     a, b = await backends("a"), await backends("b")
     services = {"s": {"loadBalancer": {"servers": [{"url": a.url}, {"url": b.url}]}}}
-    proxy = await proxy_factory({"http": {"routers": {"r": router("Host(`x.test`)", "s")},
-                                          "services": services}})
+    proxy = await proxy_factory(
+        {"http": {"routers": {"r": router("Host(`x.test`)", "s")}, "services": services}}
+    )
     order = []
     for i in range(4):
         order.append((await request(proxy.port, host="x.test")).body.split(b"\n")[0])
         generation = proxy.generation()
-        proxy.write({"http": {"routers": {"r": router("Host(`x.test`)", "s"),
-                                          f"new{i}": router("Host(`y.test`)", "s")},
-                              "services": services}})
+        proxy.write(
+            {
+                "http": {
+                    "routers": {
+                        "r": router("Host(`x.test`)", "s"),
+                        f"new{i}": router("Host(`y.test`)", "s"),
+                    },
+                    "services": services,
+                }
+            }
+        )
         await wait_for(lambda g=generation: proxy.generation() > g)
     assert order == [b"Hostname: a", b"Hostname: b"] * 2

@@ -74,7 +74,12 @@ async def test_weighted_service_splits_traffic_between_services(backends, proxy_
 async def test_keep_alive_client_reuses_one_pooled_upstream_connection(backends, proxy_factory):
     backend = await backends()
     proxy = await proxy_factory(
-        {"http": {"routers": {"r": router("PathPrefix(`/`)", "s")}, "services": {"s": lb(backend.url)}}}
+        {
+            "http": {
+                "routers": {"r": router("PathPrefix(`/`)", "s")},
+                "services": {"s": lb(backend.url)},
+            }
+        }
     )
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     conn = h11.Connection(h11.CLIENT)
@@ -94,7 +99,12 @@ async def test_keep_alive_client_reuses_one_pooled_upstream_connection(backends,
 async def test_request_and_response_bodies_stream_in_both_framings(backends, proxy_factory):
     backend = await backends()
     proxy = await proxy_factory(
-        {"http": {"routers": {"r": router("PathPrefix(`/`)", "s")}, "services": {"s": lb(backend.url)}}}
+        {
+            "http": {
+                "routers": {"r": router("PathPrefix(`/`)", "s")},
+                "services": {"s": lb(backend.url)},
+            }
+        }
     )
     payload = bytes(range(256)) * 4096  # 1 MiB
     response = await request(proxy.port, "POST", "/echo", body=payload)
@@ -144,7 +154,12 @@ async def test_chunked_and_close_delimited_responses_reach_the_client_intact(pro
 async def test_expect_100_continue_gets_interim_response_before_body(backends, proxy_factory):
     backend = await backends()
     proxy = await proxy_factory(
-        {"http": {"routers": {"r": router("PathPrefix(`/`)", "s")}, "services": {"s": lb(backend.url)}}}
+        {
+            "http": {
+                "routers": {"r": router("PathPrefix(`/`)", "s")},
+                "services": {"s": lb(backend.url)},
+            }
+        }
     )
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     writer.write(
@@ -154,7 +169,9 @@ async def test_expect_100_continue_gets_interim_response_before_body(backends, p
     assert interim.startswith(b"HTTP/1.1 100 Continue")
     writer.write(b"hello")
     conn = h11.Connection(h11.CLIENT)
-    conn.send(h11.Request(method="POST", target="/", headers=[("Host", "x"), ("Content-Length", "5")]))
+    conn.send(
+        h11.Request(method="POST", target="/", headers=[("Host", "x"), ("Content-Length", "5")])
+    )
     conn.send(h11.Data(data=b"hello"))
     conn.send(h11.EndOfMessage())
     response = await read_response(conn, reader)
@@ -204,7 +221,12 @@ async def test_head_and_204_304_responses_carry_no_body(proxy_factory):
 async def test_hop_by_hop_headers_removed_and_forwarded_headers_set(backends, proxy_factory):
     backend = await backends()
     proxy = await proxy_factory(
-        {"http": {"routers": {"r": router("PathPrefix(`/`)", "s")}, "services": {"s": lb(backend.url)}}}
+        {
+            "http": {
+                "routers": {"r": router("PathPrefix(`/`)", "s")},
+                "services": {"s": lb(backend.url)},
+            }
+        }
     )
     await request(
         proxy.port,
@@ -234,7 +256,12 @@ async def test_hop_by_hop_headers_removed_and_forwarded_headers_set(backends, pr
 async def test_forwarded_headers_from_trusted_ips_are_kept(backends, proxy_factory):
     backend = await backends()
     proxy = await proxy_factory(
-        {"http": {"routers": {"r": router("PathPrefix(`/`)", "s")}, "services": {"s": lb(backend.url)}}},
+        {
+            "http": {
+                "routers": {"r": router("PathPrefix(`/`)", "s")},
+                "services": {"s": lb(backend.url)},
+            }
+        },
         extra_flags=["--entryPoints.web.forwardedHeaders.trustedIPs=127.0.0.0/8"],
     )
     await request(proxy.port, headers={"X-Forwarded-For": "10.1.2.3", "X-Forwarded-Proto": "https"})
@@ -360,7 +387,12 @@ async def test_slow_client_pauses_the_backend_instead_of_buffering(proxy_factory
 async def test_pipelined_requests_are_answered_in_order(backends, proxy_factory):
     backend = await backends()
     proxy = await proxy_factory(
-        {"http": {"routers": {"r": router("PathPrefix(`/`)", "s")}, "services": {"s": lb(backend.url)}}}
+        {
+            "http": {
+                "routers": {"r": router("PathPrefix(`/`)", "s")},
+                "services": {"s": lb(backend.url)},
+            }
+        }
     )
     data = b"".join(b"GET /n%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(5))
     data += b"GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
