@@ -130,7 +130,7 @@ def normalize(
 def _dec_hook(tp: type, obj: Any) -> Any:
     if tp is Duration:
         return parse_duration(obj)
-    raise NotImplementedError
+    raise TypeError(f"no decoder for {tp!r}")
 
 
 def _msgspec_path(prefix: str, message: str) -> ConfigError:

@@ -482,7 +482,7 @@ def decode_dynamic_obj(raw: Any) -> DynamicConfig:
             continue  # Traefik ignores unknown top-level keys
         if section_raw is None:
             continue
-        section_type, kinds = _SECTIONS[name]
+        _, kinds = _SECTIONS[name]
         if not isinstance(section_raw, dict):
             errors.append(
                 ConfigError(name, f"expected an object, got {type(section_raw).__name__}")
@@ -515,7 +515,6 @@ def decode_dynamic_obj(raw: Any) -> DynamicConfig:
                     decoded[str(obj_name)] = value
             attr = {"serversTransports": "servers_transports"}.get(kind, kind)
             setattr(section, attr, decoded)
-        del section_type
     if errors:
         raise ConfigDecodeError(errors)
     return config

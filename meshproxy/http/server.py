@@ -20,7 +20,7 @@ import httptools
 
 from meshproxy.http.exchange import Exchange
 from meshproxy.http.forwarding import HOP_BY_HOP, SERVER_NAME, UNTRUSTED_DROP
-from meshproxy.http.request import Request
+from meshproxy.http.request import Request, split_host_port
 from meshproxy.http.status import reason_phrase
 
 log = logging.getLogger("meshproxy.http")
@@ -257,12 +257,8 @@ class H1ServerConnection(asyncio.Protocol):
         if not seen & 2 and self._host:
             headers.append((b"x-forwarded-host", self._host))
         if not seen & 4:
-            port = (
-                request.host_header.rpartition(b":")[2]
-                if b":" in request.host_header.lstrip(b"[").split(b"]")[-1]
-                else self.entry.port_bytes
-            )
-            headers.append((b"x-forwarded-port", port))
+            port = split_host_port(request.host_header.decode("latin-1"))[1]
+            headers.append((b"x-forwarded-port", port.encode() or self.entry.port_bytes))
         headers.append((b"x-forwarded-server", SERVER_NAME))
         if not seen & 8:
             headers.append((b"x-real-ip", self.client_ip.encode()))
