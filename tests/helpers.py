@@ -273,3 +273,13 @@ def lb(*urls: str, **options: Any) -> dict[str, Any]:
 
 def router(rule: str, service: str, **options: Any) -> dict[str, Any]:
     return {"rule": rule, "service": service, "entryPoints": ["web"], **options}
+
+
+def catch_all(url: str, **options: Any) -> dict[str, Any]:
+    """A dynamic config sending every request on `web` to one server."""
+    return {
+        "http": {
+            "routers": {"r": router("PathPrefix(`/`)", "s")},
+            "services": {"s": lb(url, **options)},
+        }
+    }

@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import lb, raw_exchange, router
+from tests.helpers import catch_all, raw_exchange
 
 
 @pytest.fixture
 async def proxied(backends, proxy_factory):
     backend = await backends()
-    proxy = await proxy_factory(
-        {
-            "http": {
-                "routers": {"r": router("PathPrefix(`/`)", "s")},
-                "services": {"s": lb(backend.url)},
-            }
-        }
-    )
+    proxy = await proxy_factory(catch_all(backend.url))
     return proxy, backend
 
 

@@ -7,7 +7,15 @@ from collections import Counter
 
 import h11
 
-from tests.helpers import lb, raw_exchange, read_response, request, router, start_raw_backend
+from tests.helpers import (
+    catch_all,
+    lb,
+    raw_exchange,
+    read_response,
+    request,
+    router,
+    start_raw_backend,
+)
 
 
 async def test_host_and_path_prefix_rules_route_to_the_right_service(backends, proxy_factory):
@@ -73,14 +81,7 @@ async def test_weighted_service_splits_traffic_between_services(backends, proxy_
 
 async def test_keep_alive_client_reuses_one_pooled_upstream_connection(backends, proxy_factory):
     backend = await backends()
-    proxy = await proxy_factory(
-        {
-            "http": {
-                "routers": {"r": router("PathPrefix(`/`)", "s")},
-                "services": {"s": lb(backend.url)},
-            }
-        }
-    )
+    proxy = await proxy_factory(catch_all(backend.url))
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     conn = h11.Connection(h11.CLIENT)
     for _ in range(20):
@@ -98,14 +99,7 @@ async def test_keep_alive_client_reuses_one_pooled_upstream_connection(backends,
 
 async def test_request_and_response_bodies_stream_in_both_framings(backends, proxy_factory):
     backend = await backends()
-    proxy = await proxy_factory(
-        {
-            "http": {
-                "routers": {"r": router("PathPrefix(`/`)", "s")},
-                "services": {"s": lb(backend.url)},
-            }
-        }
-    )
+    proxy = await proxy_factory(catch_all(backend.url))
     payload = bytes(range(256)) * 4096  # 1 MiB
     response = await request(proxy.port, "POST", "/echo", body=payload)
     assert response.status == 200 and response.body == payload
@@ -135,14 +129,7 @@ async def test_chunked_and_close_delimited_responses_reach_the_client_intact(pro
             await writer.drain()
 
     server, port = await start_raw_backend(handler)
-    proxy = await proxy_factory(
-        {
-            "http": {
-                "routers": {"r": router("PathPrefix(`/`)", "s")},
-                "services": {"s": lb(f"http://127.0.0.1:{port}")},
-            }
-        }
-    )
+    proxy = await proxy_factory(catch_all(f"http://127.0.0.1:{port}"))
     chunked = await request(proxy.port, target="/chunked")
     assert chunked.body == b"hello world"
     assert chunked.headers.get("transfer-encoding") == "chunked"
@@ -153,14 +140,7 @@ async def test_chunked_and_close_delimited_responses_reach_the_client_intact(pro
 
 async def test_expect_100_continue_gets_interim_response_before_body(backends, proxy_factory):
     backend = await backends()
-    proxy = await proxy_factory(
-        {
-            "http": {
-                "routers": {"r": router("PathPrefix(`/`)", "s")},
-                "services": {"s": lb(backend.url)},
-            }
-        }
-    )
+    proxy = await proxy_factory(catch_all(backend.url))
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     writer.write(
         b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
@@ -196,14 +176,7 @@ async def test_head_and_204_304_responses_carry_no_body(proxy_factory):
             await writer.drain()
 
     server, port = await start_raw_backend(handler)
-    proxy = await proxy_factory(
-        {
-            "http": {
-                "routers": {"r": router("PathPrefix(`/`)", "s")},
-                "services": {"s": lb(f"http://127.0.0.1:{port}")},
-            }
-        }
-    )
+    proxy = await proxy_factory(catch_all(f"http://127.0.0.1:{port}"))
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     conn = h11.Connection(h11.CLIENT)
     for method, target, status in (("HEAD", "/", 200), ("GET", "/204", 204), ("GET", "/304", 304)):
@@ -220,14 +193,7 @@ async def test_head_and_204_304_responses_carry_no_body(proxy_factory):
 
 async def test_hop_by_hop_headers_removed_and_forwarded_headers_set(backends, proxy_factory):
     backend = await backends()
-    proxy = await proxy_factory(
-        {
-            "http": {
-                "routers": {"r": router("PathPrefix(`/`)", "s")},
-                "services": {"s": lb(backend.url)},
-            }
-        }
-    )
+    proxy = await proxy_factory(catch_all(backend.url))
     await request(
         proxy.port,
         headers={
@@ -256,12 +222,7 @@ async def test_hop_by_hop_headers_removed_and_forwarded_headers_set(backends, pr
 async def test_forwarded_headers_from_trusted_ips_are_kept(backends, proxy_factory):
     backend = await backends()
     proxy = await proxy_factory(
-        {
-            "http": {
-                "routers": {"r": router("PathPrefix(`/`)", "s")},
-                "services": {"s": lb(backend.url)},
-            }
-        },
+        catch_all(backend.url),
         extra_flags=["--entryPoints.web.forwardedHeaders.trustedIPs=127.0.0.0/8"],
     )
     await request(proxy.port, headers={"X-Forwarded-For": "10.1.2.3", "X-Forwarded-Proto": "https"})
@@ -272,14 +233,7 @@ async def test_forwarded_headers_from_trusted_ips_are_kept(backends, proxy_facto
 
 async def test_pass_host_header_false_sends_the_server_host(backends, proxy_factory):
     backend = await backends()
-    proxy = await proxy_factory(
-        {
-            "http": {
-                "routers": {"r": router("PathPrefix(`/`)", "s")},
-                "services": {"s": lb(backend.url, passHostHeader=False)},
-            }
-        }
-    )
+    proxy = await proxy_factory(catch_all(backend.url, passHostHeader=False))
     await request(proxy.port, host="public.test")
     assert dict(backend.requests[0]["headers"])["host"] == f"127.0.0.1:{backend.port}"
 
@@ -368,14 +322,7 @@ async def test_slow_client_pauses_the_backend_instead_of_buffering(proxy_factory
     loop = asyncio.get_running_loop()
     server = await loop.create_server(Big, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    proxy = await proxy_factory(
-        {
-            "http": {
-                "routers": {"r": router("PathPrefix(`/`)", "s")},
-                "services": {"s": lb(f"http://127.0.0.1:{port}")},
-            }
-        }
-    )
+    proxy = await proxy_factory(catch_all(f"http://127.0.0.1:{port}"))
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port, limit=1024)
     writer.transport.pause_reading()  # a client that does not read
     writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -386,14 +333,7 @@ async def test_slow_client_pauses_the_backend_instead_of_buffering(proxy_factory
 
 async def test_pipelined_requests_are_answered_in_order(backends, proxy_factory):
     backend = await backends()
-    proxy = await proxy_factory(
-        {
-            "http": {
-                "routers": {"r": router("PathPrefix(`/`)", "s")},
-                "services": {"s": lb(backend.url)},
-            }
-        }
-    )
+    proxy = await proxy_factory(catch_all(backend.url))
     data = b"".join(b"GET /n%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(5))
     data += b"GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     received = await raw_exchange(proxy.port, data)

@@ -10,7 +10,7 @@ import sys
 import pytest
 from aiohttp import web
 
-from tests.helpers import FIXTURES, free_port, lb, request, router, wait_for
+from tests.helpers import FIXTURES, catch_all, free_port, lb, request, router, wait_for
 
 
 class Controller:
@@ -231,49 +231,40 @@ def test_traefik_mesh_daemonset_flags_are_accepted():
     assert any(w.startswith("tracing:") for w in warnings)
 
 
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "meshproxy", *args], capture_output=True, text=True, check=False
+    )
+
+
 def test_check_command_prints_every_error_with_its_path_and_exits_non_zero(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(
         "http:\n  routers:\n    r: {rule: 'Host(`a`) &&', service: s}\n"
         "  services:\n    s: {loadBalancer: {servers: [{url: 'http://a', weight: x}], nope: 1}}\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "meshproxy", "check", str(bad)], capture_output=True, text=True
-    )
+    result = run_cli("check", str(bad))
     assert result.returncode == 1
     assert "http.services.s.loadBalancer.nope: field not found" in result.stdout
     assert "http.services.s.loadBalancer.servers[0].weight" in result.stdout
     fixture = FIXTURES / "acl-disabled-http-traffic-split-config.json"
-    ok = subprocess.run(
-        [sys.executable, "-m", "meshproxy", "check", str(fixture)], capture_output=True, text=True
-    )
+    ok = run_cli("check", str(fixture))
     assert ok.returncode == 0, ok.stdout
     semantic = tmp_path / "semantic.yaml"
     semantic.write_text(
         "http:\n  routers:\n    r: {rule: 'Host(`a`) &&', service: s}\n"
         "  services:\n    s: {loadBalancer: {servers: [{url: 'http://a'}]}}\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "meshproxy", "check", str(semantic)], capture_output=True, text=True
-    )
+    result = run_cli("check", str(semantic))
     assert result.returncode == 1
     assert "http.routers.r: invalid rule" in result.stdout
-    version = subprocess.run(
-        [sys.executable, "-m", "meshproxy", "version"], capture_output=True, text=True
-    )
+    version = run_cli("version")
     assert version.stdout.startswith("meshproxy ")
 
 
 async def test_proxy_exits_cleanly_on_sigterm(backends, proxy_factory):
     backend = await backends()
-    proxy = await proxy_factory(
-        {
-            "http": {
-                "routers": {"r": router("PathPrefix(`/`)", "s")},
-                "services": {"s": lb(backend.url)},
-            }
-        }
-    )
+    proxy = await proxy_factory(catch_all(backend.url))
     proxy.process.terminate()
     code = await asyncio.get_running_loop().run_in_executor(None, proxy.process.wait, 15)
     assert code == 0
