@@ -15,7 +15,7 @@ from time import perf_counter
 from meshproxy.balancer.wrr import SmoothWeightedRoundRobin
 from meshproxy.http.errors import NoServerAvailable, ProxyError
 from meshproxy.http.exchange import Exchange
-from meshproxy.http.forwarding import HOP_BY_HOP, connection_tokens
+from meshproxy.http.forwarding import HOP_BY_HOP
 from meshproxy.http.upstream import UpstreamPool, exchange_once
 from meshproxy.observability.metrics import RequestMetrics
 
@@ -44,13 +44,9 @@ def build_request_head(
     path = target.path_prefix + request.target if target.path_prefix else request.target
     host = request.host_header if pass_host_header else target.host_header
     parts = [request.method.encode(), b" ", path, b" HTTP/1.1\r\nhost: ", host, _CRLF]
-    headers = request.headers
-    skip = _SKIP_ALWAYS
-    for name, value in headers:
-        if name == b"connection":
-            skip = skip | set(connection_tokens(value))
+    skip = _SKIP_ALWAYS | request.connection_tokens if request.connection_tokens else _SKIP_ALWAYS
     xff = b""
-    for name, value in headers:
+    for name, value in request.headers:
         if name in skip:
             if name == b"x-forwarded-for":
                 xff = value if not xff else xff + b", " + value

@@ -70,6 +70,7 @@ class Request:
         "_query_map",
         "client_ip",
         "client_port",
+        "connection_tokens",
         "content_length",
         "expect_continue",
         "headers",
@@ -108,6 +109,7 @@ class Request:
         self.expect_continue = False
         self.keep_alive = True
         self.upgrade: bytes | None = None
+        self.connection_tokens: frozenset[bytes] = frozenset()  # headers named by Connection
         self._header_map: dict[str, list[str]] | None = None
         self._query_map: dict[str, list[str]] | None = None
         raw = target.decode("latin-1")

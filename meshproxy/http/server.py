@@ -19,7 +19,12 @@ from typing import Any
 import httptools
 
 from meshproxy.http.exchange import Exchange
-from meshproxy.http.forwarding import HOP_BY_HOP, SERVER_NAME, UNTRUSTED_DROP
+from meshproxy.http.forwarding import (
+    HOP_BY_HOP,
+    SERVER_NAME,
+    UNTRUSTED_DROP,
+    connection_tokens,
+)
 from meshproxy.http.request import Request, split_host_port
 from meshproxy.http.status import reason_phrase
 
@@ -271,6 +276,8 @@ class H1ServerConnection(asyncio.Protocol):
                 has_body = True
             elif name == b"expect" and value.lower() == b"100-continue":
                 request.expect_continue = True
+            elif name == b"connection":
+                request.connection_tokens |= frozenset(connection_tokens(value))
         ex = Exchange(self, request, self.entry.settings.name, self._perf_start, has_body)
         self._message_started_at = None
         self._receiving = ex
