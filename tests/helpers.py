@@ -48,6 +48,7 @@ class Response:
     headers: dict[str, str]
     body: bytes
     raw_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    reason: str = ""
 
 
 async def request(
@@ -79,6 +80,7 @@ async def request(
 
 async def read_response(conn: h11.Connection, reader: asyncio.StreamReader) -> Response:
     status = 0
+    reason = b""
     headers: list[tuple[bytes, bytes]] = []
     chunks: list[bytes] = []
     while True:
@@ -88,12 +90,19 @@ async def read_response(conn: h11.Connection, reader: asyncio.StreamReader) -> R
             continue
         if isinstance(event, h11.Response):
             status = event.status_code
+            reason = event.reason
             headers = list(event.headers)
         elif isinstance(event, h11.Data):
             chunks.append(bytes(event.data))
         elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
             break
-    return Response(status, {k.decode(): v.decode() for k, v in headers}, b"".join(chunks), headers)
+    return Response(
+        status,
+        {k.decode(): v.decode() for k, v in headers},
+        b"".join(chunks),
+        headers,
+        reason.decode(),
+    )
 
 
 async def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:

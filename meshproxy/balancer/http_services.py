@@ -16,12 +16,20 @@ from meshproxy.balancer.wrr import SmoothWeightedRoundRobin
 from meshproxy.http.errors import NoServerAvailable, ProxyError
 from meshproxy.http.exchange import Exchange
 from meshproxy.http.forwarding import HOP_BY_HOP
-from meshproxy.http.upstream import UpstreamPool, exchange_once
+from meshproxy.http.upstream import (
+    EarlyEOF,
+    UpstreamError,
+    UpstreamPool,
+    exchange_fresh,
+    exchange_once,
+    may_replay,
+)
 from meshproxy.observability.metrics import RequestMetrics
 
 log = logging.getLogger("meshproxy.balancer")
 
 Handler = Callable[[Exchange], Awaitable[None]]
+Finish = Callable[[Exchange, BaseException | None], None]
 _CRLF = b"\r\n"
 _SKIP_ALWAYS = HOP_BY_HOP | {b"host", b"expect", b"x-forwarded-for"}
 
@@ -43,22 +51,28 @@ def build_request_head(
     request = ex.request
     path = target.path_prefix + request.target if target.path_prefix else request.target
     host = request.host_header if pass_host_header else target.host_header
-    parts = [request.method.encode(), b" ", path, b" HTTP/1.1\r\nhost: ", host, _CRLF]
     skip = _SKIP_ALWAYS | request.connection_tokens if request.connection_tokens else _SKIP_ALWAYS
-    xff = b""
-    for name, value in request.headers:
-        if name in skip:
-            if name == b"x-forwarded-for":
-                xff = value if not xff else xff + b", " + value
-            continue
-        parts.append(name + b": " + value + _CRLF)
+    headers = request.headers
+    lines = [name + b": " + value + _CRLF for name, value in headers if name not in skip]
     client = request.client_ip.encode()
-    parts.append(b"x-forwarded-for: " + (xff + b", " + client if xff else client) + _CRLF)
+    if request.forwarded_for:  # a trusted client sent X-Forwarded-For: append to it
+        xff = b", ".join(value for name, value in headers if name == b"x-forwarded-for")
+        client = xff + b", " + client
     chunked = ex.has_body and request.content_length is None
-    if chunked:
-        parts.append(b"transfer-encoding: chunked\r\n")
-    parts.append(_CRLF)
-    return b"".join(parts), chunked
+    return b"".join(
+        (
+            request.method.encode(),
+            b" ",
+            path,
+            b" HTTP/1.1\r\nhost: ",
+            host,
+            _CRLF,
+            *lines,
+            b"x-forwarded-for: ",
+            client,
+            b"\r\ntransfer-encoding: chunked\r\n\r\n" if chunked else b"\r\n\r\n",
+        )
+    ), chunked
 
 
 class LoadBalancerService:
@@ -77,6 +91,7 @@ class LoadBalancerService:
         self.weights_key = tuple((t.url, w) for t, w in servers)
 
     async def serve(self, ex: Exchange) -> None:
+        """The coroutine path, used behind middlewares."""
         ex.service = self.name
         target = self.balancer.pick()
         if target is None:
@@ -89,6 +104,51 @@ class LoadBalancerService:
             self.metrics.record_service(self.name, ex, exc.status, perf_counter() - started)
             raise
         self.metrics.record_service(self.name, ex, ex.status, perf_counter() - started)
+
+    def serve_direct(self, ex: Exchange, finish: Finish) -> None:
+        """The callback path for a router with no middlewares: no coroutine, no Task and no
+        Future per request when an idle upstream connection is ready (the common case).
+        `finish(ex, error)` is called once when the exchange is over."""
+        ex.service = self.name
+        target = self.balancer.pick()
+        if target is None:
+            finish(ex, NoServerAvailable(f"service {self.name} has no available server"))
+            return
+        head, chunked = build_request_head(ex, target, self.pass_host_header)
+        started = perf_counter()
+        conn = target.pool.take_idle()
+        if conn is None:
+            self._in_task(ex, finish, exchange_fresh(target.pool, ex, head, chunked), started)
+            return
+
+        def done(exc: BaseException | None) -> None:
+            if isinstance(exc, EarlyEOF):
+                if may_replay(ex, True):
+                    retry = exchange_fresh(target.pool, ex, head, chunked)
+                    self._in_task(ex, finish, retry, started)
+                    return
+                exc = UpstreamError("backend closed the connection without answering")
+            status = exc.status if isinstance(exc, ProxyError) else ex.status
+            self.metrics.record_service(self.name, ex, status, perf_counter() - started)
+            finish(ex, exc)
+
+        conn.start(ex, head, chunked, done)
+
+    def _in_task(self, ex: Exchange, finish: Finish, work: Awaitable[None], started: float) -> None:
+        """Continue in a Task (a new connection must be dialled first)."""
+
+        async def run() -> None:
+            try:
+                await work
+            except ProxyError as exc:
+                self.metrics.record_service(self.name, ex, exc.status, perf_counter() - started)
+                raise
+            self.metrics.record_service(self.name, ex, ex.status, perf_counter() - started)
+
+        task = asyncio.get_running_loop().create_task(run())
+        task.add_done_callback(
+            lambda t: finish(ex, asyncio.CancelledError() if t.cancelled() else t.exception())
+        )
 
 
 class WeightedService:

@@ -17,7 +17,10 @@ BODY_BUFFER_HIGH_WATER = 256 * 1024
 
 
 class Sink(Protocol):
-    """What the downstream connection offers to write a response and steer the client."""
+    """What the downstream connection offers to write a response and steer the client.
+
+    `write_head` takes end-to-end headers only: whoever builds the response (the upstream
+    parser, a local answer) has already left out hop-by-hop ones."""
 
     def write_head(
         self,
@@ -34,6 +37,8 @@ class Sink(Protocol):
     def write_end(self, ex: Exchange) -> None: ...
 
     def flush(self) -> None: ...
+
+    def exchange_done(self, ex: Exchange) -> None: ...
 
     def abort(self, ex: Exchange) -> None: ...
 
@@ -59,6 +64,7 @@ class Exchange:
         "client_gone",
         "entrypoint",
         "finished",
+        "handled",
         "has_body",
         "protocol",
         "request",
@@ -82,6 +88,7 @@ class Exchange:
         self.status = 0
         self.response_started = False
         self.finished = False
+        self.handled = False  # the serving side is done with it (see Sink.exchange_done)
         self.client_gone = False
         self.body_complete = not has_body
         self.body_target: BodyTarget | None = None
@@ -200,6 +207,9 @@ class NullSink:
         pass
 
     def flush(self) -> None:
+        pass
+
+    def exchange_done(self, ex: Exchange) -> None:
         pass
 
     def abort(self, ex: Exchange) -> None:

@@ -61,6 +61,21 @@ def split_host_port(host: str) -> tuple[str, str]:
     return host.lower(), ""
 
 
+_HOST_CACHE: dict[bytes, tuple[str, str]] = {}
+
+
+def host_parts(host_header: bytes) -> tuple[str, str]:
+    """Routing host and port of a Host header, memoized: clients repeat the same few."""
+    parts = _HOST_CACHE.get(host_header)
+    if parts is None:
+        host, port = split_host_port(host_header.decode("latin-1").strip())
+        parts = (host.rstrip("."), port)
+        if len(_HOST_CACHE) >= 4096:
+            _HOST_CACHE.clear()
+        _HOST_CACHE[host_header] = parts
+    return parts
+
+
 class Request:
     """One HTTP request. Header names are lower-cased on arrival (as Envoy does): one spelling
     for matching, forwarding and HTTP/2, and no per-request case folding later."""
@@ -73,6 +88,7 @@ class Request:
         "connection_tokens",
         "content_length",
         "expect_continue",
+        "forwarded_for",
         "headers",
         "host",
         "host_header",
@@ -80,6 +96,7 @@ class Request:
         "keep_alive",
         "method",
         "path",
+        "port",
         "query",
         "scheme",
         "target",
@@ -107,6 +124,7 @@ class Request:
         self.scheme = scheme
         self.content_length: int | None = None
         self.expect_continue = False
+        self.forwarded_for = False  # an X-Forwarded-For header is present (trusted client)
         self.keep_alive = True
         self.upgrade: bytes | None = None
         self.connection_tokens: frozenset[bytes] = frozenset()  # headers named by Connection
@@ -123,7 +141,7 @@ class Request:
             self.target = raw.encode("latin-1")
         path, _, self.query = raw.partition("?")
         self.path = routing_path(path)
-        self.host = split_host_port(self.host_header.decode("latin-1").strip())[0].rstrip(".")
+        self.host, self.port = host_parts(self.host_header)
 
     # -- matcher view -------------------------------------------------------------------
 

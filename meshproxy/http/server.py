@@ -12,7 +12,7 @@ import ipaddress
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,12 +20,11 @@ import httptools
 
 from meshproxy.http.exchange import Exchange
 from meshproxy.http.forwarding import (
-    HOP_BY_HOP,
     SERVER_NAME,
     UNTRUSTED_DROP,
     connection_tokens,
 )
-from meshproxy.http.request import Request, split_host_port
+from meshproxy.http.request import Request
 from meshproxy.http.status import reason_phrase
 
 log = logging.getLogger("meshproxy.http")
@@ -33,6 +32,18 @@ log = logging.getLogger("meshproxy.http")
 _CHUNK_END = b"0\r\n\r\n"
 _CRLF = b"\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Request headers that change how the message is framed, forwarded or labelled in metrics:
+# noted while parsing, so the common request (none of them) skips a second pass.
+_NOTED = frozenset(
+    (
+        b"content-length",
+        b"transfer-encoding",
+        b"expect",
+        b"connection",
+        b"content-type",
+        b"accept",
+    )
+)
 
 
 @dataclass
@@ -52,7 +63,7 @@ class HTTPEntryPoint:
     def __init__(
         self,
         settings: EntryPointSettings,
-        handler: Callable[[Exchange], Awaitable[None]],
+        handler: Callable[[Exchange], None],
         on_open: Callable[[int], None] | None = None,
     ) -> None:
         self.settings = settings
@@ -94,6 +105,7 @@ class _HeaderTooLarge(Exception):
 class H1ServerConnection(asyncio.Protocol):
     __slots__ = (
         "_chunked",
+        "_chunked_request",
         "_client_paused",
         "_closing",
         "_error_after_current",
@@ -104,6 +116,7 @@ class H1ServerConnection(asyncio.Protocol):
         "_pending_head",
         "_perf_start",
         "_receiving",
+        "_special",
         "_trusted",
         "_url",
         "_write_paused",
@@ -132,6 +145,8 @@ class H1ServerConnection(asyncio.Protocol):
         self._header_bytes = 0
         self._host = b""
         self._xf_seen = 0
+        self._special = False
+        self._chunked_request = False
         self._trusted = False
         self._closing = False
         self._client_paused = False
@@ -210,6 +225,8 @@ class H1ServerConnection(asyncio.Protocol):
         self._header_bytes = 0
         self._host = b""
         self._xf_seen = 0
+        self._special = False
+        self._chunked_request = False
         self._message_started_at = self.loop.time()
         self._perf_start = time.perf_counter()
 
@@ -228,6 +245,10 @@ class H1ServerConnection(asyncio.Protocol):
             if self._host:
                 raise httptools.HttpParserError("duplicate Host header")
             self._host = value
+        elif name in _NOTED:
+            self._special = True
+            if name == b"transfer-encoding":
+                self._chunked_request = True
         elif name in UNTRUSTED_DROP:
             if not self._trusted:
                 return
@@ -239,6 +260,8 @@ class H1ServerConnection(asyncio.Protocol):
                 self._xf_seen |= 4
             elif name == b"x-real-ip":
                 self._xf_seen |= 8
+            elif name == b"x-forwarded-for":
+                self._xf_seen |= 16
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -262,25 +285,29 @@ class H1ServerConnection(asyncio.Protocol):
         if not seen & 2 and self._host:
             headers.append((b"x-forwarded-host", self._host))
         if not seen & 4:
-            port = split_host_port(request.host_header.decode("latin-1"))[1]
-            headers.append((b"x-forwarded-port", port.encode() or self.entry.port_bytes))
+            port = request.port
+            headers.append((b"x-forwarded-port", port.encode() if port else self.entry.port_bytes))
         headers.append((b"x-forwarded-server", SERVER_NAME))
         if not seen & 8:
             headers.append((b"x-real-ip", self.client_ip.encode()))
-        has_body = False
-        for name, value in headers:
-            if name == b"content-length":
-                request.content_length = int(value)
-                has_body = request.content_length > 0
-            elif name == b"transfer-encoding":
-                has_body = True
-            elif name == b"expect" and value.lower() == b"100-continue":
-                request.expect_continue = True
-            elif name == b"connection":
-                request.connection_tokens |= frozenset(connection_tokens(value))
+        request.forwarded_for = bool(seen & 16)
+        has_body = self._chunked_request
+        if self._special:
+            for name, value in headers:
+                if name == b"content-length":
+                    request.content_length = int(value)
+                    has_body = has_body or request.content_length > 0
+                elif name == b"expect" and value.lower() == b"100-continue":
+                    request.expect_continue = True
+                elif name == b"connection":
+                    request.connection_tokens |= frozenset(connection_tokens(value))
         ex = Exchange(self, request, self.entry.settings.name, self._perf_start, has_body)
+        if not self._special:
+            ex.protocol = "http"  # no Content-Type or Accept that could make it grpc or sse
         self._message_started_at = None
         self._receiving = ex
+        if self._closing:
+            return
         if self.current is None:
             self._start(ex)
         else:
@@ -317,12 +344,19 @@ class H1ServerConnection(asyncio.Protocol):
 
     def _start(self, ex: Exchange) -> None:
         self.current = ex
-        task = self.loop.create_task(self.entry.handler(ex))
-        task.add_done_callback(lambda t, ex=ex: self._handler_done(t, ex))
+        if ex.has_body and not ex.body_complete:
+            # Let the parser finish this data first: a local answer (404, 503) to a small body
+            # then finds the body read, and the connection can stay open.
+            self.loop.call_soon(self._handle, ex)
+        else:
+            self._handle(ex)
 
-    def _handler_done(self, task: asyncio.Task[None], ex: Exchange) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.error("handler failed", exc_info=task.exception())
+    def _handle(self, ex: Exchange) -> None:
+        if ex.client_gone:
+            return
+        self.entry.handler(ex)  # calls exchange_done(ex) when it is over
+
+    def exchange_done(self, ex: Exchange) -> None:
         if not ex.finished:
             if not ex.response_started and not self._closing:
                 ex.respond(500, b"Internal Server Error")
@@ -370,21 +404,16 @@ class H1ServerConnection(asyncio.Protocol):
         if not ex.body_complete:
             keep_alive = False  # the rest of the request body would be read as a new request
         request.keep_alive = keep_alive
-        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
-        for name, value in headers:
-            if name in HOP_BY_HOP:
-                continue
-            parts.append(name + b": " + value + _CRLF)
+        lines = [name + b": " + value + _CRLF for name, value in headers]
         if chunked:
-            parts.append(b"transfer-encoding: chunked\r\n")
+            lines.append(b"transfer-encoding: chunked\r\n")
         if not keep_alive:
-            parts.append(b"connection: close\r\n")
+            lines.append(b"connection: close\r\n")
         elif request.http_version == "1.0":
-            parts.append(b"connection: keep-alive\r\n")
-        parts.append(_CRLF)
+            lines.append(b"connection: keep-alive\r\n")
         self._chunked = chunked
         # Held back so head and body leave in one write (one syscall) when the body is small.
-        self._pending_head = b"".join(parts)
+        self._pending_head = b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, b"".join(lines))
 
     def write_body(self, ex: Exchange, chunk: bytes) -> None:
         if self._closing or not chunk:

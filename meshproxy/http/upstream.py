@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httptools
@@ -23,6 +24,8 @@ from meshproxy.http.errors import (
     UpstreamResponseTimeout,
 )
 from meshproxy.http.exchange import Exchange
+from meshproxy.http.forwarding import HOP_BY_HOP, connection_tokens
+from meshproxy.http.status import reason_phrase
 
 log = logging.getLogger("meshproxy.upstream")
 
@@ -42,20 +45,25 @@ class TransportSettings:
     server_name: str | None = None
 
 
-class _EarlyEOF(Exception):
+DoneCallback = Callable[[BaseException | None], None]
+
+
+class EarlyEOF(Exception):
     """The connection ended before any response byte: the request may be replayed."""
 
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
+        "_chunked",
         "_chunked_body",
-        "_done",
+        "_connection_tokens",
+        "_content_length",
         "_fresh_parser",
         "_got_response_bytes",
         "_header_timer",
         "_headers",
+        "_on_done",
         "_reading_paused",
-        "_reason",
         "_response_complete",
         "_response_headers_done",
         "_status",
@@ -78,9 +86,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.ex: Exchange | None = None
         self.parser: httptools.HttpResponseParser | None = None
-        self._done: asyncio.Future[None] | None = None
+        self._on_done: DoneCallback | None = None
         self._headers: list[tuple[bytes, bytes]] = []
-        self._reason = b""
+        self._content_length: int | None = None
+        self._chunked = False
+        self._connection_tokens: list[bytes] = []
         self._status = 0
         self._chunked_body = False
         self._header_timer: asyncio.TimerHandle | None = None
@@ -111,7 +121,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._response_headers_done:
             self._fail(ResponseAborted("backend closed the connection mid-response"))
         elif not self._got_response_bytes:
-            self._fail(_EarlyEOF())
+            self._fail(EarlyEOF())
         else:
             self._fail(UpstreamError("backend closed the connection before a full response head"))
 
@@ -125,14 +135,15 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- one request --------------------------------------------------------------------
 
-    def start(self, ex: Exchange, head: bytes, chunked_body: bool) -> asyncio.Future[None]:
-        """Send the request head; the body follows as the client sends it."""
+    def start(self, ex: Exchange, head: bytes, chunked_body: bool, on_done: DoneCallback) -> None:
+        """Send the request head; the body follows as the client sends it. `on_done` is called
+        once: with None when the response is complete, or with the exception that ended it."""
         self.ex = ex
+        self._on_done = on_done
         if self.parser is None:
             # reused across keep-alive responses; replaced after a bodiless HEAD/204/304
             self.parser = httptools.HttpResponseParser(self)
-        self._headers = []
-        self._reason = b""
+        self._reset_head()
         self._status = 0
         self._got_response_bytes = False
         self._response_headers_done = False
@@ -140,7 +151,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._until_close = False
         self.request_sent = not ex.has_body
         self._chunked_body = chunked_body
-        done = self._done = self.loop.create_future()
         ex.upstream = self
         self.transport.write(head)  # type: ignore[union-attr]
         if ex.has_body:
@@ -152,7 +162,12 @@ class UpstreamConnection(asyncio.Protocol):
             self._header_timer = self.loop.call_later(timeout, self._on_header_timeout)
         if self._reading_paused:
             self.resume_reading()
-        return done
+
+    def _reset_head(self) -> None:
+        self._headers = []
+        self._content_length = None
+        self._chunked = False
+        self._connection_tokens = []
 
     def send_body(self, chunk: bytes) -> None:
         if self.closed:
@@ -201,18 +216,24 @@ class UpstreamConnection(asyncio.Protocol):
                 self._fail(UpstreamError(f"invalid response from backend: {exc}"))
             self.close()
 
-    def on_status(self, reason: bytes) -> None:
-        self._reason += reason
-
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.lower(), value))
+        # Hop-by-hop headers stop here, so the client side can write the rest as they are.
+        name = name.lower()
+        if name in HOP_BY_HOP:
+            if name == b"transfer-encoding":
+                self._chunked = True
+            elif name == b"connection":
+                self._connection_tokens.extend(connection_tokens(value))
+            return
+        if name == b"content-length":
+            self._content_length = int(value)
+        self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         parser = self.parser
         status = parser.get_status_code()  # type: ignore[union-attr]
         if 100 <= status < 200:
-            self._headers = []  # interim response: the final one follows
-            self._reason = b""
+            self._reset_head()  # interim response: the final one follows
             self._status = status
             return
         if self._header_timer is not None:
@@ -223,20 +244,18 @@ class UpstreamConnection(asyncio.Protocol):
         self._status = status
         self._response_headers_done = True
         self.keep_alive = parser.should_keep_alive()  # type: ignore[union-attr]
-        content_length: int | None = None
-        chunked = False
-        for name, value in self._headers:
-            if name == b"content-length":
-                content_length = int(value)
-            elif name == b"transfer-encoding":
-                chunked = True
+        content_length = self._content_length
+        chunked = self._chunked
+        if self._connection_tokens:
+            listed = set(self._connection_tokens)
+            self._headers = [(n, v) for n, v in self._headers if n not in listed]
         no_body = ex.request.method == "HEAD" or status in (204, 304)
         if no_body:
             self._fresh_parser = True
         if not no_body and content_length is None and not chunked:
             self._until_close = True
             self.keep_alive = False
-        ex.start_response(status, self._reason or b"", self._headers, content_length, no_body)
+        ex.start_response(status, reason_phrase(status), self._headers, content_length, no_body)
         if no_body:
             self._complete()
 
@@ -255,9 +274,10 @@ class UpstreamConnection(asyncio.Protocol):
         ex = self.ex
         if ex is not None:
             ex.end_response()
-        done = self._done
-        if done is not None and not done.done():
-            done.set_result(None)
+        on_done = self._on_done
+        if on_done is not None:
+            self._on_done = None
+            on_done(None)
         if self.request_sent or self.closed:
             self._finish_connection()
 
@@ -287,9 +307,10 @@ class UpstreamConnection(asyncio.Protocol):
         if ex is not None:
             ex.upstream = None
             ex.detach_body_target()
-        done = self._done
-        if done is not None and not done.done():
-            done.set_exception(exc)
+        on_done = self._on_done
+        if on_done is not None:
+            self._on_done = None
+            on_done(exc)
         if not self.closed:
             self.close()
 
@@ -333,14 +354,14 @@ class UpstreamPool:
                 context.verify_mode = ssl.CERT_NONE
             self.ssl = context
 
-    async def acquire(self) -> tuple[UpstreamConnection, bool]:
-        """An idle connection (reused=True) or a new one; raises UpstreamConnectError."""
+    def take_idle(self) -> UpstreamConnection | None:
+        """The most recently used idle connection that is still open, if any."""
         idle = self.idle
         while idle:
             conn = idle.pop()
             if conn.usable():
-                return conn, True
-        return await self.connect(), False
+                return conn
+        return None
 
     async def connect(self) -> UpstreamConnection:
         loop = asyncio.get_event_loop()
@@ -388,18 +409,47 @@ class UpstreamPool:
         self.idle.clear()
 
 
-async def exchange_once(pool: UpstreamPool, ex: Exchange, head: bytes, chunked_body: bool) -> None:
-    """Send `ex` through `pool`; replay once on a fresh connection when a reused one turns out
-    to be dead before answering and the request has no body (as Go's transport does)."""
-    conn, reused = await pool.acquire()
-    try:
-        await conn.start(ex, head, chunked_body)
-        return
-    except _EarlyEOF:
-        if not (reused and not ex.has_body and not ex.response_started):
-            raise UpstreamError("backend closed the connection without answering") from None
+def may_replay(ex: Exchange, reused: bool) -> bool:
+    """A reused keep-alive connection that died before answering a bodiless request: Go's
+    transport replays such a request once on a fresh connection, and so do we."""
+    return reused and not ex.has_body and not ex.response_started
+
+
+def start_on(
+    conn: UpstreamConnection, ex: Exchange, head: bytes, chunked_body: bool
+) -> asyncio.Future[None]:
+    """`conn.start` as an awaitable, for the coroutine paths (middlewares, fresh dials)."""
+    future: asyncio.Future[None] = conn.loop.create_future()
+
+    def done(exc: BaseException | None) -> None:
+        if not future.done():
+            if exc is None:
+                future.set_result(None)
+            else:
+                future.set_exception(exc)
+
+    conn.start(ex, head, chunked_body, done)
+    return future
+
+
+async def exchange_fresh(pool: UpstreamPool, ex: Exchange, head: bytes, chunked_body: bool) -> None:
+    """Send `ex` on a newly dialled connection."""
     conn = await pool.connect()
     try:
-        await conn.start(ex, head, chunked_body)
-    except _EarlyEOF:
+        await start_on(conn, ex, head, chunked_body)
+    except EarlyEOF:
         raise UpstreamError("backend closed the connection without answering") from None
+
+
+async def exchange_once(pool: UpstreamPool, ex: Exchange, head: bytes, chunked_body: bool) -> None:
+    """Send `ex` through `pool`, on an idle connection when there is one."""
+    conn = pool.take_idle()
+    if conn is None:
+        await exchange_fresh(pool, ex, head, chunked_body)
+        return
+    try:
+        await start_on(conn, ex, head, chunked_body)
+    except EarlyEOF:
+        if not may_replay(ex, True):
+            raise UpstreamError("backend closed the connection without answering") from None
+        await exchange_fresh(pool, ex, head, chunked_body)

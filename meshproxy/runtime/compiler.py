@@ -349,7 +349,10 @@ class _Compiler:
             using = self.snapshot.services[service_name].using
             if qualified not in using:
                 using.append(qualified)
-        return valid, Route(qualified, priority, rule.matcher, rule.hosts, handler, service_name)
+        lb = getattr(handler, "__self__", None)
+        direct = lb if isinstance(lb, LoadBalancerService) and handler == lb.serve else None
+        route = Route(qualified, priority, rule.matcher, rule.hosts, handler, service_name, direct)
+        return valid, route
 
     def compile(self) -> RuntimeSnapshot:
         per_entrypoint: dict[str, list[Route]] = {ep: [] for ep in self.ctx.http_entrypoints}

@@ -1,54 +1,86 @@
 """The per-request entry: pick the router in the live snapshot, run its chain, map failures to
-Traefik's status codes, record the request metrics."""
+Traefik's status codes, record the request metrics.
+
+A router with no middlewares in front of a load balancer is served on the callback path
+(`LoadBalancerService.serve_direct`); everything else runs as a coroutine in a Task.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from time import perf_counter
 
 from meshproxy.http.errors import ClientGone, ProxyError
 from meshproxy.http.exchange import Exchange
 from meshproxy.observability.metrics import RequestMetrics
 from meshproxy.runtime.manager import ConfigManager
-from meshproxy.runtime.snapshot import Handler
+from meshproxy.runtime.snapshot import Route
 
 log = logging.getLogger("meshproxy.http")
 
 NOT_FOUND = b"404 page not found\n"
 
+EntryHandler = Callable[[Exchange], None]
 
-def make_dispatcher(entrypoint: str, manager: ConfigManager, metrics: RequestMetrics) -> Handler:
-    async def dispatch(ex: Exchange) -> None:
+
+def make_dispatcher(
+    entrypoint: str, manager: ConfigManager, metrics: RequestMetrics
+) -> EntryHandler:
+    """The handler of one entrypoint: `dispatch(ex)` serves `ex` and calls
+    `ex.sink.exchange_done(ex)` exactly once, when the exchange is over (whatever happened)."""
+
+    def finish(ex: Exchange, exc: BaseException | None) -> None:
+        if ex.handled:
+            return
+        ex.handled = True
+        status = ex.status
+        if exc is not None:
+            status = _fail(ex, exc)
+        metrics.record_request(ex, status or 500, perf_counter() - ex.started_at)
+        ex.sink.exchange_done(ex)
+
+    def dispatch(ex: Exchange) -> None:
         table = manager.snapshot.http_tables.get(entrypoint)
         route = table.match(ex.request) if table is not None else None
-        status = 0
+        if route is None:
+            ex.respond(404, NOT_FOUND)
+            finish(ex, None)
+            return
+        ex.router = route.name
+        direct = route.direct
         try:
-            if route is None:
-                ex.respond(404, NOT_FOUND)
+            if direct is not None:
+                direct.serve_direct(ex, finish)
             else:
-                ex.router = route.name
-                await route.handler(ex)
-            status = ex.status
-        except ProxyError as exc:
-            status = _fail(ex, exc)
-        except asyncio.CancelledError:
-            status = 499
-            raise
-        except Exception:
-            log.exception(
-                "unexpected error while serving %s %s", ex.request.method, ex.request.target
-            )
-            status = _fail(ex, ProxyError("internal error"))
-        finally:
-            metrics.record_request(ex, status or 500, perf_counter() - ex.started_at)
+                _run_in_task(route, ex, finish)
+        except Exception as exc:  # a bug must end this exchange, not the connection loop
+            finish(ex, exc)
 
     return dispatch
 
 
-def _fail(ex: Exchange, exc: ProxyError) -> int:
-    if ex.client_gone or isinstance(exc, ClientGone):
+def _run_in_task(
+    route: Route, ex: Exchange, finish: Callable[[Exchange, BaseException | None], None]
+) -> None:
+    task = asyncio.get_running_loop().create_task(route.handler(ex))
+    task.add_done_callback(
+        lambda t: finish(ex, asyncio.CancelledError() if t.cancelled() else t.exception())
+    )
+
+
+def _fail(ex: Exchange, exc: BaseException) -> int:
+    if ex.client_gone or isinstance(exc, ClientGone | asyncio.CancelledError):
         return 499
+    if not isinstance(exc, ProxyError):
+        log.error(
+            "unexpected error while serving %s %s",
+            ex.request.method,
+            ex.request.target,
+            exc_info=exc,
+        )
+        exc = ProxyError("internal error")
     if not ex.response_started:
         ex.respond(exc.status, exc.body)
         return exc.status

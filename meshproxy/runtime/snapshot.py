@@ -24,6 +24,7 @@ class Route:
     hosts: frozenset[str] | None
     handler: Handler
     service: str
+    direct: Any = None  # the LoadBalancerService when no middleware stands in front of it
 
 
 class RouterTable:

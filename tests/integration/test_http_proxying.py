@@ -11,6 +11,7 @@ from tests.helpers import (
     catch_all,
     lb,
     raw_exchange,
+    read_request_head,
     read_response,
     request,
     router,
@@ -340,3 +341,25 @@ async def test_pipelined_requests_are_answered_in_order(backends, proxy_factory)
     assert received.count(b"HTTP/1.1 200 OK") == 6
     order = [received.index(b"GET /n%d " % i) for i in range(5)] + [received.index(b"GET /last ")]
     assert order == sorted(order)
+
+
+async def test_response_hop_by_hop_headers_are_dropped_before_the_client(proxy_factory):
+    async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(
+            b"HTTP/1.1 200 Fine By Me\r\nConnection: keep-alive, X-Node-Secret\r\n"
+            b"X-Node-Secret: 42\r\nKeep-Alive: timeout=5\r\nX-Kept: yes\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+        )
+        await writer.drain()
+
+    server, port = await start_raw_backend(backend)
+    async with server:
+        proxy = await proxy_factory(catch_all(f"http://127.0.0.1:{port}"))
+        response = await request(proxy.port)
+    headers = dict(response.headers)
+    assert response.status == 200 and response.body == b"ok"
+    assert headers["x-kept"] == "yes"
+    for hop in ("x-node-secret", "keep-alive"):
+        assert hop not in headers
+    assert response.reason == "OK"  # as Traefik: the phrase comes from the status code
