@@ -1,6 +1,6 @@
 """HTTP services: a load balancer over servers, a weighted split over services, mirroring.
 
-Each is an async handler `serve(exchange)`; they nest (weighted -> loadBalancer) and are
+Each is a callback `Handler` (see http.exchange); they nest (weighted -> loadBalancer) and are
 built once per config snapshot.
 """
 
@@ -8,30 +8,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from time import perf_counter
 
 from meshproxy.balancer.wrr import SmoothWeightedRoundRobin
 from meshproxy.http.errors import NoServerAvailable, ProxyError
-from meshproxy.http.exchange import Exchange
+from meshproxy.http.exchange import Exchange, Finish, Handler, NullSink
 from meshproxy.http.forwarding import HOP_BY_HOP
 from meshproxy.http.upstream import (
     EarlyEOF,
     UpstreamError,
     UpstreamPool,
     exchange_fresh,
-    exchange_once,
     may_replay,
 )
 from meshproxy.observability.metrics import RequestMetrics
 
 log = logging.getLogger("meshproxy.balancer")
 
-Handler = Callable[[Exchange], Awaitable[None]]
-Finish = Callable[[Exchange, BaseException | None], None]
 _CRLF = b"\r\n"
 _SKIP_ALWAYS = HOP_BY_HOP | {b"host", b"expect", b"x-forwarded-for"}
+_DIALS: set[asyncio.Task[None]] = set()
 
 
 @dataclass(eq=False)
@@ -54,10 +52,16 @@ def build_request_head(
     skip = _SKIP_ALWAYS | request.connection_tokens if request.connection_tokens else _SKIP_ALWAYS
     headers = request.headers
     lines = [name + b": " + value + _CRLF for name, value in headers if name not in skip]
-    client = request.client_ip.encode()
-    if request.forwarded_for:  # a trusted client sent X-Forwarded-For: append to it
-        xff = b", ".join(value for name, value in headers if name == b"x-forwarded-for")
-        client = xff + b", " + client
+    if request.append_client_ip:
+        client = request.client_ip.encode()
+        if request.forwarded_for:  # a trusted client sent X-Forwarded-For: append to it
+            xff = b", ".join(value for name, value in headers if name == b"x-forwarded-for")
+            client = xff + b", " + client
+        lines.append(b"x-forwarded-for: " + client + _CRLF)
+    elif request.forwarded_for:
+        lines.extend(
+            b"x-forwarded-for: " + v + _CRLF for n, v in headers if n == b"x-forwarded-for"
+        )
     chunked = ex.has_body and request.content_length is None
     return b"".join(
         (
@@ -68,9 +72,7 @@ def build_request_head(
             host,
             _CRLF,
             *lines,
-            b"x-forwarded-for: ",
-            client,
-            b"\r\ntransfer-encoding: chunked\r\n\r\n" if chunked else b"\r\n\r\n",
+            b"transfer-encoding: chunked\r\n\r\n" if chunked else _CRLF,
         )
     ), chunked
 
@@ -90,25 +92,9 @@ class LoadBalancerService:
         self.metrics = metrics
         self.weights_key = tuple((t.url, w) for t, w in servers)
 
-    async def serve(self, ex: Exchange) -> None:
-        """The coroutine path, used behind middlewares."""
-        ex.service = self.name
-        target = self.balancer.pick()
-        if target is None:
-            raise NoServerAvailable(f"service {self.name} has no available server")
-        head, chunked = build_request_head(ex, target, self.pass_host_header)
-        started = perf_counter()
-        try:
-            await exchange_once(target.pool, ex, head, chunked)
-        except ProxyError as exc:
-            self.metrics.record_service(self.name, ex, exc.status, perf_counter() - started)
-            raise
-        self.metrics.record_service(self.name, ex, ex.status, perf_counter() - started)
-
-    def serve_direct(self, ex: Exchange, finish: Finish) -> None:
-        """The callback path for a router with no middlewares: no coroutine, no Task and no
-        Future per request when an idle upstream connection is ready (the common case).
-        `finish(ex, error)` is called once when the exchange is over."""
+    def serve(self, ex: Exchange, finish: Finish) -> None:
+        """Forward `ex` to the next server. With an idle upstream connection ready (the
+        common case) this is all callbacks; a dial runs in a Task."""
         ex.service = self.name
         target = self.balancer.pick()
         if target is None:
@@ -128,7 +114,7 @@ class LoadBalancerService:
                     self._in_task(ex, finish, retry, started)
                     return
                 exc = UpstreamError("backend closed the connection without answering")
-            status = exc.status if isinstance(exc, ProxyError) else ex.status
+            status = exc.status if isinstance(exc, ProxyError) else ex.swallowed_status or ex.status
             self.metrics.record_service(self.name, ex, status, perf_counter() - started)
             finish(ex, exc)
 
@@ -146,8 +132,12 @@ class LoadBalancerService:
             self.metrics.record_service(self.name, ex, ex.status, perf_counter() - started)
 
         task = asyncio.get_running_loop().create_task(run())
+        _DIALS.add(task)  # the loop keeps only weak references to tasks
         task.add_done_callback(
-            lambda t: finish(ex, asyncio.CancelledError() if t.cancelled() else t.exception())
+            lambda t: (
+                _DIALS.discard(t),
+                finish(ex, asyncio.CancelledError() if t.cancelled() else t.exception()),
+            )
         )
 
 
@@ -159,11 +149,12 @@ class WeightedService:
         self.balancer: SmoothWeightedRoundRobin[Handler] = SmoothWeightedRoundRobin(children)
         self.weights_key = tuple(w for _, w in children)
 
-    async def serve(self, ex: Exchange) -> None:
+    def serve(self, ex: Exchange, finish: Finish) -> None:
         child = self.balancer.pick()
         if child is None:
-            raise NoServerAvailable(f"service {self.name} has no available child")
-        await child(ex)
+            finish(ex, NoServerAvailable(f"service {self.name} has no available child"))
+            return
+        child(ex, finish)
 
 
 class MirroringService:
@@ -178,23 +169,32 @@ class MirroringService:
         name: str,
         main: Handler,
         mirrors: list[tuple[str, Handler, int]],
-        mirror_request: Callable[[Exchange, Handler], Awaitable[None]],
     ) -> None:
         self.name = name
         self.main = main
         self.mirrors = mirrors
         self.counts = [0] * len(mirrors)
         self.total = 0
-        self.mirror_request = mirror_request
-        self.tasks: set[asyncio.Task[None]] = set()
 
-    async def serve(self, ex: Exchange) -> None:
+    def serve(self, ex: Exchange, finish: Finish) -> None:
         if not ex.has_body and self.mirrors:
             self.total += 1
             for i, (_, handler, percent) in enumerate(self.mirrors):
                 if self.counts[i] * 100 < self.total * percent:
                     self.counts[i] += 1
-                    task = asyncio.get_running_loop().create_task(self.mirror_request(ex, handler))
-                    self.tasks.add(task)
-                    task.add_done_callback(self.tasks.discard)
-        await self.main(ex)
+                    _mirror(ex, handler)
+        self.main(ex, finish)
+
+
+def _mirror(ex: Exchange, handler: Handler) -> None:
+    """Replay a bodiless request to a mirror, discarding the response."""
+    shadow = Exchange(NullSink(), ex.request.copy(), ex.entrypoint, ex.started_at, False)
+    try:
+        handler(shadow, _ignore_outcome)
+    except Exception:  # a mirror must never hurt the main path
+        log.debug("mirror request failed", exc_info=True)
+
+
+def _ignore_outcome(ex: Exchange, exc: BaseException | None) -> None:
+    if exc is not None and not isinstance(exc, ProxyError):
+        log.debug("mirror request failed: %s", exc)

@@ -186,8 +186,18 @@ class RateLimit(_Base):
     source_criterion: SourceCriterion | None = None
 
 
+class RetryBudget(_Base):
+    """meshproxy extension (Linkerd's retry budget): retries may add at most `ratio` of the
+    requests seen over `window`, plus `minRetriesPerSecond` so low traffic can still retry."""
+
+    ratio: float | None = None
+    min_retries_per_second: int | None = None
+    window: Duration | None = None
+
+
 class Retry(_Base):
     attempts: int | None = None
+    budget: RetryBudget | None = None
     initial_interval: Duration | None = None
     timeout: Duration | None = None
     max_request_body_bytes: int | None = None

@@ -7,6 +7,7 @@ response through the methods here. Neither side knows the other's wire protocol.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from meshproxy.http.request import Request
@@ -55,25 +56,56 @@ class BodyTarget(Protocol):
     def end_body(self) -> None: ...
 
 
+ResponseHook = Callable[["Exchange", int, list[tuple[bytes, bytes]]], list[tuple[bytes, bytes]]]
+
+
+class ReplayBuffer:
+    """A bounded copy of the request body, for trying the request again."""
+
+    __slots__ = ("chunks", "limit", "overflow", "size")
+
+    def __init__(self, limit: int) -> None:
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.limit = limit  # < 0: unlimited
+        self.overflow = False
+
+    def add(self, chunk: bytes) -> None:
+        if self.overflow:
+            return
+        self.size += len(chunk)
+        if 0 <= self.limit < self.size:
+            self.overflow = True
+            self.chunks = []
+            return
+        self.chunks.append(chunk)
+
+
 class Exchange:
     __slots__ = (
         "_body_buffer",
         "_body_buffered",
         "body_complete",
+        "body_high_water",
         "body_target",
+        "body_waiter",
         "client_gone",
         "entrypoint",
         "finished",
         "handled",
         "has_body",
         "protocol",
+        "replay_body",
         "request",
+        "response_hooks",
         "response_started",
         "router",
         "service",
         "sink",
         "started_at",
         "status",
+        "swallow",
+        "swallowed_status",
         "upstream",
     )
 
@@ -94,34 +126,59 @@ class Exchange:
         self.body_target: BodyTarget | None = None
         self._body_buffer: list[bytes] = []
         self._body_buffered = 0
+        self.body_high_water = BODY_BUFFER_HIGH_WATER
+        # Called when the body is complete, or has outgrown `body_high_water` (buffering).
+        self.body_waiter: Callable[[], None] | None = None
         self.router = ""
         self.service = ""
         self.upstream: Any = None
         self.protocol = ""  # metrics label, computed once
+        # Set by middlewares: edit response headers on the way out (headers middleware) ...
+        self.response_hooks: list[ResponseHook] | None = None
+        # ... drop a response whose status makes it worth another try (retry on status) ...
+        self.swallow: Callable[[int, int | None], bool] | None = None
+        self.swallowed_status = 0
+        # ... and keep a copy of the request body so it can be sent again (None: no copy).
+        self.replay_body: ReplayBuffer | None = None
 
     # -- request body (fed by the downstream protocol) -----------------------------------
 
     def on_request_body(self, chunk: bytes) -> None:
+        if self.replay_body is not None:
+            self.replay_body.add(chunk)
         target = self.body_target
         if target is not None:
             target.send_body(chunk)
             return
         self._body_buffer.append(chunk)
         self._body_buffered += len(chunk)
-        if self._body_buffered > BODY_BUFFER_HIGH_WATER:
+        if self._body_buffered > self.body_high_water:
             self.sink.pause_client()
+            if self.body_waiter is not None:
+                self._wake_body_waiter()
 
     def on_request_end(self) -> None:
         self.body_complete = True
         if self.body_target is not None:
             self.body_target.end_body()
+        elif self.body_waiter is not None:
+            self._wake_body_waiter()
+
+    def _wake_body_waiter(self) -> None:
+        waiter, self.body_waiter = self.body_waiter, None
+        if waiter is not None:
+            waiter()
+
+    @property
+    def buffered_body_size(self) -> int:
+        return sum(len(chunk) for chunk in self._body_buffer)
 
     def attach_body_target(self, target: BodyTarget) -> None:
         """Start streaming the request body to `target` (buffered bytes first)."""
         self.body_target = target
         if self._body_buffer:
             buffered, self._body_buffer = self._body_buffer, []
-            paused = self._body_buffered > BODY_BUFFER_HIGH_WATER
+            paused = self._body_buffered > self.body_high_water
             self._body_buffered = 0
             for chunk in buffered:
                 target.send_body(chunk)
@@ -132,6 +189,29 @@ class Exchange:
 
     def detach_body_target(self) -> None:
         self.body_target = None
+
+    def keep_body_for_replay(self, limit: int) -> None:
+        """Start keeping a copy of the request body (up to `limit` bytes, < 0 unlimited) so a
+        later `rewind_body` can send it again. Must come before any body byte is forwarded."""
+        replay = ReplayBuffer(limit)
+        if self.body_target is not None:
+            replay.overflow = True  # part of the body already left: it can't be replayed
+        for chunk in self._body_buffer:
+            replay.add(chunk)
+        self.replay_body = replay
+
+    def rewind_body(self) -> bool:
+        """Make the whole request body available again for another try; False if it can't be
+        (not kept, larger than the replay limit, or not fully received yet)."""
+        replay = self.replay_body
+        if not self.has_body:
+            return True
+        if replay is None or replay.overflow or not self.body_complete:
+            return False
+        self.body_target = None
+        self._body_buffer = list(replay.chunks)
+        self._body_buffered = 0  # already counted once: never pause the client for a replay
+        return True
 
     @property
     def body_untouched(self) -> bool:
@@ -148,14 +228,24 @@ class Exchange:
         content_length: int | None,
         no_body: bool,
     ) -> None:
+        swallow = self.swallow
+        if swallow is not None and swallow(status, content_length):
+            self.swallowed_status = status  # this try's response goes nowhere
+            return
+        if self.response_hooks:
+            for hook in self.response_hooks:
+                headers = hook(self, status, headers)
         self.status = status
         self.response_started = True
         self.sink.write_head(self, status, reason, headers, content_length, no_body)
 
     def send_body(self, chunk: bytes) -> None:
-        self.sink.write_body(self, chunk)
+        if not self.swallowed_status:
+            self.sink.write_body(self, chunk)
 
     def end_response(self) -> None:
+        if self.swallowed_status:
+            return
         self.finished = True
         self.sink.write_end(self)
 
@@ -226,3 +316,13 @@ class NullSink:
 
     def resume_client(self) -> None:
         pass
+
+
+Finish = Callable[[Exchange, BaseException | None], None]
+"""Called exactly once when a handler is done with an exchange: with None, or with the error
+that ended it (a ProxyError carries the status Traefik would answer)."""
+
+Handler = Callable[[Exchange, Finish], None]
+"""Services and middlewares: `handler(ex, finish)` starts serving `ex` and returns at once;
+the work continues in callbacks (continuation-passing, as Envoy's filter chains do), so a
+request costs no Task or Future unless a handler must really wait (a dial, a backoff)."""

@@ -83,6 +83,7 @@ class Request:
     __slots__ = (
         "_header_map",
         "_query_map",
+        "append_client_ip",
         "client_ip",
         "client_port",
         "connection_tokens",
@@ -125,6 +126,7 @@ class Request:
         self.content_length: int | None = None
         self.expect_continue = False
         self.forwarded_for = False  # an X-Forwarded-For header is present (trusted client)
+        self.append_client_ip = True  # cleared by a headers middleware that blanks X-F-F
         self.keep_alive = True
         self.upgrade: bytes | None = None
         self.connection_tokens: frozenset[bytes] = frozenset()  # headers named by Connection
@@ -142,6 +144,43 @@ class Request:
         path, _, self.query = raw.partition("?")
         self.path = routing_path(path)
         self.host, self.port = host_parts(self.host_header)
+
+    def copy(self) -> Request:
+        """An independent copy (own header list) for a mirrored request."""
+        other = Request.__new__(Request)
+        for slot in Request.__slots__:
+            setattr(other, slot, getattr(self, slot))
+        other.headers = list(self.headers)
+        other._header_map = None
+        return other
+
+    # -- edits by middlewares ---------------------------------------------------------------
+
+    @property
+    def raw_path(self) -> str:
+        """The path as sent (percent-encoding kept), without the query."""
+        return self.target.partition(b"?")[0].decode("latin-1")
+
+    def set_raw_path(self, raw_path: str) -> None:
+        """Forward to another path (stripPrefix, replacePath, ...); the query is kept."""
+        path = routing_path(raw_path)  # raises ValueError on broken percent-encoding
+        query = self.target.partition(b"?")
+        self.target = raw_path.encode("latin-1") + (b"?" + query[2] if query[1] else b"")
+        self.path = path
+
+    def set_header(self, name: bytes, value: bytes) -> None:
+        """Replace all values of a header (name in lower case)."""
+        self.headers = [(n, v) for n, v in self.headers if n != name]
+        self.headers.append((name, value))
+        if name == b"x-forwarded-for":
+            self.forwarded_for = True
+        self._header_map = None
+
+    def remove_header(self, name: bytes) -> None:
+        self.headers = [(n, v) for n, v in self.headers if n != name]
+        if name == b"x-forwarded-for":
+            self.forwarded_for = False
+        self._header_map = None
 
     # -- matcher view -------------------------------------------------------------------
 

@@ -439,17 +439,3 @@ async def exchange_fresh(pool: UpstreamPool, ex: Exchange, head: bytes, chunked_
         await start_on(conn, ex, head, chunked_body)
     except EarlyEOF:
         raise UpstreamError("backend closed the connection without answering") from None
-
-
-async def exchange_once(pool: UpstreamPool, ex: Exchange, head: bytes, chunked_body: bool) -> None:
-    """Send `ex` through `pool`, on an idle connection when there is one."""
-    conn = pool.take_idle()
-    if conn is None:
-        await exchange_fresh(pool, ex, head, chunked_body)
-        return
-    try:
-        await start_on(conn, ex, head, chunked_body)
-    except EarlyEOF:
-        if not may_replay(ex, True):
-            raise UpstreamError("backend closed the connection without answering") from None
-        await exchange_fresh(pool, ex, head, chunked_body)

@@ -1,14 +1,23 @@
-"""What every middleware builder receives and returns."""
+"""What every middleware builder receives and returns.
+
+A builder turns one middleware's options into a `Handler` wrapping the next one. It runs once
+per router that uses the middleware (each router gets its own instance, as in Traefik) and once
+per config snapshot; state that must outlive a reload (token buckets, breaker windows) is asked
+for through `BuildContext.keep`, which hands back the previous object when the middleware's
+definition did not change.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
-from meshproxy.http.exchange import Exchange
+from meshproxy.http.exchange import Finish, Handler
 
-Handler = Callable[[Exchange], Awaitable[None]]
+__all__ = ["BuildContext", "Finish", "Handler", "MiddlewareBuilder", "MiddlewareConfigError"]
+
+T = TypeVar("T")
 
 
 class MiddlewareConfigError(ValueError):
@@ -20,13 +29,30 @@ class MiddlewareConfigError(ValueError):
 
 
 @dataclass
+class MiddlewareState:
+    """State objects of all middleware instances, keyed by (router, middleware)."""
+
+    objects: dict[tuple[str, str], tuple[bytes, Any]] = field(default_factory=dict)
+
+
+@dataclass
 class BuildContext:
     """What a middleware may need besides its options."""
 
     router: str
     name: str
     metrics: Any
-    state: Any  # runtime.state.RuntimeState: per-name state kept across reloads
+    fingerprint: bytes  # the middleware's definition, serialized
+    previous: MiddlewareState  # from the snapshot being replaced
+    current: MiddlewareState  # filled while compiling the new one
+
+    def keep(self, factory: Callable[[], T]) -> T:
+        """This instance's state: the previous object if the definition is unchanged, else new."""
+        key = (self.router, self.name)
+        old = self.previous.objects.get(key)
+        obj = old[1] if old is not None and old[0] == self.fingerprint else factory()
+        self.current.objects[key] = (self.fingerprint, obj)
+        return obj
 
 
 MiddlewareBuilder = Callable[[Any, Handler, BuildContext], Handler]

@@ -7,7 +7,7 @@ import ipaddress
 from meshproxy.config.dynamic import IPAllowList
 from meshproxy.http.exchange import Exchange
 from meshproxy.http.status import reason_phrase
-from meshproxy.middlewares.base import BuildContext, Handler, MiddlewareConfigError
+from meshproxy.middlewares.base import BuildContext, Finish, Handler, MiddlewareConfigError
 from meshproxy.middlewares.ip_strategy import client_ip_getter, parse_ranges
 
 
@@ -21,7 +21,7 @@ def build_ip_allow_list(options: IPAllowList, next_handler: Handler, ctx: BuildC
         raise MiddlewareConfigError("rejectStatusCode", f"unknown status code {status}")
     body = reason_phrase(status)
 
-    async def ip_allow_list(ex: Exchange) -> None:
+    def ip_allow_list(ex: Exchange, finish: Finish) -> None:
         ip = get_ip(ex.request)
         try:
             addr = ipaddress.ip_address(ip)
@@ -31,7 +31,8 @@ def build_ip_allow_list(options: IPAllowList, next_handler: Handler, ctx: BuildC
             addr = addr.ipv4_mapped
         if addr is None or not any(addr.version == n.version and addr in n for n in networks):
             ex.respond(status, body)
+            finish(ex, None)
             return
-        await next_handler(ex)
+        next_handler(ex, finish)
 
     return ip_allow_list

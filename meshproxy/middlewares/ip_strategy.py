@@ -21,7 +21,29 @@ def parse_ranges(ranges: list[str], path: str) -> list[Any]:
 
 
 def client_ip_getter(strategy: IPStrategy | None, path: str) -> Callable[[Any], str]:
-    """Traefik's ipStrategy: depth from the right of X-Forwarded-For, or skip excludedIPs."""
+    """Traefik's ipStrategy: depth from the right of X-Forwarded-For, or skip excludedIPs;
+    `ipv6Subnet` turns an IPv6 address into its network (one key per /64, say)."""
+    getter = _base_getter(strategy, path)
+    subnet = strategy.ipv6_subnet if strategy is not None else None
+    if subnet is None:
+        return getter
+    if not 1 <= subnet <= 128:
+        raise MiddlewareConfigError(f"{path}.ipv6Subnet", "must be within 1..128")
+
+    def masked(request: Any) -> str:
+        ip = getter(request)
+        if ":" not in ip:
+            return ip
+        try:
+            network = ipaddress.ip_network(f"{ip}/{subnet}", strict=False)
+        except ValueError:
+            return ip
+        return str(network.network_address)
+
+    return masked
+
+
+def _base_getter(strategy: IPStrategy | None, path: str) -> Callable[[Any], str]:
     if strategy is None:
         return lambda request: request.client_ip
     depth = strategy.depth or 0

@@ -6,12 +6,13 @@ routers that depend on it, and every problem is recorded on the object it belong
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
+
+import msgspec
 
 from meshproxy.balancer.http_services import (
     LoadBalancerService,
@@ -20,10 +21,9 @@ from meshproxy.balancer.http_services import (
     WeightedService,
 )
 from meshproxy.config.dynamic import DynamicConfig, Middleware, Router, ServersTransport, Service
-from meshproxy.http.errors import ProxyError
-from meshproxy.http.exchange import Exchange, NullSink
+from meshproxy.http.exchange import Handler
 from meshproxy.http.upstream import TransportSettings
-from meshproxy.middlewares.base import BuildContext, Handler, MiddlewareConfigError
+from meshproxy.middlewares.base import BuildContext, MiddlewareConfigError, MiddlewareState
 from meshproxy.middlewares.registry import MIDDLEWARE_BUILDERS
 from meshproxy.observability.metrics import RequestMetrics
 from meshproxy.rules.http import compile_http_rule, default_priority
@@ -64,6 +64,7 @@ class _Compiler:
         self.services: dict[str, Handler | None] = {}
         self.building: set[str] = set()
         self.used_pools: set[Any] = set()
+        self.middleware_state = MiddlewareState()
         self.service_objects: dict[str, Any] = {}
 
     # -- names --------------------------------------------------------------------------
@@ -242,7 +243,7 @@ class _Compiler:
             mirrors.append(
                 (mirror.name, self.service(self.resolve(mirror.name, "service")), mirror.percent)
             )
-        service = MirroringService(qualified, main, mirrors, _mirror_request)
+        service = MirroringService(qualified, main, mirrors)
         self.service_objects[qualified] = service
         return service.serve
 
@@ -301,10 +302,16 @@ class _Compiler:
         builder = MIDDLEWARE_BUILDERS.get(kind)
         if builder is None:
             raise _BuildError(f"middleware type {kind_name(kind)!r} is not supported yet")
+        options = getattr(definition, kind)
         context = BuildContext(
-            router=router, name=qualified, metrics=self.ctx.metrics, state=self.ctx.state
+            router=router,
+            name=qualified,
+            metrics=self.ctx.metrics,
+            fingerprint=kind.encode() + msgspec.json.encode(options),
+            previous=self.ctx.state.middlewares,
+            current=self.middleware_state,
         )
-        return builder(getattr(definition, kind), next_handler, context)
+        return builder(options, next_handler, context)
 
     # -- routers ------------------------------------------------------------------------
 
@@ -349,10 +356,7 @@ class _Compiler:
             using = self.snapshot.services[service_name].using
             if qualified not in using:
                 using.append(qualified)
-        lb = getattr(handler, "__self__", None)
-        direct = lb if isinstance(lb, LoadBalancerService) and handler == lb.serve else None
-        route = Route(qualified, priority, rule.matcher, rule.hosts, handler, service_name, direct)
-        return valid, route
+        return valid, Route(qualified, priority, rule.matcher, rule.hosts, handler, service_name)
 
     def compile(self) -> RuntimeSnapshot:
         per_entrypoint: dict[str, list[Route]] = {ep: [] for ep in self.ctx.http_entrypoints}
@@ -439,6 +443,7 @@ def compile_snapshot(config: DynamicConfig, ctx: CompileContext) -> RuntimeSnaps
     compiler = _Compiler(config, ctx)
     snapshot = compiler.compile()
     ctx.state.services = compiler.service_objects
+    ctx.state.middlewares = compiler.middleware_state
     ctx.state.retain_pools(compiler.used_pools)
     return snapshot
 
@@ -472,28 +477,3 @@ def _valid_address(address: str) -> bool:
     except ValueError:
         return all(part for part in host.split("."))
     return True
-
-
-async def _mirror_request(ex: Exchange, handler: Handler) -> None:
-    """Replay a bodiless request to a mirror, discarding the response."""
-    from meshproxy.http.request import Request
-
-    original = ex.request
-    request = Request(
-        original.method,
-        original.target,
-        list(original.headers),
-        original.host_header,
-        original.client_ip,
-        original.client_port,
-        original.http_version,
-    )
-    shadow = Exchange(NullSink(), request, ex.entrypoint, ex.started_at, False)
-    try:
-        await handler(shadow)
-    except ProxyError:
-        pass
-    except asyncio.CancelledError:
-        raise
-    except Exception:  # a mirror must never hurt the main path
-        log.debug("mirror request failed", exc_info=True)

@@ -1,8 +1,8 @@
 """The per-request entry: pick the router in the live snapshot, run its chain, map failures to
 Traefik's status codes, record the request metrics.
 
-A router with no middlewares in front of a load balancer is served on the callback path
-(`LoadBalancerService.serve_direct`); everything else runs as a coroutine in a Task.
+Handlers are callbacks (see http.exchange.Handler): dispatch starts the router's chain and the
+chain calls `finish` once when the exchange is over.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from meshproxy.http.errors import ClientGone, ProxyError
 from meshproxy.http.exchange import Exchange
 from meshproxy.observability.metrics import RequestMetrics
 from meshproxy.runtime.manager import ConfigManager
-from meshproxy.runtime.snapshot import Route
 
 log = logging.getLogger("meshproxy.http")
 
@@ -49,25 +48,12 @@ def make_dispatcher(
             finish(ex, None)
             return
         ex.router = route.name
-        direct = route.direct
         try:
-            if direct is not None:
-                direct.serve_direct(ex, finish)
-            else:
-                _run_in_task(route, ex, finish)
+            route.handler(ex, finish)
         except Exception as exc:  # a bug must end this exchange, not the connection loop
             finish(ex, exc)
 
     return dispatch
-
-
-def _run_in_task(
-    route: Route, ex: Exchange, finish: Callable[[Exchange, BaseException | None], None]
-) -> None:
-    task = asyncio.get_running_loop().create_task(route.handler(ex))
-    task.add_done_callback(
-        lambda t: finish(ex, asyncio.CancelledError() if t.cancelled() else t.exception())
-    )
 
 
 def _fail(ex: Exchange, exc: BaseException) -> int:

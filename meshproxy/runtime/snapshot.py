@@ -6,14 +6,12 @@ reference, so nothing in here is ever mutated after compilation.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from meshproxy.config.dynamic import DynamicConfig
-from meshproxy.http.exchange import Exchange
-
-Handler = Callable[[Exchange], Awaitable[None]]
+from meshproxy.http.exchange import Handler
 
 
 @dataclass(frozen=True, eq=False)
@@ -24,7 +22,6 @@ class Route:
     hosts: frozenset[str] | None
     handler: Handler
     service: str
-    direct: Any = None  # the LoadBalancerService when no middleware stands in front of it
 
 
 class RouterTable:

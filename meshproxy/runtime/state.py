@@ -6,13 +6,14 @@ from __future__ import annotations
 from typing import Any
 
 from meshproxy.http.upstream import TransportSettings, UpstreamPool
+from meshproxy.middlewares.base import MiddlewareState
 
 
 class RuntimeState:
     def __init__(self) -> None:
         self.pools: dict[tuple[str, str, int, TransportSettings], UpstreamPool] = {}
         self.services: dict[str, Any] = {}  # qualified name -> previous service object
-        self.middleware_state: dict[tuple[str, str, str], Any] = {}
+        self.middlewares = MiddlewareState()  # token buckets, breaker windows, ...
 
     def pool(self, scheme: str, host: str, port: int, settings: TransportSettings) -> UpstreamPool:
         key = (scheme, host, port, settings)
