@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import Backend, ProxyProcess
+from tests.helpers import Backend, ProxyProcess, ScriptedBackend
 
 
 @pytest.fixture
@@ -20,6 +20,21 @@ async def backends() -> AsyncIterator[Callable[..., Any]]:
 
     yield make
     for backend in started:
+        backend.close()
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[Callable[..., Any]]:
+    started: list[ScriptedBackend] = []
+
+    async def make(name: str = "scripted") -> ScriptedBackend:
+        backend = await ScriptedBackend(name).start()
+        started.append(backend)
+        return backend
+
+    yield make
+    for backend in started:
+        backend.release()
         backend.close()
 
 

@@ -163,6 +163,91 @@ class Backend:
             self.server.close()
 
 
+class ScriptedBackend:
+    """A backend that fails on command: each request is answered by the current `mode`.
+
+    ok            200 with the backend's name as body
+    status:N      N with a short body
+    reset         read the request, then close the connection without answering
+    hold          keep the request until `release()` (for in-flight limits)
+    """
+
+    def __init__(self, name: str = "scripted") -> None:
+        self.name = name
+        self.mode = "ok"
+        self.requests: list[dict[str, Any]] = []
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
+        self.released = asyncio.Event()
+        self.holding = 0
+
+    async def start(self) -> ScriptedBackend:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def release(self) -> None:
+        self.released.set()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                lines = head.decode("latin-1").split("\r\n")
+                method, target, _ = lines[0].split(" ", 2)
+                headers = [
+                    (n.strip().lower(), v.strip())
+                    for n, v in (line.split(":", 1) for line in lines[1:] if ":" in line)
+                ]
+                fields = dict(headers)
+                body = b""
+                if "content-length" in fields:
+                    body = await reader.readexactly(int(fields["content-length"]))
+                elif fields.get("transfer-encoding") == "chunked":
+                    while True:
+                        size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+                        chunk = await reader.readexactly(size + 2)
+                        if size == 0:
+                            break
+                        body += chunk[:-2]
+                self.requests.append(
+                    {"method": method, "url": target, "headers": headers, "body": body}
+                )
+                mode = self.mode
+                if mode == "reset":
+                    writer.transport.abort()
+                    return
+                if mode == "hold":
+                    self.holding += 1
+                    await self.released.wait()
+                    self.holding -= 1
+                status = int(mode.split(":")[1]) if mode.startswith("status:") else 200
+                payload = self.name.encode() if status == 200 else b"failure %d" % status
+                writer.write(
+                    b"HTTP/1.1 %d X\r\ncontent-length: %d\r\n\r\n%s"
+                    % (status, len(payload), payload)
+                )
+                await writer.drain()
+        finally:
+            writer.close()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+def refused_url() -> str:
+    """A loopback URL where nothing listens: connecting is refused at once."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
 async def start_raw_backend(
     handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
 ) -> tuple[asyncio.AbstractServer, int]:

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import msgspec
 import yaml
 
-from meshproxy.config.durations import Duration, parse_duration
+from meshproxy.config.durations import Duration, format_duration, parse_duration
 
 T = TypeVar("T")
 
@@ -154,5 +154,11 @@ def convert(value: Any, tp: type[T], path: str, errors: list[ConfigError]) -> T 
 
 
 def to_builtins(obj: Any) -> Any:
-    """Structs -> JSON-ready data with Traefik's key names (durations as seconds)."""
-    return msgspec.to_builtins(obj)
+    """Structs -> JSON-ready data with Traefik's key names (durations as Go strings)."""
+    return msgspec.to_builtins(obj, enc_hook=_enc_hook)
+
+
+def _enc_hook(value: Any) -> Any:
+    if isinstance(value, Duration):
+        return format_duration(value)
+    raise TypeError(f"cannot encode {type(value).__name__}")

@@ -307,7 +307,7 @@ class _Compiler:
             router=router,
             name=qualified,
             metrics=self.ctx.metrics,
-            fingerprint=kind.encode() + msgspec.json.encode(options),
+            fingerprint=kind.encode() + msgspec.json.encode(options, enc_hook=_plain),
             previous=self.ctx.state.middlewares,
             current=self.middleware_state,
         )
@@ -459,6 +459,13 @@ def _middleware_kind(definition: Middleware) -> str | None:
         if getattr(definition, name) is not None:
             return name
     return None
+
+
+def _plain(value: Any) -> Any:
+    """msgspec cannot encode float subclasses (Duration): encode them as numbers."""
+    if isinstance(value, float):
+        return float(value)
+    raise TypeError(f"cannot encode {type(value).__name__}")
 
 
 def _pick(value: float | None, default: float) -> float:

@@ -10,7 +10,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from meshproxy.config.decode import ConfigDecodeError
+from meshproxy.config.decode import ConfigDecodeError, ConfigError
 from meshproxy.config.dynamic import DynamicConfig, decode_dynamic
 from meshproxy.runtime.compiler import CompileContext, compile_snapshot
 from meshproxy.runtime.snapshot import RuntimeSnapshot
@@ -33,7 +33,13 @@ class ConfigManager:
         except ConfigDecodeError as exc:
             self.reject(source, exc)
             return False
-        self.apply(config, source)
+        try:
+            self.apply(config, source)
+        except Exception as exc:  # a compiler bug must not end the provider, nor the proxy
+            log.exception("configuration from %s could not be compiled", source)
+            error = ConfigError("", f"internal error while compiling: {exc}")
+            self.reject(source, ConfigDecodeError([error]))
+            return False
         return True
 
     def reject(self, source: str, exc: ConfigDecodeError) -> None:
