@@ -12,53 +12,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import shutil
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from common import (
+    PINNING,
+    PROXY_CPU,
+    RESULTS,
+    ensure_tools,
+    free_port,
+    pinned,
+    run_wrk,
+    start_backend,
+    start_meshproxy,
+    wait_port,
+)
+
 HOST = "bench.mesh.test"
-
-
-def ensure_tools() -> None:
-    missing = [
-        pkg
-        for pkg, binary in (("wrk", "wrk"), ("haproxy", "haproxy"))
-        if shutil.which(binary) is None
-    ]
-    if missing:
-        subprocess.run(["apt-get", "update", "-qq"], check=True)
-        subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"port {port} did not open")
-
-
-def start_backend(port: int) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "meshproxy.demo.backend", "--port", str(port), "--name", "bench"]
-    )
 
 
 def start_haproxy(workdir: Path, port: int, backend: int) -> subprocess.Popen[bytes]:
@@ -81,12 +56,17 @@ frontend web
 backend app
     server s1 127.0.0.1:{backend}
 """)
-    return subprocess.Popen(["haproxy", "-f", str(config)])
+    return subprocess.Popen(pinned(["haproxy", "-f", str(config)], PROXY_CPU))
 
 
-def start_meshproxy(workdir: Path, port: int, admin: int, backend: int) -> subprocess.Popen[bytes]:
-    dynamic = workdir / "dynamic.yaml"
-    dynamic.write_text(f"""http:
+def start_meshproxy_bench(
+    workdir: Path, port: int, admin: int, backend: int
+) -> subprocess.Popen[bytes]:
+    return start_meshproxy(
+        workdir,
+        port,
+        admin,
+        f"""http:
   routers:
     bench:
       entryPoints: [web]
@@ -97,56 +77,8 @@ def start_meshproxy(workdir: Path, port: int, admin: int, backend: int) -> subpr
       loadBalancer:
         servers:
           - url: http://127.0.0.1:{backend}
-""")
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "meshproxy",
-            "proxy",
-            f"--entryPoints.web.address=127.0.0.1:{port}",
-            f"--entryPoints.traefik.address=127.0.0.1:{admin}",
-            f"--providers.file.filename={dynamic}",
-            "--metrics.prometheus=true",
-            "--ping",
-            "--log.level=ERROR",
-        ]
+""",
     )
-
-
-def run_wrk(port: int, duration: int, connections: int) -> dict[str, float]:
-    out = subprocess.run(
-        [
-            "wrk",
-            "-t1",
-            f"-c{connections}",
-            f"-d{duration}s",
-            "--latency",
-            "-H",
-            f"Host: {HOST}",
-            f"http://127.0.0.1:{port}/bench",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=duration + 30,
-    ).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    socket_errors = re.search(r"Socket errors: (.*)", out)
-    return {
-        "rps": rps,
-        "p50_ms": _latency(out, "50%"),
-        "p99_ms": _latency(out, "99%"),
-        "non_2xx": float(errors.group(1)) if errors else 0.0,
-        "socket_errors": socket_errors.group(1) if socket_errors else "",
-    }
-
-
-def _latency(out: str, label: str) -> float:
-    match = re.search(rf"\s{re.escape(label)}\s+([\d.]+)(us|ms|s)", out)
-    value, unit = float(match.group(1)), match.group(2)
-    return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
 
 
 def main() -> int:
@@ -154,7 +86,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument(
+        "--pin", action="store_true", help="proxies on CPU 1, wrk and the backend on CPU 0"
+    )
     args = parser.parse_args()
+    PINNING["on"] = args.pin
     ensure_tools()
     backend_port, haproxy_port = free_port(), free_port()
     mesh_port, admin_port = free_port(), free_port()
@@ -164,17 +100,17 @@ def main() -> int:
         try:
             procs.append(start_backend(backend_port))
             procs.append(start_haproxy(workdir, haproxy_port, backend_port))
-            procs.append(start_meshproxy(workdir, mesh_port, admin_port, backend_port))
+            procs.append(start_meshproxy_bench(workdir, mesh_port, admin_port, backend_port))
             for port in (backend_port, haproxy_port, mesh_port):
                 wait_port(port)
             time.sleep(0.5)
             targets = {"backend": backend_port, "haproxy": haproxy_port, "meshproxy": mesh_port}
             for port in targets.values():  # warm-up
-                run_wrk(port, 2, args.connections)
+                run_wrk(port, 2, args.connections, HOST)
             rounds: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
             for index in range(args.rounds):
                 for name, port in targets.items():
-                    result = run_wrk(port, args.duration, args.connections)
+                    result = run_wrk(port, args.duration, args.connections, HOST)
                     rounds[name].append(result)
                     print(
                         f"round {index + 1} {name:10s} {result['rps']:10.0f} req/s  "
@@ -209,6 +145,7 @@ def main() -> int:
             "metrics": "on",
             "haproxy_threads": 1,
             "meshproxy_workers": 1,
+            "pinned": args.pin,
         },
         "rounds": rounds,
         "median": summary,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 from urllib.parse import parse_qs
 
 # Reserved characters Traefik keeps percent-encoded in the routing path (upper-case hex only).
@@ -144,6 +145,32 @@ class Request:
         path, _, self.query = raw.partition("?")
         self.path = routing_path(path)
         self.host, self.port = host_parts(self.host_header)
+
+    def checkpoint(self) -> tuple[Any, ...]:
+        """What middlewares may change, to put back before another try (see `restore`). Edits
+        rebind `headers` rather than mutate it, so this is a handful of references."""
+        return (
+            self.target,
+            self.path,
+            self.headers,
+            self.host_header,
+            self.forwarded_for,
+            self.append_client_ip,
+            self.content_length,
+            self._header_map,
+        )
+
+    def restore(self, checkpoint: tuple[Any, ...]) -> None:
+        (
+            self.target,
+            self.path,
+            self.headers,
+            self.host_header,
+            self.forwarded_for,
+            self.append_client_ip,
+            self.content_length,
+            self._header_map,
+        ) = checkpoint
 
     def copy(self) -> Request:
         """An independent copy (own header list) for a mirrored request."""

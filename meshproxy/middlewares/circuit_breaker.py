@@ -27,11 +27,8 @@ from meshproxy.middlewares.breaker_expression import ExpressionError, Predicate,
 STANDBY, TRIPPED, RECOVERING = "standby", "tripped", "recovering"
 
 
-def _round_ms(ms: float) -> int:
-    """Two significant digits above 100 ms: bounded distinct keys, ~1% error, like HDR."""
-    value = int(ms)
-    if value < 100:
-        return value
+def _round_ms(value: int) -> int:
+    """Two significant digits from 100 ms up: bounded distinct keys, ~1% error, like HDR."""
     scale = 10 ** (len(str(value)) - 2)
     return value // scale * scale
 
@@ -39,12 +36,13 @@ def _round_ms(ms: float) -> int:
 class RollingWindows:
     """Response codes over the last `slots` x `width` seconds, latencies over 6 x 10 s."""
 
-    def __init__(self, slots: int = 10, width: float = 1.0) -> None:
+    def __init__(self, slots: int = 10, width: float = 1.0, latencies: bool = True) -> None:
+        self.keep_latencies = latencies  # only when the expression asks for them
         self.slots = slots
         self.width = width
-        self.codes: list[Counter[int]] = [Counter() for _ in range(slots)]
+        self.codes: list[dict[int, int]] = [{} for _ in range(slots)]
         self.code_epochs = [-1] * slots
-        self.latencies: list[Counter[int]] = [Counter() for _ in range(6)]
+        self.latencies: list[dict[int, int]] = [{} for _ in range(6)]
         self.latency_epochs = [-1] * 6
 
     def record(self, status: int, seconds: float, now: float) -> None:
@@ -52,14 +50,21 @@ class RollingWindows:
         slot = epoch % self.slots
         if self.code_epochs[slot] != epoch:
             self.code_epochs[slot] = epoch
-            self.codes[slot] = Counter()
-        self.codes[slot][status] += 1
-        epoch = int(now / 10.0)
+            self.codes[slot] = {}
+        codes = self.codes[slot]
+        codes[status] = codes.get(status, 0) + 1
+        if not self.keep_latencies:
+            return
+        epoch = int(now * 0.1)
         slot = epoch % 6
         if self.latency_epochs[slot] != epoch:
             self.latency_epochs[slot] = epoch
-            self.latencies[slot] = Counter()
-        self.latencies[slot][_round_ms(seconds * 1000.0)] += 1
+            self.latencies[slot] = {}
+        latencies = self.latencies[slot]
+        ms = int(seconds * 1000.0)
+        if ms >= 100:
+            ms = _round_ms(ms)
+        latencies[ms] = latencies.get(ms, 0) + 1
 
     def reset(self) -> None:
         self.code_epochs = [-1] * self.slots
@@ -122,19 +127,24 @@ class BreakerState:
         check_period: float,
         fallback: float,
         recovery: float,
+        latencies: bool = True,
     ) -> None:
         self.condition = condition
         self.check_period = check_period
         self.fallback = fallback
         self.recovery = recovery
         self.state = STANDBY
-        self.windows = RollingWindows()
+        self.windows = RollingWindows(latencies=latencies)
         self.last_check = 0.0
         self.until = 0.0  # end of the tripped or recovering phase
         self.allowed = 0
         self.denied = 0
 
-    def admit(self, now: float) -> bool:
+    def admit(self, now: float | None = None) -> bool:
+        if self.state == STANDBY:
+            return True
+        if now is None:
+            now = monotonic()
         if self.state == TRIPPED:
             if now < self.until:
                 return False
@@ -156,7 +166,7 @@ class BreakerState:
 
     def observe(self, status: int, seconds: float, now: float) -> None:
         self.windows.record(status, seconds, now)
-        if self.state == TRIPPED or now - self.last_check < self.check_period:
+        if now - self.last_check < self.check_period or self.state == TRIPPED:
             return
         self.last_check = now
         if self.condition(self.windows.view(now)):
@@ -184,20 +194,22 @@ def build_circuit_breaker(
     if not 100 <= status <= 599 or reason_phrase(status) == b"Unknown":
         raise MiddlewareConfigError("responseCode", f"unknown status code {status}")
     body = reason_phrase(status)
-    breaker = ctx.keep(lambda: BreakerState(condition, check_period, fallback, recovery))
+    latencies = "LatencyAtQuantileMS" in options.expression
+    breaker = ctx.keep(lambda: BreakerState(condition, check_period, fallback, recovery, latencies))
 
     def circuit_breaker(ex: Exchange, finish: Finish) -> None:
-        started = monotonic()
-        if not breaker.admit(started):
+        if not breaker.admit():
             ex.respond(status, body)
             finish(ex, None)
             return
+        started = monotonic() if latencies else 0.0
 
         def observe(ex: Exchange, exc: BaseException | None) -> None:
             now = monotonic()
-            code = exc.status if isinstance(exc, ProxyError) else (ex.status or 500)
-            if code != 499:  # a client that left says nothing about the service
-                breaker.observe(code, now - started, now)
+            if exc is None:
+                breaker.observe(ex.status or 500, now - started, now)
+            elif isinstance(exc, ProxyError) and exc.status != 499:
+                breaker.observe(exc.status, now - started, now)  # a client that left says nothing
             finish(ex, exc)
 
         next_handler(ex, observe)

@@ -44,10 +44,13 @@ class RateLimiterState:
         self.burst = burst
         self.max_sources = max_sources
         self.buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        self.next_expiry = 0.0
 
     def reserve(self, source: str, now: float) -> float:
         """Take a token; returns how long the request must wait for it (0: go now)."""
-        self._expire(now)
+        if now >= self.next_expiry:
+            self.next_expiry = now + 0.5  # sweeping twice a second is plenty
+            self._expire(now)
         buckets = self.buckets
         bucket = buckets.get(source)
         if bucket is None:

@@ -110,105 +110,152 @@ def _budget(options: RetryBudget | None, ctx: BuildContext) -> RetryBudgetState 
     return ctx.keep(lambda: RetryBudgetState(ratio, floor, window))
 
 
-def build_retry(options: Retry, next_handler: Handler, ctx: BuildContext) -> Handler:
-    attempts = options.attempts
-    if attempts is None or attempts <= 0:
-        raise MiddlewareConfigError("attempts", "must be > 0")
-    initial = float(options.initial_interval or 0)
-    if initial < 0:
-        raise MiddlewareConfigError("initialInterval", "must not be negative")
-    timeout = float(options.timeout or 0)
-    statuses = parse_status_ranges(options.status or [])
-    on_network = not options.disable_retry_on_network_error
-    if not on_network and not statuses:
-        raise MiddlewareConfigError(
-            "disableRetryOnNetworkError", "with no `status` there would be nothing to retry"
-        )
-    replay_limit = options.max_request_body_bytes
-    if replay_limit is None:
-        replay_limit = DEFAULT_REPLAY_LIMIT
-    status_methods = None if options.retry_non_idempotent_method else IDEMPOTENT
-    budget = _budget(options.budget, ctx)
-    metrics = ctx.metrics
-    if attempts == 1:
-        return next_handler  # one try is no retry at all
+class RetryPolicy:
+    """The options of one retry instance, compiled."""
 
-    def retry(ex: Exchange, finish: Finish) -> None:
-        first = monotonic()
-        if budget is not None:
-            budget.record_request(first)
-        original = ex.request.copy()  # inner middlewares edit the request; each try starts anew
-        hooks = list(ex.response_hooks) if ex.response_hooks else None
-        backoff = Backoff(initial, attempts)
-        tries = 1
+    __slots__ = (
+        "attempts",
+        "budget",
+        "initial",
+        "metrics",
+        "next_handler",
+        "on_network",
+        "replay_limit",
+        "router",
+        "status_methods",
+        "statuses",
+        "timeout",
+    )
 
-        def may_try_again() -> bool:
-            now = monotonic()
-            if tries >= attempts or (timeout and now - first >= timeout):
-                return False
-            return budget is None or budget.allows_retry(now)
-
-        outer = ex.swallow  # a middleware in front may drop responses too (buffering)
-
-        dropped_for_retry = False
-
-        def retry_status(status: int, content_length: int | None) -> bool:
-            nonlocal dropped_for_retry
-            if outer is not None and outer(status, content_length):
-                return True
-            dropped_for_retry = (
-                any(low <= status <= high for low, high in statuses)
-                and may_try_again()
-                and ex.rewind_body()
+    def __init__(self, options: Retry, next_handler: Handler, ctx: BuildContext) -> None:
+        attempts = options.attempts
+        if attempts is None or attempts <= 0:
+            raise MiddlewareConfigError("attempts", "must be > 0")
+        self.attempts = attempts
+        self.initial = float(options.initial_interval or 0)
+        if self.initial < 0:
+            raise MiddlewareConfigError("initialInterval", "must not be negative")
+        self.timeout = float(options.timeout or 0)
+        self.statuses = parse_status_ranges(options.status or [])
+        self.on_network = not options.disable_retry_on_network_error
+        if not self.on_network and not self.statuses:
+            raise MiddlewareConfigError(
+                "disableRetryOnNetworkError", "with no `status` there would be nothing to retry"
             )
-            return dropped_for_retry
+        limit = options.max_request_body_bytes
+        self.replay_limit = DEFAULT_REPLAY_LIMIT if limit is None else limit
+        self.status_methods = None if options.retry_non_idempotent_method else IDEMPOTENT
+        self.budget = _budget(options.budget, ctx)
+        self.metrics = ctx.metrics
+        self.router = ctx.router
+        self.next_handler = next_handler
 
-        retry_on_status = bool(statuses) and (
-            status_methods is None or ex.request.method in status_methods
-        )
-        if retry_on_status:
+    def serve(self, ex: Exchange, finish: Finish) -> None:
+        tries = _Tries(self, ex, finish)
+        if self.budget is not None:
+            self.budget.record_request(tries.first)
+        methods = self.status_methods
+        if self.statuses and (methods is None or ex.request.method in methods):
             if ex.has_body:
-                ex.keep_body_for_replay(replay_limit)
-            ex.swallow = retry_status
+                ex.keep_body_for_replay(self.replay_limit)
+            ex.swallow = tries.retry_status
+        self.next_handler(ex, tries.try_done)
 
-        def try_done(ex: Exchange, exc: BaseException | None) -> None:
-            nonlocal tries, dropped_for_retry
-            if ex.client_gone:
-                ex.swallow = outer
-                finish(ex, exc or ClientGone())
-                return
-            again = dropped_for_retry or (
-                on_network
-                and isinstance(exc, UpstreamConnectError)
-                and not ex.response_started
-                and ex.body_untouched
-                and may_try_again()
-            )
-            if not again:
-                ex.swallow = outer
-                finish(ex, exc)
-                return
-            tries += 1
-            dropped_for_retry = False
-            if budget is not None:
-                budget.record_retry(monotonic())
-            metrics.add_retry(ex.service or ctx.router)
-            ex.swallowed_status = 0
-            ex.request = original.copy()
-            ex.response_hooks = list(hooks) if hooks else None
-            delay = backoff.next()
-            if delay > 0:
-                asyncio.get_running_loop().call_later(delay, start_try)
-            else:
-                start_try()
 
-        def start_try() -> None:
-            if ex.client_gone:
-                ex.swallow = outer
-                finish(ex, ClientGone())
-                return
-            next_handler(ex, try_done)
+class _Tries:
+    """One request's tries. Holds no reference cycle: `ex.swallow` (the only way back to this
+    object from the exchange) is reset before `finish`, so it is freed without the GC."""
 
-        start_try()
+    __slots__ = (
+        "backoff",
+        "checkpoint",
+        "dropped_for_retry",
+        "ex",
+        "finish",
+        "first",
+        "hooks",
+        "outer",
+        "policy",
+        "tries",
+    )
 
-    return retry
+    def __init__(self, policy: RetryPolicy, ex: Exchange, finish: Finish) -> None:
+        self.policy = policy
+        self.ex = ex
+        self.finish = finish
+        # the clock is read only when a timeout or a budget needs it
+        self.first = monotonic() if policy.timeout or policy.budget is not None else 0.0
+        self.tries = 1
+        self.backoff: Backoff | None = None
+        # Inner middlewares edit the request (paths, headers): each try starts from here.
+        self.checkpoint = ex.request.checkpoint()
+        self.hooks = list(ex.response_hooks) if ex.response_hooks else None
+        self.outer = ex.swallow  # a middleware in front may drop responses too (buffering)
+        self.dropped_for_retry = False
+
+    def may_try_again(self) -> bool:
+        policy = self.policy
+        now = monotonic()
+        if self.tries >= policy.attempts or (policy.timeout and now - self.first >= policy.timeout):
+            return False
+        return policy.budget is None or policy.budget.allows_retry(now)
+
+    def retry_status(self, status: int, content_length: int | None) -> bool:
+        outer = self.outer
+        if outer is not None and outer(status, content_length):
+            return True
+        self.dropped_for_retry = (
+            any(low <= status <= high for low, high in self.policy.statuses)
+            and self.may_try_again()
+            and self.ex.rewind_body()
+        )
+        return self.dropped_for_retry
+
+    def try_done(self, ex: Exchange, exc: BaseException | None) -> None:
+        if ex.client_gone:
+            self.end(exc or ClientGone())
+            return
+        again = self.dropped_for_retry or (
+            self.policy.on_network
+            and isinstance(exc, UpstreamConnectError)
+            and not ex.response_started
+            and ex.body_untouched
+            and self.may_try_again()
+        )
+        if not again:
+            self.end(exc)
+            return
+        policy = self.policy
+        self.tries += 1
+        self.dropped_for_retry = False
+        if policy.budget is not None:
+            policy.budget.record_retry(monotonic())
+        policy.metrics.add_retry(ex.service or policy.router)
+        ex.swallowed_status = 0
+        ex.request.restore(self.checkpoint)
+        ex.response_hooks = list(self.hooks) if self.hooks else None
+        if self.backoff is None:
+            self.backoff = Backoff(policy.initial, policy.attempts)
+        delay = self.backoff.next()
+        if delay > 0:
+            asyncio.get_running_loop().call_later(delay, self.try_again)
+        else:
+            self.try_again()
+
+    def try_again(self) -> None:
+        if self.ex.client_gone:
+            self.end(ClientGone())
+            return
+        self.policy.next_handler(self.ex, self.try_done)
+
+    def end(self, exc: BaseException | None) -> None:
+        ex = self.ex
+        ex.swallow = self.outer
+        self.finish(ex, exc)
+
+
+def build_retry(options: Retry, next_handler: Handler, ctx: BuildContext) -> Handler:
+    policy = RetryPolicy(options, next_handler, ctx)
+    if policy.attempts == 1:
+        return next_handler  # one try is no retry at all
+    return policy.serve

@@ -1,0 +1,125 @@
+"""What the benchmark scripts share: tools, ports, the demo backend, wrk and its output."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# With pinning on (and two or more CPUs) the proxy under test gets CPU 1 to itself, while the
+# load generator and the backend share CPU 0: less scheduling noise between runs.
+PROXY_CPU, LOAD_CPU = "1", "0"
+PINNING = {"on": False}
+
+
+def pinned(command: list[str], cpu: str) -> list[str]:
+    if not PINNING["on"] or (os.cpu_count() or 1) < 2 or shutil.which("taskset") is None:
+        return command
+    return ["taskset", "-c", cpu, *command]
+
+
+def ensure_tools() -> None:
+    missing = [
+        pkg
+        for pkg, binary in (("wrk", "wrk"), ("haproxy", "haproxy"))
+        if shutil.which(binary) is None
+    ]
+    if missing:
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"port {port} did not open")
+
+
+def start_backend(port: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        pinned(
+            [sys.executable, "-m", "meshproxy.demo.backend", "--port", str(port)],
+            LOAD_CPU,
+        )
+    )
+
+
+def start_meshproxy(
+    workdir: Path, port: int, admin: int, dynamic_yaml: str
+) -> subprocess.Popen[bytes]:
+    """One meshproxy worker on `port`, metrics on, fed by a dynamic config file."""
+    dynamic = workdir / "dynamic.yaml"
+    dynamic.write_text(dynamic_yaml)
+    return subprocess.Popen(
+        pinned(
+            [
+                sys.executable,
+                "-m",
+                "meshproxy",
+                "proxy",
+                f"--entryPoints.web.address=127.0.0.1:{port}",
+                f"--entryPoints.traefik.address=127.0.0.1:{admin}",
+                f"--providers.file.filename={dynamic}",
+                "--metrics.prometheus=true",
+                "--ping",
+                "--log.level=ERROR",
+            ],
+            PROXY_CPU,
+        )
+    )
+
+
+def run_wrk(
+    port: int, duration: int, connections: int, host: str, path: str = "/bench"
+) -> dict[str, float]:
+    out = subprocess.run(
+        pinned(
+            [
+                "wrk",
+                "-t1",
+                f"-c{connections}",
+                f"-d{duration}s",
+                "--latency",
+                "-H",
+                f"Host: {host}",
+                f"http://127.0.0.1:{port}{path}",
+            ],
+            LOAD_CPU,
+        ),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=duration + 30,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)", out)
+    return {
+        "rps": rps,
+        "p50_ms": _latency(out, "50%"),
+        "p99_ms": _latency(out, "99%"),
+        "non_2xx": float(errors.group(1)) if errors else 0.0,
+        "socket_errors": socket_errors.group(1) if socket_errors else "",
+    }
+
+
+def _latency(out: str, label: str) -> float:
+    match = re.search(rf"\s{re.escape(label)}\s+([\d.]+)(us|ms|s)", out)
+    value, unit = float(match.group(1)), match.group(2)
+    return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value

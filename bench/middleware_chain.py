@@ -1,0 +1,167 @@
+"""The cost of a middleware chain: retry + rateLimit (never limiting) + circuitBreaker in front
+of a load balancer, against a bare router to the same backend, on the same meshproxy worker.
+
+Both routers live in one config; wrk alternates between them over several rounds. Results go
+to bench/results/ as JSON and a Markdown table. Target (issue 3): the chain costs at most 15%
+of the bare router's requests/s.
+
+    python bench/middleware_chain.py [--rounds 6] [--duration 5] [--connections 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+import urllib.request
+from datetime import UTC, datetime
+from pathlib import Path
+
+from common import (
+    PINNING,
+    RESULTS,
+    ensure_tools,
+    free_port,
+    run_wrk,
+    start_backend,
+    start_meshproxy,
+    wait_port,
+)
+
+HOST = "bench.mesh.test"
+KEYS = ("rps", "p50_ms", "p99_ms")
+
+
+def dynamic_config(backend: int) -> str:
+    return f"""http:
+  routers:
+    bare:
+      entryPoints: [web]
+      rule: Host(`{HOST}`) && PathPrefix(`/bench/bare`)
+      service: app
+    chain:
+      entryPoints: [web]
+      rule: Host(`{HOST}`) && PathPrefix(`/bench/chain`)
+      service: app
+      middlewares: [retry, limit, breaker]
+  middlewares:
+    retry:
+      retry:
+        attempts: 3
+        initialInterval: 10ms
+    limit:
+      rateLimit:
+        average: 100000000
+        burst: 100000000
+    breaker:
+      circuitBreaker:
+        expression: NetworkErrorRatio() > 0.5 || ResponseCodeRatio(500, 600, 0, 600) > 0.5
+  services:
+    app:
+      loadBalancer:
+        servers:
+          - url: http://127.0.0.1:{backend}
+"""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--duration", type=int, default=5)
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument(
+        "--no-pin", action="store_true", help="let the scheduler place the processes"
+    )
+    args = parser.parse_args()
+    PINNING["on"] = not args.no_pin
+    ensure_tools()
+    backend_port, mesh_port, admin_port = free_port(), free_port(), free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+    paths = {"bare router": "/bench/bare", "retry+rateLimit+circuitBreaker": "/bench/chain"}
+    rounds: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            procs.append(start_backend(backend_port))
+            procs.append(
+                start_meshproxy(Path(tmp), mesh_port, admin_port, dynamic_config(backend_port))
+            )
+            for port in (backend_port, mesh_port):
+                wait_port(port)
+            time.sleep(0.5)
+            for path in paths.values():  # warm-up
+                run_wrk(mesh_port, 2, args.connections, HOST, path)
+            for index in range(args.rounds):
+                order = list(paths.items())
+                if index % 2:  # ABBA: neither router always runs on the warmer machine
+                    order.reverse()
+                for name, path in order:
+                    result = run_wrk(mesh_port, args.duration, args.connections, HOST, path)
+                    if result["non_2xx"]:
+                        raise SystemExit(f"{name}: {result['non_2xx']:.0f} non-2xx responses")
+                    rounds[name].append(result)
+                    print(
+                        f"round {index + 1} {name:32s} {result['rps']:10.0f} req/s  "
+                        f"p50 {result['p50_ms']:.2f} ms  p99 {result['p99_ms']:.2f} ms",
+                        flush=True,
+                    )
+            metrics = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics").read()
+            assert b"traefik_entrypoint_requests_total" in metrics
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                proc.wait(10)
+    summary = {
+        name: {key: statistics.median(r[key] for r in results) for key in KEYS}
+        for name, results in rounds.items()
+    }
+    bare = summary["bare router"]["rps"]
+    chain = summary["retry+rateLimit+circuitBreaker"]["rps"]
+    cost = 1 - chain / bare
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    report = {
+        "when": stamp,
+        "setup": {
+            "rounds": args.rounds,
+            "duration_s": args.duration,
+            "connections": args.connections,
+            "wrk_threads": 1,
+            "cpus": os.cpu_count(),
+            "meshproxy_workers": 1,
+            "pinned": "proxy on CPU 1, wrk and backend on CPU 0" if PINNING["on"] else "no",
+        },
+        "rounds": rounds,
+        "median": summary,
+        "chain_cost_of_throughput": cost,
+        "target_max_cost": 0.15,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"middleware_chain-{stamp}.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [
+        f"# Middleware chain cost ({stamp})",
+        "",
+        f"wrk -t1 -c{args.connections} -d{args.duration}s, {args.rounds} interleaved rounds, "
+        "medians; one meshproxy worker, same backend"
+        + ("; proxy pinned to CPU 1, wrk and backend to CPU 0." if PINNING["on"] else "."),
+        "",
+        "| router | req/s | p50 ms | p99 ms | req/s vs bare |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, s in summary.items():
+        lines.append(
+            f"| {name} | {s['rps']:.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | "
+            f"{s['rps'] / bare:.2f}x |"
+        )
+    lines += ["", f"Chain cost: {cost:.1%} of throughput (target: at most 15%)."]
+    table = "\n".join(lines) + "\n"
+    (RESULTS / "middleware_chain.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
