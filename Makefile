@@ -25,3 +25,4 @@ test: lint
 
 bench: setup
 	$(BIN)/python bench/http_throughput.py
+	$(BIN)/python bench/middleware_chain.py

@@ -59,9 +59,10 @@ async def request(
     body: bytes = b"",
     host: str = "example.test",
     timeout: float = 10.0,
+    address: str = "127.0.0.1",
 ) -> Response:
     """One request on a new connection, parsed with h11 (an independent HTTP implementation)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    reader, writer = await asyncio.open_connection(address, port)
     try:
         conn = h11.Connection(h11.CLIENT)
         hdrs = list(headers.items()) if isinstance(headers, dict) else list(headers or [])

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from typing import Any
 
-from tests.helpers import lb, refused_url, request, router, wait_for
+from tests.helpers import FIXTURES, free_port, lb, refused_url, request, router, wait_for
+
+ACL_FIXTURE = "acl-enabled-http-traffic-split-http-route-group-config.json"
 
 
 def routed(
@@ -356,3 +359,65 @@ async def test_invalid_middlewares_disable_only_their_routers_with_the_json_path
     assert "unknown function 'NetworkErrorRate'" in errors["bad-fn"]
     assert "column 1" in errors["bad-fn"]
     assert "float literal" in errors["bad-float"] and "column 23" in errors["bad-float"]
+
+
+# ---------------------------------------------------------------- access control
+
+
+async def test_acl_fixture_lets_the_allowed_source_through_and_blocks_the_rest(
+    backends, proxy_factory, tmp_path
+):
+    """Traefik Mesh's ACL fixture, with its pod addresses pointed at a real backend. The
+    allowed pod (10.10.1.1) is seen through the X-Forwarded-For its own proxy adds, which this
+    entrypoint trusts from loopback as a mesh proxy would from its peers."""
+    backend = await backends("svc-b-pod")
+    fixture = json.loads((FIXTURES / ACL_FIXTURE).read_text())
+    for name in ("my-ns-svc-b-tt-8080-traffic-target", "my-ns-svc-c-tt-8080-traffic-target"):
+        fixture["http"]["services"][name]["loadBalancer"]["servers"] = [{"url": backend.url}]
+    config = tmp_path / "acl.json"
+    config.write_text(json.dumps(fixture))
+    mesh_port = free_port()
+    proxy = await proxy_factory(
+        None,
+        entrypoints={"web": f"127.0.0.1:{free_port()}", "http-10000": f"127.0.0.1:{mesh_port}"},
+        provider="none",
+        extra_flags=[
+            f"--providers.file.filename={config}",
+            "--entryPoints.http-10000.forwardedHeaders.trustedIPs=127.0.0.1/32",
+        ],
+    )
+    await wait_for(lambda: proxy.generation() >= 1)
+    host = "svc-b.my-ns.traefik.mesh"
+
+    async def status(xff: str | None) -> int:
+        headers = {"X-Forwarded-For": xff} if xff else {}
+        return (await request(mesh_port, host=host, headers=headers)).status
+
+    assert await status("10.10.1.1") == 200
+    assert await status("10.99.9.9") == 403  # a pod the TrafficTarget does not name
+    assert await status(None) == 403  # loopback itself is not an allowed source
+    assert len(backend.requests) == 1
+
+
+async def test_ip_allow_list_matches_ipv6_sources_and_answers_the_reject_status(
+    backends, proxy_factory
+):
+    backend = await backends()
+    port = free_port()
+    config = {
+        "http": {
+            "routers": {
+                "open": router("Path(`/open`)", "s", middlewares=["loopback"]),
+                "closed": router("Path(`/closed`)", "s", middlewares=["ula-only"]),
+            },
+            "middlewares": {
+                "loopback": {"ipAllowList": {"sourceRange": ["10.0.0.0/8", "::1/128"]}},
+                "ula-only": {"ipAllowList": {"sourceRange": ["fd00::/8"], "rejectStatusCode": 404}},
+            },
+            "services": {"s": lb(backend.url)},
+        }
+    }
+    proxy = await proxy_factory(config, entrypoints={"web": f"[::1]:{port}"})
+    assert (await request(proxy.port, target="/open", address="::1")).status == 200
+    closed = await request(proxy.port, target="/closed", address="::1")
+    assert (closed.status, closed.body) == (404, b"Not Found")
