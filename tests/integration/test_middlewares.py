@@ -45,6 +45,9 @@ async def test_retry_moves_to_the_next_server_when_the_connection_is_refused(
     assert len(good.requests) == 6
     # Round robin over two servers, two picks per request: each one meets the dead server first.
     assert retries_total(proxy) == 6
+    # Nothing reached the dead server, so even a POST and its body can go to the next one.
+    response = await request(proxy.port, method="POST", body=b"order #1")
+    assert response.status == 200 and good.requests[-1]["body"] == b"order #1"
 
 
 async def test_without_retry_a_refused_connection_is_a_502(scripted, proxy_factory):
