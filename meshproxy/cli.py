@@ -1,4 +1,4 @@
-"""Command line: `meshproxy proxy | check | local | version`."""
+"""Command line: `meshproxy proxy | controller | cleanup | check | local | version`."""
 
 from __future__ import annotations
 
@@ -169,12 +169,51 @@ def cmd_local(argv: list[str]) -> int:
     return 0
 
 
+def cmd_controller(argv: list[str]) -> int:
+    from meshproxy.controller.flags import FlagError, parse_controller_flags
+
+    try:
+        settings, extra = parse_controller_flags(argv)
+    except FlagError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(extra["log_level"], extra["log_format"])
+
+    import uvloop
+
+    from meshproxy.controller.runner import run_controller
+
+    uvloop.run(run_controller(settings))
+    return 0
+
+
+def cmd_cleanup(argv: list[str]) -> int:
+    from meshproxy.controller.flags import FlagError, parse_controller_flags
+
+    try:
+        settings, extra = parse_controller_flags(argv)
+    except FlagError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(extra["log_level"], extra["log_format"])
+
+    import uvloop
+
+    from meshproxy.controller.cluster_effects import cleanup
+
+    return uvloop.run(cleanup(settings))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: meshproxy {proxy,check,local,version} [options]"
+    usage = "usage: meshproxy {proxy,controller,cleanup,check,local,version} [options]"
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         print("  proxy    run the data plane (Traefik-style flags: --entryPoints.web.address=:80)")
+        print(
+            "  controller  build the mesh config from Kubernetes (or --manifests DIR), serve :9000"
+        )
+        print("  cleanup  remove the shadow services and DNS changes the controller made")
         print("  check    validate a dynamic or static configuration file")
         print("  local    run the proxy with demo backends on loopback")
         print("  version  print the version")
@@ -185,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if command == "proxy":
         return cmd_proxy(rest)
+    if command == "controller":
+        return cmd_controller(rest)
+    if command == "cleanup":
+        return cmd_cleanup(rest)
     if command == "check":
         return cmd_check(rest)
     if command == "local":

@@ -1,0 +1,117 @@
+"""The controller process: keeps the cluster state from its source, rebuilds topology and
+configuration when it changes, and serves them. The served bytes are canonical (sorted keys,
+compact), so identical state gives identical bytes and the same ETag: proxies reload only when
+something really changed."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from typing import Any
+
+from meshproxy.controller.config_builder import BuildOptions, build_config, default_config
+from meshproxy.controller.objects import ClusterState, labels_of, name_of, namespace_of
+from meshproxy.controller.ports import PortTable, load_tables, save_tables
+from meshproxy.controller.settings import ControllerSettings
+from meshproxy.controller.topology import Topology, build_topology
+
+log = logging.getLogger("meshproxy.controller")
+
+PROXY_COMPONENT = "maesh-mesh"  # Traefik Mesh's label for proxy pods: component=maesh-mesh
+
+
+def canonical_json(data: Any) -> bytes:
+    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+
+
+class Controller:
+    def __init__(self, settings: ControllerSettings) -> None:
+        self.settings = settings
+        self.state = ClusterState()
+        self.source_errors: list[str] = []
+        saved = load_tables(settings.port_state_file)
+        self.tables = {
+            "tcp": PortTable(settings.min_tcp_port, settings.max_tcp_port, saved.get("tcp")),
+            "udp": PortTable(settings.min_udp_port, settings.max_udp_port, saved.get("udp")),
+        }
+        self.topology = Topology()
+        self.config_bytes = canonical_json(default_config())  # served before the first sync
+        self.topology_bytes = canonical_json(self.topology.to_json())
+        self.etag = _etag(self.config_bytes)
+        self.synced = asyncio.Event()
+        self.generation = 0
+        self._pending: asyncio.TimerHandle | None = None
+
+    # -- state in -------------------------------------------------------------------------
+
+    def set_state(self, state: ClusterState, errors: list[str] | None = None) -> None:
+        """A whole new view of the cluster (manifest source, or a Kubernetes re-list)."""
+        self.state = state
+        self.source_errors = list(errors or [])
+        self.rebuild()
+
+    def state_changed(self) -> None:
+        """The state was edited in place (a watch event): rebuild soon, once per burst."""
+        if self._pending is None:
+            loop = asyncio.get_running_loop()
+            self._pending = loop.call_later(0.05, self._rebuild_pending)
+
+    def _rebuild_pending(self) -> None:
+        self._pending = None
+        self.rebuild()
+
+    # -- building -------------------------------------------------------------------------
+
+    def proxy_pods(self) -> list[dict[str, Any]]:
+        return [
+            pod
+            for pod in self.state.all("Pod")
+            if namespace_of(pod) == self.settings.namespace
+            and labels_of(pod).get("component") == PROXY_COMPONENT
+        ]
+
+    def rebuild(self) -> None:
+        topology = build_topology(self.state, self.settings)
+        topology.errors.extend(self.source_errors)
+        proxy_ips = [
+            (pod.get("status") or {}).get("podIP", "")
+            for pod in self.proxy_pods()
+            if (pod.get("status") or {}).get("podIP")
+        ]
+        options = BuildOptions(
+            indirect_from_proxies_only=self.settings.indirect_from_proxies_only,
+            proxy_ips=proxy_ips,
+        )
+        config = build_config(topology, self.settings, self.tables, options)
+        save_tables(self.settings.port_state_file, self.tables)
+        config_bytes = canonical_json(config)
+        self.topology = topology
+        self.topology_bytes = canonical_json(topology.to_json())
+        if config_bytes != self.config_bytes:
+            self.config_bytes = config_bytes
+            self.etag = _etag(config_bytes)
+            self.generation += 1
+            log.info("configuration %d built (%d bytes)", self.generation, len(config_bytes))
+        for service in topology.services.values():
+            for error in service.errors:
+                log.warning("service %s: %s", service.key, error)
+        self.synced.set()
+
+    def nodes(self) -> list[dict[str, Any]]:
+        out = []
+        for pod in self.proxy_pods():
+            statuses = (pod.get("status") or {}).get("containerStatuses") or []
+            out.append(
+                {
+                    "Name": name_of(pod),
+                    "IP": (pod.get("status") or {}).get("podIP", ""),
+                    "Ready": bool(statuses) and all(s.get("ready") for s in statuses),
+                }
+            )
+        return out
+
+
+def _etag(data: bytes) -> str:
+    return '"' + hashlib.blake2b(data, digest_size=16).hexdigest() + '"'

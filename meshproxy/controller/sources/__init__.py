@@ -1,0 +1,1 @@
+"""Where cluster state comes from: the Kubernetes API, or a directory of manifests."""
