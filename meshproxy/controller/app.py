@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from meshproxy.controller.config_builder import BuildOptions, build_config, default_config
@@ -43,6 +44,8 @@ class Controller:
         self.synced = asyncio.Event()
         self.generation = 0
         self._pending: asyncio.TimerHandle | None = None
+        # Called after each rebuild (the Kubernetes source syncs shadow services from it).
+        self.on_rebuild: Callable[[Controller], None] | None = None
 
     # -- state in -------------------------------------------------------------------------
 
@@ -98,6 +101,8 @@ class Controller:
             for error in service.errors:
                 log.warning("service %s: %s", service.key, error)
         self.synced.set()
+        if self.on_rebuild is not None:
+            self.on_rebuild(self)
 
     def nodes(self) -> list[dict[str, Any]]:
         out = []

@@ -1,0 +1,251 @@
+"""The controller against a local API endpoint speaking the real list/watch wire format (see
+tests/fake_kube.py). Not run against a live cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import urllib.request
+from typing import Any
+
+from meshproxy.controller.app import Controller
+from meshproxy.controller.cluster_effects import BLOCK_BEGIN, cleanup
+from meshproxy.controller.kube import Kube, make_api_client
+from meshproxy.controller.settings import ControllerSettings
+from meshproxy.controller.sources.kubernetes import KubernetesSource
+from tests.fake_kube import FakeKubeAPI
+from tests.helpers import wait_for
+
+COREFILE = ".:53 {\n    errors\n    forward . /etc/resolv.conf\n}\n"
+
+
+def service(name: str, ns: str = "shop", port: int = 80, **annotations: str) -> dict[str, Any]:
+    return {
+        "kind": "Service",
+        "apiVersion": "v1",
+        "metadata": {"name": name, "namespace": ns, "annotations": annotations},
+        "spec": {
+            "clusterIP": "10.96.0.10",
+            "ports": [{"name": "web", "port": port, "targetPort": 8080, "protocol": "TCP"}],
+        },
+    }
+
+
+def pod(name: str, ip: str, ns: str = "shop") -> dict[str, Any]:
+    return {
+        "kind": "Pod",
+        "apiVersion": "v1",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"serviceAccountName": "default", "containers": [{"name": "app"}]},
+        "status": {"podIP": ip},
+    }
+
+
+def endpoints(name: str, pods: list[tuple[str, str]], ns: str = "shop") -> dict[str, Any]:
+    addresses = [
+        {"ip": ip, "targetRef": {"kind": "Pod", "name": p, "namespace": ns}} for p, ip in pods
+    ]
+    return {
+        "kind": "Endpoints",
+        "apiVersion": "v1",
+        "metadata": {"name": name, "namespace": ns},
+        "subsets": [{"addresses": addresses}],
+    }
+
+
+def seed_cluster(api: FakeKubeAPI) -> None:
+    api.put(service("cart"))
+    api.put(pod("cart-1", "10.1.0.5"))
+    api.put(endpoints("cart", [("cart-1", "10.1.0.5")]))
+    api.put(
+        {
+            "kind": "Deployment",
+            "apiVersion": "apps/v1",
+            "metadata": {
+                "name": "coredns",
+                "namespace": "kube-system",
+                "labels": {"kubernetes.io/name": "CoreDNS"},
+            },
+            "spec": {"template": {"spec": {"volumes": [{"configMap": {"name": "coredns"}}]}}},
+        }
+    )
+    api.put(
+        {
+            "kind": "ConfigMap",
+            "apiVersion": "v1",
+            "metadata": {"name": "coredns", "namespace": "kube-system"},
+            "data": {"Corefile": COREFILE},
+        }
+    )
+
+
+def config_of(controller: Controller) -> dict[str, Any]:
+    return json.loads(controller.config_bytes)
+
+
+async def test_controller_follows_the_api_through_watches_410_and_outages(unused_tcp_port):
+    api = await FakeKubeAPI().start()
+    seed_cluster(api)
+    settings = ControllerSettings(
+        namespace="mesh", master_url=api.url, resync_seconds=60, api_port=unused_tcp_port
+    )
+    controller = Controller(settings)
+    kube = Kube(await make_api_client(settings))
+    source = KubernetesSource(settings, controller, kube)
+    task = asyncio.ensure_future(source.run())
+    try:
+        routers = lambda: config_of(controller)["http"]["routers"]  # noqa: E731
+        await wait_for(lambda: "shop-cart-80" in routers(), 10, "the first configuration")
+        cart = config_of(controller)["http"]["services"]["shop-cart-80"]["loadBalancer"]
+        assert cart["servers"] == [{"url": "http://10.1.0.5:8080"}]
+
+        # side effects: a shadow service on the proxies' HTTP port, and the DNS block
+        await wait_for(lambda: api.objects("Service", "mesh"), 10, "the shadow service")
+        [shadow] = api.objects("Service", "mesh")
+        assert shadow["metadata"]["name"] == "mesh-cart-6d61657368-shop"
+        assert shadow["spec"]["ports"][0]["targetPort"] == 5000
+        assert shadow["spec"]["selector"] == {"component": "maesh-mesh"}
+        corefile = lambda: api.objects("ConfigMap")[0]["data"]["Corefile"]  # noqa: E731
+        await wait_for(lambda: BLOCK_BEGIN in corefile(), 10, "the CoreDNS block")
+        assert corefile().startswith(COREFILE)
+
+        # a watch event
+        api.put(service("orders", port=8081, **{"mesh.traefik.io/retry-attempts": "2"}))
+        await wait_for(lambda: "shop-orders-8081" in routers(), 10, "the new service")
+        assert routers()["shop-orders-8081"]["middlewares"] == ["shop-orders-retry"]
+
+        # history compacted under the watches: 410 Gone, then a fresh list
+        api.compact()
+        api.put(service("payments"))
+        await wait_for(lambda: "shop-payments-80" in routers(), 10, "a service after 410")
+        await wait_for(lambda: api.gone_sent >= 1, 10, "a watch resumed from a compacted version")
+        api.put(pod("cart-2", "10.1.0.6"))
+        api.put(endpoints("cart", [("cart-1", "10.1.0.5"), ("cart-2", "10.1.0.6")]))
+        await wait_for(
+            lambda: (
+                len(
+                    config_of(controller)["http"]["services"]["shop-cart-80"]["loadBalancer"][
+                        "servers"
+                    ]
+                )
+                == 2
+            ),
+            10,
+            "events after the re-list",
+        )
+
+        # identical state, identical bytes
+        before = controller.config_bytes
+        controller.rebuild()
+        assert controller.config_bytes == before
+
+        # a long name gets a hashed shadow service that fits in 63 characters
+        long_name = "a-service-name-that-is-really-quite-long-indeed"
+        api.put(service(long_name, ns="inventory-namespace"))
+        await wait_for(lambda: len(api.objects("Service", "mesh")) == 4, 10, "4 shadows")
+        names = [s["metadata"]["name"] for s in api.objects("Service", "mesh")]
+        assert all(len(n) <= 63 for n in names)
+        await wait_for(
+            lambda: f"{long_name}.inventory-namespace.traefik.mesh" in corefile(), 10, "rewrite"
+        )
+
+        # deleting a service removes its shadow
+        api.delete("Service", "shop", "orders")
+        await wait_for(lambda: len(api.objects("Service", "mesh")) == 3, 10, "shadow deleted")
+
+        # the API server goes away: the last configuration keeps being served
+        served = controller.config_bytes
+        await api.stop()
+        await asyncio.sleep(0.3)
+        assert controller.config_bytes == served
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await kube.close()
+        await api.stop()
+
+
+async def test_cleanup_removes_shadow_services_and_the_dns_block():
+    api = await FakeKubeAPI().start()
+    try:
+        seed_cluster(api)
+        api.put(
+            {
+                "kind": "Service",
+                "apiVersion": "v1",
+                "metadata": {
+                    "name": "mesh-cart-6d61657368-shop",
+                    "namespace": "mesh",
+                    "labels": {"app": "maesh", "type": "shadow"},
+                },
+                "spec": {"ports": [{"port": 80, "targetPort": 5000}]},
+            }
+        )
+        configmap = api.objects("ConfigMap")[0]
+        configmap["data"]["Corefile"] = (
+            COREFILE + BLOCK_BEGIN + "\nx\n#### End Traefik Mesh Block\n"
+        )
+        api.put(configmap)
+        settings = ControllerSettings(namespace="mesh", master_url=api.url)
+        assert await cleanup(settings) == 0
+        assert api.objects("Service", "mesh") == []
+        assert api.objects("ConfigMap")[0]["data"]["Corefile"] == COREFILE
+        assert await cleanup(settings) == 0  # idempotent
+    finally:
+        await api.stop()
+
+
+def test_controller_api_serves_etag_and_304(tmp_path):
+    """Through a real `meshproxy controller --manifests` process (see test_local_mesh for
+    the whole mesh); here only the HTTP contract of the configuration endpoint."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import free_port
+
+    manifests = tmp_path / "m"
+    manifests.mkdir()
+    (manifests / "svc.yaml").write_text(json.dumps(service("cart")))
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "meshproxy",
+            "controller",
+            f"--manifests={manifests}",
+            "--apiHost=127.0.0.1",
+            f"--apiPort={port}",
+        ]
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/api/configuration/current"
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status/readiness") as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        with urllib.request.urlopen(url) as response:
+            etag = response.headers["ETag"]
+            body = response.read()
+        assert "shop-cart-80" in json.loads(body)["http"]["routers"]
+        request = urllib.request.Request(url, headers={"If-None-Match": etag})
+        try:
+            urllib.request.urlopen(request)
+            raise AssertionError("expected 304")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 304
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/topology/current") as r:
+            topology = json.loads(r.read())
+        assert "cart@shop" in topology["services"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
