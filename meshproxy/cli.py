@@ -154,18 +154,33 @@ def _check_dynamic(name: str, data: bytes) -> int:
 
 def cmd_local(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="meshproxy local", description="run the proxy and demo backends on loopback"
+        prog="meshproxy local",
+        description="run controller, proxy and demo backends on loopback, from manifests",
     )
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--admin-port", type=int, default=8080)
+    from meshproxy.local import LocalPorts
+
+    defaults = LocalPorts()
+    for name in ("http", "tcp", "udp", "admin", "api", "readiness", "liveness"):
+        parser.add_argument(f"--{name}-port", type=int, default=getattr(defaults, name))
+    parser.add_argument("--manifests", help="directory of manifests (default: config/local-mesh)")
+    parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
-    _setup_logging("INFO", "common")
+    _setup_logging(args.log_level, "common")
 
     import uvloop
 
     from meshproxy.local import run_local
 
-    uvloop.run(run_local(args.port, args.admin_port))
+    ports = LocalPorts(
+        http=args.http_port,
+        tcp=args.tcp_port,
+        udp=args.udp_port,
+        admin=args.admin_port,
+        api=args.api_port,
+        readiness=args.readiness_port,
+        liveness=args.liveness_port,
+    )
+    uvloop.run(run_local(ports, Path(args.manifests) if args.manifests else None))
     return 0
 
 

@@ -38,7 +38,9 @@ class Controller:
             "udp": PortTable(settings.min_udp_port, settings.max_udp_port, saved.get("udp")),
         }
         self.topology = Topology()
-        self.config_bytes = canonical_json(default_config())  # served before the first sync
+        self.config_bytes = canonical_json(
+            default_config(settings.proxy_admin_port)
+        )  # served before the first sync
         self.topology_bytes = canonical_json(self.topology.to_json())
         self.etag = _etag(self.config_bytes)
         self.synced = asyncio.Event()

@@ -43,7 +43,7 @@ class BuildOptions:
     proxy_ips: list[str] = field(default_factory=list)  # pod IPs of the mesh proxies
 
 
-def default_config() -> dict[str, Any]:
+def default_config(admin_port: int = 8080) -> dict[str, Any]:
     """What every configuration contains, even before the first cluster sync."""
     return {
         "http": {
@@ -58,7 +58,7 @@ def default_config() -> dict[str, Any]:
                 BLOCK_ALL_SERVICE: {"loadBalancer": {"passHostHeader": False}},
                 "readiness": {
                     "loadBalancer": {
-                        "servers": [{"url": "http://127.0.0.1:8080"}],
+                        "servers": [{"url": f"http://127.0.0.1:{admin_port}"}],
                         "passHostHeader": True,
                     }
                 },
@@ -118,7 +118,7 @@ class ConfigBuilder:
         self.settings = settings
         self.tables = tables
         self.options = options or BuildOptions()
-        self.config = default_config()
+        self.config = default_config(settings.proxy_admin_port)
         self.live_ports: dict[str, set[str]] = {"tcp": set(), "udp": set()}
 
     # -- helpers --------------------------------------------------------------------------

@@ -21,6 +21,7 @@ class ControllerSettings:
     min_tcp_port: int = 10000
     min_udp_port: int = 15000
     cluster_domain: str = "cluster.local"
+    proxy_admin_port: int = 8080  # the readiness router sends /ping to the proxy's admin port
     # meshproxy additions
     manifests: str | None = None  # read cluster state from this directory, not the API
     port_state_file: str | None = None  # TCP/UDP port table kept here in manifest mode

@@ -1,0 +1,64 @@
+"""The README's run command: `meshproxy local` brings up controller, proxy and demo backends
+on loopback from the manifests in config/, and traffic flows through the proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+from tests.helpers import free_port, request, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+async def test_local_mesh_serves_http_through_the_proxy_from_the_manifests(tmp_path):
+    ports = {name: free_port() for name in ("http", "admin", "api", "readiness", "liveness")}
+    ports["tcp"], ports["udp"] = free_port(), free_port()
+    log = (tmp_path / "local.log").open("wb")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "meshproxy",
+            "local",
+            *[f"--{name}-port={port}" for name, port in ports.items()],
+        ],
+        cwd=REPO,  # so the manifests come from config/local-mesh
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+
+        async def ready() -> bool:
+            if process.poll() is not None:
+                raise AssertionError((tmp_path / "local.log").read_text())
+            try:
+                return (await request(ports["readiness"], target="/ping")).status == 200
+            except OSError:
+                return False
+
+        await wait_for(ready, 30, "the proxy to be ready (config from the controller)")
+        http = ports["http"]
+        served = Counter()
+        for _ in range(4):
+            response = await request(http, host="whoami.demo.traefik.mesh")
+            assert response.status == 200
+            served[response.body.split(b"\n")[0]] += 1
+        assert served == {b"Hostname: whoami-1": 2, b"Hostname: whoami-2": 2}
+        api = await request(http, host="api.demo.traefik.mesh")
+        assert api.status == 200  # through retry, rateLimit and circuitBreaker
+        assert (await request(http, host="nope.demo.traefik.mesh")).status == 404
+
+        # the demo backends of the kinds the proxy does not serve yet are up
+        reader, writer = await asyncio.open_connection("127.0.0.1", 19010)
+        writer.write(b"ping")
+        assert await reader.readexactly(4) == b"ping"
+        writer.close()
+        assert b"mesh is up" in (tmp_path / "local.log").read_bytes()
+    finally:
+        process.terminate()
+        process.wait(15)
+        log.close()
