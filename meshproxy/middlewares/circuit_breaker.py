@@ -198,7 +198,7 @@ def build_circuit_breaker(
     breaker = ctx.keep(lambda: BreakerState(condition, check_period, fallback, recovery, latencies))
 
     def circuit_breaker(ex: Exchange, finish: Finish) -> None:
-        if not breaker.admit():
+        if breaker.state != STANDBY and not breaker.admit():
             ex.respond(status, body)
             finish(ex, None)
             return

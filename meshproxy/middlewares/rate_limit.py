@@ -100,6 +100,7 @@ def build_rate_limit(options: RateLimit, next_handler: Handler, ctx: BuildContex
     rate = options.average / period
     burst = options.burst or 1
     source_of = source_key_getter(options.source_criterion, "sourceCriterion")
+    by_peer = options.source_criterion is None  # the common case: no getter call
     state = ctx.keep(lambda: RateLimiterState(rate, burst))
     hold_limit = max_delay(rate)
 
@@ -110,7 +111,7 @@ def build_rate_limit(options: RateLimit, next_handler: Handler, ctx: BuildContex
         next_handler(ex, finish)
 
     def rate_limit(ex: Exchange, finish: Finish) -> None:
-        source = source_of(ex.request)
+        source = ex.request.client_ip if by_peer else source_of(ex.request)
         delay = state.reserve(source, monotonic())
         if delay == 0.0:
             next_handler(ex, finish)
