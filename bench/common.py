@@ -6,9 +6,11 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -123,3 +125,33 @@ def _latency(out: str, label: str) -> float:
     match = re.search(rf"\s{re.escape(label)}\s+([\d.]+)(us|ms|s)", out)
     value, unit = float(match.group(1)), match.group(2)
     return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+
+def print_round(index: int, name: str, result: dict[str, float]) -> None:
+    print(
+        f"round {index + 1} {name:32s} {result['rps']:10.0f} req/s  "
+        f"p50 {result['p50_ms']:.2f} ms  p99 {result['p99_ms']:.2f} ms",
+        flush=True,
+    )
+
+
+def check_metrics(admin_port: int) -> None:
+    """The proxy measured with its metrics on: make sure they were really collected."""
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics").read()
+    assert b"traefik_entrypoint_requests_total" in metrics
+
+
+def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait(10)
+
+
+def medians(
+    rounds: dict[str, list[dict[str, float]]], keys: tuple[str, ...]
+) -> dict[str, dict[str, float]]:
+    return {
+        name: {key: statistics.median(r[key] for r in results) for key in keys}
+        for name, results in rounds.items()
+    }

@@ -12,11 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import tempfile
 import time
-import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,12 +22,16 @@ from common import (
     PINNING,
     PROXY_CPU,
     RESULTS,
+    check_metrics,
     ensure_tools,
     free_port,
+    medians,
     pinned,
+    print_round,
     run_wrk,
     start_backend,
     start_meshproxy,
+    stop_all,
     wait_port,
 )
 
@@ -112,25 +114,11 @@ def main() -> int:
                 for name, port in targets.items():
                     result = run_wrk(port, args.duration, args.connections, HOST)
                     rounds[name].append(result)
-                    print(
-                        f"round {index + 1} {name:10s} {result['rps']:10.0f} req/s  "
-                        f"p50 {result['p50_ms']:.2f} ms  p99 {result['p99_ms']:.2f} ms",
-                        flush=True,
-                    )
-            metrics = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics").read()
-            assert b"traefik_entrypoint_requests_total" in metrics
+                    print_round(index, name, result)
+            check_metrics(admin_port)
         finally:
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                proc.wait(10)
-    summary = {
-        name: {
-            key: statistics.median(r[key] for r in results)
-            for key in ("rps", "p50_ms", "p99_ms", "non_2xx")
-        }
-        for name, results in rounds.items()
-    }
+            stop_all(procs)
+    summary = medians(rounds, ("rps", "p50_ms", "p99_ms", "non_2xx"))
     haproxy = summary["haproxy"]
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     report = {

@@ -17,18 +17,21 @@ import statistics
 import subprocess
 import tempfile
 import time
-import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
 from common import (
     PINNING,
     RESULTS,
+    check_metrics,
     ensure_tools,
     free_port,
+    medians,
+    print_round,
     run_wrk,
     start_backend,
     start_meshproxy,
+    stop_all,
     wait_port,
 )
 
@@ -150,22 +153,11 @@ def main() -> int:
                     if result["non_2xx"]:
                         raise SystemExit(f"{name}: {result['non_2xx']:.0f} non-2xx responses")
                     rounds[name].append(result)
-                    print(
-                        f"round {index + 1} {name:32s} {result['rps']:10.0f} req/s  "
-                        f"p50 {result['p50_ms']:.2f} ms  p99 {result['p99_ms']:.2f} ms",
-                        flush=True,
-                    )
-            metrics = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics").read()
-            assert b"traefik_entrypoint_requests_total" in metrics
+                    print_round(index, name, result)
+            check_metrics(admin_port)
         finally:
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                proc.wait(10)
-    summary = {
-        name: {key: statistics.median(r[key] for r in results) for key in KEYS}
-        for name, results in rounds.items()
-    }
+            stop_all(procs)
+    summary = medians(rounds, KEYS)
     bare = summary["bare router"]["rps"]
     # This machine's speed drifts by tens of percent within a minute, so each chain run is
     # compared with the bare run next to it (same round) and the median ratio is reported.

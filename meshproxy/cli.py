@@ -184,7 +184,8 @@ def cmd_local(argv: list[str]) -> int:
     return 0
 
 
-def cmd_controller(argv: list[str]) -> int:
+def _run_controller_command(argv: list[str], cleanup: bool) -> int:
+    """`controller` and `cleanup` share Traefik Mesh's flags."""
     from meshproxy.controller.flags import FlagError, parse_controller_flags
 
     try:
@@ -196,27 +197,14 @@ def cmd_controller(argv: list[str]) -> int:
 
     import uvloop
 
+    if cleanup:
+        from meshproxy.controller.cluster_effects import cleanup as remove_changes
+
+        return uvloop.run(remove_changes(settings))
     from meshproxy.controller.runner import run_controller
 
     uvloop.run(run_controller(settings))
     return 0
-
-
-def cmd_cleanup(argv: list[str]) -> int:
-    from meshproxy.controller.flags import FlagError, parse_controller_flags
-
-    try:
-        settings, extra = parse_controller_flags(argv)
-    except FlagError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    _setup_logging(extra["log_level"], extra["log_format"])
-
-    import uvloop
-
-    from meshproxy.controller.cluster_effects import cleanup
-
-    return uvloop.run(cleanup(settings))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,9 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     if command == "proxy":
         return cmd_proxy(rest)
     if command == "controller":
-        return cmd_controller(rest)
+        return _run_controller_command(rest, cleanup=False)
     if command == "cleanup":
-        return cmd_cleanup(rest)
+        return _run_controller_command(rest, cleanup=True)
     if command == "check":
         return cmd_check(rest)
     if command == "local":
