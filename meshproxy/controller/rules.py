@@ -15,12 +15,17 @@ def host_rule(service: Service) -> str:
         f"Host(`{service.name}.{service.namespace}.traefik.mesh`)",
         f"Host(`{service.name}.{service.namespace}.maesh`)",
     ]
-    try:
-        ipaddress.ip_address(service.cluster_ip)
+    if _is_ip(service.cluster_ip):  # not for headless ("None") or unallocated services
         hosts.append(f"Host(`{service.cluster_ip}`)")
-    except ValueError:
-        pass  # headless ("None") or not allocated yet
     return " || ".join(hosts)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def match_rule(match: HTTPMatch) -> str:

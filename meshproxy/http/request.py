@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import attrgetter
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -77,6 +78,19 @@ def host_parts(host_header: bytes) -> tuple[str, str]:
     return parts
 
 
+_CHECKPOINT_FIELDS = (
+    "target",
+    "path",
+    "headers",
+    "host_header",
+    "forwarded_for",
+    "append_client_ip",
+    "content_length",
+    "_header_map",
+)
+_read_checkpoint = attrgetter(*_CHECKPOINT_FIELDS)
+
+
 class Request:
     """One HTTP request. Header names are lower-cased on arrival (as Envoy does): one spelling
     for matching, forwarding and HTTP/2, and no per-request case folding later."""
@@ -149,28 +163,11 @@ class Request:
     def checkpoint(self) -> tuple[Any, ...]:
         """What middlewares may change, to put back before another try (see `restore`). Edits
         rebind `headers` rather than mutate it, so this is a handful of references."""
-        return (
-            self.target,
-            self.path,
-            self.headers,
-            self.host_header,
-            self.forwarded_for,
-            self.append_client_ip,
-            self.content_length,
-            self._header_map,
-        )
+        return _read_checkpoint(self)
 
     def restore(self, checkpoint: tuple[Any, ...]) -> None:
-        (
-            self.target,
-            self.path,
-            self.headers,
-            self.host_header,
-            self.forwarded_for,
-            self.append_client_ip,
-            self.content_length,
-            self._header_map,
-        ) = checkpoint
+        for name, value in zip(_CHECKPOINT_FIELDS, checkpoint, strict=True):
+            setattr(self, name, value)
 
     def copy(self) -> Request:
         """An independent copy (own header list) for a mirrored request."""
