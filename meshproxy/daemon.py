@@ -24,6 +24,7 @@ from meshproxy.runtime.compiler import CompileContext
 from meshproxy.runtime.dispatch import make_dispatcher
 from meshproxy.runtime.manager import ConfigManager
 from meshproxy.runtime.state import RuntimeState
+from meshproxy.tcp.proxy import TCPRelay
 
 log = logging.getLogger("meshproxy")
 
@@ -145,7 +146,7 @@ class ProxyDaemon:
                 on_open=lambda delta, n=name: self.metrics.connection_delta(n, "TCP", delta),
             )
             server = await loop.create_server(
-                http_entry.protocol_factory,
+                self._protocol_factory(name, http_entry),
                 address.host,
                 address.port,
                 reuse_port=bool(entry.reuse_port),
@@ -158,6 +159,19 @@ class ProxyDaemon:
         await self._start_admin()
         self._start_providers()
         self.tasks.append(loop.create_task(self._housekeeping()))
+
+    def _protocol_factory(self, name: str, http_entry: HTTPEntryPoint) -> Any:
+        """Per connection: TCP relaying when the live config has TCP routers on this
+        entrypoint (as Traefik, a TCP catch-all takes the entrypoint over), else HTTP."""
+        on_open = http_entry.on_open
+
+        def factory() -> asyncio.Protocol:
+            routes = self.manager.snapshot.tcp_tables.get(name)
+            if routes:
+                return TCPRelay(name, routes, on_open)
+            return http_entry.protocol_factory()
+
+        return factory
 
     async def _start_admin(self) -> None:
         static = self.static

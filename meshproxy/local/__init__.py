@@ -141,10 +141,11 @@ def banner(ports: LocalPorts, manifests: Path) -> str:
 Try:
   curl -H 'Host: whoami.demo.traefik.mesh' {web}/     # round robin over whoami-1, whoami-2
   curl -H 'Host: api.demo.traefik.mesh' {web}/        # retry + rateLimit + circuitBreaker
+  nc 127.0.0.1 {ports.tcp}                                   # TCP echo (echo-tcp)
   curl http://127.0.0.1:{ports.readiness}/ping                   # ready once the config arrived
   curl http://127.0.0.1:{ports.api}/api/topology/current
   curl http://127.0.0.1:{ports.admin}/api/rawdata
   curl http://127.0.0.1:{ports.admin}/metrics
-TCP (echo-tcp), UDP (echo-udp) and WebSocket (chat) backends run and are configured, but the
-proxy does not serve those protocols yet (see the README).
+The UDP (echo-udp) and WebSocket (chat) backends run and are configured, but the proxy does
+not serve those protocols yet (see the README).
 """

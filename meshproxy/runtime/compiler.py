@@ -24,13 +24,15 @@ from meshproxy.config.dynamic import DynamicConfig, Middleware, Router, ServersT
 from meshproxy.http.exchange import Handler
 from meshproxy.http.upstream import TransportSettings
 from meshproxy.middlewares.base import BuildContext, MiddlewareConfigError, MiddlewareState
+from meshproxy.middlewares.ip_strategy import parse_ranges
 from meshproxy.middlewares.registry import MIDDLEWARE_BUILDERS
 from meshproxy.observability.metrics import RequestMetrics
 from meshproxy.rules.http import compile_http_rule, default_priority
 from meshproxy.rules.parser import RuleError
-from meshproxy.rules.tcp import compile_tcp_rule
+from meshproxy.rules.tcp import compile_tcp_rule, tcp_default_priority
 from meshproxy.runtime.snapshot import ObjectStatus, Route, RouterTable, RuntimeSnapshot
 from meshproxy.runtime.state import RuntimeState
+from meshproxy.tcp.proxy import TCPRoute, TCPTarget, allow_list_check
 
 log = logging.getLogger("meshproxy.runtime")
 
@@ -387,42 +389,119 @@ class _Compiler:
 
     def compile_tcp(self) -> None:
         tcp = self.config.tcp
-        for name, service in sorted(tcp.services.items()):
-            status = self.snapshot.tcp_services.setdefault(self.qualify(name), ObjectStatus())
-            kinds = [k for k in ("load_balancer", "weighted") if getattr(service, k) is not None]
-            if len(kinds) != 1:
-                status.fail(
-                    "the service does not have any type defined"
-                    if not kinds
-                    else "multi-types service not supported"
-                )
-                continue
-            if service.load_balancer is not None:
-                for i, server in enumerate(service.load_balancer.servers):
-                    if not _valid_address(server.address):
-                        status.warn(
-                            f"loadBalancer.servers[{i}].address {server.address!r} is "
-                            "not host:port; server skipped"
-                        )
-        for name, router in sorted(tcp.routers.items()):
-            status = self.snapshot.tcp_routers.setdefault(self.qualify(name), ObjectStatus())
-            status.using = list(router.entry_points)
-            if not router.rule:
-                status.fail("router has no rule")
-                continue
+        targets: dict[str, TCPTarget | None] = {}
+
+        def target(qualified: str, seen: tuple[str, ...] = ()) -> TCPTarget:
+            if qualified in targets:
+                built = targets[qualified]
+                if built is None:
+                    raise _BuildError(f"the service {qualified!r} is disabled")
+                return built
+            if qualified in seen:
+                raise _BuildError(f"the service {qualified!r} references itself (cycle)")
+            status = self.snapshot.tcp_services.setdefault(qualified, ObjectStatus())
+            definition = tcp.services.get(qualified.rpartition("@")[0])
+            if definition is None:
+                raise _BuildError(f"the service {qualified!r} does not exist")
             try:
-                rule = compile_tcp_rule(router.rule, router.rule_syntax)
-            except RuleError as exc:
-                status.fail(f"invalid rule: {exc}")
+                built = self.build_tcp_service(qualified, definition, status, target, seen)
+            except _BuildError as exc:
+                status.fail(str(exc))
+                targets[qualified] = None
+                raise _BuildError(f"the service {qualified!r} is disabled: {exc}") from None
+            targets[qualified] = built
+            return built
+
+        for name in sorted(tcp.services):
+            try:
+                target(self.qualify(name))
+            except _BuildError:
+                pass
+        tables: dict[str, list[TCPRoute]] = {}
+        for name, router in sorted(tcp.routers.items()):
+            qualified = self.qualify(name)
+            status = self.snapshot.tcp_routers.setdefault(qualified, ObjectStatus())
+            status.using = list(router.entry_points)
+            try:
+                route = self.compile_tcp_router(qualified, router, target)
+            except _BuildError as exc:
+                status.fail(str(exc))
                 continue
-            if rule.needs_sni and router.tls is None:
-                status.fail("router has HostSNI matcher, but no TLS on router")
-                continue
-            service = self.resolve(router.service, "service") if router.service else ""
-            if service.rpartition("@")[0] not in tcp.services:
-                status.fail(f"the service {service!r} does not exist")
-                continue
-            status.warn("TCP routing is not served yet by meshproxy (validated only)")
+            for entrypoint in router.entry_points or self.ctx.default_entrypoints:
+                if entrypoint in self.ctx.http_entrypoints:
+                    tables.setdefault(entrypoint, []).append(route)
+                else:
+                    status.warn(f"entryPoint {entrypoint!r} doesn't exist")
+        self.snapshot.tcp_tables = {
+            ep: sorted(routes, key=lambda r: (-r.priority, r.name)) for ep, routes in tables.items()
+        }
+
+    def build_tcp_service(
+        self,
+        qualified: str,
+        definition: Any,
+        status: ObjectStatus,
+        target: Any,
+        seen: tuple[str, ...],
+    ) -> TCPTarget:
+        kinds = [k for k in ("load_balancer", "weighted") if getattr(definition, k) is not None]
+        if len(kinds) != 1:
+            raise _BuildError(
+                "the service does not have any type defined"
+                if not kinds
+                else "multi-types service not supported"
+            )
+        choices: list[tuple[Any, int]] = []
+        if definition.load_balancer is not None:
+            for i, server in enumerate(definition.load_balancer.servers):
+                if not _valid_address(server.address):
+                    status.warn(
+                        f"loadBalancer.servers[{i}].address {server.address!r} is "
+                        "not host:port; server skipped"
+                    )
+                    continue
+                host, _, port = server.address.rpartition(":")
+                weight = 1 if server.weight is None else server.weight
+                choices.append(((host.strip("[]"), int(port)), weight))
+        else:
+            for child in definition.weighted.services:
+                child_name = self.resolve(child.name, "service")
+                weight = 1 if child.weight is None else child.weight
+                choices.append((target(child_name, (*seen, qualified)), weight))
+        return TCPTarget(qualified, choices)
+
+    def compile_tcp_router(self, qualified: str, router: Any, target: Any) -> TCPRoute:
+        if not router.rule:
+            raise _BuildError("router has no rule")
+        try:
+            rule = compile_tcp_rule(router.rule, router.rule_syntax)
+        except RuleError as exc:
+            raise _BuildError(f"invalid rule: {exc}") from None
+        if rule.needs_sni:
+            raise _BuildError(
+                "HostSNI other than `*` needs TLS, which meshproxy does not serve yet"
+            )
+        if router.tls is not None:
+            raise _BuildError("TLS on TCP routers is not served yet by meshproxy")
+        if not router.service:
+            raise _BuildError("router has no service")
+        service = target(self.resolve(router.service, "service"))
+        checks = []
+        for reference in router.middlewares:
+            name = self.resolve(reference, "middleware")
+            middleware = self.config.tcp.middlewares.get(name.rpartition("@")[0])
+            if middleware is None:
+                raise _BuildError(f"middleware {name!r} does not exist")
+            allow = middleware.ip_allow_list or middleware.ip_white_list
+            if allow is None:
+                raise _BuildError(f"TCP middleware {name!r} is not supported yet")
+            try:
+                networks = parse_ranges(allow.source_range or [], "sourceRange")
+            except MiddlewareConfigError as exc:
+                raise _BuildError(f"middleware {name!r} is invalid: ipAllowList.{exc}") from None
+            checks.append(allow_list_check(networks))  # empty range: nobody gets through
+        priority = router.priority or tcp_default_priority(router.rule, rule.catch_all)
+        return TCPRoute(qualified, priority, rule.matcher, tuple(checks), service)
 
     def compile_udp(self) -> None:
         udp = self.config.udp

@@ -77,6 +77,7 @@ class RuntimeSnapshot:
     services: dict[str, ObjectStatus] = field(default_factory=dict)
     middlewares: dict[str, ObjectStatus] = field(default_factory=dict)
     tcp_routers: dict[str, ObjectStatus] = field(default_factory=dict)
+    tcp_tables: dict[str, list[Any]] = field(default_factory=dict)  # entrypoint -> TCPRoutes
     tcp_services: dict[str, ObjectStatus] = field(default_factory=dict)
     udp_routers: dict[str, ObjectStatus] = field(default_factory=dict)
     udp_services: dict[str, ObjectStatus] = field(default_factory=dict)

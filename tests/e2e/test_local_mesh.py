@@ -52,10 +52,10 @@ async def test_local_mesh_serves_http_through_the_proxy_from_the_manifests(tmp_p
         assert api.status == 200  # through retry, rateLimit and circuitBreaker
         assert (await request(http, host="nope.demo.traefik.mesh")).status == 404
 
-        # the demo backends of the kinds the proxy does not serve yet are up
-        reader, writer = await asyncio.open_connection("127.0.0.1", 19010)
+        # TCP: the echo-tcp service through the proxy's first tcp- entrypoint
+        reader, writer = await asyncio.open_connection("127.0.0.1", ports["tcp"])
         writer.write(b"ping")
-        assert await reader.readexactly(4) == b"ping"
+        assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
         writer.close()
         assert b"mesh is up" in (tmp_path / "local.log").read_bytes()
     finally:

@@ -1,0 +1,1 @@
+"""TCP routing and relaying."""
