@@ -8,6 +8,7 @@ config are dropped on reload, as Traefik does.
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -20,6 +21,9 @@ _METHODS = {
     m: m
     for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "PRI")
 }
+
+
+_CODES = {code: str(code) for code in range(100, 600)}
 
 
 def method_label(method: str) -> str:
@@ -89,17 +93,15 @@ class RequestMetrics(Collector):
             hist = table[key] = _Histogram(len(self.bounds))
         hist.count += 1
         hist.sum += seconds
-        buckets = hist.buckets
-        for i, bound in enumerate(self.bounds):
-            if seconds <= bound:
-                buckets[i] += 1
-                break
+        index = bisect_left(self.bounds, seconds)  # first bound >= seconds
+        if index < len(self.bounds):
+            hist.buckets[index] += 1
 
     def record_request(self, ex: Any, status: int, seconds: float) -> None:
         """Once per request: entrypoint (and router) series."""
-        code = str(status)
-        method = method_label(ex.request.method)
-        protocol = protocol_label(ex)
+        code = _CODES.get(status) or str(status)
+        method = _METHODS.get(ex.request.method, "EXTENSION_METHOD")
+        protocol = ex.protocol or protocol_label(ex)
         if self.entrypoint_labels:
             self._observe(self.entrypoint, (code, method, protocol, ex.entrypoint), seconds)
         if self.router_labels and ex.router:
@@ -110,7 +112,12 @@ class RequestMetrics(Collector):
         if self.service_labels:
             self._observe(
                 self.service,
-                (str(status), method_label(ex.request.method), protocol_label(ex), service),
+                (
+                    _CODES.get(status) or str(status),
+                    _METHODS.get(ex.request.method, "EXTENSION_METHOD"),
+                    ex.protocol or protocol_label(ex),
+                    service,
+                ),
                 seconds,
             )
 
