@@ -51,3 +51,27 @@ async def serve_websocket_echo(host: str, port: int) -> web.AppRunner:
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner
+
+
+GRPC_ECHO_METHOD = "/meshproxy.demo.Echo/Say"
+
+
+async def serve_grpc_echo(host: str, port: int) -> object:
+    """A gRPC server whose one method, /meshproxy.demo.Echo/Say, returns the request message.
+
+    Messages stay raw bytes (no serializers), so no generated code is needed: any client can
+    call it, e.g. `grpc.aio.insecure_channel(...).unary_unary(GRPC_ECHO_METHOD)(b"hi")`.
+    """
+    import grpc
+
+    async def say(request: bytes, context: object) -> bytes:
+        return request
+
+    handler = grpc.method_handlers_generic_handler(
+        "meshproxy.demo.Echo", {"Say": grpc.unary_unary_rpc_method_handler(say)}
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    return server

@@ -21,7 +21,12 @@ from meshproxy.controller.settings import ControllerSettings
 from meshproxy.controller.sources.manifests import load_manifests
 from meshproxy.daemon import ProxyDaemon
 from meshproxy.demo.backend import serve_whoami
-from meshproxy.demo.echo import serve_tcp_echo, serve_udp_echo, serve_websocket_echo
+from meshproxy.demo.echo import (
+    serve_grpc_echo,
+    serve_tcp_echo,
+    serve_udp_echo,
+    serve_websocket_echo,
+)
 
 log = logging.getLogger("meshproxy.local")
 
@@ -67,6 +72,8 @@ async def start_backends(manifests: Path) -> list[Any]:
                 started.append(await serve_udp_echo(ip, number))
             elif kind == "websocket-echo":
                 started.append(await serve_websocket_echo(ip, number))
+            elif kind == "grpc-echo":
+                started.append(await serve_grpc_echo(ip, number))
             else:
                 log.warning("pod %s: unknown demo backend %r", name_of(pod), kind)
     return started
@@ -127,6 +134,8 @@ async def run_local(ports: LocalPorts, manifests: Path | None = None) -> None:
             for backend in backends:
                 if hasattr(backend, "cleanup"):  # the aiohttp runner of the WebSocket echo
                     await backend.cleanup()
+                elif hasattr(backend, "stop"):  # the gRPC server
+                    await backend.stop(None)
                 else:
                     backend.close()
 
@@ -146,6 +155,6 @@ Try:
   curl http://127.0.0.1:{ports.api}/api/topology/current
   curl http://127.0.0.1:{ports.admin}/api/rawdata
   curl http://127.0.0.1:{ports.admin}/metrics
-The UDP (echo-udp) and WebSocket (chat) backends run and are configured, but the proxy does
-not serve those protocols yet (see the README).
+The UDP (echo-udp), WebSocket (chat) and gRPC (greeter, h2c) backends run and are configured,
+but the proxy does not serve those protocols yet (see the README).
 """

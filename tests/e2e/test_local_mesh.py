@@ -58,6 +58,14 @@ async def test_local_mesh_serves_http_through_the_proxy_from_the_manifests(tmp_p
         assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
         writer.close()
         assert b"mesh is up" in (tmp_path / "local.log").read_bytes()
+
+        # the gRPC demo backend answers (directly: the proxy does not serve h2c yet)
+        import grpc
+
+        from meshproxy.demo.echo import GRPC_ECHO_METHOD
+
+        async with grpc.aio.insecure_channel("127.0.0.1:19013") as channel:
+            assert await channel.unary_unary(GRPC_ECHO_METHOD)(b"hi", timeout=10) == b"hi"
     finally:
         process.terminate()
         process.wait(15)

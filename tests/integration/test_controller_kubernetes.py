@@ -10,7 +10,13 @@ import urllib.request
 from typing import Any
 
 from meshproxy.controller.app import Controller
-from meshproxy.controller.cluster_effects import BLOCK_BEGIN, cleanup
+from meshproxy.controller.cluster_effects import (
+    BLOCK_BEGIN,
+    cleanup,
+    corefile_block,
+    shadow_service,
+    write_dns,
+)
 from meshproxy.controller.kube import Kube, make_api_client
 from meshproxy.controller.settings import ControllerSettings
 from meshproxy.controller.sources.kubernetes import KubernetesSource
@@ -197,6 +203,59 @@ async def test_cleanup_removes_shadow_services_and_the_dns_block():
         await api.stop()
 
 
+async def test_aks_coredns_custom_configmap_gets_the_server_blocks():
+    api = await FakeKubeAPI().start()
+    try:
+        api.put(
+            {
+                "kind": "Deployment",
+                "metadata": {"name": "coredns", "namespace": "kube-system"},
+                "spec": {
+                    "template": {
+                        "spec": {
+                            "volumes": [
+                                {"configMap": {"name": "coredns"}},
+                                {"configMap": {"name": "coredns-custom"}},
+                            ]
+                        }
+                    }
+                },
+            }
+        )
+        api.put(
+            {
+                "kind": "ConfigMap",
+                "metadata": {"name": "coredns-custom", "namespace": "kube-system"},
+                "data": {"other.server": "keep me"},
+            }
+        )
+        settings = ControllerSettings(namespace="mesh", master_url=api.url)
+        kube = Kube(await make_api_client(settings))
+        try:
+            await write_dns(kube, corefile_block(settings, {}))
+            data = api.objects("ConfigMap")[0]["data"]
+            assert data["other.server"] == "keep me"
+            assert data["traefik.mesh.server"].startswith("traefik.mesh:53 {")
+            assert data["maesh.server"].startswith("maesh:53 {")
+            annotations = api.objects("Deployment")[0]["spec"]["template"]["metadata"]
+            assert "traefik-mesh-hash" in annotations["annotations"]  # CoreDNS restarted
+        finally:
+            await kube.close()
+    finally:
+        await api.stop()
+
+
+def test_shadow_services_can_ask_for_the_proxy_on_the_same_node():
+    from meshproxy.controller.ports import PortTable
+    from meshproxy.controller.topology import Service, ServicePort
+
+    svc = Service("cart", "shop", {}, {}, [ServicePort("web", "TCP", 80, 8080)], "10.0.0.1")
+    tables = {"tcp": PortTable(10000, 10024), "udp": PortTable(15000, 15024)}
+    local = shadow_service(svc, ControllerSettings(local_traffic_policy=True), tables)
+    assert local["spec"]["internalTrafficPolicy"] == "Local"
+    assert "internalTrafficPolicy" not in shadow_service(svc, ControllerSettings(), tables)["spec"]
+
+
 def test_controller_api_serves_etag_and_304(tmp_path):
     """Through a real `meshproxy controller --manifests` process (see test_local_mesh for
     the whole mesh); here only the HTTP contract of the configuration endpoint."""
@@ -246,6 +305,22 @@ def test_controller_api_serves_etag_and_304(tmp_path):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/topology/current") as r:
             topology = json.loads(r.read())
         assert "cart@shop" in topology["services"]
+
+        # a manifest added to the directory is picked up; proxy pods show in /api/status/nodes
+        proxy_pod = pod("proxy-abc", "10.0.9.9", ns="maesh")
+        proxy_pod["metadata"]["labels"] = {"app": "maesh", "component": "maesh-mesh"}
+        proxy_pod["status"]["containerStatuses"] = [{"ready": True}]
+        docs = [service("orders"), proxy_pod]
+        (manifests / "more.yaml").write_text("\n---\n".join(json.dumps(d) for d in docs))
+        while True:
+            with urllib.request.urlopen(url) as response:
+                if "shop-orders-80" in json.loads(response.read())["http"]["routers"]:
+                    break
+            if time.monotonic() > deadline + 15:
+                raise AssertionError("the new manifest was not picked up")
+            time.sleep(0.05)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status/nodes") as r:
+            assert json.loads(r.read()) == [{"Name": "proxy-abc", "IP": "10.0.9.9", "Ready": True}]
     finally:
         proc.terminate()
         proc.wait(10)
