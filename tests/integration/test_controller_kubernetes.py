@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from meshproxy.controller.app import Controller
@@ -324,3 +325,45 @@ def test_controller_api_serves_etag_and_304(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+async def test_indirect_allowlist_cannot_be_spoofed_by_a_client_talking_to_a_proxy(
+    backends, proxy_factory, tmp_path
+):
+    """The controller's ACL config, served by a real proxy: a client that sends the allowed
+    pod's address in X-Forwarded-For is refused unless its connection comes from a proxy."""
+    from meshproxy.controller.config_builder import BuildOptions, build_config
+    from meshproxy.controller.ports import PortTable
+    from meshproxy.controller.sources.manifests import load_manifests
+    from meshproxy.controller.topology import build_topology
+    from tests.helpers import free_port, request
+
+    backend = await backends("svc-b-pod")
+    data = Path(__file__).resolve().parents[1] / "data" / "controller"
+    state, _ = load_manifests(data / "acl-enabled-http-traffic-split-http-route-group")
+    settings = ControllerSettings(acl=True)
+
+    def config_for(proxy_ips: list[str]) -> dict[str, Any]:
+        tables = {"tcp": PortTable(10000, 10024), "udp": PortTable(15000, 15024)}
+        config = build_config(
+            build_topology(state, settings), settings, tables, BuildOptions(proxy_ips=proxy_ips)
+        )
+        lb = config["http"]["services"]["my-ns-svc-b-tt-8080-traffic-target"]["loadBalancer"]
+        lb["servers"] = [{"url": backend.url}]  # the pod's address, made reachable
+        return config
+
+    port = free_port()
+    proxy = await proxy_factory(
+        config_for(["10.42.0.7"]),  # the mesh proxies are elsewhere: we are a plain client
+        entrypoints={"web": f"127.0.0.1:{free_port()}", "http-5000": f"127.0.0.1:{port}"},
+        extra_flags=["--entryPoints.http-5000.forwardedHeaders.insecure=true"],
+    )
+    spoofed = {"X-Forwarded-For": "10.10.1.1"}
+    host = "svc-b.my-ns.traefik.mesh"
+    assert (await request(port, host=host, headers=spoofed)).status == 403
+    assert backend.requests == []
+
+    generation = proxy.generation()
+    proxy.write(config_for(["127.0.0.1"]))  # now our address is a mesh proxy's
+    await wait_for(lambda: proxy.generation() > generation, 10, "reload")
+    assert (await request(port, host=host, headers=spoofed)).status == 200
