@@ -112,8 +112,10 @@ def run_wrk(
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: (.*)", out)
+    requests = re.search(r"(\d+) requests in", out)
     return {
         "rps": rps,
+        "requests": float(requests.group(1)) if requests else 0.0,
         "p50_ms": _latency(out, "50%"),
         "p99_ms": _latency(out, "99%"),
         "non_2xx": float(errors.group(1)) if errors else 0.0,
@@ -125,6 +127,12 @@ def _latency(out: str, label: str) -> float:
     match = re.search(rf"\s{re.escape(label)}\s+([\d.]+)(us|ms|s)", out)
     value, unit = float(match.group(1)), match.group(2)
     return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def print_round(index: int, name: str, result: dict[str, float]) -> None:
