@@ -4,6 +4,7 @@ on loopback from the manifests in config/, and traffic flows through the proxy."
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import sys
 from collections import Counter
@@ -14,9 +15,26 @@ from tests.helpers import free_port, request, wait_for
 REPO = Path(__file__).resolve().parents[2]
 
 
+def free_port_pair(kind: int = socket.SOCK_STREAM) -> int:
+    """A port p such that p and p + 1 are both free on loopback."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, kind) as first:
+            first.bind(("127.0.0.1", 0))
+            port = first.getsockname()[1]
+            with socket.socket(socket.AF_INET, kind) as second:
+                try:
+                    second.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no two consecutive free ports")
+
+
 async def test_local_mesh_serves_http_through_the_proxy_from_the_manifests(tmp_path):
-    ports = {name: free_port() for name in ("http", "admin", "api", "readiness", "liveness")}
-    ports["tcp"], ports["udp"] = free_port(), free_port()
+    ports = {name: free_port() for name in ("admin", "api", "readiness", "liveness")}
+    # the local mesh opens two entrypoints of each kind: base and base + 1
+    ports["http"], ports["tcp"] = free_port_pair(), free_port_pair()
+    ports["udp"] = free_port_pair(socket.SOCK_DGRAM)
     log = (tmp_path / "local.log").open("wb")
     process = subprocess.Popen(
         [
