@@ -142,6 +142,7 @@ class TCPRelay(asyncio.Protocol):
         for chunk in self.pending:
             upstream.transport.write(chunk)  # type: ignore[union-attr]
         self.pending = []
+        self.transport.resume_reading()  # type: ignore[union-attr]  # paused while dialling
         if self.pending_eof and upstream.transport.can_write_eof():  # type: ignore[union-attr]
             upstream.transport.write_eof()  # type: ignore[union-attr]
 

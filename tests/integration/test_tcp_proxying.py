@@ -28,7 +28,10 @@ async def exchange(port: int, payload: bytes) -> bytes:
         writer.write_eof()
     except OSError:  # the proxy already closed the connection (refused source)
         pass
-    data = await asyncio.wait_for(reader.read(-1), 10)
+    try:
+        data = await asyncio.wait_for(reader.read(-1), 10)
+    except ConnectionResetError:  # closed with our bytes unread: the kernel sends a reset
+        data = b""
     writer.close()
     return data
 
