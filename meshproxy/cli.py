@@ -152,6 +152,9 @@ def _check_dynamic(name: str, data: bytes) -> int:
     return 0
 
 
+_LOCAL_PORTS = ("http", "tcp", "udp", "admin", "api", "readiness", "liveness")
+
+
 def cmd_local(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="meshproxy local",
@@ -160,7 +163,7 @@ def cmd_local(argv: list[str]) -> int:
     from meshproxy.local import LocalPorts
 
     defaults = LocalPorts()
-    for name in ("http", "tcp", "udp", "admin", "api", "readiness", "liveness"):
+    for name in _LOCAL_PORTS:
         parser.add_argument(f"--{name}-port", type=int, default=getattr(defaults, name))
     parser.add_argument("--manifests", help="directory of manifests (default: config/local-mesh)")
     parser.add_argument("--log-level", default="INFO")
@@ -171,15 +174,7 @@ def cmd_local(argv: list[str]) -> int:
 
     from meshproxy.local import run_local
 
-    ports = LocalPorts(
-        http=args.http_port,
-        tcp=args.tcp_port,
-        udp=args.udp_port,
-        admin=args.admin_port,
-        api=args.api_port,
-        readiness=args.readiness_port,
-        liveness=args.liveness_port,
-    )
+    ports = LocalPorts(**{name: getattr(args, f"{name}_port") for name in _LOCAL_PORTS})
     uvloop.run(run_local(ports, Path(args.manifests) if args.manifests else None))
     return 0
 

@@ -38,11 +38,12 @@ def _forward_to(ex: Exchange, raw_path: str, finish: Finish, next_handler: Handl
     next_handler(ex, finish)
 
 
-def _after_strip(rest: str) -> str:
+def _strip(ex: Exchange, raw: str, prefix: str, finish: Finish, next_handler: Handler) -> None:
+    """Forward without `prefix`, telling the backend what was removed (X-Forwarded-Prefix)."""
+    ex.request.set_header(FORWARDED_PREFIX, prefix.encode("latin-1"))
     # "/api" stripped from "/api" leaves "" (sent as "/"); from "/apix" leaves "/x".
-    if not rest:
-        return "/"
-    return rest if rest.startswith("/") else "/" + rest
+    rest = raw[len(prefix) :]
+    _forward_to(ex, rest if rest.startswith("/") else "/" + rest, finish, next_handler)
 
 
 def build_strip_prefix(options: StripPrefix, next_handler: Handler, ctx: BuildContext) -> Handler:
@@ -54,8 +55,7 @@ def build_strip_prefix(options: StripPrefix, next_handler: Handler, ctx: BuildCo
         raw = ex.request.raw_path
         for prefix in prefixes:  # the first one in list order wins, no segment boundary
             if raw.startswith(prefix):
-                ex.request.set_header(FORWARDED_PREFIX, prefix.encode("latin-1"))
-                _forward_to(ex, _after_strip(raw[len(prefix) :]), finish, next_handler)
+                _strip(ex, raw, prefix, finish, next_handler)
                 return
         next_handler(ex, finish)
 
@@ -74,9 +74,7 @@ def build_strip_prefix_regex(
         for pattern in patterns:
             found = pattern.search(raw)
             if found is not None and found.group(0) and raw.startswith(found.group(0)):
-                prefix = found.group(0)
-                ex.request.set_header(FORWARDED_PREFIX, prefix.encode("latin-1"))
-                _forward_to(ex, _after_strip(raw[len(prefix) :]), finish, next_handler)
+                _strip(ex, raw, found.group(0), finish, next_handler)
                 return
         next_handler(ex, finish)
 
