@@ -11,7 +11,6 @@ Python work, the part this project controls; the throughput benchmark adds the s
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import time
 from datetime import UTC, datetime
@@ -32,9 +31,7 @@ CONFIG = b"""{"http": {
   "routers": {"bench": {"entryPoints": ["web"], "service": "app",
     "rule": "Host(`bench.mesh.test`) && PathPrefix(`/bench`)"}},
   "services": {"app": {"loadBalancer": {"servers": [{"url": "http://127.0.0.1:9"}]}}}}}"""
-RESPONSE = (
-    b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 13\r\n\r\nHello, World!"
-)
+RESPONSE = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 13\r\n\r\nHello, World!"
 
 
 class MemoryTransport:

@@ -227,7 +227,7 @@ class ProxyDaemon:
             await asyncio.sleep(1.0)
             now = loop.time()
             for listener in self.listeners:
-                listener.entry.sweep(now)
+                listener.entry.sweep()
             self.state.sweep(now)
 
     # -- shutdown -----------------------------------------------------------------------

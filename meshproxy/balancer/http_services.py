@@ -48,6 +48,10 @@ def build_request_head(
     """Serialize the upstream request head; returns (head, body is chunked)."""
     request = ex.request
     path = target.path_prefix + request.target if target.path_prefix else request.target
+    verbatim = request.verbatim
+    if verbatim is not None and pass_host_header:
+        # the client's own lines (its Host among them) and X-Forwarded-*: nothing to rebuild
+        return b"%s %s HTTP/1.1\r\n%s\r\n" % (request.method.encode(), path, verbatim), False
     host = request.host_header if pass_host_header else target.host_header
     skip = _SKIP_ALWAYS | request.connection_tokens if request.connection_tokens else _SKIP_ALWAYS
     headers = request.headers

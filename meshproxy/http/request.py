@@ -86,6 +86,7 @@ _CHECKPOINT_FIELDS = (
     "forwarded_for",
     "append_client_ip",
     "content_length",
+    "verbatim",
     "_header_map",
 )
 _read_checkpoint = attrgetter(*_CHECKPOINT_FIELDS)
@@ -117,6 +118,7 @@ class Request:
         "scheme",
         "target",
         "upgrade",
+        "verbatim",
     )
 
     def __init__(
@@ -147,13 +149,17 @@ class Request:
         self.connection_tokens: frozenset[bytes] = frozenset()  # headers named by Connection
         self._header_map: dict[str, list[str]] | None = None
         self._query_map: dict[str, list[str]] | None = None
+        # The header lines to forward, already serialized (see H1ServerConnection): set while
+        # they are exactly the client's plus the entrypoint's X-Forwarded-* ones. Any edit of
+        # the fields or of the Host clears it, so `headers` is edited only by the methods here.
+        self.verbatim: bytes | None = None
         raw = target.decode("latin-1")
         if raw.startswith(("http://", "https://")):
             # absolute-form: its authority wins over the Host header
             after = raw.split("://", 1)[1]
             authority, slash, rest = after.partition("/")
             if authority:
-                self.host_header = authority.encode("latin-1")
+                self.host_header = authority.encode("latin-1")  # not the Host field's
             raw = slash + rest if slash else "/"
             self.target = raw.encode("latin-1")
         path, _, self.query = raw.partition("?")
@@ -192,8 +198,14 @@ class Request:
         self.target = raw_path.encode("latin-1") + (b"?" + query[2] if query[1] else b"")
         self.path = path
 
+    def set_host_header(self, value: bytes) -> None:
+        """Forward with another Host (headers middleware); routing keeps the original."""
+        self.host_header = value
+        self.verbatim = None
+
     def set_header(self, name: bytes, value: bytes) -> None:
         """Replace all values of a header (name in lower case)."""
+        self.verbatim = None
         self.headers = [(n, v) for n, v in self.headers if n != name]
         self.headers.append((name, value))
         if name == b"x-forwarded-for":
@@ -201,6 +213,7 @@ class Request:
         self._header_map = None
 
     def remove_header(self, name: bytes) -> None:
+        self.verbatim = None
         self.headers = [(n, v) for n, v in self.headers if n != name]
         if name == b"x-forwarded-for":
             self.forwarded_for = False
@@ -228,3 +241,4 @@ class Request:
     def invalidate_headers(self) -> None:
         """Call after editing `headers` so matchers see the new values."""
         self._header_map = None
+        self.verbatim = None

@@ -20,6 +20,7 @@ import httptools
 
 from meshproxy.http.exchange import Exchange
 from meshproxy.http.forwarding import (
+    HOP_BY_HOP,
     SERVER_NAME,
     UNTRUSTED_DROP,
     connection_tokens,
@@ -32,17 +33,34 @@ log = logging.getLogger("meshproxy.http")
 _CHUNK_END = b"0\r\n\r\n"
 _CRLF = b"\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-# Request headers that change how the message is framed, forwarded or labelled in metrics:
-# noted while parsing, so the common request (none of them) skips a second pass.
-_NOTED = frozenset(
-    (
-        b"content-length",
-        b"transfer-encoding",
-        b"expect",
-        b"connection",
-        b"content-type",
-        b"accept",
-    )
+_XF_ALL = 31
+# What on_header must notice about a request field, by lower-case name: one dict lookup, and
+# the common field (none of these) is just appended.
+_XF_BITS = {  # trusted X-Forwarded-* fields the entrypoint then leaves as they are
+    b"x-forwarded-proto": 1,
+    b"x-forwarded-host": 2,
+    b"x-forwarded-port": 4,
+    b"x-real-ip": 8,
+    b"x-forwarded-for": 16,
+}
+_HOST = 32  # the Host field
+_NOTED = 64  # framing, forwarding or the metrics label depend on it: looked at again later
+_CHUNKED = 128  # Transfer-Encoding: the body is chunked
+_REWRITTEN = 256  # not forwarded as received (hop-by-hop, Expect, X-Forwarded-*)
+_X_FORWARDED = 512  # dropped unless the client is trusted
+_FIELD_KIND: dict[bytes, int] = {name: _X_FORWARDED | _REWRITTEN for name in UNTRUSTED_DROP}
+_FIELD_KIND.update({name: bits | _X_FORWARDED | _REWRITTEN for name, bits in _XF_BITS.items()})
+_FIELD_KIND.update({name: _REWRITTEN for name in HOP_BY_HOP})
+_FIELD_KIND.update(
+    {
+        b"host": _HOST,
+        b"content-length": _NOTED,
+        b"content-type": _NOTED,
+        b"accept": _NOTED,
+        b"connection": _NOTED | _REWRITTEN,
+        b"expect": _NOTED | _REWRITTEN,
+        b"transfer-encoding": _NOTED | _CHUNKED | _REWRITTEN,
+    }
 )
 
 
@@ -86,8 +104,10 @@ class HTTPEntryPoint:
     def protocol_factory(self) -> H1ServerConnection:
         return H1ServerConnection(self)
 
-    def sweep(self, now: float) -> None:
-        """Close idle keep-alive connections and clients that dribble their headers."""
+    def sweep(self) -> None:
+        """Close idle keep-alive connections and clients that dribble their headers. Times
+        are on the perf_counter clock, which the request path reads anyway."""
+        now = time.perf_counter()
         idle = self.settings.idle_timeout
         read = self.settings.read_timeout
         for conn in list(self.connections):
@@ -104,11 +124,16 @@ class _HeaderTooLarge(Exception):
 
 class H1ServerConnection(asyncio.Protocol):
     __slots__ = (
+        "_between_messages",
+        "_chunk",
         "_chunked",
         "_chunked_request",
         "_client_paused",
         "_closing",
         "_error_after_current",
+        "_forwarded",
+        "_head_at_chunk_start",
+        "_head_in_chunk",
         "_header_bytes",
         "_headers",
         "_host",
@@ -119,6 +144,7 @@ class H1ServerConnection(asyncio.Protocol):
         "_special",
         "_trusted",
         "_url",
+        "_verbatim",
         "_write_paused",
         "_xf_seen",
         "client_ip",
@@ -156,6 +182,12 @@ class H1ServerConnection(asyncio.Protocol):
         self._error_after_current: int | None = None
         self._message_started_at: float | None = None
         self._perf_start = 0.0
+        self._chunk = b""  # the bytes of the current read
+        self._between_messages = True  # the parser is not inside a message
+        self._head_at_chunk_start = False
+        self._head_in_chunk = False  # the current message's head began at the read's start
+        self._verbatim = False  # no field of the current request needs rewriting
+        self._forwarded: tuple[bytes, list[tuple[bytes, bytes]], bytes] | None = None
         self.idle_since = 0.0
         self.client_ip = ""
         self.client_port = 0
@@ -170,7 +202,7 @@ class H1ServerConnection(asyncio.Protocol):
             if self.client_ip.startswith("::ffff:") and "." in self.client_ip:
                 self.client_ip = self.client_ip[7:]
         self._trusted = self.entry.is_trusted(self.client_ip)
-        self.idle_since = self.loop.time()
+        self.idle_since = time.perf_counter()
         self.entry.connections.add(self)
         self.entry.on_open(1)
 
@@ -207,6 +239,8 @@ class H1ServerConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closing or self._error_after_current is not None:
             return
+        self._chunk = data
+        self._head_at_chunk_start = self._between_messages
         try:
             self.parser.feed_data(data)
         except _HeaderTooLarge:
@@ -218,6 +252,7 @@ class H1ServerConnection(asyncio.Protocol):
                 exc.__cause__, _HeaderTooLarge
             )
             self._protocol_error(431 if too_large else 400)
+        self._head_in_chunk = False  # a head still incomplete will span several reads
 
     def on_message_begin(self) -> None:
         self._url = b""
@@ -227,8 +262,10 @@ class H1ServerConnection(asyncio.Protocol):
         self._xf_seen = 0
         self._special = False
         self._chunked_request = False
-        self._message_started_at = self.loop.time()
-        self._perf_start = time.perf_counter()
+        self._verbatim = True
+        self._head_in_chunk = self._head_at_chunk_start
+        self._head_at_chunk_start = self._between_messages = False
+        self._message_started_at = self._perf_start = time.perf_counter()
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -241,56 +278,51 @@ class H1ServerConnection(asyncio.Protocol):
         if self._header_bytes > self.entry.settings.max_header_bytes:
             raise _HeaderTooLarge
         name = name.lower()
-        if name == b"host":
-            if self._host:
-                raise httptools.HttpParserError("duplicate Host header")
-            self._host = value
-        elif name in _NOTED:
-            self._special = True
-            if name == b"transfer-encoding":
-                self._chunked_request = True
-        elif name in UNTRUSTED_DROP:
-            if not self._trusted:
-                return
-            if name == b"x-forwarded-proto":
-                self._xf_seen |= 1
-            elif name == b"x-forwarded-host":
-                self._xf_seen |= 2
-            elif name == b"x-forwarded-port":
-                self._xf_seen |= 4
-            elif name == b"x-real-ip":
-                self._xf_seen |= 8
-            elif name == b"x-forwarded-for":
-                self._xf_seen |= 16
+        kind = _FIELD_KIND.get(name)
+        if kind is not None:
+            if kind & _REWRITTEN:
+                self._verbatim = False
+            if kind & _NOTED:
+                self._special = True
+                if kind & _CHUNKED:
+                    self._chunked_request = True
+            elif kind & _X_FORWARDED:
+                if not self._trusted:
+                    return
+                self._xf_seen |= kind
+            elif kind == _HOST:
+                if self._host:
+                    raise httptools.HttpParserError("duplicate Host header")
+                self._host = value
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         parser = self.parser
         version = parser.get_http_version()
         method = parser.get_method().decode("latin-1")
-        if not self._host and version == "1.1":
+        host = self._host
+        if not host and version == "1.1":
             raise httptools.HttpParserError("missing Host header")
         headers = self._headers
+        received = len(headers)
         try:
             request = Request(
-                method, self._url, headers, self._host, self.client_ip, self.client_port, version
+                method, self._url, headers, host, self.client_ip, self.client_port, version
             )
         except ValueError:
             raise httptools.HttpParserError("invalid request target") from None
         request.keep_alive = parser.should_keep_alive()
         # Traefik's entrypoint sets these before routing, so rules can match on them.
-        seen = self._xf_seen
-        if not seen & 1:
-            headers.append((b"x-forwarded-proto", b"http"))
-        if not seen & 2 and self._host:
-            headers.append((b"x-forwarded-host", self._host))
-        if not seen & 4:
-            port = request.port
-            headers.append((b"x-forwarded-port", port.encode() if port else self.entry.port_bytes))
-        headers.append((b"x-forwarded-server", SERVER_NAME))
-        if not seen & 8:
-            headers.append((b"x-real-ip", self.client_ip.encode()))
-        request.forwarded_for = bool(seen & 16)
+        seen = self._xf_seen & _XF_ALL
+        if seen:
+            self._add_forwarded_fields(request, seen)
+        else:
+            cached = self._forwarded
+            if cached is None or cached[0] != host:
+                cached = self._forwarded = self._forwarded_fields(request)
+            headers.extend(cached[1])
+            if self._verbatim and self._head_in_chunk and host and request.host_header is host:
+                request.verbatim = self._verbatim_fields(received, cached[2])
         has_body = self._chunked_request
         if self._special:
             for name, value in headers:
@@ -313,12 +345,60 @@ class H1ServerConnection(asyncio.Protocol):
         else:
             self.pipeline.append(ex)
 
+    def _forwarded_fields(self, request: Request) -> tuple[bytes, list[tuple[bytes, bytes]], bytes]:
+        """The X-Forwarded-* fields this entrypoint adds for a client that sent none: the same
+        for every request on a connection with the same Host, so built once and kept."""
+        host = self._host
+        fields = [(b"x-forwarded-proto", b"http")]
+        if host:
+            fields.append((b"x-forwarded-host", host))
+        port = request.port
+        fields.append((b"x-forwarded-port", port.encode() if port else self.entry.port_bytes))
+        fields.append((b"x-forwarded-server", SERVER_NAME))
+        fields.append((b"x-real-ip", self.client_ip.encode()))
+        # X-Forwarded-For is written at forwarding time (it may be appended to); for the
+        # verbatim block it is the client's address alone.
+        lines = [name + b": " + value + _CRLF for name, value in fields]
+        lines.append(b"x-forwarded-for: " + self.client_ip.encode() + _CRLF)
+        return host, fields, b"".join(lines)
+
+    def _add_forwarded_fields(self, request: Request, seen: int) -> None:
+        """A trusted client sent some X-Forwarded-* fields: add only the missing ones."""
+        headers = self._headers
+        if not seen & 1:
+            headers.append((b"x-forwarded-proto", b"http"))
+        if not seen & 2 and self._host:
+            headers.append((b"x-forwarded-host", self._host))
+        if not seen & 4:
+            port = request.port
+            headers.append((b"x-forwarded-port", port.encode() if port else self.entry.port_bytes))
+        headers.append((b"x-forwarded-server", SERVER_NAME))
+        if not seen & 8:
+            headers.append((b"x-real-ip", self.client_ip.encode()))
+        request.forwarded_for = bool(seen & 16)
+
+    def _verbatim_fields(self, received: int, forwarded: bytes) -> bytes | None:
+        """The client's header lines exactly as they arrived, plus the X-Forwarded-* lines:
+        forwarded without rebuilding them (as HAProxy does) when none needs a rewrite. Only
+        for a head that began this read: llhttp has checked its syntax (CRLF line ends, no
+        folding, no space before a colon), so its lines are the fields it reported."""
+        chunk = self._chunk
+        line_end = chunk.find(_CRLF)
+        head_end = chunk.find(b"\r\n\r\n")
+        if line_end <= 0 or head_end < line_end:
+            return None
+        block = chunk[line_end + 2 : head_end + 2]
+        if block.count(_CRLF) != received:
+            return None  # not the head the parser reported (leading empty lines, say)
+        return block + forwarded
+
     def on_body(self, body: bytes) -> None:
         ex = self._receiving
         if ex is not None:
             ex.on_request_body(body)
 
     def on_message_complete(self) -> None:
+        self._between_messages = True
         ex = self._receiving
         if ex is not None:
             self._receiving = None
@@ -372,7 +452,7 @@ class H1ServerConnection(asyncio.Protocol):
         if not ex.request.keep_alive or not ex.body_complete:
             self.close()
             return
-        self.idle_since = self.loop.time()
+        self.idle_since = time.perf_counter()
         if self.pipeline:
             self._start(self.pipeline.popleft())
 

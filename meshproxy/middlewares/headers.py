@@ -106,7 +106,7 @@ def build_headers(options: Headers, next_handler: Handler, ctx: BuildContext) ->
         for name, value in request_set:
             if name == b"host":
                 if value:
-                    request.host_header = value
+                    request.set_host_header(value)
             elif value:
                 request.set_header(name, value)
             else:

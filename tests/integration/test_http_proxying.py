@@ -363,3 +363,54 @@ async def test_response_hop_by_hop_headers_are_dropped_before_the_client(proxy_f
     for hop in ("x-node-secret", "keep-alive"):
         assert hop not in headers
     assert response.reason == "OK"  # as Traefik: the phrase comes from the status code
+
+
+async def test_request_fields_reach_the_backend_as_sent_whether_or_not_they_need_rewriting(
+    proxy_factory,
+):
+    """A clean head is forwarded line for line (case and order kept, X-Forwarded-* added); a
+    head with a hop-by-hop field, the next one pipelined behind it, or one split over two
+    writes, gets the same fields through the rebuilt path."""
+    heads: list[bytes] = []
+
+    async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                heads.append(await read_request_head(reader))
+            except asyncio.IncompleteReadError:
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            await writer.drain()
+
+    server, port = await start_raw_backend(backend)
+    async with server:
+        proxy = await proxy_factory(catch_all(f"http://127.0.0.1:{port}"))
+        clean = b"GET /a?q=1 HTTP/1.1\r\nHost: svc.test\r\nUser-Agent: t/1\r\nX-Mixed-Case: v  \r\n"
+        hop = b"GET /b HTTP/1.1\r\nHost: svc.test\r\nTE: trailers\r\nX-Mixed-Case: v\r\n"
+        last = b"GET /c HTTP/1.1\r\nHost: svc.test\r\nX-Mixed-Case: v\r\nConnection: close\r\n"
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(clean + b"\r\n")
+        await reader.readuntil(b"ok")
+        writer.write(hop + b"\r\n" + last[:20])  # the last head arrives in two writes
+        await writer.drain()
+        await reader.readuntil(b"ok")
+        writer.write(last[20:] + b"\r\n")
+        received = await reader.read(-1)
+        writer.close()
+    assert received.count(b"HTTP/1.1 200 OK") == 1
+    assert len(heads) == 3
+    assert heads[0].startswith(clean)
+    forwarded = heads[0][len(clean) :]
+    for line in (
+        b"x-forwarded-proto: http\r\n",
+        b"x-forwarded-host: svc.test\r\n",
+        b"x-forwarded-port: %d\r\n" % proxy.port,
+        b"x-real-ip: 127.0.0.1\r\n",
+        b"x-forwarded-for: 127.0.0.1\r\n",
+    ):
+        assert line in forwarded
+    for head in heads[1:]:
+        lines = head.lower().split(b"\r\n")
+        assert b"x-mixed-case: v" in lines and b"host: svc.test" in lines
+        assert b"x-forwarded-for: 127.0.0.1" in lines
+        assert not any(line.startswith((b"te:", b"connection:")) for line in lines)
