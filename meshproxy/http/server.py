@@ -429,7 +429,7 @@ class H1ServerConnection(asyncio.Protocol):
             # then finds the body read, and the connection can stay open.
             self.loop.call_soon(self._handle, ex)
         else:
-            self._handle(ex)
+            self.entry.handler(ex)  # calls exchange_done(ex) when it is over
 
     def _handle(self, ex: Exchange) -> None:
         if ex.client_gone:

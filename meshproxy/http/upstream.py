@@ -125,9 +125,6 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             self._fail(UpstreamError("backend closed the connection before a full response head"))
 
-    def usable(self) -> bool:
-        return not self.closed and self.transport is not None and not self.transport.is_closing()
-
     def close(self) -> None:
         self.closed = True
         if self.transport is not None:
@@ -143,7 +140,10 @@ class UpstreamConnection(asyncio.Protocol):
         if self.parser is None:
             # reused across keep-alive responses; replaced after a bodiless HEAD/204/304
             self.parser = httptools.HttpResponseParser(self)
-        self._reset_head()
+        self._headers = []
+        self._content_length = None
+        self._chunked = False
+        self._connection_tokens = []
         self._status = 0
         self._got_response_bytes = False
         self._response_headers_done = False
@@ -208,7 +208,8 @@ class UpstreamConnection(asyncio.Protocol):
         sink = self.ex.sink
         try:
             self.parser.feed_data(data)  # type: ignore[union-attr]
-            sink.flush()
+            if not self._response_complete:
+                sink.flush()  # a head without body bytes yet: send it now
         except httptools.HttpParserError as exc:
             if self._response_headers_done:
                 self._fail(ResponseAborted(f"invalid response body: {exc}"))
@@ -289,7 +290,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._fresh_parser = False
         if ex is not None:
             ex.upstream = None
-            ex.detach_body_target()
+            ex.body_target = None
         if self._reading_paused:
             self.resume_reading()
         if self.keep_alive and self.request_sent and not self.closed:
@@ -359,7 +360,7 @@ class UpstreamPool:
         idle = self.idle
         while idle:
             conn = idle.pop()
-            if conn.usable():
+            if not conn.closed and not conn.transport.is_closing():  # type: ignore[union-attr]
                 return conn
         return None
 

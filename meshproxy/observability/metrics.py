@@ -50,10 +50,13 @@ def _protocol_label(ex: Any) -> str:
 
 
 class _Histogram:
+    """Per-bucket counts (not cumulative) plus one overflow slot past the last bound, so an
+    observation is one bisect and one increment."""
+
     __slots__ = ("buckets", "count", "sum")
 
     def __init__(self, size: int) -> None:
-        self.buckets = [0] * size
+        self.buckets = [0] * (size + 1)
         self.count = 0
         self.sum = 0.0
 
@@ -87,39 +90,43 @@ class RequestMetrics(Collector):
 
     # -- hot path -----------------------------------------------------------------------
 
-    def _observe(self, table: dict[Any, _Histogram], key: Any, seconds: float) -> None:
+    def _series(self, table: dict[Any, _Histogram], key: Any) -> _Histogram:
         hist = table.get(key)
         if hist is None:
             hist = table[key] = _Histogram(len(self.bounds))
-        hist.count += 1
-        hist.sum += seconds
-        index = bisect_left(self.bounds, seconds)  # first bound >= seconds
-        if index < len(self.bounds):
-            hist.buckets[index] += 1
+        return hist
 
     def record_request(self, ex: Any, status: int, seconds: float) -> None:
         """Once per request: entrypoint (and router) series."""
         code = _CODES.get(status) or str(status)
         method = _METHODS.get(ex.request.method, "EXTENSION_METHOD")
         protocol = ex.protocol or protocol_label(ex)
+        index = bisect_left(self.bounds, seconds)  # first bound >= seconds
         if self.entrypoint_labels:
-            self._observe(self.entrypoint, (code, method, protocol, ex.entrypoint), seconds)
+            key = (code, method, protocol, ex.entrypoint)
+            hist = self.entrypoint.get(key) or self._series(self.entrypoint, key)
+            hist.count += 1
+            hist.sum += seconds
+            hist.buckets[index] += 1
         if self.router_labels and ex.router:
-            self._observe(self.router, (code, method, protocol, ex.router, ex.service), seconds)
+            hist = self._series(self.router, (code, method, protocol, ex.router, ex.service))
+            hist.count += 1
+            hist.sum += seconds
+            hist.buckets[index] += 1
 
     def record_service(self, service: str, ex: Any, status: int, seconds: float) -> None:
         """Once per attempt at a server."""
         if self.service_labels:
-            self._observe(
-                self.service,
-                (
-                    _CODES.get(status) or str(status),
-                    _METHODS.get(ex.request.method, "EXTENSION_METHOD"),
-                    ex.protocol or protocol_label(ex),
-                    service,
-                ),
-                seconds,
+            key = (
+                _CODES.get(status) or str(status),
+                _METHODS.get(ex.request.method, "EXTENSION_METHOD"),
+                ex.protocol or protocol_label(ex),
+                service,
             )
+            hist = self.service.get(key) or self._series(self.service, key)
+            hist.count += 1
+            hist.sum += seconds
+            hist.buckets[bisect_left(self.bounds, seconds)] += 1
 
     def add_retry(self, service: str) -> None:
         self.retries[service] = self.retries.get(service, 0) + 1
@@ -157,7 +164,7 @@ class RequestMetrics(Collector):
         for key, value in table.items():
             cumulative = 0
             buckets = []
-            for bound, count in zip(self.bounds, value.buckets, strict=True):
+            for bound, count in zip(self.bounds, value.buckets, strict=False):
                 cumulative += count
                 buckets.append((repr(float(bound)), cumulative))
             buckets.append(("+Inf", value.count))

@@ -70,6 +70,10 @@ class CompiledRule:
     syntax: str  # "v2" or "v3"
     matcher: Matcher
     hosts: frozenset[str] | None  # every match has its host in this set (None: any host)
+    # What is left to check once the request's host is known to be in `hosts` (the router
+    # table finds routes by exact host): `Host(a) && PathPrefix(p)` leaves the prefix test,
+    # `Host(a)` leaves nothing (None).
+    within_hosts: Matcher | None = None
 
 
 def detect_syntax(node: Node) -> str:
@@ -93,7 +97,33 @@ def compile_http_rule(rule: str, syntax: str | None = None) -> CompiledRule:
     chosen = syntax if syntax in ("v2", "v3") else detect_syntax(node)
     arity = _V3_ARITY if chosen == "v3" else _V2_ARITY
     compiler = _Compiler(rule, chosen, arity)
-    return CompiledRule(rule, chosen, compiler.compile(node), _required_hosts(node, chosen))
+    matcher = compiler.compile(node)
+    hosts = _required_hosts(node, chosen)
+    within: Matcher | None = matcher
+    if hosts is not None:
+        within = _within_hosts(compiler, node, hosts, matcher)
+    return CompiledRule(rule, chosen, matcher, hosts, within)
+
+
+def _within_hosts(
+    compiler: _Compiler, node: Node, hosts: frozenset[str], matcher: Matcher
+) -> Matcher | None:
+    """The residual test of a rule whose hosts are `hosts`, for a request whose host is in
+    them: nothing for a plain host list, the other side for `hosts && X` or `X && hosts`."""
+    if _is_host_list(node) and _required_hosts(node, compiler.syntax) == hosts:
+        return None
+    if isinstance(node, And):
+        for side, other in ((node.left, node.right), (node.right, node.left)):
+            if _is_host_list(side) and _required_hosts(side, compiler.syntax) == hosts:
+                return compiler.compile(other)
+    return matcher
+
+
+def _is_host_list(node: Node) -> bool:
+    """`Host(a, b)` or `Host(a) || Host(b)`: true exactly when the host is one of them."""
+    if isinstance(node, Or):
+        return _is_host_list(node.left) and _is_host_list(node.right)
+    return isinstance(node, Call) and node.name in ("Host", "HostHeader")
 
 
 def default_priority(rule: str) -> int:

@@ -358,7 +358,9 @@ class _Compiler:
             using = self.snapshot.services[service_name].using
             if qualified not in using:
                 using.append(qualified)
-        return valid, Route(qualified, priority, rule.matcher, rule.hosts, handler, service_name)
+        return valid, Route(
+            qualified, priority, rule.matcher, rule.hosts, handler, service_name, rule.within_hosts
+        )
 
     def compile(self) -> RuntimeSnapshot:
         per_entrypoint: dict[str, list[Route]] = {ep: [] for ep in self.ctx.http_entrypoints}

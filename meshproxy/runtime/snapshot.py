@@ -22,6 +22,10 @@ class Route:
     hosts: frozenset[str] | None
     handler: Handler
     service: str
+    within_hosts: Callable[[Any], bool] | None = None  # see rules.http.CompiledRule
+
+
+_Candidate = tuple[Route, Callable[[Any], bool] | None]
 
 
 class RouterTable:
@@ -30,21 +34,25 @@ class RouterTable:
     def __init__(self, routes: list[Route]) -> None:
         ordered = sorted(routes, key=lambda r: (-r.priority, r.name))
         self.routes = tuple(ordered)
-        self.any_host = tuple(r for r in ordered if r.hosts is None)
+        any_host = [r for r in ordered if r.hosts is None]
         by_host: dict[str, list[Route]] = {}
         for route in ordered:
             for host in route.hosts or ():
                 by_host.setdefault(host, []).append(route)
-        self.by_host = {
+        # Candidates with the test left to run: a route reached through its own host only
+        # checks the rest of its rule (see rules.http.CompiledRule.within_hosts).
+        self.any_host: tuple[_Candidate, ...] = tuple((r, r.matcher) for r in any_host)
+        self.by_host: dict[str, tuple[_Candidate, ...]] = {
             host: tuple(
-                sorted([*routes_for_host, *self.any_host], key=lambda r: (-r.priority, r.name))
+                (r, r.matcher if r.hosts is None else r.within_hosts)
+                for r in sorted([*routes_for_host, *any_host], key=lambda r: (-r.priority, r.name))
             )
             for host, routes_for_host in by_host.items()
         }
 
     def match(self, request: Any) -> Route | None:
-        for route in self.by_host.get(request.host, self.any_host):
-            if route.matcher(request):
+        for route, test in self.by_host.get(request.host, self.any_host):
+            if test is None or test(request):
                 return route
         return None
 

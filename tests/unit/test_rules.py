@@ -99,3 +99,26 @@ def test_tcp_rules_validate_host_sni():
     assert compile_tcp_rule("HostSNI(`db.test`)").needs_sni
     with pytest.raises(RuleError):
         compile_tcp_rule("HostSNI(`bad value!`)")
+
+
+@pytest.mark.parametrize(
+    ("rule", "inside", "outside"),
+    [
+        ("Host(`a.test`) && PathPrefix(`/x`)", "/x/1", "/y"),
+        ("PathPrefix(`/x`) && Host(`a.test`, `b.test`)", "/x", "/"),
+        ("(Host(`a.test`) || Host(`b.test`)) && Method(`GET`) && PathPrefix(`/x`)", "/x", "/y"),
+    ],
+)
+def test_host_indexed_route_checks_only_the_rest_of_its_rule(rule, inside, outside):
+    compiled = compile_http_rule(rule)
+    assert compiled.within_hosts is not None
+    assert compiled.within_hosts(Req(host="a.test", path=inside))
+    assert not compiled.within_hosts(Req(host="a.test", path=outside))
+
+
+def test_host_only_rule_needs_no_test_once_found_by_host_and_host_intersections_stay_exact():
+    assert compile_http_rule("Host(`a.test`, `b.test`)").within_hosts is None
+    mixed = compile_http_rule("Host(`a.test`, `b.test`) && Host(`b.test`) && Path(`/`)")
+    assert mixed.hosts == {"b.test"}
+    assert mixed.within_hosts(Req(host="b.test"))
+    assert not mixed.within_hosts(Req(host="b.test", path="/x"))
