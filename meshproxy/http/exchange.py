@@ -11,7 +11,6 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from meshproxy.http.request import Request
-from meshproxy.http.status import reason_phrase
 
 # Request body bytes held while no upstream is attached, before the client is paused.
 BODY_BUFFER_HIGH_WATER = 256 * 1024
@@ -27,7 +26,6 @@ class Sink(Protocol):
         self,
         ex: Exchange,
         status: int,
-        reason: bytes,
         headers: list[tuple[bytes, bytes]],
         content_length: int | None,
         no_body: bool,
@@ -223,11 +221,12 @@ class Exchange:
     def start_response(
         self,
         status: int,
-        reason: bytes,
         headers: list[tuple[bytes, bytes]],
         content_length: int | None,
         no_body: bool,
     ) -> None:
+        """The response head (end-to-end fields only; the reason phrase follows the code,
+        as in Go's server)."""
         swallow = self.swallow
         if swallow is not None and swallow(status, content_length):
             self.swallowed_status = status  # this try's response goes nowhere
@@ -237,7 +236,7 @@ class Exchange:
                 headers = hook(self, status, headers)
         self.status = status
         self.response_started = True
-        self.sink.write_head(self, status, reason, headers, content_length, no_body)
+        self.sink.write_head(self, status, headers, content_length, no_body)
 
     def send_body(self, chunk: bytes) -> None:
         if not self.swallowed_status:
@@ -254,7 +253,6 @@ class Exchange:
         status: int,
         body: bytes,
         headers: list[tuple[bytes, bytes]] | None = None,
-        reason: bytes | None = None,
     ) -> None:
         """A complete local response (errors, 404, ...)."""
         hdrs = [
@@ -265,7 +263,7 @@ class Exchange:
             hdrs.extend(headers)
         hdrs.append((b"content-length", str(len(body)).encode()))
         self.start_response(
-            status, reason or reason_phrase(status), hdrs, len(body), self.request.method == "HEAD"
+            status, hdrs, len(body), self.request.method == "HEAD"
         )
         if body and self.request.method != "HEAD":
             self.send_body(body)
@@ -283,7 +281,6 @@ class NullSink:
         self,
         ex: Exchange,
         status: int,
-        reason: bytes,
         headers: list[tuple[bytes, bytes]],
         content_length: int | None,
         no_body: bool,

@@ -78,6 +78,7 @@ def host_parts(host_header: bytes) -> tuple[str, str]:
     return parts
 
 
+_NO_TOKENS: frozenset[bytes] = frozenset()
 _CHECKPOINT_FIELDS = (
     "target",
     "path",
@@ -146,7 +147,7 @@ class Request:
         self.append_client_ip = True  # cleared by a headers middleware that blanks X-F-F
         self.keep_alive = True
         self.upgrade: bytes | None = None
-        self.connection_tokens: frozenset[bytes] = frozenset()  # headers named by Connection
+        self.connection_tokens = _NO_TOKENS  # headers named by Connection
         self._header_map: dict[str, list[str]] | None = None
         self._query_map: dict[str, list[str]] | None = None
         # The header lines to forward, already serialized (see H1ServerConnection): set while
@@ -154,7 +155,7 @@ class Request:
         # the fields or of the Host clears it, so `headers` is edited only by the methods here.
         self.verbatim: bytes | None = None
         raw = target.decode("latin-1")
-        if raw.startswith(("http://", "https://")):
+        if raw[:1] != "/" and raw.startswith(("http://", "https://")):
             # absolute-form: its authority wins over the Host header
             after = raw.split("://", 1)[1]
             authority, slash, rest = after.partition("/")
@@ -163,8 +164,8 @@ class Request:
             raw = slash + rest if slash else "/"
             self.target = raw.encode("latin-1")
         path, _, self.query = raw.partition("?")
-        self.path = routing_path(path)
-        self.host, self.port = host_parts(self.host_header)
+        self.path = routing_path(path) if "%" in path else path
+        self.host, self.port = _HOST_CACHE.get(self.host_header) or host_parts(self.host_header)
 
     def checkpoint(self) -> tuple[Any, ...]:
         """What middlewares may change, to put back before another try (see `restore`). Edits

@@ -34,6 +34,9 @@ _CHUNK_END = b"0\r\n\r\n"
 _CRLF = b"\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _XF_ALL = 31
+_VERSIONS = {b"HTTP/1.1": "1.1", b"HTTP/1.0": "1.0"}
+# Status lines, built once: the reason phrase comes from the code, as in Go.
+_STATUS_LINES = {c: b"HTTP/1.1 %d %s\r\n" % (c, reason_phrase(c)) for c in range(100, 1000)}
 # What on_header must notice about a request field, by lower-case name: one dict lookup, and
 # the common field (none of these) is just appended.
 _XF_BITS = {  # trusted X-Forwarded-* fields the entrypoint then leaves as they are
@@ -298,7 +301,7 @@ class H1ServerConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         parser = self.parser
-        version = parser.get_http_version()
+        version = self._http_version()
         method = parser.get_method().decode("latin-1")
         host = self._host
         if not host and version == "1.1":
@@ -344,6 +347,17 @@ class H1ServerConnection(asyncio.Protocol):
             self._start(ex)
         else:
             self.pipeline.append(ex)
+
+    def _http_version(self) -> str:
+        """The request's HTTP version; read off the request line when the head is in this
+        read (llhttp checked it ends with `HTTP/x.y`), cheaper than the parser's string."""
+        if self._head_in_chunk:
+            chunk = self._chunk
+            line_end = chunk.find(_CRLF)
+            version = _VERSIONS.get(chunk[line_end - 8 : line_end])
+            if version is not None:
+                return version
+        return self.parser.get_http_version()
 
     def _forwarded_fields(self, request: Request) -> tuple[bytes, list[tuple[bytes, bytes]], bytes]:
         """The X-Forwarded-* fields this entrypoint adds for a client that sent none: the same
@@ -466,7 +480,6 @@ class H1ServerConnection(asyncio.Protocol):
         self,
         ex: Exchange,
         status: int,
-        reason: bytes,
         headers: list[tuple[bytes, bytes]],
         content_length: int | None,
         no_body: bool,
@@ -493,7 +506,9 @@ class H1ServerConnection(asyncio.Protocol):
             lines.append(b"connection: keep-alive\r\n")
         self._chunked = chunked
         # Held back so head and body leave in one write (one syscall) when the body is small.
-        self._pending_head = b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, b"".join(lines))
+        lines.append(_CRLF)
+        status_line = _STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status
+        self._pending_head = status_line + b"".join(lines)
 
     def write_body(self, ex: Exchange, chunk: bytes) -> None:
         if self._closing or not chunk:

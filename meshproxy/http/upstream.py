@@ -25,7 +25,6 @@ from meshproxy.http.errors import (
 )
 from meshproxy.http.exchange import Exchange
 from meshproxy.http.forwarding import HOP_BY_HOP, connection_tokens
-from meshproxy.http.status import reason_phrase
 
 log = logging.getLogger("meshproxy.upstream")
 
@@ -256,7 +255,7 @@ class UpstreamConnection(asyncio.Protocol):
         if not no_body and content_length is None and not chunked:
             self._until_close = True
             self.keep_alive = False
-        ex.start_response(status, reason_phrase(status), self._headers, content_length, no_body)
+        ex.start_response(status, self._headers, content_length, no_body)
         if no_body:
             self._complete()
 
