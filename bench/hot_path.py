@@ -31,7 +31,13 @@ CONFIG = b"""{"http": {
   "routers": {"bench": {"entryPoints": ["web"], "service": "app",
     "rule": "Host(`bench.mesh.test`) && PathPrefix(`/bench`)"}},
   "services": {"app": {"loadBalancer": {"servers": [{"url": "http://127.0.0.1:9"}]}}}}}"""
-RESPONSE = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 13\r\n\r\nHello, World!"
+
+
+def response_bytes(extra_fields: int) -> bytes:
+    """What the demo backend answers, plus fields a typical server adds (Date, Server, ...)."""
+    lines = [b"HTTP/1.1 200 OK", b"Content-Type: text/plain", b"Content-Length: 13"]
+    lines += [b"X-Server-Field-%d: value-%d" % (i, i) for i in range(extra_fields)]
+    return b"\r\n".join(lines) + b"\r\n\r\nHello, World!"
 
 
 class MemoryTransport:
@@ -71,7 +77,7 @@ def request_bytes(extra_headers: int) -> bytes:
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
-def measure(requests: int, extra_headers: int) -> dict[str, float]:
+def measure(requests: int, extra_headers: int, extra_response_fields: int = 0) -> dict[str, float]:
     async def run() -> dict[str, float]:
         metrics = RequestMetrics()
         state = RuntimeState()
@@ -103,10 +109,11 @@ def measure(requests: int, extra_headers: int) -> dict[str, float]:
         client_transport = MemoryTransport(("127.0.0.1", 40000))
         client.connection_made(client_transport)  # type: ignore[arg-type]
         request = request_bytes(extra_headers)
+        response = response_bytes(extra_response_fields)
 
         def one() -> None:
             client.data_received(request)
-            upstream.data_received(RESPONSE)
+            upstream.data_received(response)
 
         for _ in range(1000):  # warm-up, and a check that the proxy really answered
             one()
@@ -133,11 +140,17 @@ def measure(requests: int, extra_headers: int) -> dict[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=200_000)
-    parser.add_argument("--headers", type=int, default=0, help="extra request headers")
+    parser.add_argument("--headers", type=int, default=0, help="extra request fields")
+    parser.add_argument("--response-fields", type=int, default=0, help="extra response fields")
     args = parser.parse_args()
-    result = measure(args.requests, args.headers)
+    result = measure(args.requests, args.headers, args.response_fields)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    report = {"when": stamp, "extra_request_headers": args.headers, **result}
+    report = {
+        "when": stamp,
+        "extra_request_fields": args.headers,
+        "extra_response_fields": args.response_fields,
+        **result,
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "hot_path.json").write_text(json.dumps(report, indent=2) + "\n")
     print(

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from meshproxy.http.fields import Fields, field_list
 from meshproxy.http.request import Request
 
 # Request body bytes held while no upstream is attached, before the client is paused.
@@ -26,7 +27,7 @@ class Sink(Protocol):
         self,
         ex: Exchange,
         status: int,
-        headers: list[tuple[bytes, bytes]],
+        headers: Fields,
         content_length: int | None,
         no_body: bool,
     ) -> None: ...
@@ -221,7 +222,7 @@ class Exchange:
     def start_response(
         self,
         status: int,
-        headers: list[tuple[bytes, bytes]],
+        headers: Fields,
         content_length: int | None,
         no_body: bool,
     ) -> None:
@@ -232,6 +233,7 @@ class Exchange:
             self.swallowed_status = status  # this try's response goes nowhere
             return
         if self.response_hooks:
+            headers = field_list(headers)
             for hook in self.response_hooks:
                 headers = hook(self, status, headers)
         self.status = status
@@ -262,9 +264,7 @@ class Exchange:
         if headers:
             hdrs.extend(headers)
         hdrs.append((b"content-length", str(len(body)).encode()))
-        self.start_response(
-            status, hdrs, len(body), self.request.method == "HEAD"
-        )
+        self.start_response(status, hdrs, len(body), self.request.method == "HEAD")
         if body and self.request.method != "HEAD":
             self.send_body(body)
         self.end_response()
@@ -281,7 +281,7 @@ class NullSink:
         self,
         ex: Exchange,
         status: int,
-        headers: list[tuple[bytes, bytes]],
+        headers: Fields,
         content_length: int | None,
         no_body: bool,
     ) -> None:

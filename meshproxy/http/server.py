@@ -19,6 +19,7 @@ from typing import Any
 import httptools
 
 from meshproxy.http.exchange import Exchange
+from meshproxy.http.fields import Fields, field_lines
 from meshproxy.http.forwarding import (
     HOP_BY_HOP,
     SERVER_NAME,
@@ -480,7 +481,7 @@ class H1ServerConnection(asyncio.Protocol):
         self,
         ex: Exchange,
         status: int,
-        headers: list[tuple[bytes, bytes]],
+        headers: Fields,
         content_length: int | None,
         no_body: bool,
     ) -> None:
@@ -497,7 +498,7 @@ class H1ServerConnection(asyncio.Protocol):
         if not ex.body_complete:
             keep_alive = False  # the rest of the request body would be read as a new request
         request.keep_alive = keep_alive
-        lines = [name + b": " + value + _CRLF for name, value in headers]
+        lines = [field_lines(headers)]
         if chunked:
             lines.append(b"transfer-encoding: chunked\r\n")
         if not keep_alive:

@@ -24,7 +24,7 @@ from meshproxy.http.errors import (
     UpstreamResponseTimeout,
 )
 from meshproxy.http.exchange import Exchange
-from meshproxy.http.forwarding import HOP_BY_HOP, connection_tokens
+from meshproxy.http.fields import MalformedFields, response_fields
 
 log = logging.getLogger("meshproxy.upstream")
 
@@ -53,14 +53,12 @@ class EarlyEOF(Exception):
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
-        "_chunked",
         "_chunked_body",
-        "_connection_tokens",
-        "_content_length",
         "_fresh_parser",
         "_got_response_bytes",
+        "_head",
+        "_head_start",
         "_header_timer",
-        "_headers",
         "_on_done",
         "_reading_paused",
         "_response_complete",
@@ -86,10 +84,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.ex: Exchange | None = None
         self.parser: httptools.HttpResponseParser | None = None
         self._on_done: DoneCallback | None = None
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._content_length: int | None = None
-        self._chunked = False
-        self._connection_tokens: list[bytes] = []
+        self._head = b""  # the response bytes read until its head is complete
+        self._head_start = 0  # where the head being parsed begins (after 1xx interim heads)
         self._status = 0
         self._chunked_body = False
         self._header_timer: asyncio.TimerHandle | None = None
@@ -139,10 +135,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self.parser is None:
             # reused across keep-alive responses; replaced after a bodiless HEAD/204/304
             self.parser = httptools.HttpResponseParser(self)
-        self._headers = []
-        self._content_length = None
-        self._chunked = False
-        self._connection_tokens = []
+        self._head = b""
+        self._head_start = 0
         self._status = 0
         self._got_response_bytes = False
         self._response_headers_done = False
@@ -161,12 +155,6 @@ class UpstreamConnection(asyncio.Protocol):
             self._header_timer = self.loop.call_later(timeout, self._on_header_timeout)
         if self._reading_paused:
             self.resume_reading()
-
-    def _reset_head(self) -> None:
-        self._headers = []
-        self._content_length = None
-        self._chunked = False
-        self._connection_tokens = []
 
     def send_body(self, chunk: bytes) -> None:
         if self.closed:
@@ -204,38 +192,33 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()  # bytes on an idle connection: the backend misbehaves
             return
         self._got_response_bytes = True
+        if not self._response_headers_done:
+            self._head += data
         sink = self.ex.sink
         try:
             self.parser.feed_data(data)  # type: ignore[union-attr]
             if not self._response_complete:
                 sink.flush()  # a head without body bytes yet: send it now
-        except httptools.HttpParserError as exc:
+        except (httptools.HttpParserError, MalformedFields) as exc:
             if self._response_headers_done:
                 self._fail(ResponseAborted(f"invalid response body: {exc}"))
             else:
                 self._fail(UpstreamError(f"invalid response from backend: {exc}"))
             self.close()
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        # Hop-by-hop headers stop here, so the client side can write the rest as they are.
-        name = name.lower()
-        if name in HOP_BY_HOP:
-            if name == b"transfer-encoding":
-                self._chunked = True
-            elif name == b"connection":
-                self._connection_tokens.extend(connection_tokens(value))
-            return
-        if name == b"content-length":
-            self._content_length = int(value)
-        self._headers.append((name, value))
-
     def on_headers_complete(self) -> None:
         parser = self.parser
         status = parser.get_status_code()  # type: ignore[union-attr]
+        head = self._head
+        line_end = head.find(_CRLF, self._head_start)
+        head_end = head.find(b"\r\n\r\n", line_end)
+        if line_end < 0 or head_end < 0:
+            raise MalformedFields("response head not found")
         if 100 <= status < 200:
-            self._reset_head()  # interim response: the final one follows
+            self._head_start = head_end + 4  # interim response: the final one follows
             self._status = status
             return
+        self._head = b""
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
@@ -244,18 +227,15 @@ class UpstreamConnection(asyncio.Protocol):
         self._status = status
         self._response_headers_done = True
         self.keep_alive = parser.should_keep_alive()  # type: ignore[union-attr]
-        content_length = self._content_length
-        chunked = self._chunked
-        if self._connection_tokens:
-            listed = set(self._connection_tokens)
-            self._headers = [(n, v) for n, v in self._headers if n not in listed]
+        # hop-by-hop fields stop here, so the client side can write the rest as they are
+        fields, content_length, chunked = response_fields(head[line_end + 1 : head_end + 2])
         no_body = ex.request.method == "HEAD" or status in (204, 304)
         if no_body:
             self._fresh_parser = True
         if not no_body and content_length is None and not chunked:
             self._until_close = True
             self.keep_alive = False
-        ex.start_response(status, self._headers, content_length, no_body)
+        ex.start_response(status, fields, content_length, no_body)
         if no_body:
             self._complete()
 

@@ -414,3 +414,25 @@ async def test_request_fields_reach_the_backend_as_sent_whether_or_not_they_need
         assert b"x-mixed-case: v" in lines and b"host: svc.test" in lines
         assert b"x-forwarded-for: 127.0.0.1" in lines
         assert not any(line.startswith((b"te:", b"connection:")) for line in lines)
+
+
+async def test_response_head_split_over_reads_and_after_an_interim_1xx_reaches_the_client(
+    proxy_factory,
+):
+    async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\nX-Fi")
+        await writer.drain()
+        await asyncio.sleep(0)  # the rest of the head comes in a later write
+        writer.write(b"rst: 1\r\nX-Second: 2\r\nContent-Length: 5\r\n\r\nhello")
+        await writer.drain()
+        await reader.read()
+
+    server, port = await start_raw_backend(backend)
+    async with server:
+        proxy = await proxy_factory(catch_all(f"http://127.0.0.1:{port}"))
+        response = await request(proxy.port)
+    headers = dict(response.headers)
+    assert response.status == 200 and response.body == b"hello"
+    assert headers["x-first"] == "1" and headers["x-second"] == "2"
+    assert "link" not in headers  # the interim response's fields are not the final one's

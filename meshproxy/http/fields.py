@@ -1,0 +1,73 @@
+"""Header fields of a response on its way from a backend to a client.
+
+A response head's fields travel as the block of lines the backend sent whenever none of them
+is hop-by-hop (the usual case): no per-field parsing, no rebuilding, the names keep their case,
+as HAProxy does. Only a head with hop-by-hop fields, or a middleware that edits the response
+(headers), turns the block into a list of (lower-case name, value) pairs.
+
+Hand-written because llhttp (through httptools) reports fields one callback at a time, which
+is the cost this avoids; llhttp still parses and checks every head first (CRLF line ends, no
+folding, no space before a colon, one Content-Length), so the block is known to be well formed.
+"""
+
+from __future__ import annotations
+
+import re
+
+from meshproxy.http.forwarding import HOP_BY_HOP, connection_tokens
+
+FieldList = list[tuple[bytes, bytes]]
+Fields = FieldList | bytes
+"""A list of (lower-case name, value) pairs, or a block of `name: value\\r\\n` lines."""
+
+_CRLF = b"\r\n"
+_HOP_FIELD = re.compile(
+    rb"\n(?:connection|keep-alive|proxy-connection|te|trailer|transfer-encoding|upgrade"
+    rb"|proxy-authenticate|proxy-authorization):"
+)
+
+
+class MalformedFields(ValueError):
+    pass
+
+
+def response_fields(block: bytes) -> tuple[Fields, int | None, bool]:
+    """End-to-end fields, Content-Length and whether the body is chunked, from `block`: the
+    head from the LF that ends the status line to the CRLF that ends the last field."""
+    low = block.lower()
+    length = None
+    at = low.find(b"\ncontent-length:")
+    if at >= 0:
+        try:
+            length = int(low[at + 16 : low.find(b"\r", at)])
+        except ValueError:
+            raise MalformedFields("invalid Content-Length") from None
+    if _HOP_FIELD.search(low) is None:
+        return block[1:], length, False
+    fields = field_list(block[1:])
+    listed = set(HOP_BY_HOP)
+    chunked = False
+    for name, value in fields:
+        if name == b"connection":
+            listed.update(connection_tokens(value))
+        elif name == b"transfer-encoding":
+            chunked = True
+    return [(n, v) for n, v in fields if n not in listed], length, chunked
+
+
+def field_list(fields: Fields) -> FieldList:
+    """The fields as (lower-case name, value) pairs, values without surrounding blanks."""
+    if not isinstance(fields, bytes):
+        return fields
+    pairs = []
+    for line in fields.split(_CRLF)[:-1]:
+        name, _, value = line.partition(b":")
+        pairs.append((name.lower(), value.strip(b" \t")))
+    return pairs
+
+
+def field_lines(fields: Fields) -> bytes:
+    """The fields as `name: value\\r\\n` lines."""
+    if isinstance(fields, bytes):
+        return fields
+    return b"".join([name + b": " + value + _CRLF for name, value in fields])

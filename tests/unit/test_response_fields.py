@@ -1,0 +1,44 @@
+"""Response header fields: passed through as the backend's block unless hop-by-hop ones need
+removing (see meshproxy.http.fields)."""
+
+from __future__ import annotations
+
+import pytest
+
+from meshproxy.http.fields import MalformedFields, field_lines, field_list, response_fields
+
+
+def test_clean_block_passes_through_untouched_with_its_content_length():
+    block = b"\nContent-Type: text/plain\r\nCONTENT-LENGTH: 13\r\nX-Case: KeepMe\r\n"
+    fields, length, chunked = response_fields(block)
+    assert fields == block[1:]
+    assert length == 13 and not chunked
+
+
+def test_hop_by_hop_and_connection_listed_fields_are_removed():
+    block = (
+        b"\nConnection: keep-alive, X-Node-Secret\r\nX-Node-Secret: 42\r\n"
+        b"Keep-Alive: timeout=5\r\nX-Kept: yes \r\nTransfer-Encoding: chunked\r\n"
+    )
+    fields, length, chunked = response_fields(block)
+    assert fields == [(b"x-kept", b"yes")]
+    assert length is None and chunked
+
+
+def test_a_field_whose_name_only_starts_like_a_hop_by_hop_one_is_kept():
+    block = b"\nTE-Like: 1\r\nUpgrade-Insecure: 2\r\ncontent-length: 0\r\n"
+    fields, length, _ = response_fields(block)
+    assert fields == block[1:] and length == 0
+
+
+def test_unreadable_content_length_is_an_error_not_a_guess():
+    with pytest.raises(MalformedFields):
+        response_fields(b"\ncontent-length: 12abc\r\n")
+
+
+def test_block_and_list_forms_convert_both_ways():
+    block = b"A: 1\r\nB:\t two \r\n"
+    assert field_list(block) == [(b"a", b"1"), (b"b", b"two")]
+    assert field_lines(field_list(block)) == b"a: 1\r\nb: two\r\n"
+    assert field_lines(block) is block
+    assert field_list(b"") == []
