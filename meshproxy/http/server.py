@@ -35,7 +35,7 @@ _CHUNK_END = b"0\r\n\r\n"
 _CRLF = b"\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _XF_ALL = 31
-_VERSIONS = {b"HTTP/1.1": "1.1", b"HTTP/1.0": "1.0"}
+_VERSIONS = {b"HTTP/1.1": "1.1", b"HTTP/1.0": "1.0"}  # how llhttp checked request lines end
 # Status lines, built once: the reason phrase comes from the code, as in Go.
 _STATUS_LINES = {c: b"HTTP/1.1 %d %s\r\n" % (c, reason_phrase(c)) for c in range(100, 1000)}
 # What on_header must notice about a request field, by lower-case name: one dict lookup, and
@@ -302,7 +302,12 @@ class H1ServerConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         parser = self.parser
-        version = self._http_version()
+        # A head that began this read (the usual case) is read straight off the bytes: the
+        # version from the request line, and maybe the fields to forward verbatim.
+        line_end = self._chunk.find(_CRLF) if self._head_in_chunk else -1
+        version = _VERSIONS.get(self._chunk[line_end - 8 : line_end]) if line_end > 0 else None
+        if version is None:
+            version = parser.get_http_version()
         method = parser.get_method().decode("latin-1")
         host = self._host
         if not host and version == "1.1":
@@ -325,8 +330,8 @@ class H1ServerConnection(asyncio.Protocol):
             if cached is None or cached[0] != host:
                 cached = self._forwarded = self._forwarded_fields(request)
             headers.extend(cached[1])
-            if self._verbatim and self._head_in_chunk and host and request.host_header is host:
-                request.verbatim = self._verbatim_fields(received, cached[2])
+            if self._verbatim and line_end > 0 and host and request.host_header is host:
+                request.verbatim = self._verbatim_fields(line_end, received, cached[2])
         has_body = self._chunked_request
         if self._special:
             for name, value in headers:
@@ -348,17 +353,6 @@ class H1ServerConnection(asyncio.Protocol):
             self._start(ex)
         else:
             self.pipeline.append(ex)
-
-    def _http_version(self) -> str:
-        """The request's HTTP version; read off the request line when the head is in this
-        read (llhttp checked it ends with `HTTP/x.y`), cheaper than the parser's string."""
-        if self._head_in_chunk:
-            chunk = self._chunk
-            line_end = chunk.find(_CRLF)
-            version = _VERSIONS.get(chunk[line_end - 8 : line_end])
-            if version is not None:
-                return version
-        return self.parser.get_http_version()
 
     def _forwarded_fields(self, request: Request) -> tuple[bytes, list[tuple[bytes, bytes]], bytes]:
         """The X-Forwarded-* fields this entrypoint adds for a client that sent none: the same
@@ -392,15 +386,14 @@ class H1ServerConnection(asyncio.Protocol):
             headers.append((b"x-real-ip", self.client_ip.encode()))
         request.forwarded_for = bool(seen & 16)
 
-    def _verbatim_fields(self, received: int, forwarded: bytes) -> bytes | None:
+    def _verbatim_fields(self, line_end: int, received: int, forwarded: bytes) -> bytes | None:
         """The client's header lines exactly as they arrived, plus the X-Forwarded-* lines:
         forwarded without rebuilding them (as HAProxy does) when none needs a rewrite. Only
         for a head that began this read: llhttp has checked its syntax (CRLF line ends, no
         folding, no space before a colon), so its lines are the fields it reported."""
         chunk = self._chunk
-        line_end = chunk.find(_CRLF)
-        head_end = chunk.find(b"\r\n\r\n")
-        if line_end <= 0 or head_end < line_end:
+        head_end = chunk.find(b"\r\n\r\n", line_end)
+        if head_end < line_end:
             return None
         block = chunk[line_end + 2 : head_end + 2]
         if block.count(_CRLF) != received:
@@ -498,18 +491,17 @@ class H1ServerConnection(asyncio.Protocol):
         if not ex.body_complete:
             keep_alive = False  # the rest of the request body would be read as a new request
         request.keep_alive = keep_alive
-        lines = [field_lines(headers)]
+        fields = headers if type(headers) is bytes else field_lines(headers)
         if chunked:
-            lines.append(b"transfer-encoding: chunked\r\n")
+            fields += b"transfer-encoding: chunked\r\n"
         if not keep_alive:
-            lines.append(b"connection: close\r\n")
+            fields += b"connection: close\r\n"
         elif request.http_version == "1.0":
-            lines.append(b"connection: keep-alive\r\n")
+            fields += b"connection: keep-alive\r\n"
         self._chunked = chunked
         # Held back so head and body leave in one write (one syscall) when the body is small.
-        lines.append(_CRLF)
         status_line = _STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status
-        self._pending_head = status_line + b"".join(lines)
+        self._pending_head = status_line + fields + _CRLF
 
     def write_body(self, ex: Exchange, chunk: bytes) -> None:
         if self._closing or not chunk:

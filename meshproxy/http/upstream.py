@@ -241,8 +241,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         ex = self.ex
-        if ex is not None and not self._response_complete:
-            ex.send_body(body)
+        if ex is not None and not self._response_complete and not ex.swallowed_status:
+            ex.sink.write_body(ex, body)  # Exchange.send_body, without the extra call
 
     def on_message_complete(self) -> None:
         if 100 <= self._status < 200 or self._response_complete:
