@@ -112,6 +112,11 @@ class LoadBalancerService:
             return
 
         def done(exc: BaseException | None) -> None:
+            if exc is None:
+                status = ex.swallowed_status or ex.status
+                self.metrics.record_service(self.name, ex, status, perf_counter() - started)
+                finish(ex, None)
+                return
             if isinstance(exc, EarlyEOF):
                 if may_replay(ex, True):
                     retry = exchange_fresh(target.pool, ex, head, chunked)

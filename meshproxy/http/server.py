@@ -35,7 +35,7 @@ _CHUNK_END = b"0\r\n\r\n"
 _CRLF = b"\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _XF_ALL = 31
-_VERSIONS = {b"HTTP/1.1": "1.1", b"HTTP/1.0": "1.0"}  # how llhttp checked request lines end
+_METHOD_NAMES = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS")}
 # Status lines, built once: the reason phrase comes from the code, as in Go.
 _STATUS_LINES = {c: b"HTTP/1.1 %d %s\r\n" % (c, reason_phrase(c)) for c in range(100, 1000)}
 # What on_header must notice about a request field, by lower-case name: one dict lookup, and
@@ -304,11 +304,14 @@ class H1ServerConnection(asyncio.Protocol):
         parser = self.parser
         # A head that began this read (the usual case) is read straight off the bytes: the
         # version from the request line, and maybe the fields to forward verbatim.
-        line_end = self._chunk.find(_CRLF) if self._head_in_chunk else -1
-        version = _VERSIONS.get(self._chunk[line_end - 8 : line_end]) if line_end > 0 else None
-        if version is None:
+        chunk = self._chunk
+        line_end = chunk.find(_CRLF) if self._head_in_chunk else -1
+        if line_end > 0 and chunk.endswith(b"HTTP/1.1", 0, line_end):
+            version = "1.1"  # llhttp checked the request line ends with HTTP/x.y
+        else:
             version = parser.get_http_version()
-        method = parser.get_method().decode("latin-1")
+        raw_method = parser.get_method()
+        method = _METHOD_NAMES.get(raw_method) or raw_method.decode("latin-1")
         host = self._host
         if not host and version == "1.1":
             raise httptools.HttpParserError("missing Host header")

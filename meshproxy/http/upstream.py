@@ -252,8 +252,9 @@ class UpstreamConnection(asyncio.Protocol):
     def _complete(self) -> None:
         self._response_complete = True
         ex = self.ex
-        if ex is not None:
-            ex.end_response()
+        if ex is not None and not ex.swallowed_status:
+            ex.finished = True  # Exchange.end_response, without the extra call
+            ex.sink.write_end(ex)
         on_done = self._on_done
         if on_done is not None:
             self._on_done = None
