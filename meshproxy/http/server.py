@@ -136,7 +136,6 @@ class H1ServerConnection(asyncio.Protocol):
         "_closing",
         "_error_after_current",
         "_forwarded",
-        "_head_at_chunk_start",
         "_head_in_chunk",
         "_header_bytes",
         "_headers",
@@ -188,7 +187,6 @@ class H1ServerConnection(asyncio.Protocol):
         self._perf_start = 0.0
         self._chunk = b""  # the bytes of the current read
         self._between_messages = True  # the parser is not inside a message
-        self._head_at_chunk_start = False
         self._head_in_chunk = False  # the current message's head began at the read's start
         self._verbatim = False  # no field of the current request needs rewriting
         self._forwarded: tuple[bytes, list[tuple[bytes, bytes]], bytes] | None = None
@@ -244,7 +242,9 @@ class H1ServerConnection(asyncio.Protocol):
         if self._closing or self._error_after_current is not None:
             return
         self._chunk = data
-        self._head_at_chunk_start = self._between_messages
+        self._head_in_chunk = between = self._between_messages  # a request starts at byte 0
+        if between and self._message_started_at is None:
+            self._message_started_at = time.perf_counter()  # the read timeout starts now
         try:
             self.parser.feed_data(data)
         except _HeaderTooLarge:
@@ -258,21 +258,25 @@ class H1ServerConnection(asyncio.Protocol):
             self._protocol_error(431 if too_large else 400)
         self._head_in_chunk = False  # a head still incomplete will span several reads
 
-    def on_message_begin(self) -> None:
-        self._url = b""
-        self._headers = []
-        self._header_bytes = 0
-        self._host = b""
-        self._xf_seen = 0
-        self._special = False
-        self._chunked_request = False
-        self._verbatim = True
-        self._head_in_chunk = self._head_at_chunk_start
-        self._head_at_chunk_start = self._between_messages = False
-        self._message_started_at = self._perf_start = time.perf_counter()
-
     def on_url(self, url: bytes) -> None:
-        self._url += url
+        if self._between_messages:
+            # A request begins (llhttp reports its URL first). Done here rather than in an
+            # on_message_begin callback: one call less per request.
+            self._between_messages = False
+            self._url = url
+            self._headers = []
+            self._header_bytes = 0
+            self._host = b""
+            self._xf_seen = 0
+            self._special = False
+            self._chunked_request = False
+            self._verbatim = True
+            started = self._message_started_at
+            if started is None:  # pipelined: this request began inside an earlier read
+                started = self._message_started_at = time.perf_counter()
+            self._perf_start = started
+        else:
+            self._url += url
         self._header_bytes += len(url)
         if self._header_bytes > self.entry.settings.max_header_bytes:
             raise _HeaderTooLarge
@@ -306,6 +310,7 @@ class H1ServerConnection(asyncio.Protocol):
         # version from the request line, and maybe the fields to forward verbatim.
         chunk = self._chunk
         line_end = chunk.find(_CRLF) if self._head_in_chunk else -1
+        self._head_in_chunk = False  # a pipelined request after this one starts mid-read
         if line_end > 0 and chunk.endswith(b"HTTP/1.1", 0, line_end):
             version = "1.1"  # llhttp checked the request line ends with HTTP/x.y
         else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from tests.helpers import catch_all, raw_exchange
@@ -58,3 +60,21 @@ async def test_garbage_after_a_good_request_answers_it_then_400(proxied):
     assert answer.startswith(b"HTTP/1.1 200 OK")
     assert b"HTTP/1.1 400 Bad Request" in answer
     assert len(backend.requests) == 1
+
+
+@pytest.mark.parametrize("partial", [b"GE", b"GET /slow HTTP/1.1\r\nHost: x\r\n"])
+async def test_client_that_dribbles_its_head_is_closed_after_the_read_timeout(
+    backends, proxy_factory, partial
+):
+    backend = await backends()
+    proxy = await proxy_factory(
+        catch_all(backend.url),
+        extra_flags=["--entryPoints.web.transport.respondingTimeouts.readTimeout=1s"],
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(partial)
+    await writer.drain()
+    # The idle timeout is 180 s: a close well before that is the read timeout's doing.
+    assert await asyncio.wait_for(reader.read(), 20) == b""
+    writer.close()
+    assert backend.requests == []
