@@ -61,6 +61,24 @@ class _Histogram:
         self.sum = 0.0
 
 
+def _by_label(table: dict[Any, _Histogram]) -> dict[tuple[str, ...], _Histogram]:
+    """Series keyed by (status code, method, ...) as label values: the code as text, and
+    methods outside the standard set merged into EXTENSION_METHOD, as Traefik does."""
+    merged: dict[tuple[str, ...], _Histogram] = {}
+    for (status, method, *rest), hist in table.items():
+        key = (_CODES.get(status) or str(status), method_label(method), *rest)
+        into = merged.get(key)
+        if into is None:
+            merged[key] = hist
+            continue
+        total = _Histogram(len(hist.buckets) - 1)
+        total.count = into.count + hist.count
+        total.sum = into.sum + hist.sum
+        total.buckets = [a + b for a, b in zip(into.buckets, hist.buckets, strict=True)]
+        merged[key] = total
+    return merged
+
+
 class RequestMetrics(Collector):
     """Request counters and histograms per entrypoint, router and service, plus process gauges."""
 
@@ -96,20 +114,22 @@ class RequestMetrics(Collector):
             hist = table[key] = _Histogram(len(self.bounds))
         return hist
 
+    # Series are keyed by the raw status code and method (llhttp accepts only its own list of
+    # methods, so they are few); labels are made from them at scrape time, not per request.
+
     def record_request(self, ex: Any, status: int, seconds: float) -> None:
         """Once per request: entrypoint (and router) series."""
-        code = _CODES.get(status) or str(status)
-        method = _METHODS.get(ex.request.method, "EXTENSION_METHOD")
+        method = ex.request.method
         protocol = ex.protocol or protocol_label(ex)
         index = bisect_left(self.bounds, seconds)  # first bound >= seconds
         if self.entrypoint_labels:
-            key = (code, method, protocol, ex.entrypoint)
+            key = (status, method, protocol, ex.entrypoint)
             hist = self.entrypoint.get(key) or self._series(self.entrypoint, key)
             hist.count += 1
             hist.sum += seconds
             hist.buckets[index] += 1
         if self.router_labels and ex.router:
-            hist = self._series(self.router, (code, method, protocol, ex.router, ex.service))
+            hist = self._series(self.router, (status, method, protocol, ex.router, ex.service))
             hist.count += 1
             hist.sum += seconds
             hist.buckets[index] += 1
@@ -117,12 +137,7 @@ class RequestMetrics(Collector):
     def record_service(self, service: str, ex: Any, status: int, seconds: float) -> None:
         """Once per attempt at a server."""
         if self.service_labels:
-            key = (
-                _CODES.get(status) or str(status),
-                _METHODS.get(ex.request.method, "EXTENSION_METHOD"),
-                ex.protocol or protocol_label(ex),
-                service,
-            )
+            key = (status, ex.request.method, ex.protocol or protocol_label(ex), service)
             hist = self.service.get(key) or self._series(self.service, key)
             hist.count += 1
             hist.sum += seconds
@@ -161,7 +176,7 @@ class RequestMetrics(Collector):
             labels=labels,
         )
         hist = HistogramMetricFamily(name, doc, labels=labels)
-        for key, value in table.items():
+        for key, value in _by_label(table).items():
             cumulative = 0
             buckets = []
             for bound, count in zip(self.bounds, value.buckets, strict=False):
