@@ -21,9 +21,10 @@ Fields = FieldList | bytes
 """A list of (lower-case name, value) pairs, or a block of `name: value\\r\\n` lines."""
 
 _CRLF = b"\r\n"
-_HOP_FIELD = re.compile(
-    rb"\n(?:connection|keep-alive|proxy-connection|te|trailer|transfer-encoding|upgrade"
-    rb"|proxy-authenticate|proxy-authorization):"
+# The fields the proxy acts on: framing, and hop-by-hop ones it must not pass on.
+_NOTED_FIELD = re.compile(
+    rb"\n(c(?:ontent-length|onnection)|t(?:e|railer|ransfer-encoding)|keep-alive|upgrade"
+    rb"|proxy-(?:connection|authenticate|authorization)):[ \t]*([^\r]*)"
 )
 
 
@@ -34,15 +35,11 @@ class MalformedFields(ValueError):
 def response_fields(block: bytes) -> tuple[Fields, int | None, bool]:
     """End-to-end fields, Content-Length and whether the body is chunked, from `block`: the
     head from the LF that ends the status line to the CRLF that ends the last field."""
-    low = block.lower()
+    noted = _NOTED_FIELD.findall(block.lower())
     length = None
-    at = low.find(b"\ncontent-length:")
-    if at >= 0:
-        try:
-            length = int(low[at + 16 : low.find(b"\r", at)])
-        except ValueError:
-            raise MalformedFields("invalid Content-Length") from None
-    if _HOP_FIELD.search(low) is None:
+    if not noted or (len(noted) == 1 and noted[0][0] == b"content-length"):
+        if noted:  # the usual response: a Content-Length and no hop-by-hop field
+            length = _content_length(noted[0][1])
         return block[1:], length, False
     fields = field_list(block[1:])
     listed = set(HOP_BY_HOP)
@@ -52,7 +49,16 @@ def response_fields(block: bytes) -> tuple[Fields, int | None, bool]:
             listed.update(connection_tokens(value))
         elif name == b"transfer-encoding":
             chunked = True
+        elif name == b"content-length":
+            length = _content_length(value)
     return [(n, v) for n, v in fields if n not in listed], length, chunked
+
+
+def _content_length(value: bytes) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise MalformedFields("invalid Content-Length") from None
 
 
 def field_list(fields: Fields) -> FieldList:

@@ -311,8 +311,8 @@ class H1ServerConnection(asyncio.Protocol):
         chunk = self._chunk
         line_end = chunk.find(_CRLF) if self._head_in_chunk else -1
         self._head_in_chunk = False  # a pipelined request after this one starts mid-read
-        if line_end > 0 and chunk.endswith(b"HTTP/1.1", 0, line_end):
-            version = "1.1"  # llhttp checked the request line ends with HTTP/x.y
+        if line_end > 0 and chunk[line_end - 1] == 49 and chunk[line_end - 3] == 49:
+            version = "1.1"  # "1.1": llhttp checked the request line ends with HTTP/x.y
         else:
             version = parser.get_http_version()
         raw_method = parser.get_method()
@@ -418,7 +418,8 @@ class H1ServerConnection(asyncio.Protocol):
         ex = self._receiving
         if ex is not None:
             self._receiving = None
-            ex.on_request_end()
+            if ex.has_body:  # a bodiless exchange starts out complete
+                ex.on_request_end()
 
     def _protocol_error(self, status: int) -> None:
         if self.current is None:
