@@ -26,3 +26,4 @@ test: lint
 bench: setup
 	$(BIN)/python bench/http_throughput.py
 	$(BIN)/python bench/middleware_chain.py
+	$(BIN)/python bench/hot_path.py
