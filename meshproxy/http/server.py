@@ -154,6 +154,7 @@ class H1ServerConnection(asyncio.Protocol):
         "client_port",
         "current",
         "entry",
+        "entry_name",
         "idle_since",
         "loop",
         "parser",
@@ -163,6 +164,7 @@ class H1ServerConnection(asyncio.Protocol):
 
     def __init__(self, entry: HTTPEntryPoint) -> None:
         self.entry = entry
+        self.entry_name = entry.settings.name
         self.loop = asyncio.get_event_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
@@ -350,7 +352,7 @@ class H1ServerConnection(asyncio.Protocol):
                     request.expect_continue = True
                 elif name == b"connection":
                     request.connection_tokens |= frozenset(connection_tokens(value))
-        ex = Exchange(self, request, self.entry.settings.name, self._perf_start, has_body)
+        ex = Exchange(self, request, self.entry_name, self._perf_start, has_body)
         if not self._special:
             ex.protocol = "http"  # no Content-Type or Accept that could make it grpc or sse
         self._message_started_at = None

@@ -58,6 +58,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_got_response_bytes",
         "_head",
         "_head_start",
+        "_header_timeout",
         "_header_timer",
         "_on_done",
         "_reading_paused",
@@ -78,6 +79,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
+        self._header_timeout = pool.settings.response_header_timeout
         self.loop = asyncio.get_event_loop()
         self.transport: asyncio.Transport | None = None
         self.closed = False
@@ -150,7 +152,7 @@ class UpstreamConnection(asyncio.Protocol):
             if ex.request.expect_continue:
                 ex.sink.write_continue(ex)
             ex.attach_body_target(self)
-        timeout = self.pool.settings.response_header_timeout
+        timeout = self._header_timeout
         if timeout > 0:
             self._header_timer = self.loop.call_later(timeout, self._on_header_timeout)
         if self._reading_paused:
