@@ -10,6 +10,7 @@ out of each pair. By default the proxy under test runs alone on CPU 1 (HAProxy a
 alike) while wrk and the backend share CPU 0; `--no-pin` lets the scheduler place everything.
 
     python bench/http_throughput.py [--rounds 5] [--duration 8] [--connections 50] [--no-pin]
+                                    [--with-floor]
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -89,6 +91,13 @@ def start_meshproxy_bench(
     )
 
 
+def start_floor(port: int, backend: int) -> subprocess.Popen[bytes]:
+    """bench/minimal_relay.py: the cost of Python + uvloop + httptools alone."""
+    relay = Path(__file__).resolve().parent / "minimal_relay.py"
+    command = [sys.executable, str(relay), "--port", str(port), "--upstream-port", str(backend)]
+    return subprocess.Popen(pinned(command, PROXY_CPU))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -99,6 +108,11 @@ def main() -> int:
         dest="pin",
         action="store_false",
         help="do not pin (default: proxies on CPU 1, wrk and the backend on CPU 0)",
+    )
+    parser.add_argument(
+        "--with-floor",
+        action="store_true",
+        help="also measure bench/minimal_relay.py (a bare uvloop + httptools relay)",
     )
     args = parser.parse_args()
     PINNING["on"] = args.pin
@@ -112,10 +126,13 @@ def main() -> int:
             procs.append(start_backend(backend_port))
             procs.append(start_haproxy(workdir, haproxy_port, backend_port))
             procs.append(start_meshproxy_bench(workdir, mesh_port, admin_port, backend_port))
-            for port in (backend_port, haproxy_port, mesh_port):
+            targets = {"backend": backend_port, "haproxy": haproxy_port, "meshproxy": mesh_port}
+            if args.with_floor:
+                targets["python-floor"] = free_port()
+                procs.append(start_floor(targets["python-floor"], backend_port))
+            for port in targets.values():
                 wait_port(port)
             time.sleep(0.5)
-            targets = {"backend": backend_port, "haproxy": haproxy_port, "meshproxy": mesh_port}
             for port in targets.values():  # warm-up
                 run_wrk(port, 2, args.connections, HOST)
             rounds: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
@@ -151,6 +168,7 @@ def main() -> int:
             "haproxy_threads": 1,
             "meshproxy_workers": 1,
             "pinned": args.pin,
+            "python_floor": args.with_floor,
         },
         "rounds": rounds,
         "median": summary,
