@@ -5,7 +5,10 @@ BIN := $(VENV)/bin
 
 .PHONY: run test lint bench setup
 
-$(BIN)/meshproxy: pyproject.toml
+# The hot-path modules are compiled in place by mypyc (setup.py): editing one rebuilds.
+HOT_PATH := $(shell sed -n 's/^    "\(meshproxy\/.*\.py\)",$$/\1/p' setup.py)
+
+$(BIN)/meshproxy: pyproject.toml setup.py $(HOT_PATH)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'

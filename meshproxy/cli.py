@@ -70,7 +70,11 @@ def cmd_proxy(args: list[str]) -> int:
 
     import uvloop
 
+    from meshproxy.build_info import hot_path_state
     from meshproxy.daemon import ProxyDaemon
+
+    if hot_path_state() == "stale":
+        log.warning("the compiled hot path is older than its sources: run `make setup` again")
 
     async def run() -> None:
         await ProxyDaemon(static).run_forever()
@@ -218,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command == "version":
-        print(f"meshproxy {__version__}")
+        from meshproxy.build_info import hot_path_state
+
+        print(f"meshproxy {__version__} (hot path: {hot_path_state()})")
         return 0
     if command == "proxy":
         return cmd_proxy(rest)

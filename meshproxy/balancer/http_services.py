@@ -13,23 +13,18 @@ from dataclasses import dataclass
 from time import perf_counter
 
 from meshproxy.balancer.wrr import SmoothWeightedRoundRobin
+from meshproxy.http.dial import exchange_fresh
 from meshproxy.http.errors import NoServerAvailable, ProxyError
 from meshproxy.http.exchange import Exchange, Finish, Handler, NullSink
 from meshproxy.http.forwarding import HOP_BY_HOP
-from meshproxy.http.upstream import (
-    EarlyEOF,
-    UpstreamError,
-    UpstreamPool,
-    exchange_fresh,
-    may_replay,
-)
+from meshproxy.http.upstream import EarlyEOF, UpstreamError, UpstreamPool, may_replay
 from meshproxy.observability.metrics import RequestMetrics
 
 log = logging.getLogger("meshproxy.balancer")
 
 _CRLF = b"\r\n"
 _SKIP_ALWAYS = HOP_BY_HOP | {b"host", b"expect", b"x-forwarded-for"}
-_DIALS: set[asyncio.Task[None]] = set()
+_DIALS: set[asyncio.Future[None]] = set()
 
 
 @dataclass(eq=False)
@@ -131,23 +126,18 @@ class LoadBalancerService:
 
     def _in_task(self, ex: Exchange, finish: Finish, work: Awaitable[None], started: float) -> None:
         """Continue in a Task (a new connection must be dialled first)."""
-
-        async def run() -> None:
-            try:
-                await work
-            except ProxyError as exc:
-                self.metrics.record_service(self.name, ex, exc.status, perf_counter() - started)
-                raise
-            self.metrics.record_service(self.name, ex, ex.status, perf_counter() - started)
-
-        task = asyncio.get_running_loop().create_task(run())
+        task = asyncio.ensure_future(work)
         _DIALS.add(task)  # the loop keeps only weak references to tasks
-        task.add_done_callback(
-            lambda t: (
-                _DIALS.discard(t),
-                finish(ex, asyncio.CancelledError() if t.cancelled() else t.exception()),
-            )
-        )
+
+        def ended(t: asyncio.Future[None]) -> None:
+            _DIALS.discard(t)
+            exc = asyncio.CancelledError() if t.cancelled() else t.exception()
+            if exc is None or isinstance(exc, ProxyError):
+                status = ex.status if exc is None else exc.status
+                self.metrics.record_service(self.name, ex, status, perf_counter() - started)
+            finish(ex, exc)
+
+        task.add_done_callback(ended)
 
 
 class WeightedService:

@@ -91,36 +91,37 @@ _CHECKPOINT_FIELDS = (
     "_header_map",
 )
 _read_checkpoint = attrgetter(*_CHECKPOINT_FIELDS)
+_ATTRIBUTES = (
+    "_header_map",
+    "_query_map",
+    "append_client_ip",
+    "client_ip",
+    "client_port",
+    "connection_tokens",
+    "content_length",
+    "expect_continue",
+    "forwarded_for",
+    "headers",
+    "host",
+    "host_header",
+    "http_version",
+    "keep_alive",
+    "method",
+    "path",
+    "port",
+    "query",
+    "scheme",
+    "target",
+    "upgrade",
+    "verbatim",
+)
 
 
 class Request:
     """One HTTP request. Header names are lower-cased on arrival (as Envoy does): one spelling
     for matching, forwarding and HTTP/2, and no per-request case folding later."""
 
-    __slots__ = (
-        "_header_map",
-        "_query_map",
-        "append_client_ip",
-        "client_ip",
-        "client_port",
-        "connection_tokens",
-        "content_length",
-        "expect_continue",
-        "forwarded_for",
-        "headers",
-        "host",
-        "host_header",
-        "http_version",
-        "keep_alive",
-        "method",
-        "path",
-        "port",
-        "query",
-        "scheme",
-        "target",
-        "upgrade",
-        "verbatim",
-    )
+    __slots__ = _ATTRIBUTES
 
     def __init__(
         self,
@@ -178,9 +179,9 @@ class Request:
 
     def copy(self) -> Request:
         """An independent copy (own header list) for a mirrored request."""
-        other = Request.__new__(Request)
-        for slot in Request.__slots__:
-            setattr(other, slot, getattr(self, slot))
+        other = Request(self.method, self.target, [], self.host_header, self.client_ip, 0)
+        for name in _ATTRIBUTES:
+            setattr(other, name, getattr(self, name))
         other.headers = list(self.headers)
         other._header_map = None
         return other

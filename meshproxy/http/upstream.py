@@ -18,8 +18,6 @@ import httptools
 from meshproxy.http.errors import (
     ClientGone,
     ResponseAborted,
-    UpstreamConnectError,
-    UpstreamDialTimeout,
     UpstreamError,
     UpstreamResponseTimeout,
 )
@@ -346,25 +344,6 @@ class UpstreamPool:
                 return conn
         return None
 
-    async def connect(self) -> UpstreamConnection:
-        loop = asyncio.get_event_loop()
-        try:
-            _, protocol = await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: UpstreamConnection(self),
-                    self.host,
-                    self.port,
-                    ssl=self.ssl,
-                    server_hostname=(self.settings.server_name or self.host) if self.ssl else None,
-                ),
-                self.settings.dial_timeout if self.settings.dial_timeout > 0 else None,
-            )
-        except TimeoutError:
-            raise UpstreamDialTimeout(f"dial {self.host}:{self.port}: timeout") from None
-        except (OSError, ssl.SSLError) as exc:
-            raise UpstreamConnectError(f"dial {self.host}:{self.port}: {exc}") from None
-        return protocol
-
     def release(self, conn: UpstreamConnection) -> None:
         if len(self.idle) >= self.settings.max_idle_per_host:
             conn.close()
@@ -396,29 +375,3 @@ def may_replay(ex: Exchange, reused: bool) -> bool:
     """A reused keep-alive connection that died before answering a bodiless request: Go's
     transport replays such a request once on a fresh connection, and so do we."""
     return reused and not ex.has_body and not ex.response_started
-
-
-def start_on(
-    conn: UpstreamConnection, ex: Exchange, head: bytes, chunked_body: bool
-) -> asyncio.Future[None]:
-    """`conn.start` as an awaitable, for the coroutine paths (middlewares, fresh dials)."""
-    future: asyncio.Future[None] = conn.loop.create_future()
-
-    def done(exc: BaseException | None) -> None:
-        if not future.done():
-            if exc is None:
-                future.set_result(None)
-            else:
-                future.set_exception(exc)
-
-    conn.start(ex, head, chunked_body, done)
-    return future
-
-
-async def exchange_fresh(pool: UpstreamPool, ex: Exchange, head: bytes, chunked_body: bool) -> None:
-    """Send `ex` on a newly dialled connection."""
-    conn = await pool.connect()
-    try:
-        await start_on(conn, ex, head, chunked_body)
-    except EarlyEOF:
-        raise UpstreamError("backend closed the connection without answering") from None

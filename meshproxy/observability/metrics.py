@@ -94,9 +94,10 @@ class RequestMetrics(Collector):
         self.entrypoint_labels = entrypoint_labels
         self.router_labels = router_labels
         self.service_labels = service_labels
-        self.entrypoint: dict[tuple[str, str, str, str], _Histogram] = {}
-        self.router: dict[tuple[str, str, str, str, str], _Histogram] = {}
-        self.service: dict[tuple[str, str, str, str], _Histogram] = {}
+        # (status, method, protocol, entrypoint / router+service / service) -> histogram
+        self.entrypoint: dict[tuple[int, str, str, str], _Histogram] = {}
+        self.router: dict[tuple[int, str, str, str, str], _Histogram] = {}
+        self.service: dict[tuple[int, str, str, str], _Histogram] = {}
         self.retries: dict[str, int] = {}
         self.open_connections: dict[tuple[str, str], int] = {}
         self.server_up: dict[tuple[str, str], int] = {}

@@ -1,0 +1,62 @@
+"""The coroutine side of upstream connections: dialling, and one exchange on a fresh one.
+
+Kept apart from upstream.py, which mypyc compiles (setup.py): compiled coroutines do not see
+exceptions that an awaited future raises (mypyc 1.13), and dialling is not per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+
+from meshproxy.http.errors import UpstreamConnectError, UpstreamDialTimeout, UpstreamError
+from meshproxy.http.exchange import Exchange
+from meshproxy.http.upstream import EarlyEOF, UpstreamConnection, UpstreamPool
+
+
+async def connect(pool: UpstreamPool) -> UpstreamConnection:
+    """A new connection to the pool's server, with its dial timeout."""
+    loop = asyncio.get_running_loop()
+    settings = pool.settings
+    try:
+        _, protocol = await asyncio.wait_for(
+            loop.create_connection(
+                lambda: UpstreamConnection(pool),
+                pool.host,
+                pool.port,
+                ssl=pool.ssl,
+                server_hostname=(settings.server_name or pool.host) if pool.ssl else None,
+            ),
+            settings.dial_timeout if settings.dial_timeout > 0 else None,
+        )
+    except TimeoutError:
+        raise UpstreamDialTimeout(f"dial {pool.host}:{pool.port}: timeout") from None
+    except (OSError, ssl.SSLError) as exc:
+        raise UpstreamConnectError(f"dial {pool.host}:{pool.port}: {exc}") from None
+    return protocol
+
+
+def start_on(
+    conn: UpstreamConnection, ex: Exchange, head: bytes, chunked_body: bool
+) -> asyncio.Future[None]:
+    """`conn.start` as an awaitable."""
+    future: asyncio.Future[None] = conn.loop.create_future()
+
+    def done(exc: BaseException | None) -> None:
+        if not future.done():
+            if exc is None:
+                future.set_result(None)
+            else:
+                future.set_exception(exc)
+
+    conn.start(ex, head, chunked_body, done)
+    return future
+
+
+async def exchange_fresh(pool: UpstreamPool, ex: Exchange, head: bytes, chunked_body: bool) -> None:
+    """Send `ex` on a newly dialled connection."""
+    conn = await connect(pool)
+    try:
+        await start_on(conn, ex, head, chunked_body)
+    except EarlyEOF:
+        raise UpstreamError("backend closed the connection without answering") from None
