@@ -1,7 +1,10 @@
 # One image for both roles: `meshproxy proxy ...` (DaemonSet) and `meshproxy controller ...`.
 FROM python:3.11-slim AS build
+# A C compiler for mypyc, which compiles the per-request modules (setup.py).
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY meshproxy ./meshproxy
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 

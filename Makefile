@@ -9,6 +9,11 @@ BIN := $(VENV)/bin
 HOT_PATH := $(shell sed -n 's/^    "\(meshproxy\/.*\.py\)",$$/\1/p' setup.py)
 
 $(BIN)/meshproxy: pyproject.toml setup.py $(HOT_PATH)
+	@# mypyc needs a C compiler and Python's headers; without them the hot path stays Python.
+	-@command -v cc >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq gcc libc6-dev)
+	-@$(PYTHON) -c "import pathlib, sys, sysconfig; \
+		sys.exit(not pathlib.Path(sysconfig.get_paths()['include'], 'Python.h').exists())" \
+		|| (apt-get update -qq && apt-get install -y -qq python3-dev)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'

@@ -43,6 +43,8 @@ from common import (
     wait_port,
 )
 
+from meshproxy.build_info import hot_path_state
+
 HOST = "bench.mesh.test"
 
 
@@ -167,6 +169,7 @@ def main() -> int:
             "metrics": "on",
             "haproxy_threads": 1,
             "meshproxy_workers": 1,
+            "meshproxy_hot_path": hot_path_state(),
             "pinned": args.pin,
             "python_floor": args.with_floor,
         },
