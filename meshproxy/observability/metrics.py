@@ -14,7 +14,6 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from prometheus_client.registry import Collector
 
 DEFAULT_BUCKETS = (0.1, 0.3, 1.2, 5.0)
 _METHODS = {
@@ -79,7 +78,7 @@ def _by_label(table: dict[Any, _Histogram]) -> dict[tuple[str, ...], _Histogram]
     return merged
 
 
-class RequestMetrics(Collector):
+class RequestMetrics:
     """Request counters and histograms per entrypoint, router and service, plus process gauges."""
 
     def __init__(
@@ -105,7 +104,9 @@ class RequestMetrics(Collector):
         self.last_reload_success = 0.0
         self.reload_failures_total = 0
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(self)
+        # A collector by duck typing (collect()), not by subclassing prometheus' Collector: a
+        # class compiled by mypyc (setup.py) must not inherit from a third-party class.
+        self.registry.register(self)  # type: ignore[arg-type]
 
     # -- hot path -----------------------------------------------------------------------
 
