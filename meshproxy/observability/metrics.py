@@ -10,10 +10,13 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+if TYPE_CHECKING:
+    from meshproxy.http.exchange import Exchange
 
 DEFAULT_BUCKETS = (0.1, 0.3, 1.2, 5.0)
 _METHODS = {
@@ -29,14 +32,14 @@ def method_label(method: str) -> str:
     return _METHODS.get(method, "EXTENSION_METHOD")
 
 
-def protocol_label(ex: Any) -> str:
+def protocol_label(ex: Exchange) -> str:
     if ex.protocol:
         return ex.protocol
     ex.protocol = _protocol_label(ex)
     return ex.protocol
 
 
-def _protocol_label(ex: Any) -> str:
+def _protocol_label(ex: Exchange) -> str:
     request = ex.request
     if request.upgrade is not None:
         return "websocket"
@@ -119,7 +122,7 @@ class RequestMetrics:
     # Series are keyed by the raw status code and method (llhttp accepts only its own list of
     # methods, so they are few); labels are made from them at scrape time, not per request.
 
-    def record_request(self, ex: Any, status: int, seconds: float) -> None:
+    def record_request(self, ex: Exchange, status: int, seconds: float) -> None:
         """Once per request: entrypoint (and router) series."""
         method = ex.request.method
         protocol = ex.protocol or protocol_label(ex)
@@ -136,7 +139,7 @@ class RequestMetrics:
             hist.sum += seconds
             hist.buckets[index] += 1
 
-    def record_service(self, service: str, ex: Any, status: int, seconds: float) -> None:
+    def record_service(self, service: str, ex: Exchange, status: int, seconds: float) -> None:
         """Once per attempt at a server."""
         if self.service_labels:
             key = (status, ex.request.method, ex.protocol or protocol_label(ex), service)

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from meshproxy.http.exchange import Exchange, NullSink
+from meshproxy.http.request import Request
 from meshproxy.observability.metrics import RequestMetrics
 
 
-def exchange(method: str) -> SimpleNamespace:
-    request = SimpleNamespace(method=method, headers=[], upgrade=None)
-    return SimpleNamespace(
-        request=request, protocol="http", entrypoint="web", router="", service=""
-    )
+def exchange(method: str) -> Exchange:
+    request = Request(method, b"/", [(b"host", b"svc")], b"svc", "10.0.0.1", 40000)
+    return Exchange(NullSink(), request, "web", 0.0, False)
 
 
 def samples(metrics: RequestMetrics) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
