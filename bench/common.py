@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -11,7 +12,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # With pinning on (and two or more CPUs) the proxy under test gets CPU 1 to itself, while the
@@ -163,3 +166,32 @@ def medians(
         name: {key: statistics.median(r[key] for r in results) for key in keys}
         for name, results in rounds.items()
     }
+
+
+def wrk_setup(args: Any) -> dict[str, Any]:
+    """The load settings every wrk benchmark records with its results."""
+    from meshproxy.build_info import hot_path_state
+
+    return {
+        "rounds": args.rounds,
+        "duration_s": args.duration,
+        "connections": args.connections,
+        "wrk_threads": 1,
+        "cpus": os.cpu_count(),
+        "meshproxy_workers": 1,
+        "meshproxy_hot_path": hot_path_state(),
+        "pinned": "proxy on CPU 1, wrk and backend on CPU 0" if PINNING["on"] else "no",
+    }
+
+
+def timestamp() -> str:
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def save_report(name: str, report: dict[str, Any], lines: list[str]) -> None:
+    """bench/results/<name>-<when>.json, and <name>.md with the table; the table is printed."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}-{report['when']}.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = "\n".join(lines) + "\n"
+    (RESULTS / f"{name}.md").write_text(table)
+    print(table)

@@ -16,20 +16,16 @@ alike) while wrk and the backend share CPU 0; `--no-pin` lets the scheduler plac
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 from common import (
     PINNING,
     PROXY_CPU,
-    RESULTS,
     check_metrics,
     ensure_tools,
     free_port,
@@ -37,13 +33,14 @@ from common import (
     pinned,
     print_round,
     run_wrk,
+    save_report,
     start_backend,
     start_meshproxy,
     stop_all,
+    timestamp,
     wait_port,
+    wrk_setup,
 )
-
-from meshproxy.build_info import hot_path_state
 
 HOST = "bench.mesh.test"
 
@@ -156,21 +153,14 @@ def main() -> int:
         }
         for name, results in rounds.items()
     }
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    stamp = timestamp()
     report = {
         "when": stamp,
         "setup": {
-            "rounds": args.rounds,
-            "duration_s": args.duration,
-            "connections": args.connections,
-            "wrk_threads": 1,
-            "cpus": os.cpu_count(),
+            **wrk_setup(args),
             "router": "Host && PathPrefix",
             "metrics": "on",
             "haproxy_threads": 1,
-            "meshproxy_workers": 1,
-            "meshproxy_hot_path": hot_path_state(),
-            "pinned": args.pin,
             "python_floor": args.with_floor,
         },
         "rounds": rounds,
@@ -181,8 +171,6 @@ def main() -> int:
             for name, results in rounds.items()
         },
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"http_throughput-{stamp}.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
         f"# HTTP/1.1 keep-alive throughput ({stamp})",
         "",
@@ -200,9 +188,7 @@ def main() -> int:
             f"| {name} | {s['rps']:.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | "
             f"{ratio['rps']:.2f}x | {ratio['p99']:.2f}x |"
         )
-    table = "\n".join(lines) + "\n"
-    (RESULTS / "http_throughput.md").write_text(table)
-    print(table)
+    save_report("http_throughput", report, lines)
     return 0
 
 

@@ -11,18 +11,14 @@ of the bare router's requests/s.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import subprocess
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 from common import (
     PINNING,
-    RESULTS,
     check_metrics,
     cpu_seconds,
     ensure_tools,
@@ -30,10 +26,13 @@ from common import (
     medians,
     print_round,
     run_wrk,
+    save_report,
     start_backend,
     start_meshproxy,
     stop_all,
+    timestamp,
     wait_port,
+    wrk_setup,
 )
 
 HOST = "bench.mesh.test"
@@ -172,18 +171,10 @@ def main() -> int:
     }
     cpu_cost = 1 - cpu["bare router"] / cpu[CHAIN]  # throughput lost when CPU-bound
     handler_us = measure_handler_cost()
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    stamp = timestamp()
     report = {
         "when": stamp,
-        "setup": {
-            "rounds": args.rounds,
-            "duration_s": args.duration,
-            "connections": args.connections,
-            "wrk_threads": 1,
-            "cpus": os.cpu_count(),
-            "meshproxy_workers": 1,
-            "pinned": "proxy on CPU 1, wrk and backend on CPU 0" if PINNING["on"] else "no",
-        },
+        "setup": wrk_setup(args),
         "rounds": rounds,
         "median": summary,
         "paired_ratios": pairs,
@@ -193,8 +184,6 @@ def main() -> int:
         "in_process_handler_cost_us": handler_us,
         "target_max_cost": 0.15,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"middleware_chain-{stamp}.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
         f"# Middleware chain cost ({stamp})",
         "",
@@ -224,9 +213,7 @@ def main() -> int:
         + ", ".join(f"{name} {us:.2f} us" for name, us in handler_us.items())
         + ".",
     ]
-    table = "\n".join(lines) + "\n"
-    (RESULTS / "middleware_chain.md").write_text(table)
-    print(table)
+    save_report("middleware_chain", report, lines)
     return 0
 
 
