@@ -14,6 +14,9 @@ HOT_PATH_MODULES = (
     "meshproxy.runtime.dispatch",
     "meshproxy.balancer.http_services",
     "meshproxy.observability.metrics",
+    "meshproxy.middlewares.retry",
+    "meshproxy.middlewares.rate_limit",
+    "meshproxy.middlewares.circuit_breaker",
 )
 
 
