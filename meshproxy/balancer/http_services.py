@@ -106,23 +106,8 @@ class LoadBalancerService:
             self._in_task(ex, finish, exchange_fresh(target.pool, ex, head, chunked), started)
             return
 
-        def done(exc: BaseException | None) -> None:
-            if exc is None:
-                status = ex.swallowed_status or ex.status
-                self.metrics.record_service(self.name, ex, status, perf_counter() - started)
-                finish(ex, None)
-                return
-            if isinstance(exc, EarlyEOF):
-                if may_replay(ex, True):
-                    retry = exchange_fresh(target.pool, ex, head, chunked)
-                    self._in_task(ex, finish, retry, started)
-                    return
-                exc = UpstreamError("backend closed the connection without answering")
-            status = exc.status if isinstance(exc, ProxyError) else ex.swallowed_status or ex.status
-            self.metrics.record_service(self.name, ex, status, perf_counter() - started)
-            finish(ex, exc)
-
-        conn.start(ex, head, chunked, done)
+        attempt = _Attempt(self, ex, finish, target, head, chunked, started)
+        conn.start(ex, head, chunked, attempt.done)
 
     def _in_task(self, ex: Exchange, finish: Finish, work: Awaitable[None], started: float) -> None:
         """Continue in a Task (a new connection must be dialled first)."""
@@ -138,6 +123,50 @@ class LoadBalancerService:
             finish(ex, exc)
 
         task.add_done_callback(ended)
+
+
+class _Attempt:
+    """One try of a request on a pooled connection, and what to do when it ends. An object
+    rather than a closure: compiled by mypyc, a closure and its environment form a reference
+    cycle, which would leave every request's objects to the garbage collector."""
+
+    __slots__ = ("chunked", "ex", "finish", "head", "service", "started", "target")
+
+    def __init__(
+        self,
+        service: LoadBalancerService,
+        ex: Exchange,
+        finish: Finish,
+        target: ServerTarget,
+        head: bytes,
+        chunked: bool,
+        started: float,
+    ) -> None:
+        self.service = service
+        self.ex = ex
+        self.finish = finish
+        self.target = target
+        self.head = head
+        self.chunked = chunked
+        self.started = started
+
+    def done(self, exc: BaseException | None) -> None:
+        ex = self.ex
+        service = self.service
+        if exc is None:
+            status = ex.swallowed_status or ex.status
+            service.metrics.record_service(service.name, ex, status, perf_counter() - self.started)
+            self.finish(ex, None)
+            return
+        if isinstance(exc, EarlyEOF):
+            if may_replay(ex, True):
+                retry = exchange_fresh(self.target.pool, ex, self.head, self.chunked)
+                service._in_task(ex, self.finish, retry, self.started)
+                return
+            exc = UpstreamError("backend closed the connection without answering")
+        status = exc.status if isinstance(exc, ProxyError) else ex.swallowed_status or ex.status
+        service.metrics.record_service(service.name, ex, status, perf_counter() - self.started)
+        self.finish(ex, exc)
 
 
 class WeightedService:

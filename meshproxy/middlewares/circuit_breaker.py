@@ -203,18 +203,29 @@ def build_circuit_breaker(
             finish(ex, None)
             return
         started = monotonic() if latencies else 0.0
-
-        def observe(ex: Exchange, exc: BaseException | None) -> None:
-            now = monotonic()
-            if exc is None:
-                breaker.observe(ex.status or 500, now - started, now)
-            elif isinstance(exc, ProxyError) and exc.status != 499:
-                breaker.observe(exc.status, now - started, now)  # a client that left says nothing
-            finish(ex, exc)
-
-        next_handler(ex, observe)
+        next_handler(ex, _Observation(breaker, started, finish).done)
 
     return circuit_breaker
+
+
+class _Observation:
+    """Feeds one request's outcome to the breaker. An object rather than a closure: compiled
+    by mypyc, a closure and its environment form a reference cycle per request."""
+
+    __slots__ = ("breaker", "finish", "started")
+
+    def __init__(self, breaker: BreakerState, started: float, finish: Finish) -> None:
+        self.breaker = breaker
+        self.started = started
+        self.finish = finish
+
+    def done(self, ex: Exchange, exc: BaseException | None) -> None:
+        now = monotonic()
+        if exc is None:
+            self.breaker.observe(ex.status or 500, now - self.started, now)
+        elif isinstance(exc, ProxyError) and exc.status != 499:
+            self.breaker.observe(exc.status, now - self.started, now)  # a client that left
+        self.finish(ex, exc)
 
 
 def _duration(value: float | None, default: float, path: str) -> float:
