@@ -239,8 +239,3 @@ class Request:
             query_map = parse_qs(self.query.replace(";", "&"), keep_blank_values=True)
             self._query_map = query_map
         return query_map.get(key)
-
-    def invalidate_headers(self) -> None:
-        """Call after editing `headers` so matchers see the new values."""
-        self._header_map = None
-        self.verbatim = None

@@ -11,8 +11,3 @@ _PHRASES.update(_EXTRA)
 
 def reason_phrase(status: int) -> bytes:
     return _PHRASES.get(status, b"Unknown")
-
-
-def status_text(status: int) -> bytes:
-    """Body text Traefik uses for middleware rejections (e.g. b"Forbidden")."""
-    return reason_phrase(status)
