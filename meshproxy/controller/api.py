@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from aiohttp import web
 
@@ -16,11 +17,45 @@ from meshproxy.controller.app import Controller
 
 JSON = "application/json"
 
+# One entity-tag of an If-None-Match list (RFC 9110 §8.8.3): an optional weak prefix `W/`
+# and a quoted opaque string (no DQUOTE inside).
+_ENTITY_TAG = re.compile(r'\s*(W/)?("[^"]*")\s*(?:,|$)')
+
+
+def none_match(header_values: list[str], etag: str) -> bool:
+    """True when an `If-None-Match` condition is false for `etag`, i.e. the answer is 304.
+
+    RFC 9110 §13.1.2: the field is `*` or a list of entity-tags; `*` matches any current
+    representation, and a list matches when one member matches by the *weak* comparison
+    (§8.8.3.2: the opaque strings are equal, whatever `W/` prefixes either side has).
+    Several header lines are one list (RFC 9110 §5.3). A member that does not parse is
+    ignored (the condition is then evaluated on the members that do).
+    """
+    opaque = etag[2:] if etag.startswith("W/") else etag
+    for value in header_values:
+        if value.strip() == "*":
+            return True
+        position = 0
+        text = value.strip()
+        while position < len(text):
+            match = _ENTITY_TAG.match(text, position)
+            if match is None:
+                # skip one malformed member up to the next comma
+                comma = text.find(",", position)
+                if comma < 0:
+                    break
+                position = comma + 1
+                continue
+            if match.group(2) == opaque:
+                return True
+            position = match.end()
+    return False
+
 
 def make_app(controller: Controller) -> web.Application:
     async def configuration(request: web.Request) -> web.Response:
         etag = controller.etag
-        if etag in request.headers.get("If-None-Match", ""):
+        if none_match(request.headers.getall("If-None-Match", []), etag):
             return web.Response(status=304, headers={"ETag": etag})
         return web.Response(body=controller.config_bytes, content_type=JSON, headers={"ETag": etag})
 

@@ -48,6 +48,7 @@ class Controller:
         self._pending: asyncio.TimerHandle | None = None
         # Called after each rebuild (the Kubernetes source syncs shadow services from it).
         self.on_rebuild: Callable[[Controller], None] | None = None
+        self._logged_errors: set[str] = set()
 
     # -- state in -------------------------------------------------------------------------
 
@@ -78,13 +79,28 @@ class Controller:
         ]
 
     def rebuild(self) -> None:
+        """Rebuild topology and configuration from the current state.
+
+        Never raises: the builders confine a bad object to itself (its error is in the
+        topology), and should anything still escape, the last good configuration keeps being
+        served and the failure is logged (a watch callback or the manifest poller must not
+        die, which would freeze the mesh with readiness stuck at "not synced yet").
+        """
+        try:
+            self._rebuild()
+        except Exception:
+            log.exception("rebuilding the configuration failed; the last one is still served")
+
+    def _rebuild(self) -> None:
         topology = build_topology(self.state, self.settings)
         topology.errors.extend(self.source_errors)
-        proxy_ips = [
-            (pod.get("status") or {}).get("podIP", "")
-            for pod in self.proxy_pods()
-            if (pod.get("status") or {}).get("podIP")
-        ]
+        proxy_ips = sorted(
+            {
+                str(pod["status"]["podIP"])
+                for pod in self.proxy_pods()
+                if isinstance(pod.get("status"), dict) and pod["status"].get("podIP")
+            }
+        )
         options = BuildOptions(
             indirect_from_proxies_only=self.settings.indirect_from_proxies_only,
             proxy_ips=proxy_ips,
@@ -99,9 +115,12 @@ class Controller:
             self.etag = _etag(config_bytes)
             self.generation += 1
             log.info("configuration %d built (%d bytes)", self.generation, len(config_bytes))
-        for service in topology.services.values():
-            for error in service.errors:
-                log.warning("service %s: %s", service.key, error)
+        # Each problem is logged when it appears, not again at every rebuild of a burst.
+        errors = topology.all_errors()
+        for error in errors:
+            if error not in self._logged_errors:
+                log.warning("%s", error)
+        self._logged_errors = set(errors)
         self.synced.set()
         if self.on_rebuild is not None:
             self.on_rebuild(self)
@@ -109,12 +128,16 @@ class Controller:
     def nodes(self) -> list[dict[str, Any]]:
         out = []
         for pod in self.proxy_pods():
-            statuses = (pod.get("status") or {}).get("containerStatuses") or []
+            status = pod.get("status") if isinstance(pod.get("status"), dict) else {}
+            statuses = status.get("containerStatuses")
+            statuses = (
+                [s for s in statuses if isinstance(s, dict)] if isinstance(statuses, list) else []
+            )
             out.append(
                 {
                     "Name": name_of(pod),
-                    "IP": (pod.get("status") or {}).get("podIP", ""),
-                    "Ready": bool(statuses) and all(s.get("ready") for s in statuses),
+                    "IP": str(status.get("podIP") or ""),
+                    "Ready": bool(statuses) and all(s.get("ready") is True for s in statuses),
                 }
             )
         return out

@@ -14,6 +14,7 @@ Problems are recorded on the topology object concerned; that object is skipped.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,8 @@ from meshproxy.controller.rules import (
 )
 from meshproxy.controller.settings import ControllerSettings
 from meshproxy.controller.topology import Service, ServicePort, Topology
+
+log = logging.getLogger("meshproxy.controller")
 
 BLOCK_ALL_MIDDLEWARE = "block-all-middleware"
 BLOCK_ALL_SERVICE = "block-all-service"
@@ -160,6 +163,21 @@ class ConfigBuilder:
     def key(service: Service, *parts: object) -> str:
         return "-".join([service.namespace, service.name, *[str(p) for p in parts]])
 
+    def section_sizes(self) -> dict[tuple[str, str], int]:
+        return {
+            (protocol, kind): len(table)
+            for protocol, kinds in self.config.items()
+            for kind, table in kinds.items()
+        }
+
+    def drop_added(self, sizes: dict[tuple[str, str], int]) -> None:
+        """Remove what a failed service added: dicts keep insertion order, so its objects are
+        the keys past each section's size before it started."""
+        for protocol, kinds in self.config.items():
+            for kind, table in kinds.items():
+                for name in list(table)[sizes.get((protocol, kind), 0) :]:
+                    del table[name]
+
     # -- build ----------------------------------------------------------------------------
 
     def build(self) -> dict[str, Any]:
@@ -171,10 +189,18 @@ class ConfigBuilder:
             except notes.AnnotationError as exc:
                 service.errors.append(str(exc))
                 continue
-            if mode == "http":
-                self.build_http(service, scheme, middlewares)
-            else:
-                self.build_l4(service, mode)
+            sizes = self.section_sizes()
+            try:
+                if mode == "http":
+                    self.build_http(service, scheme, middlewares)
+                else:
+                    self.build_l4(service, mode)
+            except Exception as exc:  # one service must not stop the whole configuration
+                log.error(
+                    "service %s: building its configuration failed", service.key, exc_info=exc
+                )
+                service.errors.append(f"internal error: {type(exc).__name__}: {exc}")
+                self.drop_added(sizes)
         for kind, table in self.tables.items():
             table.retain(self.live_ports.get(kind, set()))
         if self.options.indirect_from_proxies_only and any(

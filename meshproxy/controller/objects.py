@@ -26,7 +26,10 @@ KINDS: dict[str, tuple[str, str]] = {
 
 
 def meta(obj: Object) -> Object:
-    return obj.get("metadata") or {}
+    """The object's metadata; a malformed one (not a map) reads as empty, so every accessor
+    below is safe on any input and the topology builder reports the shape problem."""
+    value = obj.get("metadata")
+    return value if isinstance(value, dict) else {}
 
 
 def name_of(obj: Object) -> str:
@@ -38,15 +41,18 @@ def namespace_of(obj: Object) -> str:
 
 
 def labels_of(obj: Object) -> dict[str, str]:
-    return meta(obj).get("labels") or {}
+    value = meta(obj).get("labels")
+    return value if isinstance(value, dict) else {}
 
 
 def annotations_of(obj: Object) -> dict[str, str]:
-    return meta(obj).get("annotations") or {}
+    value = meta(obj).get("annotations")
+    return value if isinstance(value, dict) else {}
 
 
 def spec_of(obj: Object) -> Object:
-    return obj.get("spec") or {}
+    value = obj.get("spec")
+    return value if isinstance(value, dict) else {}
 
 
 def key(name: str, namespace: str) -> str:

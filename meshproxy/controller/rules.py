@@ -34,7 +34,7 @@ def match_rule(match: HTTPMatch) -> str:
         parts.append(f"PathPrefix(`/{{path:{match.path_regex.lstrip('/')}}}`)")
     if match.methods and "*" not in match.methods:
         parts.append("Method(" + ",".join(f"`{m}`" for m in match.methods) + ")")
-    for name, regex in sorted(match.headers.items()):
+    for name, regex in sorted(match.headers):
         parts.append(f"HeadersRegexp(`{name}`, `{regex}`)")
     rule = " && ".join(parts)
     return f"({rule})" if len(parts) > 1 else rule

@@ -36,9 +36,19 @@ def load_manifests(directory: Path) -> tuple[ClusterState, list[str]]:
         for index, document in enumerate(documents):
             if document is None:
                 continue
-            items = document.get("items", []) if document.get("kind") == "List" else [document]
+            if not isinstance(document, dict):
+                errors.append(f"{path}: document {index} is not a Kubernetes object")
+                continue
+            items = document.get("items") if document.get("kind") == "List" else [document]
+            if not isinstance(items, list):
+                errors.append(f"{path}: document {index}: a List's items must be a list")
+                continue
             for item in items:
-                if not isinstance(item, dict) or "kind" not in item:
+                if (
+                    not isinstance(item, dict)
+                    or not isinstance(item.get("kind"), str)
+                    or not isinstance(item.get("metadata"), dict)
+                ):
                     errors.append(f"{path}: document {index} is not a Kubernetes object")
                     continue
                 state.put(item)
