@@ -9,14 +9,13 @@ never per request.
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from meshproxy.rules.ast import And, Call, Node, Not, Or, calls
 from meshproxy.rules.parser import RuleError, parse_rule
-from meshproxy.rules.regex import compile_go_regexp, has_template, template_to_regex
+from meshproxy.rules.regex import GoRegexpError, compile_go_regexp, has_template, template_to_regex
 
 
 class HTTPRequestView(Protocol):
@@ -91,10 +90,30 @@ def detect_syntax(node: Node) -> str:
     return "v3"
 
 
-def compile_http_rule(rule: str, syntax: str | None = None) -> CompiledRule:
-    """Parse, validate and compile; raises RuleError pointing at the problem."""
+def resolve_syntax(syntax: str | None, default_syntax: str | None = None) -> str | None:
+    """The syntax a router's rule is read with, or None for "detect it".
+
+    Traefik reads a router's `ruleSyntax`, else the static `core.defaultRuleSyntax`, and parses
+    any value other than `v2` (even an unknown one) with the v3 parser. When neither is set
+    Traefik uses v3; meshproxy detects Traefik Mesh's v2 rules instead (`detect_syntax`),
+    since Traefik Mesh serves them without `ruleSyntax`. docs/rules.md explains the choice.
+    """
+    for value in (syntax, default_syntax):
+        if value:
+            return "v2" if value == "v2" else "v3"
+    return None
+
+
+def compile_http_rule(
+    rule: str, syntax: str | None = None, default_syntax: str | None = None
+) -> CompiledRule:
+    """Parse, validate and compile; raises RuleError pointing at the problem.
+
+    `syntax` is the router's `ruleSyntax`, `default_syntax` the static
+    `core.defaultRuleSyntax`; see `resolve_syntax`.
+    """
     node = parse_rule(rule, KNOWN_HTTP)
-    chosen = syntax if syntax in ("v2", "v3") else detect_syntax(node)
+    chosen = resolve_syntax(syntax, default_syntax) or detect_syntax(node)
     arity = _V3_ARITY if chosen == "v3" else _V2_ARITY
     compiler = _Compiler(rule, chosen, arity)
     matcher = compiler.compile(node)
@@ -262,12 +281,17 @@ class _Compiler:
             )
         return lambda r: r.host == host or r.host.rstrip(".") == host
 
-    def _host_regex(self, call: Call, pattern: str) -> Matcher:
+    def _regex(self, call: Call, pattern: str) -> Callable[[str], Any]:
         try:
-            regex = compile_go_regexp(pattern, re.IGNORECASE)
-        except (re.error, ValueError) as exc:
+            return compile_go_regexp(pattern)
+        except GoRegexpError as exc:
             raise self.fail(call, f"invalid regular expression {pattern!r}: {exc}") from None
-        search = regex.search
+
+    def _host_regex(self, call: Call, pattern: str) -> Matcher:
+        # The request host is already lower-cased and port-stripped (Traefik's
+        # requestdecorator), and v3 matches the pattern as written: `HostRegexp(`^A`)` never
+        # matches. gorilla/mux (v2) compared host templates case-insensitively.
+        search = self._regex(call, "(?i)" + pattern if self.syntax == "v2" else pattern)
         return lambda r: search(r.host) is not None
 
     def m_HostRegexp(self, call: Call) -> Matcher:
@@ -309,10 +333,7 @@ class _Compiler:
         return self._any(matchers)
 
     def _path_regex(self, call: Call, pattern: str) -> Matcher:
-        try:
-            search = compile_go_regexp(pattern).search
-        except (re.error, ValueError) as exc:
-            raise self.fail(call, f"invalid regular expression {pattern!r}: {exc}") from None
+        search = self._regex(call, pattern)
         return lambda r: search(r.path) is not None
 
     def m_PathRegexp(self, call: Call) -> Matcher:
@@ -328,10 +349,7 @@ class _Compiler:
 
     def _header_regex(self, call: Call) -> Matcher:
         name = call.args[0].lower()
-        try:
-            search = compile_go_regexp(call.args[1]).search
-        except re.error as exc:
-            raise self.fail(call, f"invalid regular expression {call.args[1]!r}: {exc}") from None
+        search = self._regex(call, call.args[1])
         return lambda r: any(search(v) is not None for v in r.header_values(name))
 
     m_HeaderRegexp = _header_regex
@@ -373,10 +391,7 @@ class _Compiler:
         key = call.args[0]
         if len(call.args) == 1:
             return self.m_Query(call)
-        try:
-            search = compile_go_regexp(call.args[1]).search
-        except re.error as exc:
-            raise self.fail(call, f"invalid regular expression {call.args[1]!r}: {exc}") from None
+        search = self._regex(call, call.args[1])
 
         def match_query(r: Any) -> bool:
             values = r.query_values(key)

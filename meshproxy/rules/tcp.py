@@ -9,9 +9,9 @@ import re
 from dataclasses import dataclass
 
 from meshproxy.rules.ast import And, Call, Node, Not, Or, calls
-from meshproxy.rules.http import Matcher, client_ip_matcher, parse_network
+from meshproxy.rules.http import Matcher, client_ip_matcher, parse_network, resolve_syntax
 from meshproxy.rules.parser import RuleError, parse_rule
-from meshproxy.rules.regex import compile_go_regexp
+from meshproxy.rules.regex import GoRegexpError, compile_go_regexp
 
 KNOWN_TCP = {n.lower(): n for n in ("HostSNI", "HostSNIRegexp", "ClientIP", "ALPN")}
 _SNI_VALUE = re.compile(r"^(\*\.)?[\w.\-:]+$")
@@ -29,9 +29,17 @@ def tcp_default_priority(rule: str, catch_all: bool) -> int:
     return -1 if catch_all else len(rule.encode())
 
 
-def compile_tcp_rule(rule: str, syntax: str | None = None) -> CompiledTCPRule:
+def compile_tcp_rule(
+    rule: str, syntax: str | None = None, default_syntax: str | None = None
+) -> CompiledTCPRule:
+    """Parse, validate and compile a TCP rule; raises RuleError pointing at the problem.
+
+    v2 syntax (explicit, default, or detected from a multi-argument call when neither is set,
+    see `resolve_syntax`) allows several values per matcher (OR); v3 exactly one.
+    """
     node = parse_rule(rule, KNOWN_TCP)
-    multi = syntax == "v2" or (syntax is None and any(len(c.args) > 1 for c in calls(node)))
+    chosen = resolve_syntax(syntax, default_syntax)
+    multi = chosen == "v2" or (chosen is None and any(len(c.args) > 1 for c in calls(node)))
     compiler = _TCPCompiler(rule, multi)
     matcher = compiler.compile(node)
     catch_all = isinstance(node, Call) and node.name == "HostSNI" and node.args == ("*",)
@@ -83,8 +91,8 @@ class _TCPCompiler:
             if not arg.isascii():
                 raise RuleError(self.rule, call.pos, "HostSNIRegexp value must be ASCII")
             try:
-                search = compile_go_regexp(arg).search
-            except re.error as exc:
+                search = compile_go_regexp(arg)
+            except GoRegexpError as exc:
                 raise RuleError(self.rule, call.pos, f"invalid regular expression: {exc}") from None
             return lambda c: search(c.sni) is not None
         if call.name == "ALPN":
