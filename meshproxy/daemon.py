@@ -109,6 +109,9 @@ class ProxyDaemon:
                 metrics=self.metrics,
                 state=self.state,
                 generation=generation,
+                default_rule_syntax=self.static.core.default_rule_syntax
+                if self.static.core
+                else None,
             )
 
         return factory

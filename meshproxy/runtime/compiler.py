@@ -52,6 +52,8 @@ class CompileContext:
     state: RuntimeState
     generation: int = 0
     internal_services: dict[str, Handler] = field(default_factory=dict)
+    # static `core.defaultRuleSyntax` ("v2"/"v3"; None: detect Traefik Mesh's v2 rules)
+    default_rule_syntax: str | None = None
 
 
 class _BuildError(Exception):
@@ -336,7 +338,7 @@ class _Compiler:
             status.fail("router has no rule")
             return None
         try:
-            rule = compile_http_rule(router.rule, router.rule_syntax)
+            rule = compile_http_rule(router.rule, router.rule_syntax, self.ctx.default_rule_syntax)
         except RuleError as exc:
             status.fail(f"invalid rule: {exc}")
             return None
@@ -476,7 +478,7 @@ class _Compiler:
         if not router.rule:
             raise _BuildError("router has no rule")
         try:
-            rule = compile_tcp_rule(router.rule, router.rule_syntax)
+            rule = compile_tcp_rule(router.rule, router.rule_syntax, self.ctx.default_rule_syntax)
         except RuleError as exc:
             raise _BuildError(f"invalid rule: {exc}") from None
         if rule.needs_sni:
