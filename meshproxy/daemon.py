@@ -142,6 +142,8 @@ class ProxyDaemon:
                 read_timeout=float(timeouts.read_timeout)
                 if timeouts and timeouts.read_timeout is not None
                 else 60.0,
+                # Traefik's http.sanitizePath: true unless explicitly false
+                sanitize_path=not (entry.http and entry.http.sanitize_path is False),
             )
             http_entry = HTTPEntryPoint(
                 settings,

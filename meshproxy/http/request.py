@@ -7,6 +7,93 @@ from operator import attrgetter
 from typing import Any
 from urllib.parse import parse_qs
 
+# RFC 3986 §2.3: characters that never need percent-encoding. §6.2.2.2: a percent-encoded
+# one is equivalent to the character itself, so normalisation decodes it.
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_HEX_DIGITS = "0123456789ABCDEF"
+_HEX_VALUE: dict[str, int] = {c: int(c, 16) for c in "0123456789abcdefABCDEF"}
+
+
+def normalize_path(raw_path: str, sanitize: bool = True) -> str:
+    """The request path as Traefik (>= 3.3.6) forwards and routes it, still percent-encoded.
+
+    1. RFC 3986 §6.2.2.1/§6.2.2.2 (Traefik's `normalizePath`, always on): a percent-encoded
+       unreserved character is decoded (`%7E` -> `~`, `%2e` -> `.`), every other triplet
+       gets upper-case hex (`%2f` -> `%2F`). Reserved characters stay encoded, so `%2F` is
+       never a segment separator.
+    2. When `sanitize` (the entrypoint's `http.sanitizePath`, default true): `clean_path`,
+       which removes dot-segments (RFC 3986 §5.2.4) and merges empty segments, as Traefik
+       does with Go's `url.URL.JoinPath()`. Step 1 comes first, so `/%2e%2e/` is a `..`.
+
+    A path that is not absolute (`*`) is only percent-normalised. Raises ValueError when a
+    `%` is not followed by two hex digits (Traefik and Go answer 400).
+    """
+    path = raw_path
+    if "%" in path:
+        path = _normalize_percent(path)
+    if sanitize and path[:1] == "/" and ("/." in path or "//" in path):
+        path = clean_path(path)
+    return path
+
+
+def _normalize_percent(path: str) -> str:
+    """RFC 3986 §6.2.2.1 (hex case) and §6.2.2.2 (unreserved decoded) on every triplet."""
+    out: list[str] = []
+    start = 0
+    n = len(path)
+    i = path.find("%")
+    while i >= 0:
+        if i + 3 > n:
+            raise ValueError("invalid percent-encoding in path")
+        hi = _HEX_VALUE.get(path[i + 1], -1)
+        lo = _HEX_VALUE.get(path[i + 2], -1)
+        if hi < 0 or lo < 0:
+            raise ValueError("invalid percent-encoding in path")
+        out.append(path[start:i])
+        char = chr(hi * 16 + lo)
+        if char in _UNRESERVED:
+            out.append(char)
+        else:
+            out.append("%" + _HEX_DIGITS[hi] + _HEX_DIGITS[lo])
+        start = i + 3
+        i = path.find("%", start)
+    out.append(path[start:])
+    return "".join(out)
+
+
+def clean_path(path: str) -> str:
+    """An absolute path without dot-segments or empty segments: Traefik's sanitizePath.
+
+    Traefik calls Go's `url.URL.JoinPath()`, i.e. `path.Clean` on the escaped path: `.`
+    segments go, `..` removes the segment before it and never climbs above the root (RFC 3986
+    §5.2.4 drops such a `..` too), `//` becomes `/`, and a trailing `/` is kept only when the
+    path ended with one. So this is RFC 3986 §5.2.4 `remove_dot_segments` applied after
+    merging slashes, except that a final `.` or `..` leaves no trailing slash (`/a/b/..` ->
+    `/a`, where the RFC gives `/a/`); tests/unit/test_path_normalisation.py checks both.
+    Percent-encoded text is opaque here: `%2F` is not a separator, `%2E` was decoded before.
+    """
+    segments: list[str] = []
+    for segment in path.split("/"):
+        if not segment or segment == ".":
+            continue
+        if segment == "..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(segment)
+    if not segments:
+        return "/"
+    cleaned = "/" + "/".join(segments)
+    return cleaned + "/" if path[-1] == "/" else cleaned
+
+
+def is_clean_path(path: str) -> bool:
+    """True when `clean_path` would not change `path` (which must be absolute)."""
+    if "/." not in path and "//" not in path:
+        return True
+    return clean_path(path) == path
+
+
 # Reserved characters Traefik keeps percent-encoded in the routing path (upper-case hex only).
 _KEEP_ENCODED = frozenset(
     "%3A %2F %3F %23 %5B %5D %40 %21 %24 %26 %27 %28 %29 %2A %2B %2C %3B %3D %25".split()
@@ -119,7 +206,13 @@ _ATTRIBUTES = (
 
 class Request:
     """One HTTP request. Header names are lower-cased on arrival (as Envoy does): one spelling
-    for matching, forwarding and HTTP/2, and no per-request case folding later."""
+    for matching, forwarding and HTTP/2, and no per-request case folding later.
+
+    The path is normalised on construction (`normalize_path`; `sanitize_path` is the
+    entrypoint's `http.sanitizePath`): `target` is what is forwarded, `path` what the
+    matchers see (`routing_path` of it). Raises ValueError for a target that cannot be
+    normalised (broken percent-encoding): the server answers 400.
+    """
 
     __slots__ = _ATTRIBUTES
 
@@ -133,6 +226,7 @@ class Request:
         client_port: int,
         http_version: str = "1.1",
         scheme: str = "http",
+        sanitize_path: bool = True,
     ) -> None:
         self.method = method
         self.target = target
@@ -165,7 +259,16 @@ class Request:
             raw = slash + rest if slash else "/"
             self.target = raw.encode("latin-1")
         path, _, self.query = raw.partition("?")
-        self.path = routing_path(path) if "%" in path else path
+        if "%" in path or "/." in path or "//" in path:
+            # Routing and forwarding see the same normalised path (`normalize_path`), so a
+            # `/api/../admin` is routed, and reaches the backend, as `/admin`. The query is
+            # kept byte for byte. Raises ValueError on broken percent-encoding (400).
+            clean = normalize_path(path, sanitize_path)
+            if clean != path:
+                self.target = (clean + raw[len(path) :]).encode("latin-1")
+            self.path = routing_path(clean) if "%" in clean else clean
+        else:
+            self.path = path  # the common case: nothing to decode or clean
         self.host, self.port = _HOST_CACHE.get(self.host_header) or host_parts(self.host_header)
 
     def checkpoint(self) -> tuple[Any, ...]:
@@ -179,7 +282,9 @@ class Request:
 
     def copy(self) -> Request:
         """An independent copy (own header list) for a mirrored request."""
-        other = Request(self.method, self.target, [], self.host_header, self.client_ip, 0)
+        other = Request(
+            self.method, self.target, [], self.host_header, self.client_ip, 0, sanitize_path=False
+        )
         for name in _ATTRIBUTES:
             setattr(other, name, getattr(self, name))
         other.headers = list(self.headers)
@@ -194,7 +299,12 @@ class Request:
         return self.target.partition(b"?")[0].decode("latin-1")
 
     def set_raw_path(self, raw_path: str) -> None:
-        """Forward to another path (stripPrefix, replacePath, ...); the query is kept."""
+        """Forward to another path (stripPrefix, replacePath, ...); the query is kept.
+
+        `raw_path` is taken as the middleware made it (percent-encoded, absolute): like
+        Traefik, no second normalisation after the entrypoint's. Raises ValueError on broken
+        percent-encoding.
+        """
         path = routing_path(raw_path)  # raises ValueError on broken percent-encoding
         query = self.target.partition(b"?")
         self.target = raw_path.encode("latin-1") + (b"?" + query[2] if query[1] else b"")

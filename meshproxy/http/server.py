@@ -77,6 +77,7 @@ class EntryPointSettings:
     max_header_bytes: int = 1 << 20
     idle_timeout: float = 180.0
     read_timeout: float = 60.0
+    sanitize_path: bool = True  # http.sanitizePath: dot-segments and `//` removed (Request)
 
 
 class HTTPEntryPoint:
