@@ -85,8 +85,6 @@ def detect_syntax(node: Node) -> str:
             return "v2"
         if call.name in ("Path", "PathPrefix", "HostRegexp") and any(map(has_template, call.args)):
             return "v2"
-        if call.name == "Query" and len(call.args) == 1 and "=" in call.args[0]:
-            return "v2"
     return "v3"
 
 
@@ -365,15 +363,22 @@ class _Compiler:
 
     def m_Query(self, call: Call) -> Matcher:
         if self.syntax == "v2":
-            pairs = []
+            # Traefik v2 splits each value at its first "=" and hands the flattened list to
+            # gorilla/mux's Queries(key, value, ...): it must pair up, and an empty value
+            # only asks for the key to be present.
+            flat: list[str] = []
             for arg in call.args:
-                key, _, value = arg.partition("=")
-                pairs.append((key, value))
+                flat.extend(arg.split("=", 1))
+            if len(flat) % 2:
+                raise self.fail(
+                    call, f"Query: number of parameters must be multiple of 2, got {flat}"
+                )
+            pairs = list(zip(flat[::2], flat[1::2], strict=True))
 
             def match_all(r: Any) -> bool:
                 for key, value in pairs:
                     values = r.query_values(key)
-                    if values is None or value not in values:
+                    if values is None or (value != "" and value not in values):
                         return False
                 return True
 
@@ -407,8 +412,12 @@ class _Compiler:
 def parse_network(
     rule: str, call: Call, value: str
 ) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An IP or CIDR as Go's net.ParseIP / net.ParseCIDR read it: no surrounding spaces, no
+    IPv6 zone (`fe80::1%eth0`), no leading zeros; a host address becomes a /32 or /128."""
+    if "%" in value:
+        raise RuleError(rule, call.pos, f"{call.name} value {value!r} is not an IP or CIDR")
     try:
-        return ipaddress.ip_network(value.strip(), strict=False)
+        return ipaddress.ip_network(value, strict=False)
     except ValueError:
         raise RuleError(
             rule, call.pos, f"{call.name} value {value!r} is not an IP or CIDR"

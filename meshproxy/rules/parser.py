@@ -24,33 +24,66 @@ class RuleError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class _Token:
-    kind: str  # ident, string, lparen, rparen, comma, and, or, not, end
+    kind: str  # ident, string, lparen, rparen, comma, and, or, not, newline, end
     text: str
     pos: int
 
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Go's single-character escapes in interpreted ("...") strings; `\'` is a rune-only escape.
 _GO_ESCAPES = {
     "n": "\n",
     "t": "\t",
     "r": "\r",
     "\\": "\\",
     '"': '"',
-    "'": "'",
     "a": "\a",
     "b": "\b",
     "f": "\f",
     "v": "\v",
 }
+_HEX = frozenset("0123456789abcdefABCDEF")
+# Kinds after which Go's scanner turns a newline into a semicolon (The Go Programming
+# Language Specification, "Semicolons"): an expression cannot continue on the next line there.
+_ENDS_OPERAND = frozenset(("ident", "string", "rparen"))
 
 
 def _tokenize(rule: str) -> list[_Token]:
+    """Split a rule into tokens the way Go's scanner (go/scanner) does for an expression.
+
+    Whitespace is space, tab, CR and LF only (anything else, NUL included, is an illegal
+    character, even inside a string); `//` and `/* */` comments are skipped; a newline (or a
+    comment spanning one) right after an identifier, a string or `)` becomes a `newline`
+    token, which the parser accepts only at the very end (Go's automatic semicolon).
+    """
     tokens: list[_Token] = []
     i, n = 0, len(rule)
+    nul = rule.find("\x00")
+    if nul >= 0:
+        raise RuleError(rule, nul, "illegal character NUL")
+
+    def newline_here(pos: int) -> None:
+        if tokens and tokens[-1].kind in _ENDS_OPERAND:
+            tokens.append(_Token("newline", "\n", pos))
+
     while i < n:
         ch = rule[i]
-        if ch in " \t\r\n":
+        if ch in " \t\r":
             i += 1
+        elif ch == "\n":
+            newline_here(i)
+            i += 1
+        elif rule.startswith("//", i):
+            end = rule.find("\n", i)
+            newline_here(i)
+            i = n if end < 0 else end + 1
+        elif rule.startswith("/*", i):
+            end = rule.find("*/", i + 2)
+            if end < 0:
+                raise RuleError(rule, i, "comment not terminated")
+            if "\n" in rule[i:end]:
+                newline_here(i)
+            i = end + 2
         elif ch == "(":
             tokens.append(_Token("lparen", ch, i))
             i += 1
@@ -73,11 +106,13 @@ def _tokenize(rule: str) -> list[_Token]:
             end = rule.find("`", i + 1)
             if end < 0:
                 raise RuleError(rule, i, "unterminated backtick string")
-            tokens.append(_Token("string", rule[i + 1 : end], i))
+            # Go discards carriage returns inside raw string literals.
+            tokens.append(_Token("string", rule[i + 1 : end].replace("\r", ""), i))
             i = end + 1
         elif ch == '"':
-            text, i = _read_quoted(rule, i)
+            text, end = _read_quoted(rule, i)
             tokens.append(_Token("string", text, i))
+            i = end
         elif ch == "'":
             raise RuleError(rule, i, 'single quotes do not delimit strings; use backticks or "')
         else:
@@ -91,6 +126,11 @@ def _tokenize(rule: str) -> list[_Token]:
 
 
 def _read_quoted(rule: str, start: int) -> tuple[str, int]:
+    """A Go interpreted string literal starting at `start` (the quote): its value and the
+    index after the closing quote. Escapes as in the Go spec ("Rune literals"): single
+    characters, `\\ooo` octal (3 digits, at most 255), `\\xhh`, `\\uhhhh`, `\\Uhhhhhhhh` (a valid
+    code point). A byte escape above 0x7f stands for that byte (kept as the same code point,
+    which the matchers reject or never match, as Traefik does)."""
     out: list[str] = []
     i = start + 1
     while i < len(rule):
@@ -105,14 +145,21 @@ def _read_quoted(rule: str, start: int) -> tuple[str, int]:
                 out.append(_GO_ESCAPES[nxt])
                 i += 2
                 continue
-            if nxt in ("x", "u", "U"):
-                width = {"x": 2, "u": 4, "U": 8}[nxt]
-                digits = rule[i + 2 : i + 2 + width]
-                try:
-                    out.append(chr(int(digits, 16)))
-                except ValueError:
-                    raise RuleError(rule, i, "invalid escape in string") from None
-                i += 2 + width
+            if nxt and nxt in "xuU01234567":
+                octal = nxt not in ("x", "u", "U")
+                width = 3 if octal else {"x": 2, "u": 4, "U": 8}[nxt]
+                first = i + 1 if octal else i + 2
+                digits = rule[first : first + width]
+                allowed = "01234567" if octal else _HEX
+                if len(digits) != width or any(d not in allowed for d in digits):
+                    raise RuleError(rule, i, "invalid escape in string")
+                value = int(digits, 8 if octal else 16)
+                if (octal and value > 255) or value > 0x10FFFF or 0xD800 <= value <= 0xDFFF:
+                    raise RuleError(rule, i, "escape is invalid Unicode code point")
+                if value == 0:
+                    raise RuleError(rule, i, "illegal character NUL")
+                out.append(chr(value))
+                i = first + width
                 continue
             raise RuleError(rule, i, "invalid escape in string")
         out.append(ch)
@@ -153,7 +200,11 @@ class _Parser:
         if self.peek().kind == "end":
             raise RuleError(self.rule, 0, "empty rule")
         node = self.parse_or()
+        if self.peek().kind == "newline":  # Go's parser accepts one final semicolon
+            self.index += 1
         token = self.peek()
+        if token.kind == "newline":
+            raise RuleError(self.rule, token.pos, "unexpected newline")
         if token.kind != "end":
             raise RuleError(self.rule, token.pos, f"unexpected {token.text!r}")
         return node
@@ -205,8 +256,14 @@ class _Parser:
                 if token.text == "":
                     raise RuleError(self.rule, token.pos, f"empty argument to {canon}")
                 args.append(token.text)
+                if self.peek().kind == "newline":
+                    raise RuleError(
+                        self.rule, self.peek().pos, "missing ',' before newline in argument list"
+                    )
                 if self.peek().kind == "comma":
                     self.index += 1
+                    if self.peek().kind == "rparen":  # Go allows a trailing comma
+                        break
                     continue
                 break
         self.take("rparen", f"')' to close {canon}(")
