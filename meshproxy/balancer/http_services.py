@@ -23,7 +23,9 @@ from meshproxy.observability.metrics import RequestMetrics
 log = logging.getLogger("meshproxy.balancer")
 
 _CRLF = b"\r\n"
-_SKIP_ALWAYS = HOP_BY_HOP | {b"host", b"expect", b"x-forwarded-for"}
+_SKIP_ALWAYS = HOP_BY_HOP | {b"host", b"x-forwarded-for"}
+# An HTTP/1.0 server ignores Expect; the proxy answers 100 itself instead (RFC 9110 §10.1.1).
+_SKIP_FOR_HTTP10 = _SKIP_ALWAYS | {b"expect"}
 _DIALS: set[asyncio.Future[None]] = set()
 
 
@@ -48,7 +50,9 @@ def build_request_head(
         # the client's own lines (its Host among them) and X-Forwarded-*: nothing to rebuild
         return b"%s %s HTTP/1.1\r\n%s\r\n" % (request.method.encode(), path, verbatim), False
     host = request.host_header if pass_host_header else target.host_header
-    skip = _SKIP_ALWAYS | request.connection_tokens if request.connection_tokens else _SKIP_ALWAYS
+    skip = _SKIP_FOR_HTTP10 if target.pool.http10 else _SKIP_ALWAYS
+    if request.connection_tokens:
+        skip = skip | request.connection_tokens
     headers = request.headers
     lines = [name + b": " + value + _CRLF for name, value in headers if name not in skip]
     if request.append_client_ip:

@@ -36,6 +36,8 @@ class Sink(Protocol):
 
     def write_end(self, ex: Exchange) -> None: ...
 
+    def write_interim(self, ex: Exchange, status: int, headers: Fields) -> None: ...
+
     def flush(self) -> None: ...
 
     def exchange_done(self, ex: Exchange) -> None: ...
@@ -89,6 +91,7 @@ class Exchange:
         "body_target",
         "body_waiter",
         "client_gone",
+        "continue_sent",
         "entrypoint",
         "finished",
         "handled",
@@ -96,6 +99,7 @@ class Exchange:
         "protocol",
         "replay_body",
         "request",
+        "request_error",
         "response_hooks",
         "response_started",
         "router",
@@ -121,6 +125,8 @@ class Exchange:
         self.finished = False
         self.handled = False  # the serving side is done with it (see Sink.exchange_done)
         self.client_gone = False
+        self.continue_sent = False  # a 100 Continue went to the client
+        self.request_error = 0  # the status that ended a request that could not be read
         self.body_complete = not has_body
         self.body_target: BodyTarget | None = None
         self._body_buffer: list[bytes] = []
@@ -291,6 +297,9 @@ class NullSink:
         pass
 
     def write_end(self, ex: Exchange) -> None:
+        pass
+
+    def write_interim(self, ex: Exchange, status: int, headers: Fields) -> None:
         pass
 
     def flush(self) -> None:

@@ -3,6 +3,23 @@
 Turns bytes into `Request`/`Exchange` objects, hands each exchange to the entrypoint's handler,
 and frames the response back onto the wire. Pipelined requests are queued and answered in
 order. It knows nothing of routing.
+
+What it refuses, before anything is forwarded (RFC 9112 unless said otherwise):
+- a request line or field llhttp cannot parse, a missing or repeated Host: 400 (§3.2);
+- a request-target that is not origin-, absolute- or asterisk-form, or has a fragment: 400
+  (§3.2; CVE-2023-47106); a Host or absolute-form authority that is not
+  `uri-host [":" port]` (§3.2, RFC 3986 §3.2.2): 400;
+- a request-target longer than `max_target_bytes`: 414; a head whose request line and fields
+  exceed `max_header_bytes`, however it is split over reads: 431;
+- an HTTP major version other than 1: 505 (RFC 9110 §6.2; `HTTP/1.2` is served as 1.1);
+- a transfer coding other than chunked: 501 (§6.1); chunked not final or applied twice, or any
+  Transfer-Encoding in an HTTP/1.0 request: 400 (§6.1, §6.3);
+- a body whose framing breaks mid-stream (bad chunk size, ...): 400 if no response has started,
+  else the connection is cut; either way the exchange ends, its upstream connection is closed
+  (never reused) and the client connection is closed (§7.1: the framing cannot be trusted).
+Timeouts (checked by `HTTPEntryPoint.sweep` once a second): `read_timeout` for a whole request
+(head and body), `idle_timeout` between requests and for an exchange that makes no progress in
+either direction; the upstream side has its own (see http.upstream).
 """
 
 from __future__ import annotations
@@ -10,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -68,15 +86,87 @@ _FIELD_KIND.update(
 )
 
 
+# Envoy's default head limit (60 KiB), not Go's 1 MiB: a mesh proxy has no business holding a
+# megabyte per connection for a head, and Traefik's `maxHeaderBytes` still raises it.
+DEFAULT_MAX_HEADER_BYTES = 60 * 1024
+DEFAULT_MAX_TARGET_BYTES = 16 * 1024  # as HAProxy's default buffer; 414 past it
+LINGER_SECONDS = 2.0  # how long an error answer's connection drains the client's bytes
+
+
+class _Reject(Exception):
+    """Refuse the request being parsed with `status` (raised from a parser callback)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+# RFC 3986 §3.2.2 host (IP-literal, IPv4address or reg-name) and §3.2.3 port, as RFC 9112 §3.2
+# asks of Host and of an absolute-form authority. No userinfo ("@"), no blanks, no "/".
+_VALID_AUTHORITY = re.compile(
+    rb"(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?"
+)
+_AUTHORITIES: dict[bytes, bool] = {}  # memo: clients repeat the same few Host values
+
+
+def valid_authority(value: bytes) -> bool:
+    """Whether `value` is a valid `uri-host [":" port]` (RFC 3986 §3.2.2, RFC 9112 §3.2)."""
+    known = _AUTHORITIES.get(value)
+    if known is None:
+        known = _VALID_AUTHORITY.fullmatch(value) is not None
+        if len(_AUTHORITIES) >= 4096:
+            _AUTHORITIES.clear()
+        _AUTHORITIES[value] = known
+    return known
+
+
+def check_target(target: bytes, method: bytes) -> None:
+    """Raise `_Reject(400)` unless `target` is a request-target form RFC 9112 §3.2 allows for
+    `method` (origin-form, absolute-form with an http(s) scheme, asterisk-form for OPTIONS), and
+    has no fragment (§3.2: a fragment is never sent; CVE-2023-47106 in Traefik)."""
+    if b"#" in target:
+        raise _Reject(400)
+    first = target[:1]
+    if first == b"/":
+        return
+    if target == b"*" and method == b"OPTIONS":
+        return
+    scheme, sep, rest = target.partition(b"://")
+    if sep and scheme.lower() in (b"http", b"https"):
+        authority = rest.split(b"/", 1)[0].split(b"?", 1)[0]
+        if authority and valid_authority(authority):
+            return
+    raise _Reject(400)
+
+
+def transfer_codings_status(values: list[bytes], http_version: str) -> int:
+    """0 if the request's Transfer-Encoding values frame a body we can read (exactly one
+    `chunked`), else the status to answer: 501 for a coding we do not implement (RFC 9112 §6.1),
+    400 when chunked is not the final coding or is applied twice (§6.3, §7), 400 for any
+    Transfer-Encoding in an HTTP/1.0 request (§6.1: its framing is faulty)."""
+    if http_version == "1.0":
+        return 400
+    codings = [c.split(b";", 1)[0].strip().lower() for v in values for c in v.split(b",")]
+    codings = [c for c in codings if c]
+    if any(c != b"chunked" for c in codings):
+        return 501
+    if len(codings) != 1:
+        return 400
+    return 0
+
+
 @dataclass
 class EntryPointSettings:
+    """One HTTP entrypoint's limits and timeouts: bytes and seconds (0 disables a timeout)."""
+
     name: str
     port: int
     trusted_networks: list[Any] = field(default_factory=list)
     insecure_forwarded: bool = False
-    max_header_bytes: int = 1 << 20
-    idle_timeout: float = 180.0
-    read_timeout: float = 60.0
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES  # request line and fields: 431 past it
+    max_target_bytes: int = DEFAULT_MAX_TARGET_BYTES  # the request-target: 414 past it
+    idle_timeout: float = 180.0  # between requests, and for an exchange that makes no progress
+    read_timeout: float = 60.0  # for a whole request: head and body (Traefik's readTimeout)
     sanitize_path: bool = True  # http.sanitizePath: dot-segments and `//` removed (Request)
 
 
@@ -88,11 +178,14 @@ class HTTPEntryPoint:
         settings: EntryPointSettings,
         handler: Callable[[Exchange], None],
         on_open: Callable[[int], None] | None = None,
+        on_protocol_error: Callable[[int], None] | None = None,
     ) -> None:
         self.settings = settings
         self.handler = handler
         self.connections: set[H1ServerConnection] = set()
         self.on_open = on_open or (lambda delta: None)
+        # Called with the status of every request refused or cut for its framing.
+        self.on_protocol_error = on_protocol_error or (lambda status: None)
         self.port_bytes = str(settings.port).encode()
 
     def is_trusted(self, ip: str) -> bool:
@@ -123,10 +216,6 @@ class HTTPEntryPoint:
             conn.close()
 
 
-class _HeaderTooLarge(Exception):
-    pass
-
-
 class H1ServerConnection(asyncio.Protocol):
     __slots__ = (
         "_between_messages",
@@ -137,17 +226,23 @@ class H1ServerConnection(asyncio.Protocol):
         "_closing",
         "_error_after_current",
         "_forwarded",
+        "_head_fed",
         "_head_in_chunk",
         "_header_bytes",
         "_headers",
         "_host",
+        "_in_head",
         "_message_started_at",
         "_pending_head",
         "_perf_start",
+        "_progress",
+        "_progress_seen",
         "_receiving",
         "_special",
+        "_stalled_since",
         "_trusted",
         "_url",
+        "_url_bytes",
         "_verbatim",
         "_write_paused",
         "_xf_seen",
@@ -169,12 +264,18 @@ class H1ServerConnection(asyncio.Protocol):
         self.loop = asyncio.get_event_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
+        # The version is checked here (505 for a major other than 1; RFC 9110 §6.2 serves
+        # HTTP/1.2 as 1.1), which llhttp would refuse with a bare parse error.
+        self.parser.set_dangerous_leniencies(lenient_version=True)
         self.current: Exchange | None = None
         self.pipeline: deque[Exchange] = deque()
         self._receiving: Exchange | None = None
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
+        self._url_bytes = 0
+        self._head_fed = 0  # bytes read since the head being parsed began (memory bound)
+        self._in_head = False  # between a request's first byte and the end of its head
         self._host = b""
         self._xf_seen = 0
         self._special = False
@@ -194,6 +295,9 @@ class H1ServerConnection(asyncio.Protocol):
         self._verbatim = False  # no field of the current request needs rewriting
         self._forwarded: tuple[bytes, list[tuple[bytes, bytes]], bytes] | None = None
         self.idle_since = 0.0
+        self._progress = 0  # grows with every read and response write: the sweep's stall check
+        self._progress_seen = -1
+        self._stalled_since = 0.0
         self.client_ip = ""
         self.client_port = 0
 
@@ -216,11 +320,15 @@ class H1ServerConnection(asyncio.Protocol):
         self.entry.connections.discard(self)
         self.entry.on_open(-1)
         for ex in (self.current, *self.pipeline):
-            if ex is not None and not ex.finished:
+            if ex is None:
+                continue
+            if not ex.finished:
                 ex.client_gone = True
-                upstream = ex.upstream
-                if upstream is not None:
-                    upstream.client_gone()
+            # Even after a complete response, an upstream still waiting for the rest of the
+            # request body holds a connection whose framing is now unknown: drop it.
+            upstream = ex.upstream
+            if upstream is not None:
+                upstream.client_gone()
         self.pipeline.clear()
 
     def close(self) -> None:
@@ -229,37 +337,61 @@ class H1ServerConnection(asyncio.Protocol):
             self.transport.close()
 
     def check_timeouts(self, now: float, idle: float, read: float) -> None:
+        """Close a connection past one of its timeouts (seconds; 0 disables one): `read` for a
+        whole request, head and body (Traefik's readTimeout); `idle` between requests and for
+        an exchange that has made no progress in either direction (a backend that stopped
+        sending its body, a client that stopped reading or sending)."""
         if self._closing:
             return
-        if self.current is None:
+        ex = self.current
+        if ex is None:
             started = self._message_started_at
             if started is not None:
                 if read > 0 and now - started > read:
                     self.close()
             elif idle > 0 and now - self.idle_since > idle:
                 self.close()
+            return
+        if read > 0 and not ex.body_complete and now - ex.started_at > read:
+            self._request_failed(ex, 408)  # RFC 9110 §15.5.9
+            return
+        if self._progress != self._progress_seen:
+            self._progress_seen = self._progress
+            self._stalled_since = now
+        elif idle > 0 and now - self._stalled_since > idle:
+            log.info("closing a stalled exchange from %s after %.0f s", self.client_ip, idle)
+            self._request_failed(ex, 504 if not ex.response_started else 0)
 
     # -- reading ------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
         if self._closing or self._error_after_current is not None:
             return
+        self._progress += 1
         self._chunk = data
         self._head_in_chunk = between = self._between_messages  # a request starts at byte 0
         if between and self._message_started_at is None:
             self._message_started_at = time.perf_counter()  # the read timeout starts now
+        elif self._in_head:
+            # A head spanning reads: llhttp keeps a partial field value in memory until its
+            # end, so the whole head is bounded here, before feeding, not only per field.
+            self._head_fed += len(data)
+            settings = self.entry.settings
+            if self._head_fed > settings.max_header_bytes + settings.max_target_bytes:
+                self._protocol_error(431)
+                return
         try:
             self.parser.feed_data(data)
-        except _HeaderTooLarge:
-            self._protocol_error(431)
+        except _Reject as exc:
+            self._protocol_error(exc.status)
         except httptools.HttpParserUpgrade:
             self._protocol_error(501)
         except httptools.HttpParserError as exc:
-            too_large = isinstance(exc.__context__, _HeaderTooLarge) or isinstance(
-                exc.__cause__, _HeaderTooLarge
-            )
-            self._protocol_error(431 if too_large else 400)
+            cause = exc.__context__ or exc.__cause__
+            self._protocol_error(cause.status if isinstance(cause, _Reject) else 400)
         self._head_in_chunk = False  # a head still incomplete will span several reads
+        if self._in_head and not self._closing and self._head_fed == 0:
+            self._head_fed = len(data)  # the head began in this read and goes on in the next
 
     def on_url(self, url: bytes) -> None:
         if self._between_messages:
@@ -267,8 +399,11 @@ class H1ServerConnection(asyncio.Protocol):
             # on_message_begin callback: one call less per request.
             self._between_messages = False
             self._url = url
+            self._in_head = True
+            self._head_fed = 0
             self._headers = []
             self._header_bytes = 0
+            self._url_bytes = 0
             self._host = b""
             self._xf_seen = 0
             self._special = False
@@ -280,14 +415,17 @@ class H1ServerConnection(asyncio.Protocol):
             self._perf_start = started
         else:
             self._url += url
+        self._url_bytes += len(url)
+        if self._url_bytes > self.entry.settings.max_target_bytes:
+            raise _Reject(414)  # RFC 9110 §15.5.15
         self._header_bytes += len(url)
         if self._header_bytes > self.entry.settings.max_header_bytes:
-            raise _HeaderTooLarge
+            raise _Reject(431)  # RFC 6585 §5
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value) + 4
         if self._header_bytes > self.entry.settings.max_header_bytes:
-            raise _HeaderTooLarge
+            raise _Reject(431)  # RFC 6585 §5
         name = name.lower()
         kind = _FIELD_KIND.get(name)
         if kind is not None:
@@ -302,13 +440,15 @@ class H1ServerConnection(asyncio.Protocol):
                     return
                 self._xf_seen |= kind
             elif kind == _HOST:
-                if self._host:
-                    raise httptools.HttpParserError("duplicate Host header")
+                if self._host or not valid_authority(value):
+                    raise _Reject(400)  # RFC 9112 §3.2: one Host, a valid uri-host [":" port]
                 self._host = value
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         parser = self.parser
+        self._in_head = False
+        self._head_fed = 0
         # A head that began this read (the usual case) is read straight off the bytes: the
         # version from the request line, and maybe the fields to forward verbatim.
         chunk = self._chunk
@@ -318,19 +458,24 @@ class H1ServerConnection(asyncio.Protocol):
             version = "1.1"  # "1.1": llhttp checked the request line ends with HTTP/x.y
         else:
             version = parser.get_http_version()
+            if version[:2] != "1.":
+                raise _Reject(505)  # RFC 9110 §6.2, §15.6.6: only HTTP/1.x here
+            if version != "1.0":
+                version = "1.1"  # a higher minor version is served as 1.1 (RFC 9110 §6.2)
         raw_method = parser.get_method()
         method = _METHOD_NAMES.get(raw_method) or raw_method.decode("latin-1")
+        url = self._url
+        if url[:1] != b"/" or b"#" in url:
+            check_target(url, raw_method)
         host = self._host
         if not host and version == "1.1":
-            raise httptools.HttpParserError("missing Host header")
+            raise _Reject(400)  # RFC 9112 §3.2: an HTTP/1.1 request must carry Host
         headers = self._headers
         received = len(headers)
         try:
-            request = Request(
-                method, self._url, headers, host, self.client_ip, self.client_port, version
-            )
+            request = Request(method, url, headers, host, self.client_ip, self.client_port, version)
         except ValueError:
-            raise httptools.HttpParserError("invalid request target") from None
+            raise _Reject(400) from None
         request.keep_alive = parser.should_keep_alive()
         # Traefik's entrypoint sets these before routing, so rules can match on them.
         seen = self._xf_seen & _XF_ALL
@@ -345,14 +490,21 @@ class H1ServerConnection(asyncio.Protocol):
                 request.verbatim = self._verbatim_fields(line_end, received, cached[2])
         has_body = self._chunked_request
         if self._special:
+            codings: list[bytes] = []
             for name, value in headers:
                 if name == b"content-length":
                     request.content_length = int(value)
                     has_body = has_body or request.content_length > 0
+                elif name == b"transfer-encoding":
+                    codings.append(value)
                 elif name == b"expect" and value.lower() == b"100-continue":
                     request.expect_continue = True
                 elif name == b"connection":
                     request.connection_tokens |= frozenset(connection_tokens(value))
+            if codings:
+                refused = transfer_codings_status(codings, version)
+                if refused:
+                    raise _Reject(refused)
         ex = Exchange(self, request, self.entry_name, self._perf_start, has_body)
         if not self._special:
             ex.protocol = "http"  # no Content-Type or Accept that could make it grpc or sse
@@ -372,8 +524,10 @@ class H1ServerConnection(asyncio.Protocol):
         fields = [(b"x-forwarded-proto", b"http")]
         if host:
             fields.append((b"x-forwarded-host", host))
+        # The port the client addressed: Host's, else the scheme's default (as Traefik), not
+        # the listener's (a pod that called svc.ns.traefik.mesh called port 80).
         port = request.port
-        fields.append((b"x-forwarded-port", port.encode() if port else self.entry.port_bytes))
+        fields.append((b"x-forwarded-port", port.encode() if port else b"80"))
         fields.append((b"x-forwarded-server", SERVER_NAME))
         fields.append((b"x-real-ip", self.client_ip.encode()))
         # X-Forwarded-For is written at forwarding time (it may be appended to); for the
@@ -391,7 +545,7 @@ class H1ServerConnection(asyncio.Protocol):
             headers.append((b"x-forwarded-host", self._host))
         if not seen & 4:
             port = request.port
-            headers.append((b"x-forwarded-port", port.encode() if port else self.entry.port_bytes))
+            headers.append((b"x-forwarded-port", port.encode() if port else b"80"))
         headers.append((b"x-forwarded-server", SERVER_NAME))
         if not seen & 8:
             headers.append((b"x-real-ip", self.client_ip.encode()))
@@ -425,11 +579,50 @@ class H1ServerConnection(asyncio.Protocol):
                 ex.on_request_end()
 
     def _protocol_error(self, status: int) -> None:
+        """The bytes read are not a request we can serve: answer `status` and close. Inside a
+        request body (the head is already being served) the exchange itself fails."""
+        self.entry.on_protocol_error(status)
+        self._in_head = False
+        receiving = self._receiving
+        if receiving is not None:
+            self._receiving = None
+            self._request_failed(receiving, status)
+            return
         if self.current is None:
             self._write_error_and_close(status)
         else:
-            self._error_after_current = status
+            self._error_after_current = status  # answered once the current response is out
             self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def _request_failed(self, ex: Exchange, status: int) -> None:
+        """End `ex` because its request can no longer be read (malformed body: 400, read
+        timeout: 408) or it stalled: answer `status` if no response has started (0: never),
+        else cut the connection; close whatever upstream connection it holds."""
+        ex.request_error = status or 502
+        ex.client_gone = True  # nothing more will be read from this client
+        if ex is self.current:
+            if ex.response_started or not status:
+                self.abort(ex)
+            else:
+                ex.finished = True
+                self._write_error_and_close(status)
+        else:  # still queued behind the current exchange: it never started
+            try:
+                self.pipeline.remove(ex)
+            except ValueError:
+                pass
+            self.pipeline.clear()
+            if self._error_after_current is None and status:
+                self._error_after_current = status
+            if self.transport is not None and not self._closing:
+                self.transport.pause_reading()
+        upstream = ex.upstream
+        if upstream is not None:
+            upstream.client_gone()  # ends the exchange (the serving side sees ClientGone)
+        waiter = ex.body_waiter
+        if waiter is not None:  # a middleware waiting for the whole body: let it go on, and
+            ex.body_waiter = None  # find the client gone (nothing is forwarded)
+            waiter()
 
     def _write_error_and_close(self, status: int) -> None:
         body = b"%d %s" % (status, reason_phrase(status))
@@ -438,7 +631,24 @@ class H1ServerConnection(asyncio.Protocol):
             b"connection: close\r\ncontent-length: %d\r\n\r\n%s"
             % (status, reason_phrase(status), len(body), body)
         )
-        self.close()
+        self._linger()
+
+    def _linger(self) -> None:
+        """Close after an error answer without losing it (RFC 9112 §9.6): closing a socket
+        whose receive buffer still holds the client's bytes (the rest of a refused head or
+        body) makes the kernel send a reset, which can destroy the answer before the client
+        reads it. So: close the write side, read and discard for `LINGER_SECONDS` or until the
+        client closes, then close."""
+        transport = self.transport
+        if transport is None or self._closing:
+            return
+        self._closing = True  # data_received now discards
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        transport.resume_reading()
+        self.loop.call_later(LINGER_SECONDS, transport.close)
 
     # -- exchange scheduling ------------------------------------------------------------
 
@@ -458,11 +668,15 @@ class H1ServerConnection(asyncio.Protocol):
 
     def exchange_done(self, ex: Exchange) -> None:
         if not ex.finished:
-            if not ex.response_started and not self._closing:
+            if self._closing:
+                ex.finished = True  # the connection is going: nothing more to write
+            elif not ex.response_started:
                 ex.respond(500, b"Internal Server Error")
             else:
                 self.abort(ex)
                 return
+        if ex is not self.current:
+            return  # a queued exchange that failed before it started
         self.current = None
         if self._closing:
             return
@@ -479,8 +693,34 @@ class H1ServerConnection(asyncio.Protocol):
     # -- Sink: writing the response -----------------------------------------------------
 
     def write_continue(self, ex: Exchange) -> None:
-        if ex.request.http_version == "1.1" and not ex.response_started and not self._closing:
+        """`100 Continue`, at most once per exchange, to an HTTP/1.1 client that asked for it
+        and has no final response yet (RFC 9110 §10.1.1)."""
+        if (
+            ex.request.expect_continue
+            and not ex.continue_sent
+            and ex.request.http_version == "1.1"
+            and not ex.response_started
+            and not self._closing
+        ):
+            ex.continue_sent = True
             self.transport.write(_CONTINUE)  # type: ignore[union-attr]
+
+    def write_interim(self, ex: Exchange, status: int, headers: Fields) -> None:
+        """Relay a backend's 1xx (RFC 9110 §15.2: a proxy forwards them): never to an HTTP/1.0
+        client (§15.2), 100 only as `write_continue` allows, 101 never here (an upgrade)."""
+        if status == 100:
+            self.write_continue(ex)
+            return
+        if (
+            status == 101
+            or ex.request.http_version != "1.1"
+            or ex.response_started
+            or self._closing
+        ):
+            return
+        status_line = _STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status
+        self._progress += 1
+        self.transport.write(status_line + field_lines(headers) + _CRLF)  # type: ignore[union-attr]
 
     def write_head(
         self,
@@ -518,6 +758,7 @@ class H1ServerConnection(asyncio.Protocol):
     def write_body(self, ex: Exchange, chunk: bytes) -> None:
         if self._closing or not chunk:
             return
+        self._progress += 1
         head = self._pending_head
         transport = self.transport
         if head:

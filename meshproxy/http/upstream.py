@@ -3,6 +3,17 @@
 An `UpstreamConnection` sends one request at a time and relays the response straight into the
 exchange's sink (no buffering); `UpstreamPool` keeps idle connections per server origin and
 survives config reloads.
+
+Interim responses (RFC 9110 §15.2) are relayed to the client as they come: 103 Early Hints and
+the like, and the backend's own `100 Continue` for a request that carried `Expect:
+100-continue` (forwarded to the backend, §10.1.1). The proxy answers 100 on the backend's
+behalf only when the backend is known to speak HTTP/1.0, or has not answered within
+`expect_continue_timeout` (Go's transport waits 1 s too). A 101 is not an interim response: it
+ends the exchange with a 502 unless the request was an upgrade.
+
+Timeouts: `response_header_timeout` runs from the moment the whole request has been sent (as
+Go's transport) until the final response head; a backend that stops sending its body is the
+client connection's stall timeout's job (see http.server).
 """
 
 from __future__ import annotations
@@ -35,7 +46,10 @@ class TransportSettings:
     """Traefik's serversTransport forwardingTimeouts and pool size."""
 
     dial_timeout: float = 30.0
-    response_header_timeout: float = 0.0
+    # Traefik's default is 0 (wait forever); a mesh proxy must not hold a client forever on a
+    # hung pod, so 60 s as HAProxy's and nginx's defaults. "0s" in the config disables it.
+    response_header_timeout: float = 60.0
+    expect_continue_timeout: float = 1.0
     idle_conn_timeout: float = 90.0
     max_idle_per_host: int = 200
     insecure_skip_verify: bool = False
@@ -52,6 +66,7 @@ class EarlyEOF(Exception):
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "_chunked_body",
+        "_continue_timer",
         "_fresh_parser",
         "_got_response_bytes",
         "_head",
@@ -89,6 +104,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._status = 0
         self._chunked_body = False
         self._header_timer: asyncio.TimerHandle | None = None
+        self._continue_timer: asyncio.TimerHandle | None = None
         self._got_response_bytes = False
         self._response_headers_done = False
         self._response_complete = False
@@ -130,6 +146,13 @@ class UpstreamConnection(asyncio.Protocol):
     def start(self, ex: Exchange, head: bytes, chunked_body: bool, on_done: DoneCallback) -> None:
         """Send the request head; the body follows as the client sends it. `on_done` is called
         once: with None when the response is complete, or with the exception that ended it."""
+        if ex.client_gone:
+            # The client went away while this request waited (a dial, a middleware's delay):
+            # nothing has been written, so the connection stays good for the next one.
+            if not self.closed:
+                self.pool.release(self)
+            on_done(ClientGone())
+            return
         self.ex = ex
         self._on_done = on_done
         if self.parser is None:
@@ -147,12 +170,16 @@ class UpstreamConnection(asyncio.Protocol):
         ex.upstream = self
         self.transport.write(head)  # type: ignore[union-attr]
         if ex.has_body:
-            if ex.request.expect_continue:
-                ex.sink.write_continue(ex)
+            if ex.request.expect_continue and not ex.body_complete:
+                if self.pool.http10:  # it will not answer 100 (RFC 9110 §10.1.1)
+                    ex.sink.write_continue(ex)
+                else:
+                    self._continue_timer = self.loop.call_later(
+                        self.pool.settings.expect_continue_timeout, self._continue_anyway
+                    )
             ex.attach_body_target(self)
-        timeout = self._header_timeout
-        if timeout > 0:
-            self._header_timer = self.loop.call_later(timeout, self._on_header_timeout)
+        elif self._header_timeout > 0:
+            self._header_timer = self.loop.call_later(self._header_timeout, self._on_header_timeout)
         if self._reading_paused:
             self.resume_reading()
 
@@ -172,6 +199,18 @@ class UpstreamConnection(asyncio.Protocol):
         self.request_sent = True
         if self._response_complete:
             self._finish_connection()
+        elif (
+            not self._response_headers_done
+            and self._header_timeout > 0
+            and self._header_timer is None
+        ):
+            self._header_timer = self.loop.call_later(self._header_timeout, self._on_header_timeout)
+
+    def _continue_anyway(self) -> None:
+        self._continue_timer = None
+        ex = self.ex
+        if ex is not None and not self._response_headers_done:
+            ex.sink.write_continue(ex)
 
     def _on_header_timeout(self) -> None:
         self._header_timer = None
@@ -180,10 +219,14 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
 
     def client_gone(self) -> None:
-        """The client went away: this connection's state is unknown, drop it."""
+        """The client went away: this connection's state is unknown, drop it. Also after a
+        complete response, if the request body was not all sent: its framing is broken."""
         if not self._response_complete:
             self._fail(ClientGone())
             self.close()
+        elif not self.request_sent and self.ex is not None:
+            self.keep_alive = False
+            self._finish_connection()
 
     # -- response parsing ---------------------------------------------------------------
 
@@ -214,16 +257,25 @@ class UpstreamConnection(asyncio.Protocol):
         head_end = head.find(b"\r\n\r\n", line_end)
         if line_end < 0 or head_end < 0:
             raise MalformedFields("response head not found")
+        ex = self.ex
+        assert ex is not None
+        if self._continue_timer is not None:
+            self._continue_timer.cancel()
+            self._continue_timer = None
+        if ex.request.expect_continue and parser.get_http_version() == "1.0":  # type: ignore[union-attr]
+            self.pool.http10 = True
         if 100 <= status < 200:
+            if status == 101:  # switching protocols on a request that did not ask to
+                raise MalformedFields("101 Switching Protocols without an upgrade request")
             self._head_start = head_end + 4  # interim response: the final one follows
             self._status = status
+            interim, _, _ = response_fields(head[line_end + 1 : head_end + 2])
+            ex.sink.write_interim(ex, status, interim)
             return
         self._head = b""
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
-        ex = self.ex
-        assert ex is not None
         self._status = status
         self._response_headers_done = True
         self.keep_alive = parser.should_keep_alive()  # type: ignore[union-attr]
@@ -259,8 +311,12 @@ class UpstreamConnection(asyncio.Protocol):
         if on_done is not None:
             self._on_done = None
             on_done(None)
-        if self.request_sent or self.closed:
-            self._finish_connection()
+        if not self.request_sent:
+            # Answered before the whole request body was sent (a 413, a 401 to an Expect):
+            # the client connection closes after this response, and this one cannot be
+            # reused with a request half-sent.
+            self.keep_alive = False
+        self._finish_connection()
 
     def _finish_connection(self) -> None:
         ex = self.ex
@@ -282,6 +338,9 @@ class UpstreamConnection(asyncio.Protocol):
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
+        if self._continue_timer is not None:
+            self._continue_timer.cancel()
+            self._continue_timer = None
         self._response_complete = True
         ex = self.ex
         self.ex = None
@@ -327,6 +386,7 @@ class UpstreamPool:
         self.port = port
         self.settings = settings
         self.idle: list[UpstreamConnection] = []
+        self.http10 = False  # the server answered in HTTP/1.0: it will not send 100 Continue
         self.ssl: ssl.SSLContext | None = None
         if scheme == "https":
             context = ssl.create_default_context()

@@ -81,5 +81,8 @@ def build_buffering(options: Buffering, next_handler: Handler, ctx: BuildContext
             return
         ex.body_high_water = max_request if max_request else 1 << 62
         ex.body_waiter = body_read
+        # The body is read here, not by the backend: a client waiting for 100 Continue
+        # (RFC 9110 §10.1.1) gets it from the proxy.
+        ex.sink.write_continue(ex)
 
     return buffering

@@ -37,6 +37,8 @@ def make_dispatcher(
         status = ex.status
         if exc is not None:
             status = _fail(ex, exc)
+        elif ex.request_error:
+            status = ex.request_error
         metrics.record_request(ex, status or 500, perf_counter() - ex.started_at)
         ex.sink.exchange_done(ex)
 
@@ -57,6 +59,8 @@ def make_dispatcher(
 
 
 def _fail(ex: Exchange, exc: BaseException) -> int:
+    if ex.request_error:
+        return ex.request_error  # the client's connection already got its answer, or was cut
     if ex.client_gone or isinstance(exc, ClientGone | asyncio.CancelledError):
         return 499
     if not isinstance(exc, ProxyError):
