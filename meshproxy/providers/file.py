@@ -2,23 +2,46 @@
 
 Changes are found by polling the file's stat every 200 ms: dependable on every filesystem
 (including Kubernetes ConfigMap symlink swaps, where inotify watches go stale), and cheap.
+
+A file being rewritten in place passes through states that are not configurations: empty
+right after `open(..., "w")` truncates it, then a prefix of the new text. So a change is only
+taken once it is *whole and stable*:
+
+- the read is consistent: the file's stat (mtime, size, inode) is the same before and after
+  reading it;
+- the content is stable: two consecutive polls (200 ms apart) saw the same stat and the same
+  content hash (a debounce: an editor or `kubectl cp` that is still writing moves one of them);
+- an empty file (or one with only whitespace or comments, i.e. no YAML document) is never a
+  configuration; an intentionally empty configuration is written `{}`;
+- a prefix that does not parse (truncated JSON, an unterminated YAML scalar...) is rejected
+  with the file's path, and the last good configuration keeps serving.
+
+A writer that stops for longer than a poll exactly at a YAML line boundary leaves a prefix that
+is a valid, smaller document, which no reader can tell from a finished file: replacing the file
+atomically (write a temporary file, then rename it over, as Kubernetes and most tools do) is the
+way to never expose one, and a configuration that would remove every router is logged as a
+warning so the mistake is visible.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 from pathlib import Path
 
 import yaml
 
+from meshproxy.config.decode import ConfigDecodeError, ConfigError, load_text
 from meshproxy.runtime.manager import ConfigManager
 
 log = logging.getLogger("meshproxy.providers.file")
 
 POLL_SECONDS = 0.2
 _SUFFIXES = (".yaml", ".yml", ".json")
+
+Fingerprint = tuple[tuple[str, int, int, int], ...]
 
 
 def _files(path: Path) -> list[Path]:
@@ -27,29 +50,56 @@ def _files(path: Path) -> list[Path]:
     return [path]
 
 
-def _fingerprint(path: Path) -> tuple[tuple[str, int, int, int], ...] | None:
-    try:
-        out = []
-        for file in _files(path):
-            st = file.stat()
-            out.append((str(file), st.st_mtime_ns, st.st_size, st.st_ino))
-        return tuple(out)
-    except OSError:
+def _fingerprint(path: Path) -> Fingerprint:
+    """(file, mtime ns, size, inode) of every file read; raises OSError."""
+    out = []
+    for file in _files(path):
+        st = file.stat()
+        out.append((str(file), st.st_mtime_ns, st.st_size, st.st_ino))
+    return tuple(out)
+
+
+def read_stable(path: Path) -> tuple[Fingerprint, dict[Path, bytes]] | None:
+    """Every file's bytes with the fingerprint they were read at, or None when a file changed
+    while it was being read (the caller tries again at the next poll). Raises OSError."""
+    before = _fingerprint(path)
+    contents = {Path(name): Path(name).read_bytes() for name, *_ in before}
+    if _fingerprint(path) != before:
         return None
+    return before, contents
 
 
-def read_config_bytes(path: Path) -> bytes:
-    """The file's bytes, or for a directory one merged document (as YAML)."""
-    files = _files(path)
-    if path.is_file() or len(files) == 1:
-        return files[0].read_bytes()
+def _digest(contents: dict[Path, bytes]) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for name, data in sorted(contents.items()):
+        h.update(str(name).encode() + b"\0" + len(data).to_bytes(8, "big") + data)
+    return h.digest()
+
+
+def merge_documents(contents: dict[Path, bytes]) -> bytes:
+    """One file's bytes as they are; several files (a directory) merged into one document.
+    Raises ConfigDecodeError naming the file that does not parse."""
+    if len(contents) == 1:
+        return next(iter(contents.values()))
     merged: dict[str, dict[str, dict[str, object]]] = {}
-    for file in files:
-        data = yaml.safe_load(file.read_bytes()) or {}
-        for section, kinds in (data or {}).items():
-            for kind, objects in (kinds or {}).items():
+    for file, data in sorted(contents.items()):
+        try:
+            loaded = load_text(data) or {}
+        except ConfigDecodeError as exc:
+            raise ConfigDecodeError(
+                [ConfigError(f"{file}: {e.path}", e.message) for e in exc.errors]
+            ) from None
+        if not isinstance(loaded, dict):
+            raise ConfigDecodeError([ConfigError(f"{file}: $", "expected an object")])
+        for section, kinds in loaded.items():
+            if not isinstance(kinds, dict):
+                raise ConfigDecodeError([ConfigError(f"{file}: {section}", "expected an object")])
+            for kind, objects in kinds.items():
+                if not isinstance(objects, dict):
+                    where = f"{file}: {section}.{kind}"
+                    raise ConfigDecodeError([ConfigError(where, "expected an object")])
                 target = merged.setdefault(section, {}).setdefault(kind, {})
-                for name, obj in (objects or {}).items():
+                for name, obj in objects.items():
                     if name in target:
                         log.error(
                             "%s: %s.%s.%s is defined in several files; keeping the first",
@@ -63,27 +113,133 @@ def read_config_bytes(path: Path) -> bytes:
     return yaml.safe_dump(merged).encode()
 
 
+def read_config_bytes(path: Path) -> bytes:
+    """The file's bytes, or for a directory one merged document (as YAML)."""
+    result = read_stable(path)
+    if result is None:
+        raise OSError(f"{path} changed while it was read")
+    return merge_documents(result[1])
+
+
+def _blank(data: bytes) -> bool:
+    """No document at all: empty, whitespace, or only comments / `---` (what a file cut right
+    after its header comment looks like). A text that does not parse is not blank: it is
+    rejected later with its error."""
+    if not data.strip():
+        return True
+    try:
+        return load_text(data) is None
+    except ConfigDecodeError:
+        return False
+
+
+def _router_count(manager: ConfigManager) -> int:
+    snapshot = manager.snapshot
+    return len(snapshot.routers) + len(snapshot.tcp_routers) + len(snapshot.udp_routers)
+
+
 class FileProvider:
-    def __init__(self, path: str, manager: ConfigManager, watch: bool = True) -> None:
+    """Applies the file (or directory) at start, then each whole and stable change of it.
+
+    `poll_seconds` is the stat period; a change is applied after it has been seen unchanged on
+    two consecutive polls, so at most about two periods after the writer finished.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        manager: ConfigManager,
+        watch: bool = True,
+        poll_seconds: float = POLL_SECONDS,
+    ) -> None:
         self.path = Path(path)
         self.manager = manager
         self.watch = watch
+        self.poll_seconds = poll_seconds
+        self._handled: Fingerprint | None = None  # the stat last applied or refused
+        self._handled_digest: bytes | None = None
+        self._candidate: tuple[Fingerprint, bytes] | None = None  # seen once, not yet stable
+        self._unreadable: str | None = None  # the last read error logged (logged once)
 
     def load_once(self) -> bool:
+        """Read now and apply (start-up, and `watch: false`); False when nothing was applied."""
         try:
-            data = read_config_bytes(self.path)
-        except (OSError, yaml.YAMLError) as exc:
-            log.error("cannot read %s: %s; keeping the last good configuration", self.path, exc)
-            self.manager.last_error = f"file {self.path}: {exc}"
+            result = read_stable(self.path)
+        except OSError as exc:
+            self._cannot_read(exc)
             return False
-        return self.manager.apply_bytes(data, f"file {os.fspath(self.path)}")
+        if result is None:
+            return False
+        fingerprint, contents = result
+        self._handled, self._handled_digest = fingerprint, _digest(contents)
+        return self.handle(contents)
+
+    def poll(self) -> bool:
+        """One poll step; True when a configuration was applied."""
+        try:
+            fingerprint = _fingerprint(self.path)
+            if fingerprint == self._handled:
+                self._candidate = None
+                return False
+            result = read_stable(self.path)
+        except OSError as exc:
+            self._cannot_read(exc)
+            return False
+        self._unreadable = None
+        if result is None:  # written while we read: not stable
+            self._candidate = None
+            return False
+        fingerprint, contents = result
+        digest = _digest(contents)
+        if self._candidate != (fingerprint, digest):
+            self._candidate = (fingerprint, digest)  # wait one more poll for stability
+            return False
+        self._candidate = None
+        self._handled = fingerprint
+        if digest == self._handled_digest:
+            return False  # touched, or rewritten with the same bytes
+        self._handled_digest = digest
+        return self.handle(contents)
+
+    def handle(self, contents: dict[Path, bytes]) -> bool:
+        """Apply whole, stable contents; False (last good kept) when they are not a config."""
+        source = f"file {os.fspath(self.path)}"
+        empty = [file for file, data in contents.items() if _blank(data)]
+        if empty or not contents:
+            what = ", ".join(str(f) for f in empty) or f"{self.path} (no .yaml/.yml/.json file)"
+            message = (
+                f"{what}: empty (no document, only whitespace or comments), not a "
+                "configuration (write {} for an empty one); keeping the last good configuration"
+            )
+            log.warning("%s", message)
+            self.manager.last_error = f"{source}: {message}"
+            return False
+        try:
+            data = merge_documents(contents)
+        except ConfigDecodeError as exc:
+            self.manager.reject(source, exc)
+            return False
+        before = _router_count(self.manager)
+        applied = self.manager.apply_bytes(data, source)
+        if applied and before and not _router_count(self.manager):
+            log.warning(
+                "%s: the new configuration has no router: every one of the %d routers "
+                "was removed (every request now gets 404)",
+                source,
+                before,
+            )
+        return applied
+
+    def _cannot_read(self, exc: OSError) -> None:
+        message = f"cannot read {self.path}: {exc}; keeping the last good configuration"
+        if message != self._unreadable:
+            log.error("%s", message)
+            self._unreadable = message
+        self.manager.last_error = f"file {self.path}: {exc}"
+        self._candidate = None
 
     async def run(self) -> None:
-        seen = _fingerprint(self.path)
         self.load_once()
         while self.watch:
-            await asyncio.sleep(POLL_SECONDS)
-            current = _fingerprint(self.path)
-            if current != seen and current is not None:
-                seen = current
-                self.load_once()
+            await asyncio.sleep(self.poll_seconds)
+            self.poll()
