@@ -290,7 +290,7 @@ class _Compiler:
         # requestdecorator), and v3 matches the pattern as written: `HostRegexp(`^A`)` never
         # matches. gorilla/mux (v2) compared host templates case-insensitively.
         search = self._regex(call, "(?i)" + pattern if self.syntax == "v2" else pattern)
-        return lambda r: search(r.host) is not None
+        return lambda r: search(r.host)
 
     def m_HostRegexp(self, call: Call) -> Matcher:
         matchers = []
@@ -332,7 +332,7 @@ class _Compiler:
 
     def _path_regex(self, call: Call, pattern: str) -> Matcher:
         search = self._regex(call, pattern)
-        return lambda r: search(r.path) is not None
+        return lambda r: search(r.path)
 
     def m_PathRegexp(self, call: Call) -> Matcher:
         return self._path_regex(call, call.args[0])
@@ -348,7 +348,7 @@ class _Compiler:
     def _header_regex(self, call: Call) -> Matcher:
         name = call.args[0].lower()
         search = self._regex(call, call.args[1])
-        return lambda r: any(search(v) is not None for v in r.header_values(name))
+        return lambda r: any(search(v) for v in r.header_values(name))
 
     m_HeaderRegexp = _header_regex
 
@@ -400,7 +400,7 @@ class _Compiler:
 
         def match_query(r: Any) -> bool:
             values = r.query_values(key)
-            return values is not None and any(search(v) is not None for v in values)
+            return values is not None and any(search(v) for v in values)
 
         return match_query
 

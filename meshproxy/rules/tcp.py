@@ -94,7 +94,7 @@ class _TCPCompiler:
                 search = compile_go_regexp(arg)
             except GoRegexpError as exc:
                 raise RuleError(self.rule, call.pos, f"invalid regular expression: {exc}") from None
-            return lambda c: search(c.sni) is not None
+            return lambda c: search(c.sni)
         if call.name == "ALPN":
             if arg == "acme-tls/1":
                 raise RuleError(self.rule, call.pos, "ALPN value acme-tls/1 is reserved")
