@@ -15,7 +15,7 @@ from aiohttp import web
 
 from meshproxy.admin.api import build_admin_app
 from meshproxy.config.static import StaticConfig, parse_address
-from meshproxy.http.server import EntryPointSettings, HTTPEntryPoint
+from meshproxy.http.server import DEFAULT_MAX_HEADER_BYTES, EntryPointSettings, HTTPEntryPoint
 from meshproxy.http.upstream import TransportSettings
 from meshproxy.observability.metrics import DEFAULT_BUCKETS, RequestMetrics
 from meshproxy.providers.file import FileProvider
@@ -134,7 +134,7 @@ class ProxyDaemon:
                 max_header_bytes=(
                     entry.http.max_header_bytes
                     if entry.http and entry.http.max_header_bytes
-                    else 1 << 20
+                    else DEFAULT_MAX_HEADER_BYTES
                 ),
                 idle_timeout=float(timeouts.idle_timeout)
                 if timeouts and timeouts.idle_timeout is not None
@@ -149,6 +149,7 @@ class ProxyDaemon:
                 settings,
                 make_dispatcher(name, self.manager, self.metrics),
                 on_open=lambda delta, n=name: self.metrics.connection_delta(n, "TCP", delta),
+                on_protocol_error=lambda status, n=name: self.metrics.add_protocol_error(n, status),
             )
             server = await loop.create_server(
                 self._protocol_factory(name, http_entry),

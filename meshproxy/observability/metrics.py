@@ -102,6 +102,8 @@ class RequestMetrics:
         self.service: dict[tuple[int, str, str, str], _Histogram] = {}
         self.retries: dict[str, int] = {}
         self.open_connections: dict[tuple[str, str], int] = {}
+        # (entrypoint, status) -> requests refused or cut for their framing, before routing
+        self.protocol_errors: dict[tuple[str, int], int] = {}
         self.server_up: dict[tuple[str, str], int] = {}
         self.reloads_total = 0
         self.last_reload_success = 0.0
@@ -150,6 +152,13 @@ class RequestMetrics:
 
     def add_retry(self, service: str) -> None:
         self.retries[service] = self.retries.get(service, 0) + 1
+
+    def add_protocol_error(self, entrypoint: str, status: int) -> None:
+        """A request refused for its head (400, 414, 431, 501, 505) or cut for its body (400,
+        408): Traefik's Go server answers these before any handler, so they are not in
+        `traefik_entrypoint_requests_total`; `meshproxy_http_protocol_errors_total` has them."""
+        key = (entrypoint, status)
+        self.protocol_errors[key] = self.protocol_errors.get(key, 0) + 1
 
     def connection_delta(self, entrypoint: str, protocol: str, delta: int) -> None:
         key = (entrypoint, protocol)
@@ -232,6 +241,14 @@ class RequestMetrics:
         for (entrypoint, protocol), count in self.open_connections.items():
             open_conns.add_metric([entrypoint, protocol], count)
         yield open_conns
+        errors = CounterMetricFamily(
+            "meshproxy_http_protocol_errors",
+            "HTTP requests refused or cut by the entrypoint for their framing, by status code.",
+            labels=["entrypoint", "code"],
+        )
+        for (entrypoint, status), count in self.protocol_errors.items():
+            errors.add_metric([entrypoint, str(status)], count)
+        yield errors
         up = GaugeMetricFamily(
             "traefik_service_server_up",
             "service server is up, described by gauge value of 0 or 1.",
