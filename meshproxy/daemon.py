@@ -24,7 +24,7 @@ from meshproxy.runtime.compiler import CompileContext
 from meshproxy.runtime.dispatch import make_dispatcher
 from meshproxy.runtime.manager import ConfigManager
 from meshproxy.runtime.state import RuntimeState
-from meshproxy.tcp.proxy import TCPRelay
+from meshproxy.tcp.proxy import TCPRelay, pipe_settings
 
 log = logging.getLogger("meshproxy")
 
@@ -170,11 +170,12 @@ class ProxyDaemon:
         """Per connection: TCP relaying when the live config has TCP routers on this
         entrypoint (as Traefik, a TCP catch-all takes the entrypoint over), else HTTP."""
         on_open = http_entry.on_open
+        tcp_settings = pipe_settings(self.http_entrypoints[name])
 
         def factory() -> asyncio.Protocol:
             routes = self.manager.snapshot.tcp_tables.get(name)
             if routes:
-                return TCPRelay(name, routes, on_open)
+                return TCPRelay(name, routes, on_open, tcp_settings)
             return http_entry.protocol_factory()
 
         return factory

@@ -14,10 +14,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshproxy.balancer.wrr import SmoothWeightedRoundRobin
+from meshproxy.l4.pipe import BytePipe, PipeEnd, PipeSettings, PipeStats
 
 log = logging.getLogger("meshproxy.tcp")
 
-DIAL_TIMEOUT = 30.0
+DIAL_TIMEOUT = 30.0  # seconds: Traefik's tcp serversTransport dialTimeout default
+PENDING_LIMIT = 256 * 1024  # bytes read from a client while dialling before reading pauses
+
+
+def pipe_settings(entrypoint: Any) -> PipeSettings:
+    """The byte pipe's settings for TCP routes on a static-config entrypoint.
+
+    The idle timeout is the entrypoint's `transport.respondingTimeouts.idleTimeout` when the
+    static config sets it (0 turns it off); unset, it is 1 hour (Envoy's tcp_proxy default).
+    Traefik itself puts no deadline on a routed TCP connection, and its 180 s default for that
+    key is for idle HTTP keep-alive connections: applying it to TCP routes unasked would cut
+    connections Traefik keeps (database pools...), so only an explicit value counts.
+    """
+    transport = getattr(entrypoint, "transport", None)
+    timeouts = transport.responding_timeouts if transport else None
+    if timeouts is None or timeouts.idle_timeout is None:
+        return PipeSettings()
+    return PipeSettings(idle_timeout=float(timeouts.idle_timeout))
 
 
 @dataclass
@@ -68,46 +86,84 @@ def allow_list_check(networks: list[Any]) -> ConnectionCheck:
     return allowed
 
 
-class _Upstream(asyncio.Protocol):
-    def __init__(self, client: TCPRelay) -> None:
-        self.client = client
+class _Dialled(asyncio.Protocol):
+    """The upstream connection's protocol between `connect` and the hand-over to the pipe:
+    keeps what the server sends meanwhile (a server may speak first), and its EOF or loss."""
+
+    __slots__ = ("chunks", "eof", "lost", "transport")
+
+    def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
+        self.chunks: list[bytes] = []
+        self.eof = False
+        self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        self.client.send_to_client(data)
+        self.chunks.append(data)
 
     def eof_received(self) -> bool:
-        self.client.upstream_eof()
-        return True  # keep the other direction open (half-close)
+        self.eof = True
+        return True  # the pipe half-closes or closes it
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.client.upstream_lost()
-
-    def pause_writing(self) -> None:
-        self.client.pause_client_reading()
-
-    def resume_writing(self) -> None:
-        self.client.resume_client_reading()
+        self.lost = True
 
 
 class TCPRelay(asyncio.Protocol):
-    """One client connection relayed to one upstream connection."""
+    """One client connection on a TCP route: routed and checked when it opens, then, once
+    the server is dialled, handed with the server connection to a `BytePipe`.
 
-    def __init__(self, entrypoint: str, routes: list[TCPRoute], on_open: Callable[[int], None]):
+    `on_open(+1)` is called when the connection is accepted and `on_open(-1)` exactly once
+    when it is gone: when the client connection closes before a pipe exists (refused, no
+    server, dial failure, client gone while dialling), else when the pipe has closed both
+    connections. The dial follows Traefik's tcp serversTransport `dialTimeout` (30 s); a
+    failed dial closes the client without a byte relayed, as Traefik's TCP proxy does.
+    """
+
+    __slots__ = (
+        "client_lost",
+        "counted",
+        "dial",
+        "dial_timeout",
+        "entrypoint",
+        "on_open",
+        "pending",
+        "pending_eof",
+        "pending_size",
+        "pipe",
+        "routes",
+        "settings",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        entrypoint: str,
+        routes: list[TCPRoute],
+        on_open: Callable[[int], None],
+        settings: PipeSettings | None = None,
+        dial_timeout: float = DIAL_TIMEOUT,
+    ) -> None:
         self.entrypoint = entrypoint
         self.routes = routes
         self.on_open = on_open
+        self.settings = settings
+        self.dial_timeout = dial_timeout
         self.transport: asyncio.Transport | None = None
-        self.upstream: _Upstream | None = None
-        self.pending: list[bytes] = []
+        self.pending: list[bytes] = []  # read from the client while dialling
+        self.pending_size = 0
         self.pending_eof = False
-        self.closed = False
+        self.client_lost = False
+        self.counted = False
+        self.dial: asyncio.Task[None] | None = None
+        self.pipe: BytePipe | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.counted = True
         self.on_open(1)
         peer = transport.get_extra_info("peername") or ("", 0)
         ip = peer[0]
@@ -116,89 +172,74 @@ class TCPRelay(asyncio.Protocol):
         view = TCPConnectionView(ip)
         route = next((r for r in self.routes if r.matcher(view)), None)
         if route is None or not all(check(view) for check in route.checks):
-            self.transport.close()  # type: ignore[union-attr]
+            transport.close()  # refused: closed without a byte relayed
             return
         address = route.target.pick()
         if address is None:
-            self.transport.close()  # type: ignore[union-attr]
+            transport.close()
             return
-        asyncio.get_running_loop().create_task(self._dial(address, route.name))
+        self.dial = asyncio.get_running_loop().create_task(self._dial(address, route.name))
 
     async def _dial(self, address: tuple[str, int], router: str) -> None:
         loop = asyncio.get_running_loop()
         try:
-            _, upstream = await asyncio.wait_for(
-                loop.create_connection(lambda: _Upstream(self), address[0], address[1]),
-                DIAL_TIMEOUT,
+            upstream, dialled = await asyncio.wait_for(
+                loop.create_connection(_Dialled, address[0], address[1]), self.dial_timeout
             )
-        except (OSError, TimeoutError) as exc:
-            log.info("router %s: dial %s:%d failed: %s", router, *address, exc)
-            self.close()
+        except Exception as exc:  # refused, unreachable, timeout, bad address: all end alike
+            log.info("router %s: dial %s:%d failed: %r", router, *address, exc)
+            self._close_client()
             return
-        if self.closed:
-            upstream.transport.close()  # type: ignore[union-attr]
+        self.dial = None
+        client = self.transport
+        assert client is not None
+        if self.client_lost or client.is_closing():
+            upstream.close()  # the client left while we were dialling
             return
-        self.upstream = upstream
-        for chunk in self.pending:
-            upstream.transport.write(chunk)  # type: ignore[union-attr]
+        leftover = b"".join(dialled.chunks)
+        if dialled.lost:
+            # The server came and went before the hand-over: give the client what it sent.
+            if leftover:
+                client.write(leftover)
+            self._close_client()
+            return
+        pipe = self.pipe = BytePipe(
+            PipeEnd(client, b"".join(self.pending), self.pending_eof, False),
+            PipeEnd(upstream, leftover, dialled.eof, False),  # type: ignore[arg-type]
+            self.settings,
+            self._pipe_closed,
+        )
         self.pending = []
-        self.transport.resume_reading()  # type: ignore[union-attr]  # paused while dialling
-        if self.pending_eof and upstream.transport.can_write_eof():  # type: ignore[union-attr]
-            upstream.transport.write_eof()  # type: ignore[union-attr]
+        pipe.start()
 
-    # client -> upstream
-    def data_received(self, data: bytes) -> None:
-        upstream = self.upstream
-        if upstream is None or upstream.transport is None:
-            self.pending.append(data)
-            if sum(len(c) for c in self.pending) > 256 * 1024:
-                self.transport.pause_reading()  # type: ignore[union-attr]
-            return
-        upstream.transport.write(data)
-
-    def eof_received(self) -> bool:
-        upstream = self.upstream
-        if upstream is None or upstream.transport is None:
-            self.pending_eof = True
-        elif upstream.transport.can_write_eof():
-            upstream.transport.write_eof()
-        return True
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.on_open(-1)
-        if self.upstream is not None and self.upstream.transport is not None:
-            self.upstream.transport.close()
-
-    # upstream -> client
-    def send_to_client(self, data: bytes) -> None:
-        if not self.closed:
-            self.transport.write(data)  # type: ignore[union-attr]
-
-    def upstream_eof(self) -> None:
-        if not self.closed and self.transport.can_write_eof():  # type: ignore[union-attr]
-            self.transport.write_eof()  # type: ignore[union-attr]
-
-    def upstream_lost(self) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if not self.closed and self.transport is not None:
+    def _close_client(self) -> None:
+        if self.transport is not None and not self.client_lost:
             self.transport.close()
 
-    # flow control
-    def pause_writing(self) -> None:
-        if self.upstream is not None and self.upstream.transport is not None:
-            self.upstream.transport.pause_reading()
+    def _pipe_closed(self, stats: PipeStats) -> None:
+        self._release()
 
-    def resume_writing(self) -> None:
-        if self.upstream is not None and self.upstream.transport is not None:
-            self.upstream.transport.resume_reading()
+    def _release(self) -> None:
+        if self.counted:
+            self.counted = False
+            self.on_open(-1)
 
-    def pause_client_reading(self) -> None:
-        if not self.closed:
-            self.transport.pause_reading()  # type: ignore[union-attr]
+    # Events from the client before the hand-over (afterwards the pipe's protocol gets them).
 
-    def resume_client_reading(self) -> None:
-        if not self.closed:
-            self.transport.resume_reading()  # type: ignore[union-attr]
+    def data_received(self, data: bytes) -> None:
+        self.pending.append(data)
+        self.pending_size += len(data)
+        if self.pending_size > PENDING_LIMIT:
+            self.transport.pause_reading()  # type: ignore[union-attr]  # the pipe resumes it
+
+    def eof_received(self) -> bool:
+        self.pending_eof = True
+        return True  # keep the connection: the server may still answer (half-close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client_lost = True
+        self.pending = []
+        if self.dial is not None:
+            self.dial.cancel()  # a socket connecting for nobody would outlive the client
+            self.dial = None
+        self._release()
