@@ -1,11 +1,16 @@
 """Static configuration, Traefik style: a YAML file (`--configFile`) and/or dotted CLI flags
-(`--entryPoints.web.address=:80`). Unknown or not-yet-implemented options produce warnings,
-never a crash, so Traefik Mesh's DaemonSet arguments are accepted as they are.
+(`--entryPoints.web.address=:80`). Traefik options that meshproxy does not implement yet
+(tracing, other providers...) are accepted with a warning, so Traefik Mesh's DaemonSet
+arguments are accepted as they are; a key Traefik does not know either (a misspelling such as
+`entryPoints.web.adress`) is an error naming it, as Traefik's own flag parser refuses it.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -313,8 +318,14 @@ def build_static(file_data: bytes | str | None, flags: list[str]) -> tuple[Stati
     raw = _enable_structs(raw, StaticConfig)
     notes: list[ConfigError] = []
     normalized = normalize(raw, StaticConfig, "", notes, strict=False)
-    warnings.extend(str(n) for n in notes)
     errors: list[ConfigError] = []
+    for note in notes:
+        if _traefik_knows(note.path):
+            warnings.append(f"{note.path}: not implemented by meshproxy; option ignored")
+        else:
+            errors.append(ConfigError(note.path, "unknown option" + _suggestion(note.path)))
+    if errors:
+        raise ConfigDecodeError(errors)
     config = convert(normalized, StaticConfig, "", errors)
     if errors or config is None:
         raise ConfigDecodeError(errors)
@@ -336,6 +347,127 @@ def build_static(file_data: bytes | str | None, flags: list[str]) -> tuple[Stati
     if errors:
         raise ConfigDecodeError(errors)
     return config, warnings
+
+
+# ------------------------------------------------------------------ unknown keys
+
+# Traefik v3 static options that the structs above do not model: accepted with a warning.
+# (lower case; a path matches when it equals one of these or lies under it)
+_TRAEFIK_UNMODELLED = {
+    "hostresolver",
+    "pilot",
+    "otlp",
+    *(
+        f"providers.{name}"
+        for name in (
+            "docker",
+            "swarm",
+            "kubernetesingress",
+            "kubernetesingressnginx",
+            "kubernetescrd",
+            "kubernetesgateway",
+            "rest",
+            "consulcatalog",
+            "nomad",
+            "ecs",
+            "consul",
+            "etcd",
+            "zookeeper",
+            "redis",
+            "plugin",
+        )
+    ),
+}
+
+
+def _traefik_knows(path: str) -> bool:
+    lowered = path.lower()
+    return any(lowered == k or lowered.startswith(k + ".") for k in _TRAEFIK_UNMODELLED)
+
+
+def _suggestion(path: str) -> str:
+    """`(did you mean entryPoints.web.address?)` when a known key at that level is close."""
+    parent, _, last = path.rpartition(".")
+    tp: Any = StaticConfig
+    for part in parent.split(".") if parent else []:
+        tp = _child_type(tp, part)
+        if tp is None:
+            return ""
+    names = [f.encode_name for f in msgspec.structs.fields(tp)] if _is_struct(tp) else []
+    close = difflib.get_close_matches(last, names, n=1, cutoff=0.6)
+    if not close:
+        lowered = {n.lower(): n for n in names}
+        close = [lowered[m] for m in difflib.get_close_matches(last.lower(), list(lowered), n=1)]
+    return f" (did you mean {parent + '.' if parent else ''}{close[0]}?)" if close else ""
+
+
+def _unwrap(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tp
+    return tp
+
+
+def _is_struct(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, msgspec.Struct)
+
+
+def _child_type(tp: Any, part: str) -> Any:
+    """The type of `part` inside `tp` (a struct field, or a dict's values), or None."""
+    tp = _unwrap(tp)
+    if _is_struct(tp):
+        hints = typing.get_type_hints(tp)
+        for f in msgspec.structs.fields(tp):
+            if f.encode_name.lower() == part.lower():
+                return _unwrap(hints[f.name])
+        return None
+    if typing.get_origin(tp) is dict:
+        return _unwrap(typing.get_args(tp)[1])
+    return None
+
+
+def flag_reference() -> list[tuple[str, str]]:
+    """Every static option as a Traefik-style flag, with its type and default, for
+    `meshproxy proxy --help`. Maps keyed by a name (entrypoints) show `<name>`."""
+    out: list[tuple[str, str]] = []
+
+    def describe(tp: Any) -> str:
+        tp = _unwrap(tp)
+        if tp is bool:
+            return "bool"
+        if tp is Duration:
+            return "duration"
+        if typing.get_origin(tp) is list:
+            return "list"
+        if typing.get_origin(tp) is dict:
+            return "map"
+        return getattr(tp, "__name__", str(tp)).lower()
+
+    def walk(tp: Any, prefix: str) -> None:
+        hints = typing.get_type_hints(tp)
+        for f in msgspec.structs.fields(tp):
+            name = f"{prefix}{f.encode_name}"
+            sub = _unwrap(hints[f.name])
+            if _is_struct(sub):
+                out.append((f"--{name}", "section (bare flag enables it with defaults)"))
+                walk(sub, name + ".")
+            elif typing.get_origin(sub) is dict and _is_struct(_unwrap(typing.get_args(sub)[1])):
+                walk(_unwrap(typing.get_args(sub)[1]), f"{name}.<name>.")
+            elif sub is Raw or hints[f.name] == Raw | None:
+                out.append((f"--{name}.*", "accepted, not implemented (warning)"))
+            else:
+                default = f.default
+                text = describe(sub)
+                if isinstance(default, Duration):
+                    text += f" (default {float(default):g}s)"
+                elif isinstance(default, bool):
+                    text += f" (default {str(default).lower()})"
+                elif default not in (None, "", msgspec.NODEFAULT) and not callable(default):
+                    text += f" (default {default})"
+                out.append((f"--{name}", text))
+
+    walk(StaticConfig, "")
+    return out
 
 
 # ------------------------------------------------------------------ the mesh layout

@@ -49,11 +49,13 @@ def test_traefik_mesh_fixtures_decode(fixture):
 
 def test_static_flags_and_addresses():
     static, warnings = build_static(
-        None, ["--entryPoints.udp-15000.address=:15000/udp", "--ping", "--unknown.thing=1"]
+        None, ["--entryPoints.udp-15000.address=:15000/udp", "--ping", "--providers.docker=true"]
     )
     assert parse_address(static.entry_points["udp-15000"].address).protocol == "udp"
     assert static.ping is not None
-    assert any("unknown" in w for w in warnings)
+    assert any("providers.docker: not implemented" in w for w in warnings)
+    with pytest.raises(ConfigDecodeError, match="unknown: unknown option"):
+        build_static(None, ["--unknown.thing=1"])  # as Traefik: a key it does not know
     with pytest.raises(ConfigDecodeError):
         build_static(None, ["--entryPoints.web.address=nonsense"])
 
