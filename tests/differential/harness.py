@@ -65,6 +65,9 @@ import yaml
 from tests.helpers import ProxyProcess, free_port
 
 TAG_HEADER = "X-Differential-Tag"
+# Request fields the recording backend obeys (both proxies forward them untouched):
+STATUS_HEADER = "X-Differential-Status"  # answer this status instead of the backend's default
+INTERIM_HEADER = "X-Differential-Interim"  # send these 1xx first, e.g. "103" (comma list)
 BARRIER_PATH = "/__differential/barrier"
 BARRIER_ROUTER = "differential-barrier"
 BARRIER_SERVICE = "differential-backend"
@@ -255,8 +258,25 @@ class RecordingBackend:
                 # Recorded as soon as the head is here: "reached the backend" must not depend
                 # on whether the body that follows is well formed.
                 self._record(req)
+                status = int(req.header(STATUS_HEADER) or self.status)
+                for interim in (req.header(INTERIM_HEADER) or "").split(","):
+                    if interim.strip():
+                        writer.write(
+                            b"HTTP/1.1 %d Interim\r\nlink: </style.css>; rel=preload\r\n\r\n"
+                            % int(interim)
+                        )
+                if (req.header("expect") or "").lower() == "100-continue":
+                    if status >= 300:
+                        # RFC 9110 §10.1.1: a final status instead of 100, body never read.
+                        writer.write(
+                            b"HTTP/1.1 %d Refused\r\ncontent-length: 0\r\n"
+                            b"connection: close\r\n\r\n" % status
+                        )
+                        await writer.drain()
+                        return
+                    writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 keep = await self._read_body(req, reader)
-                status = self.status if keep else 400
+                status = status if keep else 400
                 payload = b"backend " + (req.tag or "-").encode() + b"\n"
                 if method == "HEAD":
                     payload = b""
@@ -356,8 +376,12 @@ def raw_request(
     timeout: float = DEFAULT_TIMEOUT,
     head_request: bool = False,
     segment_gap: Callable[[int], None] | None = None,
+    body_after_continue: bytes | None = None,
 ) -> RawResponse:
     """Write `segments` to 127.0.0.1:`port` one `sendall` each and read one response.
+
+    `body_after_continue` is sent only once a `100 Continue` arrives (a client honouring
+    `Expect: 100-continue`, RFC 9110 §10.1.1); if a final status comes first it is never sent.
 
     Reads past 1xx interim responses (RFC 9110 §15.2) to the final one, then its body by
     Content-Length, chunked framing, or until close. `segment_gap(i)` runs between segments
@@ -408,6 +432,12 @@ def raw_request(
             status, reason, headers = _parse_head(head)
             if status is not None and 100 <= status < 200 and status != 101:
                 out.interim.append(status)
+                if status == 100 and body_after_continue is not None:
+                    try:
+                        sock.sendall(body_after_continue)
+                    except ConnectionError:
+                        pass
+                    body_after_continue = None
                 continue
             out.status, out.reason, out.headers = status, reason, headers
             break
@@ -498,7 +528,10 @@ class Outcome:
         status = str(self.status_text())
         if not self.forwarded:
             return f"{status}, nothing forwarded"
-        return f"{status}, forwarded `{self.forwarded[0].request_line}`"
+        line = self.forwarded[0].request_line
+        if len(line) > 100:
+            line = f"{line[:60]}...({len(line)} bytes)...{line[-20:]}"
+        return f"{status}, forwarded `{line}`"
 
 
 @dataclass
@@ -807,6 +840,7 @@ class Differential:
         raw: bytes | Sequence[bytes],
         timeout: float = DEFAULT_TIMEOUT,
         segment_gap: Callable[[int], None] | None = None,
+        body_after_continue: bytes | None = None,
     ) -> Outcome:
         """Send one raw request (bytes, or segments sent one `sendall` each) through `side`."""
         segments = [raw] if isinstance(raw, bytes) else list(raw)
@@ -814,7 +848,14 @@ class Differential:
         tagged = _tag_request(segments, tag)
         start_index = self.backend.count()
         head_request = b"".join(segments)[:5] == b"HEAD "
-        resp = raw_request(self.port(side), tagged or segments, timeout, head_request, segment_gap)
+        resp = raw_request(
+            self.port(side),
+            tagged or segments,
+            timeout,
+            head_request,
+            segment_gap,
+            body_after_continue,
+        )
         self._barrier(side)
         if tagged is not None:
             forwarded = self.backend.tagged(tag)
@@ -831,6 +872,7 @@ class Differential:
         raw: bytes | Sequence[bytes],
         timeout: float = DEFAULT_TIMEOUT,
         segment_gap: Callable[[int], None] | None = None,
+        body_after_continue: bytes | None = None,
     ) -> Comparison:
         """The same raw request through Traefik and meshproxy.
 
@@ -840,9 +882,10 @@ class Differential:
         segments = [raw] if isinstance(raw, bytes) else list(raw)
         data = b"".join(segments)
         if _tag_request(segments, "probe") is not None:
-            ft = self._pool.submit(self.send, "traefik", segments, timeout, segment_gap)
-            fm = self._pool.submit(self.send, "meshproxy", segments, timeout, segment_gap)
+            args = (segments, timeout, segment_gap, body_after_continue)
+            ft = self._pool.submit(self.send, "traefik", *args)
+            fm = self._pool.submit(self.send, "meshproxy", *args)
             return Comparison(data, ft.result(), fm.result())
-        t = self.send("traefik", segments, timeout, segment_gap)
-        m = self.send("meshproxy", segments, timeout, segment_gap)
+        t = self.send("traefik", segments, timeout, segment_gap, body_after_continue)
+        m = self.send("meshproxy", segments, timeout, segment_gap, body_after_continue)
         return Comparison(data, t, m)
