@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from meshproxy.controller import annotations as notes
 from meshproxy.controller.config_builder import BuildOptions, build_config, default_config
 from meshproxy.controller.objects import ClusterState, labels_of, name_of, namespace_of
 from meshproxy.controller.ports import PortTable, load_tables, save_tables
@@ -124,6 +125,39 @@ class Controller:
         self.synced.set()
         if self.on_rebuild is not None:
             self.on_rebuild(self)
+
+    def mesh_entrypoint(self, host: str, port: int) -> int | None:
+        """The proxy port that serves `svc.ns.traefik.mesh:port` (or `svc.ns.maesh`), from the
+        current topology: what CoreDNS plus the shadow Service do in a cluster. For an HTTP
+        service, the `http-` entrypoint of that port's index among the Service's TCP ports;
+        for TCP/UDP, the port allocated in the port table. None when the name or port is not
+        a meshed service port (the caller then dials the name as it is)."""
+        name = host.lower().rstrip(".")
+        for suffix in (".traefik.mesh", ".maesh"):
+            if name.endswith(suffix):
+                service_name, _, namespace = name[: -len(suffix)].partition(".")
+                break
+        else:
+            return None
+        service = self.topology.services.get(f"{service_name}@{namespace}")
+        if service is None:
+            return None
+        try:
+            mode = notes.traffic_type(service.annotations, self.settings.default_mode)
+        except notes.AnnotationError:
+            return None
+        if mode == "http":
+            tcp_ports = [p for p in service.ports if p.protocol == "TCP"]
+            for index, candidate in enumerate(tcp_ports):
+                if candidate.port == port or candidate.target_port == port:
+                    number = self.settings.min_http_port + index
+                    return number if number <= self.settings.max_http_port else None
+            return None
+        table = self.tables[mode]
+        for candidate in service.ports:
+            if candidate.port == port or candidate.target_port == port:
+                return table.get(service.namespace, service.name, candidate.port)
+        return None
 
     def nodes(self) -> list[dict[str, Any]]:
         out = []

@@ -12,18 +12,20 @@ import ssl
 from meshproxy.http.errors import UpstreamConnectError, UpstreamDialTimeout, UpstreamError
 from meshproxy.http.exchange import Exchange
 from meshproxy.http.upstream import EarlyEOF, UpstreamConnection, UpstreamPool
+from meshproxy.upstream_address import resolve
 
 
 async def connect(pool: UpstreamPool) -> UpstreamConnection:
     """A new connection to the pool's server, with its dial timeout."""
     loop = asyncio.get_running_loop()
     settings = pool.settings
+    host, port = resolve(pool.host, pool.port)  # `meshproxy local`: mesh names -> its proxy
     try:
         _, protocol = await asyncio.wait_for(
             loop.create_connection(
                 lambda: UpstreamConnection(pool),
-                pool.host,
-                pool.port,
+                host,
+                port,
                 ssl=pool.ssl,
                 server_hostname=(settings.server_name or pool.host) if pool.ssl else None,
             ),

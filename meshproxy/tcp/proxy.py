@@ -15,6 +15,7 @@ from typing import Any
 
 from meshproxy.balancer.wrr import SmoothWeightedRoundRobin
 from meshproxy.l4.pipe import BytePipe, PipeEnd, PipeSettings, PipeStats
+from meshproxy.upstream_address import resolve
 
 log = logging.getLogger("meshproxy.tcp")
 
@@ -184,7 +185,8 @@ class TCPRelay(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         try:
             upstream, dialled = await asyncio.wait_for(
-                loop.create_connection(_Dialled, address[0], address[1]), self.dial_timeout
+                loop.create_connection(_Dialled, *resolve(address[0], address[1])),
+                self.dial_timeout,
             )
         except Exception as exc:  # refused, unreachable, timeout, bad address: all end alike
             log.info("router %s: dial %s:%d failed: %r", router, *address, exc)
