@@ -41,10 +41,24 @@ class ConfigDecodeError(Exception):
         super().__init__("; ".join(str(e) for e in errors))
 
 
+# Bounds on what one document may expand to once YAML aliases are followed. A real dynamic
+# configuration nests about ten levels and has at most tens of thousands of values; the bounds
+# stop a recursive alias (`a: &a [*a]`) or an alias bomb ("billion laughs": each level
+# referring several times to the previous one) before the decoder walks it forever. go-yaml,
+# which Traefik uses, refuses such documents too ("document contains excessive aliasing").
+MAX_DEPTH = 100
+MAX_NODES = 1_000_000
+
+
 def load_text(data: bytes | str) -> Any:
-    """Parse YAML (JSON is YAML) into plain Python data."""
+    """Parse YAML (JSON is YAML) into plain Python data.
+
+    Raises ConfigDecodeError for invalid YAML, integers too long for Python to convert
+    (over 4300 digits), nesting deeper than MAX_DEPTH and documents expanding to more than
+    MAX_NODES values (aliases included).
+    """
     try:
-        return yaml.safe_load(data)
+        value = yaml.safe_load(data)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "document"
@@ -52,6 +66,43 @@ def load_text(data: bytes | str) -> Any:
         raise ConfigDecodeError(
             [ConfigError("$", f"invalid YAML/JSON at {where}: {problem}")]
         ) from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigDecodeError(
+            [ConfigError("$", f"invalid YAML/JSON: nested deeper than {MAX_DEPTH} levels")]
+        ) from None
+    except (ValueError, OverflowError) as exc:  # e.g. int() of a 5000-digit scalar
+        raise ConfigDecodeError([ConfigError("$", f"invalid YAML/JSON: {exc}")]) from None
+    check_shape(value)
+    return value
+
+
+def check_shape(value: Any) -> None:
+    """Raise ConfigDecodeError if `value` nests deeper than MAX_DEPTH or expands (aliases
+    followed, as the decoder will follow them) to more than MAX_NODES values."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    nodes = 0
+    while stack:
+        item, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_NODES:
+            raise ConfigDecodeError(
+                [
+                    ConfigError(
+                        "$",
+                        f"the document expands to more than {MAX_NODES} values "
+                        "(recursive or excessive YAML aliases)",
+                    )
+                ]
+            )
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth >= MAX_DEPTH:
+            raise ConfigDecodeError([ConfigError("$", f"nested deeper than {MAX_DEPTH} levels")])
+        stack.extend((child, depth + 1) for child in children)
 
 
 def join_path(path: str, key: object) -> str:

@@ -37,10 +37,15 @@ class ExpressionError(ValueError):
         super().__init__(f"{message} (column {column})\n{pointer}")
 
 
+# ASCII only, as in Go's scanner (oxy parses expressions with go/parser): `\d` and `\s` in
+# Python would also take Arabic-Indic digits and Unicode spaces.
 _TOKEN = re.compile(
-    r"\s*(?:(?P<num>\d+\.\d*|\.\d+|\d+)|(?P<ident>[A-Za-z_]\w*)"
+    r"[ \t\r\n]*(?:(?P<num>[0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)|(?P<ident>[A-Za-z_][A-Za-z0-9_]*)"
     r"|(?P<op>&&|\|\||>=|<=|==|!=|>|<|\(|\)|,))"
 )
+# Deepest parenthesis nesting accepted; a deeper one is refused with an ExpressionError rather
+# than exhausting Python's recursion limit. Real expressions use two or three levels.
+MAX_NESTING = 64
 _COMPARE = {
     ">": operator.gt,
     ">=": operator.ge,
@@ -83,11 +88,11 @@ def _tokenize(text: str) -> list[_Token]:
     tokens = []
     pos = 0
     while pos < len(text):
-        if text[pos:].strip() == "":
+        if text[pos:].strip(" \t\r\n") == "":
             break
         match = _TOKEN.match(text, pos)
         if match is None or match.end() == pos:
-            column = pos + 1 + (len(text[pos:]) - len(text[pos:].lstrip()))
+            column = pos + 1 + (len(text[pos:]) - len(text[pos:].lstrip(" \t\r\n")))
             raise ExpressionError(text, column, f"unexpected character {text[column - 1]!r}")
         kind = match.lastgroup or "op"
         value = match.group(kind)
@@ -102,6 +107,7 @@ class _Parser:
         self.text = text
         self.tokens = _tokenize(text)
         self.index = 0
+        self.depth = 0
 
     def peek(self) -> _Token:
         return self.tokens[self.index]
@@ -152,8 +158,12 @@ class _Parser:
         token = self.peek()
         if token.text == "(":
             self.take()
+            self.depth += 1
+            if self.depth > MAX_NESTING:
+                raise self.fail(token, f"parentheses nested deeper than {MAX_NESTING} levels")
             inner = self.parse_or()
             self.expect(")")
+            self.depth -= 1
             return inner
         return self.parse_comparison()
 
@@ -199,7 +209,10 @@ class _Parser:
             raise self.fail(token, f"expected a float literal such as {token.text}.0")
         if kind == "int" and is_float:
             raise self.fail(token, f"expected an integer, found {token.text}")
-        return float(token.text) if is_float else int(token.text)
+        try:
+            return float(token.text) if is_float else int(token.text)
+        except ValueError:  # an integer over 4300 digits (Python's conversion limit)
+            raise self.fail(token, f"number too long ({len(token.text)} digits)") from None
 
 
 def parse_expression(text: str) -> Predicate:

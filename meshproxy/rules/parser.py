@@ -12,6 +12,10 @@ from dataclasses import dataclass
 
 from meshproxy.rules.ast import And, Call, Node, Not, Or
 
+# Deepest nesting of parentheses and `!` accepted. Go's parser allows far more (100,000), but
+# Python's recursion limit would not; real rules use a handful of levels.
+MAX_NESTING = 100
+
 
 class RuleError(ValueError):
     """An invalid rule; the message names the problem and its column."""
@@ -184,6 +188,7 @@ class _Parser:
         self.known = known
         self.tokens = _tokenize(rule)
         self.index = 0
+        self.depth = 0  # open parentheses and negations around the current position
 
     def peek(self) -> _Token:
         return self.tokens[self.index]
@@ -210,28 +215,34 @@ class _Parser:
         return node
 
     def parse_or(self) -> Node:
-        node = self.parse_and()
+        terms = [self.parse_and()]
         while self.peek().kind == "or":
             self.index += 1
-            node = Or(node, self.parse_and())
-        return node
+            terms.append(self.parse_and())
+        return _balanced(Or, terms)
 
     def parse_and(self) -> Node:
-        node = self.parse_unary()
+        terms = [self.parse_unary()]
         while self.peek().kind == "and":
             self.index += 1
-            node = And(node, self.parse_unary())
-        return node
+            terms.append(self.parse_unary())
+        return _balanced(And, terms)
 
     def parse_unary(self) -> Node:
         token = self.peek()
-        if token.kind == "not":
+        if token.kind in ("not", "lparen"):
+            self.depth += 1
+            if self.depth > MAX_NESTING:
+                raise RuleError(
+                    self.rule, token.pos, f"rule nested deeper than {MAX_NESTING} levels"
+                )
             self.index += 1
-            return Not(self.parse_unary())
-        if token.kind == "lparen":
-            self.index += 1
-            node = self.parse_or()
-            self.take("rparen", "')'")
+            if token.kind == "not":
+                node: Node = Not(self.parse_unary())
+            else:
+                node = self.parse_or()
+                self.take("rparen", "')'")
+            self.depth -= 1
             return node
         return self.parse_call()
 
@@ -270,6 +281,16 @@ class _Parser:
         if not args:
             raise RuleError(self.rule, name_token.pos, f"{canon} needs at least one argument")
         return Call(canon, tuple(args), name_token.pos)
+
+
+def _balanced(kind: type[And] | type[Or], terms: list[Node]) -> Node:
+    """`a op b op c ...` as a balanced tree, operands kept in order: `&&` and `||` are
+    associative, and a chain of thousands of terms stays a few levels deep, so compiling and
+    walking it never approaches Python's recursion limit."""
+    if len(terms) == 1:
+        return terms[0]
+    middle = len(terms) // 2
+    return kind(_balanced(kind, terms[:middle]), _balanced(kind, terms[middle:]))
 
 
 def parse_rule(rule: str, known: dict[str, str]) -> Node:
