@@ -51,7 +51,7 @@ class BadPath(ProxyError):
     """The rewritten path is not clean, or the prefix cannot be sent in a header: 400."""
 
     status = 400
-    body = b"Bad Request"
+    body = b"Bad Request\n"  # Traefik's http.Error text, newline included
 
 
 class BadReplacement(ProxyError):
