@@ -251,3 +251,25 @@ def test_copy_of_an_unsanitized_request_keeps_its_path():
     """A mirrored copy carries the path the original was routed with (no second cleaning)."""
     request = Request("GET", b"/a/../b", [], b"h", "127.0.0.1", 1, sanitize_path=False)
     assert request.copy().target == b"/a/../b"
+
+
+TARGET_PIECES = st.sampled_from(
+    ["/", ".", "..", "a", "%", "2e", "2E", "2f", "41", "zz", "?", "#", "%2e", "%2F", ";", "~"]
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(TARGET_PIECES, max_size=16).map(lambda parts: "/" + "".join(parts)))
+def test_any_target_is_refused_or_routed_clean(target):
+    """RFC 3986 §2.1, §5.2.4, §6.2.2 on arbitrary targets: a Request either refuses the target
+    (ValueError, answered 400) or routes and forwards a clean, normalised path (normalising it
+    again changes nothing) with the query exactly as received."""
+    try:
+        request = Request("GET", target.encode(), [], b"h", "127.0.0.1", 1)
+    except ValueError:
+        assert "%" in target.partition("?")[0]
+        return
+    path, sep, query = request.target.decode().partition("?")
+    assert is_clean_path(path) and normalize_path(path) == path
+    assert sep + query == target[len(target.partition("?")[0]) :]
+    assert "%2e" not in path.lower()  # an encoded dot is never left to hide a dot-segment

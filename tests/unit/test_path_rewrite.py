@@ -4,6 +4,8 @@ and `regexp` semantics as Traefik 3.7 shows them (values read from the real bina
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshproxy.middlewares.base import MiddlewareConfigError
 from meshproxy.middlewares.path_rewrite import (
@@ -84,3 +86,23 @@ def test_invalid_regexp_is_a_config_error_with_its_path():
     """Go's regexp.Compile rejects `(`; the middleware is refused at config time."""
     with pytest.raises(MiddlewareConfigError):
         _compile("(", "regex")
+
+
+RAW_PIECES = st.sampled_from(["/", "a", "b", " ", "%20", "%2F", "%41", "%C3%A9", "%E9", "é"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(RAW_PIECES, max_size=10).map(lambda parts: "/" + "".join(parts)),
+    st.lists(RAW_PIECES, max_size=6).map(lambda parts: "/" + "".join(parts)),
+)
+def test_decoded_prefix_end_agrees_with_the_decoded_path(raw, prefix_raw):
+    """Issue 9: the prefix is found exactly when the decoded path starts with it, and the raw
+    text cut off decodes to exactly the prefix (the cut falls on its encoded length)."""
+    raw = encode_path(raw)  # a raw path as the proxy holds it (ASCII, valid triplets)
+    prefix = decode_path(encode_path(prefix_raw)).encode("utf-8", "surrogateescape")
+    decoded = decode_path(raw).encode("utf-8", "surrogateescape")
+    end = decoded_prefix_end(raw, prefix)
+    assert (end >= 0) == decoded.startswith(prefix)
+    if end >= 0:
+        assert decode_path(raw[:end]).encode("utf-8", "surrogateescape") == prefix
