@@ -31,6 +31,10 @@ log = logging.getLogger("meshproxy")
 ADMIN_ENTRYPOINT = "traefik"
 
 
+class StartupError(Exception):
+    """The proxy cannot start; the message is one line naming the address or option."""
+
+
 @dataclass
 class Listener:
     name: str
@@ -127,9 +131,7 @@ class ProxyDaemon:
             settings = EntryPointSettings(
                 name=name,
                 port=address.port,
-                trusted_networks=[
-                    ipaddress.ip_network(t, strict=False) for t in (fwd.trusted_i_ps if fwd else [])
-                ],
+                trusted_networks=_networks(name, fwd.trusted_i_ps if fwd else []),
                 insecure_forwarded=bool(fwd and fwd.insecure),
                 max_header_bytes=(
                     entry.http.max_header_bytes
@@ -151,13 +153,18 @@ class ProxyDaemon:
                 on_open=lambda delta, n=name: self.metrics.connection_delta(n, "TCP", delta),
                 on_protocol_error=lambda status, n=name: self.metrics.add_protocol_error(n, status),
             )
-            server = await loop.create_server(
-                self._protocol_factory(name, http_entry),
-                address.host,
-                address.port,
-                reuse_port=bool(entry.reuse_port),
-                backlog=4096,
-            )
+            try:
+                server = await loop.create_server(
+                    self._protocol_factory(name, http_entry),
+                    address.host,
+                    address.port,
+                    reuse_port=bool(entry.reuse_port),
+                    backlog=4096,
+                )
+            except OSError as exc:
+                raise StartupError(
+                    f"entrypoint {name}: cannot listen on {entry.address}: {exc.strerror or exc}"
+                ) from None
             self.listeners.append(Listener(name, http_entry, server))
             log.info("entrypoint %s listening on %s", name, entry.address)
         for name in self.udp_entrypoints:
@@ -200,7 +207,13 @@ class ProxyDaemon:
         self.admin_runner = web.AppRunner(app, access_log=None)
         await self.admin_runner.setup()
         site = web.TCPSite(self.admin_runner, address.host, address.port, backlog=256)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            shown = admin.address if admin else ":8080"
+            raise StartupError(
+                f"entrypoint {ADMIN_ENTRYPOINT}: cannot listen on {shown}: {exc.strerror or exc}"
+            ) from None
         log.info(
             "admin entrypoint %s listening on %s",
             ADMIN_ENTRYPOINT,
@@ -275,3 +288,10 @@ class ProxyDaemon:
             if life and life.grace_time_out is not None:
                 grace = float(life.grace_time_out)
         await self.stop(grace)
+
+
+def _networks(entrypoint: str, values: list[str]) -> list[Any]:
+    try:
+        return [ipaddress.ip_network(t, strict=False) for t in values]
+    except ValueError as exc:
+        raise StartupError(f"entryPoints.{entrypoint}.forwardedHeaders.trustedIPs: {exc}") from None

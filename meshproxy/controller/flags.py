@@ -37,6 +37,55 @@ _FIELDS = {
     "indirectfromproxiesonly": "indirect_from_proxies_only",
 }
 _IGNORED = {"loglevel", "logformat", "debug", "configfile"}  # handled by the caller
+
+# flag as documented -> what it does (for --help); Traefik Mesh's first, then meshproxy's
+DESCRIPTIONS = {
+    "acl": "enable ACL mode: SMI TrafficTargets decide who may call whom",
+    "defaultMode": "traffic type of services without the traffic-type annotation (http|tcp|udp)",
+    "namespace": "the mesh's own namespace (proxy pods, shadow services)",
+    "watchNamespaces": "only these namespaces (comma-separated; default all)",
+    "ignoreNamespaces": "skip these namespaces (comma-separated)",
+    "apiHost": "address the API binds (default all interfaces)",
+    "apiPort": "port of the API",
+    "limitHTTPPort": "number of HTTP entrypoints of the proxies",
+    "limitTCPPort": "number of TCP entrypoints of the proxies",
+    "limitUDPPort": "number of UDP entrypoints of the proxies",
+    "clusterDomain": "the cluster's DNS domain",
+    "logLevel": "log level (error, warn, info, debug)",
+    "logFormat": "log format (common or json)",
+    "manifests": "read cluster state from this directory of YAML manifests, not the API",
+    "portStateFile": "keep the TCP/UDP port table in this file (manifest mode)",
+    "kubeconfig": "kubeconfig file (default: in-cluster credentials, else $KUBECONFIG)",
+    "masterURL": "Kubernetes API URL without credentials (tests)",
+    "resync": "full re-list period (duration)",
+    "localTrafficPolicy": "shadow services with internalTrafficPolicy: Local",
+    "indirectFromProxiesOnly": "X-Forwarded-For allowlists also require a mesh proxy as peer",
+}
+
+
+def help_text(command: str) -> str:
+    """The flag list of `meshproxy controller|cleanup|local --help`, with defaults."""
+    defaults = ControllerSettings()
+    lines = []
+    for flag, text in DESCRIPTIONS.items():
+        target = _FIELDS.get(flag.lower())
+        default: Any = None
+        if target is not None:
+            default = getattr(defaults, target)
+        elif flag == "logLevel":
+            default = "error"
+        elif flag == "logFormat":
+            default = "common"
+        shown = "" if default in (None, [], "") else f" (default {str(default).lower()})"
+        lines.append(f"  --{flag:<26}{text}{shown}")
+    return (
+        f"usage: meshproxy {command} [--flag=value | --flag value]...\n"
+        "Traefik Mesh's controller flags (case-insensitive; --smi is an alias of --acl):\n"
+        + "\n".join(lines)
+        + "\n"
+    )
+
+
 _BOOL_TRUE = {"true", "1", "yes"}
 _BOOL_FALSE = {"false", "0", "no"}
 
@@ -45,7 +94,8 @@ def parse_controller_flags(argv: list[str]) -> tuple[ControllerSettings, dict[st
     """Returns the settings and the logging options (`log_level`, `log_format`)."""
     settings = ControllerSettings()
     types = {f.name: f.type for f in fields(ControllerSettings)}
-    extra: dict[str, Any] = {"log_level": "error", "log_format": "common"}
+    # "given": the settings fields set explicitly (a caller may have other defaults)
+    extra: dict[str, Any] = {"log_level": "error", "log_format": "common", "given": set()}
     index = 0
     while index < len(argv):
         arg = argv[index]
@@ -72,6 +122,7 @@ def parse_controller_flags(argv: list[str]) -> tuple[ControllerSettings, dict[st
         if target is None:
             raise FlagError(f"unknown flag --{name}")
         setattr(settings, target, _convert(name, value, str(types[target])))
+        extra["given"].add(target)
     if settings.default_mode not in ("http", "tcp", "udp"):
         raise FlagError(f"--defaultMode must be http, tcp or udp, got {settings.default_mode!r}")
     for limit in ("limit_http_port", "limit_tcp_port", "limit_udp_port", "api_port"):

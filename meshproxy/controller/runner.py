@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from pathlib import Path
 
 from aiohttp import web
 
@@ -17,12 +18,46 @@ from meshproxy.controller.sources.manifests import ManifestSource
 log = logging.getLogger("meshproxy.controller")
 
 
+class ControllerStartupError(Exception):
+    """The controller cannot start; the message is one line naming the file or address."""
+
+
 async def start_controller(
     settings: ControllerSettings,
 ) -> tuple[Controller, list[asyncio.Task[None]], web.AppRunner]:
-    """API up first (it serves the default config at once), then the source."""
+    """API up first (it serves the default config at once), then the source.
+
+    Raises ControllerStartupError when the manifest directory is missing, the Kubernetes
+    credentials cannot be loaded, or the API address cannot be bound: failures that would
+    otherwise happen in a background task, unseen, with the API answering "not synced yet".
+    """
+    kube = None
+    if settings.manifests:
+        if not Path(settings.manifests).is_dir():
+            raise ControllerStartupError(
+                f"--manifests {settings.manifests}: not a directory (or not readable)"
+            )
+    else:
+        from meshproxy.controller.kube import Kube, make_api_client
+
+        try:
+            kube = Kube(await make_api_client(settings))
+        except Exception as exc:  # kubeconfig missing/invalid, not in a cluster...
+            where = settings.kubeconfig or "in-cluster credentials"
+            raise ControllerStartupError(
+                f"cannot load Kubernetes credentials ({where}): {exc}; "
+                "give --kubeconfig, --masterURL or --manifests"
+            ) from None
     controller = Controller(settings)
-    runner = await start_api(controller, settings.api_host, settings.api_port)
+    address = f"{settings.api_host or '*'}:{settings.api_port}"
+    try:
+        runner = await start_api(controller, settings.api_host, settings.api_port)
+    except OSError as exc:
+        if kube is not None:
+            await kube.close()
+        raise ControllerStartupError(
+            f"API: cannot listen on {address}: {exc.strerror or exc}"
+        ) from None
     loop = asyncio.get_running_loop()
     if settings.manifests:
         source = ManifestSource(settings.manifests, controller.set_state)
@@ -30,14 +65,21 @@ async def start_controller(
     else:
         from meshproxy.controller.sources.kubernetes import KubernetesSource
 
-        task = loop.create_task(KubernetesSource(settings, controller).run())
+        task = loop.create_task(KubernetesSource(settings, controller, kube).run())
+    task.add_done_callback(_report_end)
     log.info(
-        "controller API on %s:%d, cluster state from %s",
-        settings.api_host or "*",
-        settings.api_port,
+        "controller API on %s, cluster state from %s",
+        address,
         settings.manifests or "the Kubernetes API",
     )
     return controller, [task], runner
+
+
+def _report_end(task: asyncio.Task[None]) -> None:
+    """A source task must run until cancelled: if it ends with an exception, say so (an
+    unobserved task exception is otherwise silent until the process exits)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the cluster source stopped", exc_info=task.exception())
 
 
 async def run_controller(settings: ControllerSettings) -> None:
