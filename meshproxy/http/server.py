@@ -581,6 +581,8 @@ class H1ServerConnection(asyncio.Protocol):
     def _protocol_error(self, status: int) -> None:
         """The bytes read are not a request we can serve: answer `status` and close. Inside a
         request body (the head is already being served) the exchange itself fails."""
+        if self._closing:
+            return  # a request after one that closed the connection, in the same read
         self.entry.on_protocol_error(status)
         self._in_head = False
         receiving = self._receiving
