@@ -202,7 +202,11 @@ class _Compiler:
             parts = _flatten_or(node)
             exact_hosts = self._exact_host_set(parts)
             if exact_hosts is not None:
-                return lambda r: r.host in exact_hosts
+                # a trailing dot on the request host is tolerated, as by Host() itself
+                return lambda r: (
+                    r.host in exact_hosts
+                    or (r.host[-1:] == "." and r.host.rstrip(".") in exact_hosts)
+                )
             left, right = self.compile(node.left), self.compile(node.right)
             return lambda r: left(r) or right(r)
         return self.compile_call(node)
@@ -272,11 +276,7 @@ class _Compiler:
             return lambda r: True
         if host.startswith("*."):
             suffix = host[1:]
-            return lambda r: (
-                r.host.endswith(suffix)
-                and "." not in r.host[: -len(suffix)]
-                and len(r.host) > len(suffix)
-            )
+            return lambda r: _one_label_under(r.host, suffix)
         return lambda r: r.host == host or r.host.rstrip(".") == host
 
     def _regex(self, call: Call, pattern: str) -> Callable[[str], Any]:
@@ -435,6 +435,14 @@ def client_ip_matcher(networks: list[Any]) -> Matcher:
         return any(ip.version == net.version and ip in net for net in networks)
 
     return match
+
+
+def _one_label_under(host: str, suffix: str) -> bool:
+    """`*.example.com` (Traefik v3.7): exactly one label before `suffix` (".example.com");
+    a trailing dot on the request host is tolerated."""
+    if host[-1:] == ".":
+        host = host.rstrip(".")
+    return host.endswith(suffix) and len(host) > len(suffix) and "." not in host[: -len(suffix)]
 
 
 def _flatten_or(node: Node) -> list[Node]:
