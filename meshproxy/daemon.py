@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import signal
 from dataclasses import dataclass, field
 from typing import Any
@@ -163,7 +164,7 @@ class ProxyDaemon:
                 )
             except OSError as exc:
                 raise StartupError(
-                    f"entrypoint {name}: cannot listen on {entry.address}: {exc.strerror or exc}"
+                    f"entrypoint {name}: cannot listen on {entry.address}: {_reason(exc)}"
                 ) from None
             self.listeners.append(Listener(name, http_entry, server))
             log.info("entrypoint %s listening on %s", name, entry.address)
@@ -212,7 +213,7 @@ class ProxyDaemon:
         except OSError as exc:
             shown = admin.address if admin else ":8080"
             raise StartupError(
-                f"entrypoint {ADMIN_ENTRYPOINT}: cannot listen on {shown}: {exc.strerror or exc}"
+                f"entrypoint {ADMIN_ENTRYPOINT}: cannot listen on {shown}: {_reason(exc)}"
             ) from None
         log.info(
             "admin entrypoint %s listening on %s",
@@ -295,3 +296,8 @@ def _networks(entrypoint: str, values: list[str]) -> list[Any]:
         return [ipaddress.ip_network(t, strict=False) for t in values]
     except ValueError as exc:
         raise StartupError(f"entryPoints.{entrypoint}.forwardedHeaders.trustedIPs: {exc}") from None
+
+
+def _reason(exc: OSError) -> str:
+    """`Address already in use`, not uvloop's long wrapper text around it."""
+    return os.strerror(exc.errno) if exc.errno else str(exc)

@@ -101,6 +101,7 @@ class Controller:
                 for pod in self.proxy_pods()
                 if isinstance(pod.get("status"), dict) and pod["status"].get("podIP")
             }
+            | set(self.settings.extra_proxy_ips)
         )
         options = BuildOptions(
             indirect_from_proxies_only=self.settings.indirect_from_proxies_only,

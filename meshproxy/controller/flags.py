@@ -105,6 +105,8 @@ def parse_controller_flags(argv: list[str]) -> tuple[ControllerSettings, dict[st
         name, sep, value = arg[2:].partition("=")
         lowered = name.lower()
         target = _FIELDS.get(lowered)
+        if target is None and lowered not in _IGNORED:
+            raise FlagError(f"unknown flag --{name}")
         is_bool = target is not None and types[target] == "bool"
         if not sep:
             if is_bool:
@@ -115,7 +117,9 @@ def parse_controller_flags(argv: list[str]) -> tuple[ControllerSettings, dict[st
             else:
                 raise FlagError(f"--{name} needs a value")
         if lowered in ("loglevel", "logformat"):
-            extra["log_level" if lowered == "loglevel" else "log_format"] = value
+            field = "log_level" if lowered == "loglevel" else "log_format"
+            extra[field] = value
+            extra["given"].add(field)
             continue
         if lowered in _IGNORED:
             continue

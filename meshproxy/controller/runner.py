@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from pathlib import Path
 
@@ -40,6 +41,9 @@ async def start_controller(
     else:
         from meshproxy.controller.kube import Kube, make_api_client
 
+        if settings.kubeconfig and not os.access(settings.kubeconfig, os.R_OK):
+            reason = "no such file" if not Path(settings.kubeconfig).exists() else "not readable"
+            raise ControllerStartupError(f"--kubeconfig {settings.kubeconfig}: {reason}")
         try:
             kube = Kube(await make_api_client(settings))
         except Exception as exc:  # kubeconfig missing/invalid, not in a cluster...
@@ -55,9 +59,7 @@ async def start_controller(
     except OSError as exc:
         if kube is not None:
             await kube.close()
-        raise ControllerStartupError(
-            f"API: cannot listen on {address}: {exc.strerror or exc}"
-        ) from None
+        raise ControllerStartupError(f"API: cannot listen on {address}: {_reason(exc)}") from None
     loop = asyncio.get_running_loop()
     if settings.manifests:
         source = ManifestSource(settings.manifests, controller.set_state)
@@ -93,3 +95,8 @@ async def run_controller(settings: ControllerSettings) -> None:
     for task in tasks:
         task.cancel()
     await runner.cleanup()
+
+
+def _reason(exc: OSError) -> str:
+    """`Address already in use`, not uvloop's long wrapper text around it."""
+    return os.strerror(exc.errno) if exc.errno else str(exc)

@@ -32,6 +32,9 @@ class ControllerSettings:
     # The X-Forwarded-For ("indirect") allowlists also require the peer to be a mesh proxy;
     # false reproduces Traefik Mesh's output exactly (and its spoofable allowlist).
     indirect_from_proxies_only: bool = True
+    # Addresses of mesh proxies that are not Pods (the local mesh's own proxy, 127.0.0.1):
+    # added to the proxy pods' IPs where the configuration lists the proxies. Not a flag.
+    extra_proxy_ips: list[str] = field(default_factory=list)
 
     @property
     def max_http_port(self) -> int:

@@ -1,20 +1,24 @@
 """`meshproxy local`: a whole mesh on loopback in one process, fed by manifests.
 
 The controller reads the manifests (`config/local-mesh/` by default: Services, Endpoints and
-Pods as a cluster would hold them), the proxy polls the controller exactly as a DaemonSet pod
-would, and a demo backend is started for every Pod labelled `demo.meshproxy.io/backend`.
+Pods as a cluster would hold them) and takes every controller flag (`--acl`, `--defaultMode`,
+...); the proxy polls the controller exactly as a DaemonSet pod would, and a demo backend is
+started for every Pod labelled `demo.meshproxy.io/backend`. Mesh names
+(`svc.ns.traefik.mesh:PORT`, the upstreams of TrafficSplit backends) are dialled at the local
+proxy's entrypoint for that port, as CoreDNS and the shadow Services arrange in a cluster.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from meshproxy.config.static import build_static
+from meshproxy.controller.app import Controller
 from meshproxy.controller.objects import labels_of, name_of
 from meshproxy.controller.runner import start_controller
 from meshproxy.controller.settings import ControllerSettings
@@ -27,6 +31,7 @@ from meshproxy.demo.echo import (
     serve_udp_echo,
     serve_websocket_echo,
 )
+from meshproxy.upstream_address import set_resolver
 
 log = logging.getLogger("meshproxy.local")
 
@@ -79,22 +84,73 @@ async def start_backends(manifests: Path) -> list[Any]:
     return started
 
 
-def proxy_flags(ports: LocalPorts) -> list[str]:
+def local_settings(
+    ports: LocalPorts,
+    manifests: Path | None,
+    flags: ControllerSettings | None = None,
+    given: set[str] | None = None,
+    state_dir: str | None = None,
+) -> ControllerSettings:
+    """The controller's settings in the local mesh: every controller flag as given
+    (`--acl`, `--defaultMode`, `--namespace`, `--limitHTTPPort`, `--apiPort`, ...), and for
+    the flags not given the local defaults (API on 127.0.0.1:`ports.api`, namespace `mesh`,
+    `ports.count` entrypoints of each kind, port table in `state_dir`). The entrypoint ranges
+    always start at the local ports, which is where the local proxy listens."""
+    settings = replace(flags) if flags is not None else ControllerSettings()
+    given = given or set()
+    local_defaults: dict[str, Any] = {
+        "api_host": "127.0.0.1",
+        "api_port": ports.api,
+        "namespace": "mesh",
+        "limit_http_port": ports.count,
+        "limit_tcp_port": ports.count,
+        "limit_udp_port": ports.count,
+    }
+    if state_dir is not None:
+        local_defaults["port_state_file"] = str(Path(state_dir) / "ports.json")
+    if "kubeconfig" not in given and "master_url" not in given:
+        local_defaults["manifests"] = str(manifests or default_manifests())
+    for name, value in local_defaults.items():
+        if name not in given:
+            setattr(settings, name, value)
+    settings.min_http_port = ports.http
+    settings.min_tcp_port = ports.tcp
+    settings.min_udp_port = ports.udp
+    settings.proxy_admin_port = ports.admin
+    # The local proxy is a mesh proxy that is not a Pod: second hops (TrafficSplit backends)
+    # come from it, and the "indirect" allowlists must accept it.
+    settings.extra_proxy_ips = sorted({*settings.extra_proxy_ips, LOCAL_PROXY_HOST})
+    return settings
+
+
+LOCAL_PROXY_HOST = "127.0.0.1"
+
+
+def proxy_flags(ports: LocalPorts, settings: ControllerSettings | None = None) -> list[str]:
+    """The local proxy's flags: Traefik Mesh's DaemonSet layout on 127.0.0.1, with as many
+    entrypoints of each kind as the controller's limits say."""
+    settings = settings or local_settings(ports, None)
+    host = LOCAL_PROXY_HOST
     flags = [
-        f"--entryPoints.readiness.address=127.0.0.1:{ports.readiness}",
-        f"--entryPoints.liveness.address=127.0.0.1:{ports.liveness}",
-        f"--entryPoints.traefik.address=127.0.0.1:{ports.admin}",
+        f"--entryPoints.readiness.address={host}:{ports.readiness}",
+        f"--entryPoints.liveness.address={host}:{ports.liveness}",
+        f"--entryPoints.traefik.address={host}:{ports.admin}",
     ]
-    for offset in range(ports.count):
+    for port in range(ports.http, ports.http + settings.limit_http_port):
         flags += [
-            f"--entryPoints.http-{ports.http + offset}.address=127.0.0.1:{ports.http + offset}",
-            f"--entryPoints.http-{ports.http + offset}.forwardedHeaders.insecure=true",
-            f"--entryPoints.tcp-{ports.tcp + offset}.address=127.0.0.1:{ports.tcp + offset}",
-            f"--entryPoints.udp-{ports.udp + offset}.address=127.0.0.1:{ports.udp + offset}/udp",
+            f"--entryPoints.http-{port}.address={host}:{port}",
+            f"--entryPoints.http-{port}.forwardedHeaders.insecure=true",
         ]
+    for port in range(ports.tcp, ports.tcp + settings.limit_tcp_port):
+        flags.append(f"--entryPoints.tcp-{port}.address={host}:{port}")
+    for port in range(ports.udp, ports.udp + settings.limit_udp_port):
+        flags.append(f"--entryPoints.udp-{port}.address={host}:{port}/udp")
+    api_host = settings.api_host if settings.api_host not in ("", "0.0.0.0", "::") else host
+    if ":" in api_host:
+        api_host = f"[{api_host}]"
     return [
         *flags,
-        f"--providers.http.endpoint=http://127.0.0.1:{ports.api}/api/configuration/current",
+        f"--providers.http.endpoint=http://{api_host}:{settings.api_port}/api/configuration/current",
         "--providers.http.pollInterval=200ms",
         "--providers.http.pollTimeout=1s",
         "--api.insecure",
@@ -103,31 +159,37 @@ def proxy_flags(ports: LocalPorts) -> list[str]:
     ]
 
 
-async def run_local(ports: LocalPorts, manifests: Path | None = None) -> None:
+def mesh_resolver(controller: Controller) -> Any:
+    """`svc.ns.traefik.mesh:PORT` -> the local proxy's entrypoint for that service port (what
+    CoreDNS and the shadow Service do in a cluster); other names are left alone."""
+
+    def resolve(host: str, port: int) -> tuple[str, int] | None:
+        entrypoint = controller.mesh_entrypoint(host, port)
+        return None if entrypoint is None else (LOCAL_PROXY_HOST, entrypoint)
+
+    return resolve
+
+
+async def run_local(
+    ports: LocalPorts,
+    manifests: Path | None = None,
+    flags: ControllerSettings | None = None,
+    given: set[str] | None = None,
+) -> None:
+    """Controller, proxy and demo backends in this process, until SIGINT/SIGTERM."""
     manifests = manifests or default_manifests()
-    backends = await start_backends(manifests)
     with tempfile.TemporaryDirectory(prefix="meshproxy-local-") as state_dir:
-        settings = ControllerSettings(
-            manifests=str(manifests),
-            api_host="127.0.0.1",
-            api_port=ports.api,
-            namespace="mesh",
-            min_http_port=ports.http,
-            min_tcp_port=ports.tcp,
-            min_udp_port=ports.udp,
-            limit_http_port=ports.count,
-            limit_tcp_port=ports.count,
-            limit_udp_port=ports.count,
-            proxy_admin_port=ports.admin,
-            port_state_file=str(Path(state_dir) / "ports.json"),
-        )
-        _, tasks, runner = await start_controller(settings)
-        static, _ = build_static(None, proxy_flags(ports))
+        settings = local_settings(ports, manifests, flags, given, state_dir)
+        controller, tasks, runner = await start_controller(settings)
+        backends = await start_backends(manifests) if settings.manifests else []
+        static, _ = build_static(None, proxy_flags(ports, settings))
         daemon = ProxyDaemon(static)
-        print(banner(ports, manifests), flush=True)
+        set_resolver(mesh_resolver(controller))
+        print(banner(ports, manifests, settings), flush=True)
         try:
             await daemon.run_forever()
         finally:
+            set_resolver(None)
             for task in tasks:
                 task.cancel()
             await runner.cleanup()
@@ -140,11 +202,13 @@ async def run_local(ports: LocalPorts, manifests: Path | None = None) -> None:
                     backend.close()
 
 
-def banner(ports: LocalPorts, manifests: Path) -> str:
+def banner(ports: LocalPorts, manifests: Path, settings: ControllerSettings) -> str:
     web = f"http://127.0.0.1:{ports.http}"
+    api = f"http://127.0.0.1:{settings.api_port}"
+    mode = "ACL" if settings.acl else "default"
     return f"""meshproxy local mesh is up (Ctrl-C to stop)
-  manifests  : {manifests}
-  controller : http://127.0.0.1:{ports.api}/api/configuration/current (and /api/topology/current)
+  manifests  : {settings.manifests or "(none: the Kubernetes API)"} ({mode} mode)
+  controller : {api}/api/configuration/current (and /api/topology/current)
   proxy      : http-{ports.http}.. on 127.0.0.1, admin on 127.0.0.1:{ports.admin}
 
 Try:
@@ -152,7 +216,7 @@ Try:
   curl -H 'Host: api.demo.traefik.mesh' {web}/        # retry + rateLimit + circuitBreaker
   nc 127.0.0.1 {ports.tcp}                                   # TCP echo (echo-tcp)
   curl http://127.0.0.1:{ports.readiness}/ping                   # ready once the config arrived
-  curl http://127.0.0.1:{ports.api}/api/topology/current
+  curl {api}/api/topology/current
   curl http://127.0.0.1:{ports.admin}/api/rawdata
   curl http://127.0.0.1:{ports.admin}/metrics
 The UDP (echo-udp), WebSocket (chat) and gRPC (greeter, h2c) backends run and are configured,
