@@ -54,7 +54,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +68,7 @@ TAG_HEADER = "X-Differential-Tag"
 # Request fields the recording backend obeys (both proxies forward them untouched):
 STATUS_HEADER = "X-Differential-Status"  # answer this status instead of the backend's default
 INTERIM_HEADER = "X-Differential-Interim"  # send these 1xx first, e.g. "103" (comma list)
+HOLD_HEADER = "X-Differential-Hold"  # any value: never answer (until the proxy hangs up)
 BARRIER_PATH = "/__differential/barrier"
 BARRIER_ROUTER = "differential-barrier"
 BARRIER_SERVICE = "differential-backend"
@@ -258,6 +259,12 @@ class RecordingBackend:
                 # Recorded as soon as the head is here: "reached the backend" must not depend
                 # on whether the body that follows is well formed.
                 self._record(req)
+                if req.header(HOLD_HEADER) is not None:
+                    # A backend that never answers (issue 9 item 6): wait for the proxy to
+                    # give up and close; nothing is sent.
+                    while await reader.read(65536):
+                        pass
+                    return
                 status = int(req.header(STATUS_HEADER) or self.status)
                 for interim in (req.header(INTERIM_HEADER) or "").split(","):
                     if interim.strip():
@@ -346,7 +353,7 @@ class RawResponse:
     headers: list[tuple[str, str]] = field(default_factory=list)
     body: bytes = b""
     timed_out: bool = False  # nothing (or not all) arrived within the timeout
-    closed: bool = False  # the server closed the connection (EOF seen)
+    closed: bool = False  # the server closed the connection (EOF or reset seen)
     raw: bytes = b""
 
     def header(self, name: str) -> str | None:
@@ -377,8 +384,13 @@ def raw_request(
     head_request: bool = False,
     segment_gap: Callable[[int], None] | None = None,
     body_after_continue: bytes | None = None,
+    await_close: bool = False,
 ) -> RawResponse:
     """Write `segments` to 127.0.0.1:`port` one `sendall` each and read one response.
+
+    `await_close`: after the response, keep reading until the server closes the connection
+    (`closed` True) or the timeout ends (`closed` False); for cases where the framing can no
+    longer be trusted and the server must close (RFC 9112 §6.3).
 
     `body_after_continue` is sent only once a `100 Continue` arrives (a client honouring
     `Expect: 100-continue`, RFC 9110 §10.1.1); if a final status comes first it is never sent.
@@ -416,6 +428,12 @@ def raw_request(
         out.raw += data
         return True
 
+    def drain_to_close() -> None:
+        timed_out = out.timed_out
+        while not out.closed and fill():
+            pass
+        out.timed_out = timed_out  # waiting for the close is not waiting for the answer
+
     try:
         try:
             for i, segment in enumerate(segments):
@@ -442,6 +460,8 @@ def raw_request(
             out.status, out.reason, out.headers = status, reason, headers
             break
         if head_request or out.status in (204, 304) or out.status is None:
+            if await_close and out.status is not None:
+                drain_to_close()
             return out
         te = (out.header("transfer-encoding") or "").lower()
         cl = out.header("content-length")
@@ -467,11 +487,14 @@ def raw_request(
                 if not fill():
                     break
             out.body = buf[: int(cl)]
+            buf = buf[int(cl) :]
         else:
             while fill():
                 pass
             out.timed_out = False  # close-delimited: a timeout here is the server's keep-alive
             out.body = buf
+        if await_close:
+            drain_to_close()
         return out
     finally:
         sock.close()
@@ -650,15 +673,29 @@ class TraefikProcess:
         _wait(self._routers_listed, READY_TIMEOUT, "traefik routers in its API", self.log_path)
         return self
 
-    def _routers_listed(self) -> bool:
+    def api_routers(self) -> set[str] | None:
+        """Names (without `@provider`) of the HTTP routers in Traefik's API; None if it is down."""
         assert self.process is not None
         if self.process.poll() is not None:
             raise RuntimeError(f"traefik exited: {self.log_path.read_text(errors='replace')}")
         data = _http_get(f"http://127.0.0.1:{self.api_port}/api/http/routers?per_page=1000")
         if data is None:
-            return False
-        names = {r["name"].split("@")[0] for r in json.loads(data)}
-        return self.routers <= names
+            return None
+        return {r["name"].split("@")[0] for r in json.loads(data)}
+
+    def _routers_listed(self) -> bool:
+        names = self.api_routers()
+        return names is not None and self.routers <= names
+
+    def write_in_place(self, text: str) -> None:
+        """Rewrite the dynamic config file in place (truncate, then write), as an editor does."""
+        with open(self.config_file, "w") as f:
+            f.write(text)
+
+    def terminate(self) -> None:
+        """Ask the process to stop (SIGTERM) without waiting."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -701,6 +738,24 @@ class MeshproxyProcess:
             proxy.log_path,
         )
         return self
+
+    def generation(self) -> int:
+        """How many configurations meshproxy has applied (its /api/rawdata)."""
+        return self.proxy.generation()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def write_in_place(self, text: str) -> None:
+        """Rewrite the dynamic config file in place (truncate, then write), as an editor does."""
+        with open(self.proxy.config_file, "w") as f:
+            f.write(text)
+
+    def terminate(self) -> None:
+        """Ask the process to stop (SIGTERM) without waiting."""
+        process = self.proxy.process
+        if process is not None and process.poll() is None:
+            process.terminate()
 
     def stop(self) -> None:
         self.proxy.stop()
@@ -797,9 +852,12 @@ class Differential:
         return self
 
     def stop(self) -> None:
-        for proc in (self.traefik, self.meshproxy):
-            if proc is not None:
-                proc.stop()
+        procs = [p for p in (self.traefik, self.meshproxy) if p is not None]
+        # Both asked to stop first, then waited for: their shutdowns overlap.
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.stop()
         if self.own_backend:
             self.backend.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -841,6 +899,7 @@ class Differential:
         timeout: float = DEFAULT_TIMEOUT,
         segment_gap: Callable[[int], None] | None = None,
         body_after_continue: bytes | None = None,
+        await_close: bool = False,
     ) -> Outcome:
         """Send one raw request (bytes, or segments sent one `sendall` each) through `side`."""
         segments = [raw] if isinstance(raw, bytes) else list(raw)
@@ -855,6 +914,7 @@ class Differential:
             head_request,
             segment_gap,
             body_after_continue,
+            await_close,
         )
         self._barrier(side)
         if tagged is not None:
@@ -873,19 +933,25 @@ class Differential:
         timeout: float = DEFAULT_TIMEOUT,
         segment_gap: Callable[[int], None] | None = None,
         body_after_continue: bytes | None = None,
+        await_close: bool | Collection[str] = False,
     ) -> Comparison:
         """The same raw request through Traefik and meshproxy.
 
         Sent concurrently when the request can be tagged, one after the other otherwise (see
-        the module docstring).
+        the module docstring). `await_close`: True for both sides, or the names of the sides
+        ("traefik", "meshproxy") whose connection close is awaited after the response.
         """
         segments = [raw] if isinstance(raw, bytes) else list(raw)
         data = b"".join(segments)
+
+        def close(side: str) -> bool:
+            return await_close if isinstance(await_close, bool) else side in await_close
+
+        args = (segments, timeout, segment_gap, body_after_continue)
         if _tag_request(segments, "probe") is not None:
-            args = (segments, timeout, segment_gap, body_after_continue)
-            ft = self._pool.submit(self.send, "traefik", *args)
-            fm = self._pool.submit(self.send, "meshproxy", *args)
+            ft = self._pool.submit(self.send, "traefik", *args, close("traefik"))
+            fm = self._pool.submit(self.send, "meshproxy", *args, close("meshproxy"))
             return Comparison(data, ft.result(), fm.result())
-        t = self.send("traefik", segments, timeout, segment_gap, body_after_continue)
-        m = self.send("meshproxy", segments, timeout, segment_gap, body_after_continue)
+        t = self.send("traefik", *args, close("traefik"))
+        m = self.send("meshproxy", *args, close("meshproxy"))
         return Comparison(data, t, m)

@@ -17,18 +17,22 @@ divergence is docs/traefik-differences.md.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.differential.harness import (
     COMPARED_HEADERS,
+    HOLD_HEADER,
     INTERIM_HEADER,
     STATUS_HEADER,
     Comparison,
     Differential,
+    raw_request,
 )
 
 DifferentialFactory = Callable[..., Differential]
@@ -45,7 +49,8 @@ def _router(rule: str, middlewares: list[str] | None = None, **extra: Any) -> di
 
 
 def main_config(backend_url: str) -> dict[str, Any]:
-    """Issue 9's scenario (items 8, 9) plus one router per path middleware.
+    """Issue 9's scenario (items 8, 9) plus one router per path middleware, and /slow whose
+    service has a 1 s response-header timeout (item 6).
 
     /api strips /api; /admin is behind an ipAllowList that refuses loopback (403); a catch-all
     router (explicit priority 1) takes everything else.
@@ -65,6 +70,11 @@ def main_config(backend_url: str) -> dict[str, Any]:
                 "allowed": _router("PathPrefix(`/allowed`)", ["allow-local"]),
                 "xff": _router("PathPrefix(`/xff`)", ["allow-depth"]),
                 "catchall": _router("PathPrefix(`/`)", priority=1),
+                "slow": {
+                    "rule": "PathPrefix(`/slow`)",
+                    "service": "slow",
+                    "entryPoints": ["web"],
+                },
             },
             "middlewares": {
                 "strip-api": {"stripPrefix": {"prefixes": ["/api"]}},
@@ -90,7 +100,17 @@ def main_config(backend_url: str) -> dict[str, Any]:
                     }
                 },
             },
-            "services": {"s": {"loadBalancer": {"servers": [{"url": backend_url}]}}},
+            "services": {
+                "s": {"loadBalancer": {"servers": [{"url": backend_url}]}},
+                "slow": {
+                    "loadBalancer": {
+                        "servers": [{"url": backend_url}],
+                        "serversTransport": "short",
+                    }
+                },
+            },
+            # Item 6: a response-header timeout, as Traefik's serversTransports configure it.
+            "serversTransports": {"short": {"forwardingTimeouts": {"responseHeaderTimeout": "1s"}}},
         }
     }
 
@@ -181,7 +201,9 @@ class Case:
     Traefik fails. `meshproxy`, when set, is a deliberate difference: meshproxy's required status
     instead of Traefik's (docs/traefik-differences.md says why); `forwards` then says whether
     meshproxy may reach the backend (False: it must not; None: not checked). `headers` are the
-    request fields compared on what reached the backend.
+    request fields compared on what reached the backend. `closes`: meshproxy must close the
+    connection after answering (the framing can no longer be trusted, RFC 9112 §6.3); when
+    Traefik refuses too, its close is checked as well.
     """
 
     id: str
@@ -190,6 +212,7 @@ class Case:
     meshproxy: int | None = None
     forwards: bool | None = False
     headers: tuple[str, ...] = COMPARED_HEADERS
+    closes: bool = False
 
 
 # Divergences found by running this suite (case id -> what differs), status "to fix". Each
@@ -286,6 +309,9 @@ def params(cases: list[Case]) -> list[Any]:
 
 def check(pair: Differential, case: Case, **kw: Any) -> Comparison:
     """Run `case` through both proxies and assert the expectation described on `Case`."""
+    refused = case.traefik is not None and case.traefik >= 400
+    if case.closes:
+        kw["await_close"] = ("meshproxy", "traefik") if refused else ("meshproxy",)
     cmp = pair.compare(case.raw, **kw)
     assert cmp.traefik.status == case.traefik, (
         f"Traefik's answer changed for {case.id}: {cmp.traefik.summary()} "
@@ -303,7 +329,18 @@ def check(pair: Differential, case: Case, **kw: Any) -> Comparison:
             assert not cmp.meshproxy.reached_backend, (
                 f"{case.id}: meshproxy forwarded `{cmp.meshproxy.summary()}`"
             )
+    if case.closes:
+        assert cmp.meshproxy.response.closed, f"{case.id}: meshproxy kept the connection open"
+        if refused:
+            assert cmp.traefik.response.closed, f"{case.id}: Traefik kept the connection open"
     return cmp
+
+
+def _closing(cases: list[Case]) -> list[Case]:
+    """`cases` where every refused request also requires the connection to be closed: after a
+    body framing error the next message's start is unknown (RFC 9112 §6.3, §7.1)."""
+    refused = [c.meshproxy is not None or (c.traefik or 0) >= 400 for c in cases]
+    return [replace(c, closes=True) if r else c for c, r in zip(cases, refused, strict=True)]
 
 
 # Item 4: malformed chunked bodies (RFC 9112 §7.1). Traefik forwards the head at once (Go's
@@ -598,7 +635,7 @@ TRUSTED = [
 ]
 
 
-@pytest.mark.parametrize("case", params(ITEM4 + FRAMING))
+@pytest.mark.parametrize("case", params(_closing(ITEM4 + FRAMING)))
 def test_malformed_body_framing(main_pair: Differential, case: Case) -> None:
     """Issue 9 item 4 and Content-Length neighbours: RFC 9112 §7.1 (chunked grammar), §6.3
     (Content-Length must be one valid number; RFC 9110 §8.6). A malformed body gets 400 before
@@ -606,7 +643,7 @@ def test_malformed_body_framing(main_pair: Differential, case: Case) -> None:
     check(main_pair, case)
 
 
-@pytest.mark.parametrize("case", params(ITEM5))
+@pytest.mark.parametrize("case", params(_closing(ITEM5)))
 def test_transfer_codings(main_pair: Differential, case: Case) -> None:
     """Issue 9 item 5: RFC 9112 §6.1 (501 for an unimplemented coding), §6.3 (400 when chunked
     is not final; TE with CL may be refused; TE in HTTP/1.0 is faulty framing), §7 (chunked at
@@ -799,3 +836,79 @@ def test_rules(rules_pair: Differential, case: Case) -> None:
     and priority (default the rule's length, longest first; explicit priority wins); the
     router that won is told by its X-Router request header. 404 when nothing matches."""
     check(rules_pair, replace(case, headers=(*COMPARED_HEADERS, "x-router")))
+
+
+# Item 6: a backend that never answers (it holds the request until the proxy hangs up).
+SLOW = [
+    Case("hold-get", req("/slow/x", headers=((HOLD_HEADER, "1"),)), 504),
+    Case(
+        "hold-post",
+        req("/slow/x", "POST", (("Content-Length", "5"), (HOLD_HEADER, "1")), b"hello"),
+        504,
+    ),
+]
+
+
+@pytest.mark.parametrize("case", params(SLOW))
+def test_backend_never_answers(main_pair: Differential, case: Case) -> None:
+    """Issue 9 item 6: Traefik's serversTransport forwardingTimeouts.responseHeaderTimeout
+    (here 1 s): a backend that has the request but sends no response head gets the client a
+    504 Gateway Timeout (RFC 9110 §15.6.5) once it elapses, not a hang. The client waits up to
+    10 s, so a proxy that ignores the timeout fails without relying on timing luck."""
+    cmp = check(main_pair, case, timeout=10.0)
+    assert cmp.meshproxy.reached_backend and cmp.traefik.reached_backend
+
+
+# Item 7: a config file rewritten in place passes through an empty file.
+def reload_config(backend_url: str) -> dict[str, Any]:
+    """One catch-all router; the test rewrites the files of this pair (not shared)."""
+    return {
+        "http": {
+            "routers": {"all": _router("PathPrefix(`/`)")},
+            "services": {"s": {"loadBalancer": {"servers": [{"url": backend_url}]}}},
+        }
+    }
+
+
+def test_config_file_emptied_in_place(differential: DifferentialFactory) -> None:
+    """Issue 9 item 7: an empty file is not a configuration (meshproxy keeps the last good one
+    and warns); an intentionally empty configuration is `{}`. Traefik 3.7 applies the empty file
+    as an empty configuration (every router gone, 404): a deliberate difference
+    (docs/traefik-differences.md). Each step waits for the state it checks: Traefik's API no
+    longer listing the router, meshproxy's warning in its log or its generation moving on."""
+    pair = differential("reload", reload_config)
+    traefik, meshproxy = pair.traefik, pair.meshproxy
+    assert traefik is not None and meshproxy is not None
+    assert pair.compare(req("/x")).traefik.status == 200
+
+    generation = meshproxy.generation()
+    traefik.write_in_place("")
+    meshproxy.write_in_place("")
+    wait_until(lambda: "all" not in (traefik.api_routers() or {"all"}), "Traefik applies it")
+    wait_until(lambda: "keeping the last good configuration" in meshproxy.log_text(), "warning")
+    assert raw_request(pair.port("traefik"), [req("/x")]).status == 404
+    assert raw_request(pair.port("meshproxy"), [req("/x")]).status == 200
+    assert meshproxy.generation() == generation, "meshproxy applied an empty file"
+
+    meshproxy.write_in_place("{}\n")
+    traefik.write_in_place("{}\n")
+    wait_until(lambda: meshproxy.generation() > generation, "meshproxy applies {}")
+    assert raw_request(pair.port("meshproxy"), [req("/x")]).status == 404
+    assert raw_request(pair.port("traefik"), [req("/x")]).status == 404
+
+    restored = yaml.safe_dump(pair.config)
+    traefik.write_in_place(restored)
+    meshproxy.write_in_place(restored)
+    wait_until(lambda: "all" in (traefik.api_routers() or set()), "Traefik restored")
+    wait_until(lambda: meshproxy.generation() > generation + 1, "meshproxy restored")
+    pair.compare(req("/x")).assert_same()
+
+
+def wait_until(condition: Callable[[], Any], what: str, timeout: float = 15.0) -> None:
+    """Poll `condition` every 20 ms until truthy; AssertionError naming `what` after
+    `timeout` seconds (a condition wait, never a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for: {what}")
+        time.sleep(0.02)
