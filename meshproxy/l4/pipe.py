@@ -278,6 +278,8 @@ class BytePipe:
             self._end(END_EOF)  # both directions done; close() sends the last FIN
             return
         other = self._transports[1 - index]
+        if other.is_closing():
+            return  # closed under us (a write error): its connection_lost ends the pipe
         if other.can_write_eof():
             other.write_eof()  # sent after what is buffered; the other direction flows on
         else:
