@@ -29,7 +29,6 @@ import ipaddress
 import logging
 import re
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -216,6 +215,14 @@ class HTTPEntryPoint:
             conn.close()
 
 
+def _new_parser(protocol: H1ServerConnection) -> httptools.HttpRequestParser:
+    parser = httptools.HttpRequestParser(protocol)
+    # The version is checked by the protocol (505 for a major other than 1; RFC 9110 §6.2
+    # serves HTTP/1.2 as 1.1), which llhttp would refuse with a bare parse error.
+    parser.set_dangerous_leniencies(lenient_version=True)
+    return parser
+
+
 class H1ServerConnection(asyncio.Protocol):
     __slots__ = (
         "_between_messages",
@@ -263,12 +270,11 @@ class H1ServerConnection(asyncio.Protocol):
         self.entry_name = entry.settings.name
         self.loop = asyncio.get_event_loop()
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
-        # The version is checked here (505 for a major other than 1; RFC 9110 §6.2 serves
-        # HTTP/1.2 as 1.1), which llhttp would refuse with a bare parse error.
-        self.parser.set_dangerous_leniencies(lenient_version=True)
+        self.parser: httptools.HttpRequestParser | None = None  # made at the first byte
         self.current: Exchange | None = None
-        self.pipeline: deque[Exchange] = deque()
+        # A list, not a deque: an empty deque costs ~600 bytes per idle connection, and
+        # pipelining is rare enough that pop(0) on a short list does not matter.
+        self.pipeline: list[Exchange] = []
         self._receiving: Exchange | None = None
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -351,6 +357,8 @@ class H1ServerConnection(asyncio.Protocol):
                     self.close()
             elif idle > 0 and now - self.idle_since > idle:
                 self.close()
+            elif self.parser is not None and now - self.idle_since > 1.0:
+                self._shrink()
             return
         if read > 0 and not ex.body_complete and now - ex.started_at > read:
             self._request_failed(ex, 408)  # RFC 9110 §15.5.9
@@ -361,6 +369,17 @@ class H1ServerConnection(asyncio.Protocol):
         elif idle > 0 and now - self._stalled_since > idle:
             log.info("closing a stalled exchange from %s after %.0f s", self.client_ip, idle)
             self._request_failed(ex, 504 if not ex.response_started else 0)
+
+    def _shrink(self) -> None:
+        """An idle keep-alive connection gives back what only a request in progress needs:
+        the parser (~850 bytes with its bound callbacks; remade at the next byte), the last
+        request's fields and target, and the X-Forwarded-* cache. Issue 9 item 3: thousands of
+        idle connections from a node's pods must cost little."""
+        self.parser = None
+        self._headers = []
+        self._url = b""
+        self._host = b""
+        self._forwarded = None
 
     # -- reading ------------------------------------------------------------------------
 
@@ -380,8 +399,11 @@ class H1ServerConnection(asyncio.Protocol):
             if self._head_fed > settings.max_header_bytes + settings.max_target_bytes:
                 self._protocol_error(431)
                 return
+        parser = self.parser
+        if parser is None:
+            parser = self.parser = _new_parser(self)
         try:
-            self.parser.feed_data(data)
+            parser.feed_data(data)
         except _Reject as exc:
             self._protocol_error(exc.status)
         except httptools.HttpParserUpgrade:
@@ -390,6 +412,7 @@ class H1ServerConnection(asyncio.Protocol):
             cause = exc.__context__ or exc.__cause__
             self._protocol_error(cause.status if isinstance(cause, _Reject) else 400)
         self._head_in_chunk = False  # a head still incomplete will span several reads
+        self._chunk = b""  # do not keep the read alive (up to 256 KiB) past this call
         if self._in_head and not self._closing and self._head_fed == 0:
             self._head_fed = len(data)  # the head began in this read and goes on in the next
 
@@ -447,6 +470,7 @@ class H1ServerConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         parser = self.parser
+        assert parser is not None
         self._in_head = False
         self._head_fed = 0
         # A head that began this read (the usual case) is read straight off the bytes: the
@@ -690,7 +714,7 @@ class H1ServerConnection(asyncio.Protocol):
             return
         self.idle_since = time.perf_counter()
         if self.pipeline:
-            self._start(self.pipeline.popleft())
+            self._start(self.pipeline.pop(0))
 
     # -- Sink: writing the response -----------------------------------------------------
 

@@ -14,6 +14,8 @@ class RuntimeState:
         self.pools: dict[tuple[str, str, int, TransportSettings], UpstreamPool] = {}
         self.services: dict[str, Any] = {}  # qualified name -> previous service object
         self.middlewares = MiddlewareState()  # token buckets, breaker windows, ...
+        # Pools the config dropped while they still served exchanges: swept until idle.
+        self.retired: list[UpstreamPool] = []
 
     def pool(self, scheme: str, host: str, port: int, settings: TransportSettings) -> UpstreamPool:
         key = (scheme, host, port, settings)
@@ -25,11 +27,18 @@ class RuntimeState:
     def retain_pools(self, used: set[tuple[str, str, int, TransportSettings]]) -> None:
         """Close idle connections of pools the new config no longer uses."""
         for key in [k for k in self.pools if k not in used]:
-            self.pools.pop(key).close()
+            pool = self.pools.pop(key)
+            pool.close()
+            if pool.busy:
+                self.retired.append(pool)
 
     def sweep(self, now: float) -> None:
+        """Timeouts and idle connections of every pool; `now` on the loop's clock."""
         for pool in self.pools.values():
             pool.sweep(now)
+        for pool in self.retired:
+            pool.sweep(now)
+        self.retired = [pool for pool in self.retired if pool.busy]
 
     def close(self) -> None:
         for pool in self.pools.values():

@@ -116,16 +116,35 @@ async def test_exchange_that_stalls_after_its_head_is_cut_after_the_idle_timeout
 
 
 async def test_backend_that_never_answers_gets_504_after_the_response_header_timeout():
-    """Traefik's responseHeaderTimeout, on by default here (60 s, configurable): the client
-    gets 504 and the upstream connection is closed, never reused."""
-    conv = conversation(transport=TransportSettings(response_header_timeout=0.05))
+    """Traefik's responseHeaderTimeout, on by default here (60 s, configurable; Traefik's
+    default is none): the pool's sweep gives up on the backend with 504 and closes the
+    upstream connection, never reusing it."""
+    assert TransportSettings().response_header_timeout == 60.0
+    conv = conversation()
     _, upstream = conv.add_upstream()
     conv.send(GET)
     assert upstream.take().startswith(b"GET /x")
-    await wait_for(lambda: conv.client_transport.written, 5, "a 504")
+    now = asyncio.get_running_loop().time()
+    conv.pool.sweep(now + 59)
+    assert conv.client_transport.take() == b"" and not upstream.closed
+    conv.pool.sweep(now + 61)
     assert status_of(conv.client_transport.take()) == 504
-    assert upstream.closed and conv.pool.idle == []
-    assert TransportSettings().response_header_timeout == 60.0
+    assert upstream.closed and conv.pool.idle == [] and conv.pool.busy == set()
+
+
+async def test_response_header_timeout_starts_when_the_request_body_is_sent():
+    """As Go's transport: the wait for the response head starts once the whole request is
+    written; a slow upload is the read timeout's business, not this one's."""
+    conv = conversation()
+    _, upstream = conv.add_upstream()
+    conv.send(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nab")
+    await settle()
+    now = asyncio.get_running_loop().time()
+    conv.pool.sweep(now + 3600)
+    assert not upstream.closed  # the body is not all sent: no header timeout yet
+    conv.send(b"cd")
+    conv.pool.sweep(asyncio.get_running_loop().time() + 61)
+    assert status_of(conv.client_transport.take()) == 504 and upstream.closed
 
 
 # -- item 5: transfer codings (RFC 9112 §6.1, §6.3) --------------------------------------------
