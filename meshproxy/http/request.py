@@ -25,12 +25,17 @@ def normalize_path(raw_path: str, sanitize: bool = True) -> str:
        which removes dot-segments (RFC 3986 §5.2.4) and merges empty segments, as Traefik
        does with Go's `url.URL.JoinPath()`. Step 1 comes first, so `/%2e%2e/` is a `..`.
 
-    A path that is not absolute (`*`) is only percent-normalised. Raises ValueError when a
-    `%` is not followed by two hex digits (Traefik and Go answer 400).
+    A backslash, which RFC 3986 does not allow in a path, is sent as `%5C` (as Go re-encodes
+    it for Traefik), whatever `sanitize` says: backends that parse URLs as WHATWG does (browsers,
+    Node's `new URL`) read a raw `\\` as `/`, so `/api/..\\admin` would resolve to `/admin`
+    there. A path that is not absolute (`*`) is only percent-normalised. Raises ValueError when
+    a `%` is not followed by two hex digits (Traefik and Go answer 400).
     """
     path = raw_path
     if "%" in path:
         path = _normalize_percent(path)
+    if "\\" in path:
+        path = path.replace("\\", "%5C")
     if sanitize and path[:1] == "/" and ("/." in path or "//" in path):
         path = clean_path(path)
     return path
@@ -259,7 +264,7 @@ class Request:
             raw = slash + rest if slash else "/"
             self.target = raw.encode("latin-1")
         path, _, self.query = raw.partition("?")
-        if "%" in path or "/." in path or "//" in path:
+        if "%" in path or "/." in path or "//" in path or "\\" in path:
             # Routing and forwarding see the same normalised path (`normalize_path`), so a
             # `/api/../admin` is routed, and reaches the backend, as `/admin`. The query is
             # kept byte for byte. Raises ValueError on broken percent-encoding (400).
@@ -268,7 +273,7 @@ class Request:
                 self.target = (clean + raw[len(path) :]).encode("latin-1")
             self.path = routing_path(clean) if "%" in clean else clean
         else:
-            self.path = path  # the common case: nothing to decode or clean
+            self.path = path  # the common case: nothing to decode, clean or escape
         self.host, self.port = _HOST_CACHE.get(self.host_header) or host_parts(self.host_header)
 
     def checkpoint(self) -> tuple[Any, ...]:

@@ -148,6 +148,9 @@ async def test_the_cleaned_path_is_what_the_backend_receives(scripted, proxy_fac
             ("/x/a%3ab", 200, "/x/a%3Ab", NOTHING),
             ("/x/.hidden/..foo/foo..", 200, "/x/.hidden/..foo/foo..", NOTHING),
             ("/api/x?q=/../a&b=%2e%2e", 200, "/x?q=/../a&b=%2e%2e", API),
+            # a raw backslash goes out as %5C: a WHATWG-style backend would read "\\" as "/"
+            ("/api/..\\admin/secret", 200, "/..%5Cadmin/secret", API),
+            ("/x/a\\b/../c", 200, "/x/c", NOTHING),
             ("/x/%zz", 400, None, NOTHING),
             ("/x/a%", 400, None, NOTHING),
         ],

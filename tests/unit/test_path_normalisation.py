@@ -156,6 +156,9 @@ TRAEFIK_FORWARDED = [
     ("/x/%00", "/x/%00", "/x/%00"),
     ("/api/x/", "/api/x/", "/api/x/"),
     ("*", "*", "*"),
+    ("/x/a\\b", "/x/a%5Cb", "/x/a%5Cb"),
+    ("/x/a\\b/../c", "/x/c", "/x/a%5Cb/../c"),
+    ("/api/..\\admin/secret", "/api/..%5Cadmin/secret", "/api/..%5Cadmin/secret"),
 ]
 
 
@@ -254,7 +257,7 @@ def test_copy_of_an_unsanitized_request_keeps_its_path():
 
 
 TARGET_PIECES = st.sampled_from(
-    ["/", ".", "..", "a", "%", "2e", "2E", "2f", "41", "zz", "?", "#", "%2e", "%2F", ";", "~"]
+    ["/", ".", "..", "a", "%", "2e", "2E", "2f", "41", "zz", "?", "#", "%2e", "%2F", ";", "~", "\\"]
 )
 
 
