@@ -115,6 +115,7 @@ async def test_dot_segments_cannot_reach_a_protected_router(scripted, proxy_fact
         "/admin/../admin/x",
         "/foo%20bar/%2e%2e/admin",
         "/sre/abc/../../admin",
+        "http://example.test/api/../admin/secret",  # absolute-form (RFC 9112 §3.2.2)
     ]
     await check(proxy, backend, "web", [(t, 403, None, NOTHING) for t in denied])
 
