@@ -72,37 +72,52 @@ def load_text(data: bytes | str) -> Any:
         ) from None
     except (ValueError, OverflowError) as exc:  # e.g. int() of a 5000-digit scalar
         raise ConfigDecodeError([ConfigError("$", f"invalid YAML/JSON: {exc}")]) from None
-    check_shape(value)
+    if isinstance(value, (dict, list)):
+        check_shape(value)
     return value
 
 
+def _shape_error(message: str) -> ConfigDecodeError:
+    return ConfigDecodeError([ConfigError("$", message)])
+
+
 def check_shape(value: Any) -> None:
-    """Raise ConfigDecodeError if `value` nests deeper than MAX_DEPTH or expands (aliases
-    followed, as the decoder will follow them) to more than MAX_NODES values."""
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    nodes = 0
+    """Raise ConfigDecodeError if `value` nests deeper than MAX_DEPTH, refers to itself
+    (a recursive alias), or expands (aliases followed, as the decoder will follow them) to
+    more than MAX_NODES values.
+
+    Shared collections (YAML aliases) are measured once: the walk is linear in the document's
+    size, however large its expansion (an alias bomb is refused in microseconds).
+    """
+    size: dict[int, int] = {}  # id of a collection -> values in its expansion, itself included
+    height: dict[int, int] = {}  # id of a collection -> nesting levels from it down
+    open_ids: set[int] = set()  # collections whose children are being measured
+    stack: list[tuple[Any, int, bool]] = [(value, 0, False)]
     while stack:
-        item, depth = stack.pop()
-        nodes += 1
-        if nodes > MAX_NODES:
-            raise ConfigDecodeError(
-                [
-                    ConfigError(
-                        "$",
-                        f"the document expands to more than {MAX_NODES} values "
-                        "(recursive or excessive YAML aliases)",
-                    )
-                ]
-            )
-        if isinstance(item, dict):
-            children: Any = item.values()
-        elif isinstance(item, list):
-            children = item
-        else:
+        node, depth, measured = stack.pop()
+        children = list(node.values()) if isinstance(node, dict) else node
+        key = id(node)
+        if measured:
+            open_ids.discard(key)
+            size[key] = 1 + sum(size.get(id(c), 1) for c in children)
+            height[key] = 1 + max((height.get(id(c), 0) for c in children), default=0)
+            if size[key] > MAX_NODES:
+                raise _shape_error(
+                    f"the document expands to more than {MAX_NODES} values (excessive YAML aliases)"
+                )
+            continue
+        if key in open_ids:
+            raise _shape_error("a YAML alias refers to the collection that contains it")
+        if key in size:
+            if depth + height[key] > MAX_DEPTH:
+                raise _shape_error(f"nested deeper than {MAX_DEPTH} levels")
             continue
         if depth >= MAX_DEPTH:
-            raise ConfigDecodeError([ConfigError("$", f"nested deeper than {MAX_DEPTH} levels")])
-        stack.extend((child, depth + 1) for child in children)
+            raise _shape_error(f"nested deeper than {MAX_DEPTH} levels")
+        open_ids.add(key)
+        stack.append((node, depth, True))
+        stack.extend((c, depth + 1, False) for c in children if isinstance(c, (dict, list)))
+    return
 
 
 def join_path(path: str, key: object) -> str:
