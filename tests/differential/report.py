@@ -33,6 +33,7 @@ LISTS = {
         ("11", cases_module.ITEM11),
         ("12", cases_module.ITEM12),
         ("13", cases_module.ITEM13),
+        ("head", cases_module.HEAD_SYNTAX),
         ("14", cases_module.ITEM14),
         ("16", cases_module.EXPECT_ODD),
         ("mw", cases_module.MIDDLEWARES),

@@ -225,6 +225,16 @@ DIVERGENT: dict[str, str] = {
     "value, Traefik's is the target's authority (RFC 9112 §3.2.2)",
     "version-missing": "a request line without a version gets 505; Traefik 400 (RFC 9112 §3: "
     "malformed request line)",
+    "two-spaces-in-request-line": "two SPs in the request line are accepted and the line "
+    "re-written (RFC 9112 §3 allows that leniency; Traefik refuses with 400)",
+    "method-lowercase": "a method that is a valid token but not one llhttp knows (`get`) gets "
+    "400; Traefik forwards it (RFC 9110 §9.1: methods are extensible, case-sensitive tokens)",
+    "method-extension": "an extension method (`FOOBAR`) gets 400; Traefik forwards it "
+    "(RFC 9110 §9.1)",
+    "asterisk-form-options": "`OPTIONS *` gets 404 (no router matches); Traefik (Go) answers 200 "
+    "itself (RFC 9110 §9.3.7: the server as a whole)",
+    "authority-form-connect": "CONNECT to an authority gets 400; Traefik answers 501 "
+    "(a method this reverse proxy does not implement, RFC 9110 §15.6.2)",
     "expect-unknown": "an unknown expectation is forwarded; Traefik answers 417 "
     "(RFC 9110 §10.1.1 allows it)",
 }
@@ -255,7 +265,18 @@ _FRAGMENT_WHY = (
     "RFC 9112 §3.2: the request-target has no fragment, in the path or in the query; Traefik's "
     "CVE-2023-47106 check looks at the path only"
 )
+_OBS_WHY = (
+    "RFC 9112 §5.2: a server MUST either reject obs-fold with 400 or unfold it; rejecting leaves "
+    "no line-folding differences between the proxy and the backend"
+)
 DELIBERATE: dict[str, str] = {
+    "obs-fold": _OBS_WHY,
+    "bare-lf-head": "RFC 9112 §2.2 only allows (MAY) a bare LF as line terminator; refusing it "
+    "removes a classic parser-differential smuggling vector (Go accepts it)",
+    "asterisk-form-get": "RFC 9112 §3.2.4: the asterisk-form is only for OPTIONS; any other "
+    "method with `*` is a malformed request (400), not Traefik's 404",
+    "absolute-form-ftp": "a mesh proxy serves http and https only: an absolute-form target with "
+    "another scheme is refused (400) rather than served as if it were http",
     **{
         cid: _ITEM4_WHY
         for cid in (
@@ -544,6 +565,33 @@ ITEM12 = [
     Case("header-over-1mib", req(headers=(("X-Big", "v" * 1_100_000),)), 431),
 ]
 
+# Neighbours of items 4, 5 and 13: the head's own syntax (RFC 9112 §2.2, §3, §5), where a
+# proxy and a backend that parse differently are the request-smuggling setup.
+HEAD_SYNTAX = [
+    Case("space-before-colon", req(headers=(("Transfer-Encoding ", "chunked"),)), 400),
+    Case("obs-fold", req(headers=(("X-A", "1\r\n 2"),)), 200, 400),
+    Case("nul-in-value", req(headers=(("X-A", "a\x00b"),)), 400),
+    Case("cr-in-value", req(headers=(("X-A", "a\rb"),)), 400),
+    Case("space-in-name", req(headers=(("X A", "1"),)), 400),
+    Case("empty-name", req(headers=(("", "x"),)), 400),
+    Case(
+        "whitespace-line-after-request-line",
+        b"GET /public HTTP/1.1\r\n X: 1\r\nHost: a.test\r\n\r\n",
+        400,
+    ),
+    Case("bare-lf-head", b"GET /public HTTP/1.1\nHost: a.test\n\n", 200, 400),
+    Case("two-spaces-in-request-line", b"GET  /public HTTP/1.1\r\nHost: a.test\r\n\r\n", 400),
+    Case("tab-in-request-line", b"GET\t/public HTTP/1.1\r\nHost: a.test\r\n\r\n", 400),
+    Case("method-lowercase", req(method="get"), 200),
+    Case("method-extension", req(method="FOOBAR"), 200),
+    Case("method-bad-char", req(method="GE(T"), 400),
+    Case("asterisk-form-options", req("*", "OPTIONS"), 200),
+    Case("asterisk-form-get", req("*", "GET"), 404, 400),
+    Case("authority-form-connect", req("a.test:443", "CONNECT", host="a.test:443"), 501),
+    Case("absolute-form-ftp", req("ftp://a.test/public"), 200, 400),
+    Case("target-no-slash", req("public"), 400),
+]
+
 # Item 13: the request line's version (RFC 9110 §6.2, §15.6.6; RFC 9112 §2.3, §3).
 ITEM13 = [
     Case("http-2.0", req(version="HTTP/2.0"), 505),
@@ -689,6 +737,15 @@ def test_head_size_limits(main_pair: Differential, case: Case) -> None:
     header fields too large), enforced on the whole head however it is segmented; Traefik's
     limit is Go's 1 MiB, meshproxy's the issue's safe default (docs/traefik-differences.md)."""
     check(main_pair, case, timeout=10.0)
+
+
+@pytest.mark.parametrize("case", params(HEAD_SYNTAX))
+def test_head_syntax(main_pair: Differential, case: Case) -> None:
+    """RFC 9112 §5.1 (no whitespace between field name and colon: 400), §5.2 (obs-fold: 400 or
+    replace), RFC 9110 §5.5 (no NUL/CR/LF in a field value), §5.1 (field names are tokens),
+    RFC 9112 §2.2 (whitespace before the first field line), §3 (single SP in the request line,
+    method token, the four target forms and where each is allowed)."""
+    check(main_pair, case)
 
 
 @pytest.mark.parametrize("case", params(ITEM13))
