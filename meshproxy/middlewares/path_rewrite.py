@@ -161,7 +161,7 @@ def _strip(
     if not rest.startswith("/"):
         # "/api" off "/api" leaves "" (sent as "/"), off "/apix" leaves "/x". Off "/api%2Fx"
         # the decoded rest "/x" starts at the encoded slash, which becomes that "/".
-        rest = "/" + (rest[3:] if rest.startswith("%2F") else rest)
+        rest = "/" + (rest[3:] if rest[:3] in ("%2F", "%2f") else rest)
     if not is_clean_path(rest):
         finish(ex, BadPath("the stripped path is not clean"))
         return
