@@ -69,6 +69,7 @@ TAG_HEADER = "X-Differential-Tag"
 STATUS_HEADER = "X-Differential-Status"  # answer this status instead of the backend's default
 INTERIM_HEADER = "X-Differential-Interim"  # send these 1xx first, e.g. "103" (comma list)
 HOLD_HEADER = "X-Differential-Hold"  # any value: never answer (until the proxy hangs up)
+NO_CONTINUE_HEADER = "X-Differential-No-Continue"  # any value: ignore Expect, send no 100
 BARRIER_PATH = "/__differential/barrier"
 BARRIER_ROUTER = "differential-barrier"
 BARRIER_SERVICE = "differential-backend"
@@ -272,7 +273,8 @@ class RecordingBackend:
                             b"HTTP/1.1 %d Interim\r\nlink: </style.css>; rel=preload\r\n\r\n"
                             % int(interim)
                         )
-                if (req.header("expect") or "").lower() == "100-continue":
+                expects = (req.header("expect") or "").lower() == "100-continue"
+                if expects and req.header(NO_CONTINUE_HEADER) is None:
                     if status >= 300:
                         # RFC 9110 §10.1.1: a final status instead of 100, body never read.
                         writer.write(

@@ -29,6 +29,7 @@ from tests.differential.harness import (
     COMPARED_HEADERS,
     HOLD_HEADER,
     INTERIM_HEADER,
+    NO_CONTINUE_HEADER,
     STATUS_HEADER,
     Comparison,
     Differential,
@@ -842,6 +843,24 @@ def test_expect_continue(main_pair: Differential, name: str, status: int) -> Non
     t_body = cmp.traefik.request.body if cmp.traefik.request else None
     m_body = cmp.meshproxy.request.body if cmp.meshproxy.request else None
     assert m_body == t_body
+
+
+def test_expect_continue_backend_silent(main_pair: Differential) -> None:
+    """Issue 9 item 16: a backend that ignores `Expect: 100-continue` (sends no 100, waits for
+    the body): RFC 9110 §10.1.1 lets a client (here the proxy's upstream side) send the body
+    after waiting; Traefik's transport does so after its ExpectContinueTimeout (1 s) and the
+    client gets a 100 then the backend's 200. meshproxy must not deadlock either: the client
+    gets a 100 from it within the configured delay, the body reaches the backend."""
+    head = req(
+        "/public",
+        "POST",
+        (("Expect", "100-continue"), ("Content-Length", "5"), (NO_CONTINUE_HEADER, "1")),
+    )
+    cmp = main_pair.compare(head, body_after_continue=b"hello", timeout=10.0)
+    assert cmp.traefik.status == 200
+    cmp.assert_same((*COMPARED_HEADERS, "expect", "content-length"))
+    assert cmp.meshproxy.response.interim == cmp.traefik.response.interim == [100]
+    assert cmp.meshproxy.request is not None and cmp.meshproxy.request.body == b"hello"
 
 
 EXPECT_ODD = [
