@@ -109,7 +109,7 @@ async def test_tcp_ip_allow_list_closes_connections_from_other_sources(proxy_fac
             "services": {"echo": service},
         }
     }
-    await proxy_factory(
+    proxy = await proxy_factory(
         config,
         entrypoints={
             "web": f"127.0.0.1:{free_port()}",
@@ -117,8 +117,10 @@ async def test_tcp_ip_allow_list_closes_connections_from_other_sources(proxy_fac
             "closed": f"127.0.0.1:{closed_port}",
         },
     )
+    fds = await baseline_fds(proxy)
     assert await exchange(open_port, b"ping") == b"ping"
     assert await exchange(closed_port, b"ping") == b""  # closed without a byte relayed
+    await released(proxy, fds, ("open", "closed"))  # refused ones are counted down too
     echo.close()
 
 
@@ -186,9 +188,13 @@ async def baseline_fds(proxy: Any) -> int:
     return readings[-1]
 
 
-async def released(proxy: Any, fds: int) -> None:
-    """Wait until the gauge is 0 and the proxy holds no more descriptors than `fds`."""
-    await wait_for(lambda: open_connections(proxy) == 0, 10, "traefik_open_connections == 0")
+async def released(proxy: Any, fds: int, entrypoints: tuple[str, ...] = ("tcp",)) -> None:
+    """Wait until the gauge of each entrypoint is 0 and the proxy holds no more descriptors
+    than `fds`."""
+    for name in entrypoints:
+        await wait_for(
+            lambda n=name: open_connections(proxy, n) == 0, 10, f"{name}: open connections == 0"
+        )
     await wait_for(lambda: fd_count(proxy) <= fds, 10, f"descriptor count back to {fds}")
 
 
@@ -285,6 +291,36 @@ async def test_refused_backend_closes_the_client_without_relaying(proxy_factory)
     for _ in range(20):
         assert await exchange(port, b"anyone?") == b""
     await released(proxy, fds)
+
+
+async def test_client_leaving_while_the_dial_hangs_cancels_the_dial(proxy_factory):
+    """A client that resets while the proxy is still connecting to the server (a server whose
+    accept queue is full drops the SYN, so the dial hangs): the dial is cancelled, not left
+    to run to its 30 s dialTimeout, and its socket and the client's are released. (A client
+    that only shuts its write side keeps its connection: it may wait for the answer.)"""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    fillers = []
+    for _ in range(3):  # fill the accept queue; later SYNs are dropped
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(server.getsockname())
+        fillers.append(filler)
+    proxy, port = await tcp_proxy(proxy_factory, server.getsockname()[1])
+    fds = await baseline_fds(proxy)
+    for _ in range(5):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"hello?")
+        await wait_for(lambda: open_connections(proxy) == 1, 10, "the connection counted")
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+        await released(proxy, fds)
+    for filler in fillers:
+        filler.close()
+    server.close()
 
 
 async def test_client_reset_closes_the_server_connection(proxy_factory):
