@@ -43,6 +43,8 @@ def dynamic(backend_url: str) -> dict[str, Any]:
                 "ad2": _router("PathPrefix(`/ad2`)", "ad2"),
                 "rp": _router("PathPrefix(`/rp/`)", "rp"),
                 "rpq": _router("PathPrefix(`/rpq`)", "rpq"),
+                # which router wins shows in the forwarded path (replacePath) or not
+                "pab": _router("Path(`/pab/a/b`)", "rp"),
                 "all": _router("PathPrefix(`/`)", priority=1),
             },
             "middlewares": {
@@ -124,6 +126,13 @@ TARGETS = [
     "/api/..\\admin/secret",
     "/api\\..\\admin",
     "/api/%5C..%5Cadmin",
+    # routing: an encoded slash is never a separator, in either hex case (Traefik 3.7
+    # upper-cases before computing the routing path)
+    "/pab/a/b",
+    "/pab/a%2fb",
+    "/pab/a%2Fb",
+    "/pab/a/./b",
+    "/pab/%61/b",
     # item 9: stripPrefix / stripPrefixRegex on the decoded path
     "/api",
     "/api/",
