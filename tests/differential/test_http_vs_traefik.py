@@ -234,8 +234,6 @@ DIVERGENT: dict[str, str] = {
     "(RFC 9110 §9.1)",
     "asterisk-form-options": "`OPTIONS *` gets 404 (no router matches); Traefik (Go) answers 200 "
     "itself (RFC 9110 §9.3.7: the server as a whole)",
-    "authority-form-connect": "CONNECT to an authority gets 400; Traefik answers 501 "
-    "(a method this reverse proxy does not implement, RFC 9110 §15.6.2)",
     "expect-unknown": "an unknown expectation is forwarded; Traefik answers 417 "
     "(RFC 9110 §10.1.1 allows it)",
 }
