@@ -632,3 +632,23 @@ def test_settings_refuse_negative_timeouts():
         PipeSettings(idle_timeout=-1)
     with pytest.raises(ValueError):
         PipeSettings(drain_timeout=-0.5)
+
+
+def test_tcp_routes_take_the_entrypoint_idle_timeout_only_when_set():
+    """TCP routes: `transport.respondingTimeouts.idleTimeout` when the static config sets it
+    (0 = none, Traefik's behaviour), else 1 h (Envoy's tcp_proxy default), never the 180 s
+    HTTP keep-alive default Traefik gives that key."""
+    from meshproxy.config.durations import Duration
+    from meshproxy.config.static import EntryPoint, EntryPointTransport, RespondingTimeouts
+    from meshproxy.tcp.proxy import pipe_settings
+
+    def entry(idle: float | None) -> EntryPoint:
+        timeouts = RespondingTimeouts(idle_timeout=None if idle is None else Duration(idle))
+        return EntryPoint(
+            address=":10000", transport=EntryPointTransport(responding_timeouts=timeouts)
+        )
+
+    assert pipe_settings(EntryPoint(address=":10000")).idle_timeout == 3600.0
+    assert pipe_settings(entry(None)).idle_timeout == 3600.0
+    assert pipe_settings(entry(0)).idle_timeout == 0
+    assert pipe_settings(entry(30)).idle_timeout == 30
