@@ -16,19 +16,29 @@ taken once it is *whole and stable*:
 - a prefix that does not parse (truncated JSON, an unterminated YAML scalar...) is rejected
   with the file's path, and the last good configuration keeps serving.
 
-A writer that stops for longer than a poll exactly at a YAML line boundary leaves a prefix that
-is a valid, smaller document, which no reader can tell from a finished file: replacing the file
-atomically (write a temporary file, then rename it over, as Kubernetes and most tools do) is the
-way to never expose one, and a configuration that would remove every router is logged as a
-warning so the mistake is visible.
+- on Linux, a file that a writer has modified and not closed yet is still being written
+  (inotify `IN_MODIFY` without `IN_CLOSE_WRITE`), however long the writer pauses: a prefix cut
+  at a YAML line boundary is a valid, smaller document that no content check can tell from a
+  finished file, so this is what keeps it out. A writer silent for `WRITER_GRACE` seconds
+  without closing is taken as done (it may hold the file open for good). Without inotify
+  (other systems, no watch left, `MESHPROXY_FILE_WATCH=poll`) the stat debounce above is all;
+  replacing the file atomically (write a temporary file, rename it over, as Kubernetes and
+  most tools do) never exposes a prefix in any case.
+
+A configuration that would remove every router is applied (it may be meant) with a warning.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import hashlib
 import logging
 import os
+import struct
+import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -39,6 +49,7 @@ from meshproxy.runtime.manager import ConfigManager
 log = logging.getLogger("meshproxy.providers.file")
 
 POLL_SECONDS = 0.2
+WRITER_GRACE = 10.0  # seconds without a write after which an unclosed file counts as written
 _SUFFIXES = (".yaml", ".yml", ".json")
 
 Fingerprint = tuple[tuple[str, int, int, int], ...]
@@ -133,6 +144,78 @@ def _blank(data: bytes) -> bool:
         return False
 
 
+_IN_MODIFY, _IN_CLOSE_WRITE, _IN_Q_OVERFLOW = 0x2, 0x8, 0x4000
+_IN_NONBLOCK, _IN_CLOEXEC = 0o4000, 0o2000000
+_EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (then the name)
+
+
+class WriterWatch:
+    """Which files of some directories a writer has modified and not closed yet (Linux
+    inotify, through libc; no dependency). `create` returns None where it is unavailable."""
+
+    def __init__(self, fd: int, directories: dict[int, Path]) -> None:
+        self.fd = fd
+        self.directories = directories  # watch descriptor -> directory
+        self.open_writes: dict[Path, float] = {}  # file -> monotonic time of its last write
+
+    @classmethod
+    def create(cls, directories: list[Path]) -> WriterWatch | None:
+        if not sys.platform.startswith("linux") or os.environ.get("MESHPROXY_FILE_WATCH") == "poll":
+            return None
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+            fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+        except (OSError, AttributeError):
+            return None
+        if fd < 0:
+            return None
+        watched: dict[int, Path] = {}
+        for directory in directories:
+            wd = libc.inotify_add_watch(fd, os.fsencode(directory), _IN_MODIFY | _IN_CLOSE_WRITE)
+            if wd < 0:  # no watch left (fs.inotify.max_user_watches), or no such directory
+                os.close(fd)
+                return None
+            watched[wd] = directory
+        return cls(fd, watched)
+
+    def busy(self, files: list[Path]) -> list[Path]:
+        """The files among `files` still open for writing after a write (read events first)."""
+        self._drain()
+        now = time.monotonic()
+        for file, last in list(self.open_writes.items()):
+            if now - last > WRITER_GRACE:
+                del self.open_writes[file]
+        return [f for f in files if f in self.open_writes]
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            offset = 0
+            while offset + _EVENT.size <= len(data):
+                wd, mask, _, length = _EVENT.unpack_from(data, offset)
+                raw = data[offset + _EVENT.size : offset + _EVENT.size + length]
+                offset += _EVENT.size + length
+                if mask & _IN_Q_OVERFLOW:
+                    self.open_writes.clear()  # lost track: fall back to the debounce alone
+                    continue
+                directory = self.directories.get(wd)
+                if directory is None:
+                    continue
+                file = directory / os.fsdecode(raw.rstrip(b"\0"))
+                if mask & _IN_CLOSE_WRITE:
+                    self.open_writes.pop(file, None)
+                elif mask & _IN_MODIFY:
+                    self.open_writes[file] = time.monotonic()
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 def _router_count(manager: ConfigManager) -> int:
     snapshot = manager.snapshot
     return len(snapshot.routers) + len(snapshot.tcp_routers) + len(snapshot.udp_routers)
@@ -160,6 +243,8 @@ class FileProvider:
         self._handled_digest: bytes | None = None
         self._candidate: tuple[Fingerprint, bytes] | None = None  # seen once, not yet stable
         self._unreadable: str | None = None  # the last read error logged (logged once)
+        self._writers: WriterWatch | None = None
+        self._waiting_for: tuple[Fingerprint, bytes] | None = None  # logged once per state
 
     def load_once(self) -> bool:
         """Read now and apply (start-up, and `watch: false`); False when nothing was applied."""
@@ -194,6 +279,16 @@ class FileProvider:
         if self._candidate != (fingerprint, digest):
             self._candidate = (fingerprint, digest)  # wait one more poll for stability
             return False
+        if self._writers is not None:
+            busy = self._writers.busy([Path(name) for name, *_ in fingerprint])
+            if busy:  # stable for now, but its writer has not closed it: more may come
+                if self._waiting_for != self._candidate:
+                    self._waiting_for = self._candidate
+                    log.info(
+                        "%s is being written (open for writing); waiting until it is closed",
+                        ", ".join(str(f) for f in busy),
+                    )
+                return False
         self._candidate = None
         self._handled = fingerprint
         if digest == self._handled_digest:
@@ -239,7 +334,15 @@ class FileProvider:
         self._candidate = None
 
     async def run(self) -> None:
+        if self.watch:
+            directory = self.path if self.path.is_dir() else self.path.parent
+            self._writers = WriterWatch.create([directory])
         self.load_once()
-        while self.watch:
-            await asyncio.sleep(self.poll_seconds)
-            self.poll()
+        try:
+            while self.watch:
+                await asyncio.sleep(self.poll_seconds)
+                self.poll()
+        finally:
+            if self._writers is not None:
+                self._writers.close()
+                self._writers = None

@@ -77,42 +77,67 @@ class Load:
             await asyncio.sleep(0.005)
 
 
-def slow_rewrite_cases(url: str) -> list[tuple[str, str, str, str]]:
-    """(id, new text, cut point, the error the proxy must report for the prefix)."""
+def holds(proxy: ProxyProcess) -> int:
+    """How many times the proxy has seen a new state of the file and not applied it: refused
+    (empty, does not parse) or waiting for its writer to close it (inotify)."""
+    return refusals(proxy) + proxy.log_path.read_text().count("is being written")
+
+
+def slow_rewrite_cases(url: str) -> dict[str, tuple[str, int, str]]:
+    """id -> (new text, cut point, the error the proxy reports for the prefix when it only
+    has the stat debounce)."""
     yaml_text = as_yaml(url, "a.test", "extra.test")
     json_text = json.dumps(config(url, "a.test", "extra.test"), indent=1)
-    return [
-        ("yaml-cut-in-a-rule", yaml_text, yaml_text.index("extra.te") + 5, "invalid YAML"),
-        ("json-cut-in-half", json_text, len(json_text) // 2, "invalid YAML/JSON"),
-        ("yaml-cut-after-the-comment", yaml_text, yaml_text.index("\n") + 1, "empty"),
-    ]
+    return {
+        "yaml-cut-in-a-rule": (yaml_text, yaml_text.index("extra.te") + 5, "invalid YAML"),
+        "json-cut-in-half": (json_text, len(json_text) // 2, "invalid YAML/JSON"),
+        "yaml-cut-after-the-comment": (yaml_text, yaml_text.index("\n") + 1, "empty"),
+        # a valid, smaller document: router `a` without its service (404 if applied);
+        # only the writer watch can tell it is not finished
+        "yaml-cut-at-a-line-boundary": (yaml_text, yaml_text.index("  services:"), ""),
+    }
 
 
-@pytest.mark.parametrize("case", [0, 1, 2], ids=["yaml-cut-in-rule", "json-half", "comment-only"])
-async def test_a_slow_in_place_rewrite_never_serves_a_partial_config(case, backends, proxy_factory):
-    """Rewrite the file in place, slowly: truncate (empty), wait until the proxy has polled and
-    refused the empty file, write a prefix, wait until it has refused the prefix (with the
-    file's path), write the rest. No request to the existing route gets anything but 200,
-    and the finished file is applied."""
+SLOW_CASES = [
+    ("inotify", "yaml-cut-in-a-rule"),
+    ("inotify", "json-cut-in-half"),
+    ("inotify", "yaml-cut-after-the-comment"),
+    ("inotify", "yaml-cut-at-a-line-boundary"),
+    ("poll", "yaml-cut-in-a-rule"),
+    ("poll", "json-cut-in-half"),
+    ("poll", "yaml-cut-after-the-comment"),
+]
+
+
+@pytest.mark.parametrize(("watch", "case"), SLOW_CASES, ids=[f"{w}-{c}" for w, c in SLOW_CASES])
+async def test_a_slow_in_place_rewrite_never_serves_a_partial_config(
+    watch, case, backends, proxy_factory, monkeypatch
+):
+    """Rewrite the file in place, slowly: truncate (empty), wait until the proxy has seen it
+    and held, write a prefix, wait until it has seen that and held, write the rest, close.
+    No request to the existing route gets anything but 200, and the finished file is applied.
+    `poll` forces the stat debounce alone (no inotify): there the refusals name the file."""
+    if watch == "poll":
+        monkeypatch.setenv("MESHPROXY_FILE_WATCH", "poll")
     backend = await backends()
     proxy = await proxy_factory(config(backend.url, "a.test"))
-    name, text, cut, prefix_error = slow_rewrite_cases(backend.url)[case]
+    text, cut, prefix_error = slow_rewrite_cases(backend.url)[case]
     generation = proxy.generation()
     load = Load(proxy.port)
     task = asyncio.create_task(load.run())
     try:
         await wait_for(lambda: load.statuses[200] >= 5, 10, "load running")
-        refused = refusals(proxy)
+        held = holds(proxy)
         with open(proxy.config_file, "w") as f:
             f.flush()  # truncated: the file is empty now
-            await wait_for(lambda: refusals(proxy) > refused, 10, "the empty file refused")
-            assert "empty" in last_error(proxy)
-            refused = refusals(proxy)
+            await wait_for(lambda: holds(proxy) > held, 10, "the empty file held")
+            held = holds(proxy)
             f.write(text[:cut])
             f.flush()
-            await wait_for(lambda: refusals(proxy) > refused, 10, "the prefix refused")
-            assert prefix_error in last_error(proxy)
-            assert str(proxy.config_file) in last_error(proxy)
+            await wait_for(lambda: holds(proxy) > held, 10, "the prefix held")
+            if watch == "poll":
+                assert prefix_error in last_error(proxy)
+                assert str(proxy.config_file) in last_error(proxy)
             assert proxy.generation() == generation  # nothing was applied meanwhile
             served_before_rest = load.statuses[200]
             await wait_for(lambda: load.statuses[200] > served_before_rest + 5, 10, "load")
@@ -122,9 +147,29 @@ async def test_a_slow_in_place_rewrite_never_serves_a_partial_config(case, backe
     finally:
         load.done.set()
         await task
-    assert set(load.statuses) == {200}, (name, load.statuses)
+    assert set(load.statuses) == {200}, (case, load.statuses)
     log = proxy.log_path.read_text()
-    assert "not a configuration (write {} for an empty one)" in log
+    if watch == "inotify":
+        assert "is being written (open for writing); waiting until it is closed" in log
+    else:
+        assert "is being written" not in log
+
+
+@pytest.mark.parametrize("case", ["yaml-cut-in-a-rule", "json-cut-in-half"])
+async def test_a_truncated_file_is_rejected_with_its_path(case, backends, proxy_factory):
+    """A writer that stopped halfway and closed the file (crashed, disk full): the prefix does
+    not parse, it is rejected with the file's path and the parse error, the last good
+    configuration keeps serving."""
+    backend = await backends()
+    proxy = await proxy_factory(config(backend.url, "a.test"))
+    text, cut, _ = slow_rewrite_cases(backend.url)[case]
+    generation = proxy.generation()
+    Path(proxy.config_file).write_text(text[:cut])
+    await wait_for(lambda: "invalid YAML/JSON" in last_error(proxy), 10, "prefix rejected")
+    assert str(proxy.config_file) in last_error(proxy)
+    assert proxy.generation() == generation
+    assert (await request(proxy.port, host="a.test")).status == 200
+    assert f"configuration from file {proxy.config_file} rejected" in proxy.log_path.read_text()
 
 
 @pytest.mark.parametrize(
