@@ -403,7 +403,7 @@ async def test_idle_timeout_closes_both_connections(proxy_factory):
     assert await asyncio.wait_for(reader.read(100), 10) == b"ping"
     idle_since = time.monotonic()
     assert await asyncio.wait_for(reader.read(-1), 10) == b""  # the proxy closed us
-    assert time.monotonic() - idle_since >= 0.9
+    assert time.monotonic() - idle_since >= 0.5  # not at once (1 s, minus scheduling slack)
     await asyncio.wait_for(server_saw_close.wait(), 10)
     writer.close()
     await released(proxy, fds)
