@@ -189,6 +189,10 @@ class ConfigBuilder:
             except notes.AnnotationError as exc:
                 service.errors.append(str(exc))
                 continue
+            except Exception as exc:  # an annotation parser bug: this service only
+                log.error("service %s: reading its annotations failed", service.key, exc_info=exc)
+                service.errors.append(f"internal error: {type(exc).__name__}: {exc}")
+                continue
             sizes = self.section_sizes()
             try:
                 if mode == "http":
