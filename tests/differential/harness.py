@@ -74,7 +74,8 @@ BARRIER_PATH = "/__differential/barrier"
 BARRIER_ROUTER = "differential-barrier"
 BARRIER_SERVICE = "differential-backend"
 READY_TIMEOUT = 30.0  # seconds for a proxy process to start and apply its config
-DEFAULT_TIMEOUT = 3.0  # seconds a client waits for an answer; a correct proxy answers in ms
+DEFAULT_TIMEOUT = 10.0  # seconds a client waits for an answer: a correct proxy answers in ms,
+# and no case expects a hang, so the margin (for a loaded machine) costs nothing when all is well
 
 # The request header fields compared between Traefik and meshproxy (lower case). These are the
 # ones a proxy sets or rewrites (Traefik's forwardedheaders middleware and ReverseProxy

@@ -735,7 +735,7 @@ def test_head_size_limits(main_pair: Differential, case: Case) -> None:
     """Issue 9 item 12: RFC 9110 §15.5.15 (414 for a target too long), RFC 6585 §5 (431 for
     header fields too large), enforced on the whole head however it is segmented; Traefik's
     limit is Go's 1 MiB, meshproxy's the issue's safe default (docs/traefik-differences.md)."""
-    check(main_pair, case, timeout=10.0)
+    check(main_pair, case)
 
 
 @pytest.mark.parametrize("case", params(HEAD_SYNTAX))
@@ -831,7 +831,7 @@ def test_expect_continue(main_pair: Differential, name: str, status: int) -> Non
     """Issue 9 item 16: RFC 9110 §10.1.1: a proxy forwards `Expect: 100-continue`, the
     backend's 100 or final status reaches the client, and a refused upload is refused before
     the client sends it (the client here sends its body only after a 100)."""
-    cmp = main_pair.compare(_expect_head(status), body_after_continue=b"hello", timeout=5.0)
+    cmp = main_pair.compare(_expect_head(status), body_after_continue=b"hello")
     assert cmp.traefik.status == status
     cmp.assert_same((*COMPARED_HEADERS, "expect", "content-length"))
     assert cmp.meshproxy.response.interim == cmp.traefik.response.interim, (
@@ -854,7 +854,7 @@ def test_expect_continue_backend_silent(main_pair: Differential) -> None:
         "POST",
         (("Expect", "100-continue"), ("Content-Length", "5"), (NO_CONTINUE_HEADER, "1")),
     )
-    cmp = main_pair.compare(head, body_after_continue=b"hello", timeout=10.0)
+    cmp = main_pair.compare(head, body_after_continue=b"hello")
     assert cmp.traefik.status == 200
     cmp.assert_same((*COMPARED_HEADERS, "expect", "content-length"))
     assert cmp.meshproxy.response.interim == cmp.traefik.response.interim == [100]
@@ -876,7 +876,7 @@ EXPECT_ODD = [
 def test_expect_variants(main_pair: Differential, case: Case) -> None:
     """RFC 9110 §10.1.1: an unknown expectation may be answered 417; a 100-continue
     expectation in an HTTP/1.0 request is ignored; one on a request without body is harmless."""
-    check(main_pair, case, timeout=5.0)
+    check(main_pair, case)
 
 
 # ---------------------------------------------------------------- the rule language
@@ -931,7 +931,7 @@ def test_backend_never_answers(main_pair: Differential, case: Case) -> None:
     (here 1 s): a backend that has the request but sends no response head gets the client a
     504 Gateway Timeout (RFC 9110 §15.6.5) once it elapses, not a hang. The client waits up to
     10 s, so a proxy that ignores the timeout fails without relying on timing luck."""
-    cmp = check(main_pair, case, timeout=10.0)
+    cmp = check(main_pair, case)
     assert cmp.meshproxy.reached_backend and cmp.traefik.reached_backend
 
 
