@@ -45,6 +45,7 @@ from meshproxy.http.forwarding import (
 )
 from meshproxy.http.request import Request
 from meshproxy.http.status import reason_phrase
+from meshproxy.l4.pipe import BytePipe, PipeEnd, PipeSettings, PipeStats
 
 log = logging.getLogger("meshproxy.http")
 
@@ -81,8 +82,14 @@ _FIELD_KIND.update(
         b"connection": _NOTED | _REWRITTEN,
         b"expect": _NOTED | _REWRITTEN,
         b"transfer-encoding": _NOTED | _CHUNKED | _REWRITTEN,
+        b"upgrade": _NOTED | _REWRITTEN,
     }
 )
+# RFC 9110 §7.8: protocol = protocol-name ["/" protocol-version], both tokens.
+_UPGRADE_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?:/[!#$%&'*+\-.^_`|~0-9A-Za-z]+)?")
+# Client bytes held while an upgrade request waits for the backend's answer (RFC 9110 §7.8:
+# nothing of the new protocol may pass before the 101); reading pauses past this.
+_TUNNEL_HOLD = 64 * 1024
 
 
 # Envoy's default head limit (60 KiB), not Go's 1 MiB: a mesh proxy has no business holding a
@@ -166,6 +173,7 @@ class EntryPointSettings:
     max_target_bytes: int = DEFAULT_MAX_TARGET_BYTES  # the request-target: 414 past it
     idle_timeout: float = 180.0  # between requests, and for an exchange that makes no progress
     read_timeout: float = 60.0  # for a whole request: head and body (Traefik's readTimeout)
+    tunnel_idle_timeout: float = 3600.0  # an upgraded connection (WebSocket) with no byte
     sanitize_path: bool = True  # http.sanitizePath: dot-segments and `//` removed (Request)
 
 
@@ -185,7 +193,17 @@ class HTTPEntryPoint:
         self.on_open = on_open or (lambda delta: None)
         # Called with the status of every request refused or cut for its framing.
         self.on_protocol_error = on_protocol_error or (lambda status: None)
-        self.port_bytes = str(settings.port).encode()
+        # Upgraded connections (WebSocket...) now relayed by a byte pipe, until it ends.
+        self.tunnels: set[BytePipe] = set()
+        self.tunnel_settings = PipeSettings(idle_timeout=settings.tunnel_idle_timeout)
+
+    def open_tunnel(self, downstream: PipeEnd, upstream: PipeEnd) -> BytePipe:
+        """Relay an upgraded connection; it counts as open until both sockets are closed."""
+        tunnel = _Tunnel(self)
+        pipe = tunnel.pipe = BytePipe(downstream, upstream, self.tunnel_settings, tunnel.closed)
+        self.tunnels.add(pipe)
+        pipe.start()
+        return pipe
 
     def is_trusted(self, ip: str) -> bool:
         if self.settings.insecure_forwarded:
@@ -213,6 +231,22 @@ class HTTPEntryPoint:
     def close_all(self) -> None:
         for conn in list(self.connections):
             conn.close()
+
+
+class _Tunnel:
+    """Forgets an entrypoint's tunnel when its pipe has closed both sockets."""
+
+    __slots__ = ("entry", "pipe")
+
+    def __init__(self, entry: HTTPEntryPoint) -> None:
+        self.entry = entry
+        self.pipe: BytePipe | None = None
+
+    def closed(self, stats: PipeStats) -> None:
+        if self.pipe is not None:
+            self.entry.tunnels.discard(self.pipe)
+            self.pipe = None
+        self.entry.on_open(-1)
 
 
 def _new_parser(protocol: H1ServerConnection) -> httptools.HttpRequestParser:
@@ -245,9 +279,13 @@ class H1ServerConnection(asyncio.Protocol):
         "_progress",
         "_progress_seen",
         "_receiving",
+        "_sanitize_path",
         "_special",
         "_stalled_since",
         "_trusted",
+        "_tunnel",
+        "_tunnel_size",
+        "_upgrading",
         "_url",
         "_url_bytes",
         "_verbatim",
@@ -268,6 +306,7 @@ class H1ServerConnection(asyncio.Protocol):
     def __init__(self, entry: HTTPEntryPoint) -> None:
         self.entry = entry
         self.entry_name = entry.settings.name
+        self._sanitize_path = entry.settings.sanitize_path
         self.loop = asyncio.get_event_loop()
         self.transport: asyncio.Transport | None = None
         self.parser: httptools.HttpRequestParser | None = None  # made at the first byte
@@ -300,6 +339,9 @@ class H1ServerConnection(asyncio.Protocol):
         self._head_in_chunk = False  # the current message's head began at the read's start
         self._verbatim = False  # no field of the current request needs rewriting
         self._forwarded: tuple[bytes, list[tuple[bytes, bytes]], bytes] | None = None
+        self._upgrading: Exchange | None = None  # an upgrade request awaiting its answer
+        self._tunnel: list[bytes] = []  # client bytes read after that request's head
+        self._tunnel_size = 0
         self.idle_since = 0.0
         self._progress = 0  # grows with every read and response write: the sweep's stall check
         self._progress_seen = -1
@@ -387,6 +429,9 @@ class H1ServerConnection(asyncio.Protocol):
         if self._closing or self._error_after_current is not None:
             return
         self._progress += 1
+        if self._upgrading is not None:
+            self._hold(data)
+            return
         self._chunk = data
         self._head_in_chunk = between = self._between_messages  # a request starts at byte 0
         if between and self._message_started_at is None:
@@ -406,8 +451,8 @@ class H1ServerConnection(asyncio.Protocol):
             parser.feed_data(data)
         except _Reject as exc:
             self._protocol_error(exc.status)
-        except httptools.HttpParserUpgrade:
-            self._protocol_error(501)
+        except httptools.HttpParserUpgrade as exc:
+            self._on_upgrade_request(data[exc.args[0] :] if exc.args else b"")
         except httptools.HttpParserError as exc:
             cause = exc.__context__ or exc.__cause__
             self._protocol_error(cause.status if isinstance(cause, _Reject) else 400)
@@ -487,6 +532,8 @@ class H1ServerConnection(asyncio.Protocol):
             if version != "1.0":
                 version = "1.1"  # a higher minor version is served as 1.1 (RFC 9110 §6.2)
         raw_method = parser.get_method()
+        if raw_method == b"CONNECT":
+            raise _Reject(501)  # RFC 9110 §9.3.6: tunnels are not offered on HTTP entrypoints
         method = _METHOD_NAMES.get(raw_method) or raw_method.decode("latin-1")
         url = self._url
         if url[:1] != b"/" or b"#" in url:
@@ -497,7 +544,16 @@ class H1ServerConnection(asyncio.Protocol):
         headers = self._headers
         received = len(headers)
         try:
-            request = Request(method, url, headers, host, self.client_ip, self.client_port, version)
+            request = Request(
+                method,
+                url,
+                headers,
+                host,
+                self.client_ip,
+                self.client_port,
+                version,
+                sanitize_path=self._sanitize_path,
+            )
         except ValueError:
             raise _Reject(400) from None
         request.keep_alive = parser.should_keep_alive()
@@ -515,6 +571,7 @@ class H1ServerConnection(asyncio.Protocol):
         has_body = self._chunked_request
         if self._special:
             codings: list[bytes] = []
+            upgrade = b""
             for name, value in headers:
                 if name == b"content-length":
                     request.content_length = int(value)
@@ -525,6 +582,16 @@ class H1ServerConnection(asyncio.Protocol):
                     request.expect_continue = True
                 elif name == b"connection":
                     request.connection_tokens |= frozenset(connection_tokens(value))
+                elif name == b"upgrade":
+                    upgrade = value
+            if upgrade and b"upgrade" in request.connection_tokens:
+                # RFC 9110 §7.8: one protocol is forwarded (the backend picks among several
+                # only if it can; a proxy offering one keeps the answer checkable).
+                if _UPGRADE_TOKEN.fullmatch(upgrade.strip()) is None:
+                    raise _Reject(400)
+                if has_body:
+                    raise _Reject(501)  # llhttp would read the body as the new protocol
+                request.upgrade = upgrade.strip()
             if codings:
                 refused = transfer_codings_status(codings, version)
                 if refused:
@@ -601,6 +668,76 @@ class H1ServerConnection(asyncio.Protocol):
             self._receiving = None
             if ex.has_body:  # a bodiless exchange starts out complete
                 ex.on_request_end()
+
+    # -- upgrades (RFC 9110 §7.8) ----------------------------------------------------------
+
+    def _on_upgrade_request(self, rest: bytes) -> None:
+        """llhttp stopped after a request asking to switch protocols: hold what follows until
+        the backend answers. A 101 hands both connections to a byte pipe (`switch_protocols`);
+        any other answer is an ordinary response and the connection stays HTTP/1.1."""
+        ex = self._receiving
+        if ex is None:
+            for candidate in (*self.pipeline, self.current):
+                if candidate is not None and candidate.request.upgrade is not None:
+                    ex = candidate
+        if ex is None or ex.request.upgrade is None or self._closing:
+            self._protocol_error(501)
+            return
+        self._receiving = None
+        self._upgrading = ex
+        self.parser = None  # llhttp stays paused after an upgrade: a new one if it falls back
+        if rest:
+            self._hold(rest)
+
+    def _hold(self, data: bytes) -> None:
+        self._tunnel.append(data)
+        self._tunnel_size += len(data)
+        if self._tunnel_size > _TUNNEL_HOLD and self.transport is not None:
+            self.transport.pause_reading()
+
+    def switch_protocols(
+        self,
+        ex: Exchange,
+        headers: list[tuple[bytes, bytes]],
+        upstream: asyncio.Transport,
+        upstream_leftover: bytes,
+        upstream_writing_paused: bool | None,
+    ) -> None:
+        """The backend answered 101: relay it, then both connections become one byte pipe
+        (meshproxy.l4.pipe) until either side ends it. This connection leaves the entrypoint
+        (no more HTTP here); the open-connections gauge counts it until the pipe closes."""
+        transport = self.transport
+        assert transport is not None
+        ex.status = 101
+        ex.response_started = True
+        ex.finished = True
+        status_line = _STATUS_LINES[101]
+        transport.write(status_line + field_lines(headers) + _CRLF)
+        held = b"".join(self._tunnel)
+        self._tunnel = []
+        self._upgrading = None
+        self._closing = True  # nothing of HTTP/1.1 happens on this connection again
+        self.current = None
+        self.entry.connections.discard(self)
+        self.entry.open_tunnel(
+            PipeEnd(transport, leftover=held, writing_paused=self._write_paused),
+            PipeEnd(upstream, leftover=upstream_leftover, writing_paused=upstream_writing_paused),
+        )
+        if self._client_paused or self._tunnel_size > _TUNNEL_HOLD:
+            transport.resume_reading()  # the pipe reads now, with its own flow control
+
+    def _upgrade_refused(self) -> None:
+        """The backend did not switch: the connection goes on as HTTP/1.1 with the bytes held
+        since the upgrade request (RFC 9110 §7.8: the Upgrade is simply ignored)."""
+        self._upgrading = None
+        held = b"".join(self._tunnel)
+        self._tunnel = []
+        paused = self._tunnel_size > _TUNNEL_HOLD
+        self._tunnel_size = 0
+        if paused and self.transport is not None and not self._closing:
+            self.transport.resume_reading()
+        if held and not self._closing:
+            self.data_received(held)
 
     def _protocol_error(self, status: int) -> None:
         """The bytes read are not a request we can serve: answer `status` and close. Inside a
@@ -713,6 +850,9 @@ class H1ServerConnection(asyncio.Protocol):
             self.close()
             return
         self.idle_since = time.perf_counter()
+        if self._upgrading is ex:
+            self._upgrade_refused()
+            return
         if self.pipeline:
             self._start(self.pipeline.pop(0))
 
