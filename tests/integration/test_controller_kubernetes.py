@@ -367,3 +367,47 @@ async def test_indirect_allowlist_cannot_be_spoofed_by_a_client_talking_to_a_pro
     proxy.write(config_for(["127.0.0.1"]))  # now our address is a mesh proxy's
     await wait_for(lambda: proxy.generation() > generation, 10, "reload")
     assert (await request(port, host=host, headers=spoofed)).status == 200
+
+
+async def test_a_malformed_smi_object_from_the_api_does_not_stop_the_controller(unused_tcp_port):
+    """Issue 9 item 20 through the Kubernetes source (list, then watch events): an
+    HTTPRouteGroup in the SMI specs v1alpha3 list form is read, a malformed one arriving by a
+    watch event is recorded on itself (`objectErrors`), the controller is synced, and a
+    service added afterwards is still served (rebuilds go on)."""
+    api = await FakeKubeAPI().start()
+    seed_cluster(api)
+
+    def group(name: str, headers: Any) -> dict[str, Any]:
+        return {
+            "kind": "HTTPRouteGroup",
+            "apiVersion": "specs.smi-spec.io/v1alpha3",
+            "metadata": {"name": name, "namespace": "shop"},
+            "spec": {"matches": [{"name": "m", "headers": headers}]},
+        }
+
+    api.put(group("list-form", [{"Authorized": "t|True"}]))
+    settings = ControllerSettings(namespace="mesh", master_url=api.url, api_port=unused_tcp_port)
+    controller = Controller(settings)
+    kube = Kube(await make_api_client(settings))
+    task = asyncio.ensure_future(KubernetesSource(settings, controller, kube).run())
+    try:
+        await wait_for(controller.synced.is_set, 10, "the first sync")
+        assert json.loads(controller.topology_bytes)["objectErrors"] == {}
+        api.put(group("broken", {"Authorized": ["not", "a", "regexp"]}))
+
+        def recorded() -> list[str]:
+            errors = json.loads(controller.topology_bytes)["objectErrors"]
+            return errors.get("HTTPRouteGroup broken@shop", [])
+
+        await wait_for(recorded, 10, "the malformed group recorded on itself")
+        assert "spec.matches[0].headers.Authorized" in recorded()[0]
+        api.put(service("orders", port=8081))
+        routers = lambda: config_of(controller)["http"]["routers"]  # noqa: E731
+        await wait_for(lambda: "shop-orders-8081" in routers(), 10, "rebuilds go on")
+        assert "shop-cart-80" in routers()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await kube.close()
+        await api.stop()
