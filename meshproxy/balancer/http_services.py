@@ -65,6 +65,9 @@ def build_request_head(
         lines.extend(
             b"x-forwarded-for: " + v + _CRLF for n, v in headers if n == b"x-forwarded-for"
         )
+    if request.upgrade is not None:
+        # The one hop-by-hop pair a proxy carries on (RFC 9110 §7.8): the backend may switch.
+        lines.append(b"connection: Upgrade\r\nupgrade: " + request.upgrade + _CRLF)
     chunked = ex.has_body and request.content_length is None
     return b"".join(
         (
@@ -209,7 +212,7 @@ class MirroringService:
         self.total = 0
 
     def serve(self, ex: Exchange, finish: Finish) -> None:
-        if not ex.has_body and self.mirrors:
+        if not ex.has_body and self.mirrors and ex.request.upgrade is None:
             self.total += 1
             for i, (_, handler, percent) in enumerate(self.mirrors):
                 if self.counts[i] * 100 < self.total * percent:

@@ -7,6 +7,7 @@ response through the methods here. Neither side knows the other's wire protocol.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -37,6 +38,16 @@ class Sink(Protocol):
     def write_end(self, ex: Exchange) -> None: ...
 
     def write_interim(self, ex: Exchange, status: int, headers: Fields) -> None: ...
+
+    def switch_protocols(
+        self,
+        ex: Exchange,
+        headers: list[tuple[bytes, bytes]],
+        upstream: asyncio.Transport,
+        upstream_leftover: bytes,
+        upstream_writing_paused: bool | None,
+    ) -> None:
+        """The backend answered 101 to an upgrade: relay it and tunnel both connections."""
 
     def flush(self) -> None: ...
 
@@ -301,6 +312,17 @@ class NullSink:
 
     def write_interim(self, ex: Exchange, status: int, headers: Fields) -> None:
         pass
+
+    def switch_protocols(
+        self,
+        ex: Exchange,
+        headers: list[tuple[bytes, bytes]],
+        upstream: asyncio.Transport,
+        upstream_leftover: bytes,
+        upstream_writing_paused: bool | None,
+    ) -> None:
+        ex.finished = True
+        upstream.close()  # nobody to tunnel to
 
     def flush(self) -> None:
         pass

@@ -9,7 +9,9 @@ the like, and the backend's own `100 Continue` for a request that carried `Expec
 100-continue` (forwarded to the backend, §10.1.1). The proxy answers 100 on the backend's
 behalf only when the backend is known to speak HTTP/1.0, or has not answered within
 `expect_continue_timeout` (Go's transport waits 1 s too). A 101 is not an interim response: it
-ends the exchange with a 502 unless the request was an upgrade.
+ends the exchange with a 502 unless the request was an upgrade: then the backend must switch
+to the protocol asked for (and, for WebSocket, prove it read the key: RFC 6455 §4.1), else 502;
+after a valid 101 the connection leaves the pool and both sides become a byte pipe.
 
 Timeouts: `response_header_timeout` runs from the moment the whole request has been sent (as
 Go's transport) until the final response head; a backend that stops sending its body is the
@@ -27,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import httptools
+from wsproto.utilities import generate_accept_token
 
 from meshproxy.http.errors import (
     ClientGone,
@@ -35,7 +38,8 @@ from meshproxy.http.errors import (
     UpstreamResponseTimeout,
 )
 from meshproxy.http.exchange import Exchange
-from meshproxy.http.fields import MalformedFields, response_fields
+from meshproxy.http.fields import MalformedFields, field_list, response_fields
+from meshproxy.http.forwarding import HOP_BY_HOP, connection_tokens
 
 log = logging.getLogger("meshproxy.upstream")
 
@@ -80,6 +84,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_response_headers_done",
         "_sent_at",
         "_status",
+        "_switching",
         "_until_close",
         "closed",
         "ex",
@@ -105,6 +110,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_start = 0  # where the head being parsed begins (after 1xx interim heads)
         self._status = 0
         self._chunked_body = False
+        self._switching: list[tuple[bytes, bytes]] | None = None  # a valid 101's fields
         self._sent_at = 0.0  # loop time the request was all sent, while awaiting the head
         self._continue_timer: asyncio.TimerHandle | None = None
         self._got_response_bytes = False
@@ -245,6 +251,12 @@ class UpstreamConnection(asyncio.Protocol):
             self.parser.feed_data(data)  # type: ignore[union-attr]
             if not self._response_complete:
                 sink.flush()  # a head without body bytes yet: send it now
+        except httptools.HttpParserUpgrade as exc:
+            if self._switching is None:  # llhttp saw an upgrade we did not accept
+                self._fail(UpstreamError("backend switched protocols unasked"))
+                self.close()
+                return
+            self._switch(data[exc.args[0] :] if exc.args else b"")
         except (httptools.HttpParserError, MalformedFields) as exc:
             if self._response_headers_done:
                 self._fail(ResponseAborted(f"invalid response body: {exc}"))
@@ -267,9 +279,11 @@ class UpstreamConnection(asyncio.Protocol):
             self._continue_timer = None
         if ex.request.expect_continue and parser.get_http_version() == "1.0":  # type: ignore[union-attr]
             self.pool.http10 = True
+        if status == 101:
+            self._switching = switched_fields(ex, head[line_end + 2 : head_end + 2])
+            self._status = 101  # llhttp reports the message complete, then the upgrade
+            return
         if 100 <= status < 200:
-            if status == 101:  # switching protocols on a request that did not ask to
-                raise MalformedFields("101 Switching Protocols without an upgrade request")
             self._head_start = head_end + 4  # interim response: the final one follows
             self._status = status
             interim, _, _ = response_fields(head[line_end + 1 : head_end + 2])
@@ -291,6 +305,26 @@ class UpstreamConnection(asyncio.Protocol):
         ex.start_response(status, fields, content_length, no_body)
         if no_body:
             self._complete()
+
+    def _switch(self, leftover: bytes) -> None:
+        """The backend switched protocols: this connection leaves the pool for good and, with
+        the client's, becomes a byte pipe (the sink relays the 101 and builds it)."""
+        ex = self.ex
+        headers = self._switching
+        assert ex is not None and headers is not None and self.transport is not None
+        self._switching = None
+        self._response_complete = True
+        self._sent_at = 0.0
+        self.closed = True  # never reused: it speaks another protocol now
+        self.pool.busy.discard(self)
+        self.ex = None
+        ex.upstream = None
+        ex.body_target = None
+        on_done = self._on_done
+        self._on_done = None
+        ex.sink.switch_protocols(ex, headers, self.transport, leftover, None)
+        if on_done is not None:
+            on_done(None)
 
     def on_body(self, body: bytes) -> None:
         ex = self.ex
@@ -435,6 +469,40 @@ class UpstreamPool:
         for conn in list(self.idle):
             conn.close()
         self.idle.clear()
+
+
+def switched_fields(ex: Exchange, block: bytes) -> list[tuple[bytes, bytes]]:
+    """The fields to relay with a backend's 101, checked (RFC 9110 §7.8, §15.2.2): the request
+    asked to upgrade, the backend switched to that protocol, and for WebSocket its
+    Sec-WebSocket-Accept answers the client's key (RFC 6455 §4.1, §4.2.2). Raises
+    MalformedFields (502) otherwise."""
+    asked = ex.request.upgrade
+    if asked is None:
+        raise MalformedFields("101 Switching Protocols without an upgrade request")
+    fields = field_list(block)
+    listed = set(HOP_BY_HOP)
+    switched = b""
+    accept = b""
+    for name, value in fields:
+        if name == b"connection":
+            listed.update(connection_tokens(value))
+        elif name == b"upgrade":
+            switched = value
+        elif name == b"sec-websocket-accept":
+            accept = value
+    if switched.lower() != asked.lower():
+        raise MalformedFields(f"backend switched to {switched!r}, {asked!r} was asked for")
+    if asked.lower() == b"websocket":
+        key = b""
+        for name, value in ex.request.headers:
+            if name == b"sec-websocket-key":
+                key = value
+        if not key or accept != generate_accept_token(key):
+            raise MalformedFields("Sec-WebSocket-Accept does not answer the client's key")
+    kept = [(name, value) for name, value in fields if name not in listed]
+    kept.append((b"connection", b"Upgrade"))
+    kept.append((b"upgrade", switched))
+    return kept
 
 
 def may_replay(ex: Exchange, reused: bool) -> bool:

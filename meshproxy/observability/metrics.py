@@ -41,7 +41,8 @@ def protocol_label(ex: Exchange) -> str:
 
 def _protocol_label(ex: Exchange) -> str:
     request = ex.request
-    if request.upgrade is not None:
+    upgrade = request.upgrade
+    if upgrade is not None and upgrade.lower() == b"websocket":
         return "websocket"
     for name, value in request.headers:
         if name == b"content-type" and value.startswith(b"application/grpc"):
