@@ -56,7 +56,10 @@ def make_app(controller: Controller) -> web.Application:
     async def configuration(request: web.Request) -> web.Response:
         etag = controller.etag
         if none_match(request.headers.getall("If-None-Match", []), etag):
-            return web.Response(status=304, headers={"ETag": etag})
+            # RFC 9110 §13.1.2: 304 for GET and HEAD, 412 for any other method (the API,
+            # like Traefik Mesh's, answers every method with the configuration)
+            status = 304 if request.method in ("GET", "HEAD") else 412
+            return web.Response(status=status, headers={"ETag": etag})
         return web.Response(body=controller.config_bytes, content_type=JSON, headers={"ETag": etag})
 
     async def topology(request: web.Request) -> web.Response:

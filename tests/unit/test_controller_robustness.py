@@ -477,7 +477,8 @@ def test_if_none_match_evaluation(values, expected):
 
 async def test_configuration_endpoint_answers_304_to_star_and_weak_lists():
     """Over a real socket: `If-None-Match: *`, a weak tag and a list containing the current
-    tag get 304 with the ETag and no body; a list without it gets 200 and the configuration."""
+    tag get 304 with the ETag and no body (GET and HEAD), 412 for other methods (RFC 9110
+    §13.1.2); a list without it gets 200 and the configuration."""
     controller = Controller(ControllerSettings())
     port = free_port()
     runner = await start_api(controller, "127.0.0.1", port)
@@ -492,5 +493,12 @@ async def test_configuration_endpoint_answers_304_to_star_and_weak_lists():
         assert (await request(port, target=path, headers=two_lines)).status == 304
         response = await request(port, target=path, headers={"If-None-Match": '"nope", W/"x"'})
         assert response.status == 200 and response.body == controller.config_bytes
+        head = await request(port, "HEAD", path, headers={"If-None-Match": "*"})
+        assert head.status == 304
+        # §13.1.2: a method other than GET/HEAD whose condition is false gets 412
+        post = await request(port, "POST", path, headers={"If-None-Match": f"W/{etag}"})
+        assert post.status == 412
+        post = await request(port, "POST", path, headers={"If-None-Match": '"other"'})
+        assert post.status == 200
     finally:
         await runner.cleanup()
