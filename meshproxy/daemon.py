@@ -300,4 +300,6 @@ def _networks(entrypoint: str, values: list[str]) -> list[Any]:
 
 def _reason(exc: OSError) -> str:
     """`Address already in use`, not uvloop's long wrapper text around it."""
-    return os.strerror(exc.errno) if exc.errno else str(exc)
+    if exc.errno and exc.errno > 0:
+        return os.strerror(exc.errno)
+    return exc.strerror or str(exc)  # resolver errors (socket.gaierror) have negative codes

@@ -99,4 +99,6 @@ async def run_controller(settings: ControllerSettings) -> None:
 
 def _reason(exc: OSError) -> str:
     """`Address already in use`, not uvloop's long wrapper text around it."""
-    return os.strerror(exc.errno) if exc.errno else str(exc)
+    if exc.errno and exc.errno > 0:
+        return os.strerror(exc.errno)
+    return exc.strerror or str(exc)  # resolver errors (socket.gaierror) have negative codes

@@ -116,6 +116,10 @@ def test_proxy_start_up_failures_are_one_line_naming_the_culprit(tmp_path, busy_
         ),
         (["--entryPoints.web.address=nonsense", provider], ["entryPoints.web.address"]),
         (
+            ["--entryPoints.web.address=no-such-host.invalid:1", provider],
+            ["entrypoint web", "no-such-host.invalid:1"],
+        ),
+        (
             [web, provider, "--entryPoints.web.forwardedHeaders.trustedIPs=10.0.0.0/33"],
             ["entryPoints.web.forwardedHeaders.trustedIPs", "10.0.0.0/33"],
         ),
