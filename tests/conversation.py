@@ -34,6 +34,13 @@ class MemoryTransport:
         self.aborted = False
         self.reading = True
         self.eof_written = False
+        self.protocol: Any = None
+
+    def set_protocol(self, protocol: Any) -> None:
+        self.protocol = protocol
+
+    def get_protocol(self) -> Any:
+        return self.protocol
 
     def write(self, data: bytes) -> None:
         assert not self.closed, "write after close"
@@ -54,6 +61,9 @@ class MemoryTransport:
 
     def get_write_buffer_size(self) -> int:
         return 0
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (16384, 65536)
 
     def is_closing(self) -> bool:
         return self.closed
@@ -105,6 +115,7 @@ class Conversation:
         """An idle keep-alive connection to the backend, ready in the pool."""
         conn = UpstreamConnection(self.pool)
         transport = MemoryTransport(("127.0.0.1", 9))
+        transport.protocol = conn
         conn.connection_made(transport)  # type: ignore[arg-type]
         self.pool.release(conn)
         self.upstreams.append((conn, transport))
@@ -165,6 +176,7 @@ def conversation(
     (pool,) = state.pools.values()
     client = entry.protocol_factory()
     client_transport = MemoryTransport(("127.0.0.7", 40000))
+    client_transport.protocol = client
     client.connection_made(client_transport)  # type: ignore[arg-type]
     conv = Conversation(entry, client, client_transport, pool, metrics, errors)
     return conv

@@ -1,0 +1,144 @@
+"""The HTTP/1.1 upgrade handshake (RFC 9110 §7.8, RFC 6455 §4) as conversations over
+in-memory transports: what reaches the backend, what reaches the client, and who owns each
+transport afterwards (the byte pipe, or HTTP/1.1 again)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from wsproto.utilities import generate_accept_token
+
+from meshproxy.l4.pipe import BytePipe
+from tests.conversation import conversation, head_of
+
+KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
+UPGRADE = (
+    b"GET /chat HTTP/1.1\r\nHost: chat.demo.traefik.mesh\r\nConnection: Upgrade\r\n"
+    b"Upgrade: websocket\r\nSec-WebSocket-Key: " + KEY + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+SWITCH = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: " + generate_accept_token(KEY) + b"\r\n\r\n"
+)
+CLIENT_FRAME = b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58"  # masked "Hello" (RFC 6455 §5.7)
+SERVER_FRAME = b"\x81\x05Hello"
+
+
+async def test_upgrade_is_forwarded_and_a_valid_101_becomes_a_pipe():
+    """RFC 9110 §7.8: Connection/Upgrade are the hop-by-hop pair a proxy carries for an
+    upgrade; client frames sent before the 101 are held, then both sides are piped."""
+    conv = conversation()
+    _, upstream = conv.add_upstream()
+    conv.send(UPGRADE + CLIENT_FRAME)  # a client that does not wait for the 101
+    line, fields = head_of(upstream.take())
+    assert line == b"GET /chat HTTP/1.1"
+    assert fields[b"connection"] == b"Upgrade" and fields[b"upgrade"] == b"websocket"
+    assert fields[b"sec-websocket-key"] == KEY
+    assert upstream.take() == b""  # the early frame waits for the 101
+    answer = conv.backend_sends(SWITCH + SERVER_FRAME)
+    await asyncio.sleep(0)
+    answer += conv.client_transport.take()
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+    assert b"upgrade: websocket" in head.lower() and b"connection: upgrade" in head.lower()
+    assert rest == SERVER_FRAME
+    assert upstream.take() == CLIENT_FRAME  # held bytes replayed once the pipe started
+    assert isinstance(conv.client_transport.protocol.pipe, BytePipe)
+    assert conv.client_transport.protocol.pipe is upstream.protocol.pipe
+    assert len(conv.entry.tunnels) == 1 and conv.entry.connections == set()
+    assert conv.pool.idle == [] and conv.pool.busy == set()  # never back in the pool
+    conv.client_transport.protocol.data_received(b"\x82\x80abcd")
+    assert upstream.take() == b"\x82\x80abcd"
+    assert conv.entrypoint_requests() == {101: 1}
+
+
+async def test_wrong_accept_key_is_a_bad_gateway():
+    """RFC 6455 §4.1: a 101 whose Sec-WebSocket-Accept does not answer the key fails the
+    handshake: 502, and the backend connection is closed, not piped."""
+    conv = conversation()
+    _, upstream = conv.add_upstream()
+    conv.send(UPGRADE)
+    upstream.take()
+    bad = SWITCH.replace(generate_accept_token(KEY), b"bm90IHRoZSBrZXk=")
+    answer = conv.backend_sends(bad)
+    assert answer.startswith(b"HTTP/1.1 502 ") and upstream.closed
+    assert conv.entry.tunnels == set()
+
+
+async def test_switch_to_another_protocol_than_asked_is_a_bad_gateway():
+    """RFC 9110 §15.2.2: the server switches to one of the protocols the client listed."""
+    conv = conversation()
+    _, upstream = conv.add_upstream()
+    conv.send(UPGRADE)
+    answer = conv.backend_sends(SWITCH.replace(b"Upgrade: websocket", b"Upgrade: h2c"))
+    assert answer.startswith(b"HTTP/1.1 502 ") and upstream.closed
+
+
+async def test_backend_refusing_the_upgrade_keeps_the_connection_http():
+    """RFC 9110 §7.8: a server may ignore Upgrade; its response is relayed as any other and
+    the connection goes on as HTTP/1.1, with the next request served normally."""
+    conv = conversation()
+    conv.add_upstream()
+    conv.send(UPGRADE)
+    answer = conv.backend_sends(b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 426 ")
+    assert not conv.client_transport.done and conv.entry.tunnels == set()
+    _, upstream2 = conv.upstreams[0]
+    conv.add_upstream()
+    conv.send(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert b"GET /next HTTP/1.1" in conv.upstream_received()
+    assert conv.backend_sends(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").startswith(
+        b"HTTP/1.1 200 OK"
+    )
+
+
+async def test_bytes_sent_early_to_a_refused_upgrade_are_read_as_http():
+    """The held bytes were never the new protocol's: once the backend refused, they are
+    parsed as HTTP/1.1, and a WebSocket frame there is a malformed request (400)."""
+    conv = conversation()
+    conv.add_upstream()
+    conv.send(UPGRADE + CLIENT_FRAME)
+    answer = conv.backend_sends(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+    answer += conv.client_transport.take()
+    assert answer.startswith(b"HTTP/1.1 404 ") and b"HTTP/1.1 400 " in answer
+
+
+async def test_unknown_upgrade_tokens_are_forwarded_and_answered_once():
+    """RFC 9110 §7.8: any protocol token may be asked for (h2c over HTTP/1.1 included); the
+    client gets exactly one response, never the backend's and then the proxy's."""
+    conv = conversation()
+    _, upstream = conv.add_upstream()
+    conv.send(
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
+    )
+    _, fields = head_of(upstream.take())
+    assert fields[b"upgrade"] == b"h2c"
+    assert b"http2-settings" not in fields  # named by Connection: hop-by-hop (RFC 9110 §7.6.1)
+    answer = conv.backend_sends(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert answer.count(b"HTTP/1.1 ") == 1
+
+
+async def test_upgrade_requests_with_a_body_or_connect_are_refused():
+    """llhttp reads what follows an upgrade request's head as the new protocol, so an upgrade
+    with a body cannot be framed: 501, nothing forwarded. CONNECT tunnels are not offered on an
+    HTTP entrypoint (RFC 9110 §9.3.6): 501."""
+    for raw in (
+        b"POST / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n"
+        b"Content-Length: 3\r\n\r\nabc",
+        b"CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n",
+    ):
+        conv = conversation()
+        _, upstream = conv.add_upstream()
+        assert conv.send(raw).startswith(b"HTTP/1.1 501 ")
+        assert upstream.take() == b""
+
+
+async def test_invalid_upgrade_token_gets_400():
+    """RFC 9110 §7.8: protocol = token ["/" token]."""
+    conv = conversation()
+    _, upstream = conv.add_upstream()
+    answer = conv.send(
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: web socket\r\n\r\n"
+    )
+    assert answer.startswith(b"HTTP/1.1 400 ") and upstream.take() == b""
