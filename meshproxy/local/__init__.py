@@ -214,6 +214,9 @@ def banner(ports: LocalPorts, manifests: Path, settings: ControllerSettings) -> 
 Try:
   curl -H 'Host: whoami.demo.traefik.mesh' {web}/     # round robin over whoami-1, whoami-2
   curl -H 'Host: api.demo.traefik.mesh' {web}/        # retry + rateLimit + circuitBreaker
+  curl -H 'Host: canary.demo.traefik.mesh' {web}/     # TrafficSplit: 3 in 4 to whoami-1
+  with --acl: curl --interface 127.0.0.2 -H 'Host: whoami.demo.traefik.mesh' {web}/
+              (pod `client`, allowed by a TrafficTarget; from 127.0.0.1: 403)
   nc 127.0.0.1 {ports.tcp}                                   # TCP echo (echo-tcp)
   curl http://127.0.0.1:{ports.readiness}/ping                   # ready once the config arrived
   curl {api}/api/topology/current

@@ -66,6 +66,13 @@ async def test_local_mesh_serves_http_through_the_proxy_from_the_manifests(tmp_p
             assert response.status == 200
             served[response.body.split(b"\n")[0]] += 1
         assert served == {b"Hostname: whoami-1": 2, b"Hostname: whoami-2": 2}
+        # the canary TrafficSplit (3:1), through the second hop at the proxy itself
+        canary = Counter()
+        for _ in range(8):
+            response = await request(http, host="canary.demo.traefik.mesh")
+            assert response.status == 200
+            canary[response.body.split(b"\n")[0]] += 1
+        assert canary == {b"Hostname: whoami-1": 6, b"Hostname: whoami-2": 2}
         api = await request(http, host="api.demo.traefik.mesh")
         assert api.status == 200  # through retry, rateLimit and circuitBreaker
         assert (await request(http, host="nope.demo.traefik.mesh")).status == 404
@@ -84,6 +91,58 @@ async def test_local_mesh_serves_http_through_the_proxy_from_the_manifests(tmp_p
 
         async with grpc.aio.insecure_channel("127.0.0.1:19013") as channel:
             assert await channel.unary_unary(GRPC_ECHO_METHOD)(b"hi", timeout=10) == b"hi"
+    finally:
+        process.terminate()
+        process.wait(15)
+        log.close()
+
+
+async def test_local_mesh_demo_in_acl_mode(tmp_path):
+    """`meshproxy local --acl` on the shipped manifests (reference/traefik-mesh.md §2.7): the
+    demo TrafficTarget lets the `client` pod (127.0.0.2) call the whoami pods, directly and
+    through the canary TrafficSplit; the same requests from 127.0.0.1 (no pod) get 403."""
+    from tests.e2e.test_local_mesh_smi import get_from
+
+    ports = {name: free_port() for name in ("admin", "api", "readiness", "liveness")}
+    ports["http"], ports["tcp"] = free_port_pair(), free_port_pair()
+    ports["udp"] = free_port_pair(socket.SOCK_DGRAM)
+    log_path = tmp_path / "local.log"
+    log = log_path.open("wb")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "meshproxy",
+            "local",
+            "--acl",
+            *[f"--{name}-port={port}" for name, port in ports.items()],
+        ],
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    http = ports["http"]
+    try:
+
+        async def allowed() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(log_path.read_text())
+            try:
+                response = await get_from("127.0.0.2", http, "whoami.demo.traefik.mesh")
+            except OSError:
+                return False
+            return response.status == 200
+
+        await wait_for(allowed, 30, "the client pod to be allowed")
+        canary = Counter()
+        for _ in range(4):
+            response = await get_from("127.0.0.2", http, "canary.demo.traefik.mesh")
+            assert response.status == 200
+            canary[response.body.split(b"\n")[0]] += 1
+        assert canary == {b"Hostname: whoami-1": 3, b"Hostname: whoami-2": 1}
+        for host in ("whoami.demo.traefik.mesh", "canary.demo.traefik.mesh"):
+            assert (await get_from("127.0.0.1", http, host)).status == 403
+        assert b"(ACL mode)" in log_path.read_bytes()
     finally:
         process.terminate()
         process.wait(15)
