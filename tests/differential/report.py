@@ -21,6 +21,8 @@ PAIRS = {
     "main": (cases_module.main_config, ()),
     "trusted": (cases_module.main_config, cases_module.TRUSTED_FLAGS),
     "rules": (cases_module.rules_config, ()),
+    "strict": (cases_module.main_config, cases_module.STRICT_FLAGS),
+    "raised": (cases_module.main_config, cases_module.RAISED_FLAGS),
 }
 LISTS = {
     "main": [
@@ -40,6 +42,8 @@ LISTS = {
     ],
     "trusted": [("14", cases_module.TRUSTED)],
     "rules": [("rules", cases_module.RULE_CASES)],
+    "strict": [("8, 12", cases_module.STRICT)],
+    "raised": [("12", cases_module.RAISED)],
 }
 
 

@@ -160,6 +160,16 @@ def trusted_pair(differential: DifferentialFactory) -> Differential:
 
 
 @pytest.fixture(scope="module")
+def strict_pair(differential: DifferentialFactory) -> Differential:
+    return differential("strict", main_config, STRICT_FLAGS)
+
+
+@pytest.fixture(scope="module")
+def raised_pair(differential: DifferentialFactory) -> Differential:
+    return differential("raised", main_config, RAISED_FLAGS)
+
+
+@pytest.fixture(scope="module")
 def rules_pair(differential: DifferentialFactory) -> Differential:
     return differential("rules", rules_config)
 
@@ -234,6 +244,20 @@ DIVERGENT: dict[str, str] = {
     "(RFC 9110 §9.1)",
     "asterisk-form-options": "`OPTIONS *` gets 404 (no router matches); Traefik (Go) answers 200 "
     "itself (RFC 9110 §9.3.7: the server as a whole)",
+    **{
+        f"strict-encoded-{name}": "`encodedCharacters` is accepted but ignored: the encoded "
+        "character is forwarded; Traefik refuses it with 400"
+        for name in (
+            "slash",
+            "slash-lower",
+            "backslash",
+            "nul",
+            "semicolon",
+            "percent",
+            "question-mark",
+            "hash",
+        )
+    },
     "expect-unknown": "an unknown expectation is forwarded; Traefik answers 417 "
     "(RFC 9110 §10.1.1 allows it)",
 }
@@ -268,7 +292,15 @@ _OBS_WHY = (
     "RFC 9112 §5.2: a server MUST either reject obs-fold with 400 or unfold it; rejecting leaves "
     "no line-folding differences between the proxy and the backend"
 )
+_TARGET_WHY = (
+    "issue 9 item 12: the request target has its own limit (16 KiB, 414 URI Too Long, RFC 9110 "
+    "§15.5.15) instead of counting against maxHeaderBytes (Go answers 431 for both)"
+)
 DELIBERATE: dict[str, str] = {
+    "strict-head-12k-go-slack": "the configured maxHeaderBytes is enforced exactly; Go's server "
+    "lets up to 4096 bytes more through (its read-buffer slack), which no Traefik doc promises",
+    "strict-target-20k": _TARGET_WHY,
+    "raised-target-20k": _TARGET_WHY,
     "obs-fold": _OBS_WHY,
     "bare-lf-head": "RFC 9112 §2.2 only allows (MAY) a bare LF as line terminator; refusing it "
     "removes a classic parser-differential smuggling vector (Go accepts it)",
@@ -594,6 +626,52 @@ HEAD_SYNTAX = [
     Case("target-no-slash", req("public"), 400),
 ]
 
+# Item 12, configured: the same `entryPoints.web.http.maxHeaderBytes` for both. Strict pair:
+# 8 KiB of head and every `encodedCharacters.allowEncoded*` false (Traefik >= 3.6 refuses those
+# encoded characters in the path with 400); raised pair: Traefik's default 1 MiB, explicitly.
+STRICT_FLAGS = (
+    "--entryPoints.web.http.maxHeaderBytes=8192",
+    *(
+        f"--entryPoints.web.http.encodedCharacters.{option}=false"
+        for option in (
+            "allowEncodedSlash",
+            "allowEncodedBackslash",
+            "allowEncodedNullCharacter",
+            "allowEncodedSemicolon",
+            "allowEncodedPercent",
+            "allowEncodedQuestionMark",
+            "allowEncodedHash",
+        )
+    ),
+)
+RAISED_FLAGS = ("--entryPoints.web.http.maxHeaderBytes=1048576",)
+STRICT = [
+    Case("strict-head-7k", req(headers=(("X-Big", "v" * 7_000),)), 200),
+    Case("strict-head-20k", req(headers=(("X-Big", "v" * 20_000),)), 431),
+    Case("strict-head-12k-go-slack", req(headers=(("X-Big", "v" * 12_100),)), 200, 431),
+    Case("strict-target-20k", req("/public/" + "a" * 20_000), 431, 414),
+    Case("strict-encoded-slash", req("/public/a%2Fb"), 400),
+    Case("strict-encoded-slash-lower", req("/public/a%2fb"), 400),
+    Case("strict-encoded-backslash", req("/public/a%5Cb"), 400),
+    Case("strict-encoded-nul", req("/public/a%00b"), 400),
+    Case("strict-encoded-semicolon", req("/public/a%3Bb"), 400),
+    Case("strict-encoded-percent", req("/public/a%25b"), 400),
+    Case("strict-encoded-question-mark", req("/public/a%3Fb"), 400),
+    Case("strict-encoded-hash", req("/public/a%23b"), 400),
+    Case("strict-encoded-slash-in-query", req("/public?a=%2F"), 200),
+    Case("strict-encoded-space", req("/public/a%20b"), 200),
+]
+RAISED = [
+    Case("raised-head-70k", req(headers=(("X-Big", BIG_HEADER),)), 200),
+    Case(
+        "raised-head-70k-4k-segments",
+        _split(req(headers=(("X-Big", BIG_HEADER),)), 4096),
+        200,
+    ),
+    Case("raised-head-over-1mib", req(headers=(("X-Big", "v" * 1_100_000),)), 431),
+    Case("raised-target-20k", req("/public/" + "a" * 20_000), 200, 414),
+]
+
 # Item 13: the request line's version (RFC 9110 §6.2, §15.6.6; RFC 9112 §2.3, §3).
 ITEM13 = [
     Case("http-2.0", req(version="HTTP/2.0"), 505),
@@ -748,6 +826,21 @@ def test_head_syntax(main_pair: Differential, case: Case) -> None:
     RFC 9112 §2.2 (whitespace before the first field line), §3 (single SP in the request line,
     method token, the four target forms and where each is allowed)."""
     check(main_pair, case)
+
+
+@pytest.mark.parametrize("case", params(STRICT))
+def test_configured_strict_entrypoint(strict_pair: Differential, case: Case) -> None:
+    """Issue 9 items 8 and 12 with the entrypoint options set alike on both: Traefik's
+    `http.maxHeaderBytes` (431, RFC 6585 §5) and `http.encodedCharacters.allowEncoded*=false`
+    (400 for %2F, %5C, %00, %3B, %25, %3F, %23 in the path; the query is not checked)."""
+    check(strict_pair, case)
+
+
+@pytest.mark.parametrize("case", params(RAISED))
+def test_configured_raised_head_limit(raised_pair: Differential, case: Case) -> None:
+    """Issue 9 item 12: `http.maxHeaderBytes` raises meshproxy's head limit to Traefik's 1 MiB
+    when set; the request target keeps its own limit (414, RFC 9110 §15.5.15)."""
+    check(raised_pair, case)
 
 
 @pytest.mark.parametrize("case", params(ITEM13))
