@@ -124,14 +124,6 @@ def merge_documents(contents: dict[Path, bytes]) -> bytes:
     return yaml.safe_dump(merged).encode()
 
 
-def read_config_bytes(path: Path) -> bytes:
-    """The file's bytes, or for a directory one merged document (as YAML)."""
-    result = read_stable(path)
-    if result is None:
-        raise OSError(f"{path} changed while it was read")
-    return merge_documents(result[1])
-
-
 def _blank(data: bytes) -> bool:
     """No document at all: empty, whitespace, or only comments / `---` (what a file cut right
     after its header comment looks like). A text that does not parse is not blank: it is
