@@ -176,7 +176,8 @@ class ProxyDaemon:
 
     def _protocol_factory(self, name: str, http_entry: HTTPEntryPoint) -> Any:
         """Per connection: TCP relaying when the live config has TCP routers on this
-        entrypoint (as Traefik, a TCP catch-all takes the entrypoint over), else HTTP."""
+        entrypoint (as Traefik, a TCP catch-all takes the entrypoint over, so server-speaks-first
+        protocols work), else the sniffer, which hands HTTP/1.1 to its protocol."""
         on_open = http_entry.on_open
         tcp_settings = pipe_settings(self.http_entrypoints[name])
 
@@ -184,7 +185,7 @@ class ProxyDaemon:
             routes = self.manager.snapshot.tcp_tables.get(name)
             if routes:
                 return TCPRelay(name, routes, on_open, tcp_settings)
-            return http_entry.protocol_factory()
+            return http_entry.connection_factory()
 
         return factory
 

@@ -46,6 +46,7 @@ from meshproxy.http.forwarding import (
 from meshproxy.http.request import Request
 from meshproxy.http.status import reason_phrase
 from meshproxy.l4.pipe import BytePipe, PipeEnd, PipeSettings, PipeStats
+from meshproxy.l4.sniff import SniffingProtocol
 
 log = logging.getLogger("meshproxy.http")
 
@@ -195,6 +196,7 @@ class HTTPEntryPoint:
         self.on_protocol_error = on_protocol_error or (lambda status: None)
         # Upgraded connections (WebSocket...) now relayed by a byte pipe, until it ends.
         self.tunnels: set[BytePipe] = set()
+        self.sniffing: set[SniffingProtocol] = set()  # connections not yet classified
         self.tunnel_settings = PipeSettings(idle_timeout=settings.tunnel_idle_timeout)
 
     def open_tunnel(self, downstream: PipeEnd, upstream: PipeEnd) -> BytePipe:
@@ -217,7 +219,13 @@ class HTTPEntryPoint:
         return any(addr.version == n.version and addr in n for n in self.settings.trusted_networks)
 
     def protocol_factory(self) -> H1ServerConnection:
+        """An HTTP/1.1 connection (what the sniffer hands plain HTTP to)."""
         return H1ServerConnection(self)
+
+    def connection_factory(self) -> SniffingProtocol:
+        """The first protocol of an accepted connection: it tells HTTP/1.1 from HTTP/2 and
+        TLS by the first bytes (meshproxy.l4.sniff)."""
+        return SniffingProtocol(self.protocol_factory, self.sniffing)
 
     def sweep(self) -> None:
         """Close idle keep-alive connections and clients that dribble their headers. Times
@@ -227,6 +235,8 @@ class HTTPEntryPoint:
         read = self.settings.read_timeout
         for conn in list(self.connections):
             conn.check_timeouts(now, idle, read)
+        for sniffer in list(self.sniffing):
+            sniffer.check_timeout(now, read)  # the first bytes come within the read timeout
 
     def close_all(self) -> None:
         for conn in list(self.connections):

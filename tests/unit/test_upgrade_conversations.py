@@ -142,3 +142,68 @@ async def test_invalid_upgrade_token_gets_400():
         b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: web socket\r\n\r\n"
     )
     assert answer.startswith(b"HTTP/1.1 400 ") and upstream.take() == b""
+
+
+# -- connection sniffing (meshproxy.l4.sniff) ---------------------------------------------------
+
+
+def sniffed(*reads: bytes):
+    """An accepted connection's first protocol fed `reads`; returns (transport, entry)."""
+    from tests.conversation import MemoryTransport
+
+    conv = conversation()
+    conv.add_upstream()
+    sniffer = conv.entry.connection_factory()
+    transport = MemoryTransport(("127.0.0.8", 40001))
+    transport.protocol = sniffer
+    sniffer.connection_made(transport)
+    for data in reads:
+        transport.protocol.data_received(data)
+    return transport, conv
+
+
+async def test_plain_http_is_replayed_to_http1_whole_even_split():
+    """The bytes read to decide are the HTTP/1.1 protocol's first bytes (hypercorn's wrapper,
+    Traefik's router/tcp): a request split at any point is served."""
+    from meshproxy.http.server import H1ServerConnection
+
+    transport, conv = sniffed(b"G", b"ET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert isinstance(transport.protocol, H1ServerConnection)
+    assert conv.upstream_received().startswith(b"GET /x HTTP/1.1")
+    assert conv.entry.sniffing == set()
+
+
+async def test_http2_prior_knowledge_gets_settings_and_goaway_never_an_http1_400():
+    """RFC 9113 §3.4 and §7: until HTTP/2 is served, a client with prior knowledge gets the
+    server preface and GOAWAY(HTTP_1_1_REQUIRED), then the connection closes."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    transport, conv = sniffed(b"PRI * HTTP/2.0\r\n", b"\r\nSM\r\n\r\n")
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    events = client.receive_data(bytes(transport.written))
+    goaway = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert goaway and goaway[0].error_code == 0xD  # HTTP_1_1_REQUIRED
+    assert transport.closed and b"HTTP/1.1" not in transport.written
+    assert conv.upstream_received() == b""
+
+
+async def test_tls_client_hello_on_a_plain_entrypoint_is_closed_quietly():
+    """RFC 8446 §5.1: a handshake record; TLS is not served on this entrypoint."""
+    transport, conv = sniffed(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+    assert transport.closed and transport.written == b""
+
+
+async def test_a_connection_that_sends_nothing_is_closed_after_the_peek_timeout():
+    """A peek has a timeout: a silent connection (or a partial HTTP/2 preface) goes after the
+    entrypoint's read timeout, and nothing else is affected."""
+    import time
+
+    transport, conv = sniffed(b"PRI * HT")
+    (sniffer,) = conv.entry.sniffing
+    sniffer.check_timeout(time.perf_counter(), 60.0)
+    assert not transport.closed
+    sniffer.check_timeout(time.perf_counter() + 61, 60.0)
+    assert transport.closed and conv.entry.sniffing == set()
