@@ -782,12 +782,13 @@ def _tag_request(segments: Sequence[bytes], tag: str) -> list[bytes] | None:
     kept (the field goes into the segment where the head ends).
     """
     data = b"".join(segments)
-    for eol in (b"\r\n", b"\n"):
-        end = data.find(eol + eol)
-        if end >= 0:
-            break
-    else:
+    # The head ends at the first blank line, CRLF or bare-LF style, whichever comes first (a
+    # body may contain the other style).
+    ends = [(data.find(eol + eol), eol) for eol in (b"\r\n", b"\n")]
+    found = [(end, eol) for end, eol in ends if end >= 0]
+    if not found:
         return None
+    end, eol = min(found)
     at = end + len(eol)
     field_line = f"{TAG_HEADER}: {tag}".encode() + eol
     out: list[bytes] = []
