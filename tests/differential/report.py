@@ -39,6 +39,8 @@ LISTS = {
         ("14", cases_module.ITEM14),
         ("16", cases_module.EXPECT_ODD),
         ("mw", cases_module.MIDDLEWARES),
+        ("fields", cases_module.FIELD_CASES),
+        ("fields", cases_module.RESPONSE_FIELD_CASES),
     ],
     "trusted": [("14", cases_module.TRUSTED)],
     "rules": [("rules", cases_module.RULE_CASES)],

@@ -258,6 +258,14 @@ DIVERGENT: dict[str, str] = {
             "hash",
         )
     },
+    "fields-hop-by-hop": "`TE: trailers` is dropped; Traefik (Go's ReverseProxy) forwards "
+    "exactly that value, which gRPC backends require (RFC 9110 §10.1.4)",
+    "fields-te-only": "`TE: trailers` is dropped; Traefik forwards it",
+    "fields-post-no-body": "a POST without body is forwarded without `Content-Length: 0`; "
+    "Traefik sends one (RFC 9110 §8.6: a request with a method that defines content SHOULD "
+    "carry it)",
+    "response-fields": "a response without Date is forwarded without one; RFC 9110 §6.6.1 "
+    "says a recipient with a clock MUST add it when forwarding (Traefik does)",
     "expect-unknown": "an unknown expectation is forwarded; Traefik answers 417 "
     "(RFC 9110 §10.1.1 allows it)",
 }
@@ -1008,6 +1016,75 @@ def test_rules(rules_pair: Differential, case: Case) -> None:
     and priority (default the rule's length, longest first; explicit priority wins); the
     router that won is told by its X-Router request header. 404 when nothing matches."""
     check(rules_pair, replace(case, headers=(*COMPARED_HEADERS, "x-router")))
+
+
+# Every field the backend receives, not only the ones a proxy sets (RFC 9110 §7.6.1: hop-by-hop
+# fields and those named by Connection are removed; end-to-end ones are forwarded as received).
+HOP_BY_HOP_REQUEST = req(
+    headers=(
+        ("Connection", "keep-alive, X-Secret"),
+        ("X-Secret", "s"),
+        ("Keep-Alive", "timeout=5"),
+        ("TE", "trailers"),
+        ("Trailer", "X-T"),
+        ("Proxy-Connection", "keep-alive"),
+        ("Proxy-Authorization", "Basic eA=="),
+        ("Upgrade", "foo"),
+        ("User-Agent", "ua/1"),
+        ("Accept", "*/*"),
+        ("Accept-Encoding", "br"),
+        ("Via", "1.1 other"),
+        ("Forwarded", "for=192.0.2.1"),
+        ("Cookie", "a=b"),
+        ("Cookie", "c=d"),
+    )
+)
+FIELD_CASES = [
+    Case("fields-plain", req(), 200),
+    Case("fields-hop-by-hop", HOP_BY_HOP_REQUEST, 200),
+    Case("fields-te-only", req(headers=(("TE", "trailers"),)), 200),
+    Case("fields-head", req(method="HEAD"), 200),
+    Case("fields-post-no-body", req(method="POST"), 200),
+    Case("fields-post-cl0", req(method="POST", headers=(("Content-Length", "0"),)), 200),
+    Case("fields-get-with-body", req(headers=(("Content-Length", "5"),), body=b"hello"), 200),
+]
+
+
+def _fields(outcome_request: Any, client_sent_accept_encoding: bool) -> list[tuple[str, str]]:
+    """The fields the backend got, names lowered, sorted; without the harness's tag, and
+    without the `Accept-Encoding: gzip` that Go's transport adds on its own when the client
+    sent none (docs/traefik-differences.md, outside the compared projection)."""
+    fields = [
+        (n.lower(), v) for n, v in outcome_request.headers if n.lower() != "x-differential-tag"
+    ]
+    if not client_sent_accept_encoding:
+        fields = [(n, v) for n, v in fields if (n, v) != ("accept-encoding", "gzip")]
+    return sorted(fields)
+
+
+@pytest.mark.parametrize("case", params(FIELD_CASES))
+def test_every_forwarded_field(main_pair: Differential, case: Case) -> None:
+    """RFC 9110 §7.6.1 (Connection and the fields it names, Keep-Alive, TE, Trailer,
+    Proxy-Connection, Upgrade are hop-by-hop), §7.6.3 (Via is the proxy's choice), §8.6
+    (Content-Length): the backend receives the same field lines through meshproxy as through
+    Traefik, names compared case-insensitively, order ignored."""
+    cmp = check(main_pair, case)
+    assert cmp.traefik.request is not None and cmp.meshproxy.request is not None
+    sent_ae = b"accept-encoding:" in case.raw.lower() if isinstance(case.raw, bytes) else True
+    assert _fields(cmp.meshproxy.request, sent_ae) == _fields(cmp.traefik.request, sent_ae)
+
+
+RESPONSE_FIELD_CASES = [Case("response-fields", req(), 200)]
+
+
+@pytest.mark.parametrize("case", params(RESPONSE_FIELD_CASES))
+def test_response_fields(main_pair: Differential, case: Case) -> None:
+    """RFC 9110 §6.6.1: a recipient with a clock that forwards a response without Date MUST
+    add one (Traefik does, Go's server); otherwise the backend's fields reach the client as
+    they are. Field names compared, case-insensitively (values: Date is the time)."""
+    cmp = check(main_pair, case)
+    names = [sorted(n.lower() for n, _ in o.response.headers) for o in (cmp.traefik, cmp.meshproxy)]
+    assert names[1] == names[0]
 
 
 # Item 6: a backend that never answers (it holds the request until the proxy hangs up).
