@@ -81,11 +81,23 @@ def _shape_error(message: str) -> ConfigDecodeError:
     return ConfigDecodeError([ConfigError("$", message)])
 
 
+def _check_text(text: str) -> None:
+    """A `\\uD800`-style escape gives Python a lone surrogate, which no encoder can write
+    back; go-yaml refuses such escapes ("found invalid Unicode character escape code")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _shape_error(
+            f"invalid Unicode character escape code (a surrogate) in {text[:40]!r}"
+        ) from None
+
+
 def check_shape(value: Any) -> None:
     """Raise ConfigDecodeError if `value` nests deeper than MAX_DEPTH, refers to itself
     (a recursive alias), or expands (aliases followed, as the decoder will follow them) to
     more than MAX_NODES values.
 
+    Also refuses strings (keys or values) holding surrogate code points (`"\\ud800"`).
     Shared collections (YAML aliases) are measured once: the walk is linear in the document's
     size, however large its expansion (an alias bomb is refused in microseconds).
     """
@@ -114,6 +126,9 @@ def check_shape(value: Any) -> None:
             continue
         if depth >= MAX_DEPTH:
             raise _shape_error(f"nested deeper than {MAX_DEPTH} levels")
+        for text in (*node, *children) if isinstance(node, dict) else children:
+            if isinstance(text, str):
+                _check_text(text)
         open_ids.add(key)
         stack.append((node, depth, True))
         stack.extend((c, depth + 1, False) for c in children if isinstance(c, (dict, list)))

@@ -12,6 +12,7 @@ import msgspec
 from meshproxy.config.decode import (
     ConfigDecodeError,
     ConfigError,
+    check_shape,
     convert,
     join_path,
     load_text,
@@ -479,6 +480,7 @@ def decode_dynamic_obj(raw: Any) -> DynamicConfig:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigDecodeError([ConfigError("$", f"expected an object, got {type(raw).__name__}")])
+    check_shape(raw)  # data that did not come through load_text (JSON, in-process callers)
     config = DynamicConfig()
     for key, section_raw in raw.items():
         name = str(key).lower()
