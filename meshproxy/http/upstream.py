@@ -1,8 +1,12 @@
 """HTTP/1.1 client side: pooled keep-alive connections to backend servers.
 
+`UpstreamPool` is the HTTP/1.1 (http, https) implementation of `ServerPool`, the one interface
+a load balancer sends through: `pool.send(ex, target, done)` serialises the request for the
+server, sends it on an idle keep-alive connection or a new one, relays the response into the
+exchange's sink, and calls `done` once: with None, or with the error that ended the try
+(`UpstreamConnectError` and its subclasses mean no byte reached the backend: safe to retry).
 An `UpstreamConnection` sends one request at a time and relays the response straight into the
-exchange's sink (no buffering); `UpstreamPool` keeps idle connections per server origin and
-survives config reloads.
+sink (no buffering). Pools are kept per server origin and survive config reloads.
 
 Interim responses (RFC 9110 §15.2) are relayed to the client as they come: 103 Early Hints and
 the like, and the backend's own `100 Continue` for a request that carried `Expect:
@@ -27,6 +31,7 @@ import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import httptools
 from wsproto.utilities import generate_accept_token
@@ -63,6 +68,79 @@ class TransportSettings:
 
 
 DoneCallback = Callable[[BaseException | None], None]
+
+_CHUNKED_TE = b"transfer-encoding: chunked\r\n\r\n"
+_SKIP_ALWAYS = HOP_BY_HOP | {b"host", b"x-forwarded-for"}
+# An HTTP/1.0 server ignores Expect; the proxy answers 100 itself instead (RFC 9110 §10.1.1).
+_SKIP_FOR_HTTP10 = _SKIP_ALWAYS | {b"expect"}
+_DIALS: set[asyncio.Future[None]] = set()  # the loop keeps only weak references to tasks
+
+
+class ServerPool(Protocol):
+    """Sends exchanges to one server, whatever protocol it speaks (one implementation per
+    scheme: HTTP/1.1 here, h2c later); kept across reloads while the server is configured."""
+
+    busy: set[UpstreamConnection]
+
+    def send(self, ex: Exchange, target: ServerTarget, done: DoneCallback) -> None: ...
+
+    def sweep(self, now: float) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(eq=False)
+class ServerTarget:
+    """One server of a loadBalancer, as a request to it is written."""
+
+    url: str
+    pool: UpstreamPool
+    host_header: bytes  # host[:port] of the server, used when passHostHeader is false
+    path_prefix: bytes = b""  # with preservePath
+    pass_host_header: bool = True
+
+
+def build_request_head(ex: Exchange, target: ServerTarget) -> tuple[bytes, bool]:
+    """Serialize the HTTP/1.1 request head for `target`; returns (head, body is chunked)."""
+    request = ex.request
+    path = target.path_prefix + request.target if target.path_prefix else request.target
+    verbatim = request.verbatim
+    pass_host_header = target.pass_host_header
+    if verbatim is not None and pass_host_header:
+        # the client's own lines (its Host among them) and X-Forwarded-*: nothing to rebuild
+        return b"%s %s HTTP/1.1\r\n%s\r\n" % (request.method.encode(), path, verbatim), False
+    host = request.host_header if pass_host_header else target.host_header
+    skip = _SKIP_FOR_HTTP10 if target.pool.http10 else _SKIP_ALWAYS
+    if request.connection_tokens:
+        skip = skip | request.connection_tokens
+    headers = request.headers
+    lines = [name + b": " + value + _CRLF for name, value in headers if name not in skip]
+    if request.append_client_ip:
+        client = request.client_ip.encode()
+        if request.forwarded_for:  # a trusted client sent X-Forwarded-For: append to it
+            xff = b", ".join(value for name, value in headers if name == b"x-forwarded-for")
+            client = xff + b", " + client
+        lines.append(b"x-forwarded-for: " + client + _CRLF)
+    elif request.forwarded_for:
+        lines.extend(
+            b"x-forwarded-for: " + v + _CRLF for n, v in headers if n == b"x-forwarded-for"
+        )
+    if request.upgrade is not None:
+        # The one hop-by-hop pair a proxy carries on (RFC 9110 §7.8): the backend may switch.
+        lines.append(b"connection: Upgrade\r\nupgrade: " + request.upgrade + _CRLF)
+    chunked = ex.has_body and request.content_length is None
+    return b"".join(
+        (
+            request.method.encode(),
+            b" ",
+            path,
+            b" HTTP/1.1\r\nhost: ",
+            host,
+            _CRLF,
+            *lines,
+            _CHUNKED_TE if chunked else _CRLF,
+        )
+    ), chunked
 
 
 class EarlyEOF(Exception):
@@ -431,6 +509,23 @@ class UpstreamPool:
                 context.verify_mode = ssl.CERT_NONE
             self.ssl = context
 
+    def send(self, ex: Exchange, target: ServerTarget, done: DoneCallback) -> None:
+        """Send `ex` to this server (see the module docstring). On an idle keep-alive
+        connection (the common case) this is all callbacks; a dial runs in a Task."""
+        head, chunked = build_request_head(ex, target)
+        conn = self.take_idle()
+        if conn is None:
+            self._dial(ex, head, chunked, done)
+            return
+        conn.start(ex, head, chunked, _PooledTry(self, ex, head, chunked, done).done)
+
+    def _dial(self, ex: Exchange, head: bytes, chunked: bool, done: DoneCallback) -> None:
+        from meshproxy.http.dial import exchange_fresh  # dial.py imports this module
+
+        task = asyncio.ensure_future(exchange_fresh(self, ex, head, chunked))
+        _DIALS.add(task)
+        task.add_done_callback(_Dialled(done).ended)
+
     def take_idle(self) -> UpstreamConnection | None:
         """The most recently used idle connection that is still open, if any."""
         idle = self.idle
@@ -505,7 +600,41 @@ def switched_fields(ex: Exchange, block: bytes) -> list[tuple[bytes, bytes]]:
     return kept
 
 
-def may_replay(ex: Exchange, reused: bool) -> bool:
-    """A reused keep-alive connection that died before answering a bodiless request: Go's
-    transport replays such a request once on a fresh connection, and so do we."""
-    return reused and not ex.has_body and not ex.response_started
+class _PooledTry:
+    """A try on a reused keep-alive connection. One that died before answering a bodiless
+    request (the server closed it while idle): Go's transport replays such a request once on a
+    fresh connection, and so does this. An object, not a closure: see balancer._Attempt."""
+
+    __slots__ = ("chunked", "done_callback", "ex", "head", "pool")
+
+    def __init__(
+        self, pool: UpstreamPool, ex: Exchange, head: bytes, chunked: bool, done: DoneCallback
+    ) -> None:
+        self.pool = pool
+        self.ex = ex
+        self.head = head
+        self.chunked = chunked
+        self.done_callback = done
+
+    def done(self, exc: BaseException | None) -> None:
+        if isinstance(exc, EarlyEOF):
+            ex = self.ex
+            if not ex.has_body and not ex.response_started:
+                self.pool._dial(ex, self.head, self.chunked, self.done_callback)
+                return
+            exc = UpstreamError("backend closed the connection without answering")
+        self.done_callback(exc)
+
+
+class _Dialled:
+    """Ends a try that had to dial first: the task's outcome goes to `done`."""
+
+    __slots__ = ("done_callback",)
+
+    def __init__(self, done: DoneCallback) -> None:
+        self.done_callback = done
+
+    def ended(self, task: asyncio.Future[None]) -> None:
+        _DIALS.discard(task)
+        exc = asyncio.CancelledError() if task.cancelled() else task.exception()
+        self.done_callback(exc)

@@ -17,12 +17,11 @@ import msgspec
 from meshproxy.balancer.http_services import (
     LoadBalancerService,
     MirroringService,
-    ServerTarget,
     WeightedService,
 )
 from meshproxy.config.dynamic import DynamicConfig, Middleware, Router, ServersTransport, Service
 from meshproxy.http.exchange import Handler
-from meshproxy.http.upstream import TransportSettings
+from meshproxy.http.upstream import ServerTarget, TransportSettings
 from meshproxy.middlewares.base import BuildContext, MiddlewareConfigError, MiddlewareState
 from meshproxy.middlewares.ip_strategy import parse_ranges
 from meshproxy.middlewares.registry import MIDDLEWARE_BUILDERS
@@ -184,6 +183,8 @@ class _Compiler:
             weight = 1 if server.weight is None else server.weight
             servers.append((target, weight))
         pass_host = True if lb.pass_host_header is None else lb.pass_host_header
+        for target, _ in servers:
+            target.pass_host_header = pass_host
         service = LoadBalancerService(qualified, servers, pass_host, self.ctx.metrics)
         previous = self.ctx.state.services.get(qualified)
         if (
