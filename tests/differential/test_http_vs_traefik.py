@@ -266,6 +266,9 @@ DIVERGENT: dict[str, str] = {
     "carry it)",
     "response-fields": "a response without Date is forwarded without one; RFC 9110 §6.6.1 "
     "says a recipient with a clock MUST add it when forwarding (Traefik does)",
+    "te-trailing-comma": "`Transfer-Encoding: chunked,` gets 400 while `, chunked` is served: "
+    "RFC 9110 §5.6.1.2 says empty list elements are ignored (both are chunked); Traefik "
+    "answers 501 to both",
     "expect-unknown": "an unknown expectation is forwarded; Traefik answers 417 "
     "(RFC 9110 §10.1.1 allows it)",
 }
@@ -338,6 +341,10 @@ DELIBERATE: dict[str, str] = {
     "two-te-fields": _TE_WHY,
     "te-empty": "an empty Transfer-Encoding is not a valid field value (RFC 9112 §6.1): 400, "
     "not Traefik's 501 for an unknown coding",
+    "te-xchunked-and-cl": "Transfer-Encoding with Content-Length is refused first (400, as "
+    "te-and-cl), before the unknown coding would be (Traefik's 501): nothing forwarded either way",
+    "te-leading-comma": "RFC 9110 §5.6.1.2: a recipient MUST ignore empty list elements, so "
+    "`, chunked` is chunked and served; Traefik (Go) answers 501",
     "te-and-cl": "RFC 9112 §6.3 item 3 allows rejecting a request with both Transfer-Encoding "
     "and Content-Length: the classic smuggling shape",
     "te-in-http10": "RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 request MUST be treated as "
@@ -401,7 +408,7 @@ def check(pair: Differential, case: Case, **kw: Any) -> Comparison:
 def _closing(cases: list[Case]) -> list[Case]:
     """`cases` where every refused request also requires the connection to be closed: after a
     body framing error the next message's start is unknown (RFC 9112 §6.3, §7.1)."""
-    refused = [c.meshproxy is not None or (c.traefik or 0) >= 400 for c in cases]
+    refused = [(c.meshproxy if c.meshproxy is not None else c.traefik or 0) >= 400 for c in cases]
     return [replace(c, closes=True) if r else c for c, r in zip(cases, refused, strict=True)]
 
 
@@ -448,6 +455,10 @@ FRAMING = [
         400,
     ),
     Case("cl-good-control", req("/public", "POST", (("Content-Length", "5"),), b"hello"), 200),
+    Case("cl-leading-zero", req("/public", "POST", (("Content-Length", "05"),), b"hello"), 200),
+    Case("cl-huge", req("/public", "POST", (("Content-Length", "9" * 25),), b"hello"), 400),
+    Case("cl-space-inside", req("/public", "POST", (("Content-Length", "5 5"),), b"hello"), 400),
+    Case("cl-empty", req("/public", "POST", (("Content-Length", ""),), b"hello"), 400),
 ]
 
 # Item 5: transfer codings (RFC 9112 §6.1, §6.3, §7): 501 for a coding not implemented, 400
@@ -466,6 +477,11 @@ ITEM5 = [
         400,
     ),
     Case("te-empty", te(""), 501, 400),
+    Case("te-xchunked-and-cl", te("xchunked", b"hello", ("Content-Length", "5")), 501, 400),
+    Case("te-trailing-comma", te("chunked,"), 501),
+    Case("te-leading-comma", te(", chunked"), 501, 200, None),
+    Case("te-tab-before-value", te("\tchunked"), 200),
+    Case("te-quoted", te('"chunked"'), 501),
     Case("te-uppercase", te("CHUNKED"), 200),
     Case(
         "te-and-cl",
