@@ -1,6 +1,7 @@
 """Print the divergence table of docs/traefik-differences.md from a real run.
 
-    .venv/bin/python -m tests.differential.report > /tmp/table.md
+    .venv/bin/python -m tests.differential.report            # print the table
+    .venv/bin/python -m tests.differential.report --write    # replace it in the doc
 
 Runs every case of test_http_vs_traefik.py that is listed as a divergence (DIVERGENT, status
 "to fix") or a deliberate difference (DELIBERATE) through real Traefik and meshproxy, and prints
@@ -16,6 +17,9 @@ from pathlib import Path
 
 from tests.differential import test_http_vs_traefik as cases_module
 from tests.differential.harness import Differential, RecordingBackend
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "traefik-differences.md"
+BEGIN, END = "<!-- table:begin -->", "<!-- table:end -->"
 
 PAIRS = {
     "main": (cases_module.main_config, ()),
@@ -67,7 +71,8 @@ def show(raw: bytes) -> str:
     return "`" + out.replace("|", "\\|").replace("`", "'") + "`"
 
 
-def main() -> int:
+def table() -> str:
+    """Run the listed cases through a real pair per config; the Markdown table and notes."""
     backend = RecordingBackend().start()
     rows = []
     notes: list[str] = []  # the deliberate reasons, numbered in order of first use
@@ -98,12 +103,24 @@ def main() -> int:
                     )
     finally:
         backend.close()
-    print("| item | case | raw request | Traefik 3.7 | meshproxy | status |")
-    print("|---|---|---|---|---|---|")
-    print("\n".join(rows))
-    print()
-    for i, why in enumerate(notes, 1):
-        print(f'<a id="d{i}"></a>**D{i}.** {why}.\n')
+    lines = [
+        "| item | case | raw request | Traefik 3.7 | meshproxy | status |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += rows
+    lines.append("")
+    lines += [f'<a id="d{i}"></a>**D{i}.** {why}.\n' for i, why in enumerate(notes, 1)]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    text = table()
+    if "--write" not in sys.argv:
+        print(text)
+        return 0
+    doc = DOC.read_text()
+    start, end = doc.index(BEGIN) + len(BEGIN), doc.index(END)
+    DOC.write_text(doc[:start] + "\n" + text + "\n" + doc[end:])
     return 0
 
 

@@ -114,3 +114,24 @@ def test_backend_scripted_answers(backend: RecordingBackend) -> None:
     held = f"GET / HTTP/1.1\r\nHost: h\r\n{HOLD_HEADER}: 1\r\n\r\n"
     resp = raw_request(backend.port, [held.encode()], timeout=0.3)
     assert resp.status is None and resp.timed_out
+
+
+def test_docs_table_lists_every_divergence() -> None:
+    """docs/traefik-differences.md's table (written by `python -m tests.differential.report
+    --write`) has exactly one row per divergence of test_http_vs_traefik.py, marked "to fix"
+    for DIVERGENT and "deliberate" for DELIBERATE: a fix that removes a strict xfail, or a new
+    divergence, must reach the doc too."""
+    from tests.differential import report
+    from tests.differential import test_http_vs_traefik as cases
+
+    doc = report.DOC.read_text()
+    table = doc[doc.index(report.BEGIN) : doc.index(report.END)]
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.split(" | ")]
+        if line.startswith("| ") and len(cells) >= 6 and cells[1].startswith("`"):
+            rows[cells[1].strip("`")] = cells[-1]
+    to_fix = {cid for cid, status in rows.items() if "to fix" in status}
+    deliberate = {cid for cid, status in rows.items() if status.startswith("deliberate")}
+    assert to_fix == set(cases.DIVERGENT), "regenerate the table: report.py --write"
+    assert deliberate == set(cases.DELIBERATE), "regenerate the table: report.py --write"
