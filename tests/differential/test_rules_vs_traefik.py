@@ -429,6 +429,37 @@ SCENARIOS: dict[str, tuple[Routers, list[bytes], tuple[str, ...]]] = {
         ],
         (),
     ),
+    # How the request is read before matching: query decoding as Go's url.ParseQuery (`+`,
+    # %XX in keys and values, a pair with `;` or a bad escape skipped), a header's values not
+    # split at commas, the path cleaned (`..`, `//`) before routing. (A lower-case request
+    # method is not here: meshproxy's HTTP parser answers 400 where Go's answers 404.)
+    "details": (
+        {
+            "q-space": "Query(`k`, `a b`)",
+            "q-key": "Query(`key`, `1`) && PathPrefix(`/qk`)",
+            "q-semi": "Query(`s`, `1`) && PathPrefix(`/qs`)",
+            "q-bad": "Query(`g`, `1`) && PathPrefix(`/qb`)",
+            "h-comma": "Header(`X-List`, `b`)",
+            "m-lower": "Method(`get`) && PathPrefix(`/ml`)",
+            "clean": "Path(`/clean/x`)",
+        },
+        [
+            request("/?k=a+b"),
+            request("/?k=a%20b"),
+            request("/qk?%6Bey=1"),
+            request("/qs?s=1;t=2"),
+            request("/qs?t=2;s=1&s=1"),
+            request("/qb?g=1&h=%zz"),
+            request("/qb?g=%zz&g=1"),
+            request(headers=(("X-List", "a, b"),)),
+            request(headers=(("X-List", "a"), ("X-List", "b"))),
+            request("/ml", method="GET"),
+            request("/clean/../clean/x"),
+            request("//clean/x"),
+            request("/clean/./x"),
+        ],
+        (),
+    ),
     # Default priority = rule length in bytes (so the longer, more specific rule wins), explicit
     # priority overrides it, negative priorities are allowed, `&&` binds tighter than `||`.
     "priority": (
