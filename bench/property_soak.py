@@ -50,7 +50,7 @@ def main() -> int:
                 command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=left
             )
         except subprocess.TimeoutExpired:
-            print(f"round {rounds + 1} (seed {seed}): stopped at the time budget")
+            print(f"round {rounds + 1} (seed {seed}): stopped at the time budget", flush=True)
             break
         rounds += 1
         found = sum(int(n) for n in re.findall(r"(\d+) passing, \d+ failing", done.stdout))
@@ -58,7 +58,8 @@ def main() -> int:
         summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
         print(
             f"round {rounds} (seed {seed}): {summary}; {found} passing examples "
-            f"in {time.monotonic() - started:.0f} s"
+            f"in {time.monotonic() - started:.0f} s",
+            flush=True,
         )
         if done.returncode != 0:
             failures += 1
