@@ -1,9 +1,11 @@
 """Header fields of a response on its way from a backend to a client.
 
-A response head's fields travel as the block of lines the backend sent whenever none of them
-is hop-by-hop (the usual case): no per-field parsing, no rebuilding, the names keep their case,
-as HAProxy does. Only a head with hop-by-hop fields, or a middleware that edits the response
-(headers), turns the block into a list of (lower-case name, value) pairs.
+Across the exchange seam fields are always a sequence of (lower-case name, value) pairs: a
+plain list, or a `HeaderBlock`, which is how an HTTP/1.1 backend's head travels when none of
+its fields is hop-by-hop (the usual case). A HeaderBlock parses into pairs only when someone
+asks (a middleware editing the response, an HTTP/2 writer); an HTTP/1.1 writer writes its
+`raw` lines as they came: no per-field parsing, no rebuilding, names keep their case, as
+HAProxy does.
 
 Hand-written because llhttp (through httptools) reports fields one callback at a time, which
 is the cost this avoids; llhttp still parses and checks every head first (CRLF line ends, no
@@ -17,10 +19,34 @@ import re
 from meshproxy.http.forwarding import HOP_BY_HOP, connection_tokens
 
 FieldList = list[tuple[bytes, bytes]]
-Fields = FieldList | bytes
-"""A list of (lower-case name, value) pairs, or a block of `name: value\\r\\n` lines."""
-
 _CRLF = b"\r\n"
+
+
+class HeaderBlock:
+    """Fields as an HTTP/1.1 peer sent them (`raw`: `name: value\\r\\n` lines, checked by
+    llhttp), readable as (lower-case name, value) pairs with `pairs()`."""
+
+    __slots__ = ("_pairs", "raw")
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self._pairs: FieldList | None = None
+
+    def pairs(self) -> FieldList:
+        """The fields as pairs (a new list each call: the caller may edit it)."""
+        pairs = self._pairs
+        if pairs is None:
+            pairs = self._pairs = []
+            for line in self.raw.split(_CRLF)[:-1]:
+                name, _, value = line.partition(b":")
+                pairs.append((name.lower(), value.strip(b" \t")))
+        return list(pairs)
+
+
+Fields = FieldList | HeaderBlock
+"""Header fields across the exchange seam: (lower-case name, value) pairs, as a list or a
+`HeaderBlock`."""
+
 # The fields the proxy acts on: framing, and hop-by-hop ones it must not pass on.
 _NOTED_FIELD = re.compile(
     rb"\n(c(?:ontent-length|onnection)|t(?:e|railer|ransfer-encoding)|keep-alive|upgrade"
@@ -40,8 +66,8 @@ def response_fields(block: bytes) -> tuple[Fields, int | None, bool]:
     if not noted or (len(noted) == 1 and noted[0][0] == b"content-length"):
         if noted:  # the usual response: a Content-Length and no hop-by-hop field
             length = _content_length(noted[0][1])
-        return block[1:], length, False
-    fields = field_list(block[1:])
+        return HeaderBlock(block[1:]), length, False
+    fields = HeaderBlock(block[1:]).pairs()
     listed = set(HOP_BY_HOP)
     chunked = False
     for name, value in fields:
@@ -63,17 +89,13 @@ def _content_length(value: bytes) -> int:
 
 def field_list(fields: Fields) -> FieldList:
     """The fields as (lower-case name, value) pairs, values without surrounding blanks."""
-    if not isinstance(fields, bytes):
-        return fields
-    pairs = []
-    for line in fields.split(_CRLF)[:-1]:
-        name, _, value = line.partition(b":")
-        pairs.append((name.lower(), value.strip(b" \t")))
-    return pairs
+    if isinstance(fields, HeaderBlock):
+        return fields.pairs()
+    return fields
 
 
 def field_lines(fields: Fields) -> bytes:
     """The fields as `name: value\\r\\n` lines."""
-    if isinstance(fields, bytes):
-        return fields
+    if isinstance(fields, HeaderBlock):
+        return fields.raw
     return b"".join([name + b": " + value + _CRLF for name, value in fields])

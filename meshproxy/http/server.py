@@ -36,7 +36,7 @@ from typing import Any
 import httptools
 
 from meshproxy.http.exchange import Exchange
-from meshproxy.http.fields import Fields, field_lines
+from meshproxy.http.fields import Fields, HeaderBlock, field_lines
 from meshproxy.http.forwarding import (
     HOP_BY_HOP,
     SERVER_NAME,
@@ -919,7 +919,7 @@ class H1ServerConnection(asyncio.Protocol):
         if not ex.body_complete:
             keep_alive = False  # the rest of the request body would be read as a new request
         request.keep_alive = keep_alive
-        fields = headers if type(headers) is bytes else field_lines(headers)
+        fields = headers.raw if type(headers) is HeaderBlock else field_lines(headers)
         if chunked:
             fields += b"transfer-encoding: chunked\r\n"
         if not keep_alive:

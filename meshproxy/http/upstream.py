@@ -43,7 +43,7 @@ from meshproxy.http.errors import (
     UpstreamResponseTimeout,
 )
 from meshproxy.http.exchange import Exchange
-from meshproxy.http.fields import MalformedFields, field_list, response_fields
+from meshproxy.http.fields import HeaderBlock, MalformedFields, response_fields
 from meshproxy.http.forwarding import HOP_BY_HOP, connection_tokens
 
 log = logging.getLogger("meshproxy.upstream")
@@ -574,7 +574,7 @@ def switched_fields(ex: Exchange, block: bytes) -> list[tuple[bytes, bytes]]:
     asked = ex.request.upgrade
     if asked is None:
         raise MalformedFields("101 Switching Protocols without an upgrade request")
-    fields = field_list(block)
+    fields = HeaderBlock(block).pairs()
     listed = set(HOP_BY_HOP)
     switched = b""
     accept = b""

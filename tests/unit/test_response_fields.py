@@ -5,14 +5,21 @@ from __future__ import annotations
 
 import pytest
 
-from meshproxy.http.fields import MalformedFields, field_lines, field_list, response_fields
+from meshproxy.http.fields import (
+    HeaderBlock,
+    MalformedFields,
+    field_lines,
+    field_list,
+    response_fields,
+)
 
 
 def test_clean_block_passes_through_untouched_with_its_content_length():
     block = b"\nContent-Type: text/plain\r\nCONTENT-LENGTH: 13\r\nX-Case: KeepMe\r\n"
     fields, length, chunked = response_fields(block)
-    assert fields == block[1:]
+    assert isinstance(fields, HeaderBlock) and fields.raw == block[1:]
     assert length == 13 and not chunked
+    assert fields.pairs()[2] == (b"x-case", b"KeepMe")  # read as pairs when asked
 
 
 def test_hop_by_hop_and_connection_listed_fields_are_removed():
@@ -28,7 +35,7 @@ def test_hop_by_hop_and_connection_listed_fields_are_removed():
 def test_a_field_whose_name_only_starts_like_a_hop_by_hop_one_is_kept():
     block = b"\nTE-Like: 1\r\nUpgrade-Insecure: 2\r\ncontent-length: 0\r\n"
     fields, length, _ = response_fields(block)
-    assert fields == block[1:] and length == 0
+    assert isinstance(fields, HeaderBlock) and fields.raw == block[1:] and length == 0
 
 
 def test_unreadable_content_length_is_an_error_not_a_guess():
@@ -37,8 +44,12 @@ def test_unreadable_content_length_is_an_error_not_a_guess():
 
 
 def test_block_and_list_forms_convert_both_ways():
-    block = b"A: 1\r\nB:\t two \r\n"
+    raw = b"A: 1\r\nB:\t two \r\n"
+    block = HeaderBlock(raw)
     assert field_list(block) == [(b"a", b"1"), (b"b", b"two")]
     assert field_lines(field_list(block)) == b"a: 1\r\nb: two\r\n"
-    assert field_lines(block) is block
-    assert field_list(b"") == []
+    assert field_lines(block) is raw
+    assert field_list(HeaderBlock(b"")) == []
+    edited = field_list(block)
+    edited.append((b"c", b"3"))  # a caller's edit does not change the block
+    assert len(block.pairs()) == 2
