@@ -158,8 +158,6 @@ def _normalize_host(value: str) -> str:
 def _required_hosts(node: Node, syntax: str) -> frozenset[str] | None:
     if isinstance(node, Call):
         if node.name in ("Host", "HostHeader") and not any("*" in a for a in node.args):
-            if syntax == "v2" and any(map(has_template, node.args)):
-                return None
             return frozenset(_normalize_host(a) for a in node.args)
         return None
     if isinstance(node, And):
@@ -218,7 +216,7 @@ class _Compiler:
                 return None
             self.check_arity(part)
             for arg in part.args:
-                if "*" in arg or (self.syntax == "v2" and has_template(arg)):
+                if "*" in arg:
                     return None
                 self.check_ascii(part, arg)
                 hosts.add(_normalize_host(arg))
@@ -268,10 +266,12 @@ class _Compiler:
     m_HostHeader = m_Host
 
     def _host(self, call: Call, arg: str) -> Matcher:
+        # Host values take no template in either syntax: Traefik v2 took templates in
+        # HostRegexp only (`Host(`{sub}.a.test`)` matches that text, i.e. nothing).
         self.check_ascii(call, arg)
-        if self.syntax == "v2" and has_template(arg):
-            return self._host_regex(call, "^" + template_to_regex(arg, "[^.]+") + "$")
         host = _normalize_host(arg)
+        if self.syntax == "v2":  # no wildcards either: Traefik 3.7 added them to v3 only
+            return lambda r: r.host == host or r.host.rstrip(".") == host
         if host == "*":
             return lambda r: True
         if host.startswith("*."):

@@ -312,6 +312,10 @@ SCENARIOS: dict[str, tuple[Routers, list[bytes], tuple[str, ...]]] = {
             "re-nl": "HostRegexp(`^nl\\.test$`)",
             "re-unanchored": "HostRegexp(`mid`)",
             "v2tpl": ("HostRegexp(`{sub:[a-z]+}.tpl.test`)", {"ruleSyntax": "v2"}),
+            "v2upper": ("HostRegexp(`{sub:[A-Z]+}.v2up.test`)", {"ruleSyntax": "v2"}),
+            "v2host": ("Host(`{sub:[a-z]+}.h2.test`)", {"ruleSyntax": "v2"}),
+            "v2path": ("PathPrefix(`/{v:v[0-9]+}/tpl`)", {"ruleSyntax": "v2"}),
+            "v2wild": ("Host(`*.w2.test`)", {"ruleSyntax": "v2"}),
             "v3tpl": "HostRegexp(`^{sub:[a-z]+}\\.v3tpl\\.test$`)",
             "v6": "Host(`::1`)",
         },
@@ -335,6 +339,13 @@ SCENARIOS: dict[str, tuple[Routers, list[bytes], tuple[str, ...]]] = {
             request(host="x.tpl.test"),
             request(host="X.TPL.test"),
             request(host="x.v3tpl.test"),
+            request(host="abc.v2up.test"),
+            request(host="ABC.v2up.test"),
+            request(host="abc.h2.test"),
+            request(host="{sub:[a-z]+}.h2.test"),
+            request(host="a.w2.test"),
+            request("/v2/tpl/x"),
+            request("/vx/tpl"),
             request(host="[::1]:80"),
             request(host="[::1]"),
             request("http://example.com/", host="other.test"),
@@ -491,8 +502,9 @@ SCENARIOS: dict[str, tuple[Routers, list[bytes], tuple[str, ...]]] = {
 # Routers that Traefik never picks for any request of their scenario (and why).
 NEVER_WIN: dict[str, set[str]] = {
     # the host is lower-cased before matching, so an upper-case pattern cannot match; `{`
-    # is a literal brace in a v3 regexp
-    "host": {"re-upper", "v3tpl"},
+    # is a literal brace in a v3 regexp; a v2 Host takes no template (literal text, and `{`
+    # cannot be in a request's host), nor a wildcard (v3.7 added those to v3 only)
+    "host": {"re-upper", "v3tpl", "v2host", "v2wild"},
     # requests come from 127.0.0.1, and X-Forwarded-For never counts for ClientIP
     "request": {"ip6", "ip-xff"},
 }
