@@ -236,3 +236,14 @@ def _known() -> dict[str, str]:
     from meshproxy.rules.http import KNOWN_HTTP
 
     return KNOWN_HTTP
+
+
+def test_v2_host_values_are_literal_and_v3_has_the_wildcards():
+    """Traefik's v2 Host compares literal values (templates belong to HostRegexp; wildcards
+    came with v3.7, for v3 only): checked against Traefik 3.7 in the differential test."""
+    assert not compile_http_rule("Host(`{sub:[a-z]+}.a.test`)", "v2").matcher(Req(host="x.a.test"))
+    assert not compile_http_rule("Host(`*.a.test`)", "v2").matcher(Req(host="x.a.test"))
+    assert compile_http_rule("Host(`*.a.test`)", "v3").matcher(Req(host="x.a.test"))
+    assert compile_http_rule("HostRegexp(`{sub:[a-z]+}.a.test`)", "v2").matcher(
+        Req(host="x.a.test")
+    )
