@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -146,6 +147,31 @@ def rules_config(backend_url: str) -> dict[str, Any]:
             "middlewares": middlewares,
             "services": {"s": {"loadBalancer": {"servers": [{"url": backend_url}]}}},
         }
+    }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _start_pairs_together(differential: DifferentialFactory) -> None:
+    """Start every pair of this module at once (`pair_specs()`): their start-ups (process
+    imports, config loads, readiness probes) overlap instead of adding up."""
+    with ThreadPoolExecutor(max_workers=len(pair_specs())) as pool:
+        started = [
+            pool.submit(differential, name, make, flags)
+            for name, (make, flags) in pair_specs().items()
+        ]
+        for future in started:
+            future.result()
+
+
+def pair_specs() -> dict[str, tuple[Callable[[str], dict[str, Any]], tuple[str, ...]]]:
+    """name -> (dynamic config factory, static flags) of every pair this module uses."""
+    return {
+        "main": (main_config, ()),
+        "trusted": (main_config, TRUSTED_FLAGS),
+        "strict": (main_config, STRICT_FLAGS),
+        "raised": (main_config, RAISED_FLAGS),
+        "rules": (rules_config, ()),
+        "reload": (reload_config, ()),
     }
 
 
