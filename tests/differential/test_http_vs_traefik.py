@@ -71,6 +71,8 @@ def main_config(backend_url: str) -> dict[str, Any]:
                 "hdr": _router("PathPrefix(`/hdr`)", ["hdr"]),
                 "allowed": _router("PathPrefix(`/allowed`)", ["allow-local"]),
                 "xff": _router("PathPrefix(`/xff`)", ["allow-depth"]),
+                "chain": _router("PathPrefix(`/chain`)", ["chained"]),
+                "buf": _router("PathPrefix(`/buf`)", ["buffer-10"]),
                 "catchall": _router("PathPrefix(`/`)", priority=1),
                 "slow": {
                     "rule": "PathPrefix(`/slow`)",
@@ -95,6 +97,9 @@ def main_config(backend_url: str) -> dict[str, Any]:
                     }
                 },
                 "allow-local": {"ipAllowList": {"sourceRange": ["127.0.0.1/32"]}},
+                "strip-chain": {"stripPrefix": {"prefixes": ["/chain"]}},
+                "chained": {"chain": {"middlewares": ["strip-chain", "add", "hdr"]}},
+                "buffer-10": {"buffering": {"maxRequestBodyBytes": 10}},
                 "allow-depth": {
                     "ipAllowList": {
                         "sourceRange": ["192.0.2.0/24"],
@@ -766,6 +771,32 @@ MIDDLEWARES = [
         req("/hdr/x", headers=(("X-Drop", "client"), ("X-Custom", "client"))),
         200,
         headers=MIDDLEWARE_HEADERS,
+    ),
+    Case(
+        "chain", req("/chain/x", headers=(("X-Drop", "client"),)), 200, headers=MIDDLEWARE_HEADERS
+    ),
+    Case(
+        "buffering-chunked",
+        req("/buf/x", "POST", (("Transfer-Encoding", "chunked"),), b"5\r\nhello\r\n0\r\n\r\n"),
+        200,
+        headers=(*COMPARED_HEADERS, "content-length", "transfer-encoding"),
+    ),
+    Case(
+        "buffering-small",
+        req("/buf/x", "POST", (("Content-Length", "5"),), b"hello"),
+        200,
+        headers=(*COMPARED_HEADERS, "content-length", "transfer-encoding"),
+    ),
+    Case("buffering-too-large", req("/buf/x", "POST", (("Content-Length", "20"),), b"x" * 20), 413),
+    Case(
+        "buffering-too-large-chunked",
+        req(
+            "/buf/x",
+            "POST",
+            (("Transfer-Encoding", "chunked"),),
+            b"14\r\n" + b"x" * 20 + b"\r\n0\r\n\r\n",
+        ),
+        413,
     ),
     Case("ipallowlist-allowed", req("/allowed/x"), 200),
     Case("ipallowlist-denied", req("/admin/x"), 403),
