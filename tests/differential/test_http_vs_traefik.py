@@ -171,38 +171,38 @@ def _start_pairs_together(differential: DifferentialFactory) -> None:
 def pair_specs() -> dict[str, tuple[Callable[[str], dict[str, Any]], tuple[str, ...]]]:
     """name -> (dynamic config factory, static flags) of every pair this module uses."""
     return {
-        "main": (main_config, ()),
-        "trusted": (main_config, TRUSTED_FLAGS),
-        "strict": (main_config, STRICT_FLAGS),
-        "raised": (main_config, RAISED_FLAGS),
-        "rules": (rules_config, ()),
-        "reload": (reload_config, ()),
+        "http-main": (main_config, ()),
+        "http-trusted": (main_config, TRUSTED_FLAGS),
+        "http-strict": (main_config, STRICT_FLAGS),
+        "http-raised": (main_config, RAISED_FLAGS),
+        "http-rules": (rules_config, ()),
+        "http-reload": (reload_config, ()),
     }
 
 
 @pytest.fixture(scope="module")
 def main_pair(differential: DifferentialFactory) -> Differential:
-    return differential("main", main_config)
+    return differential("http-main", main_config)
 
 
 @pytest.fixture(scope="module")
 def trusted_pair(differential: DifferentialFactory) -> Differential:
-    return differential("trusted", main_config, TRUSTED_FLAGS)
+    return differential("http-trusted", main_config, TRUSTED_FLAGS)
 
 
 @pytest.fixture(scope="module")
 def strict_pair(differential: DifferentialFactory) -> Differential:
-    return differential("strict", main_config, STRICT_FLAGS)
+    return differential("http-strict", main_config, STRICT_FLAGS)
 
 
 @pytest.fixture(scope="module")
 def raised_pair(differential: DifferentialFactory) -> Differential:
-    return differential("raised", main_config, RAISED_FLAGS)
+    return differential("http-raised", main_config, RAISED_FLAGS)
 
 
 @pytest.fixture(scope="module")
 def rules_pair(differential: DifferentialFactory) -> Differential:
-    return differential("rules", rules_config)
+    return differential("http-rules", rules_config)
 
 
 # ---------------------------------------------------------------- cases
@@ -1195,7 +1195,7 @@ def test_config_file_emptied_in_place(differential: DifferentialFactory) -> None
     Traefik 3.7 applies the empty file as an empty configuration (every router gone, 404): a
     deliberate difference (docs/traefik-differences.md). Every change is waited for as a
     condition (Traefik's API and answers, meshproxy's log and answers), never a fixed delay."""
-    pair = differential("reload", reload_config)
+    pair = differential("http-reload", reload_config)
     traefik, meshproxy = pair.traefik, pair.meshproxy
     assert traefik is not None and meshproxy is not None
     restored = yaml.safe_dump(pair.config)
