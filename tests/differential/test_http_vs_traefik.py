@@ -8,11 +8,13 @@ status, whether anything reached the backend, the forwarded request line and the
 `COMPARED_HEADERS`), and Traefik's own answer is the one recorded in the case (so a change of
 the reference, or a harness that stopped reaching Traefik, fails too).
 
-Where meshproxy is deliberately different (stricter, items 12 and 16), the case says what
-meshproxy must do instead and docs/traefik-differences.md says why. Where meshproxy diverges
-today and should not, the case is `xfail(strict=True)` with the divergence as its reason: a fix
-turns it into an XPASS, which fails the run until the mark is removed. The table of every
-divergence is docs/traefik-differences.md.
+Where meshproxy is deliberately different (mostly stricter framing: items 4, 5, 10, 11, 12 and
+the head's syntax), the case says what meshproxy must do instead and `DELIBERATE` says why.
+Where meshproxy diverges today and should not, the case is in `DIVERGENT`, i.e.
+`xfail(strict=True)` with the divergence as its reason: a fix turns it into an XPASS, which
+fails the run until the entry is removed. After changing either list, regenerate the table of
+docs/traefik-differences.md with `.venv/bin/python -m tests.differential.report --write`
+(test_harness.py checks that the table and the lists agree).
 """
 
 from __future__ import annotations
