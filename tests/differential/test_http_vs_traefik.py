@@ -1159,6 +1159,25 @@ def test_response_fields(main_pair: Differential, case: Case) -> None:
     assert names[1] == names[0]
 
 
+# Persistence (RFC 9112 §9.3, §9.6): the proxy closes after its answer when the client asked.
+CLOSING = [
+    Case("connection-close", req(headers=(("Connection", "close"),)), 200),
+    Case("http10-default-close", req(version="HTTP/1.0"), 200),
+    Case("connection-close-mixed-case", req(headers=(("Connection", "Close"),)), 200),
+    Case("connection-close-in-list", req(headers=(("Connection", "x-a, close"),)), 200),
+]
+
+
+@pytest.mark.parametrize("case", params(CLOSING))
+def test_connection_close(main_pair: Differential, case: Case) -> None:
+    """RFC 9112 §9.6: a server that receives `Connection: close` closes after its response;
+    §9.3: an HTTP/1.0 request without keep-alive is not persistent. Both proxies answer, then
+    close (awaited as a condition, up to the answer timeout)."""
+    cmp = check(main_pair, case, await_close=True)
+    assert cmp.traefik.response.closed, "Traefik kept the connection open"
+    assert cmp.meshproxy.response.closed, "meshproxy kept the connection open"
+
+
 # Item 6: a backend that never answers (it holds the request until the proxy hangs up).
 SLOW = [
     Case("hold-get", req("/slow/x", headers=((HOLD_HEADER, "1"),)), 504),
