@@ -45,6 +45,8 @@ LISTS = {
         ("mw", cases_module.MIDDLEWARES),
         ("fields", cases_module.FIELD_CASES),
         ("fields", cases_module.RESPONSE_FIELD_CASES),
+        ("persistence", cases_module.CLOSING),
+        ("6", cases_module.SLOW),
     ],
     "trusted": [("14", cases_module.TRUSTED)],
     "rules": [("rules", cases_module.RULE_CASES)],
