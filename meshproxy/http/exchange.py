@@ -1,15 +1,38 @@
 """One request/response exchange between a client connection and whatever serves it.
 
 The downstream protocol (HTTP/1.1 now, HTTP/2 later) feeds the request body in and writes the
-response out; the serving side (an upstream connection, or a local response) drives the
-response through the methods here. Neither side knows the other's wire protocol.
+response out through its `Sink`; the serving side (an upstream connection, or a local response)
+drives the response through the methods here. Neither side knows the other's wire protocol:
+fields are (lower-case name, value) pairs (http.fields), bodies are byte chunks, trailers are
+pairs, and flow control is per exchange (pausing one HTTP/2 stream never pauses its
+connection).
+
+States, and who moves them:
+
+1. *received* — the downstream protocol parsed the head and built the exchange (`has_body`
+   says whether a body follows; `body_complete` is already true if not).
+2. *routed* — dispatch picked a router and runs its chain (`router`, `service` set); a
+   middleware may answer locally (`respond`) or pass it on.
+3. *sending* — an upstream pool attached itself (`upstream`, a typed `UpstreamHandle`) and
+   `attach_body_target`: body chunks go straight to it; until then they are buffered up to
+   `body_high_water`, then the downstream pauses this exchange's body
+   (`Sink.pause_request_body`). The downstream ends the body with `on_request_end`, after
+   setting `request_trailers` if any.
+4. *responding* — the serving side called `start_response` (`response_started`), then
+   `send_body`* and `end_response` (`finished`), with `response_trailers` set before it if
+   any; 1xx interim responses may precede it (`Sink.write_interim`); a 101 instead hands both
+   connections to a byte pipe (`Sink.switch_protocols`).
+5. *done* — the chain's `finish` reached dispatch (`handled`), which records metrics and calls
+   `Sink.exchange_done`. A failure on the way (`ProxyError`) becomes a local answer, or an
+   `abort` once the response has started. `client_gone` and `request_error` record that the
+   downstream side ended it (the client left, its body was malformed: RFC 9112 §7.1).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 from meshproxy.http.fields import Fields, field_list
 from meshproxy.http.request import Request
@@ -35,7 +58,8 @@ class Sink(Protocol):
 
     def write_body(self, ex: Exchange, chunk: bytes) -> None: ...
 
-    def write_end(self, ex: Exchange) -> None: ...
+    def write_end(self, ex: Exchange) -> None:
+        """The response is complete; `ex.response_trailers`, if any, follow the body."""
 
     def write_interim(self, ex: Exchange, status: int, headers: Fields) -> None: ...
 
@@ -49,7 +73,9 @@ class Sink(Protocol):
     ) -> None:
         """The backend answered 101 to an upgrade: relay it and tunnel both connections."""
 
-    def flush(self) -> None: ...
+    def flush(self, ex: Exchange) -> None:
+        """Write out what the sink holds back for `ex` (a head waiting for its first body
+        bytes): the serving side has nothing more for now."""
 
     def exchange_done(self, ex: Exchange) -> None: ...
 
@@ -57,9 +83,22 @@ class Sink(Protocol):
 
     def write_continue(self, ex: Exchange) -> None: ...
 
-    def pause_client(self) -> None: ...
+    def pause_request_body(self, ex: Exchange) -> None:
+        """Stop reading `ex`'s request body from the client (its stream only)."""
 
-    def resume_client(self) -> None: ...
+    def resume_request_body(self, ex: Exchange) -> None: ...
+
+
+class UpstreamHandle(Protocol):
+    """What an exchange knows of the upstream connection or stream serving it."""
+
+    def client_gone(self) -> None:
+        """The client left: end the try (the pool drops a connection in an unknown state)."""
+
+    def pause_reading(self) -> None:
+        """The client reads slower than the backend sends: stop reading this response."""
+
+    def resume_reading(self) -> None: ...
 
 
 class BodyTarget(Protocol):
@@ -111,8 +150,10 @@ class Exchange:
         "replay_body",
         "request",
         "request_error",
+        "request_trailers",
         "response_hooks",
         "response_started",
+        "response_trailers",
         "router",
         "service",
         "sink",
@@ -147,7 +188,9 @@ class Exchange:
         self.body_waiter: Callable[[], None] | None = None
         self.router = ""
         self.service = ""
-        self.upstream: Any = None
+        self.upstream: UpstreamHandle | None = None
+        self.request_trailers: list[tuple[bytes, bytes]] | None = None
+        self.response_trailers: list[tuple[bytes, bytes]] | None = None
         self.protocol = ""  # metrics label, computed once
         # Set by middlewares: edit response headers on the way out (headers middleware) ...
         self.response_hooks: list[ResponseHook] | None = None
@@ -169,7 +212,7 @@ class Exchange:
         self._body_buffer.append(chunk)
         self._body_buffered += len(chunk)
         if self._body_buffered > self.body_high_water:
-            self.sink.pause_client()
+            self.sink.pause_request_body(self)
             if self.body_waiter is not None:
                 self._wake_body_waiter()
 
@@ -199,7 +242,7 @@ class Exchange:
             for chunk in buffered:
                 target.send_body(chunk)
             if paused:
-                self.sink.resume_client()
+                self.sink.resume_request_body(self)
         if self.body_complete and self.has_body:
             target.end_body()
 
@@ -324,7 +367,7 @@ class NullSink:
         ex.finished = True
         upstream.close()  # nobody to tunnel to
 
-    def flush(self) -> None:
+    def flush(self, ex: Exchange) -> None:
         pass
 
     def exchange_done(self, ex: Exchange) -> None:
@@ -339,10 +382,10 @@ class NullSink:
     def write_continue(self, ex: Exchange) -> None:
         pass
 
-    def pause_client(self) -> None:
+    def pause_request_body(self, ex: Exchange) -> None:
         pass
 
-    def resume_client(self) -> None:
+    def resume_request_body(self, ex: Exchange) -> None:
         pass
 
 

@@ -37,6 +37,32 @@ UNTRUSTED_DROP = frozenset(_X_HEADERS + [h.replace(b"-", b"_") for h in _X_HEADE
 SERVER_NAME = socket.gethostname().encode()
 
 
+# Fields that may not travel as trailers (RFC 9110 §6.5.1): framing, routing, controls,
+# authentication and hop-by-hop ones. Dropped when trailers are forwarded.
+NOT_TRAILERS = HOP_BY_HOP | frozenset(
+    {
+        b"content-length",
+        b"content-type",
+        b"content-encoding",
+        b"content-range",
+        b"host",
+        b"expect",
+        b"max-forwards",
+        b"cache-control",
+        b"authorization",
+        b"set-cookie",
+        b"cookie",
+        b"www-authenticate",
+    }
+)
+
+
+def trailer_lines(trailers: list[tuple[bytes, bytes]]) -> bytes:
+    """The last chunk with `trailers` (RFC 9112 §7.1.2), those allowed as trailers only."""
+    lines = [n + b": " + v + b"\r\n" for n, v in trailers if n not in NOT_TRAILERS]
+    return b"0\r\n" + b"".join(lines) + b"\r\n"
+
+
 def connection_tokens(value: bytes) -> list[bytes]:
     """Header names listed in a Connection header (they are hop-by-hop too)."""
     return [t.strip().lower() for t in value.split(b",") if t.strip()]

@@ -204,6 +204,7 @@ _ATTRIBUTES = (
     "query",
     "scheme",
     "target",
+    "te_trailers",
     "upgrade",
     "verbatim",
 )
@@ -246,7 +247,8 @@ class Request:
         self.forwarded_for = False  # an X-Forwarded-For header is present (trusted client)
         self.append_client_ip = True  # cleared by a headers middleware that blanks X-F-F
         self.keep_alive = True
-        self.upgrade: bytes | None = None
+        self.upgrade: bytes | None = None  # the protocol an upgrade request asks for
+        self.te_trailers = False  # the client accepts trailers (TE: trailers, RFC 9110 §10.1.4)
         self.connection_tokens = _NO_TOKENS  # headers named by Connection
         self._header_map: dict[str, list[str]] | None = None
         self._query_map: dict[str, list[str]] | None = None

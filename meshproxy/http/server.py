@@ -42,6 +42,7 @@ from meshproxy.http.forwarding import (
     SERVER_NAME,
     UNTRUSTED_DROP,
     connection_tokens,
+    trailer_lines,
 )
 from meshproxy.http.request import Request
 from meshproxy.http.status import reason_phrase
@@ -84,6 +85,7 @@ _FIELD_KIND.update(
         b"expect": _NOTED | _REWRITTEN,
         b"transfer-encoding": _NOTED | _CHUNKED | _REWRITTEN,
         b"upgrade": _NOTED | _REWRITTEN,
+        b"te": _NOTED | _REWRITTEN,
     }
 )
 # RFC 9110 §7.8: protocol = protocol-name ["/" protocol-version], both tokens.
@@ -503,8 +505,15 @@ class H1ServerConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value) + 4
         if self._header_bytes > self.entry.settings.max_header_bytes:
-            raise _Reject(431)  # RFC 6585 §5
+            raise _Reject(431)  # RFC 6585 §5: trailers count towards the same limit
         name = name.lower()
+        if not self._in_head:  # after a chunked body: a trailer field (RFC 9112 §7.1.2)
+            ex = self._receiving
+            if ex is not None:
+                if ex.request_trailers is None:
+                    ex.request_trailers = []
+                ex.request_trailers.append((name, value))
+            return
         kind = _FIELD_KIND.get(name)
         if kind is not None:
             if kind & _REWRITTEN:
@@ -594,6 +603,8 @@ class H1ServerConnection(asyncio.Protocol):
                     request.connection_tokens |= frozenset(connection_tokens(value))
                 elif name == b"upgrade":
                     upgrade = value
+                elif name == b"te":
+                    request.te_trailers = b"trailers" in connection_tokens(value)
             if upgrade and b"upgrade" in request.connection_tokens:
                 # RFC 9110 §7.8: one protocol is forwarded (the backend picks among several
                 # only if it can; a proxy offering one keeps the answer checkable).
@@ -955,14 +966,17 @@ class H1ServerConnection(asyncio.Protocol):
         if self._closing:
             return
         head = self._pending_head
+        end = _CHUNK_END
+        if self._chunked and ex.response_trailers:  # dropped otherwise (RFC 9110 §6.5.1)
+            end = trailer_lines(ex.response_trailers)
         if head:
             self._pending_head = b""
-            self.transport.write(head + _CHUNK_END if self._chunked else head)  # type: ignore[union-attr]
+            self.transport.write(head + end if self._chunked else head)  # type: ignore[union-attr]
         elif self._chunked:
-            self.transport.write(_CHUNK_END)  # type: ignore[union-attr]
+            self.transport.write(end)  # type: ignore[union-attr]
         self._chunked = False
 
-    def flush(self) -> None:
+    def flush(self, ex: Exchange) -> None:
         """Send a held-back response head now (the upstream read ended without body bytes)."""
         head = self._pending_head
         if head and not self._closing:
@@ -975,12 +989,13 @@ class H1ServerConnection(asyncio.Protocol):
             self._closing = True
             self.transport.abort()
 
-    def pause_client(self) -> None:
+    def pause_request_body(self, ex: Exchange) -> None:
+        """HTTP/1.1 carries one request body at a time: pausing it pauses the connection."""
         if not self._client_paused and self.transport is not None and not self._closing:
             self._client_paused = True
             self.transport.pause_reading()
 
-    def resume_client(self) -> None:
+    def resume_request_body(self, ex: Exchange) -> None:
         if self._client_paused and self.transport is not None and not self._closing:
             self._client_paused = False
             self.transport.resume_reading()

@@ -44,7 +44,7 @@ from meshproxy.http.errors import (
 )
 from meshproxy.http.exchange import Exchange
 from meshproxy.http.fields import HeaderBlock, MalformedFields, response_fields
-from meshproxy.http.forwarding import HOP_BY_HOP, connection_tokens
+from meshproxy.http.forwarding import HOP_BY_HOP, connection_tokens, trailer_lines
 
 log = logging.getLogger("meshproxy.upstream")
 
@@ -125,6 +125,8 @@ def build_request_head(ex: Exchange, target: ServerTarget) -> tuple[bytes, bool]
         lines.extend(
             b"x-forwarded-for: " + v + _CRLF for n, v in headers if n == b"x-forwarded-for"
         )
+    if request.te_trailers:
+        lines.append(b"te: trailers\r\n")  # this hop carries trailers too (RFC 9110 §10.1.4)
     if request.upgrade is not None:
         # The one hop-by-hop pair a proxy carries on (RFC 9110 §7.8): the backend may switch.
         lines.append(b"connection: Upgrade\r\nupgrade: " + request.upgrade + _CRLF)
@@ -163,6 +165,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_sent_at",
         "_status",
         "_switching",
+        "_trailer_parser",
         "_until_close",
         "closed",
         "ex",
@@ -188,7 +191,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_start = 0  # where the head being parsed begins (after 1xx interim heads)
         self._status = 0
         self._chunked_body = False
-        self._switching: list[tuple[bytes, bytes]] | None = None  # a valid 101's fields
+        self._switching: list[tuple[bytes, bytes]] | None = None
+        self._trailer_parser = False  # the parser reports trailer fields  # a valid 101's fields
         self._sent_at = 0.0  # loop time the request was all sent, while awaiting the head
         self._continue_timer: asyncio.TimerHandle | None = None
         self._got_response_bytes = False
@@ -242,9 +246,15 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.ex = ex
         self._on_done = on_done
-        if self.parser is None:
-            # reused across keep-alive responses; replaced after a bodiless HEAD/204/304
-            self.parser = httptools.HttpResponseParser(self)
+        wants_trailers = ex.request.te_trailers
+        if self.parser is None or wants_trailers != self._trailer_parser:
+            # Reused across keep-alive responses; replaced after a bodiless HEAD/204/304.
+            # Trailers are read only for a client that accepts them (TE: trailers): llhttp
+            # reports them through on_header, which costs a call per field of every head.
+            self._trailer_parser = wants_trailers
+            self.parser = httptools.HttpResponseParser(
+                _TrailerReader(self) if wants_trailers else self
+            )
         self._head = b""
         self._head_start = 0
         self._status = 0
@@ -283,7 +293,9 @@ class UpstreamConnection(asyncio.Protocol):
         if self.closed:
             return
         if self._chunked_body:
-            self.transport.write(_CHUNK_END)  # type: ignore[union-attr]
+            ex = self.ex
+            trailers = ex.request_trailers if ex is not None else None
+            self.transport.write(trailer_lines(trailers) if trailers else _CHUNK_END)  # type: ignore[union-attr]
         self.request_sent = True
         if self._response_complete:
             self._finish_connection()
@@ -328,7 +340,7 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)  # type: ignore[union-attr]
             if not self._response_complete:
-                sink.flush()  # a head without body bytes yet: send it now
+                sink.flush(self.ex)  # a head without body bytes yet: send it now
         except httptools.HttpParserUpgrade as exc:
             if self._switching is None:  # llhttp saw an upgrade we did not accept
                 self._fail(UpstreamError("backend switched protocols unasked"))
@@ -482,12 +494,12 @@ class UpstreamConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         ex = self.ex
         if ex is not None:
-            ex.sink.pause_client()
+            ex.sink.pause_request_body(ex)
 
     def resume_writing(self) -> None:
         ex = self.ex
         if ex is not None:
-            ex.sink.resume_client()
+            ex.sink.resume_request_body(ex)
 
 
 class UpstreamPool:
@@ -598,6 +610,34 @@ def switched_fields(ex: Exchange, block: bytes) -> list[tuple[bytes, bytes]]:
     kept.append((b"connection", b"Upgrade"))
     kept.append((b"upgrade", switched))
     return kept
+
+
+class _TrailerReader:
+    """The parser callbacks of a connection whose client accepts trailers: as the connection's
+    own, plus `on_header`, which keeps the fields that follow a chunked body (RFC 9112
+    §7.1.2) as the exchange's response trailers."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: UpstreamConnection) -> None:
+        self.conn = conn
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        conn = self.conn
+        ex = conn.ex
+        if conn._response_headers_done and ex is not None:
+            if ex.response_trailers is None:
+                ex.response_trailers = []
+            ex.response_trailers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        self.conn.on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self.conn.on_body(body)
+
+    def on_message_complete(self) -> None:
+        self.conn.on_message_complete()
 
 
 class _PooledTry:

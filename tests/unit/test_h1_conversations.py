@@ -513,3 +513,68 @@ async def test_a_local_answer_to_an_expect_request_sends_no_100():
     await settle()
     answer = conv.client_transport.take()
     assert status_of(answer) == 404 and b"100 Continue" not in answer
+
+
+# -- trailers (RFC 9112 §7.1.2, RFC 9110 §6.5) -------------------------------------------------
+
+
+async def test_request_trailers_reach_the_backend_allowed_ones_only():
+    """RFC 9110 §6.5.1: trailers travel with a chunked body; fields that may not be trailers
+    (framing, routing, authentication: RFC 9110 §6.5.1) are dropped on the way."""
+    conv = conversation()
+    _, upstream = conv.add_upstream()
+    conv.send(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+    await settle()
+    conv.send(b"2\r\nhi\r\n0\r\nX-Checksum: abc\r\nAuthorization: x\r\n\r\n")
+    sent = upstream.take()
+    assert sent.endswith(b"2\r\nhi\r\n0\r\nx-checksum: abc\r\n\r\n")
+
+
+async def test_response_trailers_reach_a_client_that_accepts_them():
+    """RFC 9110 §10.1.4: `TE: trailers` says the client reads trailers; it is passed to the
+    backend, and the backend's trailers (gRPC's grpc-status, say) reach the client."""
+    conv = conversation()
+    _, upstream = conv.add_upstream()
+    conv.send(b"GET / HTTP/1.1\r\nHost: a\r\nTE: trailers\r\n\r\n")
+    _, fields = head_of(upstream.take())
+    assert fields[b"te"] == b"trailers"
+    answer = conv.backend_sends(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: grpc-status\r\n\r\n"
+        b"2\r\nok\r\n0\r\ngrpc-status: 0\r\ngrpc-message: fine\r\n\r\n"
+    )
+    assert answer.endswith(b"2\r\nok\r\n0\r\ngrpc-status: 0\r\ngrpc-message: fine\r\n\r\n")
+
+
+async def test_response_trailers_are_dropped_for_a_client_that_did_not_ask():
+    """RFC 9110 §6.5.1: a recipient may discard trailers; one that did not send `TE:
+    trailers` gets the body and a plain last chunk."""
+    conv = conversation()
+    conv.add_upstream()
+    conv.send(GET)
+    answer = conv.backend_sends(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nx-t: 1\r\n\r\n"
+    )
+    assert answer.endswith(b"2\r\nok\r\n0\r\n\r\n")
+
+
+async def test_request_body_backpressure_pauses_only_that_exchange():
+    """Per-exchange flow control: a body outgrowing what may be buffered while no upstream is
+    attached yet (here: a connection is being dialled) pauses that exchange's body, which on
+    HTTP/1.1 is its connection's reading; attaching the upstream resumes it."""
+    from meshproxy.http.exchange import BODY_BUFFER_HIGH_WATER
+
+    conv = conversation()  # no idle upstream connection: the pool dials
+    conv.send(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 400000\r\n\r\n")
+    await settle()
+    ex = conv.client.current
+    assert ex is not None and ex.body_target is None
+    conv.send(b"x" * (BODY_BUFFER_HIGH_WATER - 10))
+    assert conv.client_transport.reading
+    conv.send(b"x" * 20)
+    assert not conv.client_transport.reading
+    _, upstream = conv.add_upstream()
+    conn, _ = conv.upstreams[-1]
+    conv.pool.idle.remove(conn)
+    conn.start(ex, b"POST / HTTP/1.1\r\n\r\n", False, lambda exc: None)
+    assert conv.client_transport.reading  # the buffered body left: reading resumes
+    assert len(upstream.take()) == len(b"POST / HTTP/1.1\r\n\r\n") + BODY_BUFFER_HIGH_WATER + 10
