@@ -258,11 +258,17 @@ class ProxyDaemon:
         """Stop accepting, let in-flight requests finish (up to `grace`), then close."""
         for listener in self.listeners:
             listener.server.close()
+            listener.entry.close_tunnels()  # WebSockets: Close 1001 to both sides
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        while loop.time() < deadline and any(
-            conn.current is not None for lst in self.listeners for conn in lst.entry.connections
-        ):
+
+        def busy() -> bool:
+            return any(
+                lst.entry.tunnels or any(c.current is not None for c in lst.entry.connections)
+                for lst in self.listeners
+            )
+
+        while loop.time() < deadline and busy():
             await asyncio.sleep(0.05)
         for listener in self.listeners:
             listener.entry.close_all()

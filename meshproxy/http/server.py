@@ -48,6 +48,7 @@ from meshproxy.http.request import Request
 from meshproxy.http.status import reason_phrase
 from meshproxy.l4.pipe import BytePipe, PipeEnd, PipeSettings, PipeStats
 from meshproxy.l4.sniff import SniffingProtocol
+from meshproxy.l4.websocket import WebSocketTunnel
 
 log = logging.getLogger("meshproxy.http")
 
@@ -201,10 +202,11 @@ class HTTPEntryPoint:
         self.sniffing: set[SniffingProtocol] = set()  # connections not yet classified
         self.tunnel_settings = PipeSettings(idle_timeout=settings.tunnel_idle_timeout)
 
-    def open_tunnel(self, downstream: PipeEnd, upstream: PipeEnd) -> BytePipe:
+    def open_tunnel(self, downstream: PipeEnd, upstream: PipeEnd, websocket: bool) -> BytePipe:
         """Relay an upgraded connection; it counts as open until both sockets are closed."""
         tunnel = _Tunnel(self)
-        pipe = tunnel.pipe = BytePipe(downstream, upstream, self.tunnel_settings, tunnel.closed)
+        kind = WebSocketTunnel if websocket else BytePipe
+        pipe = tunnel.pipe = kind(downstream, upstream, self.tunnel_settings, tunnel.closed)
         self.tunnels.add(pipe)
         pipe.start()
         return pipe
@@ -240,9 +242,20 @@ class HTTPEntryPoint:
         for sniffer in list(self.sniffing):
             sniffer.check_timeout(now, read)  # the first bytes come within the read timeout
 
+    def close_tunnels(self) -> None:
+        """Graceful shutdown of upgraded connections: WebSockets get a Close frame with 1001
+        on both sides (RFC 6455 §7.4.1), other tunnels are closed."""
+        for pipe in list(self.tunnels):
+            if isinstance(pipe, WebSocketTunnel):
+                pipe.going_away()
+            else:
+                pipe.close()
+
     def close_all(self) -> None:
         for conn in list(self.connections):
             conn.close()
+        for pipe in list(self.tunnels):
+            pipe.abort()
 
 
 class _Tunnel:
@@ -740,9 +753,11 @@ class H1ServerConnection(asyncio.Protocol):
         self._closing = True  # nothing of HTTP/1.1 happens on this connection again
         self.current = None
         self.entry.connections.discard(self)
+        upgrade = ex.request.upgrade
         self.entry.open_tunnel(
             PipeEnd(transport, leftover=held, writing_paused=self._write_paused),
             PipeEnd(upstream, leftover=upstream_leftover, writing_paused=upstream_writing_paused),
+            websocket=upgrade is not None and upgrade.lower() == b"websocket",
         )
         if self._client_paused or self._tunnel_size > _TUNNEL_HOLD:
             transport.resume_reading()  # the pipe reads now, with its own flow control

@@ -141,3 +141,18 @@ async def test_backend_with_a_wrong_accept_key_gets_502(proxy_factory):
             pass
     await asyncio.wait_for(closed.wait(), 10)
     server.close()
+
+
+async def test_shutdown_closes_websockets_with_1001_on_both_sides(ws_backend, proxy_factory):
+    """RFC 6455 §7.4.1: on SIGTERM the proxy says "going away" (1001) to the client and to
+    the backend, instead of cutting TCP under them."""
+    url, seen = ws_backend
+    proxy = await proxy_factory(catch_all(url))
+    async with connect(f"ws://127.0.0.1:{proxy.port}/") as ws:
+        await ws.send("x")
+        assert await ws.recv() == "x"
+        proxy.process.terminate()
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+    await wait_for(lambda: seen.get("client_close") == 1001, 10, "the backend got 1001")

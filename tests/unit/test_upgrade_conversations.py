@@ -207,3 +207,97 @@ async def test_a_connection_that_sends_nothing_is_closed_after_the_peek_timeout(
     assert not transport.closed
     sniffer.check_timeout(time.perf_counter() + 61, 60.0)
     assert transport.closed and conv.entry.sniffing == set()
+
+
+# -- WebSocket framing and the proxy's own Close frames (meshproxy.l4.websocket) ----------------
+
+
+def frames() -> list[bytes]:
+    """Frames of every header form (RFC 6455 §5.2): 7-bit, 16-bit and 64-bit lengths, masked
+    and not, control and data."""
+    from wsproto.connection import Connection, ConnectionType
+    from wsproto.events import BytesMessage, Ping, TextMessage
+
+    server, client = Connection(ConnectionType.SERVER), Connection(ConnectionType.CLIENT)
+    return [
+        server.send(TextMessage("hi")),
+        client.send(TextMessage("masked")),
+        server.send(BytesMessage(b"x" * 300)),
+        client.send(BytesMessage(b"y" * 70000)),
+        server.send(Ping(b"p")),
+    ]
+
+
+def test_frame_boundaries_are_found_however_the_stream_is_split():
+    """RFC 6455 §5.2: a boundary is known after every frame, whatever the read sizes."""
+    from meshproxy.l4.websocket import FrameBoundary
+
+    stream = b"".join(frames())
+    ends = set()
+    at = 0
+    for frame in frames():
+        at += len(frame)
+        ends.add(at)
+    for size in (1, 2, 3, 7, 13, 1000, len(stream)):
+        tracker = FrameBoundary()
+        fed = 0
+        for i in range(0, len(stream), size):
+            piece = stream[i : i + size]
+            tracker.feed(piece)
+            fed += len(piece)
+            assert tracker.at_boundary == (fed in ends), (size, fed)
+        assert not tracker.close_seen
+
+
+def test_close_frames_are_noticed():
+    from meshproxy.l4.websocket import FrameBoundary, close_frame
+
+    tracker = FrameBoundary()
+    tracker.feed(close_frame(to_client=False))
+    assert tracker.close_seen and tracker.at_boundary
+
+
+async def test_going_away_sends_1001_to_both_sides_at_frame_boundaries():
+    """RFC 6455 §7.4.1: on shutdown the proxy closes each WebSocket with 1001 (server role to
+    the client, masked client role to the backend), then both connections close."""
+    from wsproto.connection import Connection, ConnectionType
+    from wsproto.events import CloseConnection
+
+    conv = conversation()
+    _, upstream = conv.add_upstream()
+    conv.send(UPGRADE)
+    upstream.take()
+    conv.backend_sends(SWITCH)
+    await asyncio.sleep(0)
+    conv.client_transport.take()
+    conv.client_transport.protocol.data_received(CLIENT_FRAME)
+    upstream.protocol.data_received(SERVER_FRAME)
+    assert upstream.take() == CLIENT_FRAME and conv.client_transport.take() == SERVER_FRAME
+    conv.entry.close_tunnels()
+    as_client = Connection(ConnectionType.CLIENT)
+    as_client.receive_data(conv.client_transport.take())
+    (event,) = list(as_client.events())
+    assert isinstance(event, CloseConnection) and event.code == 1001
+    as_server = Connection(ConnectionType.SERVER)
+    as_server.receive_data(upstream.take())
+    (event,) = list(as_server.events())  # wsproto checks the frame is masked, as a server must
+    assert isinstance(event, CloseConnection) and event.code == 1001
+    assert conv.client_transport.closed and upstream.closed
+
+
+async def test_going_away_mid_frame_closes_without_a_corrupting_close_frame():
+    """A Close frame written inside a frame's payload would corrupt the stream: a side in the
+    middle of a frame gets a plain close instead."""
+    conv = conversation()
+    _, upstream = conv.add_upstream()
+    conv.send(UPGRADE)
+    upstream.take()
+    conv.backend_sends(SWITCH)
+    await asyncio.sleep(0)
+    conv.client_transport.take()
+    upstream.protocol.data_received(b"\x82\x7e\x01\x00" + b"z" * 10)  # 256-byte frame, 10 sent
+    conv.client_transport.take()
+    conv.entry.close_tunnels()
+    assert conv.client_transport.take() == b""  # no Close frame inside the payload
+    assert upstream.take().startswith(b"\x88")  # the backend's direction was at a boundary
+    assert conv.client_transport.closed and upstream.closed
