@@ -247,3 +247,10 @@ def test_v2_host_values_are_literal_and_v3_has_the_wildcards():
     assert compile_http_rule("HostRegexp(`{sub:[a-z]+}.a.test`)", "v2").matcher(
         Req(host="x.a.test")
     )
+
+
+def test_the_go_regexp_engine_is_installed():
+    """Rule regexps are Go's only with RE2 (`google-re2`, a dependency in pyproject.toml):
+    without it meshproxy falls back to Python's `re` (docs/rules.md), which this test makes
+    loud rather than letting the regexp tests above be skipped."""
+    assert HAVE_RE2, "pip install google-re2: rule regexps need the RE2 engine"
