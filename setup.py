@@ -1,49 +1,38 @@
 """Build hook: compile the per-request modules with mypyc; everything else ships as Python.
 
-The compiled modules are the same typed Python sources (they also run interpreted, e.g. with
-MESHPROXY_PURE_PYTHON=1): mypyc turns them into C extensions, which halves the proxy's own
-cost per request (bench/hot_path.py). The list holds only code that runs for every request:
-the HTTP/1.1 path, and the middlewares whose cost the chain benchmark measures.
+The compiled modules are the same typed Python sources (they also run interpreted, with
+MESHPROXY_PURE_PYTHON=1 at install or at run time): mypyc turns them into C extensions, which
+halves the proxy's own cost per request (bench/hot_path.py). Which modules: the one list in
+meshproxy/build_info.py. Which mypyc: pyproject.toml's [build-system] (mypy 2.4; mypyc before
+1.19 leaked a reference per `a + b + c` on bytes, tests/unit/test_allocations.py).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
+import runpy
 import sys
+from pathlib import Path
 
 from setuptools import setup
 
-GENERATED = ".mypyc"  # the C sources mypyc writes
-HOT_PATH = [
-    "meshproxy/http/fields.py",
-    "meshproxy/http/request.py",
-    "meshproxy/http/exchange.py",
-    "meshproxy/http/server.py",
-    "meshproxy/http/upstream.py",
-    "meshproxy/runtime/dispatch.py",
-    "meshproxy/balancer/http_services.py",
-    "meshproxy/observability/metrics.py",
-    "meshproxy/middlewares/retry.py",
-    "meshproxy/middlewares/rate_limit.py",
-    "meshproxy/middlewares/circuit_breaker.py",
-]
+ROOT = Path(__file__).resolve().parent
+GENERATED = ".mypyc"  # the C sources mypyc writes (git-ignored, disposable)
+# build_info imports nothing from meshproxy: read it without installing the package
+BUILD_INFO = runpy.run_path(str(ROOT / "meshproxy" / "build_info.py"), run_name="build_info")
 
 
 def compiled_extensions() -> list:
-    if os.environ.get("MESHPROXY_PURE_PYTHON") == "1":
+    if BUILD_INFO["pure_python_requested"]():
         return []
     from mypyc.build import mypycify
 
-    # From scratch every time: when its C files already exist, mypyc (1.13) hands setuptools
-    # a shared library without sources, and pip runs this file twice.
-    shutil.rmtree(GENERATED, ignore_errors=True)
+    sources = BUILD_INFO["source_paths"]()
     # One group with its shared library inside the package (meshproxy/native__mypyc*.so), so
     # nothing lands at the top level of site-packages.
     extensions = mypycify(
-        HOT_PATH,
+        sources,
         opt_level="3",
-        separate=[(HOT_PATH, "meshproxy.native")],
+        separate=[(sources, "meshproxy.native")],
         target_dir=GENERATED,
     )
     for extension in extensions:

@@ -1,15 +1,26 @@
-"""The hot path ships compiled (setup.py); a stale or missing build must not go unnoticed."""
+"""The hot path ships compiled (setup.py); a stale or missing build must not go unnoticed.
+
+CI (`make test`) runs the suite twice: compiled, where a build that silently fell back to
+Python (no C compiler, a mypyc type error, an extension that failed to build or load) fails
+here; and with MESHPROXY_PURE_PYTHON=1, where the same modules load from their sources.
+"""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
-from meshproxy.build_info import hot_path_state
+import meshproxy
+from meshproxy.build_info import COMPILED_MODULES, hot_path_state, source_paths
+
+ROOT = Path(meshproxy.__file__).resolve().parents[1]
 
 
 def test_hot_path_runs_compiled_unless_pure_python_was_asked_for():
+    """Every listed module is a C extension at least as new as its source, or (asked for)
+    every one is Python: anything else is a build that fell back without saying so."""
     expected = "interpreted" if os.environ.get("MESHPROXY_PURE_PYTHON") == "1" else "compiled"
     assert hot_path_state() == expected
 
@@ -19,3 +30,36 @@ def test_version_reports_how_the_hot_path_runs():
         [sys.executable, "-m", "meshproxy", "version"], capture_output=True, text=True, check=True
     ).stdout
     assert out.startswith("meshproxy ") and f"(hot path: {hot_path_state()})" in out
+
+
+def test_pure_python_switch_loads_every_compiled_module_from_source():
+    """MESHPROXY_PURE_PYTHON=1 at run time: the .py sources, not the extensions beside them,
+    and mypyc's shared library is never loaded (so the interpreted CI run tests Python)."""
+    probe = (
+        "import importlib, sys\n"
+        f"names = {list(COMPILED_MODULES)!r}\n"
+        "files = [importlib.import_module(n).__file__ for n in names]\n"
+        "native = [m for m in sys.modules if 'mypyc' in m]\n"
+        "print(all(f.endswith('.py') for f in files), native)\n"
+    )
+    env = {**os.environ, "MESHPROXY_PURE_PYTHON": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=env
+    ).stdout
+    assert out.split() == ["True", "[]"], out
+
+
+def test_one_list_of_compiled_modules():
+    """setup.py and the Makefile take the list from build_info; each entry is a real source."""
+    assert len(set(COMPILED_MODULES)) == len(COMPILED_MODULES)
+    for path in source_paths():
+        assert (ROOT / path).is_file(), path
+    printed = subprocess.run(
+        [sys.executable, str(ROOT / "meshproxy" / "build_info.py")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert printed == source_paths()
+    assert "build_info" in (ROOT / "setup.py").read_text()
+    assert "meshproxy/build_info.py" in (ROOT / "Makefile").read_text()
