@@ -195,3 +195,150 @@ def save_report(name: str, report: dict[str, Any], lines: list[str]) -> None:
     table = "\n".join(lines) + "\n"
     (RESULTS / f"{name}.md").write_text(table)
     print(table)
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process, in bytes (Linux /proc: VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def start_haproxy_for(
+    workdir: Path, port: int, backend: int, host: str, maxconn: int = 4000
+) -> subprocess.Popen[bytes]:
+    """HAProxy (1 thread, keep-alive both sides) routing Host `host` + /bench to `backend`: the
+    reference the memory benchmarks compare meshproxy with."""
+    config = workdir / "haproxy.cfg"
+    config.write_text(f"""global
+    nbthread 1
+    maxconn {maxconn}
+defaults
+    mode http
+    maxconn {maxconn}
+    timeout connect 5s
+    timeout client 300s
+    timeout server 30s
+    option http-keep-alive
+    http-reuse always
+frontend web
+    bind 127.0.0.1:{port}
+    acl bench hdr(host) -i {host}
+    acl prefix path_beg /bench
+    use_backend app if bench prefix
+backend app
+    server s1 127.0.0.1:{backend}
+""")
+    return subprocess.Popen(pinned(["haproxy", "-f", str(config)], PROXY_CPU))
+
+
+def raise_fd_limit(wanted: int) -> int:
+    """Raise this process's open-file limit (children inherit it) up to the hard limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+class _KeepAliveClient:
+    """One keep-alive client connection (an asyncio Protocol): sends a GET, reads the response
+    with httptools, and sends the next while its share of the requests lasts."""
+
+    def __init__(self, request: bytes, budget: list[int], done: Any) -> None:
+        import httptools
+
+        self.request = request
+        self.budget = budget  # shared: requests left to send, over all connections
+        self.done = done  # future set when this connection has no request left to send
+        self.parser = httptools.HttpResponseParser(self)
+        self.transport: Any = None
+        self.statuses: dict[int, int] = {}
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.send_next()
+
+    def send_next(self) -> None:
+        if self.budget[0] <= 0:
+            if not self.done.done():
+                self.done.set_result(None)
+            return
+        self.budget[0] -= 1
+        self.transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
+    def on_message_complete(self) -> None:
+        status = self.parser.get_status_code()
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+        self.send_next()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_exception(ConnectionError(f"connection lost: {exc}"))
+
+    def eof_received(self) -> None:
+        pass
+
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+
+def keepalive_requests(
+    port: int, host: str, requests: int, connections: int, timeout: float, path: str = "/bench"
+) -> dict[int, int]:
+    """Send exactly `requests` GETs over `connections` keep-alive connections (one request in
+    flight on each), within `timeout` seconds; returns the count of each status received.
+    Raises TimeoutError or ConnectionError when the proxy does not keep up."""
+    import asyncio
+
+    import uvloop
+
+    request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+
+    async def run() -> dict[int, int]:
+        loop = asyncio.get_running_loop()
+        budget = [requests]
+        clients: list[_KeepAliveClient] = []
+        waits = []
+        for _ in range(connections):
+            done = loop.create_future()
+            client = _KeepAliveClient(request, budget, done)
+            await loop.create_connection(lambda c=client: c, "127.0.0.1", port)
+            clients.append(client)
+            waits.append(done)
+        await asyncio.wait_for(asyncio.gather(*waits), timeout)
+        # the last response of each connection arrived: every request was answered
+        for client in clients:
+            client.transport.close()
+        statuses: dict[int, int] = {}
+        for client in clients:
+            for status, count in client.statuses.items():
+                statuses[status] = statuses.get(status, 0) + count
+        return statuses
+
+    return uvloop.run(run())
+
+
+def bench_dynamic(backend: int, host: str) -> str:
+    """The dynamic config the memory benchmarks give meshproxy: Host + /bench to `backend`."""
+    return f"""http:
+  routers:
+    bench:
+      entryPoints: [web]
+      rule: Host(`{host}`) && PathPrefix(`/bench`)
+      service: app
+  services:
+    app:
+      loadBalancer:
+        servers:
+          - url: http://127.0.0.1:{backend}
+"""
