@@ -73,7 +73,11 @@ _CHUNKED_TE = b"transfer-encoding: chunked\r\n\r\n"
 _SKIP_ALWAYS = HOP_BY_HOP | {b"host", b"x-forwarded-for"}
 # An HTTP/1.0 server ignores Expect; the proxy answers 100 itself instead (RFC 9110 §10.1.1).
 _SKIP_FOR_HTTP10 = _SKIP_ALWAYS | {b"expect"}
-_DIALS: set[asyncio.Future[None]] = set()  # the loop keeps only weak references to tasks
+_DIALS: set[asyncio.Future[None]] = set()
+# Methods whose requests have content (RFC 9110 §8.6): one sent without a body says so with
+# Content-Length: 0, as Go's transport (and so Traefik) does, so no server waits for a body.
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_EMPTY_BODY = b"content-length: 0\r\n"  # the loop keeps only weak references to tasks
 
 
 class ServerPool(Protocol):
@@ -106,8 +110,13 @@ def build_request_head(ex: Exchange, target: ServerTarget) -> tuple[bytes, bool]
     path = target.path_prefix + request.target if target.path_prefix else request.target
     verbatim = request.verbatim
     pass_host_header = target.pass_host_header
+    empty_body = (
+        not ex.has_body and request.content_length is None and request.method in _BODY_METHODS
+    )
     if verbatim is not None and pass_host_header:
         # the client's own lines (its Host among them) and X-Forwarded-*: nothing to rebuild
+        if empty_body:
+            verbatim += _EMPTY_BODY
         return b"%s %s HTTP/1.1\r\n%s\r\n" % (request.method.encode(), path, verbatim), False
     host = request.host_header if pass_host_header else target.host_header
     skip = _SKIP_FOR_HTTP10 if target.pool.http10 else _SKIP_ALWAYS
@@ -131,6 +140,8 @@ def build_request_head(ex: Exchange, target: ServerTarget) -> tuple[bytes, bool]
         # The one hop-by-hop pair a proxy carries on (RFC 9110 §7.8): the backend may switch.
         lines.append(b"connection: Upgrade\r\nupgrade: " + request.upgrade + _CRLF)
     chunked = ex.has_body and request.content_length is None
+    if empty_body:
+        lines.append(_EMPTY_BODY)
     return b"".join(
         (
             request.method.encode(),
@@ -341,12 +352,12 @@ class UpstreamConnection(asyncio.Protocol):
             self.parser.feed_data(data)  # type: ignore[union-attr]
             if not self._response_complete:
                 sink.flush(self.ex)  # a head without body bytes yet: send it now
-        except httptools.HttpParserUpgrade as exc:
-            if self._switching is None:  # llhttp saw an upgrade we did not accept
+        except httptools.HttpParserUpgrade as upgrade:  # one name per handler: mypyc types
+            if self._switching is None:  # a name once (`exc` below would be this class)
                 self._fail(UpstreamError("backend switched protocols unasked"))
                 self.close()
                 return
-            self._switch(data[exc.args[0] :] if exc.args else b"")
+            self._switch(data[upgrade.args[0] :] if upgrade.args else b"")
         except (httptools.HttpParserError, MalformedFields) as exc:
             if self._response_headers_done:
                 self._fail(ResponseAborted(f"invalid response body: {exc}"))
