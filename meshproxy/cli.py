@@ -275,7 +275,7 @@ def cmd_local(argv: list[str]) -> int:
         parser.add_argument(f"--{name}-port", type=int, default=getattr(defaults, name))
     parser.add_argument("--log-level", default=None)
     if _wants_help(argv):
-        ports = "\n".join(
+        port_lines = "\n".join(
             f"  --{name}-port{'':<{13 - len(name)}}first port (default {getattr(defaults, name)})"
             for name in _LOCAL_PORTS
         )
@@ -284,7 +284,7 @@ def cmd_local(argv: list[str]) -> int:
             "Runs the controller, a proxy and the demo backends on 127.0.0.1, from manifests\n"
             "(--manifests, default config/local-mesh); mesh names (svc.ns.traefik.mesh:PORT)\n"
             "are dialled at this proxy's entrypoints.\n"
-            f"{ports}\n  --log-level=LEVEL      log level (default INFO)\n\n"
+            f"{port_lines}\n  --log-level=LEVEL      log level (default INFO)\n\n"
             + help_text("local").split("\n", 1)[1]
         )
         return 0

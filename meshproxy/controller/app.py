@@ -163,11 +163,10 @@ class Controller:
     def nodes(self) -> list[dict[str, Any]]:
         out = []
         for pod in self.proxy_pods():
-            status = pod.get("status") if isinstance(pod.get("status"), dict) else {}
-            statuses = status.get("containerStatuses")
-            statuses = (
-                [s for s in statuses if isinstance(s, dict)] if isinstance(statuses, list) else []
-            )
+            raw_status = pod.get("status")
+            status: dict[str, Any] = raw_status if isinstance(raw_status, dict) else {}
+            raw = status.get("containerStatuses")
+            statuses = [s for s in raw if isinstance(s, dict)] if isinstance(raw, list) else []
             out.append(
                 {
                     "Name": name_of(pod),

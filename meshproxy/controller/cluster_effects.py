@@ -275,7 +275,7 @@ async def find_dns(kube: Kube) -> tuple[dict[str, Any], str] | None:
             names = [n for n in names if n]
             if "coredns-custom" in names:
                 return deployment, "coredns-custom"
-            return deployment, names[0] if names else "coredns"
+            return deployment, str(names[0]) if names else "coredns"
     return None
 
 
