@@ -147,6 +147,9 @@ class ProxyDaemon:
                 else 60.0,
                 # Traefik's http.sanitizePath: true unless explicitly false
                 sanitize_path=not (entry.http and entry.http.sanitize_path is False),
+                refused_encodings=refused_encodings(
+                    entry.http.encoded_characters if entry.http else None
+                ),
             )
             http_entry = HTTPEntryPoint(
                 settings,
@@ -296,6 +299,33 @@ class ProxyDaemon:
             if life and life.grace_time_out is not None:
                 grace = float(life.grace_time_out)
         await self.stop(grace)
+
+
+# Traefik's entryPoints.X.http.encodedCharacters options (all true by default) and what each
+# lets through in a request path.
+_ENCODED_CHARACTERS = {
+    "allowencodedslash": (b"%2F",),
+    "allowencodedbackslash": (b"%5C",),
+    "allowencodednullcharacter": (b"%00",),
+    "allowencodedsemicolon": (b"%3B",),
+    "allowencodedpercent": (b"%25",),
+    "allowencodedquestionmark": (b"%3F",),
+    "allowencodedhash": (b"%23",),
+}
+
+
+def refused_encodings(options: dict[str, Any] | None) -> tuple[bytes, ...]:
+    """The percent-encodings an entrypoint refuses in paths: those whose allowEncoded* option
+    is false (keys matched case-insensitively, values as booleans or flag strings)."""
+    refused: list[bytes] = []
+    for key, value in (options or {}).items():
+        allowed = value if isinstance(value, bool) else str(value).strip().lower() != "false"
+        encodings = _ENCODED_CHARACTERS.get(key.lower())
+        if encodings is None:
+            log.warning("entrypoint option encodedCharacters.%s is not known; ignored", key)
+        elif not allowed:
+            refused.extend(encodings)
+    return tuple(refused)
 
 
 def _networks(entrypoint: str, values: list[str]) -> list[Any]:

@@ -34,7 +34,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Protocol
 
-from meshproxy.http.fields import Fields, field_list
+from meshproxy.http.fields import Fields, field_list, http_date
 from meshproxy.http.request import Request
 
 # Request body bytes held while no upstream is attached, before the client is paused.
@@ -320,6 +320,7 @@ class Exchange:
         hdrs = [
             (b"content-type", b"text/plain; charset=utf-8"),
             (b"x-content-type-options", b"nosniff"),
+            (b"date", http_date()),
         ]
         if headers:
             hdrs.extend(headers)

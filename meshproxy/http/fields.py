@@ -15,6 +15,8 @@ folding, no space before a colon, one Content-Length), so the block is known to 
 from __future__ import annotations
 
 import re
+import time
+from email.utils import formatdate
 
 from meshproxy.http.forwarding import HOP_BY_HOP, connection_tokens
 
@@ -58,10 +60,40 @@ class MalformedFields(ValueError):
     pass
 
 
-def response_fields(block: bytes) -> tuple[Fields, int | None, bool]:
+class _DateCache:
+    """The current IMF-fixdate (RFC 9110 §5.6.7), made once a second."""
+
+    __slots__ = ("second", "value")
+
+    def __init__(self) -> None:
+        self.second = 0
+        self.value = b""
+
+    def now(self) -> bytes:
+        second = int(time.time())
+        if second != self.second:
+            self.second = second
+            self.value = formatdate(second, usegmt=True).encode()
+        return self.value
+
+
+_DATE = _DateCache()
+
+
+def http_date() -> bytes:
+    """Now as an HTTP date (`Sun, 06 Nov 1994 08:49:37 GMT`), for the Date field."""
+    return _DATE.now()
+
+
+def response_fields(block: bytes, final: bool = True) -> tuple[Fields, int | None, bool]:
     """End-to-end fields, Content-Length and whether the body is chunked, from `block`: the
-    head from the LF that ends the status line to the CRLF that ends the last field."""
-    noted = _NOTED_FIELD.findall(block.lower())
+    head from the LF that ends the status line to the CRLF that ends the last field. A
+    response without Date gets one, as Go's server (and so Traefik) adds it (RFC 9110 §6.6.1:
+    the proxy has a clock); an interim (1xx, `final` false) response does not."""
+    lowered = block.lower()
+    noted = _NOTED_FIELD.findall(lowered)
+    if final and b"\ndate:" not in lowered:
+        block += b"date: " + _DATE.now() + _CRLF
     length = None
     if not noted or (len(noted) == 1 and noted[0][0] == b"content-length"):
         if noted:  # the usual response: a Content-Length and no hop-by-hop field

@@ -178,6 +178,9 @@ class EntryPointSettings:
     idle_timeout: float = 180.0  # between requests, and for an exchange that makes no progress
     read_timeout: float = 60.0  # for a whole request: head and body (Traefik's readTimeout)
     tunnel_idle_timeout: float = 3600.0  # an upgraded connection (WebSocket) with no byte
+    # Percent-encodings refused in the path with 400 (upper-case, e.g. b"%2F"): Traefik's
+    # entryPoints.X.http.encodedCharacters.allowEncoded*=false.
+    refused_encodings: tuple[bytes, ...] = ()
     sanitize_path: bool = True  # http.sanitizePath: dot-segments and `//` removed (Request)
 
 
@@ -297,6 +300,7 @@ class H1ServerConnection(asyncio.Protocol):
         "_header_bytes",
         "_headers",
         "_host",
+        "_host_seen",
         "_in_head",
         "_message_started_at",
         "_pending_head",
@@ -304,6 +308,7 @@ class H1ServerConnection(asyncio.Protocol):
         "_progress",
         "_progress_seen",
         "_receiving",
+        "_refused_encodings",
         "_sanitize_path",
         "_special",
         "_stalled_since",
@@ -332,6 +337,7 @@ class H1ServerConnection(asyncio.Protocol):
         self.entry = entry
         self.entry_name = entry.settings.name
         self._sanitize_path = entry.settings.sanitize_path
+        self._refused_encodings = entry.settings.refused_encodings
         self.loop = asyncio.get_event_loop()
         self.transport: asyncio.Transport | None = None
         self.parser: httptools.HttpRequestParser | None = None  # made at the first byte
@@ -347,6 +353,7 @@ class H1ServerConnection(asyncio.Protocol):
         self._head_fed = 0  # bytes read since the head being parsed began (memory bound)
         self._in_head = False  # between a request's first byte and the end of its head
         self._host = b""
+        self._host_seen = False
         self._xf_seen = 0
         self._special = False
         self._chunked_request = False
@@ -446,6 +453,7 @@ class H1ServerConnection(asyncio.Protocol):
         self._headers = []
         self._url = b""
         self._host = b""
+        self._host_seen = False
         self._forwarded = None
 
     # -- reading ------------------------------------------------------------------------
@@ -498,6 +506,7 @@ class H1ServerConnection(asyncio.Protocol):
             self._header_bytes = 0
             self._url_bytes = 0
             self._host = b""
+            self._host_seen = False
             self._xf_seen = 0
             self._special = False
             self._chunked_request = False
@@ -540,9 +549,10 @@ class H1ServerConnection(asyncio.Protocol):
                     return
                 self._xf_seen |= kind
             elif kind == _HOST:
-                if self._host or not valid_authority(value):
+                if self._host_seen or not valid_authority(value):
                     raise _Reject(400)  # RFC 9112 §3.2: one Host, a valid uri-host [":" port]
                 self._host = value
+                self._host_seen = True
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -555,11 +565,17 @@ class H1ServerConnection(asyncio.Protocol):
         chunk = self._chunk
         line_end = chunk.find(_CRLF) if self._head_in_chunk else -1
         self._head_in_chunk = False  # a pipelined request after this one starts mid-read
+        if line_end > 0 and chunk.count(b" ", 0, line_end) != 2:
+            # RFC 9112 §3: method SP request-target SP HTTP-version; llhttp would take more
+            # blanks (Go and Traefik refuse them: one parse of a request line, not two).
+            raise _Reject(400)
         if line_end > 0 and chunk[line_end - 1] == 49 and chunk[line_end - 3] == 49:
             version = "1.1"  # "1.1": llhttp checked the request line ends with HTTP/x.y
         else:
             version = parser.get_http_version()
             if version[:2] != "1.":
+                if version[:2] == "0." and (line_end < 0 or b" HTTP/0." not in chunk[:line_end]):
+                    raise _Reject(400)  # no HTTP-version at all (llhttp says 0.9): malformed
                 raise _Reject(505)  # RFC 9110 §6.2, §15.6.6: only HTTP/1.x here
             if version != "1.0":
                 version = "1.1"  # a higher minor version is served as 1.1 (RFC 9110 §6.2)
@@ -570,9 +586,15 @@ class H1ServerConnection(asyncio.Protocol):
         url = self._url
         if url[:1] != b"/" or b"#" in url:
             check_target(url, raw_method)
+        refused = self._refused_encodings
+        if refused and b"%" in url:
+            path = url.partition(b"?")[0].upper()
+            for encoded in refused:
+                if encoded in path:
+                    raise _Reject(400)  # as Traefik's encodedCharacters options
         host = self._host
-        if not host and version == "1.1":
-            raise _Reject(400)  # RFC 9112 §3.2: an HTTP/1.1 request must carry Host
+        if not self._host_seen and version == "1.1":
+            raise _Reject(400)  # RFC 9112 §3.2: an HTTP/1.1 request carries Host (maybe empty)
         headers = self._headers
         received = len(headers)
         try:
@@ -595,7 +617,7 @@ class H1ServerConnection(asyncio.Protocol):
             self._add_forwarded_fields(request, seen)
         else:
             cached = self._forwarded
-            if cached is None or cached[0] != host:
+            if cached is None or cached[0] != request.host_header:
                 cached = self._forwarded = self._forwarded_fields(request)
             headers.extend(cached[1])
             if self._verbatim and line_end > 0 and host and request.host_header is host:
@@ -610,7 +632,9 @@ class H1ServerConnection(asyncio.Protocol):
                     has_body = has_body or request.content_length > 0
                 elif name == b"transfer-encoding":
                     codings.append(value)
-                elif name == b"expect" and value.lower() == b"100-continue":
+                elif name == b"expect":
+                    if value.strip().lower() != b"100-continue":
+                        raise _Reject(417)  # RFC 9110 §10.1.1: an expectation we cannot meet
                     request.expect_continue = True
                 elif name == b"connection":
                     request.connection_tokens |= frozenset(connection_tokens(value))
@@ -627,9 +651,9 @@ class H1ServerConnection(asyncio.Protocol):
                     raise _Reject(501)  # llhttp would read the body as the new protocol
                 request.upgrade = upgrade.strip()
             if codings:
-                refused = transfer_codings_status(codings, version)
-                if refused:
-                    raise _Reject(refused)
+                unreadable = transfer_codings_status(codings, version)
+                if unreadable:
+                    raise _Reject(unreadable)
         ex = Exchange(self, request, self.entry_name, self._perf_start, has_body)
         if not self._special:
             ex.protocol = "http"  # no Content-Type or Accept that could make it grpc or sse
@@ -644,8 +668,9 @@ class H1ServerConnection(asyncio.Protocol):
 
     def _forwarded_fields(self, request: Request) -> tuple[bytes, list[tuple[bytes, bytes]], bytes]:
         """The X-Forwarded-* fields this entrypoint adds for a client that sent none: the same
-        for every request on a connection with the same Host, so built once and kept."""
-        host = self._host
+        for every request on a connection with the same Host, so built once and kept. The host
+        is the request's authority: an absolute-form target's wins (RFC 9112 §3.2.2)."""
+        host = request.host_header
         fields = [(b"x-forwarded-proto", b"http")]
         if host:
             fields.append((b"x-forwarded-host", host))
@@ -666,8 +691,8 @@ class H1ServerConnection(asyncio.Protocol):
         headers = self._headers
         if not seen & 1:
             headers.append((b"x-forwarded-proto", b"http"))
-        if not seen & 2 and self._host:
-            headers.append((b"x-forwarded-host", self._host))
+        if not seen & 2 and request.host_header:
+            headers.append((b"x-forwarded-host", request.host_header))
         if not seen & 4:
             port = request.port
             headers.append((b"x-forwarded-port", port.encode() if port else b"80"))
@@ -759,8 +784,7 @@ class H1ServerConnection(asyncio.Protocol):
             PipeEnd(upstream, leftover=upstream_leftover, writing_paused=upstream_writing_paused),
             websocket=upgrade is not None and upgrade.lower() == b"websocket",
         )
-        if self._client_paused or self._tunnel_size > _TUNNEL_HOLD:
-            transport.resume_reading()  # the pipe reads now, with its own flow control
+        # Reading is the pipe's business from here: start() sets it on both sides.
 
     def _upgrade_refused(self) -> None:
         """The backend did not switch: the connection goes on as HTTP/1.1 with the bytes held

@@ -73,11 +73,11 @@ _CHUNKED_TE = b"transfer-encoding: chunked\r\n\r\n"
 _SKIP_ALWAYS = HOP_BY_HOP | {b"host", b"x-forwarded-for"}
 # An HTTP/1.0 server ignores Expect; the proxy answers 100 itself instead (RFC 9110 §10.1.1).
 _SKIP_FOR_HTTP10 = _SKIP_ALWAYS | {b"expect"}
-_DIALS: set[asyncio.Future[None]] = set()
+_DIALS: set[asyncio.Future[None]] = set()  # the loop keeps only weak references to tasks
 # Methods whose requests have content (RFC 9110 §8.6): one sent without a body says so with
 # Content-Length: 0, as Go's transport (and so Traefik) does, so no server waits for a body.
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-_EMPTY_BODY = b"content-length: 0\r\n"  # the loop keeps only weak references to tasks
+_EMPTY_BODY = b"content-length: 0\r\n"
 
 
 class ServerPool(Protocol):
@@ -118,7 +118,9 @@ def build_request_head(ex: Exchange, target: ServerTarget) -> tuple[bytes, bool]
         if empty_body:
             verbatim += _EMPTY_BODY
         return b"%s %s HTTP/1.1\r\n%s\r\n" % (request.method.encode(), path, verbatim), False
-    host = request.host_header if pass_host_header else target.host_header
+    # An empty Host (allowed without an authority, RFC 9112 §3.2) becomes the server's own, as
+    # Go's transport writes it (and so Traefik).
+    host = request.host_header if pass_host_header and request.host_header else target.host_header
     skip = _SKIP_FOR_HTTP10 if target.pool.http10 else _SKIP_ALWAYS
     if request.connection_tokens:
         skip = skip | request.connection_tokens
@@ -387,7 +389,7 @@ class UpstreamConnection(asyncio.Protocol):
         if 100 <= status < 200:
             self._head_start = head_end + 4  # interim response: the final one follows
             self._status = status
-            interim, _, _ = response_fields(head[line_end + 1 : head_end + 2])
+            interim, _, _ = response_fields(head[line_end + 1 : head_end + 2], False)
             ex.sink.write_interim(ex, status, interim)
             return
         self._head = b""

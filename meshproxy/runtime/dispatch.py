@@ -43,6 +43,11 @@ def make_dispatcher(
         ex.sink.exchange_done(ex)
 
     def dispatch(ex: Exchange) -> None:
+        if ex.request.target == b"*":  # OPTIONS * (the only method check_target lets through)
+            # RFC 9110 §9.3.7: about the server as a whole, answered by it, as Go's server does
+            ex.respond(200, b"", [])
+            finish(ex, None)
+            return
         table = manager.snapshot.http_tables.get(entrypoint)
         route = table.match(ex.request) if table is not None else None
         if route is None:

@@ -3,6 +3,7 @@ Traefik + meshproxy pair per dynamic config, started once and shared (see harnes
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,11 @@ def differential(
     the Traefik dynamic config. The caller picks a name unique to its config.
     """
     pairs: dict[str, Differential] = {}
+    # Modules start several pairs from threads: pytest's temporary-directory factory is not
+    # thread-safe (it creates and prunes its base directory on first use), so it is set up
+    # here and used under a lock.
+    tmp_path_factory.getbasetemp()
+    mktemp_lock = threading.Lock()
 
     def make(
         name: str,
@@ -55,7 +61,8 @@ def differential(
         **kwargs: Any,
     ) -> Differential:
         if name not in pairs:
-            workdir: Path = tmp_path_factory.mktemp(f"diff-{name}")
+            with mktemp_lock:
+                workdir: Path = tmp_path_factory.mktemp(f"diff-{name}")
             pairs[name] = Differential(
                 workdir, make_dynamic, static_flags, backend=recording_backend, **kwargs
             ).start()

@@ -842,32 +842,44 @@ class Differential:
             self.backend.start()
         self.config = with_barrier(self.make_dynamic(self.backend.url), self.backend.url)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        try:
-            # Both processes start at once (Traefik takes ~1 s, meshproxy ~1-2 s).
-            self.traefik = TraefikProcess(
-                self.workdir, self.config, self.static_flags + self.traefik_flags
-            )
-            self.meshproxy = MeshproxyProcess(
-                self.workdir / "meshproxy", self.config, self.static_flags + self.meshproxy_flags
-            )
-            traefik_started = self._pool.submit(self.traefik.start)
-            meshproxy_started = self._pool.submit(self.meshproxy.start)
-            traefik_started.result()
-            meshproxy_started.result()
-            for side in ("traefik", "meshproxy"):
-                self._barrier(side, READY_TIMEOUT)  # routing live, not only the config loaded
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        for attempt in range(3):
+            try:
+                # Both processes start at once (Traefik takes ~1 s, meshproxy ~1-2 s).
+                self.traefik = TraefikProcess(
+                    self.workdir, self.config, self.static_flags + self.traefik_flags
+                )
+                self.meshproxy = MeshproxyProcess(
+                    self.workdir / "meshproxy",
+                    self.config,
+                    self.static_flags + self.meshproxy_flags,
+                )
+                traefik_started = self._pool.submit(self.traefik.start)
+                meshproxy_started = self._pool.submit(self.meshproxy.start)
+                traefik_started.result()
+                meshproxy_started.result()
+                for side in ("traefik", "meshproxy"):
+                    self._barrier(side, READY_TIMEOUT)  # routing live, not only config loaded
+            except BaseException as exc:
+                self._stop_processes()
+                # free_port() can race with another process taking the port before the
+                # proxy binds it: new ports, and try again.
+                if attempt < 2 and "address already in use" in str(exc).lower():
+                    continue
+                self.stop()
+                raise
+            return self
+        raise AssertionError("unreachable")
 
-    def stop(self) -> None:
+    def _stop_processes(self) -> None:
         procs = [p for p in (self.traefik, self.meshproxy) if p is not None]
         # Both asked to stop first, then waited for: their shutdowns overlap.
         for proc in procs:
             proc.terminate()
         for proc in procs:
             proc.stop()
+
+    def stop(self) -> None:
+        self._stop_processes()
         if self.own_backend:
             self.backend.close()
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -132,7 +132,9 @@ async def test_backend_refusing_an_upload_stops_curl_before_it_sends_the_body(
 ):
     """RFC 9110 §10.1.1 (issue 9 item 16): Expect reaches the backend, whose 413 reaches curl
     while curl waits for 100: the 1 MB body is never sent, so the backend never gets it."""
-    backend = RecordingBackend(answer=b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\n\r\n")
+    backend = RecordingBackend(
+        answer=b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\n\r\n"
+    )
     proxy = await proxy_factory(catch_all(await backend.start()))
     body = tmp_path / "body"
     body.write_bytes(b"x" * (1 << 20))

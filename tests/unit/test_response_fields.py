@@ -3,6 +3,8 @@ removing (see meshproxy.http.fields)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from meshproxy.http.fields import (
@@ -15,7 +17,7 @@ from meshproxy.http.fields import (
 
 
 def test_clean_block_passes_through_untouched_with_its_content_length():
-    block = b"\nContent-Type: text/plain\r\nCONTENT-LENGTH: 13\r\nX-Case: KeepMe\r\n"
+    block = b"\nContent-Type: text/plain\r\nCONTENT-LENGTH: 13\r\nX-Case: KeepMe\r\nDate: d\r\n"
     fields, length, chunked = response_fields(block)
     assert isinstance(fields, HeaderBlock) and fields.raw == block[1:]
     assert length == 13 and not chunked
@@ -25,15 +27,15 @@ def test_clean_block_passes_through_untouched_with_its_content_length():
 def test_hop_by_hop_and_connection_listed_fields_are_removed():
     block = (
         b"\nConnection: keep-alive, X-Node-Secret\r\nX-Node-Secret: 42\r\n"
-        b"Keep-Alive: timeout=5\r\nX-Kept: yes \r\nTransfer-Encoding: chunked\r\n"
+        b"Keep-Alive: timeout=5\r\nX-Kept: yes \r\nTransfer-Encoding: chunked\r\nDate: d\r\n"
     )
     fields, length, chunked = response_fields(block)
-    assert fields == [(b"x-kept", b"yes")]
+    assert fields == [(b"x-kept", b"yes"), (b"date", b"d")]
     assert length is None and chunked
 
 
 def test_a_field_whose_name_only_starts_like_a_hop_by_hop_one_is_kept():
-    block = b"\nTE-Like: 1\r\nUpgrade-Insecure: 2\r\ncontent-length: 0\r\n"
+    block = b"\nTE-Like: 1\r\nUpgrade-Insecure: 2\r\ncontent-length: 0\r\nDATE: d\r\n"
     fields, length, _ = response_fields(block)
     assert isinstance(fields, HeaderBlock) and fields.raw == block[1:] and length == 0
 
@@ -53,3 +55,13 @@ def test_block_and_list_forms_convert_both_ways():
     edited = field_list(block)
     edited.append((b"c", b"3"))  # a caller's edit does not change the block
     assert len(block.pairs()) == 2
+
+
+def test_a_response_without_date_gets_one():
+    """RFC 9110 §6.6.1 (Date), as Go's server adds it, and so Traefik: the proxy has a clock."""
+    fields, _, _ = response_fields(b"\ncontent-length: 0\r\n")
+    (name, value) = field_list(fields)[-1]
+    assert name == b"date"
+    assert re.fullmatch(rb"[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} GMT", value)
+    fields, _, _ = response_fields(b"\nDate: Sun, 06 Nov 1994 08:49:37 GMT\r\n")
+    assert field_list(fields) == [(b"date", b"Sun, 06 Nov 1994 08:49:37 GMT")]  # kept as sent
