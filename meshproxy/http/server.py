@@ -482,10 +482,10 @@ class H1ServerConnection(asyncio.Protocol):
             parser = self.parser = _new_parser(self)
         try:
             parser.feed_data(data)
-        except _Reject as exc:
-            self._protocol_error(exc.status)
-        except httptools.HttpParserUpgrade as exc:
-            self._on_upgrade_request(data[exc.args[0] :] if exc.args else b"")
+        except _Reject as reject:  # one name per handler: mypyc gives a name one type
+            self._protocol_error(reject.status)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._on_upgrade_request(data[upgrade.args[0] :] if upgrade.args else b"")
         except httptools.HttpParserError as exc:
             cause = exc.__context__ or exc.__cause__
             self._protocol_error(cause.status if isinstance(cause, _Reject) else 400)
