@@ -211,9 +211,12 @@ def start_haproxy_for(
     """HAProxy (1 thread, keep-alive both sides) routing Host `host` + /bench to `backend`: the
     reference the memory benchmarks compare meshproxy with."""
     config = workdir / "haproxy.cfg"
+    # no strict-limits: with a hard open-file limit below 2 x maxconn HAProxy warns and runs
+    # (the idle-connection benchmark needs 1 descriptor per client, few to the backend)
     config.write_text(f"""global
     nbthread 1
     maxconn {maxconn}
+    no strict-limits
 defaults
     mode http
     maxconn {maxconn}

@@ -111,7 +111,7 @@ def close_all(clients: list[IdleClient]) -> None:
             client.transport.close()
 
 
-def measure(port: int, pid: int, count: int) -> dict[str, Any]:
+def measure(port: int, pid: int, count: int, idle_wait: float) -> dict[str, Any]:
     """RSS of `pid` before and with `count` idle connections, and after they closed."""
     import uvloop
 
@@ -121,7 +121,8 @@ def measure(port: int, pid: int, count: int) -> dict[str, Any]:
         await asyncio.sleep(1.0)
         before = rss_bytes(pid)
         clients = await open_idle(port, count, 60 + count / 100)
-        await asyncio.sleep(1.0)  # the proxy is idle now
+        # the proxy is idle now; its sweep (every second) shrinks connections idle for 1 s
+        await asyncio.sleep(idle_wait)
         held = rss_bytes(pid)
         close_all(clients)
         await asyncio.sleep(1.0)
@@ -157,15 +158,15 @@ def compare(args: argparse.Namespace) -> int:
             mesh = start_meshproxy(workdir, port, admin, bench_dynamic(backend, HOST))
             procs.append(mesh)
             wait_port(port)
-            results["meshproxy"] = measure(port, mesh.pid, args.connections)
+            results["meshproxy"] = measure(port, mesh.pid, args.connections, args.idle_wait)
             if args.haproxy:
                 port = free_port()
                 haproxy = start_haproxy_for(
-                    workdir, port, backend, HOST, maxconn=args.connections + 1000
+                    workdir, port, backend, HOST, maxconn=args.connections + 100
                 )
                 procs.append(haproxy)
                 wait_port(port)
-                results["haproxy"] = measure(port, haproxy.pid, args.connections)
+                results["haproxy"] = measure(port, haproxy.pid, args.connections, args.idle_wait)
         finally:
             stop_all(procs)
     report = {
@@ -173,6 +174,7 @@ def compare(args: argparse.Namespace) -> int:
         "setup": {
             "idle_connections": args.connections,
             "opened_per_batch": BATCH,
+            "idle_seconds_before_reading": args.idle_wait,
             "meshproxy_workers": 1,
             "haproxy_threads": 1,
             "meshproxy_hot_path": hot_path_state(),
@@ -328,54 +330,55 @@ def breakdown(args: argparse.Namespace) -> int:
         before = tracemalloc.take_snapshot()
         rss_before = rss_bytes_self()
         child = await clients(count)
-        gc.collect()
-        after = tracemalloc.take_snapshot()
+
+        def holdings() -> dict[str, Any]:
+            """What the idle connections hold now, per connection, against `before`."""
+            gc.collect()
+            after = tracemalloc.take_snapshot()
+            lines = [
+                {
+                    "where": f"{stat.traceback[0].filename}:{stat.traceback[0].lineno}",
+                    "bytes_per_connection": stat.size_diff / count,
+                    "blocks_per_connection": stat.count_diff / count,
+                }
+                for stat in after.compare_to(before, "lineno")[:25]
+                if stat.size_diff > count * 8
+            ]
+            conn = next(iter(entry.connections))
+            parser = getattr(conn, "parser", None)
+            return {
+                "traced_bytes_per_connection": sum(
+                    s.size_diff for s in after.compare_to(before, "filename")
+                )
+                / count,
+                "top_lines": lines,
+                "objects_of_one_connection": {
+                    "H1ServerConnection": sys.getsizeof(conn),
+                    "slots": slot_sizes(conn),
+                    "parser (httptools.HttpRequestParser, None once shrunk)": (
+                        sys.getsizeof(parser) if parser is not None else 0
+                    ),
+                    "transport (uvloop TCPTransport)": sys.getsizeof(conn.transport),
+                    "connections open": len(entry.connections),
+                },
+            }
+
         rss_held = rss_bytes_self()
-        traced_per_conn = sum(s.size_diff for s in after.compare_to(before, "filename")) / count
-        by_line = after.compare_to(before, "lineno")
-        lines = [
-            {
-                "where": f"{stat.traceback[0].filename}:{stat.traceback[0].lineno}",
-                "bytes_per_connection": stat.size_diff / count,
-                "blocks_per_connection": stat.count_diff / count,
-            }
-            for stat in by_line[:25]
-            if stat.size_diff > count * 8
-        ]
-        by_trace = after.compare_to(before, "traceback")
-        traces = [
-            {
-                "bytes_per_connection": stat.size_diff / count,
-                # most recent frame first; the event loop's own frames are left out
-                "traceback": [f"{f.filename}:{f.lineno}" for f in stat.traceback][::-1][:5],
-            }
-            for stat in by_trace[:12]
-            if stat.size_diff > count * 8
-        ]
+        just_answered = holdings()
+        # The daemon sweeps its entrypoints every second; a connection idle for over a
+        # second gives back what only a request in progress needs (server.py `_shrink`).
+        await asyncio.sleep(1.2)
+        entry.sweep()
+        after_sweep = holdings()
         tracemalloc.stop()
-        conn = next(iter(entry.connections))
-        objects = {
-            "H1ServerConnection": sys.getsizeof(conn),
-            "slots": slot_sizes(conn),
-            "parser (httptools.HttpRequestParser)": sys.getsizeof(conn.parser),
-            "transport (uvloop TCPTransport)": sys.getsizeof(conn.transport),
-            "pipeline (deque)": sys.getsizeof(conn.pipeline),
-            "_chunk (the last read, kept)": len(conn._chunk),
-            "_forwarded (cached X-Forwarded-* fields)": sum(
-                sys.getsizeof(x) for x in (conn._forwarded or ())
-            ),
-            "connections open": len(entry.connections),
-        }
         release(child)
         server.close()
         return {
             "connections": count,
             "hot_path": hot_path_state(),
-            "rss_bytes_per_connection": (rss_held - rss_before) / count,
-            "traced_bytes_per_connection": traced_per_conn,
-            "top_lines": lines,
-            "top_tracebacks": traces,
-            "objects_of_one_connection": objects,
+            "rss_bytes_per_connection_with_tracemalloc": (rss_held - rss_before) / count,
+            "just_answered": just_answered,
+            "after_idle_sweep": after_sweep,
         }
 
     try:
@@ -400,6 +403,9 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=None)
     parser.add_argument("--no-haproxy", dest="haproxy", action="store_false")
     parser.add_argument("--breakdown", action="store_true")
+    parser.add_argument(
+        "--idle-wait", type=float, default=3.0, help="seconds idle before RSS is read"
+    )
     parser.add_argument("--hold", nargs=2, type=int, metavar=("PORT", "COUNT"), help="internal")
     args = parser.parse_args()
     if args.hold:
