@@ -25,7 +25,6 @@ either direction; the upstream side has its own (see http.upstream).
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import re
 import time
@@ -49,6 +48,7 @@ from meshproxy.http.status import reason_phrase
 from meshproxy.l4.pipe import BytePipe, PipeEnd, PipeSettings, PipeStats
 from meshproxy.l4.sniff import SniffingProtocol
 from meshproxy.l4.websocket import WebSocketTunnel
+from meshproxy.networks import NetworkSet
 
 log = logging.getLogger("meshproxy.http")
 
@@ -196,6 +196,7 @@ class HTTPEntryPoint:
     ) -> None:
         self.settings = settings
         self.handler = handler
+        self.trusted = NetworkSet(settings.trusted_networks)  # forwardedHeaders.trustedIPs
         self.connections: set[H1ServerConnection] = set()
         self.on_open = on_open or (lambda delta: None)
         # Called with the status of every request refused or cut for its framing.
@@ -217,13 +218,7 @@ class HTTPEntryPoint:
     def is_trusted(self, ip: str) -> bool:
         if self.settings.insecure_forwarded:
             return True
-        if not self.settings.trusted_networks:
-            return False
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        return any(addr.version == n.version and addr in n for n in self.settings.trusted_networks)
+        return self.trusted.contains(ip)
 
     def protocol_factory(self) -> H1ServerConnection:
         """An HTTP/1.1 connection (what the sniffer hands plain HTTP to)."""

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import ipaddress
-
 from meshproxy.config.dynamic import IPAllowList
 from meshproxy.http.exchange import Exchange
 from meshproxy.http.status import reason_phrase
 from meshproxy.middlewares.base import BuildContext, Finish, Handler, MiddlewareConfigError
 from meshproxy.middlewares.ip_strategy import client_ip_getter, parse_ranges
+from meshproxy.networks import NetworkSet
 
 
 def build_ip_allow_list(options: IPAllowList, next_handler: Handler, ctx: BuildContext) -> Handler:
     # Traefik refuses an empty sourceRange; Traefik Mesh relies on that to deny everyone.
     # We build it as deny-all so the router stays visible and answers 403 itself.
-    networks = parse_ranges(options.source_range or [], "sourceRange")
+    networks = NetworkSet(parse_ranges(options.source_range or [], "sourceRange"))
     get_ip = client_ip_getter(options.ip_strategy, "ipStrategy")
     status = options.reject_status_code or 403
     if not 100 <= status <= 599 or reason_phrase(status) == b"Unknown":
@@ -22,14 +21,7 @@ def build_ip_allow_list(options: IPAllowList, next_handler: Handler, ctx: BuildC
     body = reason_phrase(status)
 
     def ip_allow_list(ex: Exchange, finish: Finish) -> None:
-        ip = get_ip(ex.request)
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            addr = None
-        if addr is not None and isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-            addr = addr.ipv4_mapped
-        if addr is None or not any(addr.version == n.version and addr in n for n in networks):
+        if not networks.contains(get_ip(ex.request)):
             ex.respond(status, body)
             finish(ex, None)
             return

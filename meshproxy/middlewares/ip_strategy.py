@@ -8,6 +8,7 @@ from typing import Any
 
 from meshproxy.config.dynamic import IPStrategy
 from meshproxy.middlewares.base import MiddlewareConfigError
+from meshproxy.networks import NetworkSet, parse_address
 
 
 def parse_ranges(ranges: list[str], path: str) -> list[Any]:
@@ -60,7 +61,7 @@ def _base_getter(strategy: IPStrategy | None, path: str) -> Callable[[Any], str]
 
         return by_depth
     if strategy.excluded_i_ps:
-        excluded = parse_ranges(strategy.excluded_i_ps, f"{path}.excludedIPs")
+        excluded = NetworkSet(parse_ranges(strategy.excluded_i_ps, f"{path}.excludedIPs"))
 
         def by_exclusion(request: Any) -> str:
             values = request.header_values("x-forwarded-for")
@@ -68,11 +69,7 @@ def _base_getter(strategy: IPStrategy | None, path: str) -> Callable[[Any], str]
                 return ""
             for item in reversed(values[0].split(",")):
                 item = item.strip()
-                try:
-                    addr = ipaddress.ip_address(item)
-                except ValueError:
-                    return item
-                if not any(addr.version == n.version and addr in n for n in excluded):
+                if parse_address(item) is None or not excluded.contains(item):
                     return item
             return ""
 

@@ -261,6 +261,13 @@ class RequestMetrics:
         reloads = CounterMetricFamily("traefik_config_reloads", "Config reloads")
         reloads.add_metric([], self.reloads_total)
         yield reloads
+        failures = CounterMetricFamily(
+            "meshproxy_config_reload_failures",
+            "Configurations refused (undecodable, or every router broken): the last good one "
+            "kept serving.",
+        )
+        failures.add_metric([], self.reload_failures_total)
+        yield failures
         last = GaugeMetricFamily("traefik_config_last_reload_success", "Last config reload success")
         last.add_metric([], self.last_reload_success)
         yield last

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from meshproxy.networks import NetworkSet
 from meshproxy.rules.ast import And, Call, Node, Not, Or, calls
 from meshproxy.rules.parser import RuleError, parse_rule
 from meshproxy.rules.regex import GoRegexpError, compile_go_regexp, has_template, template_to_regex
@@ -425,14 +426,10 @@ def parse_network(
 
 
 def client_ip_matcher(networks: list[Any]) -> Matcher:
+    allowed = NetworkSet(networks)
+
     def match(r: Any) -> bool:
-        try:
-            ip = ipaddress.ip_address(r.client_ip)
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip.version == net.version and ip in net for net in networks)
+        return allowed.contains(r.client_ip)
 
     return match
 

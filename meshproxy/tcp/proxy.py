@@ -7,7 +7,6 @@ byte for byte to a server picked by weighted round robin, with flow control both
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from typing import Any
 
 from meshproxy.balancer.wrr import SmoothWeightedRoundRobin
 from meshproxy.l4.pipe import BytePipe, PipeEnd, PipeSettings, PipeStats
+from meshproxy.networks import NetworkSet
 from meshproxy.upstream_address import resolve
 
 log = logging.getLogger("meshproxy.tcp")
@@ -75,16 +75,12 @@ class TCPRoute:
 
 
 def allow_list_check(networks: list[Any]) -> ConnectionCheck:
-    def allowed(view: TCPConnectionView) -> bool:
-        try:
-            addr = ipaddress.ip_address(view.client_ip)
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-            addr = addr.ipv4_mapped
-        return any(addr.version == n.version and addr in n for n in networks)
+    allowed = NetworkSet(networks)
 
-    return allowed
+    def check(view: TCPConnectionView) -> bool:
+        return allowed.contains(view.client_ip)
+
+    return check
 
 
 class _Dialled(asyncio.Protocol):
