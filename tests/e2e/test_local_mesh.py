@@ -84,6 +84,17 @@ async def test_local_mesh_serves_http_through_the_proxy_from_the_manifests(tmp_p
         writer.close()
         assert b"mesh is up" in (tmp_path / "local.log").read_bytes()
 
+        # WebSocket through the mesh: ws://chat.demo.traefik.mesh, dialled at the proxy
+        from websockets.asyncio.client import connect
+
+        async with connect(
+            "ws://chat.demo.traefik.mesh/", host="127.0.0.1", port=http, open_timeout=10
+        ) as ws:
+            await ws.send("hello mesh")
+            assert await asyncio.wait_for(ws.recv(), 10) == "hello mesh"
+            await ws.send(b"\x00binary")
+            assert await asyncio.wait_for(ws.recv(), 10) == b"\x00binary"
+
         # the gRPC demo backend answers (directly: the proxy does not serve h2c yet)
         import grpc
 
