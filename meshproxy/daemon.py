@@ -142,6 +142,9 @@ class ProxyDaemon:
                 idle_timeout=float(timeouts.idle_timeout)
                 if timeouts and timeouts.idle_timeout is not None
                 else 180.0,
+                tunnel_idle_timeout=float(timeouts.tunnel_idle_timeout)
+                if timeouts and timeouts.tunnel_idle_timeout is not None
+                else 3600.0,
                 read_timeout=float(timeouts.read_timeout)
                 if timeouts and timeouts.read_timeout is not None
                 else 60.0,

@@ -37,6 +37,9 @@ class RespondingTimeouts(_Base):
     read_timeout: Duration | None = None
     write_timeout: Duration | None = None
     idle_timeout: Duration | None = None
+    # meshproxy: an upgraded connection (WebSocket, ...) with no byte either way is closed
+    # after this long (default 1 h, Envoy's stream idle default; 0: never).
+    tunnel_idle_timeout: Duration | None = None
 
 
 class LifeCycle(_Base):

@@ -156,3 +156,23 @@ async def test_shutdown_closes_websockets_with_1001_on_both_sides(ws_backend, pr
             await asyncio.wait_for(ws.recv(), 10)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
     await wait_for(lambda: seen.get("client_close") == 1001, 10, "the backend got 1001")
+
+
+async def test_idle_websocket_is_closed_after_the_tunnel_idle_timeout(ws_backend, proxy_factory):
+    """A WebSocket with no byte either way for `respondingTimeouts.tunnelIdleTimeout` (a
+    meshproxy option, 1 h by default) is closed, and its connections are counted down."""
+    url, _ = ws_backend
+    proxy = await proxy_factory(
+        catch_all(url),
+        extra_flags=["--entryPoints.web.transport.respondingTimeouts.tunnelIdleTimeout=1s"],
+    )
+    async with connect(f"ws://127.0.0.1:{proxy.port}/", ping_interval=None) as ws:
+        await ws.send("x")
+        assert await ws.recv() == "x"
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 20)  # nothing sent: the proxy closes it
+    await wait_for(
+        lambda: metric(proxy.metrics(), "traefik_open_connections", entrypoint="web") == 0,
+        10,
+        "the tunnel's connections closed",
+    )
