@@ -16,7 +16,12 @@ from aiohttp import web
 
 from meshproxy.admin.api import build_admin_app
 from meshproxy.config.static import StaticConfig, parse_address
-from meshproxy.http.server import DEFAULT_MAX_HEADER_BYTES, EntryPointSettings, HTTPEntryPoint
+from meshproxy.http.server import (
+    DEFAULT_MAX_HEADER_BYTES,
+    DEFAULT_MAX_TARGET_BYTES,
+    EntryPointSettings,
+    HTTPEntryPoint,
+)
 from meshproxy.http.upstream import TransportSettings
 from meshproxy.observability.metrics import DEFAULT_BUCKETS, RequestMetrics
 from meshproxy.providers.file import FileProvider
@@ -138,6 +143,11 @@ class ProxyDaemon:
                     entry.http.max_header_bytes
                     if entry.http and entry.http.max_header_bytes
                     else DEFAULT_MAX_HEADER_BYTES
+                ),
+                max_target_bytes=(
+                    entry.http.max_request_target_bytes
+                    if entry.http and entry.http.max_request_target_bytes
+                    else DEFAULT_MAX_TARGET_BYTES
                 ),
                 idle_timeout=float(timeouts.idle_timeout)
                 if timeouts and timeouts.idle_timeout is not None

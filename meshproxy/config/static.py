@@ -56,6 +56,8 @@ class EntryPointTransport(_Base):
 
 class EntryPointHTTP(_Base):
     max_header_bytes: int | None = None
+    # meshproxy: the longest request-target served (414 past it); 16 KiB by default
+    max_request_target_bytes: int | None = None
     sanitize_path: bool | None = None
     middlewares: list[str] | None = None
     redirections: Raw | None = None

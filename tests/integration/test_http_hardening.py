@@ -156,3 +156,28 @@ async def test_backend_refusing_an_upload_stops_curl_before_it_sends_the_body(
     head, _, rest = bytes(backend.received[0]).partition(b"\r\n\r\n")
     assert b"\r\nexpect: 100-continue" in head.lower()
     assert len(rest) < 1 << 20  # curl stopped: at most what it sent before the answer came
+
+
+async def test_head_limits_are_configured_per_entrypoint(proxy_factory):
+    """Issue 9 item 12: Traefik's `http.maxHeaderBytes` and meshproxy's
+    `http.maxRequestTargetBytes` set the 431 and 414 limits of an entrypoint."""
+    backend = RecordingBackend(answer=b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    proxy = await proxy_factory(
+        catch_all(await backend.start()),
+        extra_flags=[
+            "--entryPoints.web.http.maxHeaderBytes=4096",
+            "--entryPoints.web.http.maxRequestTargetBytes=1024",
+        ],
+    )
+
+    async def status(raw: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(raw)
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n"), 10)
+        writer.close()
+        return answer.split(b" ")[1]
+
+    assert await status(b"GET /" + b"a" * 900 + b" HTTP/1.1\r\nHost: a\r\n\r\n") == b"200"
+    assert await status(b"GET /" + b"a" * 1100 + b" HTTP/1.1\r\nHost: a\r\n\r\n") == b"414"
+    assert await status(b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"b" * 5000 + b"\r\n\r\n") == b"431"
+    assert len(backend.received) == 1
