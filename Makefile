@@ -39,3 +39,5 @@ bench: setup
 	$(BIN)/python bench/http_throughput.py
 	$(BIN)/python bench/middleware_chain.py
 	$(BIN)/python bench/hot_path.py
+	$(BIN)/python bench/rss.py
+	$(BIN)/python bench/idle_connections.py

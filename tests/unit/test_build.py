@@ -63,3 +63,25 @@ def test_one_list_of_compiled_modules():
     assert printed == source_paths()
     assert "build_info" in (ROOT / "setup.py").read_text()
     assert "meshproxy/build_info.py" in (ROOT / "Makefile").read_text()
+
+
+def test_no_exception_name_bound_to_two_types_in_compiled_code():
+    """mypyc gives a local one type: `except A as exc` then `except B as exc` in one function
+    types `exc` as A, and the B handler raises TypeError when compiled (it did: every malformed
+    request, every invalid backend response). Interpreted, nothing shows; so check the source."""
+    import ast
+
+    clashes = []
+    for path in source_paths():
+        tree = ast.parse((ROOT / path).read_text())
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            kinds: dict[str, set[str]] = {}
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.ExceptHandler) and sub.name and sub.type is not None:
+                    kinds.setdefault(sub.name, set()).add(ast.unparse(sub.type))
+            clashes += [
+                f"{path}:{node.name}: {n} {sorted(t)}" for n, t in kinds.items() if len(t) > 1
+            ]
+    assert not clashes, clashes
