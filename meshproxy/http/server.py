@@ -392,6 +392,7 @@ class H1ServerConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        self.parser = None  # it holds our bound callbacks: a cycle the GC would have to find
         self.entry.connections.discard(self)
         self.entry.on_open(-1)
         for ex in (self.current, *self.pipeline):

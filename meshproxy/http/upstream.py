@@ -225,6 +225,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.parser = None  # it holds our bound callbacks: a cycle the GC would have to find
         self.pool.forget(self)
         self.pool.busy.discard(self)
         ex = self.ex
