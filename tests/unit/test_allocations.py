@@ -104,7 +104,11 @@ class MemoryTransport:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
+            asyncio.get_running_loop().call_soon(self._lost)
+
+    def _lost(self) -> None:
+        protocol, self.protocol = self.protocol, None  # as asyncio's transports let go of it
+        protocol.connection_lost(None)
 
     abort = close
 
@@ -240,6 +244,8 @@ async def guarded(rig: Rig) -> None:
 
 async def retried(rig: Rig) -> None:
     """The first backend connection answers 503, the retry's second one answers 200."""
+    for stale in rig.pool.idle:  # the previous request's pair: closed, as the pool would
+        stale.close()
     first, first_backend = rig.backend()
     second, second_backend = rig.backend()
     rig.pool.idle[:] = [second, first]  # the most recent idle connection is taken first
@@ -312,14 +318,17 @@ KINDS: dict[str, Callable[[Rig], Any]] = {
 }
 
 
-async def settled_blocks() -> int:
+async def settled_blocks(collect: bool = True) -> int:
     """Live blocks once nothing is being freed any more: uvloop releases a fired timer's
-    handle in a later loop iteration, so poll (bounded) until the count stops falling."""
-    gc.collect()
+    handle in a later loop iteration, so poll (bounded) until the count stops falling.
+    `collect`: run the cyclic garbage collector first (else what only it would free stays)."""
+    if collect:
+        gc.collect()
     blocks = sys.getallocatedblocks()
     for _ in range(100):
         await asyncio.sleep(0.01)
-        gc.collect()
+        if collect:
+            gc.collect()
         now = sys.getallocatedblocks()
         if now >= blocks:
             return now
@@ -327,8 +336,10 @@ async def settled_blocks() -> int:
     return blocks
 
 
-def growth(kind: str, requests: int = REQUESTS) -> int:
-    """Allocated blocks left over after `requests` more requests of `kind`, past a warm-up."""
+def growth(kind: str, requests: int = REQUESTS, collect: bool = True) -> int:
+    """Allocated blocks left over after `requests` more requests of `kind`, past a warm-up.
+    With `collect` false the cyclic garbage collector stays off meanwhile: what a reference
+    cycle holds then counts as left over."""
 
     async def run() -> int:
         rig = Rig()
@@ -336,11 +347,17 @@ def growth(kind: str, requests: int = REQUESTS) -> int:
         for _ in range(WARM_UP):
             await one(rig)
         await settle()
-        before = await settled_blocks()
-        for _ in range(requests):
-            await one(rig)
-        await settle()
-        return await settled_blocks() - before
+        gc.collect()
+        before = await settled_blocks(collect)
+        if not collect:
+            gc.disable()
+        try:
+            for _ in range(requests):
+                await one(rig)
+            await settle()
+            return await settled_blocks(collect) - before
+        finally:
+            gc.enable()
 
     return uvloop.run(run())
 
@@ -353,6 +370,19 @@ def test_no_allocation_outlives_its_request(kind: str) -> None:
     not grow by more than a small constant."""
     grown = growth(kind)
     assert grown < SLACK, f"{kind}: {grown} blocks more after {REQUESTS} requests"
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_nothing_waits_for_the_garbage_collector(kind: str) -> None:
+    """What a request or a connection allocated is freed by reference counting alone, as soon
+    as it ends: no reference cycle per request or per connection (a closed connection whose
+    httptools parser still held the connection's bound callbacks was one: some 20 objects per
+    connection left for the cyclic collector, the work the per-request closures were removed
+    to avoid). With the collector off, 2,000 requests may leave less than one block per two
+    requests (a cycle per request leaves 10 or more each); what is left is bounded state that
+    fills once (free lists), not growth."""
+    grown = growth(kind, collect=False)
+    assert grown < REQUESTS // 2, f"{kind}: {grown} blocks left to the garbage collector"
 
 
 def test_the_check_sees_a_leak() -> None:
