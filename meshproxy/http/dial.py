@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import ssl
 
-from meshproxy.http.errors import UpstreamConnectError, UpstreamDialTimeout, UpstreamError
+from meshproxy.http.errors import UpstreamConnectError, UpstreamDialTimeout
 from meshproxy.http.exchange import Exchange
-from meshproxy.http.upstream import EarlyEOF, UpstreamConnection, UpstreamPool
+from meshproxy.http.upstream import UpstreamConnection, UpstreamPool
 from meshproxy.upstream_address import resolve
 
 
@@ -58,7 +58,4 @@ def start_on(
 async def exchange_fresh(pool: UpstreamPool, ex: Exchange, head: bytes, chunked_body: bool) -> None:
     """Send `ex` on a newly dialled connection."""
     conn = await connect(pool)
-    try:
-        await start_on(conn, ex, head, chunked_body)
-    except EarlyEOF:
-        raise UpstreamError("backend closed the connection without answering") from None
+    await start_on(conn, ex, head, chunked_body)  # an EOF before any answer: UpstreamError

@@ -204,7 +204,40 @@ class HTTPEntryPoint:
         # Upgraded connections (WebSocket...) now relayed by a byte pipe, until it ends.
         self.tunnels: set[BytePipe] = set()
         self.sniffing: set[SniffingProtocol] = set()  # connections not yet classified
+        self._forwarded: dict[tuple[bytes, str], tuple[bytes, list[tuple[bytes, bytes]], bytes]]
+        self._forwarded = {}
         self.tunnel_settings = PipeSettings(idle_timeout=settings.tunnel_idle_timeout)
+
+    def forwarded_fields(
+        self, host: bytes, port: str, client_ip: str
+    ) -> tuple[bytes, list[tuple[bytes, bytes]], bytes]:
+        """The X-Forwarded-* fields this entrypoint adds for a client that sent none: the same
+        for every request with the same Host from the same client, so built once and shared
+        by its connections (kept per connection, they cost ~640 bytes each; issue 9 item 3).
+        The host is the request's authority: an absolute-form target's wins (RFC 9112
+        §3.2.2). Returns (host, fields, the fields as lines with X-Forwarded-For)."""
+        key = (host, client_ip)
+        cached = self._forwarded.get(key)
+        if cached is not None:
+            return cached
+        fields = [(b"x-forwarded-proto", b"http")]
+        if host:
+            fields.append((b"x-forwarded-host", host))
+        # The port the client addressed: Host's, else the scheme's default (as Traefik), not
+        # the listener's (a pod that called svc.ns.traefik.mesh called port 80).
+        fields.append((b"x-forwarded-port", port.encode() if port else b"80"))
+        fields.append((b"x-forwarded-server", SERVER_NAME))
+        client = client_ip.encode()
+        fields.append((b"x-real-ip", client))
+        # X-Forwarded-For is written at forwarding time (it may be appended to); for the
+        # verbatim block it is the client's address alone.
+        lines = [name + b": " + value + _CRLF for name, value in fields]
+        lines.append(b"x-forwarded-for: " + client + _CRLF)
+        cached = (host, fields, b"".join(lines))
+        if len(self._forwarded) >= 4096:
+            self._forwarded.clear()
+        self._forwarded[key] = cached
+        return cached
 
     def open_tunnel(self, downstream: PipeEnd, upstream: PipeEnd, websocket: bool) -> BytePipe:
         """Relay an upgraded connection; it counts as open until both sockets are closed."""
@@ -297,6 +330,7 @@ class H1ServerConnection(asyncio.Protocol):
         "_host",
         "_host_seen",
         "_in_head",
+        "_linger_timer",
         "_message_started_at",
         "_pending_head",
         "_perf_start",
@@ -366,6 +400,7 @@ class H1ServerConnection(asyncio.Protocol):
         self._head_in_chunk = False  # the current message's head began at the read's start
         self._verbatim = False  # no field of the current request needs rewriting
         self._forwarded: tuple[bytes, list[tuple[bytes, bytes]], bytes] | None = None
+        self._linger_timer: asyncio.TimerHandle | None = None
         self._upgrading: Exchange | None = None  # an upgrade request awaiting its answer
         self._tunnel: list[bytes] = []  # client bytes read after that request's head
         self._tunnel_size = 0
@@ -392,6 +427,9 @@ class H1ServerConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        if self._linger_timer is not None:  # the client closed first: nothing to wait for
+            self._linger_timer.cancel()
+            self._linger_timer = None
         self.parser = None  # it holds our bound callbacks: a cycle the GC would have to find
         self.entry.connections.discard(self)
         self.entry.on_open(-1)
@@ -614,7 +652,9 @@ class H1ServerConnection(asyncio.Protocol):
         else:
             cached = self._forwarded
             if cached is None or cached[0] != request.host_header:
-                cached = self._forwarded = self._forwarded_fields(request)
+                cached = self._forwarded = self.entry.forwarded_fields(
+                    request.host_header, request.port, self.client_ip
+                )
             headers.extend(cached[1])
             if self._verbatim and line_end > 0 and host and request.host_header is host:
                 request.verbatim = self._verbatim_fields(line_end, received, cached[2])
@@ -661,26 +701,6 @@ class H1ServerConnection(asyncio.Protocol):
             self._start(ex)
         else:
             self.pipeline.append(ex)
-
-    def _forwarded_fields(self, request: Request) -> tuple[bytes, list[tuple[bytes, bytes]], bytes]:
-        """The X-Forwarded-* fields this entrypoint adds for a client that sent none: the same
-        for every request on a connection with the same Host, so built once and kept. The host
-        is the request's authority: an absolute-form target's wins (RFC 9112 §3.2.2)."""
-        host = request.host_header
-        fields = [(b"x-forwarded-proto", b"http")]
-        if host:
-            fields.append((b"x-forwarded-host", host))
-        # The port the client addressed: Host's, else the scheme's default (as Traefik), not
-        # the listener's (a pod that called svc.ns.traefik.mesh called port 80).
-        port = request.port
-        fields.append((b"x-forwarded-port", port.encode() if port else b"80"))
-        fields.append((b"x-forwarded-server", SERVER_NAME))
-        fields.append((b"x-real-ip", self.client_ip.encode()))
-        # X-Forwarded-For is written at forwarding time (it may be appended to); for the
-        # verbatim block it is the client's address alone.
-        lines = [name + b": " + value + _CRLF for name, value in fields]
-        lines.append(b"x-forwarded-for: " + self.client_ip.encode() + _CRLF)
-        return host, fields, b"".join(lines)
 
     def _add_forwarded_fields(self, request: Request, seen: int) -> None:
         """A trusted client sent some X-Forwarded-* fields: add only the missing ones."""
@@ -867,7 +887,7 @@ class H1ServerConnection(asyncio.Protocol):
             return
         transport.write_eof()
         transport.resume_reading()
-        self.loop.call_later(LINGER_SECONDS, transport.close)
+        self._linger_timer = self.loop.call_later(LINGER_SECONDS, transport.close)
 
     # -- exchange scheduling ------------------------------------------------------------
 

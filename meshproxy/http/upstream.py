@@ -173,6 +173,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_header_timeout",
         "_on_done",
         "_reading_paused",
+        "_replay_head",
         "_response_complete",
         "_response_headers_done",
         "_sent_at",
@@ -206,6 +207,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._chunked_body = False
         self._switching: list[tuple[bytes, bytes]] | None = None
         self._trailer_parser = False  # the parser reports trailer fields  # a valid 101's fields
+        self._replay_head = b""  # the head to send again after a stale keep-alive, if any
         self._sent_at = 0.0  # loop time the request was all sent, while awaiting the head
         self._continue_timer: asyncio.TimerHandle | None = None
         self._got_response_bytes = False
@@ -248,9 +250,19 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- one request --------------------------------------------------------------------
 
-    def start(self, ex: Exchange, head: bytes, chunked_body: bool, on_done: DoneCallback) -> None:
+    def start(
+        self,
+        ex: Exchange,
+        head: bytes,
+        chunked_body: bool,
+        on_done: DoneCallback,
+        reused: bool = False,
+    ) -> None:
         """Send the request head; the body follows as the client sends it. `on_done` is called
-        once: with None when the response is complete, or with the exception that ended it."""
+        once: with None when the response is complete, or with the exception that ended it.
+        On a `reused` keep-alive connection that the server closed while idle (EOF before any
+        response byte), a bodiless request is sent again once on a new connection, as Go's
+        transport does; `on_done` then reports that try."""
         if ex.client_gone:
             # The client went away while this request waited (a dial, a middleware's delay):
             # nothing has been written, so the connection stays good for the next one.
@@ -278,6 +290,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._until_close = False
         self.request_sent = not ex.has_body
         self._chunked_body = chunked_body
+        self._replay_head = head if reused and not ex.has_body else b""
         ex.upstream = self
         self.transport.write(head)  # type: ignore[union-attr]
         if ex.has_body:
@@ -489,7 +502,14 @@ class UpstreamConnection(asyncio.Protocol):
         on_done = self._on_done
         if on_done is not None:
             self._on_done = None
-            on_done(exc)
+            head = self._replay_head
+            self._replay_head = b""
+            if type(exc) is not EarlyEOF:
+                on_done(exc)
+            elif head and ex is not None and not ex.response_started:
+                self.pool._dial(ex, head, self._chunked_body, on_done)  # the one replay
+            else:
+                on_done(UpstreamError("backend closed the connection without answering"))
         if not self.closed:
             self.close()
 
@@ -543,7 +563,7 @@ class UpstreamPool:
         if conn is None:
             self._dial(ex, head, chunked, done)
             return
-        conn.start(ex, head, chunked, _PooledTry(self, ex, head, chunked, done).done)
+        conn.start(ex, head, chunked, done, True)
 
     def _dial(self, ex: Exchange, head: bytes, chunked: bool, done: DoneCallback) -> None:
         from meshproxy.http.dial import exchange_fresh  # dial.py imports this module
@@ -652,32 +672,6 @@ class _TrailerReader:
 
     def on_message_complete(self) -> None:
         self.conn.on_message_complete()
-
-
-class _PooledTry:
-    """A try on a reused keep-alive connection. One that died before answering a bodiless
-    request (the server closed it while idle): Go's transport replays such a request once on a
-    fresh connection, and so does this. An object, not a closure: see balancer._Attempt."""
-
-    __slots__ = ("chunked", "done_callback", "ex", "head", "pool")
-
-    def __init__(
-        self, pool: UpstreamPool, ex: Exchange, head: bytes, chunked: bool, done: DoneCallback
-    ) -> None:
-        self.pool = pool
-        self.ex = ex
-        self.head = head
-        self.chunked = chunked
-        self.done_callback = done
-
-    def done(self, exc: BaseException | None) -> None:
-        if isinstance(exc, EarlyEOF):
-            ex = self.ex
-            if not ex.has_body and not ex.response_started:
-                self.pool._dial(ex, self.head, self.chunked, self.done_callback)
-                return
-            exc = UpstreamError("backend closed the connection without answering")
-        self.done_callback(exc)
 
 
 class _Dialled:

@@ -84,8 +84,15 @@ async def _drive(pieces: list[bytes]) -> None:
             break
         conv.client.data_received(piece)  # must never raise
         await asyncio.sleep(0)
-        for conn, transport in conv.upstreams:  # the backend answers whatever it was sent
-            if conn.ex is not None and not transport.closed and transport.written:
+        for _ in range(10):  # the backend answers whatever it was sent, pipelined ones too
+            pending = [
+                (conn, transport)
+                for conn, transport in conv.upstreams
+                if conn.ex is not None and not transport.closed and transport.written
+            ]
+            if not pending:
+                break
+            for conn, transport in pending:
                 transport.take()
                 conn.data_received(OK)
         while len(conv.pool.idle) < 2:
