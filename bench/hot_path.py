@@ -18,14 +18,10 @@ from typing import Any
 
 from common import RESULTS
 
-from meshproxy.config.dynamic import decode_dynamic
 from meshproxy.http.server import EntryPointSettings, HTTPEntryPoint
-from meshproxy.http.upstream import TransportSettings, UpstreamConnection
-from meshproxy.observability.metrics import RequestMetrics
-from meshproxy.runtime.compiler import CompileContext
+from meshproxy.http.upstream import UpstreamConnection
 from meshproxy.runtime.dispatch import make_dispatcher
-from meshproxy.runtime.manager import ConfigManager
-from meshproxy.runtime.state import RuntimeState
+from meshproxy.runtime.standalone import standalone
 
 CONFIG = b"""{"http": {
   "routers": {"bench": {"entryPoints": ["web"], "service": "app",
@@ -79,24 +75,8 @@ def request_bytes(extra_headers: int) -> bytes:
 
 def measure(requests: int, extra_headers: int, extra_response_fields: int = 0) -> dict[str, float]:
     async def run() -> dict[str, float]:
-        metrics = RequestMetrics()
-        state = RuntimeState()
-        transport_settings = TransportSettings()
-
-        def context(generation: int) -> CompileContext:
-            return CompileContext(
-                provider="file",
-                http_entrypoints=["web"],
-                udp_entrypoints=[],
-                default_entrypoints=["web"],
-                transport=transport_settings,
-                metrics=metrics,
-                state=state,
-                generation=generation,
-            )
-
-        manager = ConfigManager(context)
-        manager.apply(decode_dynamic(CONFIG), "bench")
+        rig = standalone(CONFIG)
+        metrics, state, manager = rig.metrics, rig.state, rig.manager
         entry = HTTPEntryPoint(
             EntryPointSettings(name="web", port=80), make_dispatcher("web", manager, metrics)
         )

@@ -242,14 +242,9 @@ def breakdown(args: argparse.Namespace) -> int:
     import uvloop
 
     from meshproxy.build_info import hot_path_state
-    from meshproxy.config.dynamic import decode_dynamic
     from meshproxy.http.server import EntryPointSettings, HTTPEntryPoint
-    from meshproxy.http.upstream import TransportSettings
-    from meshproxy.observability.metrics import RequestMetrics
-    from meshproxy.runtime.compiler import CompileContext
     from meshproxy.runtime.dispatch import make_dispatcher
-    from meshproxy.runtime.manager import ConfigManager
-    from meshproxy.runtime.state import RuntimeState
+    from meshproxy.runtime.standalone import standalone
 
     raise_fd_limit(args.connections * 2 + 1000)
     count = args.connections
@@ -259,24 +254,7 @@ def breakdown(args: argparse.Namespace) -> int:
 
     async def run() -> dict[str, Any]:
         loop = asyncio.get_running_loop()
-        metrics = RequestMetrics()
-        state = RuntimeState()
-        transport = TransportSettings()
-
-        def context(generation: int) -> CompileContext:
-            return CompileContext(
-                provider="file",
-                http_entrypoints=["web"],
-                udp_entrypoints=[],
-                default_entrypoints=["web"],
-                transport=transport,
-                metrics=metrics,
-                state=state,
-                generation=generation,
-            )
-
-        manager = ConfigManager(context)
-        config = json.dumps(
+        rig = standalone(
             {
                 "http": {
                     "routers": {
@@ -295,8 +273,8 @@ def breakdown(args: argparse.Namespace) -> int:
                     },
                 }
             }
-        ).encode()
-        manager.apply(decode_dynamic(config), "bench")
+        )
+        metrics, manager = rig.metrics, rig.manager
         port = free_port()
         entry = HTTPEntryPoint(
             EntryPointSettings(name="web", port=port),

@@ -8,20 +8,22 @@ upstream, feeds the backend's bytes, and reads what reached the client.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshproxy.config.dynamic import decode_dynamic
 from meshproxy.http.server import EntryPointSettings, H1ServerConnection, HTTPEntryPoint
 from meshproxy.http.upstream import TransportSettings, UpstreamConnection, UpstreamPool
 from meshproxy.observability.metrics import RequestMetrics
-from meshproxy.runtime.compiler import CompileContext
 from meshproxy.runtime.dispatch import make_dispatcher
-from meshproxy.runtime.manager import ConfigManager
-from meshproxy.runtime.state import RuntimeState
+from meshproxy.runtime.standalone import standalone
 
 BACKEND = "http://127.0.0.1:9"
+CATCH_ALL = {
+    "http": {
+        "routers": {"r": {"entryPoints": ["web"], "service": "s", "rule": "PathPrefix(`/`)"}},
+        "services": {"s": {"loadBalancer": {"servers": [{"url": BACKEND}]}}},
+    }
+}
 
 
 class MemoryTransport:
@@ -143,30 +145,8 @@ def conversation(
     transport: TransportSettings | None = None,
 ) -> Conversation:
     """Build the real proxy pieces for one client connection (call inside a running loop)."""
-    metrics = RequestMetrics()
-    state = RuntimeState()
-    transport_settings = transport or TransportSettings()
-    dynamic = dynamic or {
-        "http": {
-            "routers": {"r": {"entryPoints": ["web"], "service": "s", "rule": "PathPrefix(`/`)"}},
-            "services": {"s": {"loadBalancer": {"servers": [{"url": BACKEND}]}}},
-        }
-    }
-
-    def context(generation: int) -> CompileContext:
-        return CompileContext(
-            provider="file",
-            http_entrypoints=["web"],
-            udp_entrypoints=[],
-            default_entrypoints=["web"],
-            transport=transport_settings,
-            metrics=metrics,
-            state=state,
-            generation=generation,
-        )
-
-    manager = ConfigManager(context)
-    manager.apply(decode_dynamic(json.dumps(dynamic).encode()), "test")
+    rig = standalone(dynamic or CATCH_ALL, transport=transport)
+    metrics, state, manager = rig.metrics, rig.state, rig.manager
     errors: list[int] = []
     entry = HTTPEntryPoint(
         settings or EntryPointSettings(name="web", port=5000),

@@ -25,14 +25,10 @@ from typing import Any
 import pytest
 import uvloop
 
-from meshproxy.config.dynamic import decode_dynamic
 from meshproxy.http.server import EntryPointSettings, H1ServerConnection, HTTPEntryPoint
-from meshproxy.http.upstream import TransportSettings, UpstreamConnection, UpstreamPool
-from meshproxy.observability.metrics import RequestMetrics
-from meshproxy.runtime.compiler import CompileContext
+from meshproxy.http.upstream import UpstreamConnection, UpstreamPool
 from meshproxy.runtime.dispatch import make_dispatcher
-from meshproxy.runtime.manager import ConfigManager
-from meshproxy.runtime.state import RuntimeState
+from meshproxy.runtime.standalone import standalone
 
 # One service behind three routers: bare, through retry (a 503 is retried on the next
 # connection, as Traefik's retry `status` option), and through rateLimit + circuitBreaker
@@ -122,24 +118,8 @@ class Rig:
     """The proxy's per-request machinery, wired as the daemon wires it, minus the sockets."""
 
     def __init__(self) -> None:
-        self.metrics = RequestMetrics()
-        state = RuntimeState()
-        transport = TransportSettings()
-
-        def context(generation: int) -> CompileContext:
-            return CompileContext(
-                provider="file",
-                http_entrypoints=["web"],
-                udp_entrypoints=[],
-                default_entrypoints=["web"],
-                transport=transport,
-                metrics=self.metrics,
-                state=state,
-                generation=generation,
-            )
-
-        self.manager = ConfigManager(context)
-        self.manager.apply(decode_dynamic(CONFIG), "test")
+        rig = standalone(CONFIG)
+        self.metrics, self.manager, state = rig.metrics, rig.manager, rig.state
         self.entry = HTTPEntryPoint(
             EntryPointSettings(name="web", port=80),
             make_dispatcher("web", self.manager, self.metrics),
