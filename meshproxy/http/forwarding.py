@@ -63,6 +63,29 @@ def trailer_lines(trailers: list[tuple[bytes, bytes]]) -> bytes:
     return b"0\r\n" + b"".join(lines) + b"\r\n"
 
 
+# Fields a peer cannot make hop-by-hop by naming them in Connection (RFC 9110 §7.6.1 lets a
+# sender list its own hop-by-hop fields, not the message's framing, its routing, or what the
+# proxy itself adds): dropping Content-Length would forward a body without framing (request
+# smuggling), dropping X-Forwarded-* would hide the client from the backend (as Traefik's
+# CVE-2024-45410).
+NOT_NOMINABLE = frozenset(
+    {
+        b"content-length",
+        b"host",
+        b"date",
+        b"x-forwarded-for",
+        b"x-forwarded-host",
+        b"x-forwarded-port",
+        b"x-forwarded-proto",
+        b"x-forwarded-server",
+        b"x-forwarded-prefix",
+        b"x-real-ip",
+    }
+)
+
+
 def connection_tokens(value: bytes) -> list[bytes]:
-    """Header names listed in a Connection header (they are hop-by-hop too)."""
-    return [t.strip().lower() for t in value.split(b",") if t.strip()]
+    """Header names listed in a Connection header (they are hop-by-hop too), except those a
+    peer may not name (`NOT_NOMINABLE`)."""
+    tokens = [t.strip().lower() for t in value.split(b",")]
+    return [t for t in tokens if t and t not in NOT_NOMINABLE]

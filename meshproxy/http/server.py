@@ -332,6 +332,7 @@ class H1ServerConnection(asyncio.Protocol):
         "_in_head",
         "_linger_timer",
         "_message_started_at",
+        "_messages",
         "_pending_head",
         "_perf_start",
         "_progress",
@@ -379,7 +380,8 @@ class H1ServerConnection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
         self._url_bytes = 0
-        self._head_fed = 0  # bytes read since the head being parsed began (memory bound)
+        self._head_fed = 0  # bytes of whole reads inside one unfinished head (memory bound)
+        self._messages = 0  # requests begun on this connection
         self._in_head = False  # between a request's first byte and the end of its head
         self._host = b""
         self._host_seen = False
@@ -503,14 +505,12 @@ class H1ServerConnection(asyncio.Protocol):
         self._head_in_chunk = between = self._between_messages  # a request starts at byte 0
         if between and self._message_started_at is None:
             self._message_started_at = time.perf_counter()  # the read timeout starts now
-        elif self._in_head:
-            # A head spanning reads: llhttp keeps a partial field value in memory until its
-            # end, so the whole head is bounded here, before feeding, not only per field.
-            self._head_fed += len(data)
-            settings = self.entry.settings
-            if self._head_fed > settings.max_header_bytes + settings.max_target_bytes:
-                self._protocol_error(431)
-                return
+        # A head that began in an earlier read and is still unfinished after this one: llhttp
+        # keeps a partial field value in memory until its end, so such reads are counted and
+        # the head is bounded as a whole, not only per field (the exact limits are checked
+        # per field; this bounds memory for a head that never ends).
+        continuing = self._in_head and not between
+        message = self._messages
         parser = self.parser
         if parser is None:
             parser = self.parser = _new_parser(self)
@@ -525,8 +525,11 @@ class H1ServerConnection(asyncio.Protocol):
             self._protocol_error(cause.status if isinstance(cause, _Reject) else 400)
         self._head_in_chunk = False  # a head still incomplete will span several reads
         self._chunk = b""  # do not keep the read alive (up to 256 KiB) past this call
-        if self._in_head and not self._closing and self._head_fed == 0:
-            self._head_fed = len(data)  # the head began in this read and goes on in the next
+        if continuing and self._in_head and self._messages == message and not self._closing:
+            self._head_fed += len(data)  # the whole read belonged to the same unfinished head
+            settings = self.entry.settings
+            if self._head_fed > settings.max_header_bytes + settings.max_target_bytes:
+                self._protocol_error(431)
 
     def on_url(self, url: bytes) -> None:
         if self._between_messages:
@@ -535,6 +538,7 @@ class H1ServerConnection(asyncio.Protocol):
             self._between_messages = False
             self._url = url
             self._in_head = True
+            self._messages += 1
             self._head_fed = 0
             self._headers = []
             self._header_bytes = 0

@@ -69,6 +69,10 @@ class TransportSettings:
 
 DoneCallback = Callable[[BaseException | None], None]
 
+# The largest response head (status line, interim responses and fields) read from a backend,
+# as Go's transport bounds it (MaxResponseHeaderBytes); past it the response is a 502.
+MAX_RESPONSE_HEAD_BYTES = 1 << 20
+
 _CHUNKED_TE = b"transfer-encoding: chunked\r\n\r\n"
 _SKIP_ALWAYS = HOP_BY_HOP | {b"host", b"x-forwarded-for"}
 # An HTTP/1.0 server ignores Expect; the proxy answers 100 itself instead (RFC 9110 §10.1.1).
@@ -363,6 +367,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._got_response_bytes = True
         if not self._response_headers_done:
             self._head += data
+            if len(self._head) > MAX_RESPONSE_HEAD_BYTES:
+                # A head that never ends must not grow in memory: 502, connection closed.
+                self._fail(UpstreamError("response head larger than 1 MiB"))
+                self.close()
+                return
         sink = self.ex.sink
         try:
             self.parser.feed_data(data)  # type: ignore[union-attr]

@@ -145,6 +145,15 @@ def decoded_prefix_end(raw_path: str, prefix: bytes) -> int:
     return i
 
 
+def _clean_decoded(raw_path: str) -> bool:
+    """No dot-segment in `raw_path` fully decoded (`%2F` as `/`). A strip that ends inside an
+    encoded separator (`/api%2F..%2Fadmin` off `/api`) leaves a rest Traefik 3.7 reads decoded,
+    and refuses with 400 when it climbs (`/../admin`): a backend that decodes before resolving
+    dot-segments would serve /admin."""
+    decoded = decode_path(raw_path)
+    return "/." not in decoded or not any(s in (".", "..") for s in decoded.split("/"))
+
+
 def _header_safe(value: bytes) -> bool:
     """RFC 9110 §5.5: a field value has no CTL other than HTAB (no CR, LF, NUL, DEL)."""
     return not any((b < 0x20 and b != 0x09) or b == 0x7F for b in value)
@@ -158,11 +167,13 @@ def _strip(
 ) -> None:
     """Forward `raw[end:]`, telling the backend what was removed (X-Forwarded-Prefix)."""
     rest = raw[end:]
+    encoded_start = False
     if not rest.startswith("/"):
         # "/api" off "/api" leaves "" (sent as "/"), off "/apix" leaves "/x". Off "/api%2Fx"
         # the decoded rest "/x" starts at the encoded slash, which becomes that "/".
-        rest = "/" + (rest[3:] if rest[:3] in ("%2F", "%2f") else rest)
-    if not is_clean_path(rest):
+        encoded_start = rest[:3] in ("%2F", "%2f")
+        rest = "/" + (rest[3:] if encoded_start else rest)
+    if not is_clean_path(rest) or (encoded_start and not _clean_decoded(rest)):
         finish(ex, BadPath("the stripped path is not clean"))
         return
     if not _header_safe(prefix):

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.helpers import free_port, lb, request
+import pytest
+
+from tests.helpers import free_port, lb, request, router
 
 EVERYWHERE = ["web", "raw"]
 
@@ -264,3 +266,34 @@ async def test_replace_and_add_keep_the_raw_path_encoded(scripted, proxy_factory
     # `/pre%20fix/add/a/b` here (Go re-encodes the whole path once the prefix needs
     # escaping, turning the client's %2F into a separator); the rest stays as received.
     await check(proxy, backend, "web", [("/add/a%2fb", 200, "/pre%20fix/add/a%2Fb", NOTHING)])
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/api%2f..%2fadmin/secret",
+        "/api%2F..%2Fadmin/secret",
+        "/api%2f%2e%2e%2fadmin/secret",
+        "/api%2fx%2f..%2f..%2fadmin/secret",
+        "/api%2f.%2fadmin/secret",
+    ],
+)
+async def test_encoded_separators_cannot_smuggle_dot_segments_through_strip_prefix(
+    proxy_factory, backends, target
+):
+    """A strip that ends inside an encoded separator leaves `/..%2Fadmin`, which reaches /admin
+    on a backend that decodes `%2F` before resolving dot-segments: refused with 400, as
+    Traefik 3.7 does, and nothing is forwarded."""
+    backend = await backends()
+    proxy = await proxy_factory(
+        {
+            "http": {
+                "routers": {"api": router("PathPrefix(`/api`)", "s", middlewares=["strip"])},
+                "middlewares": {"strip": {"stripPrefix": {"prefixes": ["/api"]}}},
+                "services": {"s": lb(backend.url)},
+            }
+        }
+    )
+    response = await request(proxy.port, target=target)
+    assert response.status == 400
+    assert backend.requests == []

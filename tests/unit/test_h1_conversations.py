@@ -578,3 +578,94 @@ async def test_request_body_backpressure_pauses_only_that_exchange():
     conn.start(ex, b"POST / HTTP/1.1\r\n\r\n", False, lambda exc: None)
     assert conv.client_transport.reading  # the buffered body left: reading resumes
     assert len(upstream.take()) == len(b"POST / HTTP/1.1\r\n\r\n") + BODY_BUFFER_HIGH_WATER + 10
+
+
+# -- Connection cannot make framing or the proxy's own fields hop-by-hop (RFC 9110 §7.6.1) ------
+
+
+@pytest.mark.parametrize(
+    "connection", [b"Content-Length", b"keep-alive, Content-Length", b"close, content-length"]
+)
+async def test_connection_naming_content_length_cannot_smuggle_a_request(connection):
+    """RFC 9110 §7.6.1: Connection lists the sender's hop-by-hop fields, not the framing:
+    the body stays framed by its Content-Length, so the bytes of a request hidden in it reach
+    the backend as one POST's body, never as a second request past the routers."""
+    conv = conversation()
+    _, upstream = conv.add_upstream()
+    hidden = b"GET /admin/secret HTTP/1.1\r\nHost: a\r\n\r\n"
+    conv.send(
+        b"POST /public HTTP/1.1\r\nHost: a\r\nConnection: " + connection + b"\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(hidden) + hidden
+    )
+    await settle()
+    sent = upstream.take()
+    head, _, body = sent.partition(b"\r\n\r\n")
+    assert b"\r\ncontent-length: %d" % len(hidden) in head.lower()
+    assert body == hidden
+
+
+async def test_connection_naming_forwarded_fields_cannot_hide_the_client():
+    """As Traefik since CVE-2024-45410: X-Forwarded-* and X-Real-Ip named in Connection are
+    still set by the proxy."""
+    conv = conversation()
+    _, upstream = conv.add_upstream()
+    conv.send(
+        b"GET /hop HTTP/1.1\r\nHost: evil\r\nConnection: close, X-Forwarded-For, X-Real-Ip, "
+        b"X-Forwarded-Host, X-Forwarded-Proto, X-Forwarded-Port, X-Forwarded-Server\r\n"
+        b"X-Real-Ip: 6.6.6.6\r\n\r\n"
+    )
+    _, fields = head_of(upstream.take())
+    assert fields[b"x-real-ip"] == b"127.0.0.7" and fields[b"x-forwarded-for"] == b"127.0.0.7"
+    assert fields[b"x-forwarded-host"] == b"evil" and fields[b"x-forwarded-proto"] == b"http"
+    assert fields[b"x-forwarded-port"] == b"80" and b"x-forwarded-server" in fields
+
+
+async def test_a_backend_naming_content_length_in_connection_keeps_the_response_framed():
+    """The same rule on the way back: the client's framing must survive the backend's
+    Connection field."""
+    conv = conversation()
+    conv.add_upstream()
+    conv.send(GET)
+    answer = conv.backend_sends(
+        b"HTTP/1.1 200 OK\r\nConnection: Content-Length\r\nContent-Length: 2\r\n\r\nok"
+    )
+    assert b"content-length: 2" in answer.lower() and answer.endswith(b"\r\n\r\nok")
+
+
+@pytest.mark.parametrize("size", [900, 100])
+async def test_many_pipelined_requests_in_one_read_are_not_one_big_head(size):
+    """RFC 9112 §9.3.2: pipelined requests are separate messages; 140+ KB of small heads in
+    one read (a head left unfinished at its end) is not a 431."""
+    conv = conversation()
+    for _ in range(3):
+        conv.add_upstream()
+    one = b"GET /a HTTP/1.1\r\nHost: a\r\nX-Pad: " + b"p" * size + b"\r\n\r\n"
+    stream = one * (150_000 // len(one))
+    cut = len(stream) - 20  # the last head is cut: it finishes in the next read
+    answered = conv.send(stream[:cut])
+    for _ in range(len(stream) // len(one) + 1):
+        for conn, transport in conv.upstreams:
+            if conn.ex is not None and transport.take():
+                answered += conv.backend_sends(OK, conv.upstreams.index((conn, transport)))
+        if conv.client.current is None and not conv.client.pipeline:
+            break
+    answered += conv.send(stream[cut:])
+    for conn, transport in conv.upstreams:
+        if conn.ex is not None and transport.take():
+            answered += conv.backend_sends(OK, conv.upstreams.index((conn, transport)))
+    assert b" 431 " not in answered and conv.protocol_errors == []
+    assert answered.count(b"HTTP/1.1 200 OK") == len(stream) // len(one)
+
+
+async def test_a_backend_head_that_never_ends_is_bounded():
+    """A backend streaming one endless field must not grow the proxy's memory: past 1 MiB of
+    head the client gets 502 and the backend connection is closed."""
+    conv = conversation()
+    _, upstream = conv.add_upstream()
+    conv.send(GET)
+    answer = conv.backend_sends(b"HTTP/1.1 200 OK\r\nX-Big: ")
+    for _ in range(10):  # 10 x 256 KiB: past the bound after four
+        if upstream.closed:
+            break
+        answer += conv.backend_sends(b"v" * (256 * 1024))
+    assert status_of(answer) == 502 and upstream.closed
