@@ -139,14 +139,19 @@ class ProxyDaemon:
                 port=address.port,
                 trusted_networks=_networks(name, fwd.trusted_i_ps if fwd else []),
                 insecure_forwarded=bool(fwd and fwd.insecure),
+                # <= 0 means the default, as Go's server reads maxHeaderBytes
                 max_header_bytes=(
                     entry.http.max_header_bytes
-                    if entry.http and entry.http.max_header_bytes
+                    if entry.http
+                    and entry.http.max_header_bytes
+                    and entry.http.max_header_bytes > 0
                     else DEFAULT_MAX_HEADER_BYTES
                 ),
                 max_target_bytes=(
                     entry.http.max_request_target_bytes
-                    if entry.http and entry.http.max_request_target_bytes
+                    if entry.http
+                    and entry.http.max_request_target_bytes
+                    and entry.http.max_request_target_bytes > 0
                     else DEFAULT_MAX_TARGET_BYTES
                 ),
                 idle_timeout=float(timeouts.idle_timeout)

@@ -260,7 +260,7 @@ class HTTPEntryPoint:
     def connection_factory(self) -> SniffingProtocol:
         """The first protocol of an accepted connection: it tells HTTP/1.1 from HTTP/2 and
         TLS by the first bytes (meshproxy.l4.sniff)."""
-        return SniffingProtocol(self.protocol_factory, self.sniffing)
+        return SniffingProtocol(self.protocol_factory, self.sniffing, self.on_open)
 
     def sweep(self) -> None:
         """Close idle keep-alive connections and clients that dribble their headers. Times
@@ -319,6 +319,7 @@ class H1ServerConnection(asyncio.Protocol):
         "_chunk",
         "_chunked",
         "_chunked_request",
+        "_client_eof",
         "_client_paused",
         "_closing",
         "_error_after_current",
@@ -390,6 +391,7 @@ class H1ServerConnection(asyncio.Protocol):
         self._chunked_request = False
         self._trusted = False
         self._closing = False
+        self._client_eof = False  # the client half-closed after whole requests
         self._client_paused = False
         self._write_paused = False
         self._chunked = False
@@ -446,6 +448,20 @@ class H1ServerConnection(asyncio.Protocol):
             if upstream is not None:
                 upstream.client_gone()
         self.pipeline.clear()
+
+    def eof_received(self) -> bool | None:
+        """The client half-closed its side (`nc -N`, `shutdown(SHUT_WR)`): requests it has sent
+        whole are still answered, then the connection closes (RFC 9112 §9.6 lets a client
+        close its side after its last request). A request cut short goes, as on a close."""
+        if self._receiving is not None or self._in_head:
+            return None  # unfinished: connection_lost ends it
+        pending = [ex for ex in (self.current, *self.pipeline) if ex is not None]
+        if not pending and self._upgrading is None:
+            return None  # idle: nothing to answer
+        self._client_eof = True
+        for ex in pending:
+            ex.request.keep_alive = False  # the response says `connection: close`
+        return True  # keep the transport open for writing
 
     def close(self) -> None:
         if self.transport is not None and not self._closing:
@@ -800,7 +816,9 @@ class H1ServerConnection(asyncio.Protocol):
         self.entry.connections.discard(self)
         upgrade = ex.request.upgrade
         self.entry.open_tunnel(
-            PipeEnd(transport, leftover=held, writing_paused=self._write_paused),
+            PipeEnd(
+                transport, leftover=held, eof=self._client_eof, writing_paused=self._write_paused
+            ),
             PipeEnd(upstream, leftover=upstream_leftover, writing_paused=upstream_writing_paused),
             websocket=upgrade is not None and upgrade.lower() == b"websocket",
         )
@@ -926,7 +944,7 @@ class H1ServerConnection(asyncio.Protocol):
         if self._error_after_current is not None:
             self._write_error_and_close(self._error_after_current)
             return
-        if not ex.request.keep_alive or not ex.body_complete:
+        if not ex.request.keep_alive or not ex.body_complete or self._client_eof:
             self.close()
             return
         self.idle_since = time.perf_counter()

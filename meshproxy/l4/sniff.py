@@ -67,18 +67,22 @@ class SniffingProtocol(asyncio.Protocol):
     """The first protocol of a connection: reads until `classify` decides, then hands over.
 
     `http1` makes the HTTP/1.1 protocol for this connection; `registry` is the set the
-    entrypoint sweeps for `check_timeout`.
+    entrypoint sweeps for `check_timeout`; `on_open(+1/-1)` counts the connection as open
+    while it is being sniffed (the protocol it goes to counts it from then on).
     """
 
-    __slots__ = ("_buffer", "_http1", "_registry", "started", "transport")
+    __slots__ = ("_buffer", "_counted", "_http1", "_on_open", "_registry", "started", "transport")
 
     def __init__(
         self,
         http1: Callable[[], asyncio.Protocol],
         registry: set[SniffingProtocol],
+        on_open: Callable[[int], None] | None = None,
     ) -> None:
         self._http1 = http1
         self._registry = registry
+        self._on_open = on_open
+        self._counted = False
         self._buffer = b""
         self.transport: asyncio.Transport | None = None
         self.started = 0.0
@@ -87,6 +91,9 @@ class SniffingProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         self.started = time.perf_counter()
         self._registry.add(self)
+        if self._on_open is not None:
+            self._on_open(1)
+            self._counted = True
 
     def data_received(self, data: bytes) -> None:
         buffered = self._buffer + data if self._buffer else data
@@ -96,6 +103,7 @@ class SniffingProtocol(asyncio.Protocol):
             return
         self._buffer = b""
         self._registry.discard(self)
+        self._uncount()
         transport = self.transport
         assert transport is not None
         if kind == HTTP1:
@@ -120,6 +128,12 @@ class SniffingProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._registry.discard(self)
+        self._uncount()
+
+    def _uncount(self) -> None:
+        if self._counted and self._on_open is not None:
+            self._counted = False
+            self._on_open(-1)
 
     def check_timeout(self, now: float, peek_timeout: float) -> None:
         """Close the connection if it has not shown its protocol within `peek_timeout`

@@ -218,10 +218,11 @@ Try:
   with --acl: curl --interface 127.0.0.2 -H 'Host: whoami.demo.traefik.mesh' {web}/
               (pod `client`, allowed by a TrafficTarget; from 127.0.0.1: 403)
   nc 127.0.0.1 {ports.tcp}                                   # TCP echo (echo-tcp)
+  WebSocket echo: ws://chat.demo.traefik.mesh/ dialled at {web} (Host: chat.demo.traefik.mesh)
   curl http://127.0.0.1:{ports.readiness}/ping                   # ready once the config arrived
   curl {api}/api/topology/current
   curl http://127.0.0.1:{ports.admin}/api/rawdata
   curl http://127.0.0.1:{ports.admin}/metrics
-The UDP (echo-udp), WebSocket (chat) and gRPC (greeter, h2c) backends run and are configured,
-but the proxy does not serve those protocols yet (see the README).
+The UDP (echo-udp) and gRPC (greeter, h2c) backends run and are configured, but the proxy
+does not serve those protocols yet (see the README).
 """

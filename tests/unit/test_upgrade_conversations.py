@@ -301,3 +301,27 @@ async def test_going_away_mid_frame_closes_without_a_corrupting_close_frame():
     assert conv.client_transport.take() == b""  # no Close frame inside the payload
     assert upstream.take().startswith(b"\x88")  # the backend's direction was at a boundary
     assert conv.client_transport.closed and upstream.closed
+
+
+async def test_connections_still_being_sniffed_count_as_open():
+    """A connection that has not sent its first bytes yet (a slowloris) is open: the
+    `traefik_open_connections` gauge counts it, once, whatever protocol it turns out to be."""
+    transport, conv = sniffed()
+    opened: list[int] = []
+    conv.entry.on_open = opened.append
+    sniffer = conv.entry.connection_factory()
+    from tests.conversation import MemoryTransport
+
+    t = MemoryTransport(("127.0.0.9", 40002))
+    t.protocol = sniffer
+    sniffer.connection_made(t)
+    assert sum(opened) == 1  # counted while silent
+    t.protocol.data_received(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")  # handed to HTTP/1.1
+    assert sum(opened) == 1  # still once
+    t.protocol.connection_lost(None)
+    assert sum(opened) == 0
+    silent = conv.entry.connection_factory()
+    t2 = MemoryTransport(("127.0.0.9", 40003))
+    silent.connection_made(t2)
+    silent.connection_lost(None)  # left without a byte
+    assert sum(opened) == 0
