@@ -345,3 +345,26 @@ def bench_dynamic(backend: int, host: str) -> str:
         servers:
           - url: http://127.0.0.1:{backend}
 """
+
+
+def start_haproxy(
+    workdir: Path, port: int, backend: int, routing: str, defaults: str = ""
+) -> subprocess.Popen[bytes]:
+    """HAProxy with one thread in http mode on `port`, sending to `backend`: the peer every
+    benchmark measures against. `routing` is the frontend's routing lines (acl, use_backend,
+    default_backend), `defaults` extra lines of the defaults section."""
+    config = workdir / f"haproxy-{port}.cfg"
+    config.write_text(f"""global
+    nbthread 1
+    maxconn 4000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+{defaults}frontend web
+    bind 127.0.0.1:{port}
+{routing}backend app
+    server s1 127.0.0.1:{backend}
+""")
+    return subprocess.Popen(pinned(["haproxy", "-f", str(config)], PROXY_CPU))

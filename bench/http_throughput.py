@@ -41,31 +41,22 @@ from common import (
     wait_port,
     wrk_setup,
 )
+from common import (
+    start_haproxy as start_haproxy_peer,
+)
 
 HOST = "bench.mesh.test"
 
 
 def start_haproxy(workdir: Path, port: int, backend: int) -> subprocess.Popen[bytes]:
-    config = workdir / "haproxy.cfg"
-    config.write_text(f"""global
-    nbthread 1
-    maxconn 4000
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 30s
-    timeout server 30s
-    option http-keep-alive
-    http-reuse always
-frontend web
-    bind 127.0.0.1:{port}
-    acl bench hdr(host) -i {HOST}
-    acl prefix path_beg /bench
-    use_backend app if bench prefix
-backend app
-    server s1 127.0.0.1:{backend}
-""")
-    return subprocess.Popen(pinned(["haproxy", "-f", str(config)], PROXY_CPU))
+    return start_haproxy_peer(
+        workdir,
+        port,
+        backend,
+        f"    acl bench hdr(host) -i {HOST}\n    acl prefix path_beg /bench\n"
+        "    use_backend app if bench prefix\n",
+        "    option http-keep-alive\n    http-reuse always\n",
+    )
 
 
 def start_meshproxy_bench(

@@ -26,7 +26,6 @@ from pathlib import Path
 from common import (
     LOAD_CPU,
     PINNING,
-    PROXY_CPU,
     ensure_tools,
     free_port,
     pinned,
@@ -35,6 +34,9 @@ from common import (
     stop_all,
     timestamp,
     wait_port,
+)
+from common import (
+    start_haproxy as start_haproxy_peer,
 )
 
 ECHO_BACKEND = """
@@ -58,23 +60,10 @@ def start_echo_backend(port: int) -> subprocess.Popen[bytes]:
 
 
 def start_haproxy(workdir: Path, port: int, backend: int) -> subprocess.Popen[bytes]:
-    config = workdir / "haproxy-ws.cfg"
-    config.write_text(f"""global
-    nbthread 1
-    maxconn 4000
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 30s
-    timeout server 30s
-    timeout tunnel 1h
-frontend web
-    bind 127.0.0.1:{port}
-    default_backend app
-backend app
-    server s1 127.0.0.1:{backend}
-""")
-    return subprocess.Popen(pinned(["haproxy", "-f", str(config)], PROXY_CPU))
+    # http mode tunnels the upgrade; `timeout tunnel` keeps the WebSockets open
+    return start_haproxy_peer(
+        workdir, port, backend, "    default_backend app\n", "    timeout tunnel 1h\n"
+    )
 
 
 def start_meshproxy_ws(
