@@ -17,7 +17,7 @@ from __future__ import annotations
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import CloseConnection
 
-from meshproxy.l4.pipe import DOWNSTREAM, UPSTREAM, BytePipe
+from meshproxy.l4.pipe import DOWNSTREAM, END_IDLE, UPSTREAM, BytePipe
 
 GOING_AWAY = 1001  # RFC 6455 §7.4.1
 _CLOSE_OPCODE = 0x8
@@ -101,20 +101,29 @@ class WebSocketTunnel(BytePipe):
         self._frames[index].feed(data)
         super()._on_data(index, data)
 
-    def going_away(self) -> None:
+    def going_away(self, reason: str = "proxy shutting down") -> None:
         """Graceful shutdown: a Close frame with 1001 to each side whose stream is at a frame
         boundary and not already closing, then the pipe ends (both connections closed after
         what they buffered is sent). A side in the middle of a frame is just closed."""
         if self.ended:
             return
+        self._say_goodbye(reason)
+        self.close()
+
+    def _say_goodbye(self, reason: str) -> None:
         self._going_away = True
         client, backend = self._transports
         to_client, to_backend = self._frames[UPSTREAM], self._frames[DOWNSTREAM]
         if to_client.at_boundary and not to_client.close_seen and not client.is_closing():
-            client.write(close_frame(to_client=True))
+            client.write(close_frame(to_client=True, reason=reason))
         if to_backend.at_boundary and not to_backend.close_seen and not backend.is_closing():
-            backend.write(close_frame(to_client=False))
-        self.close()
+            backend.write(close_frame(to_client=False, reason=reason))
+
+    def _end(self, reason: str) -> None:
+        # The idle timeout ends a WebSocket as a shutdown does: with Close 1001 both ways.
+        if reason == END_IDLE and not self.ended and not self._going_away:
+            self._say_goodbye("idle timeout")
+        super()._end(reason)
 
 
 __all__ = ["DOWNSTREAM", "UPSTREAM", "FrameBoundary", "WebSocketTunnel", "close_frame"]

@@ -169,8 +169,9 @@ async def test_idle_websocket_is_closed_after_the_tunnel_idle_timeout(ws_backend
     async with connect(f"ws://127.0.0.1:{proxy.port}/", ping_interval=None) as ws:
         await ws.send("x")
         assert await ws.recv() == "x"
-        with pytest.raises(ConnectionClosed):
+        with pytest.raises(ConnectionClosed) as closed:
             await asyncio.wait_for(ws.recv(), 20)  # nothing sent: the proxy closes it
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001  # going away
     await wait_for(
         lambda: metric(proxy.metrics(), "traefik_open_connections", entrypoint="web") == 0,
         10,
