@@ -38,7 +38,8 @@ SERVER_NAME = socket.gethostname().encode()
 
 
 # Fields that may not travel as trailers (RFC 9110 §6.5.1): framing, routing, controls,
-# authentication and hop-by-hop ones. Dropped when trailers are forwarded.
+# authentication, hop-by-hop ones, and the proxy's own forwarding fields (a backend that merges
+# trailers into headers must not see a forged client address). Dropped when forwarded.
 NOT_TRAILERS = HOP_BY_HOP | frozenset(
     {
         b"content-length",
@@ -53,6 +54,14 @@ NOT_TRAILERS = HOP_BY_HOP | frozenset(
         b"set-cookie",
         b"cookie",
         b"www-authenticate",
+        b"forwarded",
+        b"x-real-ip",
+        b"x-forwarded-for",
+        b"x-forwarded-host",
+        b"x-forwarded-port",
+        b"x-forwarded-proto",
+        b"x-forwarded-server",
+        b"x-forwarded-prefix",
     }
 )
 

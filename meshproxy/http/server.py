@@ -319,7 +319,6 @@ class H1ServerConnection(asyncio.Protocol):
         "_chunk",
         "_chunked",
         "_chunked_request",
-        "_client_eof",
         "_client_paused",
         "_closing",
         "_error_after_current",
@@ -331,6 +330,7 @@ class H1ServerConnection(asyncio.Protocol):
         "_host",
         "_host_seen",
         "_in_head",
+        "_last_keep_alive",
         "_linger_timer",
         "_message_started_at",
         "_messages",
@@ -346,6 +346,7 @@ class H1ServerConnection(asyncio.Protocol):
         "_trusted",
         "_tunnel",
         "_tunnel_size",
+        "_upgrade_request",
         "_upgrading",
         "_url",
         "_url_bytes",
@@ -391,7 +392,6 @@ class H1ServerConnection(asyncio.Protocol):
         self._chunked_request = False
         self._trusted = False
         self._closing = False
-        self._client_eof = False  # the client half-closed after whole requests
         self._client_paused = False
         self._write_paused = False
         self._chunked = False
@@ -405,7 +405,9 @@ class H1ServerConnection(asyncio.Protocol):
         self._verbatim = False  # no field of the current request needs rewriting
         self._forwarded: tuple[bytes, list[tuple[bytes, bytes]], bytes] | None = None
         self._linger_timer: asyncio.TimerHandle | None = None
+        self._last_keep_alive = True  # the last request parsed lets the connection go on
         self._upgrading: Exchange | None = None  # an upgrade request awaiting its answer
+        self._upgrade_request: Exchange | None = None  # the last upgrade request parsed
         self._tunnel: list[bytes] = []  # client bytes read after that request's head
         self._tunnel_size = 0
         self.idle_since = 0.0
@@ -448,20 +450,6 @@ class H1ServerConnection(asyncio.Protocol):
             if upstream is not None:
                 upstream.client_gone()
         self.pipeline.clear()
-
-    def eof_received(self) -> bool | None:
-        """The client half-closed its side (`nc -N`, `shutdown(SHUT_WR)`): requests it has sent
-        whole are still answered, then the connection closes (RFC 9112 §9.6 lets a client
-        close its side after its last request). A request cut short goes, as on a close."""
-        if self._receiving is not None or self._in_head:
-            return None  # unfinished: connection_lost ends it
-        pending = [ex for ex in (self.current, *self.pipeline) if ex is not None]
-        if not pending and self._upgrading is None:
-            return None  # idle: nothing to answer
-        self._client_eof = True
-        for ex in pending:
-            ex.request.keep_alive = False  # the response says `connection: close`
-        return True  # keep the transport open for writing
 
     def close(self) -> None:
         if self.transport is not None and not self._closing:
@@ -664,7 +652,7 @@ class H1ServerConnection(asyncio.Protocol):
             )
         except ValueError:
             raise _Reject(400) from None
-        request.keep_alive = parser.should_keep_alive()
+        request.keep_alive = self._last_keep_alive = parser.should_keep_alive()
         # Traefik's entrypoint sets these before routing, so rules can match on them.
         seen = self._xf_seen & _XF_ALL
         if seen:
@@ -705,12 +693,19 @@ class H1ServerConnection(asyncio.Protocol):
                     raise _Reject(400)
                 if has_body:
                     raise _Reject(501)  # llhttp would read the body as the new protocol
-                request.upgrade = upgrade.strip()
+                token = upgrade.strip()
+                # Ignored, the request served as plain HTTP/1.1: an upgrade in HTTP/1.0 (RFC
+                # 9110 §7.8), and h2c (deprecated by RFC 9113 §3.1; as Traefik): a backend
+                # switched to h2c would take requests the routers never saw.
+                if version != "1.0" and token.lower() != b"h2c":
+                    request.upgrade = token
             if codings:
                 unreadable = transfer_codings_status(codings, version)
                 if unreadable:
                     raise _Reject(unreadable)
         ex = Exchange(self, request, self.entry_name, self._perf_start, has_body)
+        if request.upgrade is not None:
+            self._upgrade_request = ex  # llhttp stops after its head (HttpParserUpgrade)
         if not self._special:
             ex.protocol = "http"  # no Content-Type or Accept that could make it grpc or sse
         self._message_started_at = None
@@ -770,17 +765,19 @@ class H1ServerConnection(asyncio.Protocol):
         """llhttp stopped after a request asking to switch protocols: hold what follows until
         the backend answers. A 101 hands both connections to a byte pipe (`switch_protocols`);
         any other answer is an ordinary response and the connection stays HTTP/1.1."""
-        ex = self._receiving
-        if ex is None:
-            for candidate in (*self.pipeline, self.current):
-                if candidate is not None and candidate.request.upgrade is not None:
-                    ex = candidate
-        if ex is None or ex.request.upgrade is None or self._closing:
-            self._protocol_error(501)
-            return
+        ex = self._upgrade_request
+        self._upgrade_request = None
         self._receiving = None
+        self.parser = None  # llhttp stays paused after an upgrade: a new one for what follows
+        if self._closing:
+            return
+        if ex is None or ex.finished:
+            # An upgrade we ignore (h2c, HTTP/1.0), or one already answered without a 101 (a
+            # middleware refused it): the connection goes on as HTTP/1.1, one answer each.
+            if rest:
+                self.data_received(rest)
+            return
         self._upgrading = ex
-        self.parser = None  # llhttp stays paused after an upgrade: a new one if it falls back
         if rest:
             self._hold(rest)
 
@@ -816,9 +813,7 @@ class H1ServerConnection(asyncio.Protocol):
         self.entry.connections.discard(self)
         upgrade = ex.request.upgrade
         self.entry.open_tunnel(
-            PipeEnd(
-                transport, leftover=held, eof=self._client_eof, writing_paused=self._write_paused
-            ),
+            PipeEnd(transport, leftover=held, writing_paused=self._write_paused),
             PipeEnd(upstream, leftover=upstream_leftover, writing_paused=upstream_writing_paused),
             websocket=upgrade is not None and upgrade.lower() == b"websocket",
         )
@@ -848,6 +843,11 @@ class H1ServerConnection(asyncio.Protocol):
         if receiving is not None:
             self._receiving = None
             self._request_failed(receiving, status)
+            return
+        if not self._last_keep_alive and self.current is not None:
+            # Bytes after a request that asked to close the connection: nobody is owed an
+            # answer for them (one response per request); the connection closes after it.
+            self.transport.pause_reading()  # type: ignore[union-attr]
             return
         if self.current is None:
             self._write_error_and_close(status)
@@ -944,7 +944,7 @@ class H1ServerConnection(asyncio.Protocol):
         if self._error_after_current is not None:
             self._write_error_and_close(self._error_after_current)
             return
-        if not ex.request.keep_alive or not ex.body_complete or self._client_eof:
+        if not ex.request.keep_alive or not ex.body_complete:
             self.close()
             return
         self.idle_since = time.perf_counter()

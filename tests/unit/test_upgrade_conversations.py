@@ -104,17 +104,17 @@ async def test_bytes_sent_early_to_a_refused_upgrade_are_read_as_http():
 
 
 async def test_unknown_upgrade_tokens_are_forwarded_and_answered_once():
-    """RFC 9110 §7.8: any protocol token may be asked for (h2c over HTTP/1.1 included); the
-    client gets exactly one response, never the backend's and then the proxy's."""
+    """RFC 9110 §7.8: any protocol token may be asked for (h2c aside: see below); the client
+    gets exactly one response, never the backend's and then the proxy's."""
     conv = conversation()
     _, upstream = conv.add_upstream()
     conv.send(
-        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\n"
-        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, X-Proto-Settings\r\n"
+        b"Upgrade: foo/2\r\nX-Proto-Settings: abc\r\n\r\n"
     )
     _, fields = head_of(upstream.take())
-    assert fields[b"upgrade"] == b"h2c"
-    assert b"http2-settings" not in fields  # named by Connection: hop-by-hop (RFC 9110 §7.6.1)
+    assert fields[b"upgrade"] == b"foo/2"
+    assert b"x-proto-settings" not in fields  # named by Connection: hop-by-hop (RFC 9110 §7.6.1)
     answer = conv.backend_sends(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     assert answer.count(b"HTTP/1.1 ") == 1
 
@@ -325,3 +325,95 @@ async def test_connections_still_being_sniffed_count_as_open():
     silent.connection_made(t2)
     silent.connection_lost(None)  # left without a byte
     assert sum(opened) == 0
+
+
+# -- upgrades the proxy ignores, and one answer per request (a second tester's findings) ---------
+
+
+async def test_h2c_upgrade_is_ignored_so_no_stream_can_skip_the_routers():
+    """RFC 9113 §3.1 deprecates the h2c upgrade, and Traefik removes it: a backend switched to
+    h2c would take HTTP/2 streams (`/admin`...) the routers and middlewares never saw. The
+    request is served as plain HTTP/1.1, and the connection goes on as HTTP/1.1."""
+    conv = conversation()
+    _, upstream = conv.add_upstream()
+    conv.send(
+        b"GET /pub HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+        b"HTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
+    )
+    _, fields = head_of(upstream.take())
+    assert b"upgrade" not in fields and b"connection" not in fields
+    assert conv.backend_sends(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").startswith(
+        b"HTTP/1.1 200 OK"
+    )
+    conv.add_upstream()
+    conv.send(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert conv.upstream_received().startswith(b"GET /next HTTP/1.1")
+
+
+async def test_upgrade_in_http10_is_ignored_and_what_follows_is_parsed_as_http():
+    """RFC 9110 §7.8: a server ignores Upgrade in an HTTP/1.0 request; the request pipelined
+    after it is a request like any other, routed, never tunnelled."""
+    conv = conversation()
+    _, upstream = conv.add_upstream()
+    conv.send(
+        b"GET /101 HTTP/1.0\r\nHost: a\r\nConnection: Upgrade, keep-alive\r\nUpgrade: foo\r\n\r\n"
+        b"GET /second HTTP/1.1\r\nHost: a\r\n\r\n"
+    )
+    first = upstream.take()
+    assert b"upgrade" not in first.lower()
+    assert conv.backend_sends(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").startswith(
+        b"HTTP/1.1 200 OK"
+    )
+
+
+async def test_an_upgrade_refused_by_a_middleware_gets_one_answer():
+    """One response per request: an upgrade answered 403 by ipAllowList is not followed by a
+    501, and a request pipelined after it is served."""
+    conv = conversation(
+        {
+            "http": {
+                "routers": {
+                    "r": {
+                        "entryPoints": ["web"],
+                        "service": "s",
+                        "rule": "PathPrefix(`/`)",
+                        "middlewares": ["deny"],
+                    }
+                },
+                "middlewares": {"deny": {"ipAllowList": {"sourceRange": ["192.0.2.0/24"]}}},
+                "services": {"s": {"loadBalancer": {"servers": [{"url": "http://127.0.0.1:9"}]}}},
+            }
+        }
+    )
+    answer = conv.send(
+        b"GET /admin HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Key: " + KEY + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        b"GET /again HTTP/1.1\r\nHost: a\r\n\r\n"
+    )
+    await asyncio.sleep(0)
+    answer += conv.client_transport.take()
+    assert answer.count(b"HTTP/1.1 403 ") == 2 and b" 501 " not in answer
+
+
+async def test_nothing_is_written_after_a_response_that_closes_the_connection():
+    """One response per request: bytes after a `Connection: close` request are not answered
+    with a 400; the connection just closes after the response."""
+    conv = conversation()
+    conv.add_upstream()
+    answer = conv.send(
+        b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\nGET /admin HTTP/1.1\r\nHost: a\r\n\r\n"
+    )
+    answer += conv.backend_sends(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert answer.count(b"HTTP/1.1 ") == 1 and b"connection: close" in answer
+    assert conv.client_transport.closed
+
+
+async def test_forwarding_fields_are_never_forwarded_as_trailers():
+    """RFC 9110 §6.5.1, and what Traefik does: a backend that merges trailers into headers must
+    not see a client's X-Forwarded-For or X-Real-Ip."""
+    conv = conversation()
+    _, upstream = conv.add_upstream()
+    conv.send(b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+    await asyncio.sleep(0)
+    conv.send(b"5\r\nhello\r\n0\r\nX-Forwarded-For: 10.0.0.1\r\nX-Real-Ip: 10.0.0.1\r\n\r\n")
+    assert upstream.take().endswith(b"5\r\nhello\r\n0\r\n\r\n")
