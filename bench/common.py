@@ -205,37 +205,6 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def start_haproxy_for(
-    workdir: Path, port: int, backend: int, host: str, maxconn: int = 4000
-) -> subprocess.Popen[bytes]:
-    """HAProxy (1 thread, keep-alive both sides) routing Host `host` + /bench to `backend`: the
-    reference the memory benchmarks compare meshproxy with."""
-    config = workdir / "haproxy.cfg"
-    # no strict-limits: with a hard open-file limit below 2 x maxconn HAProxy warns and runs
-    # (the idle-connection benchmark needs 1 descriptor per client, few to the backend)
-    config.write_text(f"""global
-    nbthread 1
-    maxconn {maxconn}
-    no strict-limits
-defaults
-    mode http
-    maxconn {maxconn}
-    timeout connect 5s
-    timeout client 300s
-    timeout server 30s
-    option http-keep-alive
-    http-reuse always
-frontend web
-    bind 127.0.0.1:{port}
-    acl bench hdr(host) -i {host}
-    acl prefix path_beg /bench
-    use_backend app if bench prefix
-backend app
-    server s1 127.0.0.1:{backend}
-""")
-    return subprocess.Popen(pinned(["haproxy", "-f", str(config)], PROXY_CPU))
-
-
 def raise_fd_limit(wanted: int) -> int:
     """Raise this process's open-file limit (children inherit it) up to the hard limit."""
     import resource
@@ -348,19 +317,28 @@ def bench_dynamic(backend: int, host: str) -> str:
 
 
 def start_haproxy(
-    workdir: Path, port: int, backend: int, routing: str, defaults: str = ""
+    workdir: Path,
+    port: int,
+    backend: int,
+    routing: str,
+    defaults: str = "",
+    maxconn: int = 4000,
 ) -> subprocess.Popen[bytes]:
     """HAProxy with one thread in http mode on `port`, sending to `backend`: the peer every
     benchmark measures against. `routing` is the frontend's routing lines (acl, use_backend,
     default_backend), `defaults` extra lines of the defaults section."""
     config = workdir / f"haproxy-{port}.cfg"
+    # no strict-limits: with a hard open-file limit below 2 x maxconn HAProxy warns and runs
+    # (the idle-connection benchmark needs 1 descriptor per client, few to the backend)
     config.write_text(f"""global
     nbthread 1
-    maxconn 4000
+    maxconn {maxconn}
+    no strict-limits
 defaults
     mode http
+    maxconn {maxconn}
     timeout connect 5s
-    timeout client 30s
+    timeout client 300s
     timeout server 30s
 {defaults}frontend web
     bind 127.0.0.1:{port}
@@ -368,3 +346,19 @@ defaults
     server s1 127.0.0.1:{backend}
 """)
     return subprocess.Popen(pinned(["haproxy", "-f", str(config)], PROXY_CPU))
+
+
+def start_haproxy_for(
+    workdir: Path, port: int, backend: int, host: str, maxconn: int = 4000
+) -> subprocess.Popen[bytes]:
+    """HAProxy (1 thread, keep-alive both sides) routing Host `host` + /bench to `backend`, as
+    meshproxy's benchmark router does."""
+    return start_haproxy(
+        workdir,
+        port,
+        backend,
+        f"    acl bench hdr(host) -i {host}\n    acl prefix path_beg /bench\n"
+        "    use_backend app if bench prefix\n",
+        "    option http-keep-alive\n    http-reuse always\n",
+        maxconn,
+    )

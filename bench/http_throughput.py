@@ -35,28 +35,19 @@ from common import (
     run_wrk,
     save_report,
     start_backend,
+    start_haproxy_for,
     start_meshproxy,
     stop_all,
     timestamp,
     wait_port,
     wrk_setup,
 )
-from common import (
-    start_haproxy as start_haproxy_peer,
-)
 
 HOST = "bench.mesh.test"
 
 
 def start_haproxy(workdir: Path, port: int, backend: int) -> subprocess.Popen[bytes]:
-    return start_haproxy_peer(
-        workdir,
-        port,
-        backend,
-        f"    acl bench hdr(host) -i {HOST}\n    acl prefix path_beg /bench\n"
-        "    use_backend app if bench prefix\n",
-        "    option http-keep-alive\n    http-reuse always\n",
-    )
+    return start_haproxy_for(workdir, port, backend, HOST)
 
 
 def start_meshproxy_bench(
