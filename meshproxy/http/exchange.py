@@ -142,6 +142,7 @@ class Exchange:
         "body_waiter",
         "client_gone",
         "continue_sent",
+        "deadline",
         "entrypoint",
         "finished",
         "handled",
@@ -178,6 +179,8 @@ class Exchange:
         self.handled = False  # the serving side is done with it (see Sink.exchange_done)
         self.client_gone = False
         self.continue_sent = False  # a 100 Continue went to the client
+        # perf_counter time by which the exchange must be over (gRPC's grpc-timeout); 0: none
+        self.deadline = 0.0
         self.request_error = 0  # the status that ended a request that could not be read
         self.body_complete = not has_body
         self.body_target: BodyTarget | None = None

@@ -31,7 +31,7 @@ import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import httptools
 from wsproto.utilities import generate_accept_token
@@ -88,7 +88,7 @@ class ServerPool(Protocol):
     """Sends exchanges to one server, whatever protocol it speaks (one implementation per
     scheme: HTTP/1.1 here, h2c later); kept across reloads while the server is configured."""
 
-    busy: set[UpstreamConnection]
+    busy: set[Any]  # connections (or streams) serving an exchange now: swept for timeouts
 
     def send(self, ex: Exchange, target: ServerTarget, done: DoneCallback) -> None: ...
 
@@ -102,14 +102,17 @@ class ServerTarget:
     """One server of a loadBalancer, as a request to it is written."""
 
     url: str
-    pool: UpstreamPool
+    pool: ServerPool  # the pool for the server's scheme (http/https: UpstreamPool; h2c: ...)
     host_header: bytes  # host[:port] of the server, used when passHostHeader is false
     path_prefix: bytes = b""  # with preservePath
     pass_host_header: bool = True
 
 
-def build_request_head(ex: Exchange, target: ServerTarget) -> tuple[bytes, bool]:
-    """Serialize the HTTP/1.1 request head for `target`; returns (head, body is chunked)."""
+def build_request_head(
+    ex: Exchange, target: ServerTarget, http10: bool = False
+) -> tuple[bytes, bool]:
+    """Serialize the HTTP/1.1 request head for `target` (`http10`: the server is known to
+    answer in HTTP/1.0); returns (head, body is chunked)."""
     request = ex.request
     path = target.path_prefix + request.target if target.path_prefix else request.target
     verbatim = request.verbatim
@@ -125,7 +128,7 @@ def build_request_head(ex: Exchange, target: ServerTarget) -> tuple[bytes, bool]
     # An empty Host (allowed without an authority, RFC 9112 §3.2) becomes the server's own, as
     # Go's transport writes it (and so Traefik).
     host = request.host_header if pass_host_header and request.host_header else target.host_header
-    skip = _SKIP_FOR_HTTP10 if target.pool.http10 else _SKIP_ALWAYS
+    skip = _SKIP_FOR_HTTP10 if http10 else _SKIP_ALWAYS
     if request.connection_tokens:
         skip = skip | request.connection_tokens
     headers = request.headers
@@ -567,7 +570,7 @@ class UpstreamPool:
     def send(self, ex: Exchange, target: ServerTarget, done: DoneCallback) -> None:
         """Send `ex` to this server (see the module docstring). On an idle keep-alive
         connection (the common case) this is all callbacks; a dial runs in a Task."""
-        head, chunked = build_request_head(ex, target)
+        head, chunked = build_request_head(ex, target, self.http10)
         conn = self.take_idle()
         if conn is None:
             self._dial(ex, head, chunked, done)

@@ -6,11 +6,12 @@ first protocol on every connection of an HTTP entrypoint is a `SniffingProtocol`
 until it can tell, and replays what it read to the chosen protocol after `set_protocol`, so
 the chosen protocol sees an ordinary connection. What it tells apart (first match wins):
 
-- a TLS record (first byte 0x16, RFC 8446 §5.1: a handshake record; the ClientHello) — TLS is
-  not served on HTTP entrypoints yet: the connection is closed;
-- the HTTP/2 connection preface (RFC 9113 §3.4, prior knowledge) — HTTP/2 is not served yet:
-  the proxy sends its own preface (an empty SETTINGS) and GOAWAY with HTTP_1_1_REQUIRED
-  (RFC 9113 §7), written by the h2 library, then closes; never an HTTP/1.1 400;
+- a TLS record (first byte 0x16, RFC 8446 §5.1: a handshake record; the ClientHello) — handed
+  with the bytes read to the `tls` hook (SNI routing, passthrough, termination); without one
+  the connection is closed;
+- the HTTP/2 connection preface (RFC 9113 §3.4, prior knowledge) — handed to the `http2`
+  protocol; without one the proxy sends its own preface (an empty SETTINGS) and GOAWAY with
+  HTTP_1_1_REQUIRED (RFC 9113 §7), written by the h2 library, then closes; never a 400;
 - anything else: HTTP/1.1.
 
 A connection that sends nothing for `peek_timeout` seconds is closed, and so is one that sends
@@ -71,15 +72,30 @@ class SniffingProtocol(asyncio.Protocol):
     while it is being sniffed (the protocol it goes to counts it from then on).
     """
 
-    __slots__ = ("_buffer", "_counted", "_http1", "_on_open", "_registry", "started", "transport")
+    __slots__ = (
+        "_buffer",
+        "_counted",
+        "_http1",
+        "_http2",
+        "_on_open",
+        "_registry",
+        "_tls",
+        "started",
+        "transport",
+    )
 
     def __init__(
         self,
         http1: Callable[[], asyncio.Protocol],
         registry: set[SniffingProtocol],
         on_open: Callable[[int], None] | None = None,
+        http2: Callable[[], asyncio.Protocol] | None = None,
+        tls: Callable[[asyncio.Transport, bytes], None] | None = None,
     ) -> None:
         self._http1 = http1
+        self._http2 = http2  # an HTTP/2 server connection; None: refused (see h2_refusal)
+        # Takes over a TLS connection with the bytes read so far; None: closed.
+        self._tls = tls
         self._registry = registry
         self._on_open = on_open
         self._counted = False
@@ -106,11 +122,13 @@ class SniffingProtocol(asyncio.Protocol):
         self._uncount()
         transport = self.transport
         assert transport is not None
-        if kind == HTTP1:
-            protocol = self._http1()
+        if kind == HTTP1 or (kind == HTTP2 and self._http2 is not None):
+            protocol = self._http1() if kind == HTTP1 else self._http2()  # type: ignore[misc]
             transport.set_protocol(protocol)
             protocol.connection_made(transport)
             protocol.data_received(buffered)
+        elif kind == TLS and self._tls is not None:
+            self._tls(transport, buffered)
         elif kind == HTTP2:
             log.debug(
                 "HTTP/2 prior knowledge from %s: refused", transport.get_extra_info("peername")

@@ -30,7 +30,7 @@ from meshproxy.rules.http import compile_http_rule, default_priority
 from meshproxy.rules.parser import RuleError
 from meshproxy.rules.tcp import compile_tcp_rule, tcp_default_priority
 from meshproxy.runtime.snapshot import ObjectStatus, Route, RouterTable, RuntimeSnapshot
-from meshproxy.runtime.state import RuntimeState
+from meshproxy.runtime.state import POOL_KINDS, RuntimeState
 from meshproxy.tcp.proxy import TCPRoute, TCPTarget, allow_list_check
 
 log = logging.getLogger("meshproxy.runtime")
@@ -206,10 +206,10 @@ class _Compiler:
         except ValueError as exc:
             raise _BuildError(f"{path}: invalid URL {url!r}: {exc}") from None
         scheme = parts.scheme.lower()
-        if scheme not in ("http", "https"):
+        if scheme not in POOL_KINDS:
             raise _BuildError(
-                f"{path}: scheme {scheme!r} of {url!r} is not supported yet "
-                "(supported: http, https)"
+                f"{path}: scheme {scheme!r} of {url!r} is not supported "
+                f"(supported: {', '.join(sorted(POOL_KINDS))})"
             )
         if not parts.hostname:
             raise _BuildError(f"{path}: URL {url!r} has no host")

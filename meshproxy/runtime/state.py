@@ -3,25 +3,32 @@ name and reused when their definition did not change."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from meshproxy.http.upstream import TransportSettings, UpstreamPool
+from meshproxy.http.upstream import ServerPool, TransportSettings, UpstreamPool
 from meshproxy.middlewares.base import MiddlewareState
+
+PoolFactory = Callable[[str, str, int, TransportSettings], ServerPool]
+
+# The upstream pool for each server URL scheme: (scheme, host, port, settings) -> pool.
+POOL_KINDS: dict[str, PoolFactory] = {"http": UpstreamPool, "https": UpstreamPool}
 
 
 class RuntimeState:
     def __init__(self) -> None:
-        self.pools: dict[tuple[str, str, int, TransportSettings], UpstreamPool] = {}
+        self.pools: dict[tuple[str, str, int, TransportSettings], ServerPool] = {}
         self.services: dict[str, Any] = {}  # qualified name -> previous service object
         self.middlewares = MiddlewareState()  # token buckets, breaker windows, ...
         # Pools the config dropped while they still served exchanges: swept until idle.
-        self.retired: list[UpstreamPool] = []
+        self.retired: list[ServerPool] = []
 
-    def pool(self, scheme: str, host: str, port: int, settings: TransportSettings) -> UpstreamPool:
+    def pool(self, scheme: str, host: str, port: int, settings: TransportSettings) -> ServerPool:
+        """The pool for one server origin, made by `POOL_KINDS[scheme]` the first time."""
         key = (scheme, host, port, settings)
         pool = self.pools.get(key)
         if pool is None:
-            pool = self.pools[key] = UpstreamPool(scheme, host, port, settings)
+            pool = self.pools[key] = POOL_KINDS[scheme](scheme, host, port, settings)
         return pool
 
     def retain_pools(self, used: set[tuple[str, str, int, TransportSettings]]) -> None:
