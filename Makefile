@@ -15,6 +15,10 @@ $(BIN)/meshproxy: pyproject.toml setup.py meshproxy/build_info.py $(HOT_PATH)
 	-@$(PYTHON) -c "import pathlib, sys, sysconfig; \
 		sys.exit(not pathlib.Path(sysconfig.get_paths()['include'], 'Python.h').exists())" \
 		|| (apt-get update -qq && apt-get install -y -qq python3-dev)
+	@# Real HTTP/2 and TLS clients the tests drive: curl (with nghttp2), h2load, openssl.
+	-@command -v h2load >/dev/null 2>&1 && command -v curl >/dev/null 2>&1 \
+		&& command -v openssl >/dev/null 2>&1 \
+		|| (apt-get update -qq && apt-get install -y -qq nghttp2-client curl openssl)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
