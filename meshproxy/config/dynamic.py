@@ -332,15 +332,24 @@ class ForwardingTimeouts(_Base):
     ping_timeout: Duration | None = None
 
 
+class ClientCertificate(_Base):
+    """A client certificate for mTLS to the backend; each field is a file path or the PEM
+    itself (Traefik's FileOrContent)."""
+
+    cert_file: str = ""
+    key_file: str = ""
+
+
 class ServersTransport(_Base):
     server_name: str | None = None
     insecure_skip_verify: bool | None = None
     root_c_as: list[str] | None = msgspec.field(default=None, name="rootCAs")
-    certificates: list[dict[str, Any]] | None = None
+    certificates: list[ClientCertificate] | None = None
     max_idle_conns_per_host: int | None = None
     disable_http2: bool | None = msgspec.field(default=None, name="disableHTTP2")
     forwarding_timeouts: ForwardingTimeouts | None = None
     peer_cert_uri: str | None = msgspec.field(default=None, name="peerCertURI")
+    spiffe: RawOptions | None = None
 
 
 class HTTPConfig(_Base):
@@ -367,8 +376,27 @@ class TCPServersLoadBalancer(_Base):
     servers: list[TCPServer] = []
     servers_transport: str | None = None
     proxy_protocol: ProxyProtocol | None = None
-    termination_delay: int | None = None
+    termination_delay: int | None = None  # milliseconds (deprecated in Traefik v3)
     health_check: dict[str, Any] | None = None
+
+
+class TCPClientTLS(_Base):
+    """TLS from the proxy to a TCP server (`tcp.serversTransports.<name>.tls`)."""
+
+    server_name: str | None = None
+    insecure_skip_verify: bool | None = None
+    root_c_as: list[str] | None = msgspec.field(default=None, name="rootCAs")
+    certificates: list[ClientCertificate] | None = None
+    peer_cert_uri: str | None = msgspec.field(default=None, name="peerCertURI")
+    spiffe: RawOptions | None = None
+
+
+class TCPServersTransport(_Base):
+    dial_keep_alive: Duration | None = None
+    dial_timeout: Duration | None = None
+    proxy_protocol: ProxyProtocol | None = None
+    termination_delay: Duration | None = None
+    tls: TCPClientTLS | None = None
 
 
 class TCPService(_Base):
@@ -407,7 +435,7 @@ class TCPConfig(_Base):
     routers: dict[str, TCPRouter] = {}
     services: dict[str, TCPService] = {}
     middlewares: dict[str, TCPMiddleware] = {}
-    servers_transports: dict[str, RawOptions] = {}
+    servers_transports: dict[str, TCPServersTransport] = {}
 
 
 class UDPServer(_Base):
@@ -456,7 +484,7 @@ _SECTIONS: dict[str, tuple[type[msgspec.Struct], dict[str, Any]]] = {
             "routers": TCPRouter,
             "services": TCPService,
             "middlewares": TCPMiddleware,
-            "serversTransports": RawOptions,
+            "serversTransports": TCPServersTransport,
         },
     ),
     "udp": (UDPConfig, {"routers": UDPRouter, "services": UDPService}),
