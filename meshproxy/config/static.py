@@ -168,6 +168,21 @@ class ServersTransportStatic(_Base):
     spiffe: Raw | None = None
 
 
+class TCPServersTransportTLSStatic(_Base):
+    insecure_skip_verify: bool | None = None
+    root_c_as: list[str] | None = msgspec.field(default=None, name="rootCAs")
+    spiffe: Raw | None = None
+
+
+class TCPServersTransportStatic(_Base):
+    """Traefik's static `tcpServersTransport`: the default transport of TCP services."""
+
+    dial_keep_alive: Duration | None = None
+    dial_timeout: Duration | None = None
+    termination_delay: Duration | None = None
+    tls: TCPServersTransportTLSStatic | None = None
+
+
 class Core(_Base):
     default_rule_syntax: str | None = None
 
@@ -182,7 +197,7 @@ class StaticConfig(_Base):
     metrics: Metrics | None = None
     tracing: Raw | None = None
     servers_transport: ServersTransportStatic | None = None
-    tcp_servers_transport: Raw | None = None
+    tcp_servers_transport: TCPServersTransportStatic | None = None
     global_: Raw | None = msgspec.field(default=None, name="global")
     core: Core | None = None
     experimental: Raw | None = None
@@ -199,7 +214,6 @@ _NOT_IMPLEMENTED = {
     "experimental": "experimental features are not implemented",
     "certificatesResolvers": "ACME certificate resolvers are not implemented",
     "hub": "Traefik Hub is not supported",
-    "tcpServersTransport": "tcpServersTransport is not implemented yet",
 }
 
 
