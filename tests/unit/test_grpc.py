@@ -1,0 +1,253 @@
+"""meshproxy.http.grpc: recognising a gRPC call and speaking gRPC in the proxy's own answers
+(gRPC doc/PROTOCOL-HTTP2.md, doc/http-grpc-status-mapping.md, doc/statuscodes.md)."""
+
+from __future__ import annotations
+
+from time import perf_counter
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from meshproxy.http import grpc
+from meshproxy.http.exchange import Exchange, NullSink
+from meshproxy.http.request import Request
+
+
+def make_request(content_type: bytes | None) -> Request:
+    headers = [(b"te", b"trailers")]
+    if content_type is not None:
+        headers.append((b"content-type", content_type))
+    return Request("POST", b"/pkg.Svc/Method", headers, b"svc", "127.0.0.1", 40000, "2")
+
+
+def make_exchange(content_type: bytes | None) -> Exchange:
+    return Exchange(NullSink(), make_request(content_type), "web", perf_counter(), True)
+
+
+# ---------------------------------------------------------------- is_grpc
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        b"application/grpc",
+        b"application/grpc+proto",
+        b"application/grpc+json",
+        b"application/grpc;charset=utf-8",
+        b"Application/gRPC+proto",
+    ],
+)
+def test_grpc_content_types(content_type):
+    """PROTOCOL-HTTP2.md: Content-Type = "application/grpc" [("+proto" / "+json" / {custom})];
+    grpc-go's ContentSubtype also takes ";params"; media types are case-insensitive (RFC 9110
+    §8.3.1)."""
+    assert grpc.is_grpc(make_request(content_type))
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        None,
+        b"application/json",
+        b"application/grpc-web",
+        b"application/grpc-web+proto",
+        b"application/grpc-web-text",
+        b"application/grpcfoo",
+        b"text/application/grpc",
+    ],
+)
+def test_not_grpc_content_types(content_type):
+    """gRPC-Web keeps its HTTP answers (its clients read trailers from the body), and a
+    content-type that only starts with the letters of application/grpc is not gRPC (grpc-go's
+    ContentSubtype wants "+" or ";" after it)."""
+    assert not grpc.is_grpc(make_request(content_type))
+
+
+# ---------------------------------------------------------------- status mapping
+
+
+@pytest.mark.parametrize(
+    ("http_status", "code"),
+    [
+        (404, grpc.UNIMPLEMENTED),  # no route (issue 11; http-grpc-status-mapping.md)
+        (403, grpc.PERMISSION_DENIED),  # ipAllowList (issue 11; mapping doc)
+        (429, grpc.RESOURCE_EXHAUSTED),  # rateLimit, inFlightReq (issue 11)
+        (502, grpc.UNAVAILABLE),  # connect failure, backend EOF (issue 11; mapping doc)
+        (503, grpc.UNAVAILABLE),  # no server, breaker open (issue 11; mapping doc)
+        (504, grpc.DEADLINE_EXCEEDED),  # response timeout, deadline (issue 11)
+        (400, grpc.INTERNAL),  # malformed request, malformed grpc-timeout (mapping doc)
+        (401, grpc.UNAUTHENTICATED),  # mapping doc
+        (413, grpc.RESOURCE_EXHAUSTED),  # message over a limit (statuscodes.md)
+        (500, grpc.UNKNOWN),  # "all other codes" (mapping doc)
+        (418, grpc.UNKNOWN),
+        (307, grpc.UNKNOWN),
+    ],
+)
+def test_http_status_to_grpc_status(http_status, code):
+    """The grpc-status of each answer the proxy makes itself: issue 11's five, then gRPC's
+    doc/http-grpc-status-mapping.md for the rest (UNKNOWN for codes it does not name)."""
+    assert grpc.grpc_status_for(http_status) == code
+
+
+def test_local_answer_is_trailers_only():
+    """PROTOCOL-HTTP2.md, Trailers-Only: Content-Type then the trailers (grpc-status,
+    grpc-message) in the one HEADERS frame; nothing else on HTTP/2, and content-length 0 on
+    HTTP/1.1 so the empty body is framed."""
+    h2 = grpc.local_answer_fields(503, "no available server", http1=False)
+    assert h2 == [
+        (b"content-type", b"application/grpc"),
+        (b"grpc-status", b"14"),
+        (b"grpc-message", b"no available server"),
+    ]
+    h1 = grpc.local_answer_fields(404, "404 page not found", http1=True)
+    assert h1 == [
+        (b"content-type", b"application/grpc"),
+        (b"grpc-status", b"12"),
+        (b"grpc-message", b"404 page not found"),
+        (b"content-length", b"0"),
+    ]
+
+
+# ---------------------------------------------------------------- grpc-message
+
+
+def test_grpc_message_percent_encoding():
+    """PROTOCOL-HTTP2.md, Status-Message: UTF-8, then every byte outside %x20-%x24 / %x26-%x7E
+    is %XX ("%" itself included); printable ASCII and space stay as they are."""
+    assert grpc.encode_grpc_message("no available server") == b"no available server"
+    assert grpc.encode_grpc_message("100% sure") == b"100%25 sure"
+    assert grpc.encode_grpc_message("café") == b"caf%C3%A9"
+    assert grpc.encode_grpc_message("a\r\nb\x7f") == b"a%0D%0Ab%7F"
+    assert grpc.encode_grpc_message("日本") == b"%E6%97%A5%E6%9C%AC"
+
+
+def test_grpc_message_decoding_keeps_broken_escapes():
+    """PROTOCOL-HTTP2.md: when decoding an invalid value an implementation MUST NOT error or
+    throw the message away: broken escapes stay as they are, invalid UTF-8 becomes U+FFFD."""
+    assert grpc.decode_grpc_message(b"caf%C3%A9") == "café"
+    assert grpc.decode_grpc_message(b"100%25") == "100%"
+    assert grpc.decode_grpc_message(b"50% off %zz %4") == "50% off %zz %4"
+    assert grpc.decode_grpc_message(b"bad %FF byte") == "bad \ufffd byte"
+    assert grpc.decode_grpc_message(b"%") == "%"
+
+
+@given(st.text())
+def test_grpc_message_round_trip(text):
+    """Any text survives encoding and decoding, and its encoding is only the bytes the
+    grammar leaves unencoded plus %XX triplets (so it is a valid field value)."""
+    encoded = grpc.encode_grpc_message(text)
+    assert all(0x20 <= byte <= 0x7E for byte in encoded)
+    assert grpc.decode_grpc_message(encoded) == text.encode("utf-8", "replace").decode(
+        "utf-8", "replace"
+    )
+
+
+# ---------------------------------------------------------------- grpc-timeout
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (b"100m", 0.1),
+        (b"5S", 5.0),
+        (b"2M", 120.0),
+        (b"1H", 3600.0),
+        (b"250u", 0.00025),
+        (b"999n", 999e-9),
+        (b"99999999S", 99_999_999.0),
+        (b"0S", 0.0),
+        (b"00000010m", 0.01),
+    ],
+)
+def test_parse_grpc_timeout(value, seconds):
+    """PROTOCOL-HTTP2.md: Timeout = TimeoutValue TimeoutUnit, the value 1 to 8 digits, the unit
+    H (hours), M (minutes), S, m (milli), u (micro), n (nano)."""
+    assert grpc.parse_grpc_timeout(value) == pytest.approx(seconds, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"", b"S", b"5", b"5s", b"5x", b"100000000S", b"-5S", b"+5S", b" 5S", b"5 S", b"1.5S"],
+)
+def test_malformed_grpc_timeout(value):
+    """Anything but 1 to 8 digits and one of the six units is malformed (grpc-go: INTERNAL
+    "malformed grpc-timeout"; the proxy answers 400, mapped to INTERNAL). Nine digits is over
+    the spec's 8; a sign or a fraction is not a positive integer."""
+    with pytest.raises(grpc.MalformedTimeout):
+        grpc.parse_grpc_timeout(value)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "value"),
+    [
+        # grpc-go's encodeTimeout rule (internal/transport/http_util.go), worked by hand
+        (0.0, b"0n"),
+        (-1.0, b"0n"),
+        (1e-9, b"1n"),
+        (10e-9, b"10n"),
+        (100e-9, b"100n"),
+        (1e-6, b"1000n"),
+        (0.001, b"1000000n"),
+        (0.01, b"10000000n"),
+        (0.1, b"100000u"),
+        (1.0, b"1000000u"),
+        (10.0, b"10000000u"),
+        (100.0, b"100000m"),
+        (1000.0, b"1000000m"),
+        (10000.0, b"10000000m"),
+        (100000.0, b"100000S"),
+        (1000000.0, b"1000000S"),
+        (10000000.0, b"10000000S"),
+        (100000000.0, b"1666667M"),
+        (2e10, b"5555556H"),  # 333,333,334 minutes is 9 digits
+        (1e15, b"99999999H"),
+    ],
+)
+def test_format_grpc_timeout(seconds, value):
+    """The finest unit whose count fits in 8 digits, rounded up, as grpc-go's encodeTimeout;
+    capped at 8 digits of hours."""
+    assert grpc.format_grpc_timeout(seconds) == value
+
+
+@given(st.floats(min_value=1e-9, max_value=99_999_999 * 3600.0, allow_nan=False))
+def test_formatted_timeout_parses_back_never_shorter(seconds):
+    """Whatever we write is a valid grpc-timeout (our parser, which follows the grammar, takes
+    it) and never shortens the time left by more than float rounding: the callee's deadline
+    is not earlier than the caller's."""
+    value = grpc.format_grpc_timeout(seconds)
+    assert grpc.parse_grpc_timeout(value) >= seconds * (1 - 1e-12)
+
+
+# ---------------------------------------------------------------- a broken stream
+
+
+def test_abort_trailers_for_a_grpc_call():
+    """Issue 11: a gRPC stream that breaks after its response started ends with a grpc-status
+    trailer (UNAVAILABLE) and a grpc-message, not a bare reset."""
+    trailers = grpc.abort_trailers(make_exchange(b"application/grpc"))
+    assert trailers is not None
+    fields = dict(trailers)
+    assert fields[b"grpc-status"] == b"14"
+    assert grpc.decode_grpc_message(fields[b"grpc-message"]) == grpc.BROKEN_MESSAGE
+
+
+def test_abort_trailers_past_the_deadline():
+    """A call cut because its deadline passed after the response started reports
+    DEADLINE_EXCEEDED, as a gRPC server would for its own deadline."""
+    ex = make_exchange(b"application/grpc+proto")
+    ex.deadline = perf_counter() - 0.001
+    fields = dict(grpc.abort_trailers(ex) or [])
+    assert fields[b"grpc-status"] == b"4"
+    ex.deadline = perf_counter() + 60
+    assert dict(grpc.abort_trailers(ex) or [])[b"grpc-status"] == b"14"
+
+
+def test_no_abort_trailers_for_other_exchanges():
+    """Only a gRPC call gets trailers; any other exchange (gRPC-Web included) is reset, and
+    nothing is written to a client that is gone."""
+    assert grpc.abort_trailers(make_exchange(b"text/plain")) is None
+    assert grpc.abort_trailers(make_exchange(b"application/grpc-web")) is None
+    gone = make_exchange(b"application/grpc")
+    gone.client_gone = True
+    assert grpc.abort_trailers(gone) is None
