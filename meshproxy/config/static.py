@@ -67,7 +67,11 @@ class EntryPointHTTP(_Base):
 
 
 class EntryPointUDP(_Base):
-    timeout: Duration | None = None
+    timeout: Duration | None = None  # idle session lifetime (Traefik: 3 s by default)
+    # meshproxy: caps on sessions (one socket each) per entrypoint and per client IP; at a
+    # cap the least recently active session is evicted (docs/udp.md)
+    max_sessions: int | None = None
+    max_sessions_per_source: int | None = None
 
 
 class EntryPoint(_Base):

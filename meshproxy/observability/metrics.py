@@ -82,6 +82,40 @@ def _by_label(table: dict[Any, _Histogram]) -> dict[tuple[str, ...], _Histogram]
     return merged
 
 
+class UDPCounters:
+    """One UDP entrypoint's counters: bumped by `meshproxy.l4.udp.UDPEntryPoint` (plain int
+    additions on the datagram path), rendered at scrape time as `meshproxy_udp_*`. Traefik
+    exports no UDP metrics, hence our own names. `closed` and `dropped` count by reason."""
+
+    __slots__ = (
+        "bytes_from_client",
+        "bytes_from_server",
+        "closed",
+        "datagrams_from_client",
+        "datagrams_from_server",
+        "dropped",
+        "opened",
+        "sessions",
+    )
+
+    def __init__(self) -> None:
+        self.sessions = 0  # open now
+        self.opened = 0
+        self.closed: dict[str, int] = {}
+        self.dropped: dict[str, int] = {}
+        self.datagrams_from_client = 0
+        self.bytes_from_client = 0
+        self.datagrams_from_server = 0
+        self.bytes_from_server = 0
+
+    def session_closed(self, reason: str) -> None:
+        self.sessions -= 1
+        self.closed[reason] = self.closed.get(reason, 0) + 1
+
+    def drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+
 class RequestMetrics:
     """Request counters and histograms per entrypoint, router and service, plus process gauges."""
 
@@ -106,6 +140,7 @@ class RequestMetrics:
         # (entrypoint, status) -> requests refused or cut for their framing, before routing
         self.protocol_errors: dict[tuple[str, int], int] = {}
         self.server_up: dict[tuple[str, str], int] = {}
+        self.udp: dict[str, UDPCounters] = {}  # UDP entrypoint -> its counters
         self.reloads_total = 0
         self.last_reload_success = 0.0
         self.reload_failures_total = 0
@@ -164,6 +199,13 @@ class RequestMetrics:
     def connection_delta(self, entrypoint: str, protocol: str, delta: int) -> None:
         key = (entrypoint, protocol)
         self.open_connections[key] = self.open_connections.get(key, 0) + delta
+
+    def udp_counters(self, entrypoint: str) -> UDPCounters:
+        """The counters of one UDP entrypoint (made on first use, kept for the process)."""
+        counters = self.udp.get(entrypoint)
+        if counters is None:
+            counters = self.udp[entrypoint] = UDPCounters()
+        return counters
 
     # -- reloads ------------------------------------------------------------------------
 
@@ -258,6 +300,7 @@ class RequestMetrics:
         for (service, url), value in self.server_up.items():
             up.add_metric([service, url], value)
         yield up
+        yield from self._udp_families()
         reloads = CounterMetricFamily("traefik_config_reloads", "Config reloads")
         reloads.add_metric([], self.reloads_total)
         yield reloads
@@ -271,6 +314,54 @@ class RequestMetrics:
         last = GaugeMetricFamily("traefik_config_last_reload_success", "Last config reload success")
         last.add_metric([], self.last_reload_success)
         yield last
+
+    def _udp_families(self) -> Iterator[Any]:
+        labels = ["entrypoint"]
+        sessions = GaugeMetricFamily(
+            "meshproxy_udp_sessions", "Open UDP sessions (client addresses).", labels=labels
+        )
+        opened = CounterMetricFamily(
+            "meshproxy_udp_sessions_opened", "UDP sessions opened.", labels=labels
+        )
+        closed = CounterMetricFamily(
+            "meshproxy_udp_sessions_closed",
+            "UDP sessions ended, by reason (idle, evicted_source, evicted_entrypoint, "
+            "upstream_error, open_error, router_removed, shutdown).",
+            labels=["entrypoint", "reason"],
+        )
+        datagrams = CounterMetricFamily(
+            "meshproxy_udp_datagrams",
+            "UDP datagrams relayed, by direction (from_client, from_server).",
+            labels=["entrypoint", "direction"],
+        )
+        payload = CounterMetricFamily(
+            "meshproxy_udp_bytes",
+            "UDP payload bytes relayed, by direction (from_client, from_server).",
+            labels=["entrypoint", "direction"],
+        )
+        dropped = CounterMetricFamily(
+            "meshproxy_udp_datagrams_dropped",
+            "UDP datagrams not relayed, by reason (no_route, no_server, pending_full, "
+            "backpressure, send_error).",
+            labels=["entrypoint", "reason"],
+        )
+        for entrypoint, counters in self.udp.items():
+            sessions.add_metric([entrypoint], counters.sessions)
+            opened.add_metric([entrypoint], counters.opened)
+            for reason, count in counters.closed.items():
+                closed.add_metric([entrypoint, reason], count)
+            for reason, count in counters.dropped.items():
+                dropped.add_metric([entrypoint, reason], count)
+            datagrams.add_metric([entrypoint, "from_client"], counters.datagrams_from_client)
+            datagrams.add_metric([entrypoint, "from_server"], counters.datagrams_from_server)
+            payload.add_metric([entrypoint, "from_client"], counters.bytes_from_client)
+            payload.add_metric([entrypoint, "from_server"], counters.bytes_from_server)
+        yield sessions
+        yield opened
+        yield closed
+        yield datagrams
+        yield payload
+        yield dropped
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
