@@ -35,7 +35,9 @@ from collections.abc import Callable
 from typing import Protocol
 
 from meshproxy.http.fields import Fields, field_list, http_date
+from meshproxy.http.grpc import is_grpc, local_answer_fields
 from meshproxy.http.request import Request
+from meshproxy.http.status import reason_phrase
 
 # Request body bytes held while no upstream is attached, before the client is paused.
 BODY_BUFFER_HIGH_WATER = 256 * 1024
@@ -295,6 +297,11 @@ class Exchange:
         if swallow is not None and swallow(status, content_length):
             self.swallowed_status = status  # this try's response goes nowhere
             return
+        self._write_head(status, headers, content_length, no_body)
+
+    def _write_head(
+        self, status: int, headers: Fields, content_length: int | None, no_body: bool
+    ) -> None:
         if self.response_hooks:
             headers = field_list(headers)
             for hook in self.response_hooks:
@@ -319,7 +326,11 @@ class Exchange:
         body: bytes,
         headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
-        """A complete local response (errors, 404, ...)."""
+        """A complete local response (errors, 404, ...). To a gRPC call it is a Trailers-Only
+        response instead (`_respond_grpc`)."""
+        if is_grpc(self.request):
+            self._respond_grpc(status, body, headers)
+            return
         hdrs = [
             (b"content-type", b"text/plain; charset=utf-8"),
             (b"x-content-type-options", b"nosniff"),
@@ -332,6 +343,32 @@ class Exchange:
         if body and self.request.method != "HEAD":
             self.send_body(body)
         self.end_response()
+
+    def _respond_grpc(
+        self, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None
+    ) -> None:
+        """The local answer `status` to a gRPC call, as gRPC clients understand it: a
+        Trailers-Only response (gRPC PROTOCOL-HTTP2.md): `:status 200`, content-type
+        application/grpc, `grpc-status` mapped from `status` (http.grpc.grpc_status_for) and
+        `grpc-message` (the answer's text), no body: on HTTP/2 one HEADERS frame that ends the
+        stream (`no_body`), on HTTP/1.1 the same fields as a head with `content-length: 0`.
+        Without it a gRPC client reads a 502 page as "Received http2 header with status: 502"
+        and guesses the code. `ex.status` keeps the HTTP status the answer stands for, so
+        metrics, access logs and the circuit breaker count it as for any other client, and a
+        retry on status still sees it (`swallow`, given the HTTP status)."""
+        swallow = self.swallow
+        if swallow is not None and swallow(status, 0):
+            self.swallowed_status = status
+            return
+        message = body.decode("utf-8", "replace").strip() or reason_phrase(status).decode()
+        http1 = not self.request.http_version.startswith("2")
+        fields = local_answer_fields(status, message, http1)
+        if headers:
+            fields.extend(headers)  # retry-after of a 429 and the like: harmless, informative
+        self._write_head(200, fields, 0, True)
+        self.finished = True
+        self.sink.write_end(self)
+        self.status = status
 
     def abort(self) -> None:
         """The response cannot be completed: cut the client connection."""

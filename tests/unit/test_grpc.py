@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from time import perf_counter
 
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from meshproxy.http import grpc
 from meshproxy.http.exchange import Exchange, NullSink
 from meshproxy.http.request import Request
+from tests.conversation import BACKEND, conversation, head_of
 
 
 def make_request(content_type: bytes | None) -> Request:
@@ -251,3 +253,78 @@ def test_no_abort_trailers_for_other_exchanges():
     gone = make_exchange(b"application/grpc")
     gone.client_gone = True
     assert grpc.abort_trailers(gone) is None
+
+
+# ---------------------------------------------------------------- local answers over HTTP/1.1
+
+GRPC_CALL = (
+    b"POST /pkg.Svc/Method HTTP/1.1\r\nHost: svc.test\r\ncontent-type: application/grpc\r\n"
+    b"te: trailers\r\ncontent-length: 5\r\n\r\n\x00\x00\x00\x00\x00"
+)
+
+
+async def settle() -> None:
+    """One loop turn: the server starts an exchange with a body on the next turn."""
+    await asyncio.sleep(0)
+
+
+def grpc_answer(data: bytes) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    line, fields = head_of(data)
+    return line, fields, data.split(b"\r\n\r\n", 1)[1]
+
+
+async def test_no_route_reaches_a_grpc_client_as_unimplemented():
+    """Issue 11 / PROTOCOL-HTTP2.md Trailers-Only: the proxy's 404 (no router matches) reaches a
+    gRPC call as :status 200, content-type application/grpc, grpc-status 12 (UNIMPLEMENTED)
+    and a grpc-message; over HTTP/1.1 the same fields with an empty body. The metrics still
+    count the HTTP answer it stands for (404)."""
+    only_other_host = {
+        "http": {
+            "routers": {"r": {"entryPoints": ["web"], "service": "s", "rule": "Host(`other`)"}},
+            "services": {"s": {"loadBalancer": {"servers": [{"url": BACKEND}]}}},
+        }
+    }
+    conv = conversation(only_other_host)
+    conv.send(GRPC_CALL)
+    await settle()
+    line, fields, body = grpc_answer(conv.client_transport.take())
+    assert line == b"HTTP/1.1 200 OK"
+    assert fields[b"content-type"] == b"application/grpc"
+    assert fields[b"grpc-status"] == b"12"
+    assert fields[b"grpc-message"] == b"404 page not found"
+    assert fields[b"content-length"] == b"0" and body == b""
+    assert conv.entrypoint_requests() == {404: 1}
+    # the connection stays usable: a plain HTTP request still gets Traefik's 404 page
+    plain = conv.send(b"GET / HTTP/1.1\r\nHost: svc.test\r\n\r\n")
+    await settle()
+    plain += conv.client_transport.take()
+    assert plain.startswith(b"HTTP/1.1 404 ") and plain.endswith(b"404 page not found\n")
+
+
+async def test_backend_closing_before_answering_reaches_a_grpc_client_as_unavailable():
+    """A backend that closes the connection without answering is Traefik's 502: a gRPC call
+    gets grpc-status 14 (UNAVAILABLE; issue 11, http-grpc-status-mapping.md)."""
+    conv = conversation()
+    conn, _ = conv.add_upstream()
+    assert conv.send(GRPC_CALL) == b""
+    await settle()
+    assert conv.upstream_received().startswith(b"POST /pkg.Svc/Method HTTP/1.1\r\n")
+    conn.connection_lost(None)
+    line, fields, body = grpc_answer(conv.client_transport.take())
+    assert line == b"HTTP/1.1 200 OK"
+    assert (fields[b"grpc-status"], body) == (b"14", b"")
+    assert fields[b"grpc-message"] == b"Bad Gateway"
+    assert conv.entrypoint_requests() == {502: 1}
+
+
+async def test_backend_answer_to_a_grpc_call_is_relayed_unchanged():
+    """Only the proxy's own answers are rewritten: a backend's HTTP answer (even a 503) goes
+    to the client as the backend sent it, status and body."""
+    conv = conversation()
+    conv.add_upstream()
+    conv.send(GRPC_CALL)
+    await settle()
+    conv.upstream_received()
+    answer = conv.backend_sends(b"HTTP/1.1 503 Busy\r\ncontent-length: 4\r\n\r\nbusy")
+    assert answer.startswith(b"HTTP/1.1 503 ") and answer.endswith(b"\r\n\r\nbusy")
+    assert b"grpc-status" not in answer
