@@ -22,6 +22,7 @@ from meshproxy.http.server import (
     EntryPointSettings,
     HTTPEntryPoint,
 )
+from meshproxy.http.transports import TransportError, default_transport
 from meshproxy.http.upstream import TransportSettings
 from meshproxy.observability.metrics import DEFAULT_BUCKETS, RequestMetrics
 from meshproxy.providers.file import FileProvider
@@ -87,26 +88,11 @@ class ProxyDaemon:
         self.manager = ConfigManager(self._context_factory(provider))
 
     def _transport_settings(self) -> TransportSettings:
-        st = self.static.servers_transport
-        timeouts = st.forwarding_timeouts if st else None
-        defaults = TransportSettings()
-        return TransportSettings(
-            dial_timeout=float(timeouts.dial_timeout)
-            if timeouts and timeouts.dial_timeout is not None
-            else defaults.dial_timeout,
-            response_header_timeout=float(timeouts.response_header_timeout)
-            if timeouts and timeouts.response_header_timeout is not None
-            else defaults.response_header_timeout,
-            idle_conn_timeout=float(timeouts.idle_conn_timeout)
-            if timeouts and timeouts.idle_conn_timeout is not None
-            else defaults.idle_conn_timeout,
-            max_idle_per_host=(
-                st.max_idle_conns_per_host
-                if st and st.max_idle_conns_per_host
-                else defaults.max_idle_per_host
-            ),
-            insecure_skip_verify=bool(st and st.insecure_skip_verify),
-        )
+        """The static `serversTransport.*` options: the default transport (transports.py)."""
+        try:
+            return default_transport(self.static.servers_transport)
+        except TransportError as exc:
+            raise StartupError(str(exc)) from None
 
     def _context_factory(self, provider: str) -> Any:
         def factory(generation: int) -> CompileContext:

@@ -7,12 +7,16 @@ exceptions that an awaited future raises (mypyc 1.13), and dialling is not per r
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 
 from meshproxy.http.errors import UpstreamConnectError, UpstreamDialTimeout
 from meshproxy.http.exchange import Exchange
+from meshproxy.http.transports import TLS_HANDSHAKE_TIMEOUT
 from meshproxy.http.upstream import UpstreamConnection, UpstreamPool
 from meshproxy.upstream_address import resolve
+
+log = logging.getLogger("meshproxy.upstream")
 
 
 async def connect(pool: UpstreamPool) -> UpstreamConnection:
@@ -28,12 +32,18 @@ async def connect(pool: UpstreamPool) -> UpstreamConnection:
                 port,
                 ssl=pool.ssl,
                 server_hostname=(settings.server_name or pool.host) if pool.ssl else None,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if pool.ssl else None,
             ),
             settings.dial_timeout if settings.dial_timeout > 0 else None,
         )
     except TimeoutError:
         raise UpstreamDialTimeout(f"dial {pool.host}:{pool.port}: timeout") from None
-    except (OSError, ssl.SSLError) as exc:
+    except ssl.SSLError as exc:  # before OSError, its base: a refused certificate is logged
+        log.warning(
+            "dial %s://%s:%d: TLS handshake failed: %s", pool.scheme, pool.host, pool.port, exc
+        )
+        raise UpstreamConnectError(f"dial {pool.host}:{pool.port}: TLS: {exc}") from None
+    except OSError as exc:
         raise UpstreamConnectError(f"dial {pool.host}:{pool.port}: {exc}") from None
     return protocol
 

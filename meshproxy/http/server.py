@@ -182,6 +182,9 @@ class EntryPointSettings:
     # entryPoints.X.http.encodedCharacters.allowEncoded*=false.
     refused_encodings: tuple[bytes, ...] = ()
     sanitize_path: bool = True  # http.sanitizePath: dot-segments and `//` removed (Request)
+    # Requests arrive decrypted by the proxy (meshproxy.l4.tls): X-Forwarded-Proto https and
+    # X-Forwarded-Port 443 by default, as Traefik's HTTPS handler.
+    tls: bool = False
 
 
 class HTTPEntryPoint:
@@ -207,6 +210,12 @@ class HTTPEntryPoint:
         self._forwarded: dict[tuple[bytes, str], tuple[bytes, list[tuple[bytes, bytes]], bytes]]
         self._forwarded = {}
         self.tunnel_settings = PipeSettings(idle_timeout=settings.tunnel_idle_timeout)
+        self.proto_value = b"https" if settings.tls else b"http"
+        self.default_port = b"443" if settings.tls else b"80"
+        # Set by meshproxy.l4.tls when the entrypoint has TCP or TLS routing: the sniffer's
+        # `tls` hook, and what it gives non-TLS connections instead of HTTP/1.1 directly.
+        self.tls_hook: Callable[[asyncio.Transport, bytes], None] | None = None
+        self.plain_factory: Callable[[], asyncio.Protocol] | None = None
 
     def forwarded_fields(
         self, host: bytes, port: str, client_ip: str
@@ -220,12 +229,12 @@ class HTTPEntryPoint:
         cached = self._forwarded.get(key)
         if cached is not None:
             return cached
-        fields = [(b"x-forwarded-proto", b"http")]
+        fields = [(b"x-forwarded-proto", self.proto_value)]
         if host:
             fields.append((b"x-forwarded-host", host))
         # The port the client addressed: Host's, else the scheme's default (as Traefik), not
         # the listener's (a pod that called svc.ns.traefik.mesh called port 80).
-        fields.append((b"x-forwarded-port", port.encode() if port else b"80"))
+        fields.append((b"x-forwarded-port", port.encode() if port else self.default_port))
         fields.append((b"x-forwarded-server", SERVER_NAME))
         client = client_ip.encode()
         fields.append((b"x-real-ip", client))
@@ -260,7 +269,8 @@ class HTTPEntryPoint:
     def connection_factory(self) -> SniffingProtocol:
         """The first protocol of an accepted connection: it tells HTTP/1.1 from HTTP/2 and
         TLS by the first bytes (meshproxy.l4.sniff)."""
-        return SniffingProtocol(self.protocol_factory, self.sniffing, self.on_open)
+        plain = self.plain_factory or self.protocol_factory
+        return SniffingProtocol(plain, self.sniffing, self.on_open, tls=self.tls_hook)
 
     def sweep(self) -> None:
         """Close idle keep-alive connections and clients that dribble their headers. Times
@@ -721,12 +731,13 @@ class H1ServerConnection(asyncio.Protocol):
         """A trusted client sent some X-Forwarded-* fields: add only the missing ones."""
         headers = self._headers
         if not seen & 1:
-            headers.append((b"x-forwarded-proto", b"http"))
+            headers.append((b"x-forwarded-proto", self.entry.proto_value))
         if not seen & 2 and request.host_header:
             headers.append((b"x-forwarded-host", request.host_header))
         if not seen & 4:
             port = request.port
-            headers.append((b"x-forwarded-port", port.encode() if port else b"80"))
+            default = self.entry.default_port
+            headers.append((b"x-forwarded-port", port.encode() if port else default))
         headers.append((b"x-forwarded-server", SERVER_NAME))
         if not seen & 8:
             headers.append((b"x-real-ip", self.client_ip.encode()))

@@ -54,7 +54,9 @@ _CRLF = b"\r\n"
 
 @dataclass(frozen=True)
 class TransportSettings:
-    """Traefik's serversTransport forwardingTimeouts and pool size."""
+    """One Traefik serversTransport, resolved: forwardingTimeouts (seconds), pool size and TLS
+    to the server. Hashable (pools are keyed by it); built by meshproxy.http.transports, which
+    also makes the one SSLContext per distinct TLS setup (`client_context`)."""
 
     dial_timeout: float = 30.0
     # Traefik's default is 0 (wait forever); a mesh proxy must not hold a client forever on a
@@ -64,7 +66,12 @@ class TransportSettings:
     idle_conn_timeout: float = 90.0
     max_idle_per_host: int = 200
     insecure_skip_verify: bool = False
-    server_name: str | None = None
+    server_name: str | None = None  # SNI and the name the certificate must carry
+    root_cas: tuple[str, ...] = ()  # PEM texts (files already read); empty: system CAs
+    certificates: tuple[tuple[str, str], ...] = ()  # client (certificate, key) PEM texts
+    disable_http2: bool = False
+    read_idle_timeout: float = 0.0  # HTTP/2: PING after this long without a frame; 0: never
+    ping_timeout: float = 15.0  # HTTP/2: the connection is closed if the PING is unanswered
 
 
 DoneCallback = Callable[[BaseException | None], None]
@@ -561,11 +568,9 @@ class UpstreamPool:
         self.http10 = False  # the server answered in HTTP/1.0: it will not send 100 Continue
         self.ssl: ssl.SSLContext | None = None
         if scheme == "https":
-            context = ssl.create_default_context()
-            if settings.insecure_skip_verify:
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-            self.ssl = context
+            from meshproxy.http.transports import client_context  # it imports this module
+
+            self.ssl = client_context(settings)  # shared by every pool of this transport
 
     def send(self, ex: Exchange, target: ServerTarget, done: DoneCallback) -> None:
         """Send `ex` to this server (see the module docstring). On an idle keep-alive

@@ -21,6 +21,7 @@ from meshproxy.balancer.http_services import (
 )
 from meshproxy.config.dynamic import DynamicConfig, Middleware, Router, ServersTransport, Service
 from meshproxy.http.exchange import Handler
+from meshproxy.http.transports import TransportError, http_transport
 from meshproxy.http.upstream import ServerTarget, TransportSettings
 from meshproxy.middlewares.base import BuildContext, MiddlewareConfigError, MiddlewareState
 from meshproxy.middlewares.ip_strategy import parse_ranges
@@ -31,7 +32,8 @@ from meshproxy.rules.parser import RuleError
 from meshproxy.rules.tcp import compile_tcp_rule, tcp_default_priority
 from meshproxy.runtime.snapshot import ObjectStatus, Route, RouterTable, RuntimeSnapshot
 from meshproxy.runtime.state import POOL_KINDS, RuntimeState
-from meshproxy.tcp.proxy import TCPRoute, TCPTarget, allow_list_check
+from meshproxy.l4.tls import L4Table
+from meshproxy.tcp.proxy import TCPRoute, TCPRouteTLS, TCPTarget, allow_list_check
 
 log = logging.getLogger("meshproxy.runtime")
 
@@ -69,6 +71,7 @@ class _Compiler:
         self.used_pools: set[Any] = set()
         self.middleware_state = MiddlewareState()
         self.service_objects: dict[str, Any] = {}
+        self.transports: dict[str, TransportSettings | str] = {}  # name -> settings or error
 
     # -- names --------------------------------------------------------------------------
 
@@ -140,27 +143,25 @@ class _Compiler:
         raise _BuildError(f"service type {kind_name(kind)!r} is not supported yet")
 
     def transport_for(self, name: str | None) -> TransportSettings:
-        base = self.ctx.transport
-        if not name:
-            return base
-        transport: ServersTransport | None = self.config.http.servers_transports.get(
-            self.resolve(name, "serversTransport").rpartition("@")[0]
-        )
+        """The settings of `loadBalancer.serversTransport` (`name`, `name@provider`, or
+        `default@internal`: the static default, as Traefik); none: the static default."""
+        if not name or name == "default@internal":
+            return self.ctx.transport
+        base = self.resolve(name, "serversTransport").rpartition("@")[0]
+        transport: ServersTransport | None = self.config.http.servers_transports.get(base)
         if transport is None:
             raise _BuildError(f"serversTransport {name!r} does not exist")
-        timeouts = transport.forwarding_timeouts
-        return TransportSettings(
-            dial_timeout=_pick(timeouts and timeouts.dial_timeout, base.dial_timeout),
-            response_header_timeout=_pick(
-                timeouts and timeouts.response_header_timeout, base.response_header_timeout
-            ),
-            idle_conn_timeout=_pick(
-                timeouts and timeouts.idle_conn_timeout, base.idle_conn_timeout
-            ),
-            max_idle_per_host=transport.max_idle_conns_per_host or base.max_idle_per_host,
-            insecure_skip_verify=bool(transport.insecure_skip_verify),
-            server_name=transport.server_name,
-        )
+        cached = self.transports.get(base)
+        if cached is None:
+            try:
+                cached = http_transport(transport, f"http.serversTransports.{base}")
+            except TransportError as exc:
+                cached = str(exc)
+                log.error("serversTransport %s@%s: %s", base, self.ctx.provider, exc)
+            self.transports[base] = cached
+        if isinstance(cached, str):
+            raise _BuildError(f"serversTransport {name!r} is invalid: {cached}")
+        return cached
 
     def build_load_balancer(self, qualified: str, definition: Service) -> Handler:
         lb = definition.load_balancer
@@ -440,6 +441,9 @@ class _Compiler:
         self.snapshot.tcp_tables = {
             ep: sorted(routes, key=lambda r: (-r.priority, r.name)) for ep, routes in tables.items()
         }
+        self.snapshot.l4_tables = {
+            ep: L4Table(routes) for ep, routes in self.snapshot.tcp_tables.items()
+        }
 
     def build_tcp_service(
         self,
@@ -482,12 +486,16 @@ class _Compiler:
             rule = compile_tcp_rule(router.rule, router.rule_syntax, self.ctx.default_rule_syntax)
         except RuleError as exc:
             raise _BuildError(f"invalid rule: {exc}") from None
-        if rule.needs_sni:
+        if rule.needs_sni and router.tls is None:
+            # Traefik's words (pkg/server/router/tcp/manager.go)
             raise _BuildError(
-                "HostSNI other than `*` needs TLS, which meshproxy does not serve yet"
+                f"invalid rule: {router.rule!r} , has HostSNI matcher, but no TLS on router"
             )
+        tls = None
         if router.tls is not None:
-            raise _BuildError("TLS on TCP routers is not served yet by meshproxy")
+            if not router.tls.passthrough:
+                raise _BuildError("TLS termination on TCP routers is not served yet")
+            tls = TCPRouteTLS(True, router.tls.options or "default")
         if not router.service:
             raise _BuildError("router has no service")
         service = target(self.resolve(router.service, "service"))
@@ -506,7 +514,9 @@ class _Compiler:
                 raise _BuildError(f"middleware {name!r} is invalid: ipAllowList.{exc}") from None
             checks.append(allow_list_check(networks))  # empty range: nobody gets through
         priority = router.priority or tcp_default_priority(router.rule, rule.catch_all)
-        return TCPRoute(qualified, priority, rule.matcher, tuple(checks), service)
+        return TCPRoute(
+            qualified, priority, rule.matcher, tuple(checks), service, rule.catch_all, tls
+        )
 
     def compile_udp(self) -> None:
         udp = self.config.udp
@@ -550,10 +560,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float):
         return float(value)
     raise TypeError(f"cannot encode {type(value).__name__}")
-
-
-def _pick(value: float | None, default: float) -> float:
-    return default if value is None else float(value)
 
 
 def _valid_address(address: str) -> bool:

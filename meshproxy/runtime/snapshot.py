@@ -86,6 +86,8 @@ class RuntimeSnapshot:
     middlewares: dict[str, ObjectStatus] = field(default_factory=dict)
     tcp_routers: dict[str, ObjectStatus] = field(default_factory=dict)
     tcp_tables: dict[str, list[Any]] = field(default_factory=dict)  # entrypoint -> TCPRoutes
+    # entrypoint -> meshproxy.l4.tls.L4Table: TCP and TLS routing, certificates
+    l4_tables: dict[str, Any] = field(default_factory=dict)
     tcp_services: dict[str, ObjectStatus] = field(default_factory=dict)
     udp_routers: dict[str, ObjectStatus] = field(default_factory=dict)
     udp_services: dict[str, ObjectStatus] = field(default_factory=dict)

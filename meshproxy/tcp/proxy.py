@@ -1,7 +1,8 @@
-"""TCP routing: a connection is matched against the entrypoint's TCP routers once, when it
-opens (HostSNI(`*`) and ClientIP rules; SNI-based rules need TLS, which is not served), passes
-its router's connection middlewares (ipAllowList closes refused connections), and is relayed
-byte for byte to a server picked by weighted round robin, with flow control both ways.
+"""TCP routing: a connection is matched against the entrypoint's TCP routers once: when it
+opens (non-TLS routers: HostSNI(`*`) and ClientIP rules), or once its TLS ClientHello has been
+read (routers with `tls`: SNI and ALPN rules, see meshproxy.l4.tls). It passes its router's
+connection middlewares (ipAllowList closes refused connections), and is relayed byte for byte
+to a server picked by weighted round robin, with flow control both ways.
 """
 
 from __future__ import annotations
@@ -65,6 +66,16 @@ class TCPTarget:
         return choice
 
 
+@dataclass(frozen=True, slots=True)
+class TCPRouteTLS:
+    """A TCP router's `tls` section: `passthrough` relays the TLS bytes untouched (the
+    proxy holds no key); otherwise the proxy terminates TLS with the TLS options `options`
+    (qualified name, "default" when unset) and relays the decrypted bytes."""
+
+    passthrough: bool
+    options: str = "default"
+
+
 @dataclass(frozen=True, eq=False)
 class TCPRoute:
     name: str
@@ -72,6 +83,8 @@ class TCPRoute:
     matcher: Callable[[Any], bool]
     checks: tuple[ConnectionCheck, ...]
     target: TCPTarget
+    catch_all: bool = False  # the rule is exactly HostSNI(`*`) (Traefik's muxer catchAll)
+    tls: TCPRouteTLS | None = None  # None: a non-TLS router
 
 
 def allow_list_check(networks: list[Any]) -> ConnectionCheck:
@@ -81,6 +94,15 @@ def allow_list_check(networks: list[Any]) -> ConnectionCheck:
         return allowed.contains(view.client_ip)
 
     return check
+
+
+def client_ip(transport: asyncio.BaseTransport) -> str:
+    """The peer address of a connection, IPv4-mapped IPv6 addresses as plain IPv4."""
+    peer = transport.get_extra_info("peername") or ("", 0)
+    ip: str = peer[0]
+    if ip.startswith("::ffff:") and "." in ip:
+        ip = ip[7:]
+    return ip
 
 
 class _Dialled(asyncio.Protocol):
@@ -126,14 +148,17 @@ class TCPRelay(asyncio.Protocol):
         "dial",
         "dial_timeout",
         "entrypoint",
+        "fallback",
         "on_open",
         "pending",
         "pending_eof",
         "pending_size",
         "pipe",
+        "route",
         "routes",
         "settings",
         "transport",
+        "view",
     )
 
     def __init__(
@@ -143,9 +168,18 @@ class TCPRelay(asyncio.Protocol):
         on_open: Callable[[int], None],
         settings: PipeSettings | None = None,
         dial_timeout: float = DIAL_TIMEOUT,
+        route: TCPRoute | None = None,
+        view: TCPConnectionView | None = None,
+        fallback: Callable[[asyncio.Transport], None] | None = None,
     ) -> None:
+        """`route`/`view`: the router already chosen and what it was chosen on (after a
+        ClientHello was read); `fallback(transport)` takes over a connection no router of
+        `routes` matches (Traefik then tries the HTTP handler), instead of closing it."""
         self.entrypoint = entrypoint
         self.routes = routes
+        self.route = route
+        self.view = view
+        self.fallback = fallback
         self.on_open = on_open
         self.settings = settings
         self.dial_timeout = dial_timeout
@@ -162,12 +196,13 @@ class TCPRelay(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         self.counted = True
         self.on_open(1)
-        peer = transport.get_extra_info("peername") or ("", 0)
-        ip = peer[0]
-        if ip.startswith("::ffff:") and "." in ip:
-            ip = ip[7:]
-        view = TCPConnectionView(ip)
-        route = next((r for r in self.routes if r.matcher(view)), None)
+        view = self.view or TCPConnectionView(client_ip(transport))
+        route = self.route or next((r for r in self.routes if r.matcher(view)), None)
+        if route is None and self.fallback is not None:
+            self._release()
+            self.transport = None
+            self.fallback(transport)  # type: ignore[arg-type]
+            return
         if route is None or not all(check(view) for check in route.checks):
             transport.close()  # refused: closed without a byte relayed
             return
