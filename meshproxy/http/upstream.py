@@ -18,10 +18,12 @@ to the protocol asked for (and, for WebSocket, prove it read the key: RFC 6455 �
 after a valid 101 the connection leaves the pool and both sides become a byte pipe.
 
 Timeouts: `response_header_timeout` runs from the moment the whole request has been sent (as
-Go's transport) until the final response head; a backend that stops sending its body is the
-client connection's stall timeout's job (see http.server). The header timeout is checked by
-the pool's sweep (once a second) over its busy connections, not by a timer per request: a
-uvloop timer costs ~5 µs to arm and cancel, half of the proxy's whole per-request budget.
+Go's transport) until the final response head; an exchange's `deadline` (a gRPC call's
+grpc-timeout) bounds the whole exchange, before the head (504) or after it (abort); a backend
+that stops sending its body is the client connection's stall timeout's job (see http.server).
+Both are checked by the pool's sweep (once a second) over its busy connections, not by a timer
+per request: a uvloop timer costs ~5 µs to arm and cancel, half of the proxy's whole
+per-request budget.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Any, Protocol
 
 import httptools
@@ -351,11 +354,25 @@ class UpstreamConnection(asyncio.Protocol):
 
     def check_timeout(self, now: float) -> None:
         """Give up on a backend that has not sent a response head `response_header_timeout`
-        seconds after the request was sent (`now` on the loop's clock): 504, closed."""
+        seconds after the request was sent (`now` on the loop's clock): 504, closed. Also on an
+        exchange past its `deadline` (perf_counter time; the smaller of the two wins), checked
+        at the sweep's pace (once a second)."""
         sent_at = self._sent_at
         timeout = self._header_timeout
         if sent_at and timeout > 0 and now - sent_at > timeout and not self._response_headers_done:
             self._fail(UpstreamResponseTimeout("no response headers in time"))
+            self.close()
+            return
+        ex = self.ex
+        if ex is not None and ex.deadline and perf_counter() >= ex.deadline:
+            # The call's own deadline (gRPC's grpc-timeout, set by dispatch) passed first: as
+            # a response timeout before the head (504, DEADLINE_EXCEEDED to a gRPC client),
+            # an abort after it (a gRPC client gets a DEADLINE_EXCEEDED trailer where its
+            # protocol can carry one: http.grpc.abort_trailers).
+            if self._response_headers_done:
+                self._fail(ResponseAborted("the call's deadline passed mid-response"))
+            else:
+                self._fail(UpstreamResponseTimeout("the call's deadline passed"))
             self.close()
 
     def client_gone(self) -> None:

@@ -14,7 +14,8 @@ from time import perf_counter
 
 from meshproxy.http.errors import ClientGone, ProxyError
 from meshproxy.http.exchange import Exchange
-from meshproxy.observability.metrics import RequestMetrics
+from meshproxy.http.grpc import MalformedTimeout, is_grpc, parse_grpc_timeout
+from meshproxy.observability.metrics import RequestMetrics, protocol_label
 from meshproxy.runtime.manager import ConfigManager
 
 log = logging.getLogger("meshproxy.http")
@@ -48,6 +49,9 @@ def make_dispatcher(
             ex.respond(200, b"", [])
             finish(ex, None)
             return
+        if protocol_label(ex) == "grpc" and not grpc_deadline(ex):  # label cached for metrics
+            finish(ex, None)
+            return
         table = manager.snapshot.http_tables.get(entrypoint)
         route = table.match(ex.request) if table is not None else None
         if route is None:
@@ -61,6 +65,31 @@ def make_dispatcher(
             finish(ex, exc)
 
     return dispatch
+
+
+def grpc_deadline(ex: Exchange) -> bool:
+    """Set `ex.deadline` from a gRPC call's grpc-timeout (gRPC PROTOCOL-HTTP2.md, "Timeout"):
+    the call must be over `timeout` seconds after the proxy received it. The pools fail an
+    exchange past its deadline as a response timeout (504: DEADLINE_EXCEEDED to the client),
+    so the proxy's own deadline is the smaller of its responseHeaderTimeout and the client's;
+    the h2c pool forwards the time left as the backend's grpc-timeout. False when `ex` was
+    answered here: a malformed value (INTERNAL "malformed grpc-timeout", as grpc-go's server
+    answers it: a 400 here, mapped to INTERNAL) or no time left at all (504)."""
+    if not is_grpc(ex.request):
+        return True  # application/grpc-web, or a content-type that only starts the same
+    for name, value in ex.request.headers:
+        if name == b"grpc-timeout":
+            try:
+                timeout = parse_grpc_timeout(value)
+            except MalformedTimeout as exc:
+                ex.respond(400, str(exc).encode())
+                return False
+            if timeout <= 0:
+                ex.respond(504, b"deadline exceeded before the call was routed")
+                return False
+            ex.deadline = ex.started_at + timeout
+            return True
+    return True
 
 
 def _fail(ex: Exchange, exc: BaseException) -> int:

@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 from meshproxy.http import grpc
 from meshproxy.http.exchange import Exchange, NullSink
 from meshproxy.http.request import Request
+from meshproxy.http.upstream import TransportSettings
 from tests.conversation import BACKEND, conversation, head_of
+from tests.helpers import wait_for
 
 
 def make_request(content_type: bytes | None) -> Request:
@@ -328,3 +330,106 @@ async def test_backend_answer_to_a_grpc_call_is_relayed_unchanged():
     answer = conv.backend_sends(b"HTTP/1.1 503 Busy\r\ncontent-length: 4\r\n\r\nbusy")
     assert answer.startswith(b"HTTP/1.1 503 ") and answer.endswith(b"\r\n\r\nbusy")
     assert b"grpc-status" not in answer
+
+
+# ---------------------------------------------------------------- deadlines (grpc-timeout)
+
+
+def grpc_call(timeout: bytes) -> bytes:
+    return GRPC_CALL.replace(
+        b"te: trailers\r\n", b"te: trailers\r\ngrpc-timeout: " + timeout + b"\r\n"
+    )
+
+
+async def sweep_until_answered(conv) -> bytes:
+    """Run the pools' sweep (the daemon runs it once a second) until the client got bytes."""
+    loop = asyncio.get_running_loop()
+
+    def answered() -> bytes:
+        conv.pool.sweep(loop.time())
+        return bytes(conv.client_transport.written) or conv.client_transport.aborted
+
+    await wait_for(answered, 5, "the deadline to fail the exchange")
+    return conv.client_transport.take()
+
+
+async def test_deadline_before_the_response_is_deadline_exceeded():
+    """PROTOCOL-HTTP2.md "Timeout" / issue 11: the proxy's own deadline is the smaller of its
+    response timeout (60 s here) and the client's grpc-timeout (80 ms): past it, with no
+    response head yet, the call fails as a response timeout (504), which a gRPC client reads
+    as DEADLINE_EXCEEDED (4); the backend connection is closed, and not before the deadline."""
+    conv = conversation()
+    conn, upstream = conv.add_upstream()
+    started = perf_counter()
+    conv.send(grpc_call(b"80m"))
+    await settle()
+    assert b"grpc-timeout: 80m\r\n" in conv.upstream_received()
+    line, fields, body = grpc_answer(await sweep_until_answered(conv))
+    assert perf_counter() - started >= 0.08
+    assert line == b"HTTP/1.1 200 OK"
+    assert fields[b"grpc-status"] == b"4" and body == b""
+    assert upstream.closed and conv.entrypoint_requests() == {504: 1}
+
+
+async def test_response_header_timeout_shorter_than_the_deadline_wins():
+    """The smaller of the two wins the other way too: responseHeaderTimeout (50 ms) before the
+    client's 60 s grpc-timeout is the same 504, DEADLINE_EXCEEDED to a gRPC client."""
+    conv = conversation(transport=TransportSettings(response_header_timeout=0.05))
+    conv.add_upstream()
+    conv.send(grpc_call(b"60S"))
+    await settle()
+    _, fields, _ = grpc_answer(await sweep_until_answered(conv))
+    assert fields[b"grpc-status"] == b"4"
+
+
+async def test_deadline_after_the_response_started_cuts_the_response():
+    """A deadline that passes mid-response cannot become a status any more: the exchange is
+    aborted (on HTTP/1.1 the client connection is cut; on HTTP/2 the server ends the stream
+    with http.grpc.abort_trailers, DEADLINE_EXCEEDED), the backend connection closed."""
+    conv = conversation()
+    conn, upstream = conv.add_upstream()
+    conv.send(grpc_call(b"50m"))
+    await settle()
+    conv.upstream_received()
+    head = conv.backend_sends(
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\n"
+        b"transfer-encoding: chunked\r\n\r\n5\r\n\x00\x00\x00\x00\x00\r\n"
+    )
+    assert head.startswith(b"HTTP/1.1 200 OK")
+    await sweep_until_answered(conv)
+    assert conv.client_transport.aborted and upstream.closed
+
+
+async def test_malformed_grpc_timeout_is_internal_and_never_forwarded():
+    """grpc-go's server fails a call whose grpc-timeout is malformed with INTERNAL
+    "malformed grpc-timeout" (HTTP 400 in its handler transport): the proxy answers the same
+    (a 400, mapped to INTERNAL) before routing, and the backend sees nothing."""
+    conv = conversation()
+    _, upstream = conv.add_upstream()
+    conv.send(grpc_call(b"5x"))
+    await settle()
+    _, fields, body = grpc_answer(conv.client_transport.take())
+    assert fields[b"grpc-status"] == b"13" and body == b""
+    assert grpc.decode_grpc_message(fields[b"grpc-message"]) == "malformed grpc-timeout: '5x'"
+    assert upstream.take() == b"" and conv.entrypoint_requests() == {400: 1}
+
+
+async def test_zero_grpc_timeout_is_already_exceeded():
+    """A grpc-timeout of 0 is a call already past its deadline (grpc-go takes it as such):
+    DEADLINE_EXCEEDED at once, nothing forwarded."""
+    conv = conversation()
+    _, upstream = conv.add_upstream()
+    conv.send(grpc_call(b"0S"))
+    await settle()
+    _, fields, _ = grpc_answer(conv.client_transport.take())
+    assert fields[b"grpc-status"] == b"4" and upstream.take() == b""
+
+
+async def test_grpc_timeout_of_a_non_grpc_request_is_ignored():
+    """grpc-timeout means something only on a gRPC call: on any other request (gRPC-Web
+    included, whose clients get HTTP answers) it is an ordinary field, forwarded as it is."""
+    conv = conversation()
+    _, upstream = conv.add_upstream()
+    conv.send(grpc_call(b"bogus").replace(b"application/grpc", b"application/grpc-web"))
+    await settle()
+    assert b"grpc-timeout: bogus\r\n" in upstream.take()
