@@ -487,3 +487,9 @@ def run_h2load(
         "p50_ms": percentile(0.50),
         "p99_ms": percentile(0.99),
     }
+
+
+def paired_ratio(results: list[dict[str, float]], peers: list[dict[str, float]], key: str) -> float:
+    """Median over rounds of result/peer for `key`, each round's two measurements paired (a
+    shared VM drifts between rounds, far less between two back-to-back measurements)."""
+    return statistics.median(r[key] / p[key] for r, p in zip(results, peers, strict=True))

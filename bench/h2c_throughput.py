@@ -41,6 +41,7 @@ from common import (
     ensure_h2load,
     ensure_tools,
     free_port,
+    paired_ratio,
     pinned,
     run_h2load,
     save_report,
@@ -213,13 +214,6 @@ def main() -> int:
     return 0
 
 
-def paired(rounds: dict[str, list[dict[str, float]]], name: str, peer: str, key: str) -> float:
-    """Median over rounds of name/peer for `key` (the same round's two measurements)."""
-    return statistics.median(
-        r[key] / p[key] for r, p in zip(rounds[name], rounds[peer], strict=True)
-    )
-
-
 def build_report(
     args: Any, rounds: dict[str, list[dict[str, float]]], skipped: dict[str, str], build: str
 ) -> dict[str, Any]:
@@ -238,8 +232,8 @@ def build_report(
             a, b = f"{name}-{kind}", f"{peer}-{kind}"
             if a in rounds and b in rounds:
                 ratios[f"{a} / {b}"] = {
-                    "rps": paired(rounds, a, b, "rps"),
-                    "p99": paired(rounds, a, b, "p99_ms"),
+                    "rps": paired_ratio(rounds[a], rounds[b], "rps"),
+                    "p99": paired_ratio(rounds[a], rounds[b], "p99_ms"),
                 }
     return {
         "when": timestamp(),

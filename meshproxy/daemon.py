@@ -24,6 +24,7 @@ from meshproxy.http.server import (
 )
 from meshproxy.http.transports import TransportError, default_transport
 from meshproxy.http.upstream import TransportSettings
+from meshproxy.l4.tls import L4Entry
 from meshproxy.observability.metrics import DEFAULT_BUCKETS, RequestMetrics
 from meshproxy.providers.file import FileProvider
 from meshproxy.providers.http_poll import HTTPProvider
@@ -31,7 +32,7 @@ from meshproxy.runtime.compiler import CompileContext
 from meshproxy.runtime.dispatch import make_dispatcher
 from meshproxy.runtime.manager import ConfigManager
 from meshproxy.runtime.state import RuntimeState
-from meshproxy.tcp.proxy import TCPRelay, pipe_settings
+from meshproxy.tcp.proxy import pipe_settings
 
 log = logging.getLogger("meshproxy")
 
@@ -182,19 +183,19 @@ class ProxyDaemon:
         self.tasks.append(loop.create_task(self._housekeeping()))
 
     def _protocol_factory(self, name: str, http_entry: HTTPEntryPoint) -> Any:
-        """Per connection: TCP relaying when the live config has TCP routers on this
-        entrypoint (as Traefik, a TCP catch-all takes the entrypoint over, so server-speaks-first
-        protocols work), else the sniffer, which hands HTTP/1.1 to its protocol."""
-        on_open = http_entry.on_open
-        tcp_settings = pipe_settings(self.http_entrypoints[name])
-
-        def factory() -> asyncio.Protocol:
-            routes = self.manager.snapshot.tcp_tables.get(name)
-            if routes:
-                return TCPRelay(name, routes, on_open, tcp_settings)
-            return http_entry.connection_factory()
-
-        return factory
+        """Per connection, from the live config (meshproxy.l4.tls): TCP relaying at once when
+        the entrypoint's TCP routers are all non-TLS (as Traefik, so server-speaks-first
+        protocols work), else the sniffer: TLS to SNI routing (passthrough or termination),
+        non-TLS to a matching TCP router or HTTP."""
+        manager = self.manager
+        entry = L4Entry(
+            name,
+            lambda: manager.snapshot,
+            http_entry,
+            http_entry.on_open,
+            pipe_settings(self.http_entrypoints[name]),
+        )
+        return entry.connection_factory
 
     async def _start_admin(self) -> None:
         static = self.static

@@ -23,6 +23,7 @@ from meshproxy.config.dynamic import DynamicConfig, Middleware, Router, ServersT
 from meshproxy.http.exchange import Handler
 from meshproxy.http.transports import TransportError, http_transport
 from meshproxy.http.upstream import ServerTarget, TransportSettings
+from meshproxy.l4.tls import L4Table
 from meshproxy.middlewares.base import BuildContext, MiddlewareConfigError, MiddlewareState
 from meshproxy.middlewares.ip_strategy import parse_ranges
 from meshproxy.middlewares.registry import MIDDLEWARE_BUILDERS
@@ -32,7 +33,6 @@ from meshproxy.rules.parser import RuleError
 from meshproxy.rules.tcp import compile_tcp_rule, tcp_default_priority
 from meshproxy.runtime.snapshot import ObjectStatus, Route, RouterTable, RuntimeSnapshot
 from meshproxy.runtime.state import POOL_KINDS, RuntimeState
-from meshproxy.l4.tls import L4Table
 from meshproxy.tcp.proxy import TCPRoute, TCPRouteTLS, TCPTarget, allow_list_check
 
 log = logging.getLogger("meshproxy.runtime")
