@@ -25,6 +25,7 @@ from meshproxy.http.server import (
 from meshproxy.http.transports import TransportError, default_transport
 from meshproxy.http.upstream import TransportSettings
 from meshproxy.l4.tls import L4Entry
+from meshproxy.l4.udp import UDPEntryPoint, udp_settings
 from meshproxy.observability.metrics import DEFAULT_BUCKETS, RequestMetrics
 from meshproxy.providers.file import FileProvider
 from meshproxy.providers.http_poll import HTTPProvider
@@ -56,6 +57,7 @@ class ProxyDaemon:
     metrics: RequestMetrics = field(init=False)
     state: RuntimeState = field(default_factory=RuntimeState)
     listeners: list[Listener] = field(default_factory=list)
+    udp_listeners: list[UDPEntryPoint] = field(default_factory=list)
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     admin_runner: web.AppRunner | None = None
 
@@ -177,10 +179,46 @@ class ProxyDaemon:
             self.listeners.append(Listener(name, http_entry, server))
             log.info("entrypoint %s listening on %s", name, entry.address)
         for name in self.udp_entrypoints:
-            log.warning("entrypoint %s: UDP entrypoints are accepted but not served yet", name)
+            await self._start_udp(name)
         await self._start_admin()
         self._start_providers()
         self.tasks.append(loop.create_task(self._housekeeping()))
+
+    async def _start_udp(self, name: str) -> None:
+        """A UDP entrypoint (`:15000/udp`): its sessions go where the live snapshot's UDP
+        router for it says (meshproxy/l4/udp.py). No host: all interfaces, IPv6 and IPv4 on
+        one dual-stack socket as Go's listener, or IPv4 alone where IPv6 is off."""
+        entry = self.static.entry_points[name]
+        address = parse_address(entry.address)
+        try:
+            settings = udp_settings(entry)
+        except ValueError as exc:
+            raise StartupError(f"entryPoints.{name}.udp: {exc}") from None
+        manager = self.manager
+        udp_entry = UDPEntryPoint(
+            name,
+            lambda: manager.snapshot.udp_routes.get(name),
+            settings,
+            self.metrics.udp_counters(name),
+        )
+        loop = asyncio.get_running_loop()
+        hosts = [address.host] if address.host else ["::", "0.0.0.0"]
+        for host in hosts:
+            try:
+                await loop.create_datagram_endpoint(
+                    lambda: udp_entry,
+                    local_addr=(host, address.port),
+                    reuse_port=bool(entry.reuse_port) or None,
+                )
+                break
+            except OSError as exc:
+                if host != hosts[-1]:
+                    continue
+                raise StartupError(
+                    f"entrypoint {name}: cannot listen on {entry.address}: {_reason(exc)}"
+                ) from None
+        self.udp_listeners.append(udp_entry)
+        log.info("entrypoint %s listening on %s", name, entry.address)
 
     def _protocol_factory(self, name: str, http_entry: HTTPEntryPoint) -> Any:
         """Per connection, from the live config (meshproxy.l4.tls): TCP relaying at once when
@@ -263,7 +301,10 @@ class ProxyDaemon:
     # -- shutdown -----------------------------------------------------------------------
 
     async def stop(self, grace: float = 10.0) -> None:
-        """Stop accepting, let in-flight requests finish (up to `grace`), then close."""
+        """Stop accepting, let in-flight requests finish (up to `grace`), then close. UDP
+        entrypoints stop at once: a datagram has nothing in flight to wait for."""
+        for udp_entry in self.udp_listeners:
+            udp_entry.close()
         for listener in self.listeners:
             listener.server.close()
             listener.entry.close_tunnels()  # WebSockets: Close 1001 to both sides

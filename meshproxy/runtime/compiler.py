@@ -24,6 +24,7 @@ from meshproxy.http.exchange import Handler
 from meshproxy.http.transports import TransportError, http_transport
 from meshproxy.http.upstream import ServerTarget, TransportSettings
 from meshproxy.l4.tls import L4Table
+from meshproxy.l4.udp import UDPRoute, UDPTarget
 from meshproxy.middlewares.base import BuildContext, MiddlewareConfigError, MiddlewareState
 from meshproxy.middlewares.ip_strategy import parse_ranges
 from meshproxy.middlewares.registry import MIDDLEWARE_BUILDERS
@@ -519,18 +520,111 @@ class _Compiler:
         )
 
     def compile_udp(self) -> None:
+        """UDP routers and services (reference/traefik-proxy.md §1.6): a router has no rule;
+        as Traefik's UDP router manager, per entrypoint the routers are taken by qualified name
+        in descending order and the first that builds serves it (one UDP router per
+        entrypoint); the others get a warning naming it. No entryPoints: every UDP one."""
         udp = self.config.udp
-        for name, service in sorted(udp.services.items()):
-            status = self.snapshot.udp_services.setdefault(self.qualify(name), ObjectStatus())
-            if (service.load_balancer is None) == (service.weighted is None):
-                status.fail("the service must define exactly one of loadBalancer, weighted")
-        for name, router in sorted(udp.routers.items()):
-            status = self.snapshot.udp_routers.setdefault(self.qualify(name), ObjectStatus())
-            status.using = list(router.entry_points)
-            if router.service.partition("@")[0] not in udp.services:
-                status.fail(f"the service {router.service!r} does not exist")
+        targets: dict[str, UDPTarget | None] = {}
+
+        def target(qualified: str, seen: tuple[str, ...] = ()) -> UDPTarget:
+            if qualified in targets:
+                built = targets[qualified]
+                if built is None:
+                    raise _BuildError(f"the service {qualified!r} is disabled")
+                return built
+            if qualified in seen:
+                raise _BuildError(f"the service {qualified!r} references itself (cycle)")
+            definition = udp.services.get(qualified.rpartition("@")[0])
+            if definition is None:
+                raise _BuildError(f"the service {qualified!r} does not exist")
+            status = self.snapshot.udp_services.setdefault(qualified, ObjectStatus())
+            try:
+                built = self.build_udp_service(qualified, definition, status, target, seen)
+            except _BuildError as exc:
+                status.fail(str(exc))
+                targets[qualified] = None
+                raise _BuildError(f"the service {qualified!r} is disabled: {exc}") from None
+            targets[qualified] = built
+            return built
+
+        for name in sorted(udp.services):
+            try:
+                target(self.qualify(name))
+            except _BuildError:
+                pass
+        routes: dict[str, UDPRoute] = {}
+        qualified_routers = sorted(
+            ((self.qualify(name), router) for name, router in udp.routers.items()),
+            key=lambda item: item[0],
+            reverse=True,
+        )
+        for qualified, router in qualified_routers:
+            status = self.snapshot.udp_routers.setdefault(qualified, ObjectStatus())
+            entrypoints = router.entry_points or self.ctx.udp_entrypoints
+            valid = [ep for ep in entrypoints if ep in self.ctx.udp_entrypoints]
+            for ep in entrypoints:
+                if ep not in self.ctx.udp_entrypoints:
+                    status.warn(f"entryPoint {ep!r} doesn't exist")
+            status.using = valid
+            if not valid:
+                status.fail("no valid entryPoint for this router")
                 continue
-            status.warn("UDP routing is not served yet by meshproxy (validated only)")
+            if not router.service:
+                status.fail("router has no service")
+                continue
+            try:
+                service_name = self.resolve(router.service, "service")
+                route = UDPRoute(qualified, target(service_name))
+            except _BuildError as exc:
+                status.fail(str(exc))
+                continue
+            using = self.snapshot.udp_services[service_name].using
+            if qualified not in using:
+                using.append(qualified)
+            for ep in valid:
+                if ep in routes:
+                    status.warn(
+                        f"entryPoint {ep!r} is served by the UDP router {routes[ep].name!r}: "
+                        "one UDP router per entrypoint, the last by name"
+                    )
+                else:
+                    routes[ep] = route
+        self.snapshot.udp_routes = routes
+
+    def build_udp_service(
+        self,
+        qualified: str,
+        definition: Any,
+        status: ObjectStatus,
+        target: Any,
+        seen: tuple[str, ...],
+    ) -> UDPTarget:
+        kinds = [k for k in ("load_balancer", "weighted") if getattr(definition, k) is not None]
+        if len(kinds) != 1:
+            raise _BuildError(
+                "the service does not have any type defined"
+                if not kinds
+                else "multi-types service not supported"
+            )
+        choices: list[tuple[Any, int]] = []
+        if definition.load_balancer is not None:
+            for i, server in enumerate(definition.load_balancer.servers):
+                if not _valid_address(server.address):
+                    # Traefik: "Failed to split host port", the server is skipped
+                    status.warn(
+                        f"loadBalancer.servers[{i}].address {server.address!r} is "
+                        "not host:port; server skipped"
+                    )
+                    continue
+                host, _, port = server.address.rpartition(":")
+                choices.append(((host.strip("[]"), int(port)), 1))
+        else:
+            for child in definition.weighted.services:
+                child_name = self.resolve(child.name, "service")
+                weight = 1 if child.weight is None else child.weight
+                choices.append((target(child_name, (*seen, qualified)), weight))
+        return UDPTarget(qualified, choices)
 
 
 def compile_snapshot(config: DynamicConfig, ctx: CompileContext) -> RuntimeSnapshot:

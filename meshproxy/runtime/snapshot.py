@@ -91,6 +91,7 @@ class RuntimeSnapshot:
     tcp_services: dict[str, ObjectStatus] = field(default_factory=dict)
     udp_routers: dict[str, ObjectStatus] = field(default_factory=dict)
     udp_services: dict[str, ObjectStatus] = field(default_factory=dict)
+    udp_routes: dict[str, Any] = field(default_factory=dict)  # entrypoint -> l4.udp.UDPRoute
     service_objects: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
