@@ -1,0 +1,354 @@
+"""TLS on an entrypoint: SNI/ALPN routing from the ClientHello, passthrough to TCP backends,
+and termination (for HTTPS routers and TCP routers with `tls` but no `passthrough`).
+
+Per connection, following Traefik's TCP router (pkg/server/router/tcp/router.go `ServeTCP`):
+
+1. When the entrypoint's TCP routers are all non-TLS and there is no HTTPS router, the
+   connection is routed when it opens, before any byte is read (server-speaks-first
+   protocols: SMTP, MySQL, PostgreSQL); if no router matches (a `ClientIP` rule), it goes on
+   to 2, as in Traefik.
+2. Otherwise the first bytes are sniffed (meshproxy.l4.sniff). Not a TLS handshake record:
+   the first non-TLS TCP router that matches (SNI and ALPN empty), else the HTTP handler.
+3. A TLS record: the ClientHello is read whole (meshproxy.l4.clienthello: across segments and
+   records, bounded, within the entrypoint's read timeout), then, in Traefik's order:
+   an HTTPS router whose `Host` names the SNI (exact, or `*.domain` for one label) wins over
+   TCP routers; then a TCP TLS router whose rule is not exactly HostSNI(`*`); then an HTTPS
+   router without a Host (catch-all); then a TCP HostSNI(`*`) TLS router; then, if the
+   entrypoint has any HTTPS router or a default certificate, the HTTPS handler (404 after the
+   handshake); else the connection is closed.
+4. `tls.passthrough: true`: the bytes read (the ClientHello and anything after it) are
+   replayed to the chosen backend untouched through the byte pipe: the proxy never sees the
+   keys. Other `tls` routers terminate TLS (see `TLSTermination`).
+
+A ClientHello that is malformed, oversized, or not whole within the read timeout closes that
+connection only (logged at debug: a scanner must not fill the logs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from meshproxy.l4.clienthello import ClientHelloError, ClientHelloReader
+from meshproxy.l4.pipe import PipeSettings
+from meshproxy.tcp.proxy import TCPConnectionView, TCPRelay, TCPRoute, client_ip
+
+log = logging.getLogger("meshproxy.tls")
+
+DEFAULT_OPTIONS = "default"
+
+
+class HTTPSHosts:
+    """What the HTTPS routers (HTTP routers with `tls`) of one entrypoint tell the TLS layer:
+    the TLS options per SNI host (Traefik's `tlsOptionsForHost`: a host whose routers ask for
+    different options gets the default ones), whether a router without a Host rule exists
+    (then every SNI may end at the HTTPS handler: Traefik's `Host(*)` TLS config), and
+    whether there is any HTTPS router at all."""
+
+    __slots__ = ("any", "catch_all", "exact", "wildcard")
+
+    def __init__(self) -> None:
+        self.exact: dict[str, str] = {}  # host -> TLS options name
+        self.wildcard: dict[str, str] = {}  # ".example.com" (from `*.example.com`) -> options
+        self.catch_all = False
+        self.any = False
+
+    def add(self, domains: Sequence[str], options: str) -> list[str]:
+        """Record one HTTPS router's Host domains (lower-case) and options; returns the
+        domains whose options now conflict (they fall back to the default options)."""
+        self.any = True
+        if not domains:
+            self.catch_all = True
+            return []
+        conflicts = []
+        for domain in domains:
+            table = self.wildcard if domain.startswith("*.") else self.exact
+            key = domain[1:] if domain.startswith("*.") else domain
+            previous = table.get(key)
+            if previous is not None and previous != options:
+                table[key] = DEFAULT_OPTIONS
+                conflicts.append(domain)
+            else:
+                table[key] = options
+        return conflicts
+
+    def options_for(self, sni: str) -> str | None:
+        """The options of the HTTPS routers that name `sni`, None if none names it."""
+        if not sni:
+            return None
+        found = self.exact.get(sni)
+        if found is not None:
+            return found
+        dot = sni.find(".")
+        if dot > 0:
+            return self.wildcard.get(sni[dot:])
+        return None
+
+
+class L4Table:
+    """The TCP and TLS routing of one entrypoint in one snapshot (immutable once built).
+
+    plain: the non-TLS TCP routes, by priority; tls_routes: the TCP routes with `tls`
+    (passthrough or terminated), by priority; https: the HTTPS routers' hosts; store: the
+    certificate store of the snapshot (None until TLS termination is configured).
+    """
+
+    __slots__ = ("https", "immediate", "plain", "store", "tls_routes")
+
+    def __init__(
+        self, routes: Sequence[TCPRoute], https: HTTPSHosts | None = None, store: Any = None
+    ) -> None:
+        self.plain = tuple(r for r in routes if r.tls is None)
+        self.tls_routes = tuple(r for r in routes if r.tls is not None)
+        self.https = https or HTTPSHosts()
+        self.store = store
+        # Traefik routes at once only without TLS routers and HTTPS routers: a client that
+        # waits for the server to speak would otherwise wait for the peek forever.
+        self.immediate = bool(self.plain) and not self.tls_routes and not self.https.any
+
+    def match_plain(self, view: TCPConnectionView) -> TCPRoute | None:
+        for route in self.plain:
+            if route.matcher(view):
+                return route
+        return None
+
+    def route_hello(self, view: TCPConnectionView) -> TCPRoute | str | None:
+        """Where a TLS connection with this ClientHello goes: a TCP route, the name of the
+        TLS options to terminate with for the HTTPS handler, or None (close). Traefik's order
+        (router.go ServeTCP): specific HTTPS, specific TCP-TLS, HTTPS catch-all, TCP-TLS
+        catch-all, the HTTPS handler's 404."""
+        https = self.https
+        options = https.options_for(view.sni)
+        if options is not None:
+            return options
+        first = None
+        for route in self.tls_routes:
+            if route.matcher(view):
+                first = route
+                break
+        if first is not None and not first.catch_all:
+            return first
+        if https.catch_all:
+            return DEFAULT_OPTIONS
+        if first is not None:
+            return first
+        if https.any or (self.store is not None and self.store.has_default):
+            return DEFAULT_OPTIONS
+        return None
+
+
+class L4Entry:
+    """TCP and TLS handling of one entrypoint, around its HTTP entrypoint: makes the first
+    protocol of every accepted connection from the live snapshot's `L4Table`.
+
+    `http_entry` is the entrypoint's HTTPEntryPoint (plain HTTP); `https_entry` the one that
+    serves requests decrypted here (its routers are the HTTPS ones). `on_open(+1/-1)` counts
+    open connections (the entrypoint's gauge).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        snapshot: Callable[[], Any],
+        http_entry: Any,
+        on_open: Callable[[int], None],
+        pipe_settings: PipeSettings,
+        https_entry: Any = None,
+    ) -> None:
+        self.name = name
+        self.snapshot = snapshot  # returns the live RuntimeSnapshot
+        self.http_entry = http_entry
+        self.https_entry = https_entry
+        self.on_open = on_open
+        self.pipe_settings = pipe_settings
+        self.peek_timeout = float(http_entry.settings.read_timeout)
+        http_entry.tls_hook = self.take_tls
+        http_entry.plain_factory = self.plain_protocol
+
+    def table(self) -> L4Table | None:
+        tables: dict[str, L4Table] = getattr(self.snapshot(), "l4_tables", {})
+        return tables.get(self.name)
+
+    def connection_factory(self) -> asyncio.Protocol:
+        """The first protocol of an accepted connection."""
+        table = self.table()
+        if table is not None and table.immediate:
+            return TCPRelay(
+                self.name, list(table.plain), self.on_open, self.pipe_settings, fallback=self.sniff
+            )
+        return self.http_entry.connection_factory()  # type: ignore[no-any-return]
+
+    def sniff(self, transport: asyncio.Transport) -> None:
+        """Hand an open connection nothing was read from to the sniffer."""
+        sniffer = self.http_entry.connection_factory()
+        transport.set_protocol(sniffer)
+        sniffer.connection_made(transport)
+
+    def plain_protocol(self) -> asyncio.Protocol:
+        """What the sniffer gives a non-TLS connection: a non-TLS TCP router if one matches,
+        else HTTP/1.1 (as Traefik's router.go: muxerTCP, then the HTTP forwarder)."""
+        table = self.table()
+        if table is None or not table.plain:
+            return self.http_entry.protocol_factory()  # type: ignore[no-any-return]
+        return _PlainDispatch(self, table)
+
+    def take_tls(self, transport: asyncio.Transport, data: bytes) -> None:
+        """The sniffer's `tls` hook: read the ClientHello, starting with `data`."""
+        reader = _HelloReader(self, transport)
+        transport.set_protocol(reader)
+        reader.data_received(data)
+
+    def relay(
+        self,
+        transport: asyncio.Transport,
+        route: TCPRoute,
+        view: TCPConnectionView,
+        data: bytes,
+        eof: bool = False,
+    ) -> None:
+        """Give `transport` (reading nothing yet past `data`) to `route`'s TCP relay."""
+        relay = TCPRelay(self.name, [], self.on_open, self.pipe_settings, route=route, view=view)
+        transport.set_protocol(relay)
+        relay.connection_made(transport)
+        if data:
+            relay.data_received(data)
+        if eof:
+            relay.eof_received()
+
+    def routed_hello(
+        self, transport: asyncio.Transport, view: TCPConnectionView, data: bytes, eof: bool
+    ) -> None:
+        """A whole ClientHello was read (`data`: every byte read so far): route it."""
+        table = self.table()
+        decision = table.route_hello(view) if table is not None else None
+        if isinstance(decision, TCPRoute):
+            tls = decision.tls
+            assert tls is not None and table is not None
+            if tls.passthrough:
+                self.relay(transport, decision, view, data, eof)
+                return
+            self.terminate(transport, data, table, tls.options, decision, view)
+            return
+        if decision is not None and table is not None:
+            self.terminate(transport, data, table, decision, None, view)
+            return
+        log.debug("TLS from %s (SNI %r): no router; closed", view.client_ip, view.sni)
+        transport.close()
+
+    def terminate(
+        self,
+        transport: asyncio.Transport,
+        data: bytes,
+        table: L4Table,
+        options: str,
+        route: TCPRoute | None,
+        view: TCPConnectionView,
+    ) -> None:
+        """Terminate TLS on `transport` (the bytes read so far are `data`)."""
+        log.debug(
+            "TLS from %s (SNI %r): termination is not served; closed", view.client_ip, view.sni
+        )
+        transport.close()
+
+
+class _PlainDispatch(asyncio.Protocol):
+    """A non-TLS connection on an entrypoint with non-TLS TCP routers: the sniffer calls
+    `connection_made` then `data_received` with the bytes it read; the first non-TLS TCP
+    router that matches takes it, else HTTP/1.1."""
+
+    __slots__ = ("entry", "table", "transport")
+
+    def __init__(self, entry: L4Entry, table: L4Table) -> None:
+        self.entry = entry
+        self.table = table
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        transport = self.transport
+        assert transport is not None
+        self.transport = None
+        view = TCPConnectionView(client_ip(transport))
+        route = self.table.match_plain(view)
+        if route is not None:
+            self.entry.relay(transport, route, view, data)
+            return
+        protocol = self.entry.http_entry.protocol_factory()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        protocol.data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+
+
+class _HelloReader(asyncio.Protocol):
+    """Reads a ClientHello to its end, then hands the connection to `L4Entry.routed_hello`.
+
+    Counts the connection as open while reading (the sniffer stopped counting it, the relay
+    or TLS protocol it goes to counts it from then on); closes it on a malformed or oversized
+    ClientHello, on EOF before the end, and after the entrypoint's read timeout.
+    """
+
+    __slots__ = ("chunks", "counted", "entry", "reader", "timer", "transport")
+
+    def __init__(self, entry: L4Entry, transport: asyncio.Transport) -> None:
+        self.entry = entry
+        self.transport: asyncio.Transport | None = transport
+        self.reader = ClientHelloReader()
+        self.chunks: list[bytes] = []
+        entry.on_open(1)
+        self.counted = True
+        self.timer: asyncio.TimerHandle | None = None
+        if entry.peek_timeout > 0:
+            self.timer = asyncio.get_running_loop().call_later(entry.peek_timeout, self._expired)
+
+    def data_received(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        self.chunks.append(data)
+        try:
+            hello = self.reader.feed(data)
+        except ClientHelloError as exc:
+            log.debug("TLS from %s: %s; closed", client_ip(transport), exc)
+            self._close()
+            return
+        if hello is not None:
+            self._done()
+            view = TCPConnectionView(client_ip(transport), hello.server_name, list(hello.alpn))
+            self.entry.routed_hello(transport, view, b"".join(self.chunks), False)
+
+    def eof_received(self) -> bool | None:
+        return None  # a ClientHello cut short: nothing to answer, the transport closes
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._done()
+
+    def _expired(self) -> None:
+        self.timer = None
+        if self.transport is not None:
+            log.debug(
+                "TLS from %s: no whole ClientHello in time; closed", client_ip(self.transport)
+            )
+            self._close()
+
+    def _close(self) -> None:
+        transport = self.transport
+        self._done()
+        if transport is not None:
+            transport.close()
+
+    def _done(self) -> None:
+        self.transport = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.counted:
+            self.counted = False
+            self.entry.on_open(-1)

@@ -1,0 +1,393 @@
+"""TLS on a real proxy process: SNI/ALPN routing of TCP routers (Traefik's HostSNI exact,
+`*.domain` and `*`, HostSNIRegexp, ALPN, ClientIP, priorities), passthrough to backends that
+terminate TLS themselves (the proxy holds no key), ClientHellos split over TCP segments and
+TLS records, and what happens to non-TLS bytes and bad hellos on such an entrypoint.
+
+Clients are Python's ssl (OpenSSL) with certificates made here by trustme, and
+`openssl s_client`; the ClientHello bytes a backend receives are compared with the ones the
+client wrote."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import ssl
+import struct
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import trustme
+
+from tests.helpers import free_port, raw_exchange, wait_for
+
+CA = trustme.CA()
+
+
+def client_context(alpn: list[str] | None = None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    CA.configure_trust(ctx)
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    return ctx
+
+
+def client_hello(server_hostname: str | None, alpn: list[str] | None = None) -> bytes:
+    """The first flight of a real OpenSSL client (one record with the ClientHello)."""
+    ctx = client_context(alpn)
+    ctx.check_hostname = False
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=server_hostname)
+    try:
+        obj.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+
+def reframe(data: bytes, size: int) -> bytes:
+    """The same handshake bytes in records of at most `size` bytes (RFC 8446 §5.1)."""
+    handshake = b""
+    while data:
+        length = struct.unpack("!H", data[3:5])[0]
+        handshake += data[5 : 5 + length]
+        data = data[5 + length :]
+    return b"".join(
+        b"\x16\x03\x01" + struct.pack("!H", len(handshake[i : i + size])) + handshake[i : i + size]
+        for i in range(0, len(handshake), size)
+    )
+
+
+class Recorder:
+    """A raw TCP backend that keeps every byte each connection sent and answers `tag` once
+    it has read `expect` bytes (or on EOF)."""
+
+    def __init__(self, tag: bytes, expect: int = 1) -> None:
+        self.tag = tag
+        self.expect = expect
+        self.received: list[bytes] = []
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> Recorder:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    @property
+    def address(self) -> str:
+        assert self.server is not None
+        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = b""
+        while len(data) < self.expect:
+            chunk = await reader.read(65536)
+            if not chunk:
+                break
+            data += chunk
+        self.received.append(data)
+        writer.write(self.tag)
+        await writer.drain()
+        writer.close()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+class TLSBackend:
+    """A backend that terminates TLS with its own certificate for `names` and answers
+    `name:<sni>:<alpn>:<what it read>` (a plain echo inside TLS)."""
+
+    def __init__(self, name: str, names: list[str], alpn: list[str] | None = None) -> None:
+        self.name = name
+        self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        CA.issue_cert(*names).configure_cert(self.ctx)
+        if alpn:
+            self.ctx.set_alpn_protocols(alpn)
+        self.snis: list[str | None] = []  # what its sni_callback saw, per handshake
+        self.ctx.sni_callback = lambda obj, name, ctx: self.snis.append(name)
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> TLSBackend:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.ctx)
+        return self
+
+    @property
+    def address(self) -> str:
+        assert self.server is not None
+        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        obj = writer.get_extra_info("ssl_object")
+        line = await reader.readline()
+        sni = self.snis[-1] if self.snis else None
+        alpn = obj.selected_alpn_protocol() if obj is not None else None
+        writer.write(f"{self.name}:{sni}:{alpn}:".encode() + line)
+        await writer.drain()
+        writer.close()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+@pytest.fixture
+async def recorders() -> AsyncIterator[Any]:
+    made: list[Any] = []
+
+    async def make(tag: bytes, expect: int = 1) -> Recorder:
+        recorder = await Recorder(tag, expect).start()
+        made.append(recorder)
+        return recorder
+
+    yield make
+    for recorder in made:
+        recorder.close()
+
+
+def tcp_config(routers: dict[str, tuple[str, str, dict[str, Any]]], services: dict[str, str]):
+    """routers: name -> (rule, service, tls options); services: name -> address."""
+    return {
+        "tcp": {
+            "routers": {
+                name: {"entryPoints": ["web"], "rule": rule, "service": service, "tls": tls}
+                for name, (rule, service, tls) in routers.items()
+            },
+            "services": {
+                name: {"loadBalancer": {"servers": [{"address": address}]}}
+                for name, address in services.items()
+            },
+        }
+    }
+
+
+PASS = {"passthrough": True}
+
+
+async def send_hello(port: int, data: bytes, chunk: int | None = None) -> bytes:
+    """Write `data` (in `chunk`-byte writes, each sent before the next) and read the answer
+    until the proxy closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    step = chunk or len(data)
+    for i in range(0, len(data), step):
+        writer.write(data[i : i + step])
+        await writer.drain()
+        if chunk:
+            await asyncio.sleep(0)  # let each piece leave as its own segment
+    try:
+        return await asyncio.wait_for(reader.read(-1), 10)
+    except ConnectionResetError:
+        return b""
+    finally:
+        writer.close()
+
+
+async def test_sni_routes_two_passthrough_backends_on_one_port(proxy_factory):
+    """Traefik `tls.passthrough: true` with HostSNI: two TLS services on one port, each
+    reached by its SNI; the certificate the client verifies is the backend's own (the proxy
+    holds no key), and ALPN is negotiated end to end with the backend."""
+    a = await TLSBackend("a", ["a.mesh.test"], alpn=["h2", "http/1.1"]).start()
+    b = await TLSBackend("b", ["b.mesh.test"]).start()
+    config = tcp_config(
+        {
+            "ra": ("HostSNI(`a.mesh.test`)", "sa", PASS),
+            "rb": ("HostSNI(`b.mesh.test`)", "sb", PASS),
+        },
+        {"sa": a.address, "sb": b.address},
+    )
+    proxy = await proxy_factory(config)
+    for name, expected in (("a.mesh.test", b"a:a.mesh.test:h2:ping\n"), ("b.mesh.test", None)):
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", proxy.port, ssl=client_context(["h2"]), server_hostname=name
+        )
+        writer.write(b"ping\n")
+        answer = await asyncio.wait_for(reader.read(-1), 10)
+        cert = writer.get_extra_info("peercert")
+        assert ("DNS", name) in cert["subjectAltName"]
+        assert answer == (expected or b"b:b.mesh.test:None:ping\n")
+        writer.close()
+    assert proxy.rawdata()["tcpRouters"]["ra@file"]["status"] == "enabled"
+    a.close()
+    b.close()
+
+
+async def test_passthrough_replays_the_client_hello_untouched(proxy_factory, recorders):
+    """Passthrough means the backend gets the very bytes the client wrote (RFC 8446 §5.1
+    records included): compared byte for byte, for a hello in one write, written one byte
+    per segment, and split over several TLS records."""
+    hello = client_hello("db.mesh.test", ["postgresql"])
+    split = reframe(hello, 100)
+    backend = await recorders(b"ok", expect=len(hello))
+    split_backend = await recorders(b"ok", expect=len(split))
+    config = tcp_config(
+        {"r": ("HostSNI(`db.mesh.test`)", "s", PASS)},
+        {"s": backend.address},
+    )
+    proxy = await proxy_factory(config)
+    assert await send_hello(proxy.port, hello) == b"ok"
+    assert await send_hello(proxy.port, hello, chunk=1) == b"ok"
+    assert backend.received == [hello, hello]
+    config["tcp"]["services"]["s"]["loadBalancer"]["servers"][0]["address"] = split_backend.address
+    proxy.write(config)
+    await wait_for(lambda: proxy.generation() >= 2, 10, "reload")
+    assert await send_hello(proxy.port, split, chunk=7) == b"ok"
+    assert split_backend.received == [split]
+
+
+async def test_traefik_hostsni_wildcard_catch_all_regexp_alpn_and_priorities(
+    proxy_factory, recorders
+):
+    """Traefik 3.7 TCP rules on the SNI: exact beats `*.domain` by default priority (rule
+    length); `*.domain` matches one label only; `HostSNI(`*`)` (priority -1) takes the rest,
+    an empty SNI included; HostSNIRegexp and ALPN rules; an explicit priority wins over
+    length."""
+    names = ["exact", "wild", "regexp", "alpn", "any"]
+    backends = {n: await recorders(n.encode()) for n in names}
+    config = tcp_config(
+        {
+            "exact": ("HostSNI(`api.svc.test`)", "exact", PASS),
+            "wild": ("HostSNI(`*.svc.test`)", "wild", PASS),
+            "regexp": ("HostSNIRegexp(`^db[0-9]+\\.internal$`)", "regexp", PASS),
+            "alpn": ("ALPN(`mqtt`)", "alpn", PASS),
+            "any": ("HostSNI(`*`)", "any", PASS),
+        },
+        {n: b.address for n, b in backends.items()},
+    )
+    proxy = await proxy_factory(config)
+    cases = [
+        (("api.svc.test", None), b"exact"),
+        (("API.Svc.Test", None), b"exact"),  # the SNI is compared lower-cased
+        (("web.svc.test", None), b"wild"),
+        (("a.b.svc.test", None), b"any"),  # one label only
+        (("svc.test", None), b"any"),
+        (("db42.internal", None), b"regexp"),
+        (("broker.local", ["mqtt"]), b"alpn"),
+        ((None, None), b"any"),
+    ]
+    for (sni, alpn), expected in cases:
+        assert await send_hello(proxy.port, client_hello(sni, alpn)) == expected, sni
+    config["tcp"]["routers"]["alpn"]["priority"] = 1000  # now above `exact`
+    proxy.write(config)
+    await wait_for(lambda: proxy.generation() >= 2, 10, "reload")
+    assert await send_hello(proxy.port, client_hello("api.svc.test", ["mqtt"])) == b"alpn"
+
+
+async def test_client_ip_rule_and_no_match_closes(proxy_factory, recorders):
+    """ClientIP on a TLS router matches the TCP peer; a hello no router takes, on an
+    entrypoint without HTTPS routers and certificates, is closed without a byte relayed."""
+    backend = await recorders(b"local")
+    config = tcp_config(
+        {"r": ("HostSNI(`x.test`) && ClientIP(`127.0.0.0/8`)", "s", PASS)},
+        {"s": backend.address},
+    )
+    proxy = await proxy_factory(config)
+    assert await send_hello(proxy.port, client_hello("x.test")) == b"local"
+    assert await send_hello(proxy.port, client_hello("y.test")) == b""
+    config["tcp"]["routers"]["r"]["rule"] = "HostSNI(`x.test`) && ClientIP(`10.0.0.0/8`)"
+    proxy.write(config)
+    await wait_for(lambda: proxy.generation() >= 2, 10, "reload")
+    assert await send_hello(proxy.port, client_hello("x.test")) == b""
+    assert len(backend.received) == 1
+
+
+async def test_non_tls_bytes_go_to_plain_tcp_router_or_http(proxy_factory, recorders):
+    """Traefik router.go: with a TLS router on the entrypoint the first bytes are peeked;
+    non-TLS bytes go to the first non-TLS TCP router that matches, else to the HTTP handler
+    (404 with no HTTP router); a HostSNI other than `*` without `tls` disables its router
+    ("has HostSNI matcher, but no TLS on router")."""
+    tls_backend = await recorders(b"tls")
+    plain = await recorders(b"plain")
+    config = tcp_config(
+        {
+            "t": ("HostSNI(`x.test`)", "t", PASS),
+            "p": ("ClientIP(`10.0.0.0/8`)", "p", None),
+            "bad": ("HostSNI(`y.test`)", "p", None),
+        },
+        {"t": tls_backend.address, "p": plain.address},
+    )
+    del config["tcp"]["routers"]["p"]["tls"]
+    del config["tcp"]["routers"]["bad"]["tls"]
+    proxy = await proxy_factory(config)
+    answer = await raw_exchange(
+        proxy.port, b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+    assert answer.startswith(b"HTTP/1.1 404 ")
+    assert await send_hello(proxy.port, client_hello("x.test")) == b"tls"
+    errors = proxy.rawdata()["tcpRouters"]["bad@file"]
+    assert errors["status"] == "disabled" and "no TLS on router" in errors["error"][0]
+    config["tcp"]["routers"]["p"]["rule"] = "HostSNI(`*`)"
+    proxy.write(config)
+    await wait_for(lambda: proxy.generation() >= 2, 10, "reload")
+    assert await raw_exchange(proxy.port, b"hello") == b"plain"
+    assert plain.received == [b"hello"]
+    assert await send_hello(proxy.port, client_hello("x.test")) == b"tls"
+
+
+async def test_server_speaks_first_still_routed_at_once(proxy_factory):
+    """An entrypoint whose TCP routers are all non-TLS routes before reading (Traefik:
+    server-speaks-first protocols such as SMTP work): the client reads the banner first."""
+
+    async def banner(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 smtp.test ESMTP\r\n")
+        await writer.drain()
+        writer.write(b"echo:" + await reader.readline())
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(banner, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    config = tcp_config({"smtp": ("HostSNI(`*`)", "s", None)}, {"s": f"127.0.0.1:{port}"})
+    del config["tcp"]["routers"]["smtp"]["tls"]
+    proxy = await proxy_factory(config)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    assert await asyncio.wait_for(reader.readline(), 10) == b"220 smtp.test ESMTP\r\n"
+    writer.write(b"EHLO me\r\n")
+    assert await asyncio.wait_for(reader.readline(), 10) == b"echo:EHLO me\r\n"
+    writer.close()
+    server.close()
+
+
+async def test_bad_hellos_close_only_their_connection(proxy_factory, recorders):
+    """Garbage after a handshake byte, an oversized hello and a hello cut short are closed;
+    a client that stays silent after the first record byte is closed after the entrypoint's
+    read timeout; a good hello on the same port meanwhile is routed."""
+    backend = await recorders(b"ok")
+    config = tcp_config({"r": ("HostSNI(`*`)", "s", PASS)}, {"s": backend.address})
+    port = free_port()
+    await proxy_factory(
+        config,
+        entrypoints={"web": f"127.0.0.1:{port}"},
+        extra_flags=["--entryPoints.web.transport.respondingTimeouts.readTimeout=1s"],
+    )
+    slow_reader, slow_writer = await asyncio.open_connection("127.0.0.1", port)
+    slow_writer.write(b"\x16\x03\x01")
+    assert await send_hello(port, b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00") == b""
+    assert await send_hello(port, b"\x16\x03\x01\x00\x04\x01\x01\x00\x00" + b"\x16" * 10) == b""
+    assert await send_hello(port, client_hello("a.test")) == b"ok"
+    assert await asyncio.wait_for(slow_reader.read(-1), 10) == b""
+    slow_writer.close()
+    assert len(backend.received) == 1
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
+async def test_openssl_s_client_sni_and_alpn_through_passthrough(proxy_factory):
+    """`openssl s_client -servername -alpn` through passthrough: the backend's certificate
+    and the backend's ALPN choice reach the client."""
+    backend = await TLSBackend("pg", ["pg.mesh.test"], alpn=["postgresql"]).start()
+    config = tcp_config(
+        {"r": ("HostSNI(`pg.mesh.test`) && ALPN(`postgresql`)", "s", PASS)},
+        {"s": backend.address},
+    )
+    proxy = await proxy_factory(config)
+    process = await asyncio.create_subprocess_exec(
+        "openssl", "s_client", "-connect", f"127.0.0.1:{proxy.port}",
+        "-servername", "pg.mesh.test", "-alpn", "postgresql", "-quiet", "-verify_quiet",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(b"hello\n"), 20)
+    assert out == b"pg:pg.mesh.test:postgresql:hello\n", err
+    backend.close()
