@@ -461,11 +461,51 @@ class UDPConfig(_Base):
     services: dict[str, UDPService] = {}
 
 
+# ---------------------------------------------------------------- TLS (meshproxy.l4.certificates)
+
+
+class TLSCertificate(_Base):
+    """`tls.certificates[]` and a store's `defaultCertificate`: `certFile`/`keyFile` are paths
+    or the PEM text itself, as Traefik accepts."""
+
+    cert_file: str = ""
+    key_file: str = ""
+    stores: list[str] = []
+
+
+class TLSClientAuth(_Base):
+    ca_files: list[str] = []
+    client_auth_type: str | None = None
+
+
+class TLSOptions(_Base):
+    min_version: str | None = None
+    max_version: str | None = None
+    cipher_suites: list[str] | None = None
+    curve_preferences: list[str] | None = None
+    client_auth: TLSClientAuth | None = None
+    sni_strict: bool | None = None
+    alpn_protocols: list[str] | None = msgspec.field(default=None, name="alpnProtocols")
+    disable_session_tickets: bool | None = None
+    prefer_server_cipher_suites: bool | None = None
+
+
+class TLSStore(_Base):
+    default_certificate: TLSCertificate | None = None
+    default_generated_cert: RawOptions | None = None
+
+
+class TLSConfig(_Base):
+    certificates: list[TLSCertificate] = []
+    options: dict[str, TLSOptions] = {}
+    stores: dict[str, TLSStore] = {}
+
+
 class DynamicConfig(_Base):
     http: HTTPConfig = msgspec.field(default_factory=HTTPConfig)
     tcp: TCPConfig = msgspec.field(default_factory=TCPConfig)
     udp: UDPConfig = msgspec.field(default_factory=UDPConfig)
-    tls: RawOptions | None = None
+    tls: TLSConfig | None = None
 
 
 _SECTIONS: dict[str, tuple[type[msgspec.Struct], dict[str, Any]]] = {
@@ -515,8 +555,9 @@ def decode_dynamic_obj(raw: Any) -> DynamicConfig:
         if name == "tls":
             if section_raw is not None and not isinstance(section_raw, dict):
                 errors.append(ConfigError("tls", "expected an object"))
-            else:
-                config.tls = section_raw
+            elif section_raw is not None:
+                normalized = normalize(section_raw, TLSConfig, "tls", errors)
+                config.tls = convert(normalized, TLSConfig, "tls", errors)
             continue
         if name not in _SECTIONS:
             continue  # Traefik ignores unknown top-level keys
