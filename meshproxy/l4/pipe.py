@@ -64,6 +64,7 @@ END_RESET = "reset"  # a connection was lost with an error (reset, write error)
 END_IDLE = "idle timeout"
 END_OWNER = "closed by owner"
 END_ABORTED = "aborted by owner"
+END_TERMINATION = "termination delay"  # the other direction outlived terminationDelay
 
 DEFAULT_IDLE_TIMEOUT = 3600.0
 DEFAULT_DRAIN_TIMEOUT = 10.0
@@ -78,10 +79,16 @@ class PipeSettings:
     drain_timeout: once the pipe ended, a transport whose unsent bytes do not shrink for this
         long is aborted (its socket freed) instead of waiting for a peer that does not read.
         0 waits forever.
+    termination_delay: seconds the other direction may still flow after one side's EOF
+        (Traefik's terminationDelay); None or negative: no limit.
     """
 
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    # Traefik's TCP `terminationDelay`: once one side sent EOF (passed on as a FIN), the other
+    # direction may flow this long, then the pipe ends (pkg/tcp/proxy.go sets a read deadline
+    # on the other side). None or negative: it flows until it ends by itself (half-close lasts).
+    termination_delay: float | None = None
 
     def __post_init__(self) -> None:
         if self.idle_timeout < 0 or self.drain_timeout < 0:
@@ -163,6 +170,7 @@ class BytePipe:
         "_settings",
         "_started",
         "_stats",
+        "_termination",
         "_timer",
         "_transports",
         "_waiters",
@@ -190,6 +198,7 @@ class BytePipe:
         self._started = 0.0
         self._last_read = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._termination: asyncio.TimerHandle | None = None
         self._drain_sizes = [0, 0]
         self._stats: PipeStats | None = None
         self._waiters: list[asyncio.Future[PipeStats]] = []
@@ -282,6 +291,9 @@ class BytePipe:
             return  # closed under us (a write error): its connection_lost ends the pipe
         if other.can_write_eof():
             other.write_eof()  # sent after what is buffered; the other direction flows on
+            delay = self._settings.termination_delay
+            if delay is not None and delay >= 0 and self._loop is not None:
+                self._termination = self._loop.call_later(delay, self._end, END_TERMINATION)
         else:
             self._end(END_EOF)  # TLS cannot half-close: end both, as a close_notify does
 
@@ -340,6 +352,9 @@ class BytePipe:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._termination is not None:
+            self._termination.cancel()
+            self._termination = None
         for index, transport in enumerate(self._transports):
             if not self._lost[index]:
                 self._drain_sizes[index] = transport.get_write_buffer_size()
