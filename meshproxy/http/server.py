@@ -182,6 +182,15 @@ class EntryPointSettings:
     # entryPoints.X.http.encodedCharacters.allowEncoded*=false.
     refused_encodings: tuple[bytes, ...] = ()
     sanitize_path: bool = True  # http.sanitizePath: dot-segments and `//` removed (Request)
+    # HTTP/2 (meshproxy.http2.server, docs/http2-server.md): Traefik's
+    # entryPoints.X.http2.maxConcurrentStreams / maxDecoderHeaderTableSize /
+    # maxEncoderHeaderTableSize, and our initialWindowSize / maxHeaderListSize (0: the
+    # entrypoint's max_header_bytes).
+    h2_max_concurrent_streams: int = 250
+    h2_max_decoder_table_size: int = 4096
+    h2_max_encoder_table_size: int = 4096
+    h2_initial_window_size: int = 256 * 1024
+    h2_max_header_list_size: int = 0
     # Requests arrive decrypted by the proxy (meshproxy.l4.tls): X-Forwarded-Proto https and
     # X-Forwarded-Port 443 by default, as Traefik's HTTPS handler.
     tls: bool = False
@@ -207,6 +216,9 @@ class HTTPEntryPoint:
         # Upgraded connections (WebSocket...) now relayed by a byte pipe, until it ends.
         self.tunnels: set[BytePipe] = set()
         self.sniffing: set[SniffingProtocol] = set()  # connections not yet classified
+        # HTTP/2 connections (meshproxy.http2.server.H2ServerConnection): swept and closed
+        # with the others.
+        self.h2_connections: set[Any] = set()
         self._forwarded: dict[tuple[bytes, str], tuple[bytes, list[tuple[bytes, bytes]], bytes]]
         self._forwarded = {}
         self.tunnel_settings = PipeSettings(idle_timeout=settings.tunnel_idle_timeout)
@@ -266,11 +278,19 @@ class HTTPEntryPoint:
         """An HTTP/1.1 connection (what the sniffer hands plain HTTP to)."""
         return H1ServerConnection(self)
 
+    def h2_factory(self) -> asyncio.Protocol:
+        """An HTTP/2 connection (what the sniffer hands the HTTP/2 preface to)."""
+        from meshproxy.http2.server import H2ServerConnection  # it imports this module
+
+        return H2ServerConnection(self)
+
     def connection_factory(self) -> SniffingProtocol:
         """The first protocol of an accepted connection: it tells HTTP/1.1 from HTTP/2 and
         TLS by the first bytes (meshproxy.l4.sniff)."""
         plain = self.plain_factory or self.protocol_factory
-        return SniffingProtocol(plain, self.sniffing, self.on_open, tls=self.tls_hook)
+        return SniffingProtocol(
+            plain, self.sniffing, self.on_open, http2=self.h2_factory, tls=self.tls_hook
+        )
 
     def sweep(self) -> None:
         """Close idle keep-alive connections and clients that dribble their headers. Times
@@ -280,6 +300,8 @@ class HTTPEntryPoint:
         read = self.settings.read_timeout
         for conn in list(self.connections):
             conn.check_timeouts(now, idle, read)
+        for h2conn in list(self.h2_connections):
+            h2conn.check_timeouts(now, idle, read)
         for sniffer in list(self.sniffing):
             sniffer.check_timeout(now, read)  # the first bytes come within the read timeout
 
@@ -292,9 +314,17 @@ class HTTPEntryPoint:
             else:
                 pipe.close()
 
+    def shutdown_http2(self) -> None:
+        """Graceful shutdown of HTTP/2 connections: GOAWAY(NO_ERROR), each closes once the
+        streams it already accepted are done (RFC 9113 §6.8)."""
+        for h2conn in list(self.h2_connections):
+            h2conn.shutdown()
+
     def close_all(self) -> None:
         for conn in list(self.connections):
             conn.close()
+        for h2conn in list(self.h2_connections):
+            h2conn.close()
         for pipe in list(self.tunnels):
             pipe.abort()
 

@@ -173,21 +173,48 @@ async def test_plain_http_is_replayed_to_http1_whole_even_split():
     assert conv.entry.sniffing == set()
 
 
-async def test_http2_prior_knowledge_gets_settings_and_goaway_never_an_http1_400():
-    """RFC 9113 §3.4 and §7: until HTTP/2 is served, a client with prior knowledge gets the
-    server preface and GOAWAY(HTTP_1_1_REQUIRED), then the connection closes."""
+async def test_http2_prior_knowledge_is_served_by_the_http2_server():
+    """RFC 9113 §3.3: a client with prior knowledge sends the preface; the sniffer hands the
+    connection, the preface included, to the HTTP/2 server, which answers with its SETTINGS
+    (never an HTTP/1.1 400)."""
     import h2.config
     import h2.connection
     import h2.events
 
+    from meshproxy.http2.server import H2ServerConnection
+
     transport, conv = sniffed(b"PRI * HTTP/2.0\r\n", b"\r\nSM\r\n\r\n")
+    assert isinstance(transport.protocol, H2ServerConnection)
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    events = client.receive_data(bytes(transport.written))
+    assert any(isinstance(e, h2.events.RemoteSettingsChanged) for e in events)
+    assert not transport.closed and b"HTTP/1.1" not in transport.written
+    assert conv.entry.h2_connections == {transport.protocol}
+
+
+async def test_without_an_http2_server_prior_knowledge_gets_goaway_http_1_1_required():
+    """RFC 9113 §3.4 and §7: a sniffer given no HTTP/2 protocol sends the server preface and
+    GOAWAY(HTTP_1_1_REQUIRED), then closes."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    from meshproxy.l4.sniff import SniffingProtocol
+    from tests.conversation import MemoryTransport
+
+    conv = conversation()
+    sniffer = SniffingProtocol(conv.entry.protocol_factory, conv.entry.sniffing)
+    transport = MemoryTransport(("127.0.0.8", 40001))
+    transport.protocol = sniffer
+    sniffer.connection_made(transport)
+    sniffer.data_received(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
     client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     client.initiate_connection()
     events = client.receive_data(bytes(transport.written))
     goaway = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
     assert goaway and goaway[0].error_code == 0xD  # HTTP_1_1_REQUIRED
     assert transport.closed and b"HTTP/1.1" not in transport.written
-    assert conv.upstream_received() == b""
 
 
 async def test_tls_client_hello_on_a_plain_entrypoint_is_closed_quietly():

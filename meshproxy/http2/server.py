@@ -1,0 +1,1092 @@
+"""HTTP/2 server side (h2c): an asyncio Protocol driving the `h2` library (sans-IO).
+
+Every stream a client opens becomes one `Exchange` whose sink is the stream (`H2Stream`), handed
+to the entrypoint's handler exactly as an HTTP/1.1 request is: the routers, middlewares,
+services and upstream pools never know the client spoke HTTP/2. A connection comes here from
+the sniffer (prior knowledge: the client's first bytes are the preface, RFC 9113 §3.3) or from
+an HTTP/1.1 connection that asked for `Upgrade: h2c` (RFC 7540 §3.2; see `upgrade_from_http1`).
+
+What a request must be (RFC 9113 §8.1.1, §8.2, §8.3), checked per stream, and what breaking it
+costs (a stream error only hits that stream, a connection error sends GOAWAY and closes):
+- a field block that is malformed (uppercase or invalid field names, connection-specific
+  fields, `te` other than `trailers`, missing/duplicate/unknown/misplaced pseudo-header
+  fields, an empty `:path`, neither `:authority` nor `host`): RST_STREAM(PROTOCOL_ERROR),
+  nothing forwarded. h2's own validation (`h2.utilities.validate_headers`) decides; it runs
+  here, per stream, because h2 would turn it into a connection error (allowed by §5.4.1, but
+  one bad request would then cost every stream of the connection);
+- a `content-length` the DATA frames disagree with (§8.1.1): RST_STREAM(PROTOCOL_ERROR);
+- a stream beyond MAX_CONCURRENT_STREAMS: RST_STREAM(REFUSED_STREAM) (§5.1.2; REFUSED_STREAM
+  tells the client nothing was processed, §8.7: it may retry);
+- a field block larger than the entrypoint's header limit: 431 on that stream (as Go's
+  server); beyond twice that (or hpack's own bound), GOAWAY(ENHANCE_YOUR_CALM);
+- a request the HTTP/1.1 side would refuse (invalid authority, fragment or broken
+  percent-encoding in the path: 400, target too long: 414, refused encodings: 400, CONNECT
+  other than RFC 8441's: 501, an unmeetable Expect: 417) gets the same status on its stream;
+- connection errors, as h2 detects them (bad preface, frames over MAX_FRAME_SIZE, stream IDs
+  going backwards, flow-control violations, HPACK errors...): GOAWAY with h2's error code,
+  then the connection closes; every exchange on it ends as if its client left.
+
+Flow control (RFC 9113 §5.2, §6.9): request DATA is acknowledged (WINDOW_UPDATE) only once it
+is passed to the exchange and that exchange is not paused (`pause_request_body`), so a slow
+backend stops only its own client stream. Bounds, in bytes: per stream, the request body held
+is at most the stream window (`initial_window_size`, 256 KiB by default) plus what the exchange
+buffers before an upstream attaches (`Exchange.body_high_water`); per connection, at most the
+connection window (`CONNECTION_WINDOW`, 1 MiB) is unacknowledged. Response bodies the client's
+window cannot take yet are queued per stream up to `RESPONSE_BUFFER` (64 KiB) beyond one read,
+then that exchange's upstream is paused until a WINDOW_UPDATE drains it; a transport whose
+write buffer is full pauses every stream's upstream.
+
+Rapid reset (CVE-2023-44487): a stream the client resets before its response ended and within
+`PREMATURE_RESET_SECONDS` of its start counts as premature; once a connection has opened
+`RAPID_RESET_MIN_STREAMS` streams and half or more of them were reset prematurely, it gets
+GOAWAY(ENHANCE_YOUR_CALM) and is closed. This is Envoy's rule (1.27.1:
+`overload.premature_reset_total_stream_count` 500, `premature_reset_min_stream_lifetime_seconds`
+1 s), with a lower count: a mesh client has no business cancelling most of its calls at once.
+Go (x/net/http2, CVE-2023-39325) instead queues handlers beyond MAX_CONCURRENT_STREAMS and
+closes the connection when the queue grows too long; nginx 1.25.3 caps the new streams
+processed per event-loop iteration. Either way the cost of the attack is bounded per
+connection; here, at most `RAPID_RESET_MIN_STREAMS` exchanges.
+
+Timeouts are checked by the entrypoint's sweep, once a second (`check_timeouts`): a connection
+with no open stream for `idle_timeout` gets GOAWAY(NO_ERROR) and is closed; a request whose
+body is still arriving `read_timeout` after its head gets 408 (or RST_STREAM if its response
+started); an exchange that makes no progress either way for `idle_timeout` is ended.
+Graceful shutdown (`shutdown`) sends GOAWAY(NO_ERROR) naming the last stream accepted and
+closes the connection once those streams are done (RFC 9113 §6.8).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import h2.utilities
+from h2.errors import ErrorCodes
+from h2.stream import StreamClosedBy
+from hyperframe.frame import GoAwayFrame, RstStreamFrame, WindowUpdateFrame
+
+from meshproxy.http.exchange import Exchange
+from meshproxy.http.fields import Fields, field_list
+from meshproxy.http.forwarding import SERVER_NAME, UNTRUSTED_DROP
+from meshproxy.http.request import Request
+from meshproxy.http.server import valid_authority
+
+if TYPE_CHECKING:
+    from meshproxy.http.server import HTTPEntryPoint
+
+log = logging.getLogger("meshproxy.http2")
+
+DEFAULT_MAX_CONCURRENT_STREAMS = 250  # Traefik's entryPoints.X.http2.maxConcurrentStreams
+DEFAULT_INITIAL_WINDOW_SIZE = 256 * 1024  # per stream, bytes (RFC 9113's default is 65,535)
+DEFAULT_HEADER_TABLE_SIZE = 4096  # Traefik's maxDecoderHeaderTableSize/maxEncoderHeaderTableSize
+CONNECTION_WINDOW = 1024 * 1024  # request body bytes unacknowledged per connection
+RESPONSE_BUFFER = 64 * 1024  # response bytes queued per stream before its upstream pauses
+RAPID_RESET_MIN_STREAMS = 200
+PREMATURE_RESET_SECONDS = 1.0
+# Client bytes an RFC 8441 tunnel holds before its backend answers; its window stops the rest.
+_TUNNEL_HOLD = 64 * 1024
+
+_CONNECTION_SPECIFIC = frozenset(
+    # RFC 9113 §8.2.2: never sent on HTTP/2 (what an HTTP/1.1 peer used for its own hop)
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"upgrade",
+        b"te",
+        b"http2-settings",
+    }
+)
+_XF_BITS = {
+    b"x-forwarded-proto": 1,
+    b"x-forwarded-host": 2,
+    b"x-forwarded-port": 4,
+    b"x-real-ip": 8,
+    b"x-forwarded-for": 16,
+}
+_REQUEST_FLAGS = h2.utilities.HeaderValidationFlags(
+    is_client=False, is_trailer=False, is_response_header=False, is_push_promise=False
+)
+_TRAILER_FLAGS = h2.utilities.HeaderValidationFlags(
+    is_client=False, is_trailer=True, is_response_header=False, is_push_promise=False
+)
+_STATUS = {code: str(code).encode() for code in range(100, 1000)}
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH")}
+
+
+class StreamMalformed:
+    """An event of our own: h2 found a stream's request malformed (its DATA disagrees with its
+    content-length) and the stream was reset; its exchange must end."""
+
+    __slots__ = ("stream_id",)
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+
+
+class ServerH2Connection(h2.connection.H2Connection):
+    """h2's connection with three server behaviours RFC 9113 allows and h2 does not offer.
+
+    Each overrides one private frame handler of h2 4.x, so the conversation tests
+    (tests/unit/test_h2_server_conversations.py) pin them: an h2 upgrade that changes them
+    fails there, not in production.
+    - a HEADERS frame beyond MAX_CONCURRENT_STREAMS refuses that stream with REFUSED_STREAM
+      (§5.1.2) instead of h2's connection error; its field block is still decoded (§4.3: the
+      HPACK state is the connection's);
+    - DATA disagreeing with the content-length is a stream error (§8.1.1), not h2's
+      connection error; the connection window is handed back for it;
+    - a GOAWAY from the client leaves the connection open for the streams it already opened
+      (§6.8), where h2 would refuse to send another byte.
+    """
+
+    def _receive_headers_frame(self, frame: Any) -> Any:
+        try:
+            return super()._receive_headers_frame(frame)
+        except h2.exceptions.TooManyStreamsError:
+            pass
+        stream_id = frame.stream_id
+        highest = self.highest_inbound_stream_id
+        if stream_id <= highest:
+            raise h2.exceptions.StreamIDTooLowError(stream_id, highest)
+        if stream_id % 2 == 0:
+            raise h2.exceptions.ProtocolError("Invalid stream ID for peer.")
+        events = self.state_machine.process_input(h2.connection.ConnectionInputs.RECV_HEADERS)
+        h2.connection._decode_headers(self.decoder, frame.data)
+        self.highest_inbound_stream_id = stream_id
+        self._closed_streams[stream_id] = StreamClosedBy.SEND_RST_STREAM
+        refusal = RstStreamFrame(stream_id)
+        refusal.error_code = ErrorCodes.REFUSED_STREAM
+        return [refusal], events
+
+    def _receive_data_frame(self, frame: Any) -> Any:
+        try:
+            return super()._receive_data_frame(frame)
+        except h2.exceptions.InvalidBodyLengthError:
+            pass
+        frames = []
+        increment = self._inbound_flow_control_window_manager.process_bytes(
+            frame.flow_controlled_length
+        )
+        if increment:
+            update = WindowUpdateFrame(0)
+            update.window_increment = increment
+            frames.append(update)
+        self.reset_stream(frame.stream_id, ErrorCodes.PROTOCOL_ERROR)
+        return frames, [StreamMalformed(frame.stream_id)]
+
+    def _receive_goaway_frame(self, frame: Any) -> Any:
+        event = h2.events.ConnectionTerminated()
+        event.error_code = h2.errors._error_code_from_int(frame.error_code)
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
+
+    def graceful_goaway(self, last_stream_id: int) -> None:
+        """Queue GOAWAY(NO_ERROR) naming `last_stream_id`, leaving the connection state open
+        so the streams up to it can finish (h2's close_connection would end them all)."""
+        goaway = GoAwayFrame(0)
+        goaway.last_stream_id = last_stream_id
+        goaway.error_code = ErrorCodes.NO_ERROR
+        self._prepare_for_sending([goaway])
+
+
+class H2Stream:
+    """One client stream and its exchange: the exchange's `Sink`.
+
+    Response bytes the stream's window cannot take are queued here (`pending`, at most
+    `RESPONSE_BUFFER` before the upstream is paused); request bytes passed on while the
+    exchange is paused are counted in `unacked` and acknowledged on resume."""
+
+    __slots__ = (
+        "body_paused",
+        "conn",
+        "end_pending",
+        "ex",
+        "head",
+        "pending",
+        "pending_size",
+        "progress",
+        "progress_seen",
+        "request_done",
+        "response_done",
+        "stalled_since",
+        "stream_id",
+        "tunnel",
+        "unacked",
+        "upstream_paused",
+    )
+
+    def __init__(self, conn: H2ServerConnection, stream_id: int) -> None:
+        self.conn = conn
+        self.stream_id = stream_id
+        self.ex: Exchange | None = None
+        self.head: list[tuple[bytes, bytes]] | None = None  # held until body, end or flush
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.end_pending = False  # write_end came while bytes were still queued
+        self.upstream_paused = False  # paused because the client's window is closed
+        self.body_paused = False  # the exchange asked to stop reading the request body
+        self.unacked = 0
+        self.request_done = False  # END_STREAM received (or the request ended otherwise)
+        self.response_done = False  # END_STREAM sent, or the stream was reset
+        self.progress = 0  # grows with every read and write: the sweep's stall check
+        self.progress_seen = -1
+        self.stalled_since = 0.0
+        self.tunnel: Any = None  # an RFC 8441 tunnel's transport adapter, once switched
+
+    # -- Sink ---------------------------------------------------------------------------------
+
+    def write_head(
+        self,
+        ex: Exchange,
+        status: int,
+        headers: Fields,
+        content_length: int | None,
+        no_body: bool,
+    ) -> None:
+        if self.response_done:
+            return
+        fields = [(b":status", _STATUS.get(status) or str(status).encode())]
+        for name, value in field_list(headers):
+            name = name.lower()
+            if name not in _CONNECTION_SPECIFIC:
+                fields.append((name, value))
+        self.head = fields
+        self.progress += 1
+
+    def write_body(self, ex: Exchange, chunk: bytes) -> None:
+        if self.response_done or not chunk:
+            return
+        conn = self.conn
+        self.progress += 1
+        if self.head is not None:
+            self._send_head(False)
+        if self.pending:
+            self._queue(chunk)
+            return
+        sent = conn.send_data(self, chunk)
+        if sent < len(chunk):
+            self._queue(chunk[sent:] if sent else chunk)
+        conn.flush()
+
+    def write_end(self, ex: Exchange) -> None:
+        if self.response_done:
+            return
+        self.progress += 1
+        if self.pending:
+            self.end_pending = True
+            if self.head is not None:
+                self._send_head(False)
+            self.conn.flush()
+            return
+        self._end()
+        self.conn.flush()
+
+    def _end(self) -> None:
+        ex = self.ex
+        trailers = ex.response_trailers if ex is not None else None
+        h2conn = self.conn.h2
+        if self.head is not None:
+            if trailers:
+                self._send_head(False)
+            else:
+                self._send_head(True)
+                self._response_ended()
+                return
+        if trailers:
+            h2conn.send_headers(self.stream_id, _trailer_fields(trailers), end_stream=True)
+        else:
+            h2conn.end_stream(self.stream_id)
+        self._response_ended()
+
+    def _send_head(self, end_stream: bool) -> None:
+        head = self.head
+        self.head = None
+        assert head is not None
+        self.conn.h2.send_headers(self.stream_id, head, end_stream=end_stream)
+
+    def _response_ended(self) -> None:
+        self.response_done = True
+        if not self.request_done:
+            # RFC 9113 §8.1: a complete response before the whole request; the client is told
+            # to stop sending with RST_STREAM(NO_ERROR).
+            self.conn.reset(self, ErrorCodes.NO_ERROR)
+        self.conn.forget(self)
+
+    def _queue(self, chunk: bytes) -> None:
+        self.pending.append(chunk)
+        self.pending_size += len(chunk)
+        if self.pending_size > RESPONSE_BUFFER and not self.upstream_paused:
+            self.upstream_paused = True
+            ex = self.ex
+            if ex is not None and ex.upstream is not None and not self.conn.write_paused:
+                ex.upstream.pause_reading()
+
+    def drain(self) -> None:
+        """The client's window opened: send what is queued, as far as it allows."""
+        conn = self.conn
+        while self.pending and not self.response_done:
+            chunk = self.pending[0]
+            sent = conn.send_data(self, chunk)
+            if sent == 0:
+                break
+            self.pending_size -= sent
+            if sent < len(chunk):
+                self.pending[0] = chunk[sent:]
+                break
+            self.pending.pop(0)
+        if self.pending or self.response_done:
+            if self.tunnel is not None:
+                self.tunnel.drained()
+            return
+        if self.end_pending:
+            self.end_pending = False
+            self._end()
+        if self.tunnel is not None:
+            self.tunnel.drained()
+        if self.upstream_paused:
+            self.upstream_paused = False
+            ex = self.ex
+            if ex is not None and ex.upstream is not None and not conn.write_paused:
+                ex.upstream.resume_reading()
+
+    def write_interim(self, ex: Exchange, status: int, headers: Fields) -> None:
+        """A backend's 1xx (RFC 9113 §8.1: any number before the final HEADERS); never 101,
+        which HTTP/2 does not have (§8.6)."""
+        if status == 101 or ex.response_started or self.response_done or self.head is not None:
+            return
+        if status == 100:
+            self.write_continue(ex)
+            return
+        fields = [(b":status", _STATUS.get(status) or str(status).encode())]
+        fields += [(n.lower(), v) for n, v in field_list(headers) if n not in _CONNECTION_SPECIFIC]
+        self.conn.h2.send_headers(self.stream_id, fields)
+        self.conn.flush()
+
+    def write_continue(self, ex: Exchange) -> None:
+        if (
+            ex.request.expect_continue
+            and not ex.continue_sent
+            and not ex.response_started
+            and not self.response_done
+        ):
+            ex.continue_sent = True
+            self.conn.h2.send_headers(self.stream_id, [(b":status", b"100")])
+            self.conn.flush()
+
+    def flush(self, ex: Exchange) -> None:
+        if self.head is not None and not self.response_done:
+            self._send_head(False)
+            self.conn.flush()
+
+    def switch_protocols(
+        self,
+        ex: Exchange,
+        headers: list[tuple[bytes, bytes]],
+        upstream: asyncio.Transport,
+        upstream_leftover: bytes,
+        upstream_writing_paused: bool | None,
+    ) -> None:
+        """The backend accepted the WebSocket handshake of an RFC 8441 extended CONNECT:
+        answer 200 on the stream and bridge it with the backend's socket (RFC 8441 §5)."""
+        from meshproxy.http2.stream_tunnel import open_stream_tunnel
+
+        open_stream_tunnel(self, ex, headers, upstream, upstream_leftover, upstream_writing_paused)
+
+    def exchange_done(self, ex: Exchange) -> None:
+        if self.tunnel is not None:
+            return  # the byte pipe owns the stream from now on
+        if not ex.finished:
+            if self.response_done or self.conn.closed:
+                ex.finished = True
+            elif not ex.response_started:
+                ex.respond(500, b"Internal Server Error")
+            else:
+                self.abort(ex)
+                return
+        self.conn.exchange_over(self)
+
+    def abort(self, ex: Exchange) -> None:
+        """The response cannot be completed. A gRPC call whose response started ends with
+        a grpc-status trailer (UNAVAILABLE, or DEADLINE_EXCEEDED past its deadline: see
+        http.grpc.abort_trailers), not a bare reset; anything else gets
+        RST_STREAM(INTERNAL_ERROR)."""
+        ex.finished = True
+        upstream = ex.upstream
+        if upstream is not None:
+            upstream.client_gone()
+        if self.response_done:
+            return
+        trailers = _grpc_abort_trailers(ex) if ex.response_started else None
+        if trailers is not None:
+            self.pending = []
+            self.pending_size = 0
+            self.end_pending = False
+            if self.head is not None:
+                self._send_head(False)
+            self.conn.h2.send_headers(self.stream_id, trailers, end_stream=True)
+            self._response_ended()
+        else:
+            self.conn.reset(self, ErrorCodes.INTERNAL_ERROR)
+        self.conn.flush()
+
+    def pause_request_body(self, ex: Exchange) -> None:
+        self.body_paused = True
+
+    def resume_request_body(self, ex: Exchange) -> None:
+        if self.body_paused:
+            self.body_paused = False
+            unacked, self.unacked = self.unacked, 0
+            if unacked and not self.request_done:
+                self.conn.acknowledge(self, unacked)
+                self.conn.flush()
+
+
+def _grpc_abort_trailers(ex: Exchange) -> list[tuple[bytes, bytes]] | None:
+    try:
+        from meshproxy.http.grpc import abort_trailers  # the gRPC semantics live there
+    except ImportError:  # pragma: no cover - only while http.grpc is not in the tree
+        return None
+    return abort_trailers(ex)
+
+
+def _trailer_fields(trailers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    return [(n.lower(), v) for n, v in trailers if n.lower() not in _CONNECTION_SPECIFIC]
+
+
+class H2ServerConnection(asyncio.Protocol):
+    """One client's HTTP/2 connection (server side); see the module docstring."""
+
+    def __init__(self, entry: HTTPEntryPoint) -> None:
+        settings = entry.settings
+        self.entry = entry
+        self.entry_name = settings.name
+        self.loop = asyncio.get_event_loop()
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, H2Stream] = {}
+        self.closed = False
+        self.draining = False  # GOAWAY(NO_ERROR) sent or received: no new streams
+        self.write_paused = False
+        self.client_ip = ""
+        self.client_port = 0
+        self.trusted = False
+        self.idle_since = time.perf_counter()
+        self.opened = 0  # streams accepted
+        self.premature_resets = 0
+        self._flushing = False
+        self._counted = False
+        self.max_header_bytes = settings.max_header_bytes
+        self.max_header_list = settings.h2_max_header_list_size or settings.max_header_bytes
+        config = h2.config.H2Configuration(
+            client_side=False,
+            header_encoding=None,
+            validate_inbound_headers=False,  # per stream, in _on_request (stream errors)
+            normalize_inbound_headers=True,  # cookies joined (RFC 9113 §8.2.3)
+            validate_outbound_headers=False,  # our own fields, built right in write_head
+            normalize_outbound_headers=False,
+        )
+        self.h2 = ServerH2Connection(config)
+        self.h2.local_settings = h2.settings.Settings(
+            client=False,
+            initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: settings.h2_max_concurrent_streams,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: settings.h2_initial_window_size,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: self.max_header_list,
+                h2.settings.SettingCodes.HEADER_TABLE_SIZE: settings.h2_max_decoder_table_size,
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+                h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL: 1,  # RFC 8441 §3
+            },
+        )
+        # h2 applies local settings as if acknowledged: its HPACK decoder and window manager
+        # must agree with them from the first frame.
+        self._apply_local_limits()
+        self._handlers = {
+            h2.events.RequestReceived: self._on_request,
+            h2.events.DataReceived: self._on_data,
+            h2.events.StreamEnded: self._on_stream_ended,
+            h2.events.StreamReset: self._on_stream_reset,
+            h2.events.TrailersReceived: self._on_trailers,
+            h2.events.WindowUpdated: self._on_window_updated,
+            h2.events.ConnectionTerminated: self._on_goaway,
+            h2.events.RemoteSettingsChanged: self._on_remote_settings,
+            h2.events.SettingsAcknowledged: self._on_settings_acked,
+            StreamMalformed: self._on_malformed,
+        }
+
+    def _apply_local_limits(self) -> None:
+        settings = self.entry.settings
+        decoder = self.h2.decoder
+        # Past the advertised limit a request gets 431 (its block still decoded, so the
+        # HPACK state stays whole); hpack stops decoding only at twice that, which is a
+        # connection error (GOAWAY ENHANCE_YOUR_CALM: RFC 9113 §10.5.1).
+        decoder.max_header_list_size = 2 * self.max_header_list
+        decoder.max_allowed_table_size = settings.h2_max_decoder_table_size
+
+    # -- connection lifecycle -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._take(transport)  # type: ignore[arg-type]
+        self.h2.initiate_connection()
+        self._open_connection_window()
+        self.flush()
+
+    def _take(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.client_ip, self.client_port = peer[0], peer[1]
+            if self.client_ip.startswith("::ffff:") and "." in self.client_ip:
+                self.client_ip = self.client_ip[7:]
+        self.trusted = self.entry.is_trusted(self.client_ip)
+        self.entry.h2_connections.add(self)
+        if not self._counted:
+            self._counted = True
+            self.entry.on_open(1)
+
+    def _open_connection_window(self) -> None:
+        increment = CONNECTION_WINDOW - self.h2.inbound_flow_control_window
+        if increment > 0:
+            self.h2.increment_flow_control_window(increment)
+
+    def upgrade_from_http1(
+        self, transport: asyncio.Transport, settings_header: bytes, ex: Exchange, rest: bytes
+    ) -> None:
+        """Continue an HTTP/1.1 connection whose request asked for `Upgrade: h2c` (RFC 7540
+        §3.2), the 101 already written: the request becomes stream 1, half-closed (remote),
+        and is served like any other stream. The HTTP/1.1 side already counted the
+        connection as open. Raises h2's ProtocolError (or a ValueError from base64) for an
+        HTTP2-Settings value that does not decode."""
+        self._counted = True
+        self._take(transport)
+        self.h2.initiate_upgrade_connection(settings_header)
+        self._open_connection_window()
+        stream = H2Stream(self, 1)
+        stream.request_done = True
+        self.streams[1] = stream
+        self.opened += 1
+        ex.sink = stream
+        ex.request.http_version = "2.0"
+        stream.ex = ex
+        self.flush()
+        self.entry.handler(ex)
+        if rest and not self.closed:
+            self.data_received(rest)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.entry.h2_connections.discard(self)
+        if self._counted:
+            self._counted = False
+            self.entry.on_open(-1)
+        streams = list(self.streams.values())
+        self.streams.clear()
+        for stream in streams:
+            stream.response_done = True
+            self._client_left(stream)
+
+    def close(self) -> None:
+        """Close after writing what h2 has queued (a GOAWAY, last frames)."""
+        transport = self.transport
+        if transport is not None and not self.closed:
+            self.closed = True
+            data = self.h2.data_to_send()
+            if data and not transport.is_closing():
+                transport.write(data)
+            transport.close()
+
+    def shutdown(self) -> None:
+        """Graceful close (RFC 9113 §6.8): GOAWAY(NO_ERROR) with the last stream accepted;
+        the streams up to it finish, then the connection closes."""
+        if self.closed or self.draining:
+            return
+        self.draining = True
+        self.h2.graceful_goaway(self.h2.highest_inbound_stream_id)
+        self.flush()
+        if not self.streams:
+            self.close()
+
+    @property
+    def current(self) -> Exchange | None:
+        """An exchange still in progress, if any (the daemon's shutdown waits for none)."""
+        for stream in self.streams.values():
+            if stream.ex is not None:
+                return stream.ex
+        return None
+
+    def check_timeouts(self, now: float, idle: float, read: float) -> None:
+        """The entrypoint's sweep (seconds; 0 disables one): `idle` with no stream open (then
+        GOAWAY and close) or for an exchange that made no progress either way; `read` for a
+        request whose body is still arriving."""
+        if self.closed:
+            return
+        if not self.streams:
+            if idle > 0 and now - self.idle_since > idle:
+                self.shutdown()
+                self.close()
+            return
+        for stream in list(self.streams.values()):
+            ex = stream.ex
+            if ex is None or stream.tunnel is not None:
+                continue
+            if read > 0 and not stream.request_done and now - ex.started_at > read:
+                self._request_failed(stream, 408)  # RFC 9110 §15.5.9
+                continue
+            if stream.progress != stream.progress_seen:
+                stream.progress_seen = stream.progress
+                stream.stalled_since = now
+            elif idle > 0 and now - stream.stalled_since > idle:
+                log.info("ending a stalled HTTP/2 exchange from %s", self.client_ip)
+                self._request_failed(stream, 504 if not ex.response_started else 0)
+        self.flush()
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            # h2 queued the GOAWAY with the error's code (RFC 9113 §5.4.1), except for a bad
+            # preface (§3.4), which it finds before its state machine runs.
+            log.debug("HTTP/2 connection error from %s: %s", self.client_ip, exc)
+            if self.h2.state_machine.state is not h2.connection.ConnectionState.CLOSED:
+                self.h2.close_connection(error_code=exc.error_code)
+            self.entry.on_protocol_error(400)
+            self.flush()
+            self.close()
+            return
+        handlers = self._handlers
+        self._flushing = True  # one write for everything these frames make us send
+        try:
+            for event in events:
+                handler = handlers.get(type(event))
+                if handler is not None:
+                    handler(event)
+        finally:
+            self._flushing = False
+        self.flush()
+
+    def _on_request(self, event: h2.events.RequestReceived) -> None:
+        stream_id = event.stream_id
+        stream = H2Stream(self, stream_id)
+        stream.request_done = bool(event.stream_ended)
+        if self.draining:
+            # After our GOAWAY (§6.8): never processed, safe to retry elsewhere.
+            self.reset(stream, ErrorCodes.REFUSED_STREAM)
+            return
+        self.streams[stream_id] = stream
+        self.opened += 1
+        headers = event.headers
+        try:
+            headers = list(h2.utilities.validate_headers(headers, _REQUEST_FLAGS))
+        except h2.exceptions.ProtocolError as exc:
+            log.debug("malformed HTTP/2 request from %s: %s", self.client_ip, exc)
+            self._refuse(stream, ErrorCodes.PROTOCOL_ERROR)
+            return
+        status = self._start_exchange(stream, headers, not event.stream_ended)
+        if status:
+            self._answer_locally(stream, status, headers)
+
+    def _start_exchange(
+        self, stream: H2Stream, headers: list[tuple[bytes, bytes]], has_body: bool
+    ) -> int:
+        """Build the request of `stream` and hand it to the entrypoint; the status of a local
+        refusal instead (0 if none)."""
+        settings = self.entry.settings
+        method = path = authority = host = protocol = b""
+        fields: list[tuple[bytes, bytes]] = []
+        size = 0
+        xf_seen = 0
+        content_length: int | None = None
+        expect = te_trailers = False
+        for name, value in headers:
+            size += len(name) + len(value) + 32  # RFC 9113 §6.5.2's accounting
+            if name[0] == 58:  # b":"
+                if name == b":method":
+                    method = value
+                elif name == b":path":
+                    path = value
+                elif name == b":authority":
+                    authority = value
+                elif name == b":protocol":
+                    protocol = value
+                continue  # :scheme: the entrypoint's scheme is what X-Forwarded-Proto says
+            if name in UNTRUSTED_DROP:
+                if not self.trusted:
+                    continue
+                xf_seen |= _XF_BITS.get(name, 0)
+            elif name == b"host":
+                host = value
+                continue  # carried as the request's authority (host_header)
+            elif name == b"content-length":
+                content_length = int(value)  # h2 checked it is a number
+            elif name == b"te":
+                te_trailers = True  # h2's validation allows only `trailers`
+            elif name == b"expect":
+                if value.lower() != b"100-continue":
+                    return 417  # RFC 9110 §10.1.1
+                expect = True
+            fields.append((name, value))
+        if size > self.max_header_list:
+            return 431  # RFC 6585 §5, as Go's server answers
+        if method == b"CONNECT":
+            if protocol.lower() != b"websocket":
+                return 501  # RFC 9110 §9.3.6: no tunnels; RFC 8441: only WebSocket
+            if has_body and content_length == 0:
+                return 400
+        elif content_length and not has_body and method != b"HEAD":
+            self._refuse(stream, ErrorCodes.PROTOCOL_ERROR)  # §8.1.1: no DATA after all
+            return 0
+        authority = authority or host
+        if not valid_authority(authority):
+            return 400  # RFC 3986 §3.2.2, as the HTTP/1.1 side
+        if path[:1] != b"/" and not (path == b"*" and method == b"OPTIONS"):
+            self._refuse(stream, ErrorCodes.PROTOCOL_ERROR)  # §8.3.1: origin-form or "*"
+            return 0
+        if b"#" in path:
+            return 400  # a fragment is never sent (CVE-2023-47106)
+        if len(path) > settings.max_target_bytes:
+            return 414
+        refused = settings.refused_encodings
+        if refused and b"%" in path:
+            upper = path.partition(b"?")[0].upper()
+            for encoded in refused:
+                if encoded in upper:
+                    return 400
+        websocket = method == b"CONNECT"
+        if websocket:
+            method = b"GET"
+            has_body = False  # the stream's DATA is the tunnel's, after the backend's 101
+        try:
+            request = Request(
+                _METHODS.get(method) or method.decode("latin-1"),
+                path,
+                fields,
+                authority,
+                self.client_ip,
+                self.client_port,
+                "2.0",
+                sanitize_path=settings.sanitize_path,
+            )
+        except ValueError:
+            return 400
+        request.content_length = content_length
+        request.te_trailers = te_trailers
+        request.expect_continue = expect
+        if websocket:
+            from meshproxy.http2.stream_tunnel import websocket_request
+
+            websocket_request(request)
+        if xf_seen & 31:
+            self._add_forwarded_fields(request, xf_seen)
+        else:
+            fields.extend(
+                self.entry.forwarded_fields(request.host_header, request.port, self.client_ip)[1]
+            )
+        ex = Exchange(stream, request, self.entry_name, time.perf_counter(), has_body)
+        stream.ex = ex
+        if websocket:
+            stream.request_done = False
+        if has_body:
+            # Let this read's DATA reach the exchange first: a local answer (404, 503) then
+            # finds a small body read, and needs no RST_STREAM to stop it (as HTTP/1.1 does).
+            self.loop.call_soon(self._handle, ex)
+        else:
+            self.entry.handler(ex)
+        return 0
+
+    def _handle(self, ex: Exchange) -> None:
+        if not ex.client_gone and not self.closed:
+            self.entry.handler(ex)
+
+    def _add_forwarded_fields(self, request: Request, seen: int) -> None:
+        """A trusted client sent some X-Forwarded-* fields: add only the missing ones (as the
+        HTTP/1.1 side)."""
+        headers = request.headers
+        entry = self.entry
+        if not seen & 1:
+            headers.append((b"x-forwarded-proto", entry.proto_value))
+        if not seen & 2 and request.host_header:
+            headers.append((b"x-forwarded-host", request.host_header))
+        if not seen & 4:
+            port = request.port.encode() if request.port else entry.default_port
+            headers.append((b"x-forwarded-port", port))
+        headers.append((b"x-forwarded-server", SERVER_NAME))
+        if not seen & 8:
+            headers.append((b"x-real-ip", self.client_ip.encode()))
+        request.forwarded_for = bool(seen & 16)
+
+    def _answer_locally(
+        self, stream: H2Stream, status: int, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        """A request refused before routing: `status` on its stream, nothing forwarded."""
+        self.entry.on_protocol_error(status)
+        body = b"%d %s" % (status, _reason(status))
+        fields = [
+            (b":status", _STATUS[status]),
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        self.h2.send_headers(stream.stream_id, fields)
+        self.send_data(stream, body)
+        self.h2.end_stream(stream.stream_id)
+        stream._response_ended()
+
+    def _refuse(self, stream: H2Stream, code: ErrorCodes) -> None:
+        self.entry.on_protocol_error(400)
+        self.reset(stream, code)
+
+    def _on_data(self, event: h2.events.DataReceived) -> None:
+        stream = self.streams.get(event.stream_id)
+        size = event.flow_controlled_length
+        if stream is None or stream.ex is None or (stream.response_done and stream.tunnel is None):
+            # A stream we are done with (answered, reset): its bytes still count against the
+            # connection window, which must be handed back.
+            self.h2.acknowledge_received_data(size, event.stream_id)
+            return
+        stream.progress += 1
+        if stream.tunnel is not None:
+            stream.tunnel.data_from_client(event.data, size)
+            return
+        ex = stream.ex
+        if event.data:
+            ex.on_request_body(event.data)
+        if stream.body_paused:
+            stream.unacked += size
+        elif size:
+            self.h2.acknowledge_received_data(size, event.stream_id)
+
+    def _on_stream_ended(self, event: h2.events.StreamEnded) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is None:
+            return
+        if stream.tunnel is not None:
+            stream.tunnel.eof_from_client()
+            return
+        stream.request_done = True
+        ex = stream.ex
+        if ex is not None and ex.has_body and not ex.body_complete:
+            ex.on_request_end()
+
+    def _on_trailers(self, event: h2.events.TrailersReceived) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is None or stream.ex is None:
+            return
+        try:
+            trailers = list(h2.utilities.validate_headers(event.headers, _TRAILER_FLAGS))
+        except h2.exceptions.ProtocolError:
+            self._request_failed(stream, 0, ErrorCodes.PROTOCOL_ERROR)
+            return
+        stream.ex.request_trailers = [(n, v) for n, v in trailers if n not in UNTRUSTED_DROP]
+
+    def _on_stream_reset(self, event: h2.events.StreamReset) -> None:
+        """The client reset a stream (RFC 9113 §6.4): its exchange ends as if the client left;
+        the rapid-reset bound counts it (see the module docstring)."""
+        stream = self.streams.pop(event.stream_id, None)
+        if stream is None:
+            return
+        stream.response_done = True
+        ex = stream.ex
+        premature = (
+            ex is not None
+            and not ex.finished
+            and time.perf_counter() - ex.started_at < PREMATURE_RESET_SECONDS
+        )
+        if premature:
+            self.premature_resets += 1
+            if self.opened >= RAPID_RESET_MIN_STREAMS and 2 * self.premature_resets >= self.opened:
+                log.warning("rapid reset from %s: connection closed", self.client_ip)
+                self._client_left(stream)
+                self.entry.on_protocol_error(400)
+                self.h2.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
+                self.flush()
+                self.close()
+                return
+        self._client_left(stream)
+        self._maybe_close()
+
+    def _on_malformed(self, event: StreamMalformed) -> None:
+        stream = self.streams.pop(event.stream_id, None)
+        if stream is not None:
+            self.entry.on_protocol_error(400)
+            stream.response_done = True
+            ex = stream.ex
+            if ex is not None:
+                ex.request_error = 400
+            self._client_left(stream)
+
+    def _client_left(self, stream: H2Stream) -> None:
+        """End `stream`'s exchange as the HTTP/1.1 side does when its client leaves."""
+        stream.pending = []
+        stream.pending_size = 0
+        tunnel = stream.tunnel
+        if tunnel is not None:
+            tunnel.stream_closed()
+            return
+        ex = stream.ex
+        if ex is None:
+            return
+        if not ex.finished:
+            ex.client_gone = True
+        upstream = ex.upstream
+        if upstream is not None:
+            upstream.client_gone()
+        waiter = ex.body_waiter
+        if waiter is not None:
+            ex.body_waiter = None
+            waiter()
+
+    def _request_failed(self, stream: H2Stream, status: int, code: int = ErrorCodes.CANCEL) -> None:
+        """End a request that can no longer be read (timeout: `status` 408) or stalled:
+        `status` on the stream if no response started (0: reset with `code`)."""
+        ex = stream.ex
+        if ex is None:
+            return
+        ex.request_error = status or 502
+        if status and not ex.response_started and not stream.response_done:
+            ex.finished = True
+            self._answer_locally(stream, status, [])
+        else:
+            ex.finished = True
+            self.reset(stream, code)
+        self.streams.pop(stream.stream_id, None)
+        self._client_left(stream)
+
+    def _on_window_updated(self, event: h2.events.WindowUpdated) -> None:
+        stream_id = event.stream_id
+        if stream_id:
+            stream = self.streams.get(stream_id)
+            if stream is not None and stream.pending:
+                stream.drain()
+            return
+        for stream in list(self.streams.values()):  # the connection window opened
+            if stream.pending:
+                stream.drain()
+
+    def _on_remote_settings(self, event: h2.events.RemoteSettingsChanged) -> None:
+        table = event.changed_settings.get(h2.settings.SettingCodes.HEADER_TABLE_SIZE)
+        limit = self.entry.settings.h2_max_encoder_table_size
+        if table is not None and table.new_value > limit:
+            # Traefik's maxEncoderHeaderTableSize: the client may offer a larger table than
+            # we are willing to keep for it.
+            self.h2.encoder.header_table_size = limit
+        # INITIAL_WINDOW_SIZE may have opened every stream's window.
+        for stream in list(self.streams.values()):
+            if stream.pending:
+                stream.drain()
+
+    def _on_settings_acked(self, event: h2.events.SettingsAcknowledged) -> None:
+        self._apply_local_limits()  # h2 reset the decoder's limits to the advertised ones
+
+    def _on_goaway(self, event: h2.events.ConnectionTerminated) -> None:
+        """The client is going away (RFC 9113 §6.8): no new streams; with an error, every
+        stream ends now, else the connection closes once its streams are done."""
+        self.draining = True
+        if event.error_code != ErrorCodes.NO_ERROR:
+            self.close()
+            return
+        self._maybe_close()
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def send_data(self, stream: H2Stream, chunk: bytes) -> int:
+        """Send as much of `chunk` as the windows allow, in frames of the client's maximum
+        size; returns the bytes sent."""
+        h2conn = self.h2
+        stream_id = stream.stream_id
+        window = h2conn.local_flow_control_window(stream_id)
+        if window <= 0:
+            return 0
+        size = len(chunk)
+        frame = h2conn.max_outbound_frame_size
+        if size <= window and size <= frame:
+            h2conn.send_data(stream_id, chunk)
+            return size
+        sent = 0
+        limit = min(size, window)
+        view = memoryview(chunk)
+        while sent < limit:
+            step = min(frame, limit - sent)
+            h2conn.send_data(stream_id, bytes(view[sent : sent + step]))
+            sent += step
+        return sent
+
+    def acknowledge(self, stream: H2Stream, size: int) -> None:
+        self.h2.acknowledge_received_data(size, stream.stream_id)
+
+    def reset(self, stream: H2Stream, code: int) -> None:
+        """RST_STREAM with `code` unless the stream is already closed both ways."""
+        stream.response_done = True
+        stream.pending = []
+        stream.pending_size = 0
+        try:
+            self.h2.reset_stream(stream.stream_id, code)
+        except h2.exceptions.StreamClosedError:
+            pass
+        self.forget(stream)
+        self.flush()
+
+    def forget(self, stream: H2Stream) -> None:
+        """The stream's response is over (sent or reset): once its exchange is over too
+        (`exchange_over`), it leaves the connection."""
+        ex = stream.ex
+        if ex is None or ex.handled:
+            self.streams.pop(stream.stream_id, None)
+            self._maybe_close()
+
+    def exchange_over(self, stream: H2Stream) -> None:
+        """The serving side is done with the stream's exchange (`exchange_done`)."""
+        if stream.response_done and not stream.pending:
+            self.streams.pop(stream.stream_id, None)
+        self.idle_since = time.perf_counter()
+        self._maybe_close()
+
+    def _maybe_close(self) -> None:
+        if not self.streams:
+            self.idle_since = time.perf_counter()
+            if self.draining:
+                self.flush()
+                self.close()
+
+    def flush(self) -> None:
+        if self._flushing or self.transport is None:
+            return
+        data = self.h2.data_to_send()
+        if data and not self.transport.is_closing():
+            self.transport.write(data)
+
+    # -- flow control: a slow client slows its upstreams -------------------------------------
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        for stream in self.streams.values():
+            ex = stream.ex
+            if stream.tunnel is not None:
+                stream.tunnel.transport_paused(True)
+            elif ex is not None and ex.upstream is not None and not stream.upstream_paused:
+                ex.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for stream in list(self.streams.values()):
+            ex = stream.ex
+            if stream.tunnel is not None:
+                stream.tunnel.transport_paused(False)
+            elif ex is not None and ex.upstream is not None and not stream.upstream_paused:
+                ex.upstream.resume_reading()
+
+
+def _reason(status: int) -> bytes:
+    from meshproxy.http.status import reason_phrase
+
+    return reason_phrase(status)

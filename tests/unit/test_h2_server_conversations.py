@@ -1,0 +1,615 @@
+"""The HTTP/2 server side (meshproxy.http2.server) as conversations over in-memory transports:
+frames in from a client built on the `h2` library, HTTP/1.1 bytes out to the backend (the real
+dispatcher, router, balancer and HTTP/1.1 upstream run), and frames back to the client.
+
+Each test names the rule it checks (RFC 9113 unless said otherwise)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
+from h2.errors import ErrorCodes
+from hyperframe.frame import DataFrame
+
+from meshproxy.http.server import EntryPointSettings
+from meshproxy.http2.server import RESPONSE_BUFFER, H2ServerConnection
+from tests.conversation import MemoryTransport, conversation, head_of
+
+OK_2 = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+def request_headers(path: bytes = b"/", method: bytes = b"GET", **extra: bytes) -> list:
+    fields = [
+        (b":method", method),
+        (b":scheme", b"http"),
+        (b":authority", b"a.test"),
+        (b":path", path),
+    ]
+    fields += [(name.replace("_", "-").encode(), value) for name, value in extra.items()]
+    return fields
+
+
+class _Client(h2.connection.H2Connection):
+    """h2's client, except that a GOAWAY does not stop it reading the streams the server
+    still finishes (RFC 9113 §6.8; h2 closes its whole state machine at a GOAWAY)."""
+
+    def _receive_goaway_frame(self, frame: Any) -> Any:
+        event = h2.events.ConnectionTerminated()
+        event.error_code = frame.error_code
+        event.last_stream_id = frame.last_stream_id
+        return [], [event]
+
+
+class H2Conversation:
+    """One h2 client connected to an H2ServerConnection of entrypoint `web`; every request
+    routes to the conversation's backend (HTTP/1.1 upstreams on memory transports)."""
+
+    def __init__(
+        self,
+        settings: EntryPointSettings | None = None,
+        dynamic: dict[str, Any] | None = None,
+        client_settings: dict[int, int] | None = None,
+        validate: bool = True,
+    ) -> None:
+        self.conv = conversation(dynamic, settings)
+        self.entry = self.conv.entry
+        self.server = H2ServerConnection(self.entry)
+        self.transport = MemoryTransport(("127.0.0.7", 40002))
+        self.transport.protocol = self.server
+        config = h2.config.H2Configuration(
+            client_side=True,
+            header_encoding=None,
+            validate_outbound_headers=validate,
+            normalize_outbound_headers=validate,
+        )
+        self.client = _Client(config)
+        if client_settings:
+            self.client.local_settings = h2.settings.Settings(
+                client=True, initial_values=client_settings
+            )
+        self.client.initiate_connection()
+        self.server.connection_made(self.transport)  # type: ignore[arg-type]
+        self.events: list[Any] = []
+        self.exchange()
+
+    def exchange(self, raw: bytes = b"") -> list[Any]:
+        """Send what the client has queued (and `raw` bytes after it), feed the server's
+        answer back to the client; returns the client's new events."""
+        data = self.client.data_to_send() + raw
+        if data:
+            self.server.data_received(data)
+        return self.receive()
+
+    def receive(self) -> list[Any]:
+        out = self.transport.take()
+        events = self.client.receive_data(out) if out else []
+        follow = self.client.data_to_send()
+        if follow and not self.transport.closed:
+            self.server.data_received(follow)  # the client's ACKs and window updates
+            more = self.transport.take()
+            if more:
+                events += self.client.receive_data(more)
+        self.events += events
+        return events
+
+    def request(self, headers: list, body: bytes | None = None, end: bool = True) -> int:
+        stream_id = self.client.get_next_available_stream_id()
+        self.client.send_headers(stream_id, headers, end_stream=body is None and end)
+        if body is not None:
+            self.client.send_data(stream_id, body, end_stream=end)
+        return stream_id
+
+    def add_upstream(self) -> MemoryTransport:
+        return self.conv.add_upstream()[1]
+
+    def backend_sends(self, data: bytes, index: int = -1) -> list[Any]:
+        self.conv.upstreams[index][0].data_received(data)
+        return self.receive()
+
+
+def of(events: list[Any], kind: type, stream_id: int | None = None) -> list[Any]:
+    return [
+        e
+        for e in events
+        if isinstance(e, kind) and (stream_id is None or getattr(e, "stream_id", None) == stream_id)
+    ]
+
+
+def status_of(events: list[Any], stream_id: int) -> bytes:
+    (response,) = of(events, h2.events.ResponseReceived, stream_id)
+    return dict(response.headers)[b":status"]
+
+
+def body_of(events: list[Any], stream_id: int) -> bytes:
+    return b"".join(e.data for e in of(events, h2.events.DataReceived, stream_id))
+
+
+def reset_code(events: list[Any], stream_id: int) -> int:
+    (reset,) = of(events, h2.events.StreamReset, stream_id)
+    return reset.error_code
+
+
+def goaway_code(events: list[Any]) -> int:
+    (goaway,) = of(events, h2.events.ConnectionTerminated)
+    return goaway.error_code
+
+
+# -- requests and responses ------------------------------------------------------------------
+
+
+async def test_get_becomes_an_http11_request_and_the_answer_a_stream():
+    """§8.3.1: :method, :path and :authority make the request line and Host; X-Forwarded-*
+    are added as on HTTP/1.1 (Traefik); the answer comes back on the same stream, connection-
+    specific fields dropped (§8.2.2)."""
+    h2c = H2Conversation()
+    upstream = h2c.add_upstream()
+    sid = h2c.request(request_headers(b"/x?q=1", accept=b"text/plain"))
+    h2c.exchange()
+    line, fields = head_of(upstream.take())
+    assert line == b"GET /x?q=1 HTTP/1.1"
+    assert fields[b"host"] == b"a.test" and fields[b"accept"] == b"text/plain"
+    assert fields[b"x-forwarded-proto"] == b"http" and fields[b"x-forwarded-for"] == b"127.0.0.7"
+    events = h2c.backend_sends(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nKeep-Alive: timeout=5\r\n"
+        b"Connection: keep-alive\r\nX-App: y\r\n\r\nok"
+    )
+    (response,) = of(events, h2.events.ResponseReceived, sid)
+    fields = dict(response.headers)
+    assert fields[b":status"] == b"200" and fields[b"x-app"] == b"y"
+    assert b"connection" not in fields and b"keep-alive" not in fields
+    assert body_of(events, sid) == b"ok" and of(events, h2.events.StreamEnded, sid)
+    assert h2c.server.streams == {}
+    assert h2c.conv.entrypoint_requests() == {200: 1}
+
+
+async def test_post_body_and_trailers_travel_as_chunked_http11_both_ways():
+    """§8.1: DATA becomes the HTTP/1.1 body (chunked: no content-length), trailing HEADERS
+    become chunked trailers when the client sent `te: trailers` (RFC 9110 §6.5); the backend's
+    trailers come back as a trailing HEADERS frame with END_STREAM."""
+    h2c = H2Conversation()
+    upstream = h2c.add_upstream()
+    sid = h2c.request(request_headers(b"/up", b"POST", te=b"trailers"), b"hello ", end=False)
+    h2c.client.send_data(sid, b"world")
+    h2c.client.send_headers(sid, [(b"x-checksum", b"42")], end_stream=True)
+    h2c.exchange()
+    await asyncio.sleep(0)  # the exchange starts once this read's DATA is in
+    h2c.exchange()
+    sent = upstream.take()
+    line, fields = head_of(sent)
+    assert line == b"POST /up HTTP/1.1" and fields[b"transfer-encoding"] == b"chunked"
+    assert fields[b"te"] == b"trailers"
+    assert sent.endswith(b"6\r\nhello \r\n5\r\nworld\r\n0\r\nx-checksum: 42\r\n\r\n")
+    events = h2c.backend_sends(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
+        b"0\r\ngrpc-status: 0\r\n\r\n"
+    )
+    assert body_of(events, sid) == b"abc"
+    (trailers,) = of(events, h2.events.TrailersReceived, sid)
+    assert dict(trailers.headers) == {b"grpc-status": b"0"}
+
+
+async def test_many_concurrent_streams_are_answered_in_any_order():
+    """§5.1.1, §8.1: streams are independent; each answer reaches its own stream, in the
+    order the backends answer, on one connection."""
+    h2c = H2Conversation()
+    ids = []
+    for index in range(20):
+        h2c.add_upstream()
+        ids.append(h2c.request(request_headers(b"/%d" % index)))
+        h2c.exchange()
+    for index in reversed(range(20)):
+        body = b"r%d" % index
+        h2c.backend_sends(
+            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body), index
+        )
+    for index, sid in enumerate(ids):
+        assert body_of(h2c.events, sid) == b"r%d" % index
+    assert h2c.server.streams == {}
+
+
+async def test_the_metrics_label_comes_from_the_request():
+    """Traefik's `protocol` label: the HTTP/2 server leaves it to the metrics code, which
+    says grpc for application/grpc."""
+    h2c = H2Conversation()
+    h2c.add_upstream()
+    sid = h2c.request(request_headers(b"/svc/M", b"POST", content_type=b"application/grpc"), b"")
+    h2c.exchange()
+    await asyncio.sleep(0)
+    h2c.backend_sends(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert status_of(h2c.events, sid) == b"200"
+    labels = {key[2] for key in h2c.conv.metrics.entrypoint}
+    assert labels == {"grpc"}
+
+
+# -- flow control ------------------------------------------------------------------------------
+
+
+async def test_a_slow_reader_slows_only_its_own_stream():
+    """§5.2, §6.9: a response the client's stream window cannot take is queued (bounded),
+    then that exchange's upstream stops being read; another stream on the same connection
+    is answered meanwhile; the client's WINDOW_UPDATE resumes the first."""
+    h2c = H2Conversation(client_settings={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1000})
+    slow_upstream = h2c.add_upstream()
+    slow = h2c.request(request_headers(b"/big"))
+    h2c.exchange()
+    big = 3 * RESPONSE_BUFFER
+    h2c.backend_sends(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % big, 0)
+    h2c.backend_sends(b"x" * (RESPONSE_BUFFER + 2000), 0)
+    assert len(body_of(h2c.events, slow)) == 1000  # the stream's window
+    assert not slow_upstream.reading  # paused: the queue is over its bound
+    h2c.add_upstream()
+    fast = h2c.request(request_headers(b"/small"))
+    h2c.exchange()
+    h2c.backend_sends(OK_2, 1)
+    assert body_of(h2c.events, fast) == b"ok"
+    h2c.client.increment_flow_control_window(4 * RESPONSE_BUFFER, stream_id=slow)
+    h2c.client.increment_flow_control_window(4 * RESPONSE_BUFFER)
+    h2c.exchange()
+    assert slow_upstream.reading
+    assert len(body_of(h2c.events, slow)) == RESPONSE_BUFFER + 2000
+
+
+async def test_request_data_is_acknowledged_only_as_it_is_passed_on():
+    """§6.9: WINDOW_UPDATE for a stream's DATA only while its exchange reads; a backend
+    that stops reading (pause_writing on its connection) stops the acknowledgements of that
+    stream, which resume with it."""
+    h2c = H2Conversation()
+    h2c.add_upstream()
+    sid = h2c.request(request_headers(b"/up", b"POST"), b"a" * 1000, end=False)
+    h2c.exchange()
+    await asyncio.sleep(0)
+    h2c.exchange()
+    conn, _ = h2c.conv.upstreams[0]
+    window = h2c.server.h2._get_stream_by_id(sid).inbound_flow_control_window
+    conn.pause_writing()  # the backend's socket is full
+    for _ in range(4):
+        h2c.client.send_data(sid, b"b" * 10000)
+    h2c.exchange()
+    assert h2c.server.h2._get_stream_by_id(sid).inbound_flow_control_window < window - 30000
+    conn.resume_writing()
+    h2c.receive()
+    stream = h2c.server.streams[sid]
+    assert stream.unacked == 0 and not stream.body_paused
+
+
+# -- the client goes away ------------------------------------------------------------------
+
+
+async def test_client_reset_ends_the_exchange_and_drops_its_upstream():
+    """§6.4: RST_STREAM from the client ends that stream only; the backend connection
+    serving it is in an unknown state and is closed (as when an HTTP/1.1 client leaves)."""
+    h2c = H2Conversation()
+    first = h2c.add_upstream()
+    sid = h2c.request(request_headers(b"/a"))
+    h2c.exchange()
+    h2c.add_upstream()
+    other = h2c.request(request_headers(b"/b"))
+    h2c.exchange()
+    h2c.client.reset_stream(sid, ErrorCodes.CANCEL)
+    h2c.exchange()
+    assert first.closed
+    h2c.backend_sends(OK_2, 1)
+    assert body_of(h2c.events, other) == b"ok"
+    assert 499 in h2c.conv.entrypoint_requests()
+
+
+async def test_connection_lost_ends_every_exchange():
+    h2c = H2Conversation()
+    upstreams = [h2c.add_upstream() for _ in range(3)]
+    for index in range(3):
+        h2c.request(request_headers(b"/%d" % index))
+    h2c.exchange()
+    h2c.server.connection_lost(None)
+    assert all(t.closed for t in upstreams)
+    assert h2c.entry.h2_connections == set()
+
+
+async def test_rapid_reset_gets_goaway_enhance_your_calm():
+    """CVE-2023-44487: a client opening streams and resetting them at once, in a loop, gets
+    GOAWAY(ENHANCE_YOUR_CALM) once half of its streams (past a minimum count) were reset
+    before their response; the connection closes."""
+    from meshproxy.http2.server import RAPID_RESET_MIN_STREAMS
+
+    h2c = H2Conversation()
+    for _ in range(RAPID_RESET_MIN_STREAMS + 10):
+        h2c.add_upstream()
+        sid = h2c.request(request_headers())
+        h2c.client.reset_stream(sid, ErrorCodes.CANCEL)
+        h2c.exchange()
+        if h2c.transport.closed:
+            break
+    assert h2c.transport.closed
+    assert goaway_code(h2c.events) == ErrorCodes.ENHANCE_YOUR_CALM
+    assert h2c.server.opened <= RAPID_RESET_MIN_STREAMS
+
+
+async def test_client_goaway_lets_open_streams_finish():
+    """§6.8: after the client's GOAWAY(NO_ERROR) the streams it opened still get their
+    answers; the connection closes when they are done."""
+    h2c = H2Conversation()
+    h2c.add_upstream()
+    sid = h2c.request(request_headers())
+    h2c.exchange()
+    h2c.client.close_connection()
+    h2c.exchange()
+    assert not h2c.transport.closed
+    h2c.server.data_received(b"")  # nothing more from the client
+    h2c.conv.upstreams[0][0].data_received(OK_2)
+    out = h2c.transport.take()
+    assert b"ok" in out
+    assert h2c.transport.closed and sid == 1
+
+
+async def test_graceful_shutdown_sends_goaway_and_finishes_streams():
+    """§6.8: GOAWAY(NO_ERROR) names the last stream accepted; it still completes; a stream
+    opened after it is refused (REFUSED_STREAM: never processed, §8.7); then the connection
+    closes."""
+    h2c = H2Conversation()
+    h2c.add_upstream()
+    sid = h2c.request(request_headers())
+    h2c.exchange()
+    h2c.server.shutdown()
+    events = h2c.receive()
+    assert goaway_code(events) == ErrorCodes.NO_ERROR
+    assert of(events, h2.events.ConnectionTerminated)[0].last_stream_id == sid
+    h2c.backend_sends(OK_2)
+    assert body_of(h2c.events, sid) == b"ok"
+    assert h2c.transport.closed
+
+
+async def test_an_idle_connection_is_closed_by_the_sweep():
+    """Traefik's idleTimeout applies to HTTP/2 connections with no stream open; they get
+    GOAWAY(NO_ERROR) first (§6.8)."""
+    import time
+
+    h2c = H2Conversation(EntryPointSettings(name="web", port=5000, idle_timeout=5))
+    h2c.entry.sweep()
+    assert not h2c.transport.closed
+    h2c.server.idle_since = time.perf_counter() - 6
+    h2c.entry.sweep()
+    assert h2c.transport.closed
+    assert goaway_code(h2c.receive()) == ErrorCodes.NO_ERROR
+
+
+async def test_a_request_body_past_the_read_timeout_gets_408():
+    """Traefik's readTimeout covers a whole request: a stream whose body is still arriving
+    after it gets 408 (RFC 9110 §15.5.9) and its backend connection is closed."""
+    h2c = H2Conversation(EntryPointSettings(name="web", port=5000, read_timeout=5))
+    upstream = h2c.add_upstream()
+    sid = h2c.request(request_headers(b"/", b"POST"), b"part", end=False)
+    h2c.exchange()
+    await asyncio.sleep(0)
+    h2c.server.streams[sid].ex.started_at -= 6
+    h2c.entry.sweep()
+    events = h2c.receive()
+    assert status_of(events, sid) == b"408" and upstream.closed
+
+
+# -- limits -----------------------------------------------------------------------------------
+
+
+async def test_streams_beyond_max_concurrent_streams_are_refused():
+    """§5.1.2: a stream past SETTINGS_MAX_CONCURRENT_STREAMS is a stream error; REFUSED_STREAM
+    says it was not processed (§8.7), and the others go on."""
+    h2c = H2Conversation(EntryPointSettings(name="web", port=5000, h2_max_concurrent_streams=2))
+    h2c.client.remote_settings = h2.settings.Settings(client=False)  # a client that did not wait
+    for _ in range(2):
+        h2c.add_upstream()
+    ids = [h2c.request(request_headers(b"/%d" % i)) for i in range(3)]
+    events = h2c.exchange()
+    assert reset_code(events, ids[2]) == ErrorCodes.REFUSED_STREAM
+    h2c.backend_sends(OK_2, 0)
+    h2c.backend_sends(OK_2, 1)
+    assert body_of(h2c.events, ids[0]) == body_of(h2c.events, ids[1]) == b"ok"
+    assert len(h2c.conv.upstreams) == 2
+
+
+async def test_settings_advertise_the_configured_limits():
+    """The SETTINGS frame carries the entrypoint's limits (Traefik's maxConcurrentStreams,
+    maxDecoderHeaderTableSize; our initialWindowSize, maxHeaderListSize) and RFC 8441's
+    ENABLE_CONNECT_PROTOCOL."""
+    settings = EntryPointSettings(
+        name="web",
+        port=5000,
+        h2_max_concurrent_streams=7,
+        h2_initial_window_size=100_000,
+        h2_max_header_list_size=9000,
+        h2_max_decoder_table_size=1024,
+    )
+    h2c = H2Conversation(settings)
+    (changed,) = of(h2c.events, h2.events.RemoteSettingsChanged)
+    values = {code: c.new_value for code, c in changed.changed_settings.items()}
+    codes = h2.settings.SettingCodes
+    assert values[codes.MAX_CONCURRENT_STREAMS] == 7
+    assert values[codes.INITIAL_WINDOW_SIZE] == 100_000
+    assert values[codes.MAX_HEADER_LIST_SIZE] == 9000
+    assert values[codes.HEADER_TABLE_SIZE] == 1024
+    assert values[codes.ENABLE_CONNECT_PROTOCOL] == 1
+
+
+async def test_a_header_list_over_the_limit_gets_431_on_its_stream():
+    """RFC 9113 §10.5.1, as Go's server: a field block over MAX_HEADER_LIST_SIZE is decoded
+    (the HPACK state stays whole) and answered 431; nothing is forwarded and the connection
+    serves the next stream."""
+    h2c = H2Conversation(EntryPointSettings(name="web", port=5000, max_header_bytes=4096))
+    upstream = h2c.add_upstream()
+    sid = h2c.request(request_headers(x_big=b"v" * 5000))
+    events = h2c.exchange()
+    assert status_of(events, sid) == b"431" and upstream.take() == b""
+    other = h2c.request(request_headers(b"/next"))
+    h2c.exchange()
+    h2c.backend_sends(OK_2)
+    assert body_of(h2c.events, other) == b"ok"
+
+
+async def test_a_header_list_far_over_the_limit_is_a_connection_error():
+    """RFC 9113 §10.5.1: past twice the advertised limit hpack stops decoding, which leaves
+    no consistent HPACK state: GOAWAY(ENHANCE_YOUR_CALM)."""
+    h2c = H2Conversation(EntryPointSettings(name="web", port=5000, max_header_bytes=4096))
+    upstream = h2c.add_upstream()
+    h2c.request(request_headers(x_big=b"v" * 9000))
+    events = h2c.exchange()
+    assert goaway_code(events) == ErrorCodes.ENHANCE_YOUR_CALM
+    assert h2c.transport.closed and upstream.take() == b""
+
+
+# -- bad input -----------------------------------------------------------------------------
+
+
+def _stream_error_case(headers: list, body: bytes | None = None) -> tuple[H2Conversation, int]:
+    h2c = H2Conversation(validate=False)
+    upstream = h2c.add_upstream()
+    sid = h2c.request(headers, body)
+    h2c.exchange()
+    assert upstream.take() == b"", "a malformed request must never be forwarded"
+    return h2c, sid
+
+
+async def test_malformed_requests_get_rst_stream_protocol_error_and_others_go_on():
+    """§8.1.1, §8.2, §8.3: uppercase field names, connection-specific fields, `te` other
+    than trailers, missing or unknown or duplicated pseudo-header fields, an empty or
+    non-origin :path: a stream error PROTOCOL_ERROR for that stream only, nothing forwarded,
+    and the next stream on the connection is served."""
+    base = request_headers()
+    cases = {
+        "uppercase name": base + [(b"X-Upper", b"1")],
+        "connection field": base + [(b"connection", b"keep-alive")],
+        "transfer-encoding": base + [(b"transfer-encoding", b"chunked")],
+        "te not trailers": base + [(b"te", b"gzip")],
+        "missing :path": [f for f in base if f[0] != b":path"],
+        "missing :method": [f for f in base if f[0] != b":method"],
+        "unknown pseudo": base + [(b":foo", b"x")],
+        "pseudo after regular": [*base[:3], (b"accept", b"*/*"), base[3]],
+        "duplicate :path": [*base, (b":path", b"/again")],
+        "empty :path": [*base[:3], (b":path", b"")],
+        "absolute :path": [*base[:3], (b":path", b"http://a.test/")],
+        "no authority": [f for f in base if f[0] != b":authority"],
+        "value with CR": base + [(b"x-a", b"a\rb")],
+        "content-length without data": request_headers(b"/", b"POST", content_length=b"3"),
+    }
+    for name, headers in cases.items():
+        h2c, sid = _stream_error_case(headers)
+        assert reset_code(h2c.events, sid) == ErrorCodes.PROTOCOL_ERROR, name
+        assert not of(h2c.events, h2.events.ConnectionTerminated), name
+        h2c.add_upstream()
+        other = h2c.request(request_headers(b"/next"))
+        h2c.exchange()
+        h2c.backend_sends(OK_2)
+        assert body_of(h2c.events, other) == b"ok", name
+
+
+async def test_content_length_disagreeing_with_data_is_a_stream_error():
+    """§8.1.1: a content-length that the DATA frames contradict makes the request malformed:
+    RST_STREAM(PROTOCOL_ERROR); the body never ends at the backend as if whole (its connection
+    is closed), and the connection window is handed back so other streams go on."""
+    for sent in (b"toolong", b"ab"):
+        h2c = H2Conversation(validate=False)
+        upstream = h2c.add_upstream()
+        sid = h2c.request(request_headers(b"/", b"POST", content_length=b"5"), sent)
+        events = h2c.exchange()
+        await asyncio.sleep(0)
+        events += h2c.exchange()
+        assert reset_code(h2c.events, sid) == ErrorCodes.PROTOCOL_ERROR
+        assert not of(h2c.events, h2.events.ConnectionTerminated)
+        forwarded = upstream.take()
+        assert forwarded == b"" or upstream.closed
+        h2c.add_upstream()
+        other = h2c.request(request_headers(b"/next"))
+        h2c.exchange()
+        h2c.backend_sends(OK_2)
+        assert body_of(h2c.events, other) == b"ok"
+
+
+async def test_requests_http11_would_refuse_get_the_same_status_on_their_stream():
+    """The HTTP/1.1 checks where they make sense: an invalid authority or a fragment (400),
+    a target over maxRequestTargetBytes (414), CONNECT without RFC 8441's :protocol (501), an
+    Expect other than 100-continue (417). Nothing is forwarded."""
+    cases = [
+        ([*request_headers()[:2], (b":authority", b"a b"), (b":path", b"/")], b"400"),
+        (request_headers(b"/x#frag"), b"400"),
+        (request_headers(b"/" + b"a" * 20000), b"414"),
+        (request_headers(b"/%zz"), b"400"),
+        (request_headers(expect=b"nothing"), b"417"),
+        ([(b":method", b"CONNECT"), (b":authority", b"a.test:443")], b"501"),
+    ]
+    for headers, status in cases:
+        h2c, sid = _stream_error_case(headers)
+        assert status_of(h2c.events, sid) == status, headers
+
+
+async def test_connection_errors_get_goaway_with_the_right_code():
+    """§3.4 a bad preface, §4.2 a frame over SETTINGS_MAX_FRAME_SIZE (FRAME_SIZE_ERROR),
+    §5.1.1 a stream ID lower than one already used (PROTOCOL_ERROR): GOAWAY, the connection
+    closes, nothing forwarded."""
+    # a bad preface (reached through the h2c upgrade; the sniffer only hands over a good one)
+    conv = conversation()
+    server = H2ServerConnection(conv.entry)
+    transport = MemoryTransport(("127.0.0.7", 1))
+    server.connection_made(transport)  # type: ignore[arg-type]
+    server.data_received(b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n")
+    client = _Client(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    assert goaway_code(client.receive_data(bytes(transport.written))) == ErrorCodes.PROTOCOL_ERROR
+    assert transport.closed
+
+    h2c = H2Conversation()
+    upstream = h2c.add_upstream()
+    oversized = DataFrame(1, data=b"x" * 20000)
+    events = h2c.exchange(oversized.serialize())
+    assert goaway_code(events) == ErrorCodes.FRAME_SIZE_ERROR and h2c.transport.closed
+
+    h2c = H2Conversation(validate=False)
+    upstream = h2c.add_upstream()
+    h2c.client.send_headers(5, request_headers(), end_stream=True)
+    h2c.exchange()
+    upstream.take()
+    h2c.client.highest_outbound_stream_id = 1
+    h2c.client.send_headers(3, request_headers(b"/back"), end_stream=True)
+    events = h2c.exchange()
+    assert goaway_code(events) == ErrorCodes.PROTOCOL_ERROR and h2c.transport.closed
+    assert upstream.take() == b""
+
+
+# -- gRPC ---------------------------------------------------------------------------------------
+
+
+async def test_a_grpc_response_broken_after_it_started_ends_with_grpc_status_trailers():
+    """Issue 11: a gRPC stream that breaks after its response started ends with grpc-status
+    UNAVAILABLE (14) and a grpc-message in trailers, not a bare RST_STREAM."""
+    h2c = H2Conversation()
+    h2c.add_upstream()
+    sid = h2c.request(
+        request_headers(b"/pkg.Svc/M", b"POST", content_type=b"application/grpc", te=b"trailers"),
+        b"\x00\x00\x00\x00\x00",
+    )
+    h2c.exchange()
+    await asyncio.sleep(0)
+    h2c.backend_sends(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/grpc\r\nTransfer-Encoding: chunked\r\n"
+        b"\r\n5\r\n\x00\x00\x00\x00\x00\r\n"
+    )
+    h2c.conv.upstreams[0][0].connection_lost(ConnectionResetError())
+    events = h2c.receive()
+    (trailers,) = of(h2c.events, h2.events.TrailersReceived, sid)
+    fields = dict(trailers.headers)
+    assert fields[b"grpc-status"] == b"14" and fields[b"grpc-message"]
+    assert not of(events, h2.events.StreamReset)
+
+
+async def test_a_broken_plain_response_is_reset_with_internal_error():
+    """§5.4.2: a response that cannot be completed ends its stream with RST_STREAM
+    (INTERNAL_ERROR); the connection and its other streams go on."""
+    h2c = H2Conversation()
+    h2c.add_upstream()
+    sid = h2c.request(request_headers())
+    h2c.exchange()
+    h2c.backend_sends(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    h2c.conv.upstreams[0][0].connection_lost(None)
+    events = h2c.receive()
+    assert reset_code(events, sid) == ErrorCodes.INTERNAL_ERROR
+    assert not h2c.transport.closed
