@@ -218,11 +218,12 @@ Try:
   with --acl: curl --interface 127.0.0.2 -H 'Host: whoami.demo.traefik.mesh' {web}/
               (pod `client`, allowed by a TrafficTarget; from 127.0.0.1: 403)
   nc 127.0.0.1 {ports.tcp}                                   # TCP echo (echo-tcp)
+  nc -u 127.0.0.1 {ports.udp}                                # UDP echo (echo-udp.demo.traefik.mesh)
   WebSocket echo: ws://chat.demo.traefik.mesh/ dialled at {web} (Host: chat.demo.traefik.mesh)
   curl http://127.0.0.1:{ports.readiness}/ping                   # ready once the config arrived
   curl {api}/api/topology/current
   curl http://127.0.0.1:{ports.admin}/api/rawdata
   curl http://127.0.0.1:{ports.admin}/metrics
-The UDP (echo-udp) and gRPC (greeter, h2c) backends run and are configured, but the proxy
-does not serve those protocols yet (see the README).
+The gRPC (greeter, h2c) backend runs and is configured, but the proxy does not serve h2c
+yet (see the README).
 """

@@ -84,6 +84,22 @@ async def test_local_mesh_serves_http_through_the_proxy_from_the_manifests(tmp_p
         writer.close()
         assert b"mesh is up" in (tmp_path / "local.log").read_bytes()
 
+        # UDP: echo-udp.demo.traefik.mesh, through the proxy's first udp- entrypoint
+        loop = asyncio.get_running_loop()
+        replies: asyncio.Queue[bytes] = asyncio.Queue()
+
+        class UDPClient(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: object) -> None:
+                replies.put_nowait(data)
+
+        udp, _ = await loop.create_datagram_endpoint(
+            UDPClient, remote_addr=("127.0.0.1", ports["udp"])
+        )
+        for payload in (b"ping", b"x" * 1400):  # one session, both relayed and answered
+            udp.sendto(payload)
+            assert await asyncio.wait_for(replies.get(), 10) == payload
+        udp.close()
+
         # WebSocket through the mesh: ws://chat.demo.traefik.mesh, dialled at the proxy
         from websockets.asyncio.client import connect
 
