@@ -7,12 +7,13 @@ from collections.abc import Callable
 from typing import Any
 
 from meshproxy.http.upstream import ServerPool, TransportSettings, UpstreamPool
+from meshproxy.http2.upstream import H2Pool
 from meshproxy.middlewares.base import MiddlewareState
 
 PoolFactory = Callable[[str, str, int, TransportSettings], ServerPool]
 
 # The upstream pool for each server URL scheme: (scheme, host, port, settings) -> pool.
-POOL_KINDS: dict[str, PoolFactory] = {"http": UpstreamPool, "https": UpstreamPool}
+POOL_KINDS: dict[str, PoolFactory] = {"http": UpstreamPool, "https": UpstreamPool, "h2c": H2Pool}
 
 
 class RuntimeState:

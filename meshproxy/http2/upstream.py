@@ -1,0 +1,961 @@
+"""HTTP/2 client side: the `h2c` upstream pool (Traefik Mesh's `mesh.traefik.io/scheme: h2c`).
+
+`H2Pool` is the `ServerPool` (meshproxy.http.upstream) for servers with `h2c://` URLs: every
+exchange sent to the server becomes one stream on a multiplexed HTTP/2 connection with prior
+knowledge (RFC 9113 §3.3), spoken with the `h2` library (sans-IO) on an asyncio Protocol.
+
+Connections. A send takes the oldest connection that is neither draining nor full (its streams
+below the peer's SETTINGS_MAX_CONCURRENT_STREAMS, assumed `ASSUMED_MAX_STREAMS` until the
+peer's first SETTINGS arrives, as Go's transport does, and never above
+`MAX_STREAMS_PER_CONNECTION`), so requests share few connections. When all are full a new one
+is dialled, at most `MAX_CONNECTIONS` per server and one dial at a time: sends that arrive while
+a dial is in progress wait for it rather than dial again (no dial storm). Past the bound,
+sends queue (FIFO, at most `MAX_WAITING`) for the next free stream; a send that finds the queue
+full, or waits longer than `dial_timeout`, fails with `NoStreamAvailable` (503, nothing
+reached the backend: retryable), as Envoy's pending-request overflow does. A failed dial fails
+every waiting send with that dial's error (`UpstreamConnectError`, `UpstreamDialTimeout`).
+
+GOAWAY (RFC 9113 §6.8) drains a connection: no new stream goes on it, streams up to its
+last_stream_id run to their end, the others fail with `StreamRefused`, as does a stream reset
+with REFUSED_STREAM (§8.7): both mean the backend processed nothing, so retry sends them
+elsewhere. The connection closes when its last stream ends.
+
+Liveness: a connection silent for `read_idle_timeout` (Traefik's serversTransport
+forwardingTimeouts.readIdleTimeout; when 0, as by default, only connections with streams in
+flight, after `SILENT_STREAMS_PING` seconds) gets a PING; without the ack within
+`ping_timeout` it is closed and its streams fail. Idle connections close after
+`idle_conn_timeout`. All of it, and each stream's `response_header_timeout` and gRPC deadline
+(`Exchange.deadline`), is checked by `sweep(now)` once a second: no timer per request.
+
+Flow control, end to end (RFC 9113 §5.2). Request bodies: what the stream's and the
+connection's send windows do not admit is held on the stream and the client's body paused
+(`Sink.pause_request_body`) until WINDOW_UPDATE opens them; a full socket buffer pauses every
+body being sent on that connection. Response bodies: the connection window is reopened as data
+arrives (data already went to the client side), a stream's own only while its client keeps
+up: `pause_reading` stops acknowledging that stream, so the backend stops after at most
+`STREAM_WINDOW` bytes and no other stream of the connection is slowed.
+
+A backend that breaks the protocol (a bad frame, invalid response fields, data beyond its
+window) fails every stream of its connection, and only those: 502 before their response
+started, an aborted response after; the connection is dropped (h2 answers GOAWAY with the error
+code). A stream the backend resets fails alone.
+
+h2 4.x moves the connection to CLOSED on any GOAWAY it receives and then refuses every frame,
+so streams under last_stream_id could never finish (python-hyper/h2#1181, open): the
+connection class here overrides h2's GOAWAY handler to record it without closing, the one
+place this module reaches into h2's internals (tests/unit/test_h2_upstream_conversations.py
+checks it on every h2 upgrade).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from time import perf_counter
+from typing import Any
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    InformationalResponseReceived,
+    PingAckReceived,
+    RemoteSettingsChanged,
+    ResponseReceived,
+    StreamEnded,
+    StreamReset,
+    TrailersReceived,
+    WindowUpdated,
+)
+from h2.exceptions import ProtocolError, TooManyStreamsError
+from h2.settings import SettingCodes, Settings
+from hyperframe.frame import GoAwayFrame
+
+from meshproxy.http.errors import (
+    ClientGone,
+    ResponseAborted,
+    UpstreamConnectError,
+    UpstreamDialTimeout,
+    UpstreamError,
+    UpstreamResponseTimeout,
+)
+from meshproxy.http.exchange import Exchange
+from meshproxy.http.fields import http_date
+from meshproxy.http.forwarding import HOP_BY_HOP, NOT_TRAILERS
+from meshproxy.http.grpc import format_grpc_timeout, is_grpc
+from meshproxy.http.upstream import DoneCallback, ServerTarget, TransportSettings
+from meshproxy.upstream_address import resolve
+
+log = logging.getLogger("meshproxy.upstream.h2")
+
+# Connections per server, and sends waiting for a stream once they are all full.
+MAX_CONNECTIONS = 16
+MAX_WAITING = 1024
+# Streams per connection: the peer's MAX_CONCURRENT_STREAMS, this until its SETTINGS arrive
+# (Go's transport assumes 100 too), and never more than the cap (an unset setting is unlimited).
+ASSUMED_MAX_STREAMS = 100
+MAX_STREAMS_PER_CONNECTION = 1000
+# Receive windows: per stream, the most a backend may send past a paused client (so the bound
+# on what one slow client makes the proxy hold); per connection, shared by its streams.
+STREAM_WINDOW = 256 * 1024
+CONNECTION_WINDOW = 16 * 1024 * 1024
+# The largest response header list accepted (the HTTP/1.1 pool's head bound, 1 MiB).
+MAX_HEADER_LIST_SIZE = 1 << 20
+# With readIdleTimeout unset: a connection with streams in flight silent this long is pinged.
+SILENT_STREAMS_PING = 30.0
+_DEFAULT_PING_TIMEOUT = 15.0  # Traefik's pingTimeout
+_PING_DATA = b"meshprxy"
+
+_CONFIG = H2Configuration(
+    client_side=True,
+    header_encoding=None,  # names and values stay bytes, as across the exchange seam
+    validate_outbound_headers=False,  # the request fields are built (and checked) here
+    normalize_outbound_headers=False,
+    validate_inbound_headers=True,  # a backend's malformed fields are a protocol error
+)
+
+_SKIP = HOP_BY_HOP | {b"host", b"x-forwarded-for", b"http2-settings"}
+_TE_TRAILERS = (b"te", b"trailers")
+_NO_BODY_STATUS = (204, 304)
+
+_DIALS: set[asyncio.Future[None]] = set()  # the loop keeps only weak references to tasks
+
+
+class StreamRefused(UpstreamConnectError):
+    """The backend refused the stream before processing it: RST_STREAM(REFUSED_STREAM) or a
+    GOAWAY whose last_stream_id is below it (RFC 9113 §8.7, §6.8). Nothing reached the
+    application, so retry may send it elsewhere."""
+
+
+class NoStreamAvailable(UpstreamConnectError):
+    """Every connection to the server is full and `MAX_WAITING` sends already wait, or this
+    one waited `dial_timeout` for a stream: nothing was sent (503, as Envoy's overflow)."""
+
+    status = 503
+    body = b"Service Unavailable"
+
+
+class _ClientH2(H2Connection):
+    """h2's client connection with this pool's settings, and GOAWAY that drains (see the
+    module docstring: python-hyper/h2#1181)."""
+
+    def __init__(self) -> None:
+        super().__init__(_CONFIG)
+        self.local_settings = Settings(
+            client=True,
+            initial_values={
+                SettingCodes.ENABLE_PUSH: 0,
+                SettingCodes.MAX_CONCURRENT_STREAMS: 100,
+                SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+                SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_SIZE,
+            },
+        )
+        self.decoder.max_header_list_size = MAX_HEADER_LIST_SIZE
+
+    def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Any], list[Any]]:
+        # h2's own moves to CLOSED and drops pending output; RFC 9113 §6.8 keeps the
+        # connection open for the streams the peer still processes.
+        event = ConnectionTerminated()
+        try:
+            event.error_code = ErrorCodes(frame.error_code)
+        except ValueError:
+            event.error_code = frame.error_code  # an unknown code (RFC 9113 §7) is kept as is
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
+
+
+def request_headers(ex: Exchange, target: ServerTarget) -> list[tuple[bytes, bytes]]:
+    """The HEADERS of `ex` for `target` (RFC 9113 §8.3.1): pseudo-fields first (`:authority`
+    from the request's Host when passHostHeader, else the server's), then the request's fields
+    without hop-by-hop, Host and connection-nominated ones (§8.2.2), X-Forwarded-For with the
+    client appended (as http.upstream.build_request_head), `te: trailers` when the client
+    accepts trailers (gRPC needs it), and `grpc-timeout` rewritten to the time left when the
+    exchange has a deadline."""
+    request = ex.request
+    path = target.path_prefix + request.target if target.path_prefix else request.target
+    authority = (
+        request.host_header
+        if target.pass_host_header and request.host_header
+        else target.host_header
+    )
+    headers = [
+        (b":method", request.method.encode()),
+        (b":scheme", b"http"),
+        (b":authority", authority),
+        (b":path", path),
+    ]
+    skip = _SKIP | request.connection_tokens if request.connection_tokens else _SKIP
+    fields = request.headers
+    headers.extend([(name, value) for name, value in fields if name not in skip])
+    if request.append_client_ip:
+        client = request.client_ip.encode()
+        if request.forwarded_for:  # a trusted client sent X-Forwarded-For: append to it
+            xff = b", ".join([value for name, value in fields if name == b"x-forwarded-for"])
+            client = xff + b", " + client
+        headers.append((b"x-forwarded-for", client))
+    elif request.forwarded_for:
+        headers.extend([(n, v) for n, v in fields if n == b"x-forwarded-for"])
+    if request.te_trailers:
+        headers.append(_TE_TRAILERS)
+    if ex.deadline:
+        timeout = format_grpc_timeout(ex.deadline - perf_counter())
+        kept = [(n, v) for n, v in headers if n != b"grpc-timeout"]
+        if len(kept) != len(headers) or is_grpc(request):
+            kept.append((b"grpc-timeout", timeout))
+        headers = kept
+    return headers
+
+
+class H2Stream:
+    """One exchange's try on the server: queued for a stream, then one HTTP/2 stream. It is
+    the exchange's `UpstreamHandle` (client gone, pause/resume reading) and, while the request
+    body is sent, its `BodyTarget`."""
+
+    __slots__ = (
+        "body_sent",
+        "client_paused",
+        "conn",
+        "continue_since",
+        "done_callback",
+        "ex",
+        "finished",
+        "headers",
+        "pending",
+        "pending_end",
+        "pool",
+        "queued_at",
+        "reading_paused",
+        "remote_ended",
+        "request_ended",
+        "response_started",
+        "sent_at",
+        "stream_id",
+        "unacked",
+    )
+
+    def __init__(
+        self,
+        pool: H2Pool,
+        ex: Exchange,
+        headers: list[tuple[bytes, bytes]],
+        done: DoneCallback,
+    ) -> None:
+        self.pool = pool
+        self.ex = ex
+        self.headers = headers
+        self.done_callback: DoneCallback | None = done
+        self.conn: H2UpstreamConnection | None = None
+        self.stream_id = 0
+        self.queued_at = 0.0
+        self.sent_at = 0.0  # loop time the request was all sent, while awaiting the head
+        self.continue_since = 0.0  # loop time since which the client awaits 100 Continue
+        self.pending: deque[bytes | memoryview] = deque()  # body beyond the send windows
+        self.pending_end = False  # end_body came while body was pending
+        self.body_sent = False  # a body byte was handed over (the body is no longer whole)
+        self.client_paused = False  # this stream paused the client's request body
+        self.reading_paused = False
+        self.request_ended = False  # END_STREAM sent
+        self.remote_ended = False  # END_STREAM received
+        self.response_started = False
+        self.finished = False
+        self.unacked = 0  # received bytes not yet handed back to the stream's window
+
+    # -- request body (BodyTarget) --------------------------------------------------------
+
+    def send_body(self, chunk: bytes) -> None:
+        conn = self.conn
+        if self.finished or not chunk or conn is None:
+            return
+        self.body_sent = True
+        if self.pending:
+            self.pending.append(chunk)
+        else:
+            rest = self._write(chunk)
+            if rest is not None:
+                self.pending.append(rest)
+                conn.blocked.add(self)
+        if self.pending or conn.write_paused:
+            # Every time, not once: Exchange.attach_body_target resumes the client after
+            # handing over what it had buffered, whatever this stream still holds.
+            self.client_paused = True
+            self.ex.sink.pause_request_body(self.ex)
+        conn.flush()
+
+    def end_body(self) -> None:
+        conn = self.conn
+        if self.finished or conn is None or self.request_ended:
+            return
+        if self.pending:
+            self.pending_end = True
+            return
+        self._end_request()
+        conn.flush()
+
+    def _write(self, chunk: bytes | memoryview) -> memoryview | None:
+        """Send what the send windows admit of `chunk`; return the rest, if any."""
+        conn = self.conn
+        assert conn is not None
+        h2 = conn.h2
+        sid = self.stream_id
+        window = h2.local_flow_control_window(sid)
+        size = len(chunk)
+        frame = h2.max_outbound_frame_size
+        if size <= window and size <= frame:
+            h2.send_data(sid, chunk)  # the usual chunk: one frame, no slicing
+            return None
+        view = memoryview(chunk)
+        offset = 0
+        while offset < size and window > 0:
+            n = min(window, frame, size - offset)
+            h2.send_data(sid, view[offset : offset + n])
+            offset += n
+            window -= n
+        return view[offset:] if offset < size else None
+
+    def drain(self) -> None:
+        """The send windows opened (WINDOW_UPDATE, SETTINGS): send what is pending, end the
+        request if the client ended it meanwhile, and let the client go on."""
+        conn = self.conn
+        if self.finished or conn is None:
+            return
+        pending = self.pending
+        h2 = conn.h2
+        sid = self.stream_id
+        while pending:
+            if h2.local_flow_control_window(sid) <= 0:
+                return
+            rest = self._write(pending.popleft())
+            if rest is not None:
+                pending.appendleft(rest)
+                return
+        conn.blocked.discard(self)
+        if self.pending_end:
+            self.pending_end = False
+            self._end_request()
+        if self.client_paused and not conn.write_paused:
+            self.client_paused = False
+            self.ex.sink.resume_request_body(self.ex)
+
+    def _end_request(self) -> None:
+        conn = self.conn
+        assert conn is not None
+        trailers = self.ex.request_trailers
+        kept = [(n, v) for n, v in trailers if n not in NOT_TRAILERS] if trailers else None
+        if kept:
+            conn.h2.send_headers(self.stream_id, kept, end_stream=True)
+        else:
+            conn.h2.end_stream(self.stream_id)
+        self.request_ended = True
+        if not self.response_started:
+            self.sent_at = conn.loop.time()
+
+    def pause_client(self) -> None:
+        if not self.client_paused:
+            self.client_paused = True
+            self.ex.sink.pause_request_body(self.ex)
+
+    # -- UpstreamHandle -------------------------------------------------------------------
+
+    def client_gone(self) -> None:
+        """The client left: reset the stream (CANCEL, RFC 9113 §8.7); the try ends with
+        ClientGone. The connection serves its other streams on."""
+        if self.finished:
+            return
+        self._reset(ErrorCodes.CANCEL)
+        self.finish(ClientGone())
+
+    def pause_reading(self) -> None:
+        self.reading_paused = True
+
+    def resume_reading(self) -> None:
+        if not self.reading_paused:
+            return
+        self.reading_paused = False
+        conn = self.conn
+        if self.unacked and conn is not None and not self.finished and not self.remote_ended:
+            conn.h2.increment_flow_control_window(self.unacked, self.stream_id)
+            self.unacked = 0
+            conn.flush()
+
+    # -- the response (from the connection) -----------------------------------------------
+
+    def on_response(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        ex = self.ex
+        fields = []
+        content_length = None
+        has_date = False
+        for name, value in headers:
+            if name[:1] == b":":
+                continue
+            if name == b"content-length":
+                content_length = int(value)  # h2 checked it is digits and matches the body
+            elif name == b"date":
+                has_date = True
+            fields.append((name, value))
+        if not has_date:
+            # as Go's server adds it, and so Traefik (RFC 9110 §6.6.1: the proxy has a clock)
+            fields.append((b"date", http_date()))
+        self.response_started = True
+        self.sent_at = 0.0
+        self.continue_since = 0.0
+        no_body = ex.request.method == "HEAD" or status in _NO_BODY_STATUS
+        ex.start_response(status, fields, content_length, no_body)
+        if ex.swallowed_status and not self.finished:
+            # This try's answer goes nowhere (retry on status): stop it now, not after its body.
+            self._reset(ErrorCodes.CANCEL)
+            self.finish(None)
+
+    def on_interim(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        ex = self.ex
+        self.continue_since = 0.0
+        fields = [(n, v) for n, v in headers if n[:1] != b":"]
+        ex.sink.write_interim(ex, status, fields)
+
+    def on_data(self, data: bytes, flow_controlled: int, ended: bool) -> None:
+        ex = self.ex
+        if data:
+            ex.send_body(data)
+        if ended or self.finished:
+            return
+        unacked = self.unacked + flow_controlled
+        if unacked >= STREAM_WINDOW // 2 and not self.reading_paused:
+            conn = self.conn
+            assert conn is not None
+            conn.h2.increment_flow_control_window(unacked, self.stream_id)
+            unacked = 0
+        self.unacked = unacked
+
+    def on_end(self) -> None:
+        self.remote_ended = True
+        if self.finished:
+            return
+        ex = self.ex
+        if not self.response_started:  # h2 lets no stream end without a response head
+            self.finish(UpstreamError("backend ended the stream without a response"))
+            return
+        ex.end_response()
+        if not self.request_ended:
+            # Answered before the whole request was sent (RFC 9113 §8.1): stop sending it.
+            self._reset(ErrorCodes.CANCEL)
+        self.finish(None)
+
+    def on_reset(self, code: int) -> None:
+        self.remote_ended = True
+        if self.finished:
+            return
+        if code == ErrorCodes.REFUSED_STREAM and not self.response_started:
+            self.finish(StreamRefused("backend refused the stream (REFUSED_STREAM)"))
+        elif self.response_started:
+            self.finish(ResponseAborted(f"backend reset the stream ({_code_name(code)})"))
+        else:
+            self.finish(UpstreamError(f"backend reset the stream ({_code_name(code)})"))
+
+    # -- ending the try -------------------------------------------------------------------
+
+    def check(self, now: float, clock: float) -> None:
+        """Sweep: the response head's timeout (`now`, loop clock) from when the request was
+        all sent, the exchange's deadline (`clock`, perf_counter), 100 Continue on the
+        backend's behalf, and a client that left while queued."""
+        ex = self.ex
+        if self.finished:
+            return
+        if self.conn is None:  # still queued
+            if ex.client_gone:
+                self.finish(ClientGone())
+            elif ex.deadline and clock >= ex.deadline:
+                self.finish(UpstreamResponseTimeout("deadline passed waiting for a stream"))
+            elif now - self.queued_at > self.pool.wait_limit:
+                self.finish(NoStreamAvailable("no stream to the server in time"))
+            return
+        if ex.deadline and clock >= ex.deadline:
+            self._reset(ErrorCodes.CANCEL)
+            self.finish(UpstreamResponseTimeout("deadline passed"))
+            return
+        timeout = self.pool.settings.response_header_timeout
+        sent_at = self.sent_at
+        if sent_at and timeout > 0 and now - sent_at > timeout and not self.response_started:
+            self._reset(ErrorCodes.CANCEL)
+            self.finish(UpstreamResponseTimeout("no response headers in time"))
+            return
+        since = self.continue_since
+        if since and now - since >= self.pool.settings.expect_continue_timeout:
+            self.continue_since = 0.0  # as the HTTP/1.1 pool: 100 on the backend's behalf
+            ex.sink.write_continue(ex)
+
+    def _reset(self, code: ErrorCodes) -> None:
+        conn = self.conn
+        if conn is None or conn.closed or (self.remote_ended and self.request_ended):
+            return
+        try:
+            conn.h2.reset_stream(self.stream_id, code)
+        except ProtocolError:  # already closed on h2's side: nothing to reset
+            return
+        conn.flush()
+
+    def finish(self, exc: BaseException | None) -> None:
+        """End the try: `done` is called once, with None or the error; the stream leaves its
+        connection and the pool. A refused stream leaves the body as retry needs it: whole
+        (never touched, or rewound from the replay copy) or visibly touched."""
+        if self.finished:
+            return
+        self.finished = True
+        ex = self.ex
+        pool = self.pool
+        pool.busy.discard(self)
+        conn = self.conn
+        self.pending.clear()
+        if ex.upstream is self:
+            ex.upstream = None
+        if ex.body_target is self:
+            if exc is None or not self.body_sent or not isinstance(exc, StreamRefused):
+                ex.detach_body_target()
+            elif not ex.rewind_body():
+                pass  # part of the body left and no copy is kept: the try stays touched
+        if self.client_paused:
+            self.client_paused = False
+            ex.sink.resume_request_body(ex)
+        done = self.done_callback
+        self.done_callback = None
+        if conn is not None:
+            conn.stream_closed(self)
+        else:
+            pool.unqueue(self)
+        if done is not None:
+            done(exc)
+
+
+def _code_name(code: int | None) -> str:
+    try:
+        return ErrorCodes(code or 0).name
+    except ValueError:
+        return f"error code {code}"
+
+
+class H2UpstreamConnection(asyncio.Protocol):
+    """One HTTP/2 connection to the server, carrying many streams."""
+
+    def __init__(self, pool: H2Pool) -> None:
+        self.pool = pool
+        self.loop = asyncio.get_event_loop()
+        self.h2 = _ClientH2()
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, H2Stream] = {}
+        self.blocked: set[H2Stream] = set()  # streams with body held by the send windows
+        self.max_streams = ASSUMED_MAX_STREAMS
+        self.closed = False
+        self.draining = False  # GOAWAY received, or the pool is closing: no new streams
+        self.write_paused = False
+        self.last_read = self.loop.time()
+        self.idle_since = self.last_read
+        self.ping_sent_at = 0.0
+        self.conn_unacked = 0  # received bytes not yet handed back to the connection window
+        self.preface: bytes | None = b""  # the server's first bytes, until its SETTINGS is seen
+
+    @property
+    def has_room(self) -> bool:
+        return not self.draining and not self.closed and len(self.streams) < self.max_streams
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        h2 = self.h2
+        h2.initiate_connection()
+        h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail_all("backend closed the connection")
+
+    def flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data and self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        """Close now, politely (GOAWAY NO_ERROR) when no stream is open."""
+        if self.closed:
+            return
+        if not self.streams:
+            try:
+                self.h2.close_connection()
+            except ProtocolError:
+                pass
+            self.flush()
+        self._fail_all("connection closed by the proxy")
+
+    def _fail_all(self, reason: str) -> None:
+        """The connection is gone or unusable: its streams fail (502 before their response
+        started, an abort after), the pool forgets it."""
+        if self.closed:
+            return
+        self.closed = True
+        self.pool.forget(self)
+        for stream in list(self.streams.values()):
+            if stream.response_started:
+                stream.finish(ResponseAborted(reason))
+            else:
+                stream.finish(UpstreamError(reason))
+        self.streams.clear()
+        self.blocked.clear()
+        if self.transport is not None:
+            self.transport.close()
+        self.pool.serve_waiting()
+
+    # -- streams --------------------------------------------------------------------------
+
+    def start(self, stream: H2Stream) -> bool:
+        """Open `stream` here; False when the connection cannot take it after all."""
+        h2 = self.h2
+        ex = stream.ex
+        sid = h2.get_next_available_stream_id()
+        try:
+            h2.send_headers(sid, stream.headers, end_stream=not ex.has_body)
+        except TooManyStreamsError:
+            self.max_streams = len(self.streams)  # h2 counts one more: wait for one to end
+            return False
+        stream.conn = self
+        stream.stream_id = sid
+        stream.headers = []  # sent: let the list go
+        self.streams[sid] = stream
+        now = self.loop.time()
+        if not ex.has_body:
+            stream.request_ended = True
+            stream.sent_at = now
+        else:
+            if ex.request.expect_continue and not ex.body_complete:
+                stream.continue_since = now
+            ex.attach_body_target(stream)
+            if self.write_paused and not stream.finished:
+                stream.pause_client()
+        self.flush()
+        return True
+
+    def stream_closed(self, stream: H2Stream) -> None:
+        self.streams.pop(stream.stream_id, None)
+        self.blocked.discard(stream)
+        if self.closed:
+            return
+        if not self.streams:
+            self.idle_since = self.loop.time()
+            if self.draining:
+                self.close()
+                return
+        self.pool.serve_waiting()
+
+    # -- receiving ------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        self.last_read = self.loop.time()
+        if self.preface is not None and not self._check_preface(data):
+            return
+        try:
+            events: list[Any] = self.h2.receive_data(data)
+        except ProtocolError as exc:
+            # h2 has queued GOAWAY with the error code (RFC 9113 §5.4.1)
+            self.flush()
+            self._fail_all(f"backend broke the HTTP/2 protocol: {exc}")
+            return
+        streams = self.streams
+        started: list[H2Stream] | None = None
+        for event in events:
+            kind = type(event)
+            if kind is DataReceived:
+                size = event.flow_controlled_length
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream.on_data(event.data, size, event.stream_ended is not None)
+                if not self.closed:
+                    self._ack_connection(size)
+            elif kind is ResponseReceived:
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    headers = event.headers
+                    stream.on_response(int(headers[0][1]), headers)
+                    if event.stream_ended is None:
+                        if started is None:
+                            started = []
+                        started.append(stream)
+            elif kind is StreamEnded:
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream.on_end()
+            elif kind is TrailersReceived:
+                stream = streams.get(event.stream_id)
+                if stream is not None and not stream.finished:
+                    trailers = [(n, v) for n, v in event.headers if n[:1] != b":"]
+                    stream.ex.response_trailers = trailers
+            elif kind is WindowUpdated:
+                self._window_opened(event.stream_id)
+            elif kind is StreamReset:
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream.on_reset(event.error_code)
+            elif kind is InformationalResponseReceived:
+                stream = streams.get(event.stream_id)
+                if stream is not None and not stream.finished:
+                    headers = event.headers
+                    stream.on_interim(int(headers[0][1]), headers)
+            elif kind is RemoteSettingsChanged:
+                self._settings_changed(event)
+            elif kind is PingAckReceived:
+                self.ping_sent_at = 0.0
+            elif kind is ConnectionTerminated:
+                self._goaway(event)
+            if self.closed:
+                return
+        if started is not None:
+            for stream in started:
+                if not stream.finished:
+                    stream.ex.sink.flush(stream.ex)  # a head without body bytes yet
+        self.flush()
+
+    def _check_preface(self, data: bytes) -> bool:
+        """RFC 9113 §3.4: the server's first frame is SETTINGS. Checked here because h2 reads
+        a frame's length before its type and waits for that many bytes: a pod that answers in
+        HTTP/1.1 ("HTTP/1.1 " reads as a 4.7 MB frame) would hold its streams until a timeout."""
+        head = (self.preface or b"") + data[:4]
+        if len(head) < 4:
+            self.preface = head
+            return True
+        self.preface = None
+        if head[3] == 0x04:  # SETTINGS
+            return True
+        self._fail_all("backend did not start with HTTP/2 SETTINGS (not an h2c server?)")
+        return False
+
+    def _ack_connection(self, size: int) -> None:
+        # The data went to the client side at once, so the connection window reopens as it
+        # arrives; each stream's reopens as its client reads (H2Stream.on_data).
+        unacked = self.conn_unacked + size
+        if unacked >= CONNECTION_WINDOW // 2:
+            self.h2.increment_flow_control_window(unacked)
+            unacked = 0
+        self.conn_unacked = unacked
+
+    def _window_opened(self, stream_id: int) -> None:
+        if not self.blocked:
+            return
+        if stream_id:
+            stream = self.streams.get(stream_id)
+            if stream is not None and stream in self.blocked:
+                stream.drain()
+            return
+        for stream in list(self.blocked):
+            stream.drain()
+
+    def _settings_changed(self, event: RemoteSettingsChanged) -> None:
+        changed = event.changed_settings
+        peer_max = self.h2.remote_settings.max_concurrent_streams
+        self.max_streams = min(peer_max, MAX_STREAMS_PER_CONNECTION)
+        if SettingCodes.INITIAL_WINDOW_SIZE in changed:
+            self._window_opened(0)
+        self.pool.serve_waiting()
+
+    def _goaway(self, event: ConnectionTerminated) -> None:
+        """RFC 9113 §6.8: streams above last_stream_id were not processed: refused (retry
+        sends them elsewhere); the others run on; the connection takes no new stream."""
+        self.draining = True
+        self.pool.forget_for_new_streams(self)
+        last = event.last_stream_id or 0
+        reason = f"backend sent GOAWAY ({_code_name(event.error_code)}) before this stream"
+        for sid, stream in list(self.streams.items()):
+            if sid > last:
+                stream.remote_ended = True  # nothing to reset: the peer ignores it
+                stream.request_ended = True
+                stream.finish(StreamRefused(reason))
+        if not self.streams:
+            self.close()
+        else:
+            self.pool.serve_waiting()
+
+    # -- writing --------------------------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        # The socket buffer is full: every body being sent waits (bounded buffering).
+        self.write_paused = True
+        for stream in list(self.streams.values()):
+            if not stream.request_ended and stream.ex.body_target is stream:
+                stream.pause_client()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for stream in list(self.streams.values()):
+            if stream.client_paused and not stream.pending:
+                stream.client_paused = False
+                stream.ex.sink.resume_request_body(stream.ex)
+
+    # -- liveness -------------------------------------------------------------------------
+
+    def check(self, now: float) -> None:
+        """Sweep: PING a silent connection, close one whose PING went unanswered or that has
+        been idle for idle_conn_timeout."""
+        settings = self.pool.settings
+        if self.ping_sent_at:
+            limit = settings.ping_timeout if settings.ping_timeout > 0 else _DEFAULT_PING_TIMEOUT
+            if now - self.ping_sent_at > limit:
+                log.info("h2c %s:%s: no PING ack in %.0fs", self.pool.host, self.pool.port, limit)
+                self._fail_all("backend did not answer PING")
+            return
+        silent = settings.read_idle_timeout
+        if silent <= 0 and self.streams:
+            silent = SILENT_STREAMS_PING
+        if silent > 0 and now - self.last_read > silent:
+            self.ping_sent_at = now
+            self.h2.ping(_PING_DATA)
+            self.flush()
+            return
+        idle = settings.idle_conn_timeout
+        if not self.streams and idle > 0 and now - self.idle_since > idle:
+            self.close()
+
+
+class H2Pool:
+    """HTTP/2 connections to one `h2c://` server (see the module docstring)."""
+
+    def __init__(self, scheme: str, host: str, port: int, settings: TransportSettings) -> None:
+        self.scheme = scheme
+        self.host = host
+        self.port = port
+        self.settings = settings
+        self.connections: list[H2UpstreamConnection] = []  # open, oldest first
+        self.draining: set[H2UpstreamConnection] = set()  # open, taking no new stream
+        self.busy: set[H2Stream] = set()  # queued or open streams: swept
+        self.waiting: deque[H2Stream] = deque()
+        self.dialing = False
+        self.closing = False
+        self.wait_limit = settings.dial_timeout if settings.dial_timeout > 0 else 30.0
+        self.max_connections = MAX_CONNECTIONS
+        # How connections are made (in-memory transports in the conversation tests).
+        self.dialer: Callable[[H2Pool], Awaitable[H2UpstreamConnection]] = dial_tcp
+
+    # -- ServerPool -----------------------------------------------------------------------
+
+    def send(self, ex: Exchange, target: ServerTarget, done: DoneCallback) -> None:
+        """Send `ex` as a stream on a connection with room, or queue it for one."""
+        if ex.client_gone:
+            done(ClientGone())
+            return
+        if ex.request.upgrade is not None:
+            # HTTP/2 has no Upgrade (RFC 9113 §8.6); WebSocket over it is extended CONNECT
+            # (RFC 8441), which an HTTP/1.1 upgrade is not translated into.
+            done(UpstreamError("an HTTP/1.1 upgrade cannot be sent to an h2c server"))
+            return
+        if ex.deadline and ex.deadline <= perf_counter():
+            done(UpstreamResponseTimeout("deadline passed before the request was sent"))
+            return
+        stream = H2Stream(self, ex, request_headers(ex, target), done)
+        ex.upstream = stream
+        self.busy.add(stream)
+        if not self.waiting:
+            for conn in self.connections:
+                if conn.has_room and conn.start(stream):
+                    return
+        if len(self.waiting) >= MAX_WAITING:
+            stream.finish(NoStreamAvailable("too many requests waiting for a stream"))
+            return
+        stream.queued_at = asyncio.get_running_loop().time()
+        self.waiting.append(stream)
+        self._dial_if_needed()
+
+    def sweep(self, now: float) -> None:
+        """Timeouts of streams (response head, deadline, queue wait), PINGs and idle
+        connections; `now` on the loop's clock, seconds."""
+        clock = perf_counter()
+        for stream in list(self.busy):
+            stream.check(now, clock)
+        for conn in [*self.connections, *self.draining]:
+            conn.check(now)
+
+    def close(self) -> None:
+        """The config no longer uses this server: idle connections close, busy ones drain
+        (their streams finish on the snapshot that sent them)."""
+        self.closing = True
+        for conn in [*self.connections, *self.draining]:
+            if conn.streams:
+                conn.draining = True
+                self.forget_for_new_streams(conn)
+            else:
+                conn.close()
+
+    # -- connections ----------------------------------------------------------------------
+
+    def forget(self, conn: H2UpstreamConnection) -> None:
+        if conn in self.connections:
+            self.connections.remove(conn)
+        self.draining.discard(conn)
+
+    def forget_for_new_streams(self, conn: H2UpstreamConnection) -> None:
+        if conn in self.connections:
+            self.connections.remove(conn)
+            self.draining.add(conn)
+
+    def unqueue(self, stream: H2Stream) -> None:
+        try:
+            self.waiting.remove(stream)
+        except ValueError:
+            pass
+
+    def serve_waiting(self) -> None:
+        """Give queued sends the streams that are free; dial if they need more."""
+        waiting = self.waiting
+        while waiting:
+            conn = next((c for c in self.connections if c.has_room), None)
+            if conn is None:
+                break
+            stream = waiting.popleft()
+            if stream.ex.client_gone:
+                stream.finish(ClientGone())
+                continue
+            if not conn.start(stream):
+                waiting.appendleft(stream)
+        if waiting:
+            self._dial_if_needed()
+
+    def _dial_if_needed(self) -> None:
+        if self.dialing or len(self.connections) + len(self.draining) >= self.max_connections:
+            return
+        if any(conn.has_room for conn in self.connections):
+            return
+        self.dialing = True
+        task = asyncio.ensure_future(self._dial())
+        _DIALS.add(task)
+        task.add_done_callback(_DIALS.discard)
+
+    async def _dial(self) -> None:
+        """One new connection; the sends waiting get it, or its error."""
+        try:
+            conn = await self.dialer(self)
+        except UpstreamConnectError as exc:
+            self.dialing = False
+            waiting, self.waiting = self.waiting, deque()
+            for stream in waiting:
+                stream.finish(exc)
+            return
+        self.dialing = False
+        if not conn.closed:
+            self.connections.append(conn)
+        self.serve_waiting()
+
+
+async def dial_tcp(pool: H2Pool) -> H2UpstreamConnection:
+    """A new TCP connection to the pool's server, within `dial_timeout`; raises
+    UpstreamDialTimeout or UpstreamConnectError (nothing was sent)."""
+    loop = asyncio.get_running_loop()
+    settings = pool.settings
+    host, port = resolve(pool.host, pool.port)  # `meshproxy local`: mesh names -> its proxy
+    try:
+        _, conn = await asyncio.wait_for(
+            loop.create_connection(lambda: H2UpstreamConnection(pool), host, port),
+            settings.dial_timeout if settings.dial_timeout > 0 else None,
+        )
+    except TimeoutError:
+        raise UpstreamDialTimeout(f"dial {pool.host}:{pool.port}: timeout") from None
+    except OSError as exc:
+        raise UpstreamConnectError(f"dial {pool.host}:{pool.port}: {exc}") from None
+    return conn
