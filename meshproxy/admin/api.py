@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from meshproxy import __version__
+from meshproxy.balancer.health import describe_service
 from meshproxy.config.decode import to_builtins
 from meshproxy.observability.metrics import RequestMetrics
 from meshproxy.runtime.manager import ConfigManager
@@ -39,9 +40,12 @@ def rawdata(manager: ConfigManager) -> dict[str, Any]:
     snapshot = manager.snapshot
     config = snapshot.config
     provider = snapshot.provider
+    services = _section(config.http.services, snapshot.services, provider)
+    for name, entry in services.items():  # servers UP/DOWN and why (balancer.health)
+        entry.update(describe_service(snapshot.service_objects.get(name)))
     return {
         "routers": _section(config.http.routers, snapshot.routers, provider),
-        "services": _section(config.http.services, snapshot.services, provider),
+        "services": services,
         "middlewares": _section(config.http.middlewares, snapshot.middlewares, provider),
         "tcpRouters": _section(config.tcp.routers, snapshot.tcp_routers, provider),
         "tcpServices": _section(config.tcp.services, snapshot.tcp_services, provider),

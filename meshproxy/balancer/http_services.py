@@ -10,40 +10,127 @@ outcomes whatever protocol the server speaks.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from time import perf_counter
+from typing import Any
 
+from meshproxy.balancer.outlier import OutlierDetector
+from meshproxy.balancer.sticky import Sticky
+from meshproxy.balancer.strategies import PeakEWMA, ServerState, Strategy, make_strategy
 from meshproxy.balancer.wrr import SmoothWeightedRoundRobin
-from meshproxy.http.errors import NoServerAvailable, ProxyError
+from meshproxy.http.errors import NoServerAvailable, ProxyError, UpstreamConnectError
 from meshproxy.http.exchange import Exchange, Finish, Handler, NullSink
 from meshproxy.http.upstream import ServerTarget
 from meshproxy.observability.metrics import RequestMetrics
 
 log = logging.getLogger("meshproxy.balancer")
 
+# The latency a failed try counts as for the peak-EWMA estimate (seconds): a server that
+# refuses connections in a millisecond must not look like the fastest one.
+FAILURE_RTT = 1.0
+
 
 class LoadBalancerService:
+    """A `loadBalancer` service: picks a server with its strategy (balancer.strategies), or
+    the one a sticky cookie pins, among the servers that are up (active health check and
+    passive outlier detection), and hands the exchange to that server's pool.
+
+    `updaters` are told when the service as a whole goes up or down (no server available):
+    the parents that declared `healthCheck` (Traefik's SetStatus propagation)."""
+
     def __init__(
         self,
         name: str,
         servers: list[tuple[ServerTarget, int]],
         pass_host_header: bool,
         metrics: RequestMetrics,
+        states: list[ServerState] | None = None,
+        strategy: str | None = None,
+        sticky: Sticky | None = None,
+        outlier: OutlierDetector | None = None,
     ) -> None:
         self.name = name
         self.targets = [target for target, _ in servers]
-        self.balancer: SmoothWeightedRoundRobin[ServerTarget] = SmoothWeightedRoundRobin(servers)
+        self.states: list[ServerState] = (
+            states if states is not None else [ServerState(t.url) for t, _ in servers]
+        )
+        weights = [w for _, w in servers]
+        self.strategy: Strategy = make_strategy(strategy, self.states, weights)
         self.pass_host_header = pass_host_header
         self.metrics = metrics
+        self.sticky = sticky
+        self.outlier = outlier
+        self.ewma = isinstance(self.strategy, PeakEWMA)
         self.weights_key = tuple((t.url, w) for t, w in servers)
+        self.updaters: list[Callable[[bool], None]] = []
+        self.up = self.strategy.any_up()
+        self.health_check = False  # declared `healthCheck`: tells its parents its status
+        self.checkers: list[Any] = []  # per server: its health.HealthChecker, or None
 
     def serve(self, ex: Exchange, finish: Finish) -> None:
         """Send `ex` to the next server; `finish` is called once, when the exchange is over."""
         ex.service = self.name
-        target = self.balancer.pick()
-        if target is None:
-            finish(ex, NoServerAvailable(f"service {self.name} has no available server"))
-            return
-        target.pool.send(ex, target, _Attempt(self, ex, finish, perf_counter()).done)
+        index = -1
+        sticky = self.sticky
+        if sticky is not None:
+            index = sticky.pinned(ex)
+            if index >= 0:
+                if self.states[index].available:
+                    sticky.keep(ex, index)
+                else:
+                    index = -1  # pinned to a server that is down: balance and re-pin
+        if index < 0:
+            index = self.strategy.pick()
+            if index < 0:
+                finish(ex, NoServerAvailable(f"service {self.name} has no available server"))
+                return
+            if sticky is not None:
+                sticky.stick(ex, index)
+        state = self.states[index]
+        state.in_flight += 1
+        target = self.targets[index]
+        target.pool.send(ex, target, _Attempt(self, state, ex, finish, perf_counter()).done)
+
+    def observe(
+        self, state: ServerState, exc: BaseException | None, status: int, now: float, seconds: float
+    ) -> None:
+        """One try at `state`'s server ended: feed the latency estimate and the detector.
+        A failure (nothing reached the server, or a 5xx) counts as a slow answer for the
+        estimate, so a server that fails fast does not attract the traffic."""
+        failed = isinstance(exc, UpstreamConnectError) or status >= 500
+        if self.ewma and status != 499:
+            state.observe(seconds if not failed or seconds > FAILURE_RTT else FAILURE_RTT, now)
+        outlier = self.outlier
+        if outlier is not None and status != 499:
+            outlier.record(self, state, exc, status, now)
+
+    # -- status (health checks, outlier detection): off the hot path ---------------------
+
+    def refresh(self) -> None:
+        """Recompute which servers take traffic after a state changed; publish
+        `traefik_service_server_up` and tell the parents when the whole service flips."""
+        self.strategy.refresh()
+        server_up = self.metrics.server_up
+        for state in self.states:
+            server_up[(self.name, state.url)] = 1 if state.available else 0
+        up = self.strategy.any_up()
+        if up != self.up:
+            self.up = up
+            log.warning(
+                "service %s is %s", self.name, "up again" if up else "down: no server available"
+            )
+            for updater in self.updaters:
+                updater(up)
+
+    def set_healthy(self, url: str, healthy: bool) -> None:
+        """The active health check's verdict for the server at `url`."""
+        changed = False
+        for state in self.states:
+            if state.url == url and state.healthy != healthy:
+                state.healthy = healthy
+                changed = True
+        if changed:
+            self.refresh()
 
 
 class _Attempt:
@@ -51,17 +138,25 @@ class _Attempt:
     closure, because compiled by mypyc a closure and its environment form a reference cycle,
     which would leave every request's objects to the garbage collector."""
 
-    __slots__ = ("ex", "finish", "service", "started")
+    __slots__ = ("ex", "finish", "service", "started", "state")
 
     def __init__(
-        self, service: LoadBalancerService, ex: Exchange, finish: Finish, started: float
+        self,
+        service: LoadBalancerService,
+        state: ServerState,
+        ex: Exchange,
+        finish: Finish,
+        started: float,
     ) -> None:
         self.service = service
+        self.state = state
         self.ex = ex
         self.finish = finish
         self.started = started
 
     def done(self, exc: BaseException | None) -> None:
+        now = perf_counter()
+        self.state.in_flight -= 1
         ex = self.ex
         if exc is None:
             status = ex.swallowed_status or ex.status
@@ -71,31 +166,75 @@ class _Attempt:
             self.finish(ex, exc)
             return
         service = self.service
-        service.metrics.record_service(service.name, ex, status, perf_counter() - self.started)
+        seconds = now - self.started
+        service.observe(self.state, exc, status, now, seconds)
+        service.metrics.record_service(service.name, ex, status, seconds)
         self.finish(ex, exc)
 
 
 class WeightedService:
-    """Traffic split: each request goes to one child service, in proportion to the weights."""
+    """Traffic split: each request goes to one child service, in proportion to the weights.
 
-    def __init__(self, name: str, children: list[tuple[Handler, int]]) -> None:
+    With `healthCheck` (Traefik's SetStatus propagation) a child that reports itself down
+    (no server available) is skipped, and the service reports itself down to its own parents
+    when every child is; with `sticky.cookie` a client is pinned to one child."""
+
+    def __init__(
+        self,
+        name: str,
+        children: list[tuple[Handler, int]],
+        sticky: Sticky | None = None,
+    ) -> None:
         self.name = name
-        self.balancer: SmoothWeightedRoundRobin[Handler] = SmoothWeightedRoundRobin(children)
+        self.handlers = [handler for handler, _ in children]
+        self.balancer: SmoothWeightedRoundRobin[int] = SmoothWeightedRoundRobin(
+            [(i, w) for i, (_, w) in enumerate(children)]
+        )
         self.weights_key = tuple(w for _, w in children)
+        self.sticky = sticky
+        self.children_up = [True] * len(children)
+        self.updaters: list[Callable[[bool], None]] = []
+        self.up = any(w > 0 for _, w in children)
+        self.health_check = False
 
     def serve(self, ex: Exchange, finish: Finish) -> None:
-        child = self.balancer.pick()
-        if child is None:
-            finish(ex, NoServerAvailable(f"service {self.name} has no available child"))
-            return
-        child(ex, finish)
+        index = -1
+        sticky = self.sticky
+        if sticky is not None:
+            index = sticky.pinned(ex)
+            if index >= 0:
+                if self.children_up[index]:
+                    sticky.keep(ex, index)
+                else:
+                    index = -1
+        if index < 0:
+            picked = self.balancer.pick()
+            if picked is None:
+                finish(ex, NoServerAvailable(f"service {self.name} has no available child"))
+                return
+            index = picked
+            if sticky is not None:
+                sticky.stick(ex, index)
+        self.handlers[index](ex, finish)
+
+    def set_child_up(self, index: int, up: bool) -> None:
+        """A child's status changed (it declared a health check): skip it while down."""
+        self.children_up[index] = up
+        if self.weights_key[index] > 0:
+            self.balancer.set_up(index, up)
+        now_up = any(u and w > 0 for u, w in zip(self.children_up, self.weights_key, strict=True))
+        if now_up != self.up:
+            self.up = now_up
+            for updater in self.updaters:
+                updater(now_up)
 
 
 class MirroringService:
     """Serves from the main service; copies bodiless requests to mirrors by percentage.
 
     Requests with a body are not mirrored (that would need the body buffered); the main
-    response is never delayed by a mirror.
+    response is never delayed by a mirror. With `healthCheck`, the service's status is its
+    main service's, told to its parents (Traefik's mirror.RegisterStatusUpdater).
     """
 
     def __init__(
@@ -109,6 +248,9 @@ class MirroringService:
         self.mirrors = mirrors
         self.counts = [0] * len(mirrors)
         self.total = 0
+        self.updaters: list[Callable[[bool], None]] = []
+        self.up = True
+        self.health_check = False
 
     def serve(self, ex: Exchange, finish: Finish) -> None:
         if not ex.has_body and self.mirrors and ex.request.upgrade is None:
@@ -118,6 +260,12 @@ class MirroringService:
                     self.counts[i] += 1
                     _mirror(ex, handler)
         self.main(ex, finish)
+
+    def set_main_up(self, up: bool) -> None:
+        if up != self.up:
+            self.up = up
+            for updater in self.updaters:
+                updater(up)
 
 
 def _mirror(ex: Exchange, handler: Handler) -> None:

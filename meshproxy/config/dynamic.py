@@ -54,6 +54,17 @@ class PassiveHealthCheck(_Base):
     max_failed_attempts: int | None = None
 
 
+class OutlierDetection(_Base):
+    """meshproxy extension (Envoy's outlier detection): see balancer/outlier.py."""
+
+    enabled: bool | None = None
+    consecutive_failures: int | None = None
+    consecutive5xx: int | None = msgspec.field(default=None, name="consecutive5xx")
+    base_ejection_time: Duration | None = None
+    max_ejection_time: Duration | None = None
+    max_ejection_percent: int | None = None
+
+
 class Cookie(_Base):
     name: str | None = None
     secure: bool | None = None
@@ -78,6 +89,7 @@ class ServersLoadBalancer(_Base):
     sticky: Sticky | None = None
     health_check: HealthCheck | None = None
     passive_health_check: PassiveHealthCheck | None = None
+    outlier_detection: OutlierDetection | None = None  # meshproxy extension
     pass_host_header: bool | None = None
     response_forwarding: ResponseForwarding | None = None
     servers_transport: str | None = None

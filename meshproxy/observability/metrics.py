@@ -140,6 +140,10 @@ class RequestMetrics:
         # (entrypoint, status) -> requests refused or cut for their framing, before routing
         self.protocol_errors: dict[tuple[str, int], int] = {}
         self.server_up: dict[tuple[str, str], int] = {}
+        # (service, server url) -> ejections by passive outlier detection (balancer.outlier)
+        self.outlier_ejections: dict[tuple[str, str], int] = {}
+        # (service, server url) -> 1 while ejected
+        self.outlier_ejected: dict[tuple[str, str], int] = {}
         self.udp: dict[str, UDPCounters] = {}  # UDP entrypoint -> its counters
         self.reloads_total = 0
         self.last_reload_success = 0.0
@@ -216,6 +220,10 @@ class RequestMetrics:
         self.service = {k: v for k, v in self.service.items() if k[3] in services}
         self.retries = {k: v for k, v in self.retries.items() if k in services}
         self.server_up = {k: v for k, v in self.server_up.items() if k[0] in services}
+        self.outlier_ejections = {
+            k: v for k, v in self.outlier_ejections.items() if k[0] in services
+        }
+        self.outlier_ejected = {k: v for k, v in self.outlier_ejected.items() if k[0] in services}
 
     def reload_failed(self) -> None:
         self.reload_failures_total += 1
@@ -300,6 +308,22 @@ class RequestMetrics:
         for (service, url), value in self.server_up.items():
             up.add_metric([service, url], value)
         yield up
+        ejections = CounterMetricFamily(
+            "meshproxy_outlier_ejections",
+            "Servers taken out of a service by passive outlier detection.",
+            labels=["service", "url"],
+        )
+        for (service, url), count in self.outlier_ejections.items():
+            ejections.add_metric([service, url], count)
+        yield ejections
+        ejected = GaugeMetricFamily(
+            "meshproxy_outlier_ejected",
+            "1 while passive outlier detection keeps the server out of the service.",
+            labels=["service", "url"],
+        )
+        for (service, url), value in self.outlier_ejected.items():
+            ejected.add_metric([service, url], value)
+        yield ejected
         yield from self._udp_families()
         reloads = CounterMetricFamily("traefik_config_reloads", "Config reloads")
         reloads.add_metric([], self.reloads_total)

@@ -14,11 +14,12 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from meshproxy.balancer.building import link_mirroring, link_weighted, load_balancer_service
 from meshproxy.balancer.http_services import (
-    LoadBalancerService,
     MirroringService,
     WeightedService,
 )
+from meshproxy.balancer.sticky import Sticky
 from meshproxy.config.dynamic import DynamicConfig, Middleware, Router, ServersTransport, Service
 from meshproxy.http.exchange import Handler
 from meshproxy.http.transports import TransportError, http_transport
@@ -72,6 +73,7 @@ class _Compiler:
         self.used_pools: set[Any] = set()
         self.middleware_state = MiddlewareState()
         self.service_objects: dict[str, Any] = {}
+        self.health_wanted: dict[Any, list[Any]] = {}  # health checks the services want
         self.transports: dict[str, TransportSettings | str] = {}  # name -> settings or error
 
     # -- names --------------------------------------------------------------------------
@@ -167,12 +169,6 @@ class _Compiler:
     def build_load_balancer(self, qualified: str, definition: Service) -> Handler:
         lb = definition.load_balancer
         assert lb is not None
-        if lb.strategy not in (None, "", "wrr"):
-            raise _BuildError(
-                f"load-balancer strategy {lb.strategy!r} is not supported (supported: wrr)"
-            )
-        if lb.sticky is not None:
-            raise _BuildError("sticky sessions are not supported yet")
         settings = self.transport_for(lb.servers_transport)
         servers: list[tuple[ServerTarget, int]] = []
         for index, server in enumerate(lb.servers):
@@ -187,16 +183,25 @@ class _Compiler:
         pass_host = True if lb.pass_host_header is None else lb.pass_host_header
         for target, _ in servers:
             target.pass_host_header = pass_host
-        service = LoadBalancerService(qualified, servers, pass_host, self.ctx.metrics)
-        previous = self.ctx.state.services.get(qualified)
-        if (
-            isinstance(previous, LoadBalancerService)
-            and previous.weights_key == service.weights_key
-        ):
-            service.balancer.adopt_position(previous.balancer)
+        warnings: list[str] = []
+        try:
+            service = load_balancer_service(
+                qualified,
+                lb,
+                servers,
+                pass_host,
+                self.ctx.metrics,
+                self.ctx.state.services.get(qualified),
+                settings,
+                self.ctx.state.health,
+                self.health_wanted,
+                warnings,
+            )
+        except ValueError as exc:
+            raise _BuildError(str(exc)) from None
+        for warning in warnings:
+            self.snapshot.services[qualified].warn(f"loadBalancer.{warning}")
         self.service_objects[qualified] = service
-        for target, _ in servers:
-            self.ctx.metrics.server_up[(qualified, target.url)] = 1
         return service.serve
 
     def server_target(
@@ -226,13 +231,24 @@ class _Compiler:
     def build_weighted(self, qualified: str, definition: Service) -> Handler:
         weighted = definition.weighted
         assert weighted is not None
-        if weighted.sticky is not None:
-            raise _BuildError("sticky sessions are not supported yet")
         children = []
+        objects = []
         for child in weighted.services:
-            handler = self.service(self.resolve(child.name, "service"))
+            child_name = self.resolve(child.name, "service")
+            handler = self.service(child_name)
             children.append((handler, 1 if child.weight is None else child.weight))
-        service = WeightedService(qualified, children)
+            objects.append((child_name, self.service_objects.get(child_name)))
+        sticky = None
+        if weighted.sticky is not None and weighted.sticky.cookie is not None:
+            names = [child.name for child in weighted.services]
+            sticky = Sticky(weighted.sticky.cookie, qualified, names)
+        service = WeightedService(qualified, children, sticky)
+        if weighted.health_check is not None:
+            service.health_check = True
+            try:
+                link_weighted(service, objects)
+            except ValueError as exc:
+                raise _BuildError(str(exc)) from None
         previous = self.ctx.state.services.get(qualified)
         if isinstance(previous, WeightedService) and previous.weights_key == service.weights_key:
             service.balancer.adopt_position(previous.balancer)
@@ -251,6 +267,13 @@ class _Compiler:
                 (mirror.name, self.service(self.resolve(mirror.name, "service")), mirror.percent)
             )
         service = MirroringService(qualified, main, mirrors)
+        if mirroring.health_check is not None:
+            service.health_check = True
+            main_name = self.resolve(mirroring.service, "service")
+            try:
+                link_mirroring(service, main_name, self.service_objects.get(main_name))
+            except ValueError as exc:
+                raise _BuildError(str(exc)) from None
         self.service_objects[qualified] = service
         return service.serve
 
@@ -633,6 +656,7 @@ def compile_snapshot(config: DynamicConfig, ctx: CompileContext) -> RuntimeSnaps
     ctx.state.services = compiler.service_objects
     ctx.state.middlewares = compiler.middleware_state
     ctx.state.retain_pools(compiler.used_pools)
+    ctx.state.health.retain(compiler.health_wanted)
     return snapshot
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from meshproxy.balancer.health import HealthRegistry
 from meshproxy.http.upstream import ServerPool, TransportSettings, UpstreamPool
 from meshproxy.http2.upstream import H2Pool
 from meshproxy.middlewares.base import MiddlewareState
@@ -23,6 +24,8 @@ class RuntimeState:
         self.middlewares = MiddlewareState()  # token buckets, breaker windows, ...
         # Pools the config dropped while they still served exchanges: swept until idle.
         self.retired: list[ServerPool] = []
+        # Active health checkers, one per (server, check), kept while a service wants them.
+        self.health = HealthRegistry()
 
     def pool(self, scheme: str, host: str, port: int, settings: TransportSettings) -> ServerPool:
         """The pool for one server origin, made by `POOL_KINDS[scheme]` the first time."""
@@ -47,8 +50,13 @@ class RuntimeState:
         for pool in self.retired:
             pool.sweep(now)
         self.retired = [pool for pool in self.retired if pool.busy]
+        for service in self.services.values():  # outlier ejections that are over
+            outlier = getattr(service, "outlier", None)
+            if outlier is not None:
+                outlier.sweep(service)
 
     def close(self) -> None:
+        self.health.stop()
         for pool in self.pools.values():
             pool.close()
         self.pools.clear()
