@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from meshproxy.admin.api import build_admin_app
-from meshproxy.config.static import StaticConfig, parse_address
+from meshproxy.config.static import EntryPointHTTP2, StaticConfig, parse_address
 from meshproxy.http.server import (
     DEFAULT_MAX_HEADER_BYTES,
     DEFAULT_MAX_TARGET_BYTES,
@@ -158,6 +158,7 @@ class ProxyDaemon:
                     entry.http.encoded_characters if entry.http else None
                 ),
             )
+            apply_http2_limits(settings, entry.http2)
             http_entry = HTTPEntryPoint(
                 settings,
                 make_dispatcher(name, self.manager, self.metrics),
@@ -308,12 +309,15 @@ class ProxyDaemon:
         for listener in self.listeners:
             listener.server.close()
             listener.entry.close_tunnels()  # WebSockets: Close 1001 to both sides
+            listener.entry.shutdown_http2()  # GOAWAY(NO_ERROR): accepted streams finish
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
 
         def busy() -> bool:
             return any(
-                lst.entry.tunnels or any(c.current is not None for c in lst.entry.connections)
+                lst.entry.tunnels
+                or any(c.current is not None for c in lst.entry.connections)
+                or any(c.current is not None for c in lst.entry.h2_connections)
                 for lst in self.listeners
             )
 
@@ -358,6 +362,23 @@ _ENCODED_CHARACTERS = {
     "allowencodedquestionmark": (b"%3F",),
     "allowencodedhash": (b"%23",),
 }
+
+
+def apply_http2_limits(settings: EntryPointSettings, limits: EntryPointHTTP2 | None) -> None:
+    """The HTTP/2 limits given in entryPoints.X.http2 (docs/http2-server.md); the others keep
+    their defaults."""
+    if limits is None:
+        return
+    if limits.max_concurrent_streams is not None:
+        settings.h2_max_concurrent_streams = limits.max_concurrent_streams
+    if limits.max_decoder_header_table_size is not None:
+        settings.h2_max_decoder_table_size = limits.max_decoder_header_table_size
+    if limits.max_encoder_header_table_size is not None:
+        settings.h2_max_encoder_table_size = limits.max_encoder_header_table_size
+    if limits.initial_window_size is not None:
+        settings.h2_initial_window_size = limits.initial_window_size
+    if limits.max_header_list_size is not None:
+        settings.h2_max_header_list_size = limits.max_header_list_size
 
 
 def refused_encodings(options: dict[str, Any] | None) -> tuple[bytes, ...]:

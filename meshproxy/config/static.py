@@ -54,6 +54,18 @@ class EntryPointTransport(_Base):
     keep_alive_max_time: Duration | None = None
 
 
+class EntryPointHTTP2(_Base):
+    """Traefik's entryPoints.X.http2 (docs/http2-server.md)."""
+
+    max_concurrent_streams: int | None = None  # Traefik's default 250
+    max_decoder_header_table_size: int | None = None  # HPACK, receiving; Traefik's 4096
+    max_encoder_header_table_size: int | None = None  # HPACK, sending; Traefik's 4096
+    # meshproxy: SETTINGS_INITIAL_WINDOW_SIZE per stream (256 KiB by default) and
+    # SETTINGS_MAX_HEADER_LIST_SIZE (default: http.maxHeaderBytes); Traefik has no such keys.
+    initial_window_size: int | None = None
+    max_header_list_size: int | None = None
+
+
 class EntryPointHTTP(_Base):
     max_header_bytes: int | None = None
     # meshproxy: the longest request-target served (414 past it); 16 KiB by default
@@ -81,7 +93,7 @@ class EntryPoint(_Base):
     forwarded_headers: ForwardedHeaders | None = None
     transport: EntryPointTransport | None = None
     http: EntryPointHTTP | None = None
-    http2: Raw | None = None
+    http2: EntryPointHTTP2 | None = None
     http3: Raw | None = None
     proxy_protocol: Raw | None = None
     udp: EntryPointUDP | None = None
@@ -364,7 +376,22 @@ def build_static(file_data: bytes | str | None, flags: list[str]) -> tuple[Stati
             parse_address(entry.address)
         except ValueError as exc:
             errors.append(ConfigError(f"entryPoints.{name}.address", str(exc)))
-        for key in ("http2", "http3", "proxyProtocol"):
+        limits = entry.http2
+        if limits is not None:
+            for key, value, low, high in (
+                ("maxConcurrentStreams", limits.max_concurrent_streams, 1, 2**31 - 1),
+                ("maxDecoderHeaderTableSize", limits.max_decoder_header_table_size, 0, 2**31 - 1),
+                ("maxEncoderHeaderTableSize", limits.max_encoder_header_table_size, 0, 2**31 - 1),
+                ("initialWindowSize", limits.initial_window_size, 1, 2**31 - 1),  # RFC 9113 §6.5.2
+                ("maxHeaderListSize", limits.max_header_list_size, 1, 2**31 - 1),
+            ):
+                if value is not None and not low <= value <= high:
+                    errors.append(
+                        ConfigError(
+                            f"entryPoints.{name}.http2.{key}", f"must be from {low} to {high}"
+                        )
+                    )
+        for key in ("http3", "proxyProtocol"):
             if normalized["entryPoints"][name].get(key) is not None:
                 warnings.append(f"entryPoints.{name}.{key}: not implemented yet; ignored")
     if errors:

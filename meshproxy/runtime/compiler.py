@@ -24,7 +24,15 @@ from meshproxy.config.dynamic import DynamicConfig, Middleware, Router, ServersT
 from meshproxy.http.exchange import Handler
 from meshproxy.http.transports import TransportError, http_transport
 from meshproxy.http.upstream import ServerTarget, TransportSettings
-from meshproxy.l4.tls import L4Table
+from meshproxy.l4.certificates import store_for
+from meshproxy.l4.tls import (
+    HTTPSHosts,
+    L4Table,
+    h2_available,
+    https_domains,
+    https_key,
+    qualify_options,
+)
 from meshproxy.l4.udp import UDPRoute, UDPTarget
 from meshproxy.middlewares.base import BuildContext, MiddlewareConfigError, MiddlewareState
 from meshproxy.middlewares.ip_strategy import parse_ranges
@@ -357,9 +365,6 @@ class _Compiler:
         if not valid:
             status.fail("no valid entryPoint for this router")
             return None
-        if router.tls is not None:
-            status.fail("TLS routers are not supported yet: meshproxy does not terminate TLS")
-            return None
         if not router.rule:
             status.fail("router has no rule")
             return None
@@ -392,13 +397,32 @@ class _Compiler:
 
     def compile(self) -> RuntimeSnapshot:
         per_entrypoint: dict[str, list[Route]] = {ep: [] for ep in self.ctx.http_entrypoints}
+        # Routers with `tls` serve only connections the proxy decrypts (meshproxy.l4.tls).
+        self.tls_store = store_for(self.config.tls, self.ctx.provider, h2_available())
+        self.https_hosts = {ep: HTTPSHosts() for ep in self.ctx.http_entrypoints}
+        for ep in self.ctx.http_entrypoints:
+            per_entrypoint[https_key(ep)] = []
         for name, router in sorted(self.config.http.routers.items()):
             built = self.compile_router(name, router)
             if built is None:
                 continue
             entrypoints, route = built
             for ep in entrypoints:
-                per_entrypoint[ep].append(route)
+                if router.tls is None:
+                    per_entrypoint[ep].append(route)
+                    continue
+                per_entrypoint[https_key(ep)].append(route)
+                options = qualify_options(router.tls.options, self.ctx.provider)
+                if self.tls_store.context(options) is None:
+                    self.snapshot.routers[route.name].warn(
+                        f"TLS options {options!r} are unknown or broken: TLS connections "
+                        "that need them are closed"
+                    )
+                for domain in self.https_hosts[ep].add(https_domains(router.rule), options):
+                    self.snapshot.routers[route.name].warn(
+                        f"found different TLS options for routers on the same host {domain}, "
+                        "so using the default TLS options instead"
+                    )
         # services no router uses are still validated, so their errors show up
         for name in sorted(self.config.http.services):
             qualified = self.qualify(name)
@@ -466,7 +490,10 @@ class _Compiler:
             ep: sorted(routes, key=lambda r: (-r.priority, r.name)) for ep, routes in tables.items()
         }
         self.snapshot.l4_tables = {
-            ep: L4Table(routes) for ep, routes in self.snapshot.tcp_tables.items()
+            ep: L4Table(
+                self.snapshot.tcp_tables.get(ep, []), self.https_hosts.get(ep), self.tls_store
+            )
+            for ep in self.ctx.http_entrypoints
         }
 
     def build_tcp_service(
@@ -517,9 +544,10 @@ class _Compiler:
             )
         tls = None
         if router.tls is not None:
-            if not router.tls.passthrough:
-                raise _BuildError("TLS termination on TCP routers is not served yet")
-            tls = TCPRouteTLS(True, router.tls.options or "default")
+            options = qualify_options(router.tls.options, self.ctx.provider)
+            if not router.tls.passthrough and self.tls_store.context(options) is None:
+                raise _BuildError(f"TLS options {options!r} are unknown or broken")
+            tls = TCPRouteTLS(router.tls.passthrough, options)
         if not router.service:
             raise _BuildError("router has no service")
         service = target(self.resolve(router.service, "service"))
