@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -24,7 +25,7 @@ from meshproxy.http.server import (
 )
 from meshproxy.http.transports import TransportError, default_transport
 from meshproxy.http.upstream import TransportSettings
-from meshproxy.l4.tls import L4Entry
+from meshproxy.l4.tls import L4Entry, https_key
 from meshproxy.l4.udp import UDPEntryPoint, udp_settings
 from meshproxy.observability.metrics import DEFAULT_BUCKETS, RequestMetrics
 from meshproxy.providers.file import FileProvider
@@ -165,9 +166,16 @@ class ProxyDaemon:
                 on_open=lambda delta, n=name: self.metrics.connection_delta(n, "TCP", delta),
                 on_protocol_error=lambda status, n=name: self.metrics.add_protocol_error(n, status),
             )
+            # Requests the proxy decrypted (meshproxy.l4.tls): the entrypoint's HTTPS routers.
+            https_entry = HTTPEntryPoint(
+                dataclasses.replace(settings, tls=True),
+                make_dispatcher(https_key(name), self.manager, self.metrics),
+                on_open=http_entry.on_open,
+                on_protocol_error=http_entry.on_protocol_error,
+            )
             try:
                 server = await loop.create_server(
-                    self._protocol_factory(name, http_entry),
+                    self._protocol_factory(name, http_entry, https_entry),
                     address.host,
                     address.port,
                     reuse_port=bool(entry.reuse_port),
@@ -178,6 +186,8 @@ class ProxyDaemon:
                     f"entrypoint {name}: cannot listen on {entry.address}: {_reason(exc)}"
                 ) from None
             self.listeners.append(Listener(name, http_entry, server))
+            # Swept, drained and closed with the others; same server (closing it is idempotent).
+            self.listeners.append(Listener(https_key(name), https_entry, server))
             log.info("entrypoint %s listening on %s", name, entry.address)
         for name in self.udp_entrypoints:
             await self._start_udp(name)
@@ -221,7 +231,9 @@ class ProxyDaemon:
         self.udp_listeners.append(udp_entry)
         log.info("entrypoint %s listening on %s", name, entry.address)
 
-    def _protocol_factory(self, name: str, http_entry: HTTPEntryPoint) -> Any:
+    def _protocol_factory(
+        self, name: str, http_entry: HTTPEntryPoint, https_entry: HTTPEntryPoint
+    ) -> Any:
         """Per connection, from the live config (meshproxy.l4.tls): TCP relaying at once when
         the entrypoint's TCP routers are all non-TLS (as Traefik, so server-speaks-first
         protocols work), else the sniffer: TLS to SNI routing (passthrough or termination),
@@ -233,6 +245,7 @@ class ProxyDaemon:
             http_entry,
             http_entry.on_open,
             pipe_settings(self.http_entrypoints[name]),
+            https_entry,
         )
         return entry.connection_factory
 
