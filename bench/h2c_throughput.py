@@ -13,6 +13,8 @@ forwards to the same fixed-answer backend over HTTP/1.1 (keep-alive) or over h2c
   `h2c://`.
 - meshproxy (1 worker): servers `http://` and `h2c://`. A meshproxy target that does not
   answer 2xx yet (h2c front or h2c pool not built) is reported as not served, not measured.
+- with `--with-floor`, h2-floor (bench/minimal_h2_relay.py): a bare relay on the h2 library,
+  both backend protocols; meshproxy / h2-floor is what our own code costs beyond the library.
 
 Every proxy is pinned to CPU 1 (one at a time is loaded); h2load and the backend share CPU 0
 (`--no-pin` turns pinning off). Rounds interleave the targets; the ratios are medians of
@@ -22,6 +24,7 @@ per-request log. Results: bench/results/h2c-<when>.json and bench/results/h2c.md
 
     python bench/h2c_throughput.py [--rounds 5] [--duration 5] [--clients 10] [--streams 10]
                                    [--no-pin] [--only meshproxy-h1,haproxy-h1,...]
+                                   [--with-floor]
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +41,7 @@ from typing import Any
 from common import (
     LOAD_CPU,
     PINNING,
+    PROXY_CPU,
     check_metrics,
     ensure_h2load,
     ensure_tools,
@@ -59,7 +64,13 @@ AUTHORITY = f":authority: {HOST}"
 BODY = "Hello, World!"  # the demo backend's /bench answer, 13 bytes
 PROXIES = ("haproxy", "traefik", "meshproxy")
 KINDS = ("h1", "h2c")  # the backend protocol after the proxy's h2c front
-PAIRS = (("meshproxy", "haproxy"), ("meshproxy", "traefik"), ("traefik", "haproxy"))
+PAIRS = (
+    ("meshproxy", "haproxy"),
+    ("meshproxy", "traefik"),
+    ("traefik", "haproxy"),
+    ("h2-floor", "haproxy"),
+    ("meshproxy", "h2-floor"),
+)
 
 
 def start_fixed_backend(workdir: Path, h1_port: int, h2c_port: int) -> subprocess.Popen[bytes]:
@@ -95,6 +106,13 @@ def start_haproxy_h2c(workdir: Path, port: int, h1: int, h2c: int) -> subprocess
         bind_options="proto h2",
         more_backends=f"backend app_h2c\n    server s1 127.0.0.1:{h2c} proto h2\n",
     )
+
+
+def start_floor(port: int, upstream: int, kind: str) -> subprocess.Popen[bytes]:
+    """bench/minimal_h2_relay.py: the cost of Python + uvloop + the h2 library alone."""
+    relay = Path(__file__).resolve().parent / "minimal_h2_relay.py"
+    command = [sys.executable, str(relay), f"--port={port}", f"--upstream-port={upstream}"]
+    return subprocess.Popen(pinned([*command, f"--upstream={kind}"], PROXY_CPU))
 
 
 def dynamic(h1: int, h2c: int) -> str:
@@ -148,6 +166,11 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=10)
     parser.add_argument("--only", default="", help="comma list of targets (default: all)")
     parser.add_argument(
+        "--with-floor",
+        action="store_true",
+        help="also measure bench/minimal_h2_relay.py (a bare relay on the h2 library)",
+    )
+    parser.add_argument(
         "--no-pin",
         dest="pin",
         action="store_false",
@@ -173,13 +196,19 @@ def main() -> int:
             config = dynamic(h1_port, h2c_port)
             procs.append(start_traefik(workdir, ports["traefik"], traefik_api, config))
             procs.append(start_meshproxy(workdir, ports["meshproxy"], admin, config))
-            for port in (h1_port, h2c_port, *ports.values(), admin):
+            floors = {"h1": free_port(), "h2c": free_port()} if args.with_floor else {}
+            for kind, port in floors.items():
+                upstream = h1_port if kind == "h1" else h2c_port
+                procs.append(start_floor(port, upstream, kind))
+            for port in (h1_port, h2c_port, *ports.values(), *floors.values(), admin):
                 wait_port(port)
             wait_traefik_routers(traefik_api, {"bench-h1", "bench-h2c"})
             targets = {"backend-h2c": f"http://127.0.0.1:{h2c_port}/bench"}
             for kind in KINDS:
                 for name in PROXIES:
                     targets[f"{name}-{kind}"] = f"http://127.0.0.1:{ports[name]}/{kind}/bench"
+                if kind in floors:
+                    targets[f"h2-floor-{kind}"] = f"http://127.0.0.1:{floors[kind]}/{kind}/bench"
             if args.only:
                 wanted = set(args.only.split(","))
                 targets = {k: v for k, v in targets.items() if k in wanted}
