@@ -33,11 +33,45 @@ from typing import Any
 
 from meshproxy.l4.clienthello import ClientHelloError, ClientHelloReader
 from meshproxy.l4.pipe import PipeSettings
+from meshproxy.rules.ast import And, Call, Node, Not, Or
+from meshproxy.rules.http import KNOWN_HTTP
+from meshproxy.rules.parser import RuleError, parse_rule
 from meshproxy.tcp.proxy import TCPConnectionView, TCPRelay, TCPRoute, client_ip
 
 log = logging.getLogger("meshproxy.tls")
 
 DEFAULT_OPTIONS = "default"
+
+
+def qualify_options(name: str | None, provider: str) -> str:
+    """A router's `tls.options` reference as the store names it: `default` stays, `x`
+    becomes `x@provider` (Traefik qualifies names per provider)."""
+    if not name or name == DEFAULT_OPTIONS:
+        return DEFAULT_OPTIONS
+    return name if "@" in name else f"{name}@{provider}"
+
+
+def https_domains(rule: str) -> list[str]:
+    """The `Host` values of an HTTPS router's rule, lower-cased, negated ones left out:
+    what Traefik's `ParseDomains` gives the TLS layer to pick options and certificates by
+    SNI. A rule that does not parse gives none (the router is disabled elsewhere)."""
+    try:
+        node = parse_rule(rule, KNOWN_HTTP)
+    except RuleError:
+        return []
+    found: list[str] = []
+
+    def walk(n: Node, negated: bool) -> None:
+        if isinstance(n, Not):
+            walk(n.operand, not negated)
+        elif isinstance(n, And | Or):
+            walk(n.left, negated)
+            walk(n.right, negated)
+        elif isinstance(n, Call) and n.name in ("Host", "HostHeader") and not negated:
+            found.extend(a.lower().rstrip(".") for a in n.args if a != "*")
+
+    walk(node, False)
+    return found
 
 
 class HTTPSHosts:
@@ -246,11 +280,103 @@ class L4Entry:
         route: TCPRoute | None,
         view: TCPConnectionView,
     ) -> None:
-        """Terminate TLS on `transport` (the bytes read so far are `data`)."""
-        log.debug(
-            "TLS from %s (SNI %r): termination is not served; closed", view.client_ip, view.sni
-        )
-        transport.close()
+        """Terminate TLS on `transport` (the bytes read so far are `data`, the ClientHello
+        first) with the TLS options `options`; once the handshake is done, the decrypted
+        connection goes to `route`'s TCP relay, or (route None) to the HTTPS handler."""
+        store = table.store
+        contexts = store.context(options) if store is not None else None
+        if contexts is None or (route is None and self.https_entry is None):
+            log.info(
+                "TLS from %s (SNI %r): TLS options %r are broken or unknown; closed",
+                view.client_ip,
+                view.sni,
+                options,
+            )
+            transport.close()
+            return
+        _Terminated(self, route, view).start(transport, contexts.default, data)
+
+
+def ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> Any:
+    """The SSL protocol wrapper of the running loop: uvloop's (Cython) on uvloop, else the
+    stdlib's (`asyncio.sslproto.SSLProtocol`, the same design in Python). Both are buffered
+    protocols fed through `get_buffer`/`buffer_updated`, so the bytes already read (the
+    ClientHello) are given to them as if just received; `loop.start_tls` cannot take them."""
+    if type(loop).__module__.startswith("uvloop"):
+        import uvloop.loop
+
+        return uvloop.loop.SSLProtocol  # type: ignore[attr-defined]
+    from asyncio import sslproto
+
+    return sslproto.SSLProtocol
+
+
+def feed(protocol: Any, data: bytes) -> None:
+    """Give `data` to a buffered protocol as if read from its transport."""
+    view = memoryview(data)
+    while view:
+        buffer = protocol.get_buffer(len(view))
+        size = min(len(buffer), len(view))
+        buffer[:size] = view[:size]
+        protocol.buffer_updated(size)
+        view = view[size:]
+
+
+class _Terminated(asyncio.Protocol):
+    """The application side of a terminated TLS connection, until the handshake is done:
+    then it hands the decrypted transport to the TCP relay of `route`, or to the HTTPS
+    entrypoint's sniffer (which tells HTTP/2 by its preface, else HTTP/1.1). Counts the
+    connection as open during the handshake; a failed handshake is logged with its reason
+    (the TLS alert was sent by OpenSSL) and closes the connection."""
+
+    __slots__ = ("counted", "entry", "route", "view")
+
+    def __init__(self, entry: L4Entry, route: TCPRoute | None, view: TCPConnectionView) -> None:
+        self.entry = entry
+        self.route = route
+        self.view = view
+        self.counted = False
+
+    def start(self, transport: asyncio.Transport, context: Any, data: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        waiter.add_done_callback(self._handshake_done)
+        timeout = self.entry.peek_timeout or None
+        protocol = ssl_protocol_class(loop)(loop, self, context, waiter, True, None, True, timeout)
+        self.entry.on_open(1)
+        self.counted = True
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        feed(protocol, data)
+
+    def _handshake_done(self, waiter: asyncio.Future[Any]) -> None:
+        exc = None if waiter.cancelled() else waiter.exception()
+        if exc is not None:
+            self._release()
+            log.info(
+                "TLS handshake from %s (SNI %r) failed: %s", self.view.client_ip, self.view.sni, exc
+            )
+
+    def _release(self) -> None:
+        if self.counted:
+            self.counted = False
+            self.entry.on_open(-1)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._release()  # the protocol it goes to counts it from now on
+        entry = self.entry
+        if self.route is not None:
+            entry.relay(transport, self.route, self.view, b"")  # type: ignore[arg-type]
+            return
+        protocol = entry.https_entry.connection_factory()
+        transport.set_protocol(protocol)  # type: ignore[attr-defined]
+        protocol.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:  # pragma: no cover - replaced on hand-over
+        raise AssertionError("data before the hand-over")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._release()
 
 
 class _PlainDispatch(asyncio.Protocol):
@@ -352,3 +478,16 @@ class _HelloReader(asyncio.Protocol):
         if self.counted:
             self.counted = False
             self.entry.on_open(-1)
+
+
+def https_key(entrypoint: str) -> str:
+    """The key of an entrypoint's HTTPS router table in `RuntimeSnapshot.http_tables` (the
+    routers with `tls`, served only on connections decrypted here)."""
+    return entrypoint + "#tls"
+
+
+def h2_available() -> bool:
+    """Whether the HTTP/2 server is there, so ALPN may offer `h2` on terminated TLS."""
+    from meshproxy.http.server import HTTPEntryPoint
+
+    return hasattr(HTTPEntryPoint, "h2_factory")

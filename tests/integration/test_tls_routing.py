@@ -391,3 +391,241 @@ async def test_openssl_s_client_sni_and_alpn_through_passthrough(proxy_factory):
     out, err = await asyncio.wait_for(process.communicate(b"hello\n"), 20)
     assert out == b"pg:pg.mesh.test:postgresql:hello\n", err
     backend.close()
+
+
+# ---------------------------------------------------------------- termination
+
+
+def cert_files(tmp_path, name: str, *hosts: str, ca: trustme.CA = CA) -> dict[str, str]:
+    """A certificate for `hosts` issued by `ca`, written as PEM files."""
+    cert = ca.issue_cert(*hosts)
+    cert_path, key_path = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
+    cert.cert_chain_pems[0].write_to_path(str(cert_path))
+    cert.private_key_pem.write_to_path(str(key_path))
+    return {"certFile": str(cert_path), "keyFile": str(key_path)}
+
+
+def inline_cert(*hosts: str, ca: trustme.CA = CA) -> dict[str, str]:
+    """A certificate for `hosts` given inline as PEM text (Traefik accepts both)."""
+    cert = ca.issue_cert(*hosts)
+    return {
+        "certFile": cert.cert_chain_pems[0].bytes().decode(),
+        "keyFile": cert.private_key_pem.bytes().decode(),
+    }
+
+
+async def https_get(
+    port: int, sni: str, path: str = "/", ctx: ssl.SSLContext | None = None
+) -> tuple[bytes, dict[str, Any], str | None]:
+    """One HTTP/1.1 request over TLS: (response, peer certificate, negotiated ALPN)."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=ctx or client_context(["http/1.1"]), server_hostname=sni
+    )
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n".encode())
+    answer = await asyncio.wait_for(reader.read(-1), 10)
+    cert = writer.get_extra_info("peercert")
+    alpn = writer.get_extra_info("ssl_object").selected_alpn_protocol()
+    writer.close()
+    return answer, cert, alpn
+
+
+def served_names(cert: dict[str, Any]) -> list[str]:
+    return [v for k, v in cert.get("subjectAltName", ()) if k == "DNS"]
+
+
+async def test_https_routers_terminate_with_the_certificate_named_by_sni(
+    proxy_factory, backends, tmp_path
+):
+    """`tls: {}` on HTTP routers: the proxy terminates with the certificate whose SAN names
+    the SNI (files or inline PEM), the default store's certificate otherwise; requests are
+    routed by Host among the HTTPS routers only, with X-Forwarded-Proto https; plain HTTP on
+    the same port only sees the routers without tls (Traefik's HTTP/HTTPS split)."""
+    a, b, plain = await backends("a"), await backends("b"), await backends("plain")
+    config = {
+        "http": {
+            "routers": {
+                "a": {"rule": "Host(`a.mesh.test`)", "service": "a", "tls": {}},
+                "b": {"rule": "Host(`b.mesh.test`)", "service": "b", "tls": {}},
+                "plain": {"rule": "Host(`a.mesh.test`)", "service": "plain"},
+            },
+            "services": {
+                "a": {"loadBalancer": {"servers": [{"url": a.url}]}},
+                "b": {"loadBalancer": {"servers": [{"url": b.url}]}},
+                "plain": {"loadBalancer": {"servers": [{"url": plain.url}]}},
+            },
+        },
+        "tls": {
+            "certificates": [cert_files(tmp_path, "a", "a.mesh.test"), inline_cert("b.mesh.test")],
+            "stores": {"default": {"defaultCertificate": inline_cert("fallback.mesh.test")}},
+        },
+    }
+    proxy = await proxy_factory(config)
+    answer, cert, alpn = await https_get(proxy.port, "a.mesh.test")
+    assert answer.startswith(b"HTTP/1.1 200") and served_names(cert) == ["a.mesh.test"]
+    assert alpn == "http/1.1"
+    assert ("x-forwarded-proto", "https") in a.requests[-1]["headers"]
+    assert ("x-forwarded-port", "443") in a.requests[-1]["headers"]
+    answer, cert, _ = await https_get(proxy.port, "b.mesh.test")
+    assert answer.startswith(b"HTTP/1.1 200") and served_names(cert) == ["b.mesh.test"]
+    assert len(b.requests) == 1
+    ctx = client_context(["http/1.1"])
+    ctx.check_hostname = False
+    answer, cert, _ = await https_get(proxy.port, "other.mesh.test", ctx=ctx)
+    assert answer.startswith(b"HTTP/1.1 404") and served_names(cert) == ["fallback.mesh.test"]
+    plain_answer = await raw_exchange(
+        proxy.port, b"GET / HTTP/1.1\r\nHost: a.mesh.test\r\nConnection: close\r\n\r\n"
+    )
+    assert plain_answer.startswith(b"HTTP/1.1 200") and len(plain.requests) == 1
+    assert len(a.requests) == 1
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+async def test_curl_resolve_https_route(proxy_factory, backends, tmp_path):
+    """curl --resolve (a real HTTPS client, its own TLS stack) through a terminated route,
+    verifying the certificate against the test CA."""
+    backend = await backends("curl")
+    ca_path = tmp_path / "ca.pem"
+    CA.cert_pem.write_to_path(str(ca_path))
+    config = {
+        "http": {
+            "routers": {"r": {"rule": "Host(`web.mesh.test`)", "service": "s", "tls": {}}},
+            "services": {"s": {"loadBalancer": {"servers": [{"url": backend.url}]}}},
+        },
+        "tls": {"certificates": [inline_cert("web.mesh.test")]},
+    }
+    proxy = await proxy_factory(config)
+    process = await asyncio.create_subprocess_exec(
+        "curl", "-sS", "--http1.1", "--cacert", str(ca_path),
+        "--resolve", f"web.mesh.test:{proxy.port}:127.0.0.1",
+        "-o", "/dev/null", "-w", "%{http_code} %{ssl_verify_result}",
+        f"https://web.mesh.test:{proxy.port}/hello",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 20)
+    assert out == b"200 0", err
+    assert backend.requests[-1]["url"] == "/hello"
+
+
+async def test_tcp_router_terminates_and_relays_decrypted_bytes(proxy_factory, recorders):
+    """A TCP router with `tls: {}` (no passthrough): the proxy terminates TLS and the TCP
+    backend gets the plaintext; the answer goes back encrypted."""
+    backend = await recorders(b"pong", expect=5)
+    config = tcp_config({"r": ("HostSNI(`db.mesh.test`)", "s", {})}, {"s": backend.address})
+    config["tls"] = {"certificates": [inline_cert("db.mesh.test")]}
+    proxy = await proxy_factory(config)
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", proxy.port, ssl=client_context(), server_hostname="db.mesh.test"
+    )
+    writer.write(b"hello")
+    assert await asyncio.wait_for(reader.read(-1), 10) == b"pong"
+    assert served_names(writer.get_extra_info("peercert")) == ["db.mesh.test"]
+    writer.close()
+    assert backend.received == [b"hello"]
+
+
+async def test_mtls_accepts_verified_clients_and_refuses_others(proxy_factory, backends):
+    """tls.options clientAuth RequireAndVerifyClientCert with caFiles: a client certificate
+    from that CA gets through; none, or one from another CA, fails the handshake (Traefik's
+    mTLS); the refusal is logged with its reason."""
+    backend = await backends("m")
+    client_ca, other_ca = trustme.CA(), trustme.CA()
+    config = {
+        "http": {
+            "routers": {
+                "r": {
+                    "rule": "Host(`m.mesh.test`)",
+                    "service": "s",
+                    "tls": {"options": "mtls"},
+                }
+            },
+            "services": {"s": {"loadBalancer": {"servers": [{"url": backend.url}]}}},
+        },
+        "tls": {
+            "certificates": [inline_cert("m.mesh.test")],
+            "options": {
+                "mtls": {
+                    "minVersion": "VersionTLS12",
+                    "clientAuth": {
+                        "caFiles": [client_ca.cert_pem.bytes().decode()],
+                        "clientAuthType": "RequireAndVerifyClientCert",
+                    },
+                }
+            },
+        },
+    }
+    proxy = await proxy_factory(config)
+    good = client_context(["http/1.1"])
+    client_ca.issue_cert("client@mesh.test").configure_cert(good)
+    answer, _, _ = await https_get(proxy.port, "m.mesh.test", ctx=good)
+    assert answer.startswith(b"HTTP/1.1 200")
+    wrong = client_context(["http/1.1"])
+    other_ca.issue_cert("client@mesh.test").configure_cert(wrong)
+    for ctx in (client_context(["http/1.1"]), wrong):
+        with pytest.raises((ssl.SSLError, ConnectionResetError, asyncio.IncompleteReadError)):
+            answer, _, _ = await https_get(proxy.port, "m.mesh.test", ctx=ctx)
+            assert answer == b""  # TLS 1.3: the alert may arrive after the client's handshake
+            raise ConnectionResetError
+    assert len(backend.requests) == 1
+    await wait_for(lambda: "handshake" in proxy.log_path.read_text(), 5, "refusal logged")
+
+
+async def test_certificate_reload_applies_to_new_handshakes_only(proxy_factory, backends):
+    """Hot reload: a new certificate for the same name is served to new handshakes while a
+    connection opened before keeps working (its TLS session is untouched)."""
+    backend = await backends("r")
+    first, second = inline_cert("r.mesh.test"), inline_cert("r.mesh.test")
+    config = {
+        "http": {
+            "routers": {"r": {"rule": "Host(`r.mesh.test`)", "service": "s", "tls": {}}},
+            "services": {"s": {"loadBalancer": {"servers": [{"url": backend.url}]}}},
+        },
+        "tls": {"certificates": [first]},
+    }
+    proxy = await proxy_factory(config)
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", proxy.port, ssl=client_context(["http/1.1"]), server_hostname="r.mesh.test"
+    )
+    old_serial = writer.get_extra_info("peercert")["serialNumber"]
+    request = b"GET / HTTP/1.1\r\nHost: r.mesh.test\r\n\r\n"
+    writer.write(request)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 200")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    await reader.readexactly(length)
+    config["tls"] = {"certificates": [second]}
+    proxy.write(config)
+    await wait_for(lambda: proxy.generation() >= 2, 10, "reload")
+    _, cert, _ = await https_get(proxy.port, "r.mesh.test")
+    assert cert["serialNumber"] != old_serial
+    writer.write(request)  # the connection opened before the reload still serves
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 200")
+    assert writer.get_extra_info("peercert")["serialNumber"] == old_serial
+    writer.close()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
+async def test_openssl_s_client_alpn_on_terminated_route(proxy_factory, backends):
+    """`openssl s_client -servername -alpn http/1.1`: the proxy's ALPN choice is http/1.1
+    (h2 only once the HTTP/2 server is in), and the request is served."""
+    backend = await backends("o")
+    config = {
+        "http": {
+            "routers": {"r": {"rule": "Host(`o.mesh.test`)", "service": "s", "tls": {}}},
+            "services": {"s": {"loadBalancer": {"servers": [{"url": backend.url}]}}},
+        },
+        "tls": {"certificates": [inline_cert("o.mesh.test")]},
+    }
+    proxy = await proxy_factory(config)
+    process = await asyncio.create_subprocess_exec(
+        "openssl", "s_client", "-connect", f"127.0.0.1:{proxy.port}",
+        "-servername", "o.mesh.test", "-alpn", "http/1.1", "-ign_eof",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(
+        process.communicate(b"GET / HTTP/1.1\r\nHost: o.mesh.test\r\nConnection: close\r\n\r\n"),
+        20,
+    )
+    assert b"ALPN protocol: http/1.1" in out
+    assert b"HTTP/1.1 200" in out
