@@ -83,6 +83,7 @@ def test_not_grpc_content_types(content_type):
         (400, grpc.INTERNAL),  # malformed request, malformed grpc-timeout (mapping doc)
         (401, grpc.UNAUTHENTICATED),  # mapping doc
         (413, grpc.RESOURCE_EXHAUSTED),  # message over a limit (statuscodes.md)
+        (431, grpc.RESOURCE_EXHAUSTED),  # metadata over a limit (as grpc-core)
         (500, grpc.UNKNOWN),  # "all other codes" (mapping doc)
         (418, grpc.UNKNOWN),
         (307, grpc.UNKNOWN),
@@ -111,6 +112,20 @@ def test_local_answer_is_trailers_only():
         (b"grpc-message", b"404 page not found"),
         (b"content-length", b"0"),
     ]
+
+
+def test_refusal_before_an_exchange():
+    """A gRPC call the HTTP/2 server refuses before routing (431, 400...) gets the same
+    Trailers-Only block, :status 200 first; any other request keeps its HTTP answer."""
+    call = [(b":method", b"POST"), (b"content-type", b"application/grpc+proto")]
+    assert grpc.h2_refusal_fields(call, 431, "431 Request Header Fields Too Large") == [
+        (b":status", b"200"),
+        (b"content-type", b"application/grpc"),
+        (b"grpc-status", b"8"),
+        (b"grpc-message", b"431 Request Header Fields Too Large"),
+    ]
+    assert grpc.h2_refusal_fields([(b"content-type", b"text/html")], 400, "bad") is None
+    assert grpc.h2_refusal_fields([], 400, "bad") is None
 
 
 # ---------------------------------------------------------------- grpc-message
