@@ -25,6 +25,8 @@ either direction; the upstream side has its own (see http.upstream).
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import logging
 import re
 import time
@@ -147,6 +149,19 @@ def check_target(target: bytes, method: bytes) -> None:
         if authority and valid_authority(authority):
             return
     raise _Reject(400)
+
+
+_SWITCH_TO_H2C = b"HTTP/1.1 101 Switching Protocols\r\nconnection: Upgrade\r\nupgrade: h2c\r\n\r\n"
+
+
+def valid_h2_settings(value: bytes) -> bool:
+    """Whether an HTTP2-Settings value is a SETTINGS payload (RFC 7540 §3.2.1: base64url,
+    padding optional; six bytes per setting)."""
+    try:
+        payload = base64.urlsafe_b64decode(value + b"=" * (-len(value) % 4))
+    except (binascii.Error, ValueError):
+        return False
+    return len(payload) % 6 == 0
 
 
 def transfer_codings_status(values: list[bytes], http_version: str) -> int:
@@ -363,6 +378,7 @@ class H1ServerConnection(asyncio.Protocol):
         "_closing",
         "_error_after_current",
         "_forwarded",
+        "_h2c_settings",
         "_head_fed",
         "_head_in_chunk",
         "_header_bytes",
@@ -448,6 +464,7 @@ class H1ServerConnection(asyncio.Protocol):
         self._last_keep_alive = True  # the last request parsed lets the connection go on
         self._upgrading: Exchange | None = None  # an upgrade request awaiting its answer
         self._upgrade_request: Exchange | None = None  # the last upgrade request parsed
+        self._h2c_settings = b""  # the HTTP2-Settings of an h2c upgrade the proxy will make
         self._tunnel: list[bytes] = []  # client bytes read after that request's head
         self._tunnel_size = 0
         self.idle_since = 0.0
@@ -710,6 +727,7 @@ class H1ServerConnection(asyncio.Protocol):
         if self._special:
             codings: list[bytes] = []
             upgrade = b""
+            h2_settings: list[bytes] = []
             for name, value in headers:
                 if name == b"content-length":
                     request.content_length = int(value)
@@ -726,26 +744,47 @@ class H1ServerConnection(asyncio.Protocol):
                     upgrade = value
                 elif name == b"te":
                     request.te_trailers = b"trailers" in connection_tokens(value)
+                elif name == b"http2-settings":
+                    h2_settings.append(value)
             if upgrade and b"upgrade" in request.connection_tokens:
                 # RFC 9110 §7.8: one protocol is forwarded (the backend picks among several
                 # only if it can; a proxy offering one keeps the answer checkable).
                 if _UPGRADE_TOKEN.fullmatch(upgrade.strip()) is None:
                     raise _Reject(400)
-                if has_body:
-                    raise _Reject(501)  # llhttp would read the body as the new protocol
                 token = upgrade.strip()
-                # Ignored, the request served as plain HTTP/1.1: an upgrade in HTTP/1.0 (RFC
-                # 9110 §7.8), and h2c (deprecated by RFC 9113 §3.1; as Traefik): a backend
-                # switched to h2c would take requests the routers never saw.
-                if version != "1.0" and token.lower() != b"h2c":
+                if token.lower() == b"h2c":
+                    # Never forwarded (a backend switched to h2c would take streams the
+                    # routers never saw): the proxy itself switches, and every stream is
+                    # routed (RFC 7540 §3.2, meshproxy.http2.server). A body comes before
+                    # the client's preface (§3.2): one framed by Content-Length is read by
+                    # the HTTP/2 side; a chunked one gets 501 as any upgrade with a body.
+                    # Ignored (served as HTTP/1.1) in HTTP/1.0, behind another request, or
+                    # without exactly one valid HTTP2-Settings named by Connection (§3.2.1).
+                    if has_body and (request.content_length is None or codings):
+                        raise _Reject(501)  # llhttp would read the body as the new protocol
+                    if (
+                        version != "1.0"
+                        and self.current is None
+                        and not self.pipeline
+                        and len(h2_settings) == 1
+                        and b"http2-settings" in request.connection_tokens
+                        and valid_h2_settings(h2_settings[0])
+                    ):
+                        self._h2c_settings = h2_settings[0]
+                elif has_body:
+                    raise _Reject(501)  # llhttp would read the body as the new protocol
+                elif version != "1.0":  # ignored in HTTP/1.0 (RFC 9110 §7.8)
                     request.upgrade = token
             if codings:
                 unreadable = transfer_codings_status(codings, version)
                 if unreadable:
                     raise _Reject(unreadable)
         ex = Exchange(self, request, self.entry_name, self._perf_start, has_body)
-        if request.upgrade is not None:
+        if request.upgrade is not None or self._h2c_settings:
             self._upgrade_request = ex  # llhttp stops after its head (HttpParserUpgrade)
+            if self._h2c_settings:
+                self._message_started_at = None
+                return  # served as HTTP/2 stream 1, once llhttp has stopped
         if not self._special:
             ex.protocol = "http"  # no Content-Type or Accept that could make it grpc or sse
         self._message_started_at = None
@@ -812,6 +851,11 @@ class H1ServerConnection(asyncio.Protocol):
         self.parser = None  # llhttp stays paused after an upgrade: a new one for what follows
         if self._closing:
             return
+        settings = self._h2c_settings
+        if settings and ex is not None:
+            self._h2c_settings = b""
+            self._switch_to_h2c(ex, settings, rest)
+            return
         if ex is None or ex.finished:
             # An upgrade we ignore (h2c, HTTP/1.0), or one already answered without a 101 (a
             # middleware refused it): the connection goes on as HTTP/1.1, one answer each.
@@ -821,6 +865,22 @@ class H1ServerConnection(asyncio.Protocol):
         self._upgrading = ex
         if rest:
             self._hold(rest)
+
+    def _switch_to_h2c(self, ex: Exchange, settings: bytes, rest: bytes) -> None:
+        """Answer an `Upgrade: h2c` request with 101 and go on as HTTP/2 on this connection:
+        the request becomes stream 1 (RFC 7540 §3.2), served by the HTTP/2 server like every
+        stream after it. The connection stays counted as open (the HTTP/2 side counts it
+        down)."""
+        from meshproxy.http2.server import H2ServerConnection  # it imports this module
+
+        transport = self.transport
+        assert transport is not None
+        transport.write(_SWITCH_TO_H2C)
+        self._closing = True  # nothing of HTTP/1.1 happens on this connection again
+        self.entry.connections.discard(self)
+        conn = H2ServerConnection(self.entry)
+        transport.set_protocol(conn)
+        conn.upgrade_from_http1(transport, settings, ex, rest)
 
     def _hold(self, data: bytes) -> None:
         self._tunnel.append(data)

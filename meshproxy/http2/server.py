@@ -212,12 +212,14 @@ class H2Stream:
         "end_pending",
         "ex",
         "head",
+        "held",
         "pending",
         "pending_size",
         "progress",
         "progress_seen",
         "request_done",
         "response_done",
+        "scheduled",
         "stalled_since",
         "stream_id",
         "tunnel",
@@ -230,7 +232,9 @@ class H2Stream:
         self.stream_id = stream_id
         self.ex: Exchange | None = None
         self.head: list[tuple[bytes, bytes]] | None = None  # held until body, end or flush
-        self.pending: list[bytes] = []
+        self.held: list[bytes] = []  # body chunks not framed yet (see write_body)
+        self.scheduled = False  # in the connection's list of streams to push
+        self.pending: list[bytes] = []  # framed-to-be bytes the client's window holds back
         self.pending_size = 0
         self.end_pending = False  # write_end came while bytes were still queued
         self.upstream_paused = False  # paused because the client's window is closed
@@ -264,48 +268,76 @@ class H2Stream:
         self.progress += 1
 
     def write_body(self, ex: Exchange, chunk: bytes) -> None:
+        """Body bytes are framed at the end of the loop iteration (`H2ServerConnection.
+        schedule`), or at once by `flush`/`write_end`: a response read whole from its backend
+        leaves as HEADERS and one DATA frame carrying END_STREAM, and the streams answered in
+        one iteration share one write."""
         if self.response_done or not chunk:
             return
-        conn = self.conn
         self.progress += 1
-        if self.head is not None:
-            self._send_head(False)
         if self.pending:
-            self._queue(chunk)
+            self._queue(chunk)  # the window is closed: after what waits already
             return
-        sent = conn.send_data(self, chunk)
-        if sent < len(chunk):
-            self._queue(chunk[sent:] if sent else chunk)
-        conn.flush()
+        self.held.append(chunk)
+        if not self.scheduled:
+            self.conn.schedule(self)
 
     def write_end(self, ex: Exchange) -> None:
         if self.response_done:
             return
         self.progress += 1
-        if self.pending:
-            self.end_pending = True
-            if self.head is not None:
-                self._send_head(False)
-            self.conn.flush()
-            return
-        self._end()
+        self.push(True)
         self.conn.flush()
 
-    def _end(self) -> None:
+    def flush(self, ex: Exchange) -> None:
+        if not self.response_done:
+            self.push(False)
+            self.conn.flush()
+
+    def push(self, end: bool) -> None:
+        """Give h2 the held head and body now, as far as the windows allow (the rest waits in
+        `pending`); `end`: the response is complete, END_STREAM on its last frame, or its
+        trailers after it."""
+        if self.response_done:
+            return
+        held = self.held
+        if held:
+            self.held = []
         ex = self.ex
-        trailers = ex.response_trailers if ex is not None else None
-        h2conn = self.conn.h2
+        trailers = ex.response_trailers if end and ex is not None else None
+        end_with_data = end and not trailers
         if self.head is not None:
-            if trailers:
-                self._send_head(False)
-            else:
+            if end_with_data and not held and not self.pending:
                 self._send_head(True)
                 self._response_ended()
                 return
+            self._send_head(False)
+        conn = self.conn
+        last = len(held) - 1
+        for index, chunk in enumerate(held):
+            if self.pending:
+                self._queue(chunk)
+                continue
+            final = end_with_data and index == last
+            sent = conn.send_data(self, chunk, final)
+            if sent < len(chunk):
+                self._queue(chunk[sent:] if sent else chunk)
+            elif final:
+                self._response_ended()
+                return
+        if end:
+            if self.pending:
+                self.end_pending = True  # sent once the window lets the rest through
+                return
+            self._end_now()
+
+    def _end_now(self) -> None:
+        ex = self.ex
+        trailers = ex.response_trailers if ex is not None else None
         if trailers:
-            h2conn.send_headers(self.stream_id, _trailer_fields(trailers), end_stream=True)
+            self.conn.h2.send_headers(self.stream_id, _trailer_fields(trailers), end_stream=True)
         else:
-            h2conn.end_stream(self.stream_id)
+            self.conn.h2.end_stream(self.stream_id)
         self._response_ended()
 
     def _send_head(self, end_stream: bool) -> None:
@@ -336,7 +368,7 @@ class H2Stream:
         conn = self.conn
         while self.pending and not self.response_done:
             chunk = self.pending[0]
-            sent = conn.send_data(self, chunk)
+            sent = conn.send_data(self, chunk, False)
             if sent == 0:
                 break
             self.pending_size -= sent
@@ -350,7 +382,7 @@ class H2Stream:
             return
         if self.end_pending:
             self.end_pending = False
-            self._end()
+            self._end_now()
         if self.tunnel is not None:
             self.tunnel.drained()
         if self.upstream_paused:
@@ -381,11 +413,6 @@ class H2Stream:
         ):
             ex.continue_sent = True
             self.conn.h2.send_headers(self.stream_id, [(b":status", b"100")])
-            self.conn.flush()
-
-    def flush(self, ex: Exchange) -> None:
-        if self.head is not None and not self.response_done:
-            self._send_head(False)
             self.conn.flush()
 
     def switch_protocols(
@@ -428,6 +455,7 @@ class H2Stream:
             return
         trailers = _grpc_abort_trailers(ex) if ex.response_started else None
         if trailers is not None:
+            self.held = []
             self.pending = []
             self.pending_size = 0
             self.end_pending = False
@@ -441,8 +469,14 @@ class H2Stream:
 
     def pause_request_body(self, ex: Exchange) -> None:
         self.body_paused = True
+        transport = self.conn.transport
+        if self.conn._h1_body and transport is not None and not self.conn.closed:
+            transport.pause_reading()  # an upgrade's HTTP/1.1 body has no window to close
 
     def resume_request_body(self, ex: Exchange) -> None:
+        transport = self.conn.transport
+        if self.conn._h1_body and transport is not None and not self.conn.closed:
+            transport.resume_reading()
         if self.body_paused:
             self.body_paused = False
             unacked, self.unacked = self.unacked, 0
@@ -484,6 +518,9 @@ class H2ServerConnection(asyncio.Protocol):
         self.premature_resets = 0
         self._flushing = False
         self._counted = False
+        self._h1_body = 0  # bytes of an h2c upgrade request's body still to come
+        self._dirty: list[H2Stream] = []  # streams with body to push (see H2Stream.write_body)
+        self._push_scheduled = False
         self.max_header_bytes = settings.max_header_bytes
         self.max_header_list = settings.h2_max_header_list_size or settings.max_header_bytes
         config = h2.config.H2Configuration(
@@ -570,11 +607,22 @@ class H2ServerConnection(asyncio.Protocol):
         self.h2.initiate_upgrade_connection(settings_header)
         self._open_connection_window()
         stream = H2Stream(self, 1)
-        stream.request_done = True
+        stream.request_done = not ex.has_body
+        if ex.has_body:
+            # Its body follows in HTTP/1.1 framing (Content-Length), then the preface (§3.2).
+            self._h1_body = ex.request.content_length or 0
         self.streams[1] = stream
         self.opened += 1
         ex.sink = stream
-        ex.request.http_version = "2.0"
+        request = ex.request
+        request.http_version = "2.0"
+        # The HTTP/1.1 hop's own fields (Connection, Upgrade, HTTP2-Settings, those Connection
+        # names) end here, as for every stream (RFC 9113 §8.2.2).
+        dropped = _CONNECTION_SPECIFIC | request.connection_tokens
+        request.headers = [(n, v) for n, v in request.headers if n not in dropped]
+        request.connection_tokens = frozenset()
+        request.verbatim = None
+        request.keep_alive = True
         stream.ex = ex
         self.flush()
         self.entry.handler(ex)
@@ -653,6 +701,10 @@ class H2ServerConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        if self._h1_body:
+            data = self._upgrade_body(data)
+            if not data:
+                return
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
@@ -675,6 +727,21 @@ class H2ServerConnection(asyncio.Protocol):
         finally:
             self._flushing = False
         self.flush()
+
+    def _upgrade_body(self, data: bytes) -> bytes:
+        """The body of the request that asked for the h2c upgrade (stream 1), still in
+        HTTP/1.1 framing: passed to its exchange; returns the bytes after it (HTTP/2)."""
+        take = min(self._h1_body, len(data))
+        self._h1_body -= take
+        stream = self.streams.get(1)
+        ex = stream.ex if stream is not None else None
+        if ex is not None and not ex.client_gone:
+            stream.progress += 1  # type: ignore[union-attr]
+            ex.on_request_body(data[:take] if take < len(data) else data)
+            if not self._h1_body:
+                stream.request_done = True  # type: ignore[union-attr]
+                ex.on_request_end()
+        return data[take:]
 
     def _on_request(self, event: h2.events.RequestReceived) -> None:
         stream_id = event.stream_id
@@ -837,10 +904,9 @@ class H2ServerConnection(asyncio.Protocol):
             (b"content-type", b"text/plain; charset=utf-8"),
             (b"content-length", str(len(body)).encode()),
         ]
-        self.h2.send_headers(stream.stream_id, fields)
-        self.send_data(stream, body)
-        self.h2.end_stream(stream.stream_id)
-        stream._response_ended()
+        stream.head = fields
+        stream.held = [body]
+        stream.push(True)
 
     def _refuse(self, stream: H2Stream, code: ErrorCodes) -> None:
         self.entry.on_protocol_error(400)
@@ -927,6 +993,7 @@ class H2ServerConnection(asyncio.Protocol):
 
     def _client_left(self, stream: H2Stream) -> None:
         """End `stream`'s exchange as the HTTP/1.1 side does when its client leaves."""
+        stream.held = []
         stream.pending = []
         stream.pending_size = 0
         tunnel = stream.tunnel
@@ -999,9 +1066,9 @@ class H2ServerConnection(asyncio.Protocol):
 
     # -- writing ----------------------------------------------------------------------------
 
-    def send_data(self, stream: H2Stream, chunk: bytes) -> int:
+    def send_data(self, stream: H2Stream, chunk: bytes, end: bool = False) -> int:
         """Send as much of `chunk` as the windows allow, in frames of the client's maximum
-        size; returns the bytes sent."""
+        size, END_STREAM on the last if `end` and all of it went; returns the bytes sent."""
         h2conn = self.h2
         stream_id = stream.stream_id
         window = h2conn.local_flow_control_window(stream_id)
@@ -1010,16 +1077,34 @@ class H2ServerConnection(asyncio.Protocol):
         size = len(chunk)
         frame = h2conn.max_outbound_frame_size
         if size <= window and size <= frame:
-            h2conn.send_data(stream_id, chunk)
+            h2conn.send_data(stream_id, chunk, end_stream=end)
             return size
         sent = 0
         limit = min(size, window)
         view = memoryview(chunk)
         while sent < limit:
             step = min(frame, limit - sent)
-            h2conn.send_data(stream_id, bytes(view[sent : sent + step]))
             sent += step
+            h2conn.send_data(
+                stream_id, bytes(view[sent - step : sent]), end_stream=end and sent == size
+            )
         return sent
+
+    def schedule(self, stream: H2Stream) -> None:
+        """Push `stream`'s held body at the end of this loop iteration (see write_body)."""
+        stream.scheduled = True
+        self._dirty.append(stream)
+        if not self._push_scheduled:
+            self._push_scheduled = True
+            self.loop.call_soon(self._push_dirty)
+
+    def _push_dirty(self) -> None:
+        self._push_scheduled = False
+        dirty, self._dirty = self._dirty, []
+        for stream in dirty:
+            stream.scheduled = False
+            stream.push(False)
+        self.flush()
 
     def acknowledge(self, stream: H2Stream, size: int) -> None:
         self.h2.acknowledge_received_data(size, stream.stream_id)
@@ -1027,6 +1112,7 @@ class H2ServerConnection(asyncio.Protocol):
     def reset(self, stream: H2Stream, code: int) -> None:
         """RST_STREAM with `code` unless the stream is already closed both ways."""
         stream.response_done = True
+        stream.held = []
         stream.pending = []
         stream.pending_size = 0
         try:

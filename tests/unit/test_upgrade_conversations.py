@@ -357,24 +357,41 @@ async def test_connections_still_being_sniffed_count_as_open():
 # -- upgrades the proxy ignores, and one answer per request (a second tester's findings) ---------
 
 
-async def test_h2c_upgrade_is_ignored_so_no_stream_can_skip_the_routers():
-    """RFC 9113 §3.1 deprecates the h2c upgrade, and Traefik removes it: a backend switched to
-    h2c would take HTTP/2 streams (`/admin`...) the routers and middlewares never saw. The
-    request is served as plain HTTP/1.1, and the connection goes on as HTTP/1.1."""
+async def test_h2c_upgrade_is_made_by_the_proxy_so_every_stream_is_routed():
+    """RFC 7540 §3.2: the proxy answers 101 itself and goes on as HTTP/2; the upgraded
+    request is stream 1, and a later stream is routed like it. The upgrade is never forwarded
+    (a backend switched to h2c would take streams the routers never saw: Traefik removes h2c
+    upgrades for that reason)."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
     conv = conversation()
     _, upstream = conv.add_upstream()
-    conv.send(
+    answer = conv.send(
         b"GET /pub HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
         b"HTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
     )
-    _, fields = head_of(upstream.take())
+    assert answer.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+    line, fields = head_of(upstream.take())
+    assert line == b"GET /pub HTTP/1.1"
     assert b"upgrade" not in fields and b"connection" not in fields
-    assert conv.backend_sends(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").startswith(
-        b"HTTP/1.1 200 OK"
+    assert b"http2-settings" not in fields
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_upgrade_connection()
+    protocol = conv.client_transport.protocol
+    protocol.data_received(client.data_to_send())
+    answered = conv.backend_sends(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    events = client.receive_data(answer.split(b"\r\n\r\n", 1)[1] + answered)
+    assert [e.data for e in events if isinstance(e, h2.events.DataReceived)] == [b"ok"]
+    _, upstream = conv.add_upstream()
+    client.send_headers(
+        3,
+        [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"a"), (b":path", b"/n")],
+        end_stream=True,
     )
-    conv.add_upstream()
-    conv.send(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
-    assert conv.upstream_received().startswith(b"GET /next HTTP/1.1")
+    protocol.data_received(client.data_to_send())
+    assert upstream.take().startswith(b"GET /n HTTP/1.1")
 
 
 async def test_upgrade_in_http10_is_ignored_and_what_follows_is_parsed_as_http():
