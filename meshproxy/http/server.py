@@ -760,8 +760,6 @@ class H1ServerConnection(asyncio.Protocol):
                     # the HTTP/2 side; a chunked one gets 501 as any upgrade with a body.
                     # Ignored (served as HTTP/1.1) in HTTP/1.0, behind another request, or
                     # without exactly one valid HTTP2-Settings named by Connection (§3.2.1).
-                    if has_body and (request.content_length is None or codings):
-                        raise _Reject(501)  # llhttp would read the body as the new protocol
                     if (
                         version != "1.0"
                         and self.current is None
@@ -769,8 +767,11 @@ class H1ServerConnection(asyncio.Protocol):
                         and len(h2_settings) == 1
                         and b"http2-settings" in request.connection_tokens
                         and valid_h2_settings(h2_settings[0])
+                        and not (has_body and (request.content_length is None or codings))
                     ):
                         self._h2c_settings = h2_settings[0]
+                    elif has_body:
+                        raise _Reject(501)  # llhttp would read the body as the new protocol
                 elif has_body:
                     raise _Reject(501)  # llhttp would read the body as the new protocol
                 elif version != "1.0":  # ignored in HTTP/1.0 (RFC 9110 §7.8)

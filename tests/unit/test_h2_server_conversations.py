@@ -613,3 +613,70 @@ async def test_a_broken_plain_response_is_reset_with_internal_error():
     events = h2c.receive()
     assert reset_code(events, sid) == ErrorCodes.INTERNAL_ERROR
     assert not h2c.transport.closed
+
+
+# -- h2c upgrade (RFC 7540 §3.2) ------------------------------------------------------------
+
+H2C_HEAD = (
+    b"Host: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+    b"HTTP2-Settings: AAMAAABkAAQAAP__\r\n"
+)
+
+
+def _upgraded_client() -> h2.connection.H2Connection:
+    client = _Client(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    client.initiate_upgrade_connection()
+    return client
+
+
+async def test_h2c_upgrade_with_a_body_reads_it_before_the_preface():
+    """RFC 7540 §3.2: a request with a body is sent whole before the client's preface; with
+    Content-Length the proxy reads it as stream 1's body (the backend gets it all), then
+    the connection speaks HTTP/2."""
+    conv = conversation()
+    _, upstream = conv.add_upstream()
+    client = _upgraded_client()
+    answer = conv.send(b"POST /up HTTP/1.1\r\n" + H2C_HEAD + b"Content-Length: 5\r\n\r\nhel")
+    assert answer.startswith(b"HTTP/1.1 101 ")
+    protocol = conv.client_transport.protocol
+    assert isinstance(protocol, H2ServerConnection)
+    protocol.data_received(b"lo" + client.data_to_send())
+    sent = upstream.take()
+    assert sent.startswith(b"POST /up HTTP/1.1") and sent.endswith(b"\r\n\r\nhello")
+    answered = conv.backend_sends(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+    events = client.receive_data(answer.split(b"\r\n\r\n", 1)[1] + answered)
+    assert status_of(events, 1) == b"201"
+
+
+async def test_h2c_upgrades_the_proxy_does_not_make():
+    """RFC 9110 §7.8 and RFC 7540 §3.2.1: no upgrade in HTTP/1.0 or without a valid
+    HTTP2-Settings named by Connection (served as HTTP/1.1); a chunked body before the
+    switch cannot be framed by llhttp: 501. Never forwarded."""
+    cases = [
+        (b"GET / HTTP/1.0\r\n" + H2C_HEAD + b"\r\n", b"HTTP/1.1 200 "),
+        (
+            b"GET / HTTP/1.1\r\n" + H2C_HEAD.replace(b"AAMAAABkAAQAAP__", b"AAMA") + b"\r\n",
+            b"HTTP/1.1 200 ",
+        ),
+        (
+            b"GET / HTTP/1.1\r\n"
+            + H2C_HEAD.replace(b"Upgrade, HTTP2-Settings", b"Upgrade")
+            + b"\r\n",
+            b"HTTP/1.1 200 ",
+        ),
+        (
+            b"POST / HTTP/1.1\r\n"
+            + H2C_HEAD
+            + b"Transfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\n",
+            b"HTTP/1.1 501 ",
+        ),
+    ]
+    for raw, expected in cases:
+        conv = conversation()
+        _, upstream = conv.add_upstream()
+        answer = conv.send(raw)
+        if expected == b"HTTP/1.1 200 ":
+            _, fields = head_of(upstream.take())
+            assert b"upgrade" not in fields and fields.get(b"connection") is None, raw
+            answer += conv.backend_sends(OK_2)
+        assert answer.startswith(expected), raw
