@@ -35,6 +35,7 @@ from meshproxy.runtime.dispatch import make_dispatcher
 from meshproxy.runtime.manager import ConfigManager
 from meshproxy.runtime.state import RuntimeState
 from meshproxy.tcp.proxy import pipe_settings
+from meshproxy.tcp.services import transport_from_static
 
 log = logging.getLogger("meshproxy")
 
@@ -86,6 +87,10 @@ class ProxyDaemon:
         explicit_default = [n for n, e in self.http_entrypoints.items() if e.as_default]
         self.default_entrypoints = sorted(explicit_default or self.http_entrypoints)
         self.transport = self._transport_settings()
+        try:
+            self.tcp_transport = transport_from_static(self.static.tcp_servers_transport)
+        except TransportError as exc:
+            raise StartupError(str(exc)) from None
         provider = (
             "http" if self.static.providers.http and self.static.providers.http.endpoint else "file"
         )
@@ -112,6 +117,7 @@ class ProxyDaemon:
                 default_rule_syntax=self.static.core.default_rule_syntax
                 if self.static.core
                 else None,
+                tcp_transport=self.tcp_transport,
             )
 
         return factory

@@ -43,7 +43,15 @@ from meshproxy.rules.parser import RuleError
 from meshproxy.rules.tcp import compile_tcp_rule, tcp_default_priority
 from meshproxy.runtime.snapshot import ObjectStatus, Route, RouterTable, RuntimeSnapshot
 from meshproxy.runtime.state import POOL_KINDS, RuntimeState
-from meshproxy.tcp.proxy import TCPRoute, TCPRouteTLS, TCPTarget, allow_list_check
+from meshproxy.tcp.proxy import TCPRoute, TCPRouteTLS, allow_list_check
+from meshproxy.tcp.services import (
+    InFlightConn,
+    TCPService,
+    TCPTransport,
+    load_balancer_transport,
+    make_server,
+    transport_from_dynamic,
+)
 
 log = logging.getLogger("meshproxy.runtime")
 
@@ -65,6 +73,8 @@ class CompileContext:
     internal_services: dict[str, Handler] = field(default_factory=dict)
     # static `core.defaultRuleSyntax` ("v2"/"v3"; None: detect Traefik Mesh's v2 rules)
     default_rule_syntax: str | None = None
+    # the static `tcpServersTransport`: TCP services' default transport (tcp/services.py)
+    tcp_transport: TCPTransport = field(default_factory=TCPTransport)
 
 
 class _BuildError(Exception):
@@ -83,6 +93,7 @@ class _Compiler:
         self.service_objects: dict[str, Any] = {}
         self.health_wanted: dict[Any, list[Any]] = {}  # health checks the services want
         self.transports: dict[str, TransportSettings | str] = {}  # name -> settings or error
+        self.tcp_transports: dict[str, TCPTransport | str] = {}  # name -> transport or error
 
     # -- names --------------------------------------------------------------------------
 
@@ -443,9 +454,9 @@ class _Compiler:
 
     def compile_tcp(self) -> None:
         tcp = self.config.tcp
-        targets: dict[str, TCPTarget | None] = {}
+        targets: dict[str, TCPService | None] = {}
 
-        def target(qualified: str, seen: tuple[str, ...] = ()) -> TCPTarget:
+        def target(qualified: str, seen: tuple[str, ...] = ()) -> TCPService:
             if qualified in targets:
                 built = targets[qualified]
                 if built is None:
@@ -503,7 +514,7 @@ class _Compiler:
         status: ObjectStatus,
         target: Any,
         seen: tuple[str, ...],
-    ) -> TCPTarget:
+    ) -> TCPService:
         kinds = [k for k in ("load_balancer", "weighted") if getattr(definition, k) is not None]
         if len(kinds) != 1:
             raise _BuildError(
@@ -512,8 +523,14 @@ class _Compiler:
                 else "multi-types service not supported"
             )
         choices: list[tuple[Any, int]] = []
-        if definition.load_balancer is not None:
-            for i, server in enumerate(definition.load_balancer.servers):
+        lb = definition.load_balancer
+        if lb is not None:
+            named = self.tcp_transport_for(lb.servers_transport)
+            try:
+                transport = load_balancer_transport(lb, named, self.ctx.tcp_transport)
+            except TransportError as exc:
+                raise _BuildError(str(exc)) from None
+            for i, server in enumerate(lb.servers):
                 if not _valid_address(server.address):
                     status.warn(
                         f"loadBalancer.servers[{i}].address {server.address!r} is "
@@ -522,13 +539,43 @@ class _Compiler:
                     continue
                 host, _, port = server.address.rpartition(":")
                 weight = 1 if server.weight is None else server.weight
-                choices.append(((host.strip("[]"), int(port)), weight))
+                try:
+                    built = make_server(
+                        server.address, host.strip("[]"), int(port), bool(server.tls), transport
+                    )
+                except TransportError as exc:
+                    raise _BuildError(f"loadBalancer.servers[{i}]: {exc}") from None
+                choices.append((built, weight))
         else:
             for child in definition.weighted.services:
                 child_name = self.resolve(child.name, "service")
                 weight = 1 if child.weight is None else child.weight
                 choices.append((target(child_name, (*seen, qualified)), weight))
-        return TCPTarget(qualified, choices)
+        return TCPService(qualified, choices)
+
+    def tcp_transport_for(self, name: str | None) -> TCPTransport | None:
+        """The `tcp.serversTransports` entry a TCP loadBalancer names (`name`,
+        `name@provider`); None when it names none (the default applies with the
+        loadBalancer's own deprecated options). `default@internal` is the static one."""
+        if not name:
+            return None
+        if name == "default@internal":
+            return self.ctx.tcp_transport
+        base = self.resolve(name, "serversTransport").rpartition("@")[0]
+        options = self.config.tcp.servers_transports.get(base)
+        if options is None:
+            raise _BuildError(f"serversTransport {name!r} does not exist")
+        cached = self.tcp_transports.get(base)
+        if cached is None:
+            try:
+                cached = transport_from_dynamic(options, f"tcp.serversTransports.{base}")
+            except TransportError as exc:
+                cached = str(exc)
+                log.error("TCP serversTransport %s@%s: %s", base, self.ctx.provider, exc)
+            self.tcp_transports[base] = cached
+        if isinstance(cached, str):
+            raise _BuildError(f"serversTransport {name!r} is invalid: {cached}")
+        return cached
 
     def compile_tcp_router(self, qualified: str, router: Any, target: Any) -> TCPRoute:
         if not router.rule:
@@ -551,12 +598,21 @@ class _Compiler:
         if not router.service:
             raise _BuildError("router has no service")
         service = target(self.resolve(router.service, "service"))
-        checks = []
+        checks: list[Any] = []  # in the router's order: allow lists and inFlightConn counters
         for reference in router.middlewares:
             name = self.resolve(reference, "middleware")
             middleware = self.config.tcp.middlewares.get(name.rpartition("@")[0])
             if middleware is None:
                 raise _BuildError(f"middleware {name!r} does not exist")
+            kinds = [k for k in middleware.__struct_fields__ if getattr(middleware, k) is not None]
+            if len(kinds) != 1:
+                raise _BuildError(
+                    f"middleware {name!r}: "
+                    + ("multi-types middleware not supported" if kinds else "no type defined")
+                )
+            if middleware.in_flight_conn is not None:
+                checks.append(self.in_flight_conn(qualified, name, middleware.in_flight_conn))
+                continue
             allow = middleware.ip_allow_list or middleware.ip_white_list
             if allow is None:
                 raise _BuildError(f"TCP middleware {name!r} is not supported yet")
@@ -569,6 +625,17 @@ class _Compiler:
         return TCPRoute(
             qualified, priority, rule.matcher, tuple(checks), service, rule.catch_all, tls
         )
+
+    def in_flight_conn(self, router: str, name: str, options: Any) -> InFlightConn:
+        """The router's inFlightConn counter: the previous one while `amount` is unchanged,
+        so connections open across a reload are still counted (and released)."""
+        amount = int(options.amount or 0)
+        key = (f"tcp:{router}", name)
+        fingerprint = b"inFlightConn:%d" % amount
+        old = self.ctx.state.middlewares.objects.get(key)
+        counter = old[1] if old is not None and old[0] == fingerprint else InFlightConn(amount)
+        self.middleware_state.objects[key] = (fingerprint, counter)
+        return counter  # type: ignore[no-any-return]
 
     def compile_udp(self) -> None:
         """UDP routers and services (reference/traefik-proxy.md §1.6): a router has no rule;

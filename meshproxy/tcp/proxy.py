@@ -13,10 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshproxy.balancer.wrr import SmoothWeightedRoundRobin
 from meshproxy.l4.pipe import BytePipe, PipeEnd, PipeSettings, PipeStats
 from meshproxy.networks import NetworkSet
-from meshproxy.upstream_address import resolve
+from meshproxy.tcp.services import NoServerReachable, TCPService, admit, connect, reset
 
 log = logging.getLogger("meshproxy.tcp")
 
@@ -52,18 +51,8 @@ class TCPConnectionView:
 ConnectionCheck = Callable[[TCPConnectionView], bool]
 
 
-class TCPTarget:
-    """Picks the upstream address of a new connection (loadBalancer or weighted)."""
-
-    def __init__(self, name: str, choices: list[tuple[Any, int]]) -> None:
-        self.name = name
-        self.balancer: SmoothWeightedRoundRobin[Any] = SmoothWeightedRoundRobin(choices)
-
-    def pick(self) -> tuple[str, int] | None:
-        choice = self.balancer.pick()
-        if isinstance(choice, TCPTarget):
-            return choice.pick()
-        return choice
+# A route's target: a TCP service (meshproxy.tcp.services: servers, failover, transports).
+TCPTarget = TCPService
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,8 +127,10 @@ class TCPRelay(asyncio.Protocol):
     `on_open(+1)` is called when the connection is accepted and `on_open(-1)` exactly once
     when it is gone: when the client connection closes before a pipe exists (refused, no
     server, dial failure, client gone while dialling), else when the pipe has closed both
-    connections. The dial follows Traefik's tcp serversTransport `dialTimeout` (30 s); a
-    failed dial closes the client without a byte relayed, as Traefik's TCP proxy does.
+    connections. The server side (which server, failover to the next one, dial timeout, PROXY
+    header, TLS, terminationDelay) is the route's TCP service's (meshproxy.tcp.services); when
+    no server is reachable the client is reset (RST) without a byte relayed. Connection checks
+    that count connections (inFlightConn) are released with the connection.
     """
 
     __slots__ = (
@@ -149,6 +140,7 @@ class TCPRelay(asyncio.Protocol):
         "dial_timeout",
         "entrypoint",
         "fallback",
+        "held",
         "on_open",
         "pending",
         "pending_eof",
@@ -191,6 +183,7 @@ class TCPRelay(asyncio.Protocol):
         self.counted = False
         self.dial: asyncio.Task[None] | None = None
         self.pipe: BytePipe | None = None
+        self.held: list[Any] = []  # connection checks counting this connection (inFlightConn)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -203,25 +196,31 @@ class TCPRelay(asyncio.Protocol):
             self.transport = None
             self.fallback(transport)  # type: ignore[arg-type]
             return
-        if route is None or not all(check(view) for check in route.checks):
+        held = admit(route.checks, view) if route is not None else None
+        if route is None or held is None:
             transport.close()  # refused: closed without a byte relayed
             return
-        address = route.target.pick()
-        if address is None:
-            transport.close()
+        self.held = held
+        self.view = view
+        servers = route.target.candidates()
+        if not servers:
+            reset(transport)  # no server at all: as unreachable ones, a prompt RST
             return
-        self.dial = asyncio.get_running_loop().create_task(self._dial(address, route.name))
+        self.dial = asyncio.get_running_loop().create_task(self._dial(servers, route))
 
-    async def _dial(self, address: tuple[str, int], router: str) -> None:
-        loop = asyncio.get_running_loop()
+    async def _dial(self, servers: list[Any], route: TCPRoute) -> None:
+        client = self.transport
+        assert client is not None
         try:
-            upstream, dialled = await asyncio.wait_for(
-                loop.create_connection(_Dialled, *resolve(address[0], address[1])),
-                self.dial_timeout,
+            upstream, dialled, server = await connect(servers, client, _Dialled)
+        except NoServerReachable as exc:
+            # The client learns at once, by an RST, that nobody is there (issue 12 item 4).
+            log.warning(
+                "router %s: no server of %s reachable: %s", route.name, route.target.name, exc
             )
-        except Exception as exc:  # refused, unreachable, timeout, bad address: all end alike
-            log.info("router %s: dial %s:%d failed: %r", router, *address, exc)
-            self._close_client()
+            self.dial = None
+            if not self.client_lost:
+                reset(client)
             return
         self.dial = None
         client = self.transport
@@ -238,8 +237,8 @@ class TCPRelay(asyncio.Protocol):
             return
         pipe = self.pipe = BytePipe(
             PipeEnd(client, b"".join(self.pending), self.pending_eof, False),
-            PipeEnd(upstream, leftover, dialled.eof, False),  # type: ignore[arg-type]
-            self.settings,
+            PipeEnd(upstream, leftover, dialled.eof, False),
+            server.pipe_settings(self.settings),
             self._pipe_closed,
         )
         self.pending = []
@@ -256,6 +255,9 @@ class TCPRelay(asyncio.Protocol):
         if self.counted:
             self.counted = False
             self.on_open(-1)
+            held, self.held = self.held, []
+            for check in held:
+                check.release(self.view)
 
     # Events from the client before the hand-over (afterwards the pipe's protocol gets them).
 
