@@ -430,12 +430,16 @@ def run_h2load(
     streams: int,
     headers: tuple[str, ...] = (),
     data: Path | None = None,
+    pid: int | None = None,
 ) -> dict[str, float]:
     """h2load over h2c (prior knowledge), one thread pinned with the load: `clients` connections
     with `streams` concurrent streams each for `duration` seconds (time-bounded; the process is
     killed after duration + 30 s). With `data`, each request is a POST of that file's bytes.
     Returns req/s, requests done/succeeded/failed/errored, 2xx count and p50/p99 in ms (h2load
-    prints no percentiles: they come from its per-request `--log-file`)."""
+    prints no percentiles: they come from its per-request `--log-file`). With `pid` (the
+    process under test), also the CPU it used: `cpu_util` (CPU seconds per second of the run)
+    and `cpu_us_per_req` (CPU microseconds per request done), which a VM shared with other
+    work disturbs far less than req/s."""
     import tempfile
 
     with tempfile.NamedTemporaryFile(prefix="h2load-", suffix=".log") as log:
@@ -452,6 +456,7 @@ def run_h2load(
         if data is not None:
             command += ["-d", str(data)]
         command.append(url)
+        cpu_before = cpu_seconds(pid) if pid is not None else 0.0
         out = subprocess.run(
             pinned(command, LOAD_CPU),
             capture_output=True,
@@ -459,6 +464,7 @@ def run_h2load(
             check=True,
             timeout=duration + 30,
         ).stdout
+        cpu = cpu_seconds(pid) - cpu_before if pid is not None else float("nan")
         # one line per request: start (us since the epoch), status, duration (us)
         lines = Path(log.name).read_text().splitlines()
         durations = sorted(int(line.rsplit("\t", 1)[1]) for line in lines if line.strip())
@@ -486,6 +492,8 @@ def run_h2load(
         "status_2xx": float(ok.group(1)) if ok else 0.0,
         "p50_ms": percentile(0.50),
         "p99_ms": percentile(0.99),
+        "cpu_util": cpu / duration,
+        "cpu_us_per_req": cpu / max(1, int(counts.group(3))) * 1e6,
     }
 
 
