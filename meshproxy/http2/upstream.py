@@ -5,11 +5,14 @@ exchange sent to the server becomes one stream on a multiplexed HTTP/2 connectio
 knowledge (RFC 9113 §3.3), spoken with the `h2` library (sans-IO) on an asyncio Protocol.
 
 Connections. A send takes the oldest connection that is neither draining nor full (its streams
-below the peer's SETTINGS_MAX_CONCURRENT_STREAMS, assumed `ASSUMED_MAX_STREAMS` until the
-peer's first SETTINGS arrives, as Go's transport does, and never above
+below the peer's SETTINGS_MAX_CONCURRENT_STREAMS, and never above
 `MAX_STREAMS_PER_CONNECTION`), so requests share few connections. When all are full a new one
 is dialled, at most `MAX_CONNECTIONS` per server and one dial at a time: sends that arrive while
-a dial is in progress wait for it rather than dial again (no dial storm). Past the bound,
+a dial is in progress wait for it rather than dial again (no dial storm). A new connection
+takes streams once the server's SETTINGS arrived (its connection preface, RFC 9113 §3.4), not
+before: a server whose limit is below what a client assumes may treat the extra streams as a
+connection error (h2's server does), and a pod that does not speak HTTP/2 fails the sends at
+once instead of after their streams were written; within `dial_timeout`. Past the bound,
 sends queue (FIFO, at most `MAX_WAITING`) for the next free stream; a send that finds the queue
 full, or waits longer than `dial_timeout`, fails with `NoStreamAvailable` (503, nothing
 reached the backend: retryable), as Envoy's pending-request overflow does. A failed dial fails
@@ -95,9 +98,8 @@ log = logging.getLogger("meshproxy.upstream.h2")
 # Connections per server, and sends waiting for a stream once they are all full.
 MAX_CONNECTIONS = 16
 MAX_WAITING = 1024
-# Streams per connection: the peer's MAX_CONCURRENT_STREAMS, this until its SETTINGS arrive
-# (Go's transport assumes 100 too), and never more than the cap (an unset setting is unlimited).
-ASSUMED_MAX_STREAMS = 100
+# Streams per connection: the peer's MAX_CONCURRENT_STREAMS, never more than this (an unset
+# setting means unlimited).
 MAX_STREAMS_PER_CONNECTION = 1000
 # Receive windows: per stream, the most a backend may send past a paused client (so the bound
 # on what one slow client makes the proxy hold); per connection, shared by its streams.
@@ -378,9 +380,17 @@ class H2Stream:
         self.reading_paused = False
         conn = self.conn
         if self.unacked and conn is not None and not self.finished and not self.remote_ended:
-            conn.h2.increment_flow_control_window(self.unacked, self.stream_id)
+            self._open_window(conn, self.unacked)
             self.unacked = 0
             conn.flush()
+
+    def _open_window(self, conn: H2UpstreamConnection, size: int) -> None:
+        try:
+            conn.h2.increment_flow_control_window(size, self.stream_id)
+        except (ProtocolError, KeyError):
+            # h2 handles a whole read before its events are seen here: by now the stream may
+            # have ended or been reset further on in the same read; its window no longer counts.
+            pass
 
     # -- the response (from the connection) -----------------------------------------------
 
@@ -426,7 +436,7 @@ class H2Stream:
         if unacked >= STREAM_WINDOW // 2 and not self.reading_paused:
             conn = self.conn
             assert conn is not None
-            conn.h2.increment_flow_control_window(unacked, self.stream_id)
+            self._open_window(conn, unacked)
             unacked = 0
         self.unacked = unacked
 
@@ -546,7 +556,8 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, H2Stream] = {}
         self.blocked: set[H2Stream] = set()  # streams with body held by the send windows
-        self.max_streams = ASSUMED_MAX_STREAMS
+        self.max_streams = 0  # the peer's MAX_CONCURRENT_STREAMS, once its SETTINGS arrived
+        self.ready = False  # the peer's SETTINGS arrived: streams may open
         self.closed = False
         self.draining = False  # GOAWAY received, or the pool is closing: no new streams
         self.write_paused = False
@@ -558,7 +569,12 @@ class H2UpstreamConnection(asyncio.Protocol):
 
     @property
     def has_room(self) -> bool:
-        return not self.draining and not self.closed and len(self.streams) < self.max_streams
+        return (
+            self.ready
+            and not self.draining
+            and not self.closed
+            and len(self.streams) < self.max_streams
+        )
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -589,13 +605,21 @@ class H2UpstreamConnection(asyncio.Protocol):
             self.flush()
         self._fail_all("connection closed by the proxy")
 
-    def _fail_all(self, reason: str) -> None:
+    def _fail_all(
+        self, reason: str, before_ready: type[UpstreamConnectError] | None = None
+    ) -> None:
         """The connection is gone or unusable: its streams fail (502 before their response
-        started, an abort after), the pool forgets it."""
+        started, an abort after), the pool forgets it. Before the server's SETTINGS came it was
+        the pool's dial: the sends waiting for it fail as for a failed dial (`before_ready`)."""
         if self.closed:
             return
         self.closed = True
         self.pool.forget(self)
+        if not self.ready:
+            error = (before_ready or UpstreamConnectError)(
+                f"h2c {self.pool.host}:{self.pool.port}: {reason}"
+            )
+            self.pool.dial_failed(error)
         for stream in list(self.streams.values()):
             if stream.response_started:
                 stream.finish(ResponseAborted(reason))
@@ -753,6 +777,10 @@ class H2UpstreamConnection(asyncio.Protocol):
         changed = event.changed_settings
         peer_max = self.h2.remote_settings.max_concurrent_streams
         self.max_streams = min(peer_max, MAX_STREAMS_PER_CONNECTION)
+        if not self.ready:
+            self.ready = True
+            self.pool.connection_ready(self)
+            return
         if SettingCodes.INITIAL_WINDOW_SIZE in changed:
             self._window_opened(0)
         self.pool.serve_waiting()
@@ -796,6 +824,11 @@ class H2UpstreamConnection(asyncio.Protocol):
         """Sweep: PING a silent connection, close one whose PING went unanswered or that has
         been idle for idle_conn_timeout."""
         settings = self.pool.settings
+        if not self.ready:
+            limit = settings.dial_timeout
+            if limit > 0 and now - self.idle_since > limit:  # idle_since: since it opened
+                self._fail_all("no SETTINGS from the server in time", UpstreamDialTimeout)
+            return
         if self.ping_sent_at:
             limit = settings.ping_timeout if settings.ping_timeout > 0 else _DEFAULT_PING_TIMEOUT
             if now - self.ping_sent_at > limit:
@@ -928,19 +961,32 @@ class H2Pool:
         task.add_done_callback(_DIALS.discard)
 
     async def _dial(self) -> None:
-        """One new connection; the sends waiting get it, or its error."""
+        """One new connection; the sends waiting get it once the server's SETTINGS arrive
+        (`dialing` stays set until then), or its error."""
         try:
             conn = await self.dialer(self)
         except UpstreamConnectError as exc:
-            self.dialing = False
-            waiting, self.waiting = self.waiting, deque()
-            for stream in waiting:
-                stream.finish(exc)
+            self.dial_failed(exc)
             return
+        if conn.closed or conn.ready:
+            return  # it failed (dial_failed ran) or is ready (connection_ready ran) already
+        self.connections.append(conn)
+
+    def connection_ready(self, conn: H2UpstreamConnection) -> None:
+        """The server's SETTINGS arrived on a new connection: the dial is over, and the
+        sends waiting take their streams (maybe before the dialling task has even resumed)."""
         self.dialing = False
-        if not conn.closed:
+        if conn not in self.connections:
             self.connections.append(conn)
         self.serve_waiting()
+
+    def dial_failed(self, error: UpstreamConnectError) -> None:
+        """The dial, or the connection before the server's SETTINGS, failed: so does every
+        send waiting for it (nothing was sent: retryable)."""
+        self.dialing = False
+        waiting, self.waiting = self.waiting, deque()
+        for stream in waiting:
+            stream.finish(error)
 
 
 async def dial_tcp(pool: H2Pool) -> H2UpstreamConnection:

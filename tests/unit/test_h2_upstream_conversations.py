@@ -140,6 +140,7 @@ class Rig:
         self.backends: list[Backend] = []
         self.dial_error: Exception | None = None
         self.dials = 0
+        self.settings_first = False  # the server's SETTINGS arrive before the dial returns
         pool.dialer = self.dial
         self.clients = [(self.conv.client, self.conv.client_transport)]
 
@@ -152,7 +153,10 @@ class Rig:
         transport = MemoryTransport(("127.0.0.1", 9))
         transport.protocol = conn
         conn.connection_made(transport)  # type: ignore[arg-type]
-        self.backends.append(Backend(conn, transport, self.backend_settings))
+        backend = Backend(conn, transport, self.backend_settings)
+        self.backends.append(backend)
+        if self.settings_first:
+            backend.pump()
         return conn
 
     def client(self, index: int = 0) -> tuple[Any, MemoryTransport]:
@@ -316,6 +320,18 @@ async def test_concurrent_requests_share_one_connection_and_one_dial():
         backend.respond(sid, 200, b"s%d" % sid)
     bodies = [response_of(rig.received(c))[2] for c in range(5)]
     assert sorted(bodies) == sorted(b"s%d" % s for s in (1, 3, 5, 7, 9))
+
+
+async def test_no_second_dial_when_the_settings_come_before_the_dial_returns():
+    """A connection takes streams once the server's SETTINGS arrived (RFC 9113 §3.4), which
+    may happen before the dialling task resumes: still one dial for all the waiting sends."""
+    rig = Rig()
+    rig.settings_first = True
+    for client in range(3):
+        rig.send(GET, client)
+    await rig.settle()
+    assert rig.dials == 1 and len(rig.pool.connections) == 1
+    assert sorted(rig.backends[0].requests()) == [1, 3, 5]
 
 
 async def test_max_concurrent_streams_one_opens_a_second_connection_then_queues():
