@@ -27,6 +27,7 @@ class ControlledBackend:
         self.health_probes = 0
         self.probe_heads: list[bytes] = []
         self.hung: list[asyncio.Event] = []
+        self.head_request = False
 
     @property
     def url(self) -> str:
@@ -50,13 +51,16 @@ class ControlledBackend:
         if self.server is None:
             self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
+        """Stop, end every connection, and let their tasks see it before the loop ends."""
         for event in self.hung:
             event.set()
         if self.server is not None:
             self.server.close()
         for writer in list(self.writers):
             writer.transport.abort()
+        for _ in range(3):
+            await asyncio.sleep(0)  # one loop turn each: connection_lost, then the tasks
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.writers.add(writer)
@@ -66,7 +70,9 @@ class ControlledBackend:
                     head = await reader.readuntil(b"\r\n\r\n")
                 except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
                     return
-                target = head.split(b" ", 2)[1].decode()
+                method, target_bytes, _ = head.split(b" ", 2)
+                target = target_bytes.decode()
+                self.head_request = method == b"HEAD"
                 length = 0
                 for line in head.split(b"\r\n")[1:]:
                     name, _, value = line.partition(b":")
@@ -110,7 +116,8 @@ class ControlledBackend:
                 await writer.drain()
             return False
         writer.write(
-            b"HTTP/1.1 %d X\r\ncontent-length: %d\r\n%s\r\n%s" % (status, len(body), extra, body)
+            b"HTTP/1.1 %d X\r\ncontent-length: %d\r\n%s\r\n%s"
+            % (status, len(body), extra, b"" if self.head_request else body)
         )
         try:
             await writer.drain()

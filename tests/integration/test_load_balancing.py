@@ -28,7 +28,7 @@ async def controlled() -> AsyncIterator[Callable[..., Any]]:
 
     yield make
     for backend in started:
-        backend.close()
+        await backend.aclose()
 
 
 def lb_service(*urls: str, **options: Any) -> dict[str, Any]:
@@ -100,7 +100,7 @@ async def test_in_flight_counts_survive_a_reload(controlled, proxy_factory):
         s["url"]: s["inFlight"] for s in proxy.rawdata()["services"]["s@file"]["meshproxyServers"]
     }
     assert in_flight[hung.url] == len(hung.hung)
-    hung.close()
+    await hung.aclose()
     for future in held:
         future.cancel()
     await asyncio.gather(*held, return_exceptions=True)

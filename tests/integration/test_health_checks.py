@@ -1,0 +1,402 @@
+"""Active health checks (Traefik's loadBalancer.healthCheck) end to end through a running
+proxy, with real backends that die, hang, misbehave and recover on command
+(tests/integration/lb_backend.py), a real gRPC health service (grpcio) and an h2c server
+made with the h2 library."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+
+from tests.grpc_peers import EchoServer
+from tests.helpers import request, router, wait_for
+from tests.integration.lb_backend import ControlledBackend
+
+NO_OUTLIER = {"enabled": False}  # isolate the active checks from passive detection
+
+
+@pytest.fixture
+async def controlled() -> AsyncIterator[Callable[..., Any]]:
+    started: list[ControlledBackend] = []
+
+    async def make(name: str, health_path: str = "/health") -> ControlledBackend:
+        backend = await ControlledBackend(name, health_path).start()
+        started.append(backend)
+        return backend
+
+    yield make
+    for backend in started:
+        await backend.aclose()
+
+
+def checked(*urls: str, check: dict[str, Any], **options: Any) -> dict[str, Any]:
+    return {
+        "loadBalancer": {
+            "servers": [{"url": u} for u in urls],
+            "healthCheck": check,
+            "outlierDetection": NO_OUTLIER,
+            **options,
+        }
+    }
+
+
+def one_service(service: dict[str, Any]) -> dict[str, Any]:
+    return {"http": {"routers": {"r": router("Host(`a.test`)", "s")}, "services": {"s": service}}}
+
+
+def server_status(proxy: Any, service: str = "s@file") -> dict[str, str]:
+    return proxy.rawdata()["services"][service].get("serverStatus", {})
+
+
+async def test_dead_server_leaves_within_one_interval_and_comes_back(controlled, proxy_factory):
+    """Traefik healthCheck: a server whose probe fails is DOWN and gets no request; it is UP
+    again once a probe passes (unhealthyInterval); traefik_service_server_up follows. A dead
+    pod leaves within one interval plus the probe's timeout (checks are jittered to 90-100%
+    of the interval)."""
+    backends = [await controlled(f"b{i}") for i in range(3)]
+    check = {"path": "/health", "interval": "500ms", "unhealthyInterval": "200ms",
+             "timeout": "200ms"}  # fmt: skip
+    proxy = await proxy_factory(one_service(checked(*(b.url for b in backends), check=check)))
+    await wait_for(lambda: backends[0].health_probes >= 1, 5, "first probe")
+    dead = backends[0]
+    await dead.die()
+    died = time.monotonic()
+    await wait_for(lambda: server_status(proxy)[dead.url] == "DOWN", 5, "DOWN")
+    assert time.monotonic() - died < 0.5 + 0.2 + 0.3  # interval + timeout + polling slack
+    answers = Counter([(await request(proxy.port, host="a.test")).body for _ in range(20)])
+    assert answers == {b"b1": 10, b"b2": 10}
+    metrics = proxy.metrics()
+    assert f'traefik_service_server_up{{service="s@file",url="{dead.url}"}} 0.0' in metrics
+    assert f"health check of {dead.url} failed, server DOWN" in proxy.log_path.read_text()
+    await dead.revive()
+    await wait_for(lambda: server_status(proxy)[dead.url] == "UP", 5, "UP again")
+    answers = Counter([(await request(proxy.port, host="a.test")).body for _ in range(30)])
+    assert answers == {b"b0": 10, b"b1": 10, b"b2": 10}
+    assert f'traefik_service_server_up{{service="s@file",url="{dead.url}"}} 1.0' in (
+        proxy.metrics()
+    )
+
+
+async def test_probe_sends_the_configured_request(controlled, proxy_factory):
+    """Traefik's newRequest: `method`, `path` (with its query) resolved against the server
+    URL, `port` replacing the server's, `hostname` as the Host field, `headers` added."""
+    server = await controlled("server")
+    server.health = "status:500"  # would fail if the probe went to the server's own port
+    probed = await controlled("probed")
+    check = {
+        "path": "/health?deep=1",
+        "port": probed.port,
+        "method": "HEAD",
+        "hostname": "check.internal",
+        "headers": {"X-Probe": "meshproxy"},
+        "interval": "200ms",
+    }
+    proxy = await proxy_factory(one_service(checked(server.url, check=check)))
+    await wait_for(lambda: probed.health_probes >= 2, 5, "probes on the health port")
+    assert server.health_probes == 0
+    head = probed.probe_heads[0].decode().lower()
+    assert head.startswith("head /health?deep=1 http/1.1\r\n")
+    assert "\r\nhost: check.internal\r\n" in head
+    assert "\r\nx-probe: meshproxy\r\n" in head
+    assert server_status(proxy) == {server.url: "UP"}
+
+
+async def test_status_and_redirects(controlled, proxy_factory):
+    """`status` must match exactly when set (else [200, 400) passes); redirects are followed
+    (at most 10, as Go's client: a loop is a failure) unless `followRedirects: false`, where
+    a 302 itself passes."""
+    expects_204 = await controlled("expects204")
+    loops = await controlled("loops")
+    loops.health = "redirect-loop"
+    loops_no_follow = await controlled("loops-no-follow")
+    loops_no_follow.health = "redirect-loop"
+    fast = {"path": "/health", "interval": "200ms", "timeout": "1s"}
+    config = {
+        "http": {
+            "routers": {},
+            "services": {
+                "a": checked(expects_204.url, check={**fast, "status": 204}),
+                "b": checked(loops.url, check=fast),
+                "c": checked(loops_no_follow.url, check={**fast, "followRedirects": False}),
+            },
+        }
+    }
+    proxy = await proxy_factory(config)
+    await wait_for(lambda: server_status(proxy, "a@file")[expects_204.url] == "DOWN", 5, "204")
+    await wait_for(lambda: server_status(proxy, "b@file")[loops.url] == "DOWN", 5, "loop")
+    await wait_for(lambda: loops_no_follow.health_probes >= 2, 5, "no-follow probes")
+    assert server_status(proxy, "c@file")[loops_no_follow.url] == "UP"
+    servers = proxy.rawdata()["services"]["b@file"]["meshproxyServers"]
+    assert "more than 10 redirects" in servers[0]["healthCheck"]["lastError"]
+    assert loops.health_probes >= 10  # one probe: ten requests, as Go's CheckRedirect
+
+
+async def test_bad_health_endpoints_are_bounded(controlled, proxy_factory):
+    """Bad input: a server that accepts and never answers is DOWN once `timeout` passes; a
+    check answering 200 with a 2 GB body is decided by its status, as Traefik, without
+    reading the body (the probe ends at once, the proxy stays responsive)."""
+    hangs = await controlled("hangs")
+    hangs.health = "hang"
+    big = await controlled("big")
+    big.health = "big"
+    check = {"path": "/health", "interval": "200ms", "timeout": "300ms"}
+    config = {
+        "http": {
+            "routers": {"r": router("Host(`a.test`)", "big")},
+            "services": {"hangs": checked(hangs.url, check=check), "big": checked(big.url, check=check)},
+        }
+    }  # fmt: skip
+    proxy = await proxy_factory(config)
+    await wait_for(lambda: server_status(proxy, "hangs@file")[hangs.url] == "DOWN", 5, "hang")
+    servers = proxy.rawdata()["services"]["hangs@file"]["meshproxyServers"]
+    assert servers[0]["healthCheck"]["lastError"] == "no answer within 0.3s"
+    await wait_for(lambda: big.health_probes >= 5, 5, "probes of the big answer")
+    assert server_status(proxy, "big@file")[big.url] == "UP"
+    assert (await request(proxy.port, host="a.test", timeout=2)).body == b"big"
+
+
+async def test_all_servers_down_is_503_and_the_admin_api_says_why(controlled, proxy_factory):
+    """Traefik: no healthy server -> 503 `no available server`; the admin API shows every
+    server DOWN with the probe's error."""
+    backends = [await controlled(f"b{i}") for i in range(2)]
+    for backend in backends:
+        backend.health = "status:503"
+    check = {"path": "/health", "interval": "200ms"}
+    proxy = await proxy_factory(one_service(checked(*(b.url for b in backends), check=check)))
+    await wait_for(lambda: set(server_status(proxy).values()) == {"DOWN"}, 5, "every server DOWN")
+    response = await request(proxy.port, host="a.test")
+    assert (response.status, response.body) == (503, b"no available server\n")
+    service = proxy.rawdata()["services"]["s@file"]
+    assert service["meshproxyWhy"].startswith("no server available")
+    assert all(
+        s["why"] == "health check failed: received error status code: 503"
+        for s in service["meshproxyServers"]
+    )
+    assert "service s@file is down: no server available" in proxy.log_path.read_text()
+
+
+async def test_invalid_health_check_is_an_error_with_its_path(controlled, proxy_factory):
+    """Bad input: a health check Traefik could not run disables its service with the key at
+    fault, the rest serves; an undecodable value rejects the payload with its JSON path and
+    the last good configuration keeps serving."""
+    good = await controlled("good")
+    config = {
+        "http": {
+            "routers": {
+                "bad": router("Host(`bad.test`)", "bad"),
+                "good": router("Host(`good.test`)", "good"),
+            },
+            "services": {
+                "bad": checked(good.url, check={"scheme": "ftp"}),
+                "good": checked(good.url, check={"path": "/health"}),
+            },
+        }
+    }
+    proxy = await proxy_factory(config)
+    data = proxy.rawdata()
+    assert data["services"]["bad@file"]["status"] == "disabled"
+    assert data["services"]["bad@file"]["error"] == [
+        "loadBalancer.healthCheck.scheme: 'ftp' is not supported (http, https, h2c)"
+    ]
+    assert (await request(proxy.port, host="good.test")).status == 200
+    assert (await request(proxy.port, host="bad.test")).status == 404
+    config["http"]["services"]["good"]["loadBalancer"]["healthCheck"]["interval"] = "soon"
+    proxy.write(config)
+    await wait_for(lambda: proxy.rawdata()["meshproxy"]["lastConfigError"], 5, "rejected")
+    assert (
+        "http.services.good.loadBalancer.healthCheck.interval: invalid duration"
+        in (proxy.rawdata()["meshproxy"]["lastConfigError"])
+    )
+    assert (await request(proxy.port, host="good.test")).status == 200
+
+
+async def test_one_checker_per_server_shared_kept_across_reloads_and_stopped(
+    controlled, proxy_factory
+):
+    """One checker per (server, check) for the process: two services listing the same
+    server with the same check probe it once per interval, not twice. A reload that keeps it
+    keeps its verdict (Traefik restarts checks with every server UP); a reload that drops it
+    stops the probes."""
+    shared = await controlled("shared")
+    check = {"path": "/health", "interval": "200ms"}
+    config = {
+        "http": {
+            "routers": {
+                "r1": router("Host(`one.test`)", "one"),
+                "r2": router("Host(`two.test`)", "two"),
+            },
+            "services": {
+                "one": checked(shared.url, check=check),
+                "two": checked(shared.url, check=check),
+            },
+        }
+    }
+    proxy = await proxy_factory(config)
+    await wait_for(lambda: shared.health_probes >= 1, 5, "first probe")
+    start, began = shared.health_probes, time.monotonic()
+    await asyncio.sleep(2.0)  # a measurement window, not a wait for a condition
+    rate = (shared.health_probes - start) / (time.monotonic() - began)
+    assert 3.5 < rate < 6.5  # one checker: 5-5.6 probes per second; two would be 10-11
+    shared.health = "status:500"
+    await wait_for(lambda: server_status(proxy, "one@file")[shared.url] == "DOWN", 5, "DOWN")
+    assert server_status(proxy, "two@file")[shared.url] == "DOWN"
+    config["http"]["routers"]["r3"] = router("Host(`three.test`)", "one")
+    generation = proxy.generation()
+    proxy.write(config)
+    await wait_for(lambda: proxy.generation() > generation, 5, "reload")
+    assert server_status(proxy, "one@file")[shared.url] == "DOWN"
+    assert (await request(proxy.port, host="three.test")).status == 503
+    del config["http"]["services"]["one"]["loadBalancer"]["healthCheck"]
+    del config["http"]["services"]["two"]["loadBalancer"]["healthCheck"]
+    generation = proxy.generation()
+    proxy.write(config)
+    await wait_for(lambda: proxy.generation() > generation, 5, "reload")
+    assert server_status(proxy, "one@file")[shared.url] == "UP"  # no check: UP (Traefik)
+    await asyncio.sleep(0.3)  # let a probe already on the wire land
+    stopped_at = shared.health_probes
+    await asyncio.sleep(0.6)
+    assert shared.health_probes == stopped_at
+
+
+async def test_weighted_and_mirroring_parents_see_a_child_down(controlled, proxy_factory):
+    """Traefik's SetStatus propagation: a `weighted` service with `healthCheck: {}` skips a
+    child with no healthy server (no 503 while another child is up), through a `mirroring`
+    child with `healthCheck: {}` too; a parent with healthCheck over a child without one is a
+    build error, as Traefik's RegisterStatusUpdater."""
+    a, b = await controlled("a"), await controlled("b")
+    check = {"path": "/health", "interval": "200ms"}
+    config = {
+        "http": {
+            "routers": {
+                "r": router("Host(`w.test`)", "split"),
+                "bad": router("Host(`bad.test`)", "bad-split"),
+            },
+            "services": {
+                "split": {
+                    "weighted": {
+                        "services": [{"name": "mirrored-a"}, {"name": "sb"}],
+                        "healthCheck": {},
+                    }
+                },
+                "mirrored-a": {"mirroring": {"service": "sa", "healthCheck": {}}},
+                "sa": checked(a.url, check=check),
+                "sb": checked(b.url, check=check),
+                "plain": {"loadBalancer": {"servers": [{"url": a.url}]}},
+                "bad-split": {"weighted": {"services": [{"name": "plain"}], "healthCheck": {}}},
+            },
+        }
+    }
+    proxy = await proxy_factory(config)
+    answers = Counter([(await request(proxy.port, host="w.test")).body for _ in range(10)])
+    assert answers == {b"a": 5, b"b": 5}
+    a.health = "status:500"
+    await wait_for(lambda: server_status(proxy, "sa@file")[a.url] == "DOWN", 5, "a DOWN")
+    answers = Counter([(await request(proxy.port, host="w.test")).body for _ in range(10)])
+    assert answers == {b"b": 10}
+    a.health = "ok"
+    await wait_for(lambda: server_status(proxy, "sa@file")[a.url] == "UP", 5, "a UP")
+    answers = Counter([(await request(proxy.port, host="w.test")).body for _ in range(10)])
+    assert answers == {b"a": 5, b"b": 5}
+    error = proxy.rawdata()["services"]["bad-split@file"]["error"][0]
+    assert re.search(r"child service plain@file of bad-split@file not a", error)
+
+
+async def test_grpc_mode_uses_the_grpc_health_protocol(proxy_factory):
+    """`mode: grpc`: grpc.health.v1.Health/Check with an empty service name; SERVING is UP,
+    NOT_SERVING is DOWN (Traefik's checkHealthGRPC), against grpcio's own health service."""
+    server = EchoServer()
+    try:
+        server.set_serving("", True)
+        url = f"http://127.0.0.1:{server.port}"
+        check = {"mode": "grpc", "interval": "200ms", "timeout": "1s"}
+        proxy = await proxy_factory(one_service(checked(url, check=check)))
+        await wait_for(
+            lambda: (
+                proxy.rawdata()["services"]["s@file"]["meshproxyServers"][0]["healthCheck"][
+                    "probes"
+                ]
+                >= 2
+            ),
+            5,
+            "gRPC probes",
+        )
+        assert server_status(proxy)[url] == "UP"
+        server.set_serving("", False)
+        await wait_for(lambda: server_status(proxy)[url] == "DOWN", 5, "NOT_SERVING -> DOWN")
+        error = proxy.rawdata()["services"]["s@file"]["meshproxyServers"][0]["why"]
+        assert error == "health check failed: received gRPC status NOT_SERVING"
+        server.set_serving("", True)
+        await wait_for(lambda: server_status(proxy)[url] == "UP", 5, "SERVING -> UP")
+    finally:
+        server.stop()
+
+
+class H2CHealthServer:
+    """An HTTP/2-only (prior knowledge) server made with the h2 library: answers every
+    request with `status` and records the request fields."""
+
+    def __init__(self) -> None:
+        self.status = 200
+        self.requests: list[dict[bytes, bytes]] = []
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
+
+    async def start(self) -> H2CHealthServer:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        conn.initiate_connection()
+        writer.write(conn.data_to_send())
+        try:
+            while data := await reader.read(65536):
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.RequestReceived):
+                        self.requests.append(dict(event.headers))
+                        conn.send_headers(
+                            event.stream_id,
+                            [(":status", str(self.status)), ("content-length", "0")],
+                            end_stream=True,
+                        )
+                writer.write(conn.data_to_send())
+        except (ConnectionError, h2.exceptions.ProtocolError):
+            pass
+        finally:
+            writer.close()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_h2c_scheme_probes_over_http2(proxy_factory):
+    """`scheme: h2c`: the probe speaks HTTP/2 with prior knowledge (RFC 9113 §3.3) to a
+    server that speaks nothing else; its status decides as for HTTP/1.1."""
+    server = await H2CHealthServer().start()
+    try:
+        url = f"http://127.0.0.1:{server.port}"
+        check = {"scheme": "h2c", "path": "/ready", "hostname": "svc.test", "interval": "200ms"}
+        proxy = await proxy_factory(one_service(checked(url, check=check)))
+        await wait_for(lambda: len(server.requests) >= 2, 5, "h2c probes")
+        assert server_status(proxy)[url] == "UP"
+        first = server.requests[0]
+        assert (first[b":path"], first[b":authority"], first[b":scheme"]) == (
+            b"/ready",
+            b"svc.test",
+            b"http",
+        )
+        server.status = 503
+        await wait_for(lambda: server_status(proxy)[url] == "DOWN", 5, "h2c 503 -> DOWN")
+    finally:
+        server.close()
