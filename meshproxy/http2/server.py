@@ -209,6 +209,7 @@ class H2Stream:
     __slots__ = (
         "body_paused",
         "conn",
+        "early",
         "end_pending",
         "ex",
         "head",
@@ -225,6 +226,7 @@ class H2Stream:
         "tunnel",
         "unacked",
         "upstream_paused",
+        "websocket",
     )
 
     def __init__(self, conn: H2ServerConnection, stream_id: int) -> None:
@@ -246,6 +248,8 @@ class H2Stream:
         self.progress_seen = -1
         self.stalled_since = 0.0
         self.tunnel: Any = None  # an RFC 8441 tunnel's transport adapter, once switched
+        self.websocket = False  # an RFC 8441 extended CONNECT
+        self.early: list[bytes] = []  # its client DATA before the backend's answer
 
     # -- Sink ---------------------------------------------------------------------------------
 
@@ -809,8 +813,6 @@ class H2ServerConnection(asyncio.Protocol):
         if method == b"CONNECT":
             if protocol.lower() != b"websocket":
                 return 501  # RFC 9110 §9.3.6: no tunnels; RFC 8441: only WebSocket
-            if has_body and content_length == 0:
-                return 400
         elif content_length and not has_body and method != b"HEAD":
             self._refuse(stream, ErrorCodes.PROTOCOL_ERROR)  # §8.1.1: no DATA after all
             return 0
@@ -864,6 +866,7 @@ class H2ServerConnection(asyncio.Protocol):
         stream.ex = ex
         if websocket:
             stream.request_done = False
+            stream.websocket = True
         if has_body:
             # Let this read's DATA reach the exchange first: a local answer (404, 503) then
             # finds a small body read, and needs no RST_STREAM to stop it (as HTTP/1.1 does).
@@ -923,6 +926,12 @@ class H2ServerConnection(asyncio.Protocol):
         stream.progress += 1
         if stream.tunnel is not None:
             stream.tunnel.data_from_client(event.data, size)
+            return
+        if stream.websocket:
+            # Tunnel bytes sent before the backend answered (RFC 8441 §5): held, and left
+            # unacknowledged, so the stream's window bounds them; relayed after a 101.
+            stream.early.append(event.data)
+            stream.unacked += size
             return
         ex = stream.ex
         if event.data:
@@ -1135,6 +1144,11 @@ class H2ServerConnection(asyncio.Protocol):
         if stream.response_done and not stream.pending:
             self.streams.pop(stream.stream_id, None)
         self.idle_since = time.perf_counter()
+        self._maybe_close()
+
+    def tunnel_closed(self) -> None:
+        """An RFC 8441 tunnel's stream is over (meshproxy.http2.stream_tunnel)."""
+        self.flush()
         self._maybe_close()
 
     def _maybe_close(self) -> None:

@@ -680,3 +680,119 @@ async def test_h2c_upgrades_the_proxy_does_not_make():
             assert b"upgrade" not in fields and fields.get(b"connection") is None, raw
             answer += conv.backend_sends(OK_2)
         assert answer.startswith(expected), raw
+
+
+# -- WebSocket over HTTP/2 (RFC 8441) ---------------------------------------------------------
+
+
+def _connect_headers(path: bytes = b"/chat") -> list:
+    return [
+        (b":method", b"CONNECT"),
+        (b":protocol", b"websocket"),
+        (b":scheme", b"http"),
+        (b":authority", b"a.test"),
+        (b":path", path),
+        (b"sec-websocket-version", b"13"),
+        (b"sec-websocket-protocol", b"chat"),
+    ]
+
+
+async def test_extended_connect_becomes_a_websocket_handshake_and_a_tunnel():
+    """RFC 8441 §4-5: an extended CONNECT with :protocol websocket reaches the HTTP/1.1
+    backend as a WebSocket handshake (GET, Upgrade, a key of the proxy's, the client's
+    version and subprotocol); its 101 becomes :status 200 (no Sec-WebSocket-Accept), and the
+    stream's DATA and the backend socket are one byte pipe, both ways; other streams on the
+    connection go on."""
+    from wsproto.utilities import generate_accept_token
+
+    h2c = H2Conversation()
+    upstream = h2c.add_upstream()
+    sid = h2c.request(_connect_headers(), end=False)
+    h2c.client.send_data(sid, b"early")  # before the answer: held, never lost
+    h2c.exchange()
+    line, fields = head_of(upstream.take())
+    assert line == b"GET /chat HTTP/1.1"
+    assert fields[b"upgrade"] == b"websocket" and fields[b"connection"] == b"Upgrade"
+    assert (
+        fields[b"sec-websocket-version"] == b"13" and fields[b"sec-websocket-protocol"] == b"chat"
+    )
+    key = fields[b"sec-websocket-key"]
+    events = h2c.backend_sends(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + generate_accept_token(key) + b"\r\n"
+        b"Sec-WebSocket-Protocol: chat\r\n\r\nfrom-backend"
+    )
+    await asyncio.sleep(0)
+    events += h2c.receive()
+    (response,) = of(events, h2.events.ResponseReceived, sid)
+    answer = dict(response.headers)
+    assert answer[b":status"] == b"200" and answer[b"sec-websocket-protocol"] == b"chat"
+    assert b"sec-websocket-accept" not in answer and b"upgrade" not in answer
+    assert body_of(h2c.events, sid) == b"from-backend"
+    assert upstream.take() == b"early"
+    h2c.client.send_data(sid, b"from-client")
+    h2c.exchange()
+    assert upstream.take() == b"from-client"
+    upstream.protocol.data_received(b"more")
+    h2c.receive()
+    assert body_of(h2c.events, sid) == b"from-backendmore"
+    assert len(h2c.entry.tunnels) == 1
+    # the backend closes: the stream ends (END_STREAM), the client's side too, both closed
+    upstream.protocol.eof_received()
+    h2c.receive()
+    assert of(h2c.events, h2.events.StreamEnded, sid)
+    h2c.client.end_stream(sid)
+    h2c.exchange()
+    await asyncio.sleep(0)
+    assert upstream.closed
+    upstream.protocol.connection_lost(None)
+    await asyncio.sleep(0)
+    assert h2c.entry.tunnels == set() and sid not in h2c.server.streams
+
+
+async def test_a_refused_websocket_handshake_gets_its_status_and_the_connection_goes_on():
+    """Issue 11, bad input: an extended CONNECT whose backend refuses the upgrade gets that
+    status on its stream; the connection keeps serving other streams."""
+    h2c = H2Conversation()
+    h2c.add_upstream()
+    sid = h2c.request(_connect_headers(), end=False)
+    h2c.exchange()
+    events = h2c.backend_sends(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\nno")
+    assert status_of(events, sid) == b"403" and body_of(events, sid) == b"no"
+    h2c.add_upstream()
+    other = h2c.request(request_headers(b"/next"))
+    h2c.exchange()
+    h2c.backend_sends(OK_2)
+    assert body_of(h2c.events, other) == b"ok"
+    assert not h2c.transport.closed and h2c.entry.tunnels == set()
+
+
+async def test_a_slow_websocket_client_pauses_the_backend_socket():
+    """RFC 9113 §5.2 through the pipe: bytes the stream's window cannot take are queued, and
+    past the adapter's high-water mark the backend socket is no longer read; the client's
+    WINDOW_UPDATE resumes it."""
+    from wsproto.utilities import generate_accept_token
+
+    from meshproxy.http2.stream_tunnel import WRITE_HIGH_WATER
+
+    h2c = H2Conversation(client_settings={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 100})
+    upstream = h2c.add_upstream()
+    sid = h2c.request(_connect_headers(), end=False)
+    h2c.exchange()
+    _, fields = head_of(upstream.take())
+    h2c.backend_sends(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: "
+        + generate_accept_token(fields[b"sec-websocket-key"])
+        + b"\r\n\r\n"
+    )
+    await asyncio.sleep(0)
+    upstream.protocol.data_received(b"x" * (WRITE_HIGH_WATER + 1000))
+    h2c.receive()
+    assert len(body_of(h2c.events, sid)) == 100
+    assert not upstream.reading
+    h2c.client.increment_flow_control_window(2 * WRITE_HIGH_WATER, stream_id=sid)
+    h2c.client.increment_flow_control_window(2 * WRITE_HIGH_WATER)
+    h2c.exchange()
+    assert upstream.reading
+    assert len(body_of(h2c.events, sid)) == WRITE_HIGH_WATER + 1000
