@@ -146,6 +146,7 @@ class _Session(asyncio.DatagramProtocol):
         "paused",
         "pending",
         "route",
+        "send",
         "server",
         "source",
         "transport",
@@ -165,13 +166,17 @@ class _Session(asyncio.DatagramProtocol):
         self.opening: asyncio.Task[None] | None = None
         self.paused = False
         self.closed = False
+        # the socket's sendto while datagrams can go straight out (open, not paused, not
+        # closed): the datagram path tests this one slot
+        self.send: Callable[[bytes], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
         entry = self.entry
-        if self.closed or entry.paused:
+        reply = entry.reply
+        if reply is None or self.closed:  # the listener is paused or closing
             if not self.closed:
                 entry.counters.drop("backpressure")
             return
@@ -180,7 +185,7 @@ class _Session(asyncio.DatagramProtocol):
         counters.bytes_from_server += len(data)
         if self.last != entry.clock:
             entry.touch(self)
-        entry.transport.sendto(data, self.client)  # type: ignore[union-attr]
+        reply(data, self.client)
 
     def error_received(self, exc: Exception) -> None:
         if isinstance(exc, OSError) and exc.errno in _GONE:
@@ -194,9 +199,12 @@ class _Session(asyncio.DatagramProtocol):
 
     def pause_writing(self) -> None:
         self.paused = True  # the kernel's buffer is full: drop, never queue without bound
+        self.send = None
 
     def resume_writing(self) -> None:
         self.paused = False
+        if not self.closed and self.pending is None and self.transport is not None:
+            self.send = self.transport.sendto
 
 
 class UDPEntryPoint(asyncio.DatagramProtocol):
@@ -222,6 +230,8 @@ class UDPEntryPoint(asyncio.DatagramProtocol):
         self.by_source: dict[str, OrderedDict[Address, _Session]] = {}
         self.clock = 0.0  # the loop's time at the last sweep (or at the first session)
         self.paused = False
+        # the listening socket's sendto while replies can go out (not paused, not closing)
+        self.reply: Callable[[bytes, Address], None] | None = None
         self.closing = False
         self._sweeper: asyncio.TimerHandle | None = None
         self._route: UDPRoute | None = None  # the route the last sweep saw
@@ -231,6 +241,7 @@ class UDPEntryPoint(asyncio.DatagramProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.reply = self.transport.sendto  # type: ignore[union-attr]
         self._loop = asyncio.get_running_loop()
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
@@ -244,14 +255,15 @@ class UDPEntryPoint(asyncio.DatagramProtocol):
         counters = self.counters
         counters.datagrams_from_client += 1
         counters.bytes_from_client += len(data)
+        send = session.send
+        if send is not None:
+            send(data)
+            return
         pending = session.pending
-        if pending is None:
-            if session.paused:
-                counters.drop("backpressure")
-            else:
-                session.transport.sendto(data)  # type: ignore[union-attr]
+        if pending is None:  # open, but the kernel's send buffer is full
+            counters.drop("backpressure")
         elif len(pending) < PENDING_DATAGRAMS:
-            pending.append(data)
+            pending.append(data)  # the socket is still opening
         else:
             counters.drop("pending_full")
 
@@ -265,9 +277,12 @@ class UDPEntryPoint(asyncio.DatagramProtocol):
 
     def pause_writing(self) -> None:
         self.paused = True
+        self.reply = None
 
     def resume_writing(self) -> None:
         self.paused = False
+        if not self.closing and self.transport is not None:
+            self.reply = self.transport.sendto
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -335,6 +350,8 @@ class UDPEntryPoint(asyncio.DatagramProtocol):
         session.pending = None
         for data in pending:
             transport.sendto(data)  # type: ignore[union-attr]
+        if not session.paused:
+            session.send = transport.sendto  # type: ignore[union-attr]
 
     def touch(self, session: _Session) -> None:
         """Mark a session active in this sweep period: to the end of both tables' order."""
@@ -348,6 +365,7 @@ class UDPEntryPoint(asyncio.DatagramProtocol):
             return
         session.closed = True
         session.pending = None
+        session.send = None
         client = session.client
         if self.sessions.get(client) is session:
             del self.sessions[client]
@@ -389,6 +407,7 @@ class UDPEntryPoint(asyncio.DatagramProtocol):
     def close(self) -> None:
         """Stop receiving and end every session (shutdown)."""
         self.closing = True
+        self.reply = None
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
