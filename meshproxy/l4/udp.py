@@ -56,6 +56,7 @@ DEFAULT_TIMEOUT = 3.0  # seconds: Traefik's entryPoints.X.udp.timeout default
 DEFAULT_MAX_SESSIONS = 4096  # per entrypoint: one socket (file descriptor) each
 DEFAULT_MAX_SESSIONS_PER_SOURCE = 512  # per client IP: one address gets 1/8 of the table
 PENDING_DATAGRAMS = 16  # held per session while its server socket opens; more are dropped
+PENDING_BYTES = 4 << 20  # bytes held by all the opening sessions of one entrypoint, at most
 MIN_SWEEP = 0.01  # seconds: the sweep's shortest period, whatever the timeout
 MAX_SWEEP = 1.0  # seconds: and its longest, so a removed router's sessions end promptly
 
@@ -229,6 +230,7 @@ class UDPEntryPoint(asyncio.DatagramProtocol):
         self.sessions: OrderedDict[Address, _Session] = OrderedDict()
         self.by_source: dict[str, OrderedDict[Address, _Session]] = {}
         self.clock = 0.0  # the loop's time at the last sweep (or at the first session)
+        self.pending_bytes = 0  # held for sessions whose socket is still opening
         self.paused = False
         # the listening socket's sendto while replies can go out (not paused, not closing)
         self.reply: Callable[[bytes, Address], None] | None = None
@@ -262,8 +264,9 @@ class UDPEntryPoint(asyncio.DatagramProtocol):
         pending = session.pending
         if pending is None:  # open, but the kernel's send buffer is full
             counters.drop("backpressure")
-        elif len(pending) < PENDING_DATAGRAMS:
+        elif len(pending) < PENDING_DATAGRAMS and self.pending_bytes + len(data) <= PENDING_BYTES:
             pending.append(data)  # the socket is still opening
+            self.pending_bytes += len(data)
         else:
             counters.drop("pending_full")
 
@@ -348,6 +351,7 @@ class UDPEntryPoint(asyncio.DatagramProtocol):
             return
         pending = session.pending or []
         session.pending = None
+        self.pending_bytes -= sum(map(len, pending))
         for data in pending:
             transport.sendto(data)  # type: ignore[union-attr]
         if not session.paused:
@@ -364,6 +368,8 @@ class UDPEntryPoint(asyncio.DatagramProtocol):
         if session.closed:
             return
         session.closed = True
+        if session.pending:
+            self.pending_bytes -= sum(map(len, session.pending))
         session.pending = None
         session.send = None
         client = session.client

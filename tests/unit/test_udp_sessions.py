@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 import uvloop
 
+from meshproxy.l4 import udp
 from meshproxy.l4.udp import (
+    PENDING_BYTES,
     PENDING_DATAGRAMS,
     UDPEntryPoint,
     UDPRoute,
@@ -334,6 +336,25 @@ async def test_datagrams_held_while_the_server_socket_opens_are_bounded(proxies)
     assert got == [b"%02d" % i for i in range(PENDING_DATAGRAMS)]
     assert proxy.counters.dropped == {"pending_full": 40 - PENDING_DATAGRAMS}
     assert sum(peer.sources.values()) == PENDING_DATAGRAMS
+    assert proxy.entry.pending_bytes == 0
+
+
+async def test_bytes_held_for_opening_sessions_are_bounded_per_entrypoint(proxies, monkeypatch):
+    """Nothing grows without bound: the datagrams held for all the sessions still opening
+    their sockets are at most PENDING_BYTES together (4 MiB; 60,000 here so the backend's
+    socket buffer takes the lot: 100 new clients x 6,000 bytes in one go, 10 held and
+    relayed, 90 dropped and counted)."""
+    monkeypatch.setattr(udp, "PENDING_BYTES", 60_000)
+    peer, addr = await backend(b"")
+    proxy = await proxies(route("r@file", addr))
+    size = 6_000
+    for i in range(100):
+        proxy.entry.datagram_received(b"%03d" % i + b"." * (size - 3), ("127.0.0.1", 20000 + i))
+        assert proxy.entry.pending_bytes <= 60_000
+    assert proxy.counters.dropped == {"pending_full": 90}
+    await wait_for(lambda: sum(peer.sources.values()) == 10, 5, "the held datagrams sent")
+    assert proxy.entry.pending_bytes == 0
+    assert PENDING_BYTES == 4 << 20
 
 
 async def test_no_server_drops_the_datagram_and_opens_no_session(proxies):
