@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import os
 import queue
+import re
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -285,13 +286,18 @@ async def test_no_route_is_unimplemented(proxy_factory, echo):
             "services": {"s": lb(echo.url)},
         }
     }
-    address = await proxied(proxy_factory, dynamic)
-    with EchoClient(address) as client:
+    proxy = await proxy_factory(dynamic)
+    with EchoClient(f"127.0.0.1:{proxy.port}") as client:
         error = await failure(lambda: client.unary(b"x", timeout=10))
         assert_proxy_status(error, grpc.StatusCode.UNIMPLEMENTED, "404 page not found")
         error = await failure(lambda: list(client.bidi(iter([b"a", b"b"]), timeout=10)))
         assert_proxy_status(error, grpc.StatusCode.UNIMPLEMENTED, "404 page not found")
     assert echo.calls == []
+    # Traefik's metrics: the protocol label says grpc, the code what the answer stands for
+    series = re.findall(r"traefik_entrypoint_requests_total\{([^}]*)\} (\S+)", proxy.metrics())
+    grpc_series = [(labels, value) for labels, value in series if 'protocol="grpc"' in labels]
+    assert len(grpc_series) == 1 and float(grpc_series[0][1]) == 2
+    assert 'code="404"' in grpc_series[0][0]
 
 
 async def test_no_server_is_unavailable(proxy_factory):
@@ -523,3 +529,16 @@ async def test_http1_grpc_request_gets_the_fields_as_headers(proxy_factory):
     assert response.headers["content-length"] == "0"
     plain = await request(proxy.port, "POST", "/x", {"content-type": "text/plain"}, b"hi")
     assert plain.status == 502
+
+
+async def test_client_protocol_error_is_a_grpc_status(proxy_factory, echo):
+    """A call the proxy refuses for the client's own error while the stream still exists (a
+    path with broken percent-encoding: 400 before routing, as Traefik) reaches the grpcio
+    client as a status (400 -> INTERNAL, http-grpc-status-mapping.md), not an HTTP page, and
+    never reaches the backend."""
+    address = await proxied(proxy_factory, catch_all(echo.url))
+    with EchoClient(address) as client:
+        broken = client.channel.unary_unary("/test.Echo/Un%zzary")
+        error = await failure(lambda: broken(b"x", timeout=10))
+    assert_proxy_status(error, grpc.StatusCode.INTERNAL, "400 Bad Request")
+    assert echo.calls == []
