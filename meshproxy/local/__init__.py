@@ -220,10 +220,12 @@ Try:
   nc 127.0.0.1 {ports.tcp}                                   # TCP echo (echo-tcp)
   nc -u 127.0.0.1 {ports.udp}                                # UDP echo (echo-udp.demo.traefik.mesh)
   WebSocket echo: ws://chat.demo.traefik.mesh/ dialled at {web} (Host: chat.demo.traefik.mesh)
+  gRPC over h2c (greeter, mesh.traefik.io/scheme: h2c; the proxy speaks h2c both ways):
+  printf '\\0\\0\\0\\0\\2hi' | curl --http2-prior-knowledge -H 'Host: greeter.demo.traefik.mesh' \\
+    -H 'content-type: application/grpc' -H 'te: trailers' --data-binary @- \\
+    {web}/meshproxy.demo.Echo/Say | od -c
   curl http://127.0.0.1:{ports.readiness}/ping                   # ready once the config arrived
   curl {api}/api/topology/current
   curl http://127.0.0.1:{ports.admin}/api/rawdata
   curl http://127.0.0.1:{ports.admin}/metrics
-The gRPC (greeter, h2c) backend runs and is configured, but the proxy does not serve h2c
-yet (see the README).
 """

@@ -4,6 +4,7 @@ on loopback from the manifests in config/, and traffic flows through the proxy."
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import subprocess
 import sys
@@ -111,13 +112,25 @@ async def test_local_mesh_serves_http_through_the_proxy_from_the_manifests(tmp_p
             await ws.send(b"\x00binary")
             assert await asyncio.wait_for(ws.recv(), 10) == b"\x00binary"
 
-        # the gRPC demo backend answers (directly: the proxy does not serve h2c yet)
+        # gRPC through the mesh: greeter.demo.traefik.mesh (mesh.traefik.io/scheme: h2c), a
+        # stock grpcio client speaking h2c to the proxy, the proxy h2c to the pod
         import grpc
 
         from meshproxy.demo.echo import GRPC_ECHO_METHOD
 
-        async with grpc.aio.insecure_channel("127.0.0.1:19013") as channel:
-            assert await channel.unary_unary(GRPC_ECHO_METHOD)(b"hi", timeout=10) == b"hi"
+        async with grpc.aio.insecure_channel(
+            f"127.0.0.1:{http}", options=[("grpc.default_authority", "greeter.demo.traefik.mesh")]
+        ) as channel:
+            say = channel.unary_unary(GRPC_ECHO_METHOD)
+            assert await say(b"hi", timeout=10) == b"hi"
+            assert await say(b"x" * (1 << 20), timeout=10) == b"x" * (1 << 20)
+        # the router that showed an h2c error in /api/rawdata before the h2c pool existed
+        rawdata = json.loads((await request(ports["admin"], target="/api/rawdata")).body)
+        greeter = rawdata["routers"]["demo-greeter-50051@http"]
+        assert greeter["status"] == "enabled" and not greeter.get("error")
+        service = rawdata["services"]["demo-greeter-50051@http"]
+        assert service["status"] == "enabled" and not service.get("error")
+        assert service["loadBalancer"]["servers"] == [{"url": "h2c://127.0.0.1:19013"}]
     finally:
         process.terminate()
         process.wait(15)
