@@ -261,6 +261,8 @@ async def connect(
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             failures.append(f"{server.address}: {exc}")
         else:
+            if failures:
+                log.info("%s answered after: %s", server.address, "; ".join(failures))
             return transport, protocol, server
     raise NoServerReachable("; ".join(failures) or "no server")
 

@@ -195,6 +195,61 @@ async def test_failover_to_the_next_server_when_one_refuses(proxy_factory, serve
     assert answers == [b"other:hi"] * 6
 
 
+async def test_dial_timeout_of_the_transport_then_the_next_server(proxy_factory, servers):
+    """`tcp.serversTransports.<name>.dialTimeout`: a server whose accept queue is full drops
+    the SYN, so its dial hangs; after the transport's 300ms the next server is tried and
+    answers (not after Traefik's default 30 s)."""
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(0)
+    fillers = []
+    for _ in range(3):  # fill the accept queue; later SYNs are dropped
+        filler = socket.socket()
+        filler.setblocking(False)
+        try:
+            filler.connect(hung.getsockname())
+        except BlockingIOError:
+            pass
+        fillers.append(filler)
+    live = await servers(b"live:")
+    hung_address = f"127.0.0.1:{hung.getsockname()[1]}"
+    config = tcp_config(
+        {"main": lb(hung_address, live.address, serversTransport="quick")},
+        extra={"serversTransports": {"quick": {"dialTimeout": "300ms"}}},
+    )
+    proxy, port = await tcp_proxy(proxy_factory, config)
+    try:
+        for _ in range(2):  # the round robin starts on each server once
+            started = time.monotonic()
+            assert await talk(port) == b"live:hi"
+            assert time.monotonic() - started < 5.0
+        await wait_for(lambda: "dial timeout" in proxy.log_path.read_text(), 10, "log")
+    finally:
+        for filler in fillers:
+            filler.close()
+        hung.close()
+
+
+async def test_static_tcp_servers_transport_is_the_default(proxy_factory, servers, tmp_path):
+    """Traefik's static `tcpServersTransport.tls.rootCAs` verifies `tls: true` servers of
+    loadBalancers without a serversTransport; without it the system CAs refuse the test CA
+    (the client is reset)."""
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    server = await servers(b"tls:", context=context)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    service = {"loadBalancer": {"servers": [{"address": server.address, "tls": True}]}}
+    proxy, port = await tcp_proxy(
+        proxy_factory, tcp_config({"main": service}), f"--tcpServersTransport.tls.rootCAs={ca_file}"
+    )
+    assert await talk(port, b"x") == b"tls:x"
+    plain, plain_port = await tcp_proxy(proxy_factory, tcp_config({"main": service}))
+    with pytest.raises(ConnectionResetError):
+        await talk(plain_port, b"x")
+
+
 # ---------------------------------------------------------------- PROXY protocol
 
 
