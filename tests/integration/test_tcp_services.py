@@ -546,3 +546,30 @@ async def test_traefik_sends_the_same_proxy_header_and_split(tmp_path, proxy_fac
             assert ours_header.destination == ("127.0.0.1", port)
         finally:
             traefik.stop()
+
+
+async def test_unreachable_server_traefik_closes_with_fin_we_reset(tmp_path, proxy_factory):
+    """A documented difference (docs/tcp-services.md): with no reachable server the real
+    Traefik closes the client with a FIN (the client reads an empty answer), meshproxy
+    resets it (the client sees ECONNRESET: nobody answered, not an empty answer)."""
+    try:
+        from tests.differential.harness import TraefikProcess, TraefikUnavailable, traefik_binary
+
+        traefik_binary()
+    except (ImportError, TraefikUnavailable) as exc:
+        pytest.skip(f"real Traefik not available: {exc}")
+    dead = {"dead": lb(f"127.0.0.1:{free_port()}")}
+
+    def config(entrypoint: str) -> dict[str, Any]:
+        rule = {"entryPoints": [entrypoint], "rule": "HostSNI(`*`)", "service": "dead"}
+        return {"tcp": {"routers": {"r": rule}, "services": dead}}
+
+    traefik = await asyncio.to_thread(TraefikProcess(tmp_path, config("web")).start)
+    try:
+        await wait_for(lambda: _listening(traefik.port), 10, "traefik web")
+        assert await talk(traefik.port) == b""
+        proxy, port = await tcp_proxy(proxy_factory, config("tcp"))
+        with pytest.raises(ConnectionResetError):
+            await talk(port)
+    finally:
+        traefik.stop()
