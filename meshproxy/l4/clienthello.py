@@ -30,8 +30,8 @@ holds at most the hello and one partial 16 KiB record before it is routed or ref
 byte is looked at a bounded number of times however it is split (no re-parse from the start
 per segment).
 
-Traefik differs on split hellos: it peeks only the first record and hands it to Go's TLS
-server, so a ClientHello split over records routes there as if it had no SNI.
+Real Traefik 3.7 routes a ClientHello split over records by its SNI too
+(tests/integration/test_tls_routing.py `test_sni_routing_matches_real_traefik`).
 """
 
 from __future__ import annotations

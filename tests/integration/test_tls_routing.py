@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 import trustme
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from tests.helpers import free_port, raw_exchange, wait_for
 
@@ -275,9 +277,10 @@ async def test_traefik_hostsni_wildcard_catch_all_regexp_alpn_and_priorities(
     assert await send_hello(proxy.port, client_hello("api.svc.test", ["mqtt"])) == b"alpn"
 
 
-async def test_client_ip_rule_and_no_match_closes(proxy_factory, recorders):
-    """ClientIP on a TLS router matches the TCP peer; a hello no router takes, on an
-    entrypoint without HTTPS routers and certificates, is closed without a byte relayed."""
+async def test_client_ip_rule_and_unrouted_hellos_get_the_https_404(proxy_factory, recorders):
+    """ClientIP on a TLS router matches the TCP peer. A hello no TCP router takes goes to the
+    HTTPS handler, as in Traefik (router.go: `httpsForwarder`, there on every entrypoint):
+    a handshake with the default certificate (generated: TRAEFIK DEFAULT CERT), then 404."""
     backend = await recorders(b"local")
     config = tcp_config(
         {"r": ("HostSNI(`x.test`) && ClientIP(`127.0.0.0/8`)", "s", PASS)},
@@ -285,11 +288,16 @@ async def test_client_ip_rule_and_no_match_closes(proxy_factory, recorders):
     )
     proxy = await proxy_factory(config)
     assert await send_hello(proxy.port, client_hello("x.test")) == b"local"
-    assert await send_hello(proxy.port, client_hello("y.test")) == b""
+    insecure = client_context(["http/1.1"])
+    insecure.check_hostname = False
+    insecure.verify_mode = ssl.CERT_NONE
+    answer, _, _ = await https_get(proxy.port, "y.test", ctx=insecure)
+    assert answer.startswith(b"HTTP/1.1 404 ")
     config["tcp"]["routers"]["r"]["rule"] = "HostSNI(`x.test`) && ClientIP(`10.0.0.0/8`)"
     proxy.write(config)
     await wait_for(lambda: proxy.generation() >= 2, 10, "reload")
-    assert await send_hello(proxy.port, client_hello("x.test")) == b""
+    answer, _, _ = await https_get(proxy.port, "x.test", ctx=insecure)
+    assert answer.startswith(b"HTTP/1.1 404 ")
     assert len(backend.received) == 1
 
 
@@ -629,3 +637,98 @@ async def test_openssl_s_client_alpn_on_terminated_route(proxy_factory, backends
     )
     assert b"ALPN protocol: http/1.1" in out
     assert b"HTTP/1.1 200" in out
+
+
+# ---------------------------------------------------------------- the same config through Traefik
+
+
+async def tls_probe(port: int, sni: str) -> tuple[bytes, str]:
+    """A TLS client that verifies nothing: (the status line of GET /, the served
+    certificate's CN), or (b"", "") if the handshake or the request failed."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["http/1.1"])
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname=sni), 10
+        )
+    except (TimeoutError, OSError):
+        return b"", ""
+    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    common = x509.load_der_x509_certificate(der).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    writer.write(f"GET / HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n".encode())
+    try:
+        answer = await asyncio.wait_for(reader.read(-1), 10)
+    except (TimeoutError, OSError):
+        answer = b""
+    writer.close()
+    return answer.split(b"\r\n", 1)[0], str(common[0].value) if common else ""
+
+
+async def test_sni_routing_matches_real_traefik(tmp_path, recorders):
+    """The same TCP routers through real Traefik 3.7 and meshproxy, the same ClientHellos:
+    HostSNI exact / `*.domain` (one label) / HostSNIRegexp / ALPN pick the same backend;
+    a hello no TCP router takes ends at the HTTPS handler on both (handshake with the
+    generated default certificate, then 404); non-TLS bytes get HTTP's 404 on both; a
+    ClientHello split over several TLS records (RFC 8446 §5.1) is routed by its SNI on both."""
+    from tests.differential.harness import (
+        MeshproxyProcess,
+        TraefikProcess,
+        TraefikUnavailable,
+        traefik_binary,
+    )
+
+    try:
+        traefik_binary()
+    except TraefikUnavailable as exc:
+        pytest.skip(str(exc))
+    names = ["exact", "wild", "regexp", "alpn"]
+    backends = {n: await recorders(n.encode()) for n in names}
+    config = tcp_config(
+        {
+            "exact": ("HostSNI(`api.svc.test`)", "exact", PASS),
+            "wild": ("HostSNI(`*.svc.test`)", "wild", PASS),
+            "regexp": ("HostSNIRegexp(`^db[0-9]+\\.internal$`)", "regexp", PASS),
+            "alpn": ("ALPN(`mqtt`)", "alpn", PASS),
+        },
+        {n: b.address for n, b in backends.items()},
+    )
+    (tmp_path / "t").mkdir()
+    (tmp_path / "m").mkdir()
+    traefik = await asyncio.to_thread(TraefikProcess(tmp_path / "t", config).start)
+    meshproxy = await asyncio.to_thread(MeshproxyProcess(tmp_path / "m", config).start)
+    try:
+        hello = client_hello("api.svc.test")
+        # ready once a passthrough answers
+        await wait_for(lambda: send_hello(traefik.port, hello), 15, "traefik's TCP routers")
+        cases = [
+            ("api.svc.test", None),
+            ("web.svc.test", None),
+            ("db7.internal", None),
+            ("broker.local", ["mqtt"]),
+        ]
+        for sni, alpn in cases:
+            data = client_hello(sni, alpn)
+            ours, theirs = await asyncio.gather(
+                send_hello(meshproxy.port, data), send_hello(traefik.port, data)
+            )
+            assert ours == theirs, (sni, ours, theirs)
+        for sni in ("nobody.test", "a.b.svc.test"):
+            ours, theirs = await asyncio.gather(
+                tls_probe(meshproxy.port, sni), tls_probe(traefik.port, sni)
+            )
+            assert ours == theirs == (b"HTTP/1.1 404 Not Found", "TRAEFIK DEFAULT CERT")
+        plain = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        ours, theirs = await asyncio.gather(
+            raw_exchange(meshproxy.port, plain), raw_exchange(traefik.port, plain)
+        )
+        assert ours.split(b"\r\n", 1)[0] == theirs.split(b"\r\n", 1)[0] == b"HTTP/1.1 404 Not Found"
+        split = reframe(client_hello("api.svc.test"), 64)
+        ours, theirs = await asyncio.gather(
+            send_hello(meshproxy.port, split), send_hello(traefik.port, split)
+        )
+        assert ours == theirs == b"exact"
+    finally:
+        traefik.stop()
+        meshproxy.stop()
