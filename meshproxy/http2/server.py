@@ -76,6 +76,7 @@ from hyperframe.frame import GoAwayFrame, RstStreamFrame, WindowUpdateFrame
 from meshproxy.http.exchange import Exchange
 from meshproxy.http.fields import Fields, field_list
 from meshproxy.http.forwarding import SERVER_NAME, UNTRUSTED_DROP
+from meshproxy.http.grpc import abort_trailers, is_grpc
 from meshproxy.http.request import Request
 from meshproxy.http.server import valid_authority
 
@@ -457,7 +458,7 @@ class H2Stream:
             upstream.client_gone()
         if self.response_done:
             return
-        trailers = _grpc_abort_trailers(ex) if ex.response_started else None
+        trailers = abort_trailers(ex) if ex.response_started else None
         if trailers is not None:
             self.held = []
             self.pending = []
@@ -487,14 +488,6 @@ class H2Stream:
             if unacked and not self.request_done:
                 self.conn.acknowledge(self, unacked)
                 self.conn.flush()
-
-
-def _grpc_abort_trailers(ex: Exchange) -> list[tuple[bytes, bytes]] | None:
-    try:
-        from meshproxy.http.grpc import abort_trailers  # the gRPC semantics live there
-    except ImportError:  # pragma: no cover - only while http.grpc is not in the tree
-        return None
-    return abort_trailers(ex)
 
 
 def _trailer_fields(trailers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -695,7 +688,10 @@ class H2ServerConnection(asyncio.Protocol):
             if stream.progress != stream.progress_seen:
                 stream.progress_seen = stream.progress
                 stream.stalled_since = now
-            elif idle > 0 and now - stream.stalled_since > idle:
+            elif idle > 0 and now - stream.stalled_since > idle and not is_grpc(ex.request):
+                # A gRPC stream may be quiet for long (a watch): its deadline (grpc-timeout)
+                # and the client's keepalives bound it, as in Go's server, which has no
+                # per-stream idle limit either.
                 log.info("ending a stalled HTTP/2 exchange from %s", self.client_ip)
                 self._request_failed(stream, 504 if not ex.response_started else 0)
         self.flush()

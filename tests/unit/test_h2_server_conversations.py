@@ -796,3 +796,27 @@ async def test_a_slow_websocket_client_pauses_the_backend_socket():
     h2c.exchange()
     assert upstream.reading
     assert len(body_of(h2c.events, sid)) == WRITE_HIGH_WATER + 1000
+
+
+async def test_a_stalled_exchange_ends_but_a_quiet_grpc_stream_does_not():
+    """Traefik's idleTimeout for an exchange that makes no progress either way (504 before
+    its response, as on HTTP/1.1); a gRPC stream may be quiet for long (a watch): its
+    deadline bounds it, as in Go's server, which has no per-stream idle limit."""
+    h2c = H2Conversation(EntryPointSettings(name="web", port=5000, idle_timeout=5))
+    plain_upstream = h2c.add_upstream()
+    plain = h2c.request(request_headers(b"/plain"))
+    h2c.exchange()
+    h2c.add_upstream()
+    grpc = h2c.request(
+        request_headers(b"/pkg.S/Watch", b"POST", content_type=b"application/grpc"),
+        b"\x00\x00\x00\x00\x00",
+    )
+    h2c.exchange()
+    await asyncio.sleep(0)
+    h2c.entry.sweep()  # the first look records the progress counters
+    for stream in h2c.server.streams.values():
+        stream.stalled_since -= 6
+    h2c.entry.sweep()
+    events = h2c.receive()
+    assert status_of(events, plain) == b"504" and plain_upstream.closed
+    assert grpc in h2c.server.streams and not of(events, h2.events.StreamReset, grpc)
