@@ -74,3 +74,43 @@ def middlewares(annotations: dict[str, str]) -> dict[str, dict[str, Any]]:
             raise AnnotationError(f"circuit-breaker-expression: {exc}") from None
         out["circuit-breaker"] = {"circuitBreaker": {"expression": expression}}
     return dict(sorted(out.items()))
+
+
+# meshproxy's own annotations: Traefik Mesh has none for these, so they live in our namespace
+# rather than in `mesh.traefik.io/` (docs/load-balancing.md).
+OWN_PREFIX = "meshproxy.io/"
+
+
+def load_balancer_options(annotations: dict[str, str]) -> dict[str, Any]:
+    """Options added to every loadBalancer of an HTTP service, from
+    `meshproxy.io/health-check-path` (enables Traefik's healthCheck; `-interval`, `-timeout`
+    tune it) and `meshproxy.io/load-balancer-strategy` (wrr, p2c, ewma)."""
+    from meshproxy.balancer.strategies import STRATEGIES
+    from meshproxy.config.durations import parse_duration
+
+    options: dict[str, Any] = {}
+    path = annotations.get(OWN_PREFIX + "health-check-path")
+    if path is not None:
+        if not path.startswith("/"):
+            raise AnnotationError(f"health-check-path {path!r} must start with /")
+        check: dict[str, Any] = {"path": path}
+        for key in ("interval", "timeout"):
+            value = annotations.get(f"{OWN_PREFIX}health-check-{key}")
+            if value is None:
+                continue
+            try:
+                seconds = parse_duration(value)
+            except ValueError as exc:
+                raise AnnotationError(f"health-check-{key}: {exc}") from None
+            if seconds <= 0:
+                raise AnnotationError(f"health-check-{key} must be > 0, got {value!r}")
+            check[key] = value
+        options["healthCheck"] = check
+    strategy = annotations.get(OWN_PREFIX + "load-balancer-strategy")
+    if strategy is not None:
+        if strategy not in STRATEGIES:
+            raise AnnotationError(
+                f"load-balancer-strategy {strategy!r} is not one of {', '.join(STRATEGIES)}"
+            )
+        options["strategy"] = strategy
+    return options

@@ -178,6 +178,16 @@ class ConfigBuilder:
                 for name in list(table)[sizes.get((protocol, kind), 0) :]:
                     del table[name]
 
+    def add_lb_options(self, sizes: dict[tuple[str, str], int], options: dict[str, Any]) -> None:
+        """meshproxy.io/* load-balancer options onto the loadBalancers this service added."""
+        if not options:
+            return
+        services = self.section("http", "services")
+        for name in list(services)[sizes.get(("http", "services"), 0) :]:
+            lb = services[name].get("loadBalancer")
+            if lb is not None and lb.get("servers"):
+                lb.update(options)
+
     # -- build ----------------------------------------------------------------------------
 
     def build(self) -> dict[str, Any]:
@@ -186,6 +196,7 @@ class ConfigBuilder:
                 mode = notes.traffic_type(service.annotations, self.settings.default_mode)
                 scheme = notes.scheme(service.annotations)
                 middlewares = notes.middlewares(service.annotations) if mode == "http" else {}
+                lb_options = notes.load_balancer_options(service.annotations)
             except notes.AnnotationError as exc:
                 service.errors.append(str(exc))
                 continue
@@ -197,6 +208,7 @@ class ConfigBuilder:
             try:
                 if mode == "http":
                     self.build_http(service, scheme, middlewares)
+                    self.add_lb_options(sizes, lb_options)
                 else:
                     self.build_l4(service, mode)
             except Exception as exc:  # one service must not stop the whole configuration

@@ -291,3 +291,35 @@ def test_grpc_health_answer_is_parsed():
     assert grpc_serving_status(b"\x08\x02") == 2
     assert grpc_serving_status(b"") == 0
     assert grpc_serving_status(b"\x12\x02hi\x08\x01") == 1  # an unknown field skipped
+
+
+def test_controller_annotations_add_health_checks_and_strategy():
+    """docs/load-balancing.md: Traefik Mesh has no health-check annotation, so meshproxy's
+    controller reads its own namespace: `meshproxy.io/health-check-path` (and -interval,
+    -timeout) and `meshproxy.io/load-balancer-strategy` land on the service's loadBalancers;
+    the output decodes as a dynamic config; a bad value skips only that service."""
+    from meshproxy.config.dynamic import decode_dynamic_obj
+    from tests.unit.test_controller_bad_input import build, endpoints, pod, svc
+
+    notes = {
+        "meshproxy.io/health-check-path": "/ready",
+        "meshproxy.io/health-check-interval": "5s",
+        "meshproxy.io/load-balancer-strategy": "ewma",
+    }
+    topology, config, _ = build(
+        [
+            svc("api", **notes),
+            pod("api-1", "10.1.0.1"),
+            endpoints("api", "api-1"),
+            svc("bad", **{"meshproxy.io/health-check-path": "ready"}),
+            svc("plain"),
+        ]
+    )
+    lb = config["http"]["services"]["ns-api-80"]["loadBalancer"]
+    assert lb["healthCheck"] == {"path": "/ready", "interval": "5s"}
+    assert lb["strategy"] == "ewma"
+    assert "healthCheck" not in config["http"]["services"]["ns-plain-80"]["loadBalancer"]
+    assert "must start with /" in topology.services["bad@ns"].errors[0]
+    assert "ns-bad-80" not in config["http"]["routers"]
+    decoded = decode_dynamic_obj(config)
+    assert decoded.http.services["ns-api-80"].load_balancer.health_check.path == "/ready"
