@@ -292,7 +292,11 @@ def _load(spec: TLSCertificate, what: str) -> Certificate:
         raise CertificateError(f"{what}: certFile and keyFile are both required")
     chain = read_pem(spec.cert_file, f"{what}.certFile")
     key = read_pem(spec.key_file, f"{what}.keyFile")
-    return Certificate(chain, key, what)
+    cert = Certificate(chain, key, what)
+    # Checked here, alone, so a bad pair is dropped with its own path instead of breaking
+    # every option set it would be loaded into.
+    cert.load_into(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), what)
+    return cert
 
 
 def _context(spec: TLSOptions, what: str, h2: bool) -> ssl.SSLContext:

