@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from time import perf_counter
 
+import h2.events
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -16,6 +17,12 @@ from meshproxy.http.request import Request
 from meshproxy.http.upstream import TransportSettings
 from tests.conversation import BACKEND, conversation, head_of
 from tests.helpers import wait_for
+from tests.unit.test_h2_server_conversations import (
+    H2Conversation,
+    body_of,
+    of,
+    request_headers,
+)
 
 
 def make_request(content_type: bytes | None) -> Request:
@@ -280,6 +287,14 @@ GRPC_CALL = (
 )
 
 
+ONLY_OTHER_HOST = {
+    "http": {
+        "routers": {"r": {"entryPoints": ["web"], "service": "s", "rule": "Host(`other`)"}},
+        "services": {"s": {"loadBalancer": {"servers": [{"url": BACKEND}]}}},
+    }
+}
+
+
 async def settle() -> None:
     """One loop turn: the server starts an exchange with a body on the next turn."""
     await asyncio.sleep(0)
@@ -295,13 +310,7 @@ async def test_no_route_reaches_a_grpc_client_as_unimplemented():
     gRPC call as :status 200, content-type application/grpc, grpc-status 12 (UNIMPLEMENTED)
     and a grpc-message; over HTTP/1.1 the same fields with an empty body. The metrics still
     count the HTTP answer it stands for (404)."""
-    only_other_host = {
-        "http": {
-            "routers": {"r": {"entryPoints": ["web"], "service": "s", "rule": "Host(`other`)"}},
-            "services": {"s": {"loadBalancer": {"servers": [{"url": BACKEND}]}}},
-        }
-    }
-    conv = conversation(only_other_host)
+    conv = conversation(ONLY_OTHER_HOST)
     conv.send(GRPC_CALL)
     await settle()
     line, fields, body = grpc_answer(conv.client_transport.take())
@@ -448,3 +457,103 @@ async def test_grpc_timeout_of_a_non_grpc_request_is_ignored():
     conv.send(grpc_call(b"bogus").replace(b"application/grpc", b"application/grpc-web"))
     await settle()
     assert b"grpc-timeout: bogus\r\n" in upstream.take()
+
+
+# ---------------------------------------------------------------- the same over HTTP/2 (frames)
+
+
+def h2_grpc_call(h2c, timeout: bytes | None = None) -> int:
+    extra = {"content_type": b"application/grpc", "te": b"trailers"}
+    if timeout is not None:
+        extra["grpc_timeout"] = timeout
+    return h2c.request(request_headers(b"/pkg.Svc/Method", b"POST", **extra), b"\0\0\0\0\0")
+
+
+def trailers_only(events, stream_id: int) -> dict[bytes, bytes]:
+    """The fields of a Trailers-Only response: one HEADERS frame that ended the stream, no
+    DATA (PROTOCOL-HTTP2.md)."""
+    (response,) = of(events, h2.events.ResponseReceived, stream_id)
+    assert response.stream_ended is not None, "the HEADERS frame did not end the stream"
+    assert not of(events, h2.events.DataReceived, stream_id)
+    return dict(response.headers)
+
+
+async def test_h2_local_answer_is_one_headers_frame():
+    """PROTOCOL-HTTP2.md Trailers-Only over HTTP/2: the proxy's 404 to a gRPC call is one
+    HEADERS frame with END_STREAM: :status 200, application/grpc, grpc-status 12, and no
+    content-length (nothing to frame)."""
+    h2c = H2Conversation(dynamic=ONLY_OTHER_HOST)
+    sid = h2_grpc_call(h2c)
+    h2c.exchange()
+    await wait_for(lambda: of(h2c.receive(), h2.events.StreamEnded, sid), 5, "the answer")
+    fields = trailers_only(h2c.events, sid)
+    assert fields[b":status"] == b"200" and fields[b"content-type"] == b"application/grpc"
+    assert fields[b"grpc-status"] == b"12" and b"content-length" not in fields
+
+
+async def test_h2_deadline_before_the_head_is_trailers_only_deadline_exceeded():
+    """The call's grpc-timeout (30 ms) passes before the backend answers: Trailers-Only with
+    DEADLINE_EXCEEDED (4), the backend connection closed."""
+    h2c = H2Conversation()
+    upstream = h2c.add_upstream()
+    sid = h2_grpc_call(h2c, b"30m")
+    h2c.exchange()
+    await settle()
+    assert upstream.take().startswith(b"POST /pkg.Svc/Method HTTP/1.1")
+    loop = asyncio.get_running_loop()
+
+    def answered() -> list:
+        h2c.conv.pool.sweep(loop.time())
+        return of(h2c.receive(), h2.events.ResponseReceived, sid)
+
+    await wait_for(answered, 5, "the deadline")
+    fields = trailers_only(h2c.events, sid)
+    assert fields[b"grpc-status"] == b"4" and upstream.closed
+
+
+async def test_h2_deadline_after_the_head_ends_with_a_deadline_exceeded_trailer():
+    """Past the deadline mid-response, the stream ends with a grpc-status 4 trailer
+    (http.grpc.abort_trailers), after the message the backend had sent: not a reset."""
+    h2c = H2Conversation()
+    h2c.add_upstream()
+    sid = h2_grpc_call(h2c, b"30m")
+    h2c.exchange()
+    await settle()
+    h2c.backend_sends(
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\ntransfer-encoding: chunked\r\n"
+        b"\r\n6\r\n\0\0\0\0\x01m\r\n"
+    )
+    await settle()
+    loop = asyncio.get_running_loop()
+
+    def ended() -> list:
+        h2c.conv.pool.sweep(loop.time())
+        return of(h2c.receive(), h2.events.StreamEnded, sid)
+
+    await wait_for(ended, 5, "the deadline")
+    assert body_of(h2c.events, sid) == b"\0\0\0\0\x01m"
+    (trailers,) = of(h2c.events, h2.events.TrailersReceived, sid)
+    assert dict(trailers.headers)[b"grpc-status"] == b"4"
+    assert not of(h2c.events, h2.events.StreamReset, sid)
+
+
+async def test_h2_broken_stream_delivers_what_the_backend_sent_before_the_status():
+    """A gRPC response that breaks (the backend's connection drops) right after a message:
+    the client gets that message, then grpc-status 14 (UNAVAILABLE) in trailers. Dropping
+    the message would lose a server stream's data the backend really sent (grpcio delivers
+    messages that precede an error status)."""
+    h2c = H2Conversation()
+    h2c.add_upstream()
+    sid = h2_grpc_call(h2c)
+    h2c.exchange()
+    await settle()
+    h2c.backend_sends(
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\ntransfer-encoding: chunked\r\n"
+        b"\r\n6\r\n\0\0\0\0\x01m\r\n"
+    )
+    h2c.conv.upstreams[0][0].connection_lost(ConnectionResetError())  # in the same loop turn
+    await settle()
+    h2c.receive()
+    assert body_of(h2c.events, sid) == b"\0\0\0\0\x01m"
+    (trailers,) = of(h2c.events, h2.events.TrailersReceived, sid)
+    assert dict(trailers.headers)[b"grpc-status"] == b"14"
