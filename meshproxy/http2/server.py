@@ -76,7 +76,7 @@ from hyperframe.frame import GoAwayFrame, RstStreamFrame, WindowUpdateFrame
 from meshproxy.http.exchange import Exchange
 from meshproxy.http.fields import Fields, field_list
 from meshproxy.http.forwarding import SERVER_NAME, UNTRUSTED_DROP
-from meshproxy.http.grpc import abort_trailers, is_grpc
+from meshproxy.http.grpc import abort_trailers, h2_refusal_fields, is_grpc
 from meshproxy.http.request import Request
 from meshproxy.http.server import valid_authority
 
@@ -460,14 +460,10 @@ class H2Stream:
             return
         trailers = abort_trailers(ex) if ex.response_started else None
         if trailers is not None:
-            self.held = []
-            self.pending = []
-            self.pending_size = 0
-            self.end_pending = False
-            if self.head is not None:
-                self._send_head(False)
-            self.conn.h2.send_headers(self.stream_id, trailers, end_stream=True)
-            self._response_ended()
+            # The messages the backend sent before it broke still go first (queued ones once
+            # the client's window lets them), then the status.
+            ex.response_trailers = trailers
+            self.push(True)
         else:
             self.conn.reset(self, ErrorCodes.INTERNAL_ERROR)
         self.conn.flush()
@@ -895,16 +891,21 @@ class H2ServerConnection(asyncio.Protocol):
     def _answer_locally(
         self, stream: H2Stream, status: int, headers: list[tuple[bytes, bytes]]
     ) -> None:
-        """A request refused before routing: `status` on its stream, nothing forwarded."""
+        """A request refused before routing: `status` on its stream, nothing forwarded; a
+        gRPC call gets it as a Trailers-Only status (http.grpc.h2_refusal_fields)."""
         self.entry.on_protocol_error(status)
-        body = b"%d %s" % (status, _reason(status))
-        fields = [
+        message = b"%d %s" % (status, _reason(status))
+        grpc_fields = h2_refusal_fields(headers, status, message.decode()) if headers else None
+        if grpc_fields is not None:
+            stream.head = grpc_fields
+            stream.push(True)
+            return
+        stream.head = [
             (b":status", _STATUS[status]),
             (b"content-type", b"text/plain; charset=utf-8"),
-            (b"content-length", str(len(body)).encode()),
+            (b"content-length", str(len(message)).encode()),
         ]
-        stream.head = fields
-        stream.held = [body]
+        stream.held = [message]
         stream.push(True)
 
     def _refuse(self, stream: H2Stream, code: ErrorCodes) -> None:
@@ -1027,7 +1028,7 @@ class H2ServerConnection(asyncio.Protocol):
         ex.request_error = status or 502
         if status and not ex.response_started and not stream.response_done:
             ex.finished = True
-            self._answer_locally(stream, status, [])
+            self._answer_locally(stream, status, ex.request.headers)
         else:
             ex.finished = True
             self.reset(stream, code)

@@ -599,6 +599,21 @@ async def test_a_grpc_response_broken_after_it_started_ends_with_grpc_status_tra
     fields = dict(trailers.headers)
     assert fields[b"grpc-status"] == b"14" and fields[b"grpc-message"]
     assert not of(events, h2.events.StreamReset)
+    assert body_of(h2c.events, sid) == b"\x00\x00\x00\x00\x00"  # the message sent before
+
+
+async def test_a_grpc_call_refused_before_routing_gets_a_trailers_only_status():
+    """gRPC over HTTP/2 (PROTOCOL-HTTP2.md, Trailers-Only): a call refused for the client's
+    own error (broken percent-encoding in :path: 400, as on HTTP/1.1) gets :status 200 and
+    grpc-status INTERNAL (13) with END_STREAM on the HEADERS frame; nothing forwarded."""
+    h2c, sid = _stream_error_case(
+        request_headers(b"/pkg.S/M%zz", b"POST", content_type=b"application/grpc")
+    )
+    (response,) = of(h2c.events, h2.events.ResponseReceived, sid)
+    fields = dict(response.headers)
+    assert fields[b":status"] == b"200" and fields[b"grpc-status"] == b"13"
+    assert fields[b"grpc-message"] == b"400 Bad Request"
+    assert response.stream_ended is not None
 
 
 async def test_a_broken_plain_response_is_reset_with_internal_error():
