@@ -14,7 +14,8 @@ from meshproxy.rules.parser import RuleError, parse_rule
 from meshproxy.rules.regex import GoRegexpError, compile_go_regexp
 
 KNOWN_TCP = {n.lower(): n for n in ("HostSNI", "HostSNIRegexp", "ClientIP", "ALPN")}
-_SNI_VALUE = re.compile(r"^(\*\.)?[\w.\-:]+$")
+# Traefik 3.7's check on HostSNI values; Go's [[:word:]] is ASCII only, hence re.ASCII.
+_SNI_VALUE = re.compile(r"^(\*\.)?[\w.\-:]+$", re.ASCII)
 
 
 @dataclass(frozen=True)

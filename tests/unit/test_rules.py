@@ -101,6 +101,27 @@ def test_tcp_rules_validate_host_sni():
         compile_tcp_rule("HostSNI(`bad value!`)")
 
 
+def test_tcp_sni_matching_as_traefik_3_7():
+    """Traefik 3.7 HostSNI (pkg/muxer/tcp): values match `^(\\*\\.)?[[:word:]\\.\\-\\:]+$` (ASCII
+    word characters, so an IDN must be given as its A-label); compared case-insensitively
+    with a trailing dot stripped; `*.domain` matches one label; `*` matches an empty SNI,
+    a host name never does; HostSNIRegexp sees "" when there is no SNI."""
+    from meshproxy.tcp.proxy import TCPConnectionView as View
+
+    with pytest.raises(RuleError):
+        compile_tcp_rule("HostSNI(`b\u00fccher.test`)")
+    exact = compile_tcp_rule("HostSNI(`API.Example.COM.`)").matcher
+    assert exact(View("1.2.3.4", "api.example.com")) and not exact(View("1.2.3.4", ""))
+    wild = compile_tcp_rule("HostSNI(`*.example.com`)").matcher
+    assert wild(View("1.2.3.4", "a.example.com"))
+    assert not wild(View("1.2.3.4", "a.b.example.com"))
+    assert not wild(View("1.2.3.4", "example.com"))
+    assert compile_tcp_rule("HostSNI(`*`)").matcher(View("1.2.3.4", ""))
+    assert compile_tcp_rule("HostSNIRegexp(`^$`)").matcher(View("1.2.3.4", ""))
+    alpn = compile_tcp_rule("ALPN(`h2`)").matcher
+    assert alpn(View("1.2.3.4", "", ["http/1.1", "h2"])) and not alpn(View("1.2.3.4", ""))
+
+
 @pytest.mark.parametrize(
     ("rule", "inside", "outside"),
     [
