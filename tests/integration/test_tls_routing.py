@@ -815,3 +815,48 @@ async def test_tls_options_versions_ciphers_and_sni_strict(proxy_factory, backen
     with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
         await https_get(proxy.port, "unknown.mesh.test", ctx=insecure)
     assert len(backend.requests) == 1
+
+
+async def test_open_connections_gauge_back_to_zero_after_every_kind_of_tls_connection(
+    proxy_factory, recorders, backends
+):
+    """traefik_open_connections counts a TLS connection once while it lives, whatever path
+    it takes (hello being read, passthrough, handshake, HTTPS, terminated TCP, refused
+    handshake, garbage), and is back at 0 once every connection is closed."""
+    from tests.integration.test_tcp_proxying import open_connections
+
+    passthrough = await recorders(b"p")
+    terminated = await recorders(b"t")
+    http_backend = await backends("h")
+    config = tcp_config(
+        {
+            "p": ("HostSNI(`p.mesh.test`)", "p", PASS),
+            "t": ("HostSNI(`t.mesh.test`)", "t", {}),
+        },
+        {"p": passthrough.address, "t": terminated.address},
+    )
+    config["http"] = {
+        "routers": {"h": {"rule": "Host(`h.mesh.test`)", "service": "h", "tls": {}}},
+        "services": {"h": {"loadBalancer": {"servers": [{"url": http_backend.url}]}}},
+    }
+    config["tls"] = {"certificates": [inline_cert("t.mesh.test", "h.mesh.test")]}
+    proxy = await proxy_factory(config)
+    held, writer = await asyncio.open_connection(
+        "127.0.0.1", proxy.port, ssl=client_context(["http/1.1"]), server_hostname="h.mesh.test"
+    )
+    await wait_for(lambda: open_connections(proxy, "web") == 1, 10, "one open")
+    assert await send_hello(proxy.port, client_hello("p.mesh.test")) == b"p"
+    reader, w2 = await asyncio.open_connection(
+        "127.0.0.1", proxy.port, ssl=client_context(), server_hostname="t.mesh.test"
+    )
+    w2.write(b"x")
+    assert await asyncio.wait_for(reader.read(-1), 10) == b"t"
+    w2.close()
+    assert (await https_get(proxy.port, "h.mesh.test"))[0].startswith(b"HTTP/1.1 200")
+    untrusting = ssl.create_default_context()  # does not trust the test CA: aborts
+    with pytest.raises(ssl.SSLError):
+        await https_get(proxy.port, "h.mesh.test", ctx=untrusting)
+    assert await send_hello(proxy.port, b"\x16\x03\x01\x00\x05garbage") == b""
+    assert open_connections(proxy, "web") >= 1
+    writer.close()
+    await wait_for(lambda: open_connections(proxy, "web") == 0, 10, "gauge back to 0")
