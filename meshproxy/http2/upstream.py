@@ -21,7 +21,10 @@ every waiting send with that dial's error (`UpstreamConnectError`, `UpstreamDial
 GOAWAY (RFC 9113 §6.8) drains a connection: no new stream goes on it, streams up to its
 last_stream_id run to their end, the others fail with `StreamRefused`, as does a stream reset
 with REFUSED_STREAM (§8.7): both mean the backend processed nothing, so retry sends them
-elsewhere. The connection closes when its last stream ends.
+elsewhere. A refused request whose body can be sent whole again is first sent once more on
+this pool (a new stream, on another connection after GOAWAY), as Go's transport does, so a
+graceful server restart costs no client a 502 even without a retry middleware. The
+connection closes when its last stream ends.
 
 Liveness: a connection silent for `read_idle_timeout` (Traefik's serversTransport
 forwardingTimeouts.readIdleTimeout; when 0, as by default, only connections with streams in
@@ -233,6 +236,7 @@ class H2Stream:
         "queued_at",
         "reading_paused",
         "remote_ended",
+        "replayed",
         "request_ended",
         "response_started",
         "sent_at",
@@ -265,6 +269,7 @@ class H2Stream:
         self.remote_ended = False  # END_STREAM received
         self.response_started = False
         self.finished = False
+        self.replayed = False  # refused once and sent again (see _replay)
         self.unacked = 0  # received bytes not yet handed back to the stream's window
 
     # -- request body (BodyTarget) --------------------------------------------------------
@@ -513,6 +518,9 @@ class H2Stream:
         (never touched, or rewound from the replay copy) or visibly touched."""
         if self.finished:
             return
+        if type(exc) is StreamRefused and not self.replayed and self._rewind():
+            self._replay()
+            return
         self.finished = True
         ex = self.ex
         pool = self.pool
@@ -522,7 +530,7 @@ class H2Stream:
         if ex.upstream is self:
             ex.upstream = None
         if ex.body_target is self:
-            if exc is None or not self.body_sent or not isinstance(exc, StreamRefused):
+            if exc is None or not self.body_sent or type(exc) is not StreamRefused:
                 ex.detach_body_target()
             elif not ex.rewind_body():
                 pass  # part of the body left and no copy is kept: the try stays touched
@@ -537,6 +545,42 @@ class H2Stream:
             pool.unqueue(self)
         if done is not None:
             done(exc)
+
+    def _rewind(self) -> bool:
+        """Make the request whole again for another stream, if it can be: not answered, the
+        client still there, and no body byte gone (or all of it kept for replay)."""
+        ex = self.ex
+        if self.response_started or ex.client_gone or self.conn is None:
+            return False
+        if ex.body_target is not self:
+            return True
+        if not self.body_sent:
+            ex.detach_body_target()
+            return True
+        return ex.rewind_body()
+
+    def _replay(self) -> None:
+        """The stream was refused (nothing processed): send it once more on this pool, as Go's
+        transport does (so Traefik), and the HTTP/1.1 pool for a stale keep-alive connection.
+        A second refusal ends the try with StreamRefused, for retry to take elsewhere."""
+        conn = self.conn
+        assert conn is not None
+        self.replayed = True
+        self.pending.clear()
+        self.pending_end = False
+        if self.client_paused:  # the exchange holds the body now, with its own bound
+            self.client_paused = False
+            self.ex.sink.resume_request_body(self.ex)
+        conn.stream_closed(self)
+        self.conn = None
+        self.stream_id = 0
+        self.sent_at = 0.0
+        self.continue_since = 0.0
+        self.body_sent = False
+        self.request_ended = False
+        self.remote_ended = False
+        self.unacked = 0
+        self.pool.restart(self)
 
 
 def _code_name(code: int | None) -> str:
@@ -645,7 +689,6 @@ class H2UpstreamConnection(asyncio.Protocol):
             return False
         stream.conn = self
         stream.stream_id = sid
-        stream.headers = []  # sent: let the list go
         self.streams[sid] = stream
         now = self.loop.time()
         if not ex.has_body:
@@ -894,6 +937,16 @@ class H2Pool:
             return
         stream.queued_at = asyncio.get_running_loop().time()
         self.waiting.append(stream)
+        self._dial_if_needed()
+
+    def restart(self, stream: H2Stream) -> None:
+        """Send a refused stream again (H2Stream._replay): first in line for a stream."""
+        if not self.waiting:
+            for conn in self.connections:
+                if conn.has_room and conn.start(stream):
+                    return
+        stream.queued_at = asyncio.get_running_loop().time()
+        self.waiting.appendleft(stream)
         self._dial_if_needed()
 
     def sweep(self, now: float) -> None:

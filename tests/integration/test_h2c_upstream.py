@@ -36,6 +36,7 @@ class H2cBackend:
                     the request's trailers back as trailers, plus `x-backend-trailer`, when
                     the request carried `te: trailers`
       refuse-first  the first stream of each connection: RST_STREAM(REFUSED_STREAM); then echo
+      refuse-two    the first two streams of each connection: REFUSED_STREAM; then echo
       goaway-first  the first stream of the first connection: GOAWAY(last_stream_id=0), close
       hold          echo once `release()` is called
       bad-frame     a DATA frame on stream 0 (a connection error, RFC 9113 §6.1)
@@ -92,6 +93,7 @@ class _BackendConnection(asyncio.Protocol):
         self.outgoing: dict[int, tuple[bytearray, list[tuple[bytes, bytes]] | None]] = {}
         self.held: list[int] = []
         self.first = True
+        self.seen = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -148,8 +150,9 @@ class _BackendConnection(asyncio.Protocol):
         stream = self.streams[sid]
         backend.requests.append(stream)
         first, self.first = self.first, False
+        self.seen += 1
         mode = backend.mode
-        if mode == "refuse-first" and first:
+        if (mode == "refuse-first" and first) or (mode == "refuse-two" and self.seen <= 2):
             self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
             self.streams.pop(sid)
         elif mode == "goaway-first" and first and backend.connections == 1:
@@ -287,35 +290,48 @@ async def test_chunked_body_and_trailers_both_ways(proxy_factory):
         backend.close()
 
 
-async def test_refused_streams_and_goaway_are_retried_elsewhere(proxy_factory):
+async def test_refused_streams_and_goaway_are_sent_again_without_a_retry_middleware(
+    proxy_factory,
+):
     """Issue 11: a stream refused with REFUSED_STREAM (RFC 9113 §8.7), or above a GOAWAY's
-    last_stream_id (§6.8), reached no application: the retry middleware sends it again and the
-    client sees only the success; each retry is counted (traefik_service_retries_total)."""
+    last_stream_id (§6.8), reached no application: the pool sends it once more, as Go's
+    transport does for Traefik (after GOAWAY on a new connection), so a server's graceful
+    restart costs the client nothing, with no retry middleware and no retry counted."""
     for mode in ("refuse-first", "goaway-first"):
         backend = await H2cBackend(mode).start()
         try:
-            dynamic = catch_all(backend.url)
-            dynamic["http"]["routers"]["r"]["middlewares"] = ["retry"]
-            dynamic["http"]["middlewares"] = {"retry": {"retry": {"attempts": 3}}}
-            proxy = await proxy_factory(dynamic)
+            proxy = await proxy_factory(catch_all(backend.url))
             response = await request(proxy.port, "GET", "/again")
             assert response.status == 200, (mode, response)
             assert response.headers["x-echo-path"] == "/again"
             assert len(backend.requests) == 2
-            expected = 1 if mode == "refuse-first" else 2
-            assert backend.connections == expected, mode
-            metrics = proxy.metrics()
-            assert 'traefik_service_retries_total{service="s@file"} 1.0' in metrics, metrics
+            assert backend.connections == (1 if mode == "refuse-first" else 2), mode
+            assert "traefik_service_retries_total{" not in proxy.metrics()
         finally:
             backend.close()
 
 
-async def test_a_refused_stream_without_retry_is_a_502(proxy_factory):
-    """Without a retry middleware the refused stream is the answer: 502 (Traefik's status for
-    a backend that could not take the request); the next request is served."""
-    backend = await H2cBackend("refuse-first").start()
+async def test_a_stream_refused_twice_goes_to_retry_or_is_a_502(proxy_factory):
+    """Refused again after the pool's one replay, the try ends as "nothing reached the
+    backend": the retry middleware sends it again (counted in traefik_service_retries_total,
+    as Traefik counts), and without one the client gets 502 (Traefik's status for a backend
+    that could not take the request); the next request is served."""
+    backend = await H2cBackend("refuse-two").start()
     try:
-        proxy = await proxy_factory(catch_all(backend.url))
+        dynamic = catch_all(backend.url)
+        dynamic["http"]["routers"]["r"]["middlewares"] = ["retry"]
+        dynamic["http"]["middlewares"] = {"retry": {"retry": {"attempts": 3}}}
+        proxy = await proxy_factory(dynamic)
+        response = await request(proxy.port, "GET", "/again")
+        assert response.status == 200 and len(backend.requests) == 3
+        assert 'traefik_service_retries_total{service="s@file"} 1.0' in proxy.metrics()
+    finally:
+        backend.close()
+    backend = await H2cBackend("refuse-two").start()
+    try:
+        generation = proxy.generation()
+        proxy.write(catch_all(backend.url))
+        await wait_for(lambda: proxy.generation() > generation, 10, "reload")
         assert (await request(proxy.port)).status == 502
         assert (await request(proxy.port)).status == 200
     finally:

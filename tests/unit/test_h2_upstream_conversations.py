@@ -390,12 +390,12 @@ async def test_a_queued_send_times_out_with_503_and_a_failed_dial_gives_502():
 # -- GOAWAY and REFUSED_STREAM (acceptance 2, 3: "a refused stream counts as nothing") ---------
 
 
-async def test_goaway_drains_the_connection_and_streams_above_last_stream_id_are_retried():
+async def test_goaway_drains_the_connection_and_streams_above_last_stream_id_go_again():
     """RFC 9113 §6.8: after GOAWAY(last_stream_id=1) stream 1 still completes on the old
-    connection; stream 3 was not processed, so it fails as "nothing reached the backend" and
-    retry sends it again, on a new connection (no new stream goes on a draining one); the old
-    connection closes once its last stream ends."""
-    rig = Rig(config(retry=2))
+    connection; stream 3 was not processed, so the pool sends it once more, as Go's transport
+    does, on a new connection (no new stream goes on a draining one), with no retry
+    middleware; the old connection closes once its last stream ends."""
+    rig = Rig()
     rig.send(GET, 0)
     rig.send(GET, 1)
     await rig.settle()
@@ -413,42 +413,56 @@ async def test_goaway_drains_the_connection_and_streams_above_last_stream_id_are
     assert old.transport.closed and rig.pool.connections == [new.conn]
 
 
-async def test_refused_stream_is_retried_and_other_resets_are_502():
-    """RFC 9113 §8.7: REFUSED_STREAM means the request was not processed: retry sends it again
-    (here on the same connection, still good). Any other reset before the response is a 502,
-    not retried; after the response started it cuts the client connection."""
+async def test_refused_stream_goes_once_more_then_to_retry_and_other_resets_are_502():
+    """RFC 9113 §8.7: REFUSED_STREAM means the request was not processed. The pool sends it
+    once more itself (here on the same connection, still good); refused again, the try fails
+    as "nothing reached the backend", which retry sends again (counted as a retry), and
+    without retry it is a 502. Any other reset before the response is a 502, not retried;
+    after the response started it cuts the client connection."""
     rig = Rig(config(retry=2))
     rig.send(GET)
     await rig.settle()
     backend = rig.backends[0]
-    backend.h2.reset_stream(1, ErrorCodes.REFUSED_STREAM)
-    backend.pump()
-    await rig.settle()
-    assert sorted(backend.requests()) == [1, 3] and rig.dials == 1
-    backend.respond(3, 200, b"second try")
-    assert response_of(rig.received())[2] == b"second try"
+    for sid in (1, 3):
+        backend.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+        backend.pump()
+        await rig.settle()
+    assert sorted(backend.requests()) == [1, 3, 5] and rig.dials == 1
+    backend.respond(5, 200, b"third stream")
+    assert response_of(rig.received())[2] == b"third stream"
+    assert rig.conv.metrics.retries == {"s@file": 1}
+
+    plain = Rig()
+    plain.send(GET)
+    await plain.settle()
+    for sid in (1, 3):
+        plain.backends[0].h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+        plain.backends[0].pump()
+        await plain.settle()
+    assert response_of(plain.received())[0] == 502
 
     rig.send(GET)
     await rig.settle()
-    backend.h2.reset_stream(5, ErrorCodes.INTERNAL_ERROR)
+    backend.h2.reset_stream(7, ErrorCodes.INTERNAL_ERROR)
     backend.pump()
     await rig.settle()
     assert response_of(rig.received())[0] == 502
-    assert sorted(backend.requests()) == [1, 3, 5]  # not retried
+    assert sorted(backend.requests()) == [1, 3, 5, 7]  # not retried
 
     rig.send(GET, 1)
     await rig.settle()
-    backend.respond(7, 200, b"part", end=False)
+    backend.respond(9, 200, b"part", end=False)
     assert rig.received(1).startswith(b"HTTP/1.1 200")
-    backend.h2.reset_stream(7, ErrorCodes.INTERNAL_ERROR)
+    backend.h2.reset_stream(9, ErrorCodes.INTERNAL_ERROR)
     backend.pump()
     assert rig.client(1)[1].aborted
     assert rig.pool.connections == [backend.conn]  # one stream failed, not the connection
 
 
-async def test_a_refused_post_whose_body_left_is_not_retried_without_a_copy():
-    """Retry may only send again what it can send whole (the HTTP/1.1 pool's rule): a POST
-    whose body already went out on a refused stream gets 502, not a truncated second try."""
+async def test_a_refused_post_whose_body_left_is_not_sent_again_without_a_copy():
+    """Neither the pool nor retry sends again what it cannot send whole (the HTTP/1.1 pool's
+    rule): a POST whose body already went out on a refused stream gets 502, not a truncated
+    second try."""
     rig = Rig(config(retry=2))
     rig.send(b"POST /p HTTP/1.1\r\nHost: a.test\r\nContent-Length: 4\r\n\r\nbody")
     await rig.settle()
@@ -700,3 +714,65 @@ async def test_response_before_the_whole_request_cancels_the_rest_of_the_request
     assert (status, body) == (413, b"too big")
     resets = [e for e in backend.events if type(e) is StreamReset]
     assert [r.error_code for r in resets] == [ErrorCodes.CANCEL]
+
+
+async def test_expect_100_continue_is_forwarded_and_answered_for_a_silent_backend():
+    """RFC 9110 §10.1.1: `Expect: 100-continue` goes to the server (HTTP/2 keeps it, RFC 9113
+    §8.2.2 names no such field connection-specific) and its 100 is relayed; a server that
+    does not answer within expect_continue_timeout (Go's 1 s) gets the body anyway: the proxy
+    sends the client 100 itself, as the HTTP/1.1 pool does."""
+    rig = Rig()
+    expect = b"PUT /e HTTP/1.1\r\nHost: a.test\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n"
+    rig.send(expect, 0)
+    await rig.settle()
+    backend = rig.backends[0]
+    assert dict(backend.requests()[1])[b"expect"] == b"100-continue"
+    backend.h2.send_headers(1, [(b":status", b"100")])
+    backend.pump()
+    assert rig.received(0) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    rig.send(expect, 1)
+    await rig.settle()
+    loop = asyncio.get_running_loop()
+    rig.pool.sweep(loop.time())
+    assert rig.received(1) == b""
+    rig.pool.sweep(loop.time() + 1.5)
+    assert rig.received(1) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    rig.send(b"body", 1)
+    await rig.settle()
+    assert backend.body(3) == b"body"
+
+
+async def test_a_full_socket_buffer_to_the_backend_pauses_the_bodies_being_sent():
+    """Bounded buffering: when the upstream socket's buffer is full (asyncio's pause_writing),
+    the clients whose bodies go over that connection are paused until it drains."""
+    rig = Rig()
+    rig.send(b"POST /p HTTP/1.1\r\nHost: a.test\r\nContent-Length: 8\r\n\r\nfour", 0)
+    await rig.settle()
+    backend = rig.backends[0]
+    client = rig.client(0)[1]
+    assert backend.body(1) == b"four" and client.reading
+    backend.conn.pause_writing()
+    assert not client.reading
+    backend.conn.resume_writing()
+    assert client.reading
+    rig.send(b"more", 0)
+    await rig.settle()
+    assert backend.body(1) == b"fourmore"
+
+
+async def test_a_refused_put_goes_again_whole_when_a_copy_is_kept():
+    """When the request body is kept for replay (retry with `status`, idempotent methods), a
+    refused stream whose body already left is rewound and sent again whole on a new stream."""
+    dynamic = config(retry=2)
+    dynamic["http"]["middlewares"]["retry"]["retry"]["status"] = ["503"]
+    rig = Rig(dynamic)
+    rig.send(b"PUT /p HTTP/1.1\r\nHost: a.test\r\nContent-Length: 4\r\n\r\nbody")
+    await rig.settle()
+    backend = rig.backends[0]
+    assert backend.body(1) == b"body"
+    backend.h2.reset_stream(1, ErrorCodes.REFUSED_STREAM)
+    backend.pump()
+    await rig.settle()
+    assert backend.body(3) == b"body"
+    backend.respond(3, 200, b"ok")
+    assert response_of(rig.received(), "PUT")[2] == b"ok"
