@@ -204,10 +204,12 @@ def _check_dynamic(name: str, data: bytes) -> int:
 
     config = decode_dynamic(data)
     entrypoints = sorted({ep for r in config.http.routers.values() for ep in r.entry_points})
+    # no static config here: every UDP entrypoint a UDP router names is taken to exist
+    udp_entrypoints = sorted({ep for r in config.udp.routers.values() for ep in r.entry_points})
     ctx = CompileContext(
         "file",
         entrypoints or ["web"],
-        [],
+        udp_entrypoints,
         entrypoints or ["web"],
         TransportSettings(),
         RequestMetrics(),

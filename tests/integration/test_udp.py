@@ -357,3 +357,20 @@ def test_a_udp_timeout_of_zero_refuses_to_start(tmp_path):
     )
     assert result.returncode != 0
     assert b"entryPoints.dns.udp: udp.timeout must be greater than zero" in result.stderr
+
+
+def test_check_accepts_traefik_mesh_udp_routers():
+    """`meshproxy check` has no static config: the UDP entrypoints its UDP routers name are
+    taken to exist, so Traefik Mesh's UDP fixture checks without a UDP error."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "meshproxy",
+            "check",
+            str(FIXTURES / "annotations-traffic-type-config.json"),
+        ],
+        capture_output=True,
+        timeout=60,
+    )
+    assert b"udp." not in result.stdout, result.stdout
