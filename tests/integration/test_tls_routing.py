@@ -413,9 +413,9 @@ def cert_files(tmp_path, name: str, *hosts: str, ca: trustme.CA = CA) -> dict[st
     return {"certFile": str(cert_path), "keyFile": str(key_path)}
 
 
-def inline_cert(*hosts: str, ca: trustme.CA = CA) -> dict[str, str]:
+def inline_cert(*hosts: str, ca: trustme.CA = CA, common_name: str | None = None) -> dict[str, str]:
     """A certificate for `hosts` given inline as PEM text (Traefik accepts both)."""
-    cert = ca.issue_cert(*hosts)
+    cert = ca.issue_cert(*hosts, common_name=common_name)
     return {
         "certFile": cert.cert_chain_pems[0].bytes().decode(),
         "keyFile": cert.private_key_pem.bytes().decode(),
@@ -648,7 +648,7 @@ async def test_openssl_s_client_alpn_on_terminated_route(proxy_factory, backends
 
 async def tls_probe(port: int, sni: str) -> tuple[bytes, str]:
     """A TLS client that verifies nothing: (the status line of GET /, the served
-    certificate's CN), or (b"", "") if the handshake or the request failed."""
+    certificate's CN, else its SAN DNS names), or (b"", "") if the handshake failed."""
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
@@ -667,7 +667,13 @@ async def tls_probe(port: int, sni: str) -> tuple[bytes, str]:
     except (TimeoutError, OSError):
         answer = b""
     writer.close()
-    return answer.split(b"\r\n", 1)[0], str(common[0].value) if common else ""
+    names = str(common[0].value) if common else ""
+    if not names:  # trustme's certificates have no CN: their SAN names them
+        san = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        )
+        names = ",".join(san.value.get_values_for_type(x509.DNSName))
+    return answer.split(b"\r\n", 1)[0], names
 
 
 async def test_sni_routing_matches_real_traefik(tmp_path, recorders):
@@ -860,3 +866,66 @@ async def test_open_connections_gauge_back_to_zero_after_every_kind_of_tls_conne
     assert open_connections(proxy, "web") >= 1
     writer.close()
     await wait_for(lambda: open_connections(proxy, "web") == 0, 10, "gauge back to 0")
+
+
+async def test_https_termination_matches_real_traefik(tmp_path, backends):
+    """HTTPS routers (`tls: {}`) with certificates from the dynamic config, through real
+    Traefik 3.7 and meshproxy on the same config: the same certificate is served per SNI
+    (named host, default store certificate for others), the same status per Host (200 for
+    the routed ones, 404 otherwise), and plain HTTP on the same port does not see the
+    HTTPS routers (404) on both."""
+    from tests.differential.harness import (
+        MeshproxyProcess,
+        TraefikProcess,
+        TraefikUnavailable,
+        traefik_binary,
+    )
+
+    try:
+        traefik_binary()
+    except TraefikUnavailable as exc:
+        pytest.skip(str(exc))
+    backend = await backends("s")
+    config = {
+        "http": {
+            "routers": {
+                "a": {"rule": "Host(`a.mesh.test`)", "service": "s", "tls": {}},
+                "b": {"rule": "Host(`b.mesh.test`) && PathPrefix(`/`)", "service": "s", "tls": {}},
+            },
+            "services": {"s": {"loadBalancer": {"servers": [{"url": backend.url}]}}},
+        },
+        "tls": {
+            "certificates": [inline_cert("a.mesh.test"), inline_cert("b.mesh.test")],
+            "stores": {
+                "default": {
+                    "defaultCertificate": inline_cert("fallback.mesh.test", common_name="dflt")
+                }
+            },
+        },
+    }
+    (tmp_path / "t").mkdir()
+    (tmp_path / "m").mkdir()
+    traefik = await asyncio.to_thread(TraefikProcess(tmp_path / "t", config).start)
+    meshproxy = await asyncio.to_thread(MeshproxyProcess(tmp_path / "m", config).start)
+    seen: dict[str, tuple[bytes, str]] = {}
+    try:
+        for sni in ("a.mesh.test", "b.mesh.test", "c.mesh.test"):
+            ours, theirs = await asyncio.gather(
+                tls_probe(meshproxy.port, sni), tls_probe(traefik.port, sni)
+            )
+            assert ours == theirs, (sni, ours, theirs)
+            seen[sni] = ours
+        assert seen == {
+            "a.mesh.test": (b"HTTP/1.1 200 OK", "a.mesh.test"),
+            "b.mesh.test": (b"HTTP/1.1 200 OK", "b.mesh.test"),
+            "c.mesh.test": (b"HTTP/1.1 404 Not Found", "dflt"),
+        }
+        plain = b"GET / HTTP/1.1\r\nHost: a.mesh.test\r\nConnection: close\r\n\r\n"
+        ours_plain, theirs_plain = await asyncio.gather(
+            raw_exchange(meshproxy.port, plain), raw_exchange(traefik.port, plain)
+        )
+        assert ours_plain.split(b"\r\n", 1)[0] == theirs_plain.split(b"\r\n", 1)[0]
+        assert ours_plain.startswith(b"HTTP/1.1 404")
+    finally:
+        traefik.stop()
+        meshproxy.stop()
