@@ -444,3 +444,40 @@ async def test_keep_alive_client_gets_many_answers_over_one_upstream_connection(
         assert backend.connections == 1 and len(backend.requests) == 40
     finally:
         backend.close()
+
+
+async def test_refused_streams_as_real_traefik_does(tmp_path, proxy_factory):
+    """Checked against real Traefik 3.7 (its h2c transport is Go's x/net/http2): a stream
+    refused once (REFUSED_STREAM, or above a GOAWAY's last_stream_id) is sent again by the
+    transport itself, so with no retry middleware both proxies answer 200 and the backend sees
+    the request twice. (Refused again, Go keeps trying, up to 7 times with backoff from 1 s;
+    meshproxy replays once and leaves the rest to the retry middleware:
+    docs/http2-upstream.md.)"""
+    import pytest
+
+    from tests.differential.harness import TraefikProcess, TraefikUnavailable, traefik_binary
+
+    try:
+        traefik_binary()
+    except TraefikUnavailable as exc:
+        pytest.skip(str(exc))
+    for mode in ("refuse-first", "goaway-first"):
+        outcomes = {}
+        for side in ("traefik", "meshproxy"):
+            backend = await H2cBackend(mode).start()
+            traefik = None
+            try:
+                if side == "traefik":
+                    workdir = tmp_path / f"{mode}-traefik"
+                    workdir.mkdir()
+                    traefik = TraefikProcess(workdir, catch_all(backend.url)).start()
+                    port = traefik.port
+                else:
+                    port = (await proxy_factory(catch_all(backend.url))).port
+                response = await request(port, "GET", "/twice")
+                outcomes[side] = (response.status, len(backend.requests))
+            finally:
+                if traefik is not None:
+                    traefik.stop()
+                backend.close()
+        assert outcomes["meshproxy"] == outcomes["traefik"] == (200, 2), (mode, outcomes)
