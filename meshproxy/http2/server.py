@@ -79,6 +79,7 @@ from meshproxy.http.forwarding import SERVER_NAME, UNTRUSTED_DROP
 from meshproxy.http.grpc import abort_trailers, h2_refusal_fields, is_grpc
 from meshproxy.http.request import Request
 from meshproxy.http.server import valid_authority
+from meshproxy.http2.server_fields import plainly_valid
 
 if TYPE_CHECKING:
     from meshproxy.http.server import HTTPEntryPoint
@@ -751,7 +752,8 @@ class H2ServerConnection(asyncio.Protocol):
         self.opened += 1
         headers = event.headers
         try:
-            headers = list(h2.utilities.validate_headers(headers, _REQUEST_FLAGS))
+            if not plainly_valid(headers):  # the usual request needs no more (server_fields)
+                headers = list(h2.utilities.validate_headers(headers, _REQUEST_FLAGS))
         except h2.exceptions.ProtocolError as exc:
             log.debug("malformed HTTP/2 request from %s: %s", self.client_ip, exc)
             self._refuse(stream, ErrorCodes.PROTOCOL_ERROR)
