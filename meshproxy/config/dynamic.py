@@ -362,6 +362,9 @@ class ServersTransport(_Base):
     forwarding_timeouts: ForwardingTimeouts | None = None
     peer_cert_uri: str | None = msgspec.field(default=None, name="peerCertURI")
     spiffe: RawOptions | None = None
+    cipher_suites: list[str] | None = None
+    min_version: str | None = None
+    max_version: str | None = None
 
 
 class HTTPConfig(_Base):

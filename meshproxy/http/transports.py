@@ -15,6 +15,7 @@ transport is resolved here once per configuration, when it is compiled:
 - `certificates`: `[{certFile, keyFile}]`, the client certificate presented to a server that
   asks for one (mTLS), FileOrContent each. Python's `ssl` holds one chain per context, so the
   first entry is presented (Go would pick among several by the server's accepted CAs).
+- `minVersion`, `maxVersion`, `cipherSuites` (Go's names, as Traefik 3.7 accepts them).
 - `maxIdleConnsPerHost` (200 when unset or 0; negative keeps none idle, as Go),
   `forwardingTimeouts` `dialTimeout` (30 s), `responseHeaderTimeout` (60 s, see
   `TransportSettings`), `idleConnTimeout` (90 s), `readIdleTimeout` and `pingTimeout` (HTTP/2
@@ -69,6 +70,9 @@ class ClientTLS:
     insecure_skip_verify: bool = False
     root_cas: tuple[str, ...] = ()
     certificates: tuple[tuple[str, str], ...] = ()
+    min_version: str = ""
+    max_version: str = ""
+    cipher_suites: tuple[str, ...] = ()
 
 
 def file_or_content(value: str, path: str) -> str:
@@ -130,6 +134,9 @@ def http_transport(options: Any, path: str) -> TransportSettings:
         insecure_skip_verify=bool(options.insecure_skip_verify),
         root_cas=resolve_root_cas(options.root_c_as, f"{path}.rootCAs"),
         certificates=resolve_certificates(options.certificates, f"{path}.certificates"),
+        min_version=options.min_version or "",
+        max_version=options.max_version or "",
+        cipher_suites=tuple(options.cipher_suites or ()),
     )
     settings = TransportSettings(
         dial_timeout=_seconds(timeouts and timeouts.dial_timeout, defaults.dial_timeout),
@@ -148,6 +155,9 @@ def http_transport(options: Any, path: str) -> TransportSettings:
         server_name=tls.server_name,
         root_cas=tls.root_cas,
         certificates=tls.certificates,
+        min_version=tls.min_version,
+        max_version=tls.max_version,
+        cipher_suites=tls.cipher_suites,
         disable_http2=bool(options.disable_http2),
     )
     tls_context(tls, HTTP1_ALPN, path)
@@ -190,6 +200,9 @@ def client_tls(settings: TransportSettings) -> ClientTLS:
         settings.insecure_skip_verify,
         settings.root_cas,
         settings.certificates,
+        settings.min_version,
+        settings.max_version,
+        settings.cipher_suites,
     )
 
 
@@ -204,7 +217,15 @@ def client_context(
 def tls_context(tls: ClientTLS, alpn: tuple[str, ...] = (), path: str = "tls") -> ssl.SSLContext:
     """The client SSL context for `tls` offering `alpn` (none: no ALPN extension), from the
     cache or built now. Raises TransportError naming `path`."""
-    key = (tls.insecure_skip_verify, tls.root_cas, tls.certificates, alpn)
+    key = (
+        tls.insecure_skip_verify,
+        tls.root_cas,
+        tls.certificates,
+        tls.min_version,
+        tls.max_version,
+        tls.cipher_suites,
+        alpn,
+    )
     context = _CONTEXTS.get(key)
     if context is not None:
         _CONTEXTS.move_to_end(key)
@@ -241,9 +262,40 @@ def _build_context(tls: ClientTLS, alpn: tuple[str, ...], path: str) -> ssl.SSLC
             )
         cert, key = tls.certificates[0]
         _load_chain(context, cert, key, f"{path}.certificates[0]")
+    _versions_and_ciphers(context, tls, path)
     if alpn:
         context.set_alpn_protocols(list(alpn))
     return context
+
+
+def _versions_and_ciphers(context: ssl.SSLContext, tls: ClientTLS, path: str) -> None:
+    """`minVersion`, `maxVersion`, `cipherSuites` with Go's names (the tables E's server side
+    uses, meshproxy.l4.certificates); TLS 1.3 suites are not configurable, as in Go."""
+    from meshproxy.l4.certificates import GO_CIPHERS, TLS13_SUITES, VERSIONS
+
+    for option, value in (("minVersion", tls.min_version), ("maxVersion", tls.max_version)):
+        if not value:
+            continue
+        version = VERSIONS.get(value.lower())
+        if version is None:
+            raise TransportError(f"{path}.{option}: unknown version {value!r}")
+        if option == "minVersion":
+            context.minimum_version = version
+        else:
+            context.maximum_version = version
+    names = []
+    for suite in tls.cipher_suites:
+        if suite in TLS13_SUITES:
+            continue
+        mapped = GO_CIPHERS.get(suite)
+        if mapped is None:
+            raise TransportError(f"{path}.cipherSuites: unknown cipher suite {suite!r}")
+        names.append(mapped)
+    if names:
+        try:
+            context.set_ciphers(":".join(names))
+        except ssl.SSLError:
+            raise TransportError(f"{path}.cipherSuites: none of them is available") from None
 
 
 def _load_chain(context: ssl.SSLContext, cert: str, key: str, path: str) -> None:

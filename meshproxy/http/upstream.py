@@ -72,6 +72,9 @@ class TransportSettings:
     server_name: str | None = None  # SNI and the name the certificate must carry
     root_cas: tuple[str, ...] = ()  # PEM texts (files already read); empty: system CAs
     certificates: tuple[tuple[str, str], ...] = ()  # client (certificate, key) PEM texts
+    min_version: str = ""  # Go's names ("VersionTLS12"); "": TLS 1.2, as Go's client
+    max_version: str = ""  # "": the highest both sides speak
+    cipher_suites: tuple[str, ...] = ()  # Go's names; (): OpenSSL's defaults
     disable_http2: bool = False
     read_idle_timeout: float = 0.0  # HTTP/2: PING after this long without a frame; 0: never
     ping_timeout: float = 15.0  # HTTP/2: the connection is closed if the PING is unanswered

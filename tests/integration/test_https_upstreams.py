@@ -32,9 +32,15 @@ class TLSBackend:
     see what the proxy's TLS client did. `hold`: seconds to wait before each answer."""
 
     def __init__(
-        self, cert: trustme.LeafCert, client_ca: trustme.CA | None = None, hold: float = 0.0
+        self,
+        cert: trustme.LeafCert,
+        client_ca: trustme.CA | None = None,
+        hold: float = 0.0,
+        max_version: ssl.TLSVersion | None = None,
     ) -> None:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        if max_version is not None:
+            context.maximum_version = max_version
         cert.configure_cert(context)
         if client_ca is not None:
             context.verify_mode = ssl.CERT_REQUIRED
@@ -87,6 +93,8 @@ class TLSBackend:
                             "client": subject.get("organizationalUnitName")
                             or subject.get("commonName"),
                             "connection": number,
+                            "version": ssl_object.version(),
+                            "cipher": ssl_object.cipher()[0],
                         }
                     ).encode()
                     writer.write(
@@ -239,6 +247,30 @@ async def test_client_certificate_for_a_backend_that_requires_one(
     await wait_for(lambda: proxy.generation() >= 2, 10, "certificates applied")
     status, info = await get_json(proxy.port)
     assert status == 200 and info is not None and info["client"] == "mesh-proxy"
+
+
+async def test_min_max_version_and_cipher_suites(proxy_factory, tls_backends, ca):
+    """Traefik 3.7's `minVersion`, `maxVersion` and `cipherSuites` (Go's names) on a
+    serversTransport: against a server that stops at TLS 1.2, `minVersion: VersionTLS13`
+    fails (502); `maxVersion: VersionTLS12` with one suite negotiates exactly that suite; an
+    unknown version disables the service with the option's path."""
+    backend = await tls_backends(ca.issue_cert("127.0.0.1"), max_version=ssl.TLSVersion.TLSv1_2)
+    roots = [pem(ca.cert_pem)]
+    proxy = await proxy_factory(
+        https_config(backend.url, {"rootCAs": roots, "minVersion": "VersionTLS13"})
+    )
+    assert (await request(proxy.port, host="app.test")).status == 502
+    suite = "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256"  # trustme keys are ECDSA
+    transport = {"rootCAs": roots, "maxVersion": "VersionTLS12", "cipherSuites": [suite]}
+    proxy.write(https_config(backend.url, transport))
+    await wait_for(lambda: proxy.generation() >= 2, 10, "suite config applied")
+    status, info = await get_json(proxy.port)
+    assert status == 200 and info is not None
+    assert (info["version"], info["cipher"]) == ("TLSv1.2", "ECDHE-ECDSA-AES128-GCM-SHA256")
+    proxy.write(https_config(backend.url, {"rootCAs": roots, "minVersion": "VersionTLS99"}))
+    await wait_for(lambda: proxy.generation() >= 3, 10, "bad version applied")
+    errors = " ".join(proxy.rawdata()["services"]["s@file"]["error"])
+    assert "minVersion: unknown version 'VersionTLS99'" in errors
 
 
 async def test_static_server_transport_flags_are_the_default_transport(
