@@ -471,14 +471,13 @@ class H2Stream:
 
     def pause_request_body(self, ex: Exchange) -> None:
         self.body_paused = True
-        transport = self.conn.transport
-        if self.conn._h1_body and transport is not None and not self.conn.closed:
-            transport.pause_reading()  # an upgrade's HTTP/1.1 body has no window to close
+        if self.conn._h1_body:
+            self.conn.update_reading()  # an upgrade's HTTP/1.1 body has no window to close
 
     def resume_request_body(self, ex: Exchange) -> None:
-        transport = self.conn.transport
-        if self.conn._h1_body and transport is not None and not self.conn.closed:
-            transport.resume_reading()
+        if self.conn._h1_body:
+            self.body_paused = False
+            self.conn.update_reading()
         if self.body_paused:
             self.body_paused = False
             unacked, self.unacked = self.unacked, 0
@@ -513,6 +512,7 @@ class H2ServerConnection(asyncio.Protocol):
         self._flushing = False
         self._counted = False
         self._h1_body = 0  # bytes of an h2c upgrade request's body still to come
+        self._reading = True  # what update_reading last asked of the transport
         self._dirty: list[H2Stream] = []  # streams with body to push (see H2Stream.write_body)
         self._push_scheduled = False
         self.max_header_bytes = settings.max_header_bytes
@@ -738,6 +738,7 @@ class H2ServerConnection(asyncio.Protocol):
             if not self._h1_body:
                 stream.request_done = True  # type: ignore[union-attr]
                 ex.on_request_end()
+                self.update_reading()
         return data[take:]
 
     def _on_request(self, event: h2.events.RequestReceived) -> None:
@@ -1166,8 +1167,26 @@ class H2ServerConnection(asyncio.Protocol):
 
     # -- flow control: a slow client slows its upstreams -------------------------------------
 
+    def update_reading(self) -> None:
+        """Read from the client unless its socket's write buffer is full (it does not read
+        what we send: PING and SETTINGS acknowledgements must not pile up without bound, the
+        flood attacks of CVE-2019-9512/9515) or the body of an h2c upgrade request is paused
+        (it has no window)."""
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        stream = self.streams.get(1) if self._h1_body else None
+        want = not self.write_paused and not (stream is not None and stream.body_paused)
+        if want != self._reading:
+            self._reading = want
+            if want:
+                transport.resume_reading()
+            else:
+                transport.pause_reading()
+
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.update_reading()
         for stream in self.streams.values():
             ex = stream.ex
             if stream.tunnel is not None:
@@ -1177,6 +1196,7 @@ class H2ServerConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.update_reading()
         for stream in list(self.streams.values()):
             ex = stream.ex
             if stream.tunnel is not None:

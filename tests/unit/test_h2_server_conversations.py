@@ -835,3 +835,18 @@ async def test_a_stalled_exchange_ends_but_a_quiet_grpc_stream_does_not():
     events = h2c.receive()
     assert status_of(events, plain) == b"504" and plain_upstream.closed
     assert grpc in h2c.server.streams and not of(events, h2.events.StreamReset, grpc)
+
+
+async def test_a_client_that_does_not_read_is_not_read_either():
+    """CVE-2019-9512/9515 (PING and SETTINGS floods): every PING and SETTINGS needs an
+    acknowledgement; while the client's socket buffer is full (it does not read) the
+    connection stops reading it, so acknowledgements cannot pile up without bound; its
+    upstreams pause too; both resume with the socket."""
+    h2c = H2Conversation()
+    upstream = h2c.add_upstream()
+    h2c.request(request_headers())
+    h2c.exchange()
+    h2c.server.pause_writing()
+    assert not h2c.transport.reading and not upstream.reading
+    h2c.server.resume_writing()
+    assert h2c.transport.reading and upstream.reading
