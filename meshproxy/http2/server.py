@@ -640,6 +640,8 @@ class H2ServerConnection(asyncio.Protocol):
         transport = self.transport
         if transport is not None and not self.closed:
             self.closed = True
+            for stream in self.streams.values():
+                stream.response_done = True  # nothing more is written for them
             data = self.h2.data_to_send()
             if data and not transport.is_closing():
                 transport.write(data)
@@ -1110,6 +1112,8 @@ class H2ServerConnection(asyncio.Protocol):
     def _push_dirty(self) -> None:
         self._push_scheduled = False
         dirty, self._dirty = self._dirty, []
+        if self.closed:
+            return
         for stream in dirty:
             stream.scheduled = False
             stream.push(False)
