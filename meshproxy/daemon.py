@@ -26,7 +26,7 @@ from meshproxy.http.server import (
 from meshproxy.http.transports import TransportError, default_transport
 from meshproxy.http.upstream import TransportSettings
 from meshproxy.l4.tls import L4Entry, https_key
-from meshproxy.l4.udp import UDPEntryPoint, udp_settings
+from meshproxy.l4.udp import UDPEntryPoint, fd_budget_warning, udp_settings
 from meshproxy.observability.metrics import DEFAULT_BUCKETS, RequestMetrics
 from meshproxy.providers.file import FileProvider
 from meshproxy.providers.http_poll import HTTPProvider
@@ -197,6 +197,9 @@ class ProxyDaemon:
             log.info("entrypoint %s listening on %s", name, entry.address)
         for name in self.udp_entrypoints:
             await self._start_udp(name)
+        budget = fd_budget_warning({u.name: u.settings for u in self.udp_listeners})
+        if budget:
+            log.warning("%s", budget)
         await self._start_admin()
         self._start_providers()
         self.tasks.append(loop.create_task(self._housekeeping()))

@@ -104,6 +104,28 @@ def udp_settings(entrypoint: Any) -> UDPSettings:
     )
 
 
+def fd_budget_warning(settings: dict[str, UDPSettings], limit: int | None = None) -> str | None:
+    """A warning when the session caps of the UDP entrypoints (one socket per session) add up
+    to more than half of the open-file limit (`limit`, else this process's soft
+    RLIMIT_NOFILE), so that a flood on every UDP entrypoint cannot starve TCP accepts of file
+    descriptors; None when they fit. Go raises its soft limit to the hard one at start, Python
+    does not: raise it (`ulimit -n`) or lower `udp.maxSessions`."""
+    if limit is None:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if limit == resource.RLIM_INFINITY:
+            return None
+    total = sum(s.max_sessions for s in settings.values())
+    if total <= limit // 2:
+        return None
+    return (
+        f"the UDP entrypoints may hold {total} sessions (a socket each: udp.maxSessions of "
+        f"{len(settings)} entrypoints) but the open-file limit is {limit}; raise it "
+        "(ulimit -n) or lower entryPoints.<name>.udp.maxSessions"
+    )
+
+
 class UDPTarget:
     """A UDP service: picks the server (host, port) of a new session. A `loadBalancer`'s
     servers all weigh 1 (Traefik's UDP servers have no weight); a `weighted` service's children

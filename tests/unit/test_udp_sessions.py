@@ -21,6 +21,7 @@ from meshproxy.l4.udp import (
     UDPRoute,
     UDPSettings,
     UDPTarget,
+    fd_budget_warning,
     udp_settings,
 )
 from meshproxy.observability.metrics import UDPCounters
@@ -388,3 +389,13 @@ def test_settings_from_the_static_config_and_their_bounds():
         UDPSettings(timeout=0)
     with pytest.raises(ValueError, match="at least 1"):
         UDPSettings(max_sessions_per_source=0)
+
+
+def test_session_caps_beyond_half_the_open_file_limit_are_warned():
+    """One socket per session: caps that could take more than half the file descriptors
+    (Traefik Mesh's 25 UDP entrypoints x 4096 > 20000 / 2) are warned about at start."""
+    mesh = {f"udp-{15000 + i}": UDPSettings() for i in range(25)}
+    warning = fd_budget_warning(mesh, limit=20000)
+    assert warning is not None and "102400 sessions" in warning and "20000" in warning
+    assert fd_budget_warning(mesh, limit=1 << 20) is None
+    assert fd_budget_warning({"dns": UDPSettings(max_sessions=100)}, limit=256) is None
