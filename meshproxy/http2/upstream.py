@@ -333,17 +333,23 @@ class H2Stream:
         pending = self.pending
         h2 = conn.h2
         sid = self.stream_id
-        while pending:
-            if h2.local_flow_control_window(sid) <= 0:
-                return
-            rest = self._write(pending.popleft())
-            if rest is not None:
-                pending.appendleft(rest)
-                return
+        try:
+            while pending:
+                if h2.local_flow_control_window(sid) <= 0:
+                    return
+                rest = self._write(pending.popleft())
+                if rest is not None:
+                    pending.appendleft(rest)
+                    return
+            if self.pending_end:
+                self.pending_end = False
+                self._end_request()
+        except ProtocolError:
+            # h2 handles a whole read before its events are seen here: a reset further on in
+            # it closed the stream already. Nothing more is sent; that event ends the try.
+            pending.clear()
+            self.request_ended = True
         conn.blocked.discard(self)
-        if self.pending_end:
-            self.pending_end = False
-            self._end_request()
         if self.client_paused and not conn.write_paused:
             self.client_paused = False
             self.ex.sink.resume_request_body(self.ex)
@@ -399,7 +405,16 @@ class H2Stream:
 
     # -- the response (from the connection) -----------------------------------------------
 
+    def fail_malformed(self, reason: str) -> None:
+        self._reset(ErrorCodes.PROTOCOL_ERROR)
+        if self.response_started:
+            self.finish(ResponseAborted(f"malformed response: {reason}"))
+        else:
+            self.finish(UpstreamError(f"malformed response: {reason}"))
+
     def on_response(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        if self.finished:
+            return
         ex = self.ex
         fields = []
         content_length = None
@@ -408,7 +423,10 @@ class H2Stream:
             if name[:1] == b":":
                 continue
             if name == b"content-length":
-                content_length = int(value)  # h2 checked it is digits and matches the body
+                try:
+                    content_length = int(value)  # h2 checks it against the DATA received
+                except ValueError:
+                    content_length = None
             elif name == b"date":
                 has_date = True
             fields.append((name, value))
@@ -426,6 +444,8 @@ class H2Stream:
             self.finish(None)
 
     def on_interim(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        if self.finished:
+            return
         ex = self.ex
         self.continue_since = 0.0
         fields = [(n, v) for n, v in headers if n[:1] != b":"]
@@ -583,6 +603,16 @@ class H2Stream:
         self.pool.restart(self)
 
 
+def _status(stream: H2Stream, headers: list[tuple[bytes, bytes]]) -> int:
+    """The `:status` (h2 checked it is there, first); a malformed one fails the stream
+    (RFC 9113 §8.1.1: a malformed response is a stream error) and reads as 0."""
+    value = headers[0][1]
+    if len(value) == 3 and value.isdigit():
+        return int(value)
+    stream.fail_malformed(f"invalid :status {value!r}")
+    return 0
+
+
 def _code_name(code: int | None) -> str:
     try:
         return ErrorCodes(code or 0).name
@@ -687,6 +717,10 @@ class H2UpstreamConnection(asyncio.Protocol):
         except TooManyStreamsError:
             self.max_streams = len(self.streams)  # h2 counts one more: wait for one to end
             return False
+        except ProtocolError:  # h2 will open no stream here: take no more
+            self.draining = True
+            self.pool.forget_for_new_streams(self)
+            return False
         stream.conn = self
         stream.stream_id = sid
         self.streams[sid] = stream
@@ -743,7 +777,7 @@ class H2UpstreamConnection(asyncio.Protocol):
                 stream = streams.get(event.stream_id)
                 if stream is not None:
                     headers = event.headers
-                    stream.on_response(int(headers[0][1]), headers)
+                    stream.on_response(_status(stream, headers), headers)
                     if event.stream_ended is None:
                         if started is None:
                             started = []
@@ -767,7 +801,7 @@ class H2UpstreamConnection(asyncio.Protocol):
                 stream = streams.get(event.stream_id)
                 if stream is not None and not stream.finished:
                     headers = event.headers
-                    stream.on_interim(int(headers[0][1]), headers)
+                    stream.on_interim(_status(stream, headers), headers)
             elif kind is RemoteSettingsChanged:
                 self._settings_changed(event)
             elif kind is PingAckReceived:

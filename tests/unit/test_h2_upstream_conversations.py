@@ -776,3 +776,45 @@ async def test_a_refused_put_goes_again_whole_when_a_copy_is_kept():
     assert backend.body(3) == b"body"
     backend.respond(3, 200, b"ok")
     assert response_of(rig.received(), "PUT")[2] == b"ok"
+
+
+async def test_a_malformed_status_fails_its_stream_only():
+    """RFC 9113 §8.1.1: a response whose :status is not a three-digit code is malformed: a
+    stream error (RST_STREAM PROTOCOL_ERROR), 502 for that exchange; the connection's other
+    streams carry on."""
+    rig = Rig()
+    rig.send(GET, 0)
+    rig.send(GET, 1)
+    await rig.settle()
+    backend = rig.backends[0]
+    backend.h2.config.validate_outbound_headers = False
+    backend.h2.send_headers(1, [(b":status", b"2000")])
+    backend.pump()
+    assert response_of(rig.received(0))[0] == 502
+    resets = [e for e in backend.events if type(e) is StreamReset]
+    assert [(r.stream_id, r.error_code) for r in resets] == [(1, ErrorCodes.PROTOCOL_ERROR)]
+    backend.respond(3, 200, b"other")
+    assert response_of(rig.received(1))[2] == b"other"
+
+
+async def test_a_window_update_then_a_reset_in_one_read_ends_the_stream_cleanly():
+    """h2 handles a whole read before its events are looked at: a WINDOW_UPDATE that lets the
+    held body go, followed in the same read by the RST_STREAM that closed the stream, must
+    end that exchange (502) and nothing else, not break the connection."""
+    rig = Rig(backend_settings={SettingCodes.INITIAL_WINDOW_SIZE: 4})
+    rig.send(GET, 1)
+    await rig.settle()
+    rig.send(b"POST /p HTTP/1.1\r\nHost: a.test\r\nContent-Length: 12\r\n\r\n", 0)
+    await rig.settle()
+    rig.send(b"twelve bytes", 0)
+    await rig.settle()
+    backend = rig.backends[0]
+    assert backend.body(3) == b"twel"
+    backend.h2.increment_flow_control_window(8, 3)
+    backend.h2.reset_stream(3, ErrorCodes.INTERNAL_ERROR)
+    backend.feed(backend.h2.data_to_send())
+    assert response_of(rig.received(0), "POST")[0] == 502
+    backend.pump()
+    backend.respond(1, 200, b"fine")
+    assert response_of(rig.received(1))[2] == b"fine"
+    assert rig.pool.connections == [backend.conn]
