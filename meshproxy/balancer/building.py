@@ -73,6 +73,11 @@ def load_balancer_service(
         for state in states:  # detection turned off: nobody stays out because of it
             state.ejected = False
             state.consecutive_failures = 0
+    if lb.passive_health_check is not None:
+        warnings.append(
+            "passiveHealthCheck is not implemented by meshproxy and is ignored: passive "
+            "outlier detection (outlierDetection) covers it"
+        )
     checkers: list[Any] = [None] * len(states)
     if lb.health_check is not None:
         try:

@@ -18,7 +18,7 @@ from meshproxy.balancer.outlier import OutlierDetector
 from meshproxy.balancer.sticky import Sticky
 from meshproxy.balancer.strategies import PeakEWMA, ServerState, Strategy, make_strategy
 from meshproxy.balancer.wrr import SmoothWeightedRoundRobin
-from meshproxy.http.errors import NoServerAvailable, ProxyError, UpstreamConnectError
+from meshproxy.http.errors import NoServerAvailable, ProxyError
 from meshproxy.http.exchange import Exchange, Finish, Handler, NullSink
 from meshproxy.http.upstream import ServerTarget
 from meshproxy.observability.metrics import RequestMetrics
@@ -97,11 +97,14 @@ class LoadBalancerService:
         """One try at `state`'s server ended: feed the latency estimate and the detector.
         A failure (nothing reached the server, or a 5xx) counts as a slow answer for the
         estimate, so a server that fails fast does not attract the traffic."""
-        failed = isinstance(exc, UpstreamConnectError) or status >= 500
-        if self.ewma and status != 499:
+        if status == 499:  # the client left: says nothing about the server
+            return
+        failed = status >= 500  # the pool's errors (connect, reset, timeout) are 502/504
+        if self.ewma:
             state.observe(seconds if not failed or seconds > FAILURE_RTT else FAILURE_RTT, now)
         outlier = self.outlier
-        if outlier is not None and status != 499:
+        # a success with nothing to reset skips the detector: the common case stays cheap
+        if outlier is not None and (failed or state.consecutive_failures):
             outlier.record(self, state, exc, status, now)
 
     # -- status (health checks, outlier detection): off the hot path ---------------------

@@ -47,6 +47,8 @@ from meshproxy.balancer.wrr import SmoothWeightedRoundRobin
 DEFAULT_RTT = 0.030  # seconds: the estimate of a server never observed (Linkerd's default)
 DEFAULT_DECAY = 10.0  # seconds: the EWMA time constant (Linkerd's default)
 
+_exp = math.exp
+
 STRATEGIES = ("wrr", "p2c", "ewma")
 
 
@@ -209,12 +211,22 @@ class PowerOfTwo(Strategy):
 
     def pick(self) -> int:
         up = self._up
-        if len(up) < 2:
-            return up[0] if up else -1
-        a, b = self._two()
+        n = len(up)
+        if n < 2:
+            return up[0] if n else -1
         states = self.states
+        if self._equal:  # the common case, inlined: one call less per request
+            rand = self.rng.random
+            i = int(rand() * n)
+            j = int(rand() * (n - 1))
+            if j >= i:
+                j += 1
+            a = up[i]
+            b = up[j]
+            # b wins only when strictly less loaded, as Traefik keeps the first on a tie
+            return b if states[b].in_flight < states[a].in_flight else a
+        a, b = self._two()
         weights = self.weights
-        # b wins only when strictly less loaded, as Traefik keeps the first on a tie
         if states[b].in_flight * weights[a] < states[a].in_flight * weights[b]:
             return b
         return a
@@ -238,6 +250,7 @@ class PeakEWMA(PowerOfTwo):
         super().__init__(states, weights, rng)
 
     def cost(self, index: int, now: float) -> float:
+        """Latency estimate at `now` x (in-flight + 1) / weight."""
         state = self.states[index]
         return state.estimate(now, self.decay) * (state.in_flight + 1) / self.weights[index]
 
@@ -247,9 +260,20 @@ class PeakEWMA(PowerOfTwo):
             return up[0] if up else -1
         a, b = self._two()
         now: float = self.clock()  # type: ignore[operator]
-        if self.cost(b, now) < self.cost(a, now):
-            return b
-        return a
+        # cost(), inlined: this runs for every request
+        sa = self.states[a]
+        sb = self.states[b]
+        inverse = -1.0 / self.decay
+        cost_a = sa.rtt * (sa.in_flight + 1)
+        if sa.stamp >= 0.0:
+            cost_a *= _exp((now - sa.stamp) * inverse)
+        cost_b = sb.rtt * (sb.in_flight + 1)
+        if sb.stamp >= 0.0:
+            cost_b *= _exp((now - sb.stamp) * inverse)
+        if self._equal:
+            return b if cost_b < cost_a else a
+        weights = self.weights
+        return b if cost_b * weights[a] < cost_a * weights[b] else a
 
 
 def make_strategy(
