@@ -1066,6 +1066,13 @@ class H2Pool:
         if conn not in self.connections:
             self.connections.append(conn)
         self.serve_waiting()
+        if self.closing:
+            # Dialled for sends that waited when the config dropped this server: it serves
+            # them, then closes (nothing sweeps a retired pool once its streams are over).
+            conn.draining = True
+            self.forget_for_new_streams(conn)
+            if not conn.streams:
+                conn.close()
 
     def dial_failed(self, error: UpstreamConnectError) -> None:
         """The dial, or the connection before the server's SETTINGS, failed: so does every

@@ -818,3 +818,26 @@ async def test_a_window_update_then_a_reset_in_one_read_ends_the_stream_cleanly(
     backend.respond(1, 200, b"fine")
     assert response_of(rig.received(1))[2] == b"fine"
     assert rig.pool.connections == [backend.conn]
+
+
+async def test_a_pool_dropped_by_a_reload_finishes_its_streams_then_closes():
+    """Hot reload: a pool the new config no longer uses is closed, but its streams in flight,
+    and a send still waiting for a dial, finish on it; its connections close after their last
+    stream (a retired pool is swept only while it is busy, so none may stay open)."""
+    rig = Rig()
+    rig.send(GET, 0)
+    await rig.settle()
+    first = rig.backends[0]
+    rig.pool.max_connections = 2
+    first.conn.max_streams = 1  # full: the next send needs a dial
+    rig.send(GET, 1)
+    rig.pool.close()
+    await rig.settle()
+    second = rig.backends[1]
+    assert sorted(second.requests()) == [1]
+    first.respond(1, 200, b"one")
+    second.respond(1, 200, b"two")
+    assert response_of(rig.received(0))[2] == b"one"
+    assert response_of(rig.received(1))[2] == b"two"
+    assert first.transport.closed and second.transport.closed
+    assert rig.pool.busy == set() and rig.pool.connections == []
