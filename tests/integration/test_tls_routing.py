@@ -929,3 +929,29 @@ async def test_https_termination_matches_real_traefik(tmp_path, backends):
     finally:
         traefik.stop()
         meshproxy.stop()
+
+
+async def test_immediate_routing_falls_back_to_http_when_no_tcp_router_matches(
+    proxy_factory, backends, recorders
+):
+    """Traefik router.go: with only non-TLS TCP routers the connection is matched when it
+    opens; when none matches (a ClientIP rule for other clients) Traefik goes on to peek and
+    serves HTTP, rather than closing."""
+    tcp_backend = await recorders(b"tcp")
+    http_backend = await backends("web")
+    config = tcp_config({"t": ("ClientIP(`10.0.0.0/8`)", "t", None)}, {"t": tcp_backend.address})
+    del config["tcp"]["routers"]["t"]["tls"]
+    config["http"] = {
+        "routers": {"h": {"rule": "PathPrefix(`/`)", "service": "h"}},
+        "services": {"h": {"loadBalancer": {"servers": [{"url": http_backend.url}]}}},
+    }
+    proxy = await proxy_factory(config)
+    answer = await raw_exchange(
+        proxy.port, b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+    assert answer.startswith(b"HTTP/1.1 200") and http_backend.requests[-1]["url"] == "/x"
+    config["tcp"]["routers"]["t"]["rule"] = "ClientIP(`127.0.0.0/8`)"
+    proxy.write(config)
+    await wait_for(lambda: proxy.generation() >= 2, 10, "reload")
+    assert await raw_exchange(proxy.port, b"anything") == b"tcp"
+    assert tcp_backend.received == [b"anything"]
