@@ -12,9 +12,10 @@ from typing import Any
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
-from hyperframe.frame import DataFrame
+from hyperframe.frame import DataFrame, HeadersFrame, WindowUpdateFrame
 
 from meshproxy.http.server import EntryPointSettings
 from meshproxy.http2.server import RESPONSE_BUFFER, H2ServerConnection
@@ -850,3 +851,47 @@ async def test_a_client_that_does_not_read_is_not_read_either():
     assert not h2c.transport.reading and not upstream.reading
     h2c.server.resume_writing()
     assert h2c.transport.reading and upstream.reading
+
+
+async def test_data_after_an_early_answer_or_a_refusal_costs_nothing_but_a_reset():
+    """§8.1: a complete response before the whole request ends the stream with
+    RST_STREAM(NO_ERROR); DATA, WINDOW_UPDATE or trailers the client had in flight then, or
+    for a refused stream, are not a connection error (§5.1: frames on a stream we reset are
+    ignored; §6.9: DATA still counts against the connection window, which is handed back, so
+    the other streams keep flowing)."""
+    dynamic = {
+        "http": {
+            "routers": {"r": {"entryPoints": ["web"], "service": "s", "rule": "Path(`/ok`)"}},
+            "services": {"s": {"loadBalancer": {"servers": [{"url": "http://127.0.0.1:9"}]}}},
+        }
+    }
+    settings = EntryPointSettings(name="web", port=5000, h2_max_concurrent_streams=1)
+    h2c = H2Conversation(settings, dynamic)
+    h2c.client.remote_settings = h2.settings.Settings(client=False)  # a client that did not wait
+    early = h2c.request(request_headers(b"/nowhere", b"POST"), b"a" * 1000, end=False)
+    refused = h2c.request(request_headers(b"/ok", b"POST"), b"b" * 1000, end=False)
+    h2c.exchange()
+    await asyncio.sleep(0)
+    events = h2c.exchange()
+    assert status_of(h2c.events, early) == b"404"
+    assert reset_code(h2c.events, early) == ErrorCodes.NO_ERROR
+    assert reset_code(h2c.events, refused) == ErrorCodes.REFUSED_STREAM
+    # More than the whole connection window (1 MiB) on the two dead streams, as frames the
+    # client had in flight: only if the server hands that window back is it no violation.
+    for index in range(70):
+        sid = (early, refused)[index % 2]
+        h2c.client._data_to_send += DataFrame(sid, data=b"c" * 16000).serialize()
+        events += h2c.exchange()
+    for sid in (early, refused):  # other frames in flight on them: a stream error at most
+        update = WindowUpdateFrame(sid)
+        update.window_increment = 100
+        trailers = HeadersFrame(sid, flags=["END_STREAM", "END_HEADERS"])
+        trailers.data = h2c.client.encoder.encode([(b"x-t", b"1")])
+        events += h2c.exchange(update.serialize() + trailers.serialize())
+    assert not of(events, h2.events.ConnectionTerminated) and not h2c.transport.closed
+    assert any(e.stream_id == 0 for e in of(events, h2.events.WindowUpdated))
+    h2c.add_upstream()
+    ok = h2c.request(request_headers(b"/ok"))
+    h2c.exchange()
+    h2c.backend_sends(OK_2)
+    assert body_of(h2c.events, ok) == b"ok"
