@@ -895,3 +895,31 @@ async def test_data_after_an_early_answer_or_a_refusal_costs_nothing_but_a_reset
     h2c.exchange()
     h2c.backend_sends(OK_2)
     assert body_of(h2c.events, ok) == b"ok"
+
+
+async def test_forwarded_fields_are_trusted_only_from_trusted_ips():
+    """Traefik's forwardedHeaders.trustedIPs, as on HTTP/1.1: an untrusted client's
+    X-Forwarded-* and X-Real-Ip are replaced by the proxy's; a trusted client's are kept and
+    X-Forwarded-For gets the client's address appended."""
+    import ipaddress
+
+    sent = request_headers(
+        x_forwarded_for=b"10.9.9.9", x_real_ip=b"10.9.9.9", x_forwarded_proto=b"https"
+    )
+    for trusted, expected_for, expected_proto in (
+        ([], b"127.0.0.7", b"http"),
+        ([ipaddress.ip_network("127.0.0.0/8")], b"10.9.9.9, 127.0.0.7", b"https"),
+    ):
+        settings = EntryPointSettings(name="web", port=5000, trusted_networks=trusted)
+        h2c = H2Conversation(settings)
+        upstream = h2c.add_upstream()
+        h2c.request(sent)
+        h2c.exchange()
+        head = upstream.take().split(b"\r\n\r\n")[0].split(b"\r\n")[1:]
+        fields: dict[bytes, list[bytes]] = {}
+        for line in head:
+            name, _, value = line.partition(b": ")
+            fields.setdefault(name.lower(), []).append(value)
+        assert fields[b"x-forwarded-for"] == [expected_for]
+        assert fields[b"x-forwarded-proto"] == [expected_proto]
+        assert len(fields[b"x-real-ip"]) == 1
