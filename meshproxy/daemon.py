@@ -125,6 +125,7 @@ class ProxyDaemon:
     # -- startup ------------------------------------------------------------------------
 
     async def start(self) -> None:
+        raise_open_file_limit()
         loop = asyncio.get_running_loop()
         for name, entry in self.http_entrypoints.items():
             address = parse_address(entry.address)
@@ -422,6 +423,18 @@ def _networks(entrypoint: str, values: list[str]) -> list[Any]:
         return [ipaddress.ip_network(t, strict=False) for t in values]
     except ValueError as exc:
         raise StartupError(f"entryPoints.{entrypoint}.forwardedHeaders.trustedIPs: {exc}") from None
+
+
+def raise_open_file_limit() -> None:
+    """Raise the soft open-file limit to the hard one, as Go's runtime does at start (so
+    Traefik runs with it): every connection and every UDP session holds a descriptor, and
+    the soft default (often 1024) is far below what a node proxy needs."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard and (hard == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _reason(exc: OSError) -> str:

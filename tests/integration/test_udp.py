@@ -16,8 +16,10 @@ import struct
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import FIXTURES, wait_for
@@ -374,3 +376,43 @@ def test_check_accepts_traefik_mesh_udp_routers():
         timeout=60,
     )
     assert b"udp." not in result.stdout, result.stdout
+
+
+async def test_the_proxy_raises_its_open_file_limit_as_go_does(tmp_path):
+    """Every UDP session holds a socket: the proxy raises its soft open-file limit to the hard
+    one at start, as Go's runtime does for Traefik, whatever soft limit it was given."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY:
+        pytest.skip("no finite hard limit to raise to")
+    (tmp_path / "empty.yaml").write_text("{}")
+
+    def lower_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "meshproxy",
+            "proxy",
+            f"--entryPoints.dns.address=127.0.0.1:{free_udp_port()}/udp",
+            f"--providers.file.filename={tmp_path / 'empty.yaml'}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=lower_soft_limit,
+    )
+
+    def soft_limit() -> str:
+        for line in Path(f"/proc/{process.pid}/limits").read_text().splitlines():
+            if line.startswith("Max open files"):
+                return line.split()[3]
+        return ""
+
+    try:
+        await wait_for(lambda: soft_limit() == str(hard), 15, "the raised limit")
+    finally:
+        process.terminate()
+        process.wait(10)
