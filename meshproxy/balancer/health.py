@@ -22,9 +22,11 @@ Where we differ, on purpose:
   nothing), the head is bounded by aiohttp's limits, and the whole probe, redirects included
   (at most 10, as Go's client), by `timeout`.
 
-Schemes: http and https through aiohttp (https with the service's serversTransport
-`insecureSkipVerify` and `serverName`); h2c through a small HTTP/2 client on the `h2` library
-(prior knowledge, one stream; redirects are not followed over h2c); gRPC through grpcio. The
+Schemes: http and https through aiohttp (https with the service's serversTransport: its
+CAs, client certificate, TLS versions, `insecureSkipVerify` and `serverName`, through
+meshproxy.http.transports, as Traefik's checks use the service's transport); h2c through a
+small HTTP/2 client on the `h2` library (prior knowledge, one stream; redirects are not
+followed over h2c); gRPC through grpcio. The
 gRPC messages are two protobuf fields, encoded by hand below rather than pulling in the
 `grpcio-health-checking` package for them.
 """
@@ -232,12 +234,12 @@ class HealthChecker:
         return headers
 
     def _ssl_context(self) -> ssl.SSLContext:
+        """The serversTransport's own client context (CAs, client certificate, versions,
+        insecureSkipVerify), as Traefik's checks use the service's transport."""
         if self._ssl is None:
-            context = ssl.create_default_context()
-            if self.transport.insecure_skip_verify:
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-            self._ssl = context
+            from meshproxy.http.transports import client_context
+
+            self._ssl = client_context(self.transport)
         return self._ssl
 
     async def _probe_http(self, url: str) -> int:

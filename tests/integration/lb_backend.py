@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 
 
 class ControlledBackend:
@@ -28,13 +29,14 @@ class ControlledBackend:
         self.probe_heads: list[bytes] = []
         self.hung: list[asyncio.Event] = []
         self.head_request = False
+        self.ssl: ssl.SSLContext | None = None  # set before start(): an HTTPS backend
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.ssl else 'http'}://127.0.0.1:{self.port}"
 
     async def start(self) -> ControlledBackend:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port, ssl=self.ssl)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
@@ -49,7 +51,9 @@ class ControlledBackend:
 
     async def revive(self) -> None:
         if self.server is None:
-            self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+            self.server = await asyncio.start_server(
+                self._serve, "127.0.0.1", self.port, ssl=self.ssl
+            )
 
     async def aclose(self) -> None:
         """Stop, end every connection, and let their tasks see it before the loop ends."""

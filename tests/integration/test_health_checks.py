@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -16,6 +17,7 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
+import trustme
 
 from tests.grpc_peers import EchoServer
 from tests.helpers import request, router, wait_for
@@ -400,3 +402,37 @@ async def test_h2c_scheme_probes_over_http2(proxy_factory):
         await wait_for(lambda: server_status(proxy)[url] == "DOWN", 5, "h2c 503 -> DOWN")
     finally:
         server.close()
+
+
+async def test_https_checks_go_through_the_service_transport(proxy_factory):
+    """Traefik runs a service's checks with the service's serversTransport: with its rootCAs
+    the probe trusts the backend's certificate (UP); the same server in a service without
+    them fails verification (DOWN, the TLS error in the API)."""
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    backend = ControlledBackend("tls")
+    backend.ssl = context
+    await backend.start()
+    try:
+        check = {"path": "/health", "interval": "200ms"}
+        config = {
+            "http": {
+                "routers": {},
+                "services": {
+                    "trusted": checked(backend.url, check=check, serversTransport="ca"),
+                    "untrusted": checked(backend.url, check=check),
+                },
+                "serversTransports": {"ca": {"rootCAs": [ca.cert_pem.bytes().decode()]}},
+            }
+        }
+        proxy = await proxy_factory(config)
+        await wait_for(
+            lambda: server_status(proxy, "untrusted@file")[backend.url] == "DOWN", 5, "DOWN"
+        )
+        assert backend.health_probes >= 1
+        assert server_status(proxy, "trusted@file")[backend.url] == "UP"
+        servers = proxy.rawdata()["services"]["untrusted@file"]["meshproxyServers"]
+        assert "certificate verify failed" in servers[0]["healthCheck"]["lastError"]
+    finally:
+        await backend.aclose()
