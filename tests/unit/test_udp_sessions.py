@@ -358,6 +358,19 @@ async def test_bytes_held_for_opening_sessions_are_bounded_per_entrypoint(proxie
     assert PENDING_BYTES == 4 << 20
 
 
+async def test_a_socket_that_cannot_open_ends_its_session(proxies):
+    """A server socket that cannot be opened (here: a scope-less link-local multicast address,
+    EINVAL at connect; likewise an unresolvable name or no descriptor left) ends the session,
+    counted as open_error, with nothing held; the next datagram tries again."""
+    proxy = await proxies(route("r@file", ("ff02::1", 53)))
+    c = await client(proxy.address)
+    c.transport.sendto(b"x")
+    await wait_for(lambda: proxy.counters.closed.get("open_error") == 1, 5, "the failed open")
+    assert not proxy.entry.sessions and proxy.entry.pending_bytes == 0
+    c.transport.sendto(b"y")
+    await wait_for(lambda: proxy.counters.closed.get("open_error") == 2, 5, "a second attempt")
+
+
 async def test_no_server_drops_the_datagram_and_opens_no_session(proxies):
     """Traefik: a UDP service with no server drops the session."""
     proxy = await proxies(UDPRoute("r@file", UDPTarget("empty@file", [])))
