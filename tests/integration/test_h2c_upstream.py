@@ -481,3 +481,42 @@ async def test_refused_streams_as_real_traefik_does(tmp_path, proxy_factory):
                     traefik.stop()
                 backend.close()
         assert outcomes["meshproxy"] == outcomes["traefik"] == (200, 2), (mode, outcomes)
+
+
+async def _run(*command: str, stdin: bytes = b"", timeout: float = 120) -> tuple[int, bytes]:
+    process = await asyncio.create_subprocess_exec(
+        *command,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(process.communicate(stdin), timeout)
+    assert process.returncode is not None
+    return process.returncode, out
+
+
+async def test_h2c_both_ways_h2load_and_curl(proxy_factory):
+    """HTTP/2 end to end (issue 11, acceptance 2 and 3): h2load's 2,000 requests (bounded),
+    10 streams on each of 4 client connections, all succeed and reach the h2c server over one
+    multiplexed connection; curl --http2-prior-knowledge gets its POST body echoed."""
+    import shutil
+
+    import pytest
+
+    if shutil.which("h2load") is None or shutil.which("curl") is None:
+        pytest.skip("needs h2load and curl")
+    backend = await H2cBackend().start()
+    try:
+        proxy = await proxy_factory(catch_all(backend.url))
+        url = f"http://127.0.0.1:{proxy.port}/load"
+        code, out = await _run("h2load", "-n", "2000", "-c", "4", "-m", "10", url)
+        text = out.decode()
+        assert code == 0 and "2000 succeeded, 0 failed, 0 errored" in text, text
+        # 40 streams at a time from the clients, one connection to the server: multiplexed
+        assert len(backend.requests) == 2000 and backend.connections == 1
+        code, out = await _run(
+            "curl", "-s", "--http2-prior-knowledge", "--data-binary", "@-", url, stdin=b"x" * 70_000
+        )
+        assert code == 0 and out == b"x" * 70_000
+    finally:
+        backend.close()
