@@ -12,7 +12,7 @@ import ssl
 
 from meshproxy.http.errors import UpstreamConnectError, UpstreamDialTimeout
 from meshproxy.http.exchange import Exchange
-from meshproxy.http.transports import TLS_HANDSHAKE_TIMEOUT
+from meshproxy.http.transports import TLS_HANDSHAKE_TIMEOUT, check_peer_uri
 from meshproxy.http.upstream import UpstreamConnection, UpstreamPool
 from meshproxy.upstream_address import resolve
 
@@ -25,7 +25,7 @@ async def connect(pool: UpstreamPool) -> UpstreamConnection:
     settings = pool.settings
     host, port = resolve(pool.host, pool.port)  # `meshproxy local`: mesh names -> its proxy
     try:
-        _, protocol = await asyncio.wait_for(
+        transport, protocol = await asyncio.wait_for(
             loop.create_connection(
                 lambda: UpstreamConnection(pool),
                 host,
@@ -36,6 +36,12 @@ async def connect(pool: UpstreamPool) -> UpstreamConnection:
             ),
             settings.dial_timeout if settings.dial_timeout > 0 else None,
         )
+        if pool.ssl is not None and settings.peer_cert_uri:
+            try:
+                check_peer_uri(transport, settings.peer_cert_uri)
+            except ssl.SSLError:
+                transport.close()
+                raise
     except TimeoutError:
         raise UpstreamDialTimeout(f"dial {pool.host}:{pool.port}: timeout") from None
     except ssl.SSLError as exc:  # before OSError, its base: a refused certificate is logged

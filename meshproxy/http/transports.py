@@ -16,6 +16,8 @@ transport is resolved here once per configuration, when it is compiled:
   asks for one (mTLS), FileOrContent each. Python's `ssl` holds one chain per context, so the
   first entry is presented (Go would pick among several by the server's accepted CAs).
 - `minVersion`, `maxVersion`, `cipherSuites` (Go's names, as Traefik 3.7 accepts them).
+- `peerCertURI`: the chain is verified (even with insecureSkipVerify) but not the name; the
+  certificate must carry that URI SAN (a SPIFFE ID, typically), checked after the handshake.
 - `maxIdleConnsPerHost` (200 when unset or 0; negative keeps none idle, as Go),
   `forwardingTimeouts` `dialTimeout` (30 s), `responseHeaderTimeout` (60 s, see
   `TransportSettings`), `idleConnTimeout` (90 s), `readIdleTimeout` and `pingTimeout` (HTTP/2
@@ -23,7 +25,7 @@ transport is resolved here once per configuration, when it is compiled:
   static transport's values, as Traefik's `SetDefaults` does.
 
 A file that cannot be read, a PEM that does not parse, a key that does not match its
-certificate, or an option meshproxy does not implement (`spiffe`, `peerCertURI`) is a
+certificate, or an option meshproxy does not implement (`spiffe`) is a
 `TransportError`: the compiler disables the services that use the transport (the static one
 stops the start), instead of silently verifying against nothing.
 
@@ -73,6 +75,7 @@ class ClientTLS:
     min_version: str = ""
     max_version: str = ""
     cipher_suites: tuple[str, ...] = ()
+    peer_cert_uri: str = ""
 
 
 def file_or_content(value: str, path: str) -> str:
@@ -114,8 +117,6 @@ def resolve_certificates(
 def _unsupported(options: Any, path: str) -> None:
     if getattr(options, "spiffe", None) is not None:
         raise TransportError(f"{path}.spiffe: SPIFFE is not supported by meshproxy")
-    if getattr(options, "peer_cert_uri", None):
-        raise TransportError(f"{path}.peerCertURI: not supported by meshproxy")
 
 
 def _seconds(value: float | None, default: float) -> float:
@@ -137,6 +138,7 @@ def http_transport(options: Any, path: str) -> TransportSettings:
         min_version=options.min_version or "",
         max_version=options.max_version or "",
         cipher_suites=tuple(options.cipher_suites or ()),
+        peer_cert_uri=options.peer_cert_uri or "",
     )
     settings = TransportSettings(
         dial_timeout=_seconds(timeouts and timeouts.dial_timeout, defaults.dial_timeout),
@@ -158,6 +160,7 @@ def http_transport(options: Any, path: str) -> TransportSettings:
         min_version=tls.min_version,
         max_version=tls.max_version,
         cipher_suites=tls.cipher_suites,
+        peer_cert_uri=tls.peer_cert_uri,
         disable_http2=bool(options.disable_http2),
     )
     tls_context(tls, HTTP1_ALPN, path)
@@ -203,6 +206,7 @@ def client_tls(settings: TransportSettings) -> ClientTLS:
         settings.min_version,
         settings.max_version,
         settings.cipher_suites,
+        settings.peer_cert_uri,
     )
 
 
@@ -224,6 +228,7 @@ def tls_context(tls: ClientTLS, alpn: tuple[str, ...] = (), path: str = "tls") -
         tls.min_version,
         tls.max_version,
         tls.cipher_suites,
+        bool(tls.peer_cert_uri),
         alpn,
     )
     context = _CONTEXTS.get(key)
@@ -240,7 +245,11 @@ def tls_context(tls: ClientTLS, alpn: tuple[str, ...] = (), path: str = "tls") -
 def _build_context(tls: ClientTLS, alpn: tuple[str, ...], path: str) -> ssl.SSLContext:
     # PROTOCOL_TLS_CLIENT: hostname checking and CERT_REQUIRED on, TLS 1.2 minimum, as Go.
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    if tls.insecure_skip_verify:
+    if tls.peer_cert_uri:
+        # Traefik's peerCertURI: the chain is verified (even with insecureSkipVerify), the
+        # name is not; the URI SAN is checked after the handshake (check_peer_uri).
+        context.check_hostname = False
+    if tls.insecure_skip_verify and not tls.peer_cert_uri:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     elif tls.root_cas:
@@ -266,6 +275,17 @@ def _build_context(tls: ClientTLS, alpn: tuple[str, ...], path: str) -> ssl.SSLC
     if alpn:
         context.set_alpn_protocols(list(alpn))
     return context
+
+
+def check_peer_uri(transport: Any, uri: str) -> None:
+    """Traefik's peerCertURI (pkg/tls VerifyPeerCertificate): the server certificate must carry
+    a URI SAN equal to `uri` (case-insensitive). Raises ssl.SSLCertVerificationError."""
+    cert = transport.get_extra_info("peercert") or {}
+    uris = [value for kind, value in cert.get("subjectAltName", ()) if kind == "URI"]
+    if not any(value.lower() == uri.lower() for value in uris):
+        raise ssl.SSLCertVerificationError(
+            f"peer certificate mismatch: no URI SAN {uri!r} (has {uris or 'none'})"
+        )
 
 
 def _versions_and_ciphers(context: ssl.SSLContext, tls: ClientTLS, path: str) -> None:

@@ -75,6 +75,7 @@ class TransportSettings:
     min_version: str = ""  # Go's names ("VersionTLS12"); "": TLS 1.2, as Go's client
     max_version: str = ""  # "": the highest both sides speak
     cipher_suites: tuple[str, ...] = ()  # Go's names; (): OpenSSL's defaults
+    peer_cert_uri: str = ""  # the server certificate must carry this URI SAN (no name check)
     disable_http2: bool = False
     read_idle_timeout: float = 0.0  # HTTP/2: PING after this long without a frame; 0: never
     ping_timeout: float = 15.0  # HTTP/2: the connection is closed if the PING is unanswered

@@ -44,6 +44,7 @@ from meshproxy.http.transports import (
     TLS_HANDSHAKE_TIMEOUT,
     ClientTLS,
     TransportError,
+    check_peer_uri,
     resolve_certificates,
     resolve_root_cas,
     tls_context,
@@ -170,13 +171,12 @@ def transport_from_dynamic(options: Any, path: str) -> TCPTransport:
     if tls is not None:
         if tls.spiffe is not None:
             raise TransportError(f"{path}.tls.spiffe: SPIFFE is not supported by meshproxy")
-        if tls.peer_cert_uri:
-            raise TransportError(f"{path}.tls.peerCertURI: not supported by meshproxy")
         client = ClientTLS(
             server_name=tls.server_name or None,
             insecure_skip_verify=bool(tls.insecure_skip_verify),
             root_cas=resolve_root_cas(tls.root_c_as, f"{path}.tls.rootCAs"),
             certificates=resolve_certificates(tls.certificates, f"{path}.tls.certificates"),
+            peer_cert_uri=tls.peer_cert_uri or "",
         )
         tls_context(client, (), f"{path}.tls")
     return TCPTransport(
@@ -296,6 +296,8 @@ async def _open(
             if tls_transport is None:
                 raise ConnectionError("TLS handshake ended the connection")
             transport = tls_transport  # type: ignore[assignment]
+            if server.transport.tls.peer_cert_uri:
+                check_peer_uri(transport, server.transport.tls.peer_cert_uri)
     except BaseException:
         transport.abort()
         raise

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+from pathlib import Path
 from typing import Any
 
 import h11
@@ -271,6 +272,78 @@ async def test_min_max_version_and_cipher_suites(proxy_factory, tls_backends, ca
     await wait_for(lambda: proxy.generation() >= 3, 10, "bad version applied")
     errors = " ".join(proxy.rawdata()["services"]["s@file"]["error"])
     assert "minVersion: unknown version 'VersionTLS99'" in errors
+
+
+def uri_cert(ca: trustme.CA, uri: str) -> tuple[str, str]:
+    """A server certificate whose only SAN is the URI `uri` (a SPIFFE ID), signed by `ca`;
+    (certificate PEM, key PEM). trustme issues DNS, IP and e-mail SANs only."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    ca_key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), None)
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "workload")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem.decode()
+
+
+class URIBackend(TLSBackend):
+    """A TLSBackend whose certificate carries only a URI SAN."""
+
+    def __init__(self, cert_pem: str, key_pem: str, directory: Path) -> None:
+        super().__init__(trustme.CA().issue_cert("unused.test"))
+        cert_file, key_file = directory / "uri.pem", directory / "uri.key"
+        cert_file.write_text(cert_pem)
+        key_file.write_text(key_pem)
+        self.context.load_cert_chain(str(cert_file), str(key_file))
+
+
+async def test_peer_cert_uri_checks_the_uri_san_and_the_chain_not_the_name(
+    proxy_factory, ca, tmp_path
+):
+    """Traefik's `peerCertURI` (pkg/tls VerifyPeerCertificate): the certificate must carry that
+    URI SAN (a SPIFFE ID here) and chain to the CAs; the host name is not checked (the URL's
+    127.0.0.1 is not in the certificate). Another URI fails (502), and so does an unknown CA
+    even with insecureSkipVerify, which peerCertURI does not relax."""
+    spiffe = "spiffe://mesh.test/ns/demo/sa/web"
+    backend = await URIBackend(*uri_cert(ca, spiffe), tmp_path).start()
+    roots = [pem(ca.cert_pem)]
+    try:
+        proxy = await proxy_factory(
+            https_config(backend.url, {"rootCAs": roots, "peerCertURI": spiffe})
+        )
+        assert (await get_json(proxy.port))[0] == 200
+        proxy.write(https_config(backend.url, {"rootCAs": roots, "peerCertURI": spiffe + "-other"}))
+        await wait_for(lambda: proxy.generation() >= 2, 10, "other URI applied")
+        assert (await request(proxy.port, host="app.test")).status == 502
+        await wait_for(lambda: "peer certificate mismatch" in proxy.log_path.read_text(), 10)
+        proxy.write(https_config(backend.url, {"insecureSkipVerify": True, "peerCertURI": spiffe}))
+        await wait_for(lambda: proxy.generation() >= 3, 10, "insecure + URI applied")
+        assert (await request(proxy.port, host="app.test")).status == 502
+    finally:
+        backend.close()
 
 
 async def test_static_server_transport_flags_are_the_default_transport(
