@@ -193,13 +193,19 @@ class BreakingBackend:
     """An h2c backend written with the `h2` library that starts every response as a gRPC
     server would (:status 200, application/grpc, one message) and then breaks it: `mode`
     "reset" resets the stream (RST_STREAM INTERNAL_ERROR), "close" drops the connection. For
-    what a proxy must do when a stream dies after its response started (issue 11)."""
+    what a proxy must do when a stream dies after its response started (issue 11).
+
+    `mode` "hold" never answers and ignores grpc-timeout (unlike a gRPC server, which would
+    enforce it): only the proxy can end such a call. `ended` counts the held streams the
+    proxy ended (RST_STREAM, or the connection closed)."""
 
     def __init__(self, mode: str = "reset") -> None:
         self.mode = mode
         self.server: asyncio.AbstractServer | None = None
         self.port = 0
         self.broken = 0
+        self.held = 0
+        self.ended = 0
 
     async def start(self) -> BreakingBackend:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -218,10 +224,17 @@ class BreakingBackend:
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
         conn.initiate_connection()
         writer.write(conn.data_to_send())
+        held = 0  # streams of this connection held open
         try:
             while data := await reader.read(65536):
                 for event in conn.receive_data(data):
-                    if isinstance(event, h2.events.RequestReceived):
+                    if isinstance(event, h2.events.StreamReset):
+                        self.ended += 1
+                        held -= 1
+                    if isinstance(event, h2.events.RequestReceived) and self.mode == "hold":
+                        self.held += 1
+                        held += 1
+                    elif isinstance(event, h2.events.RequestReceived):
                         stream = event.stream_id
                         conn.send_headers(
                             stream, [(":status", "200"), ("content-type", "application/grpc")]
@@ -238,4 +251,5 @@ class BreakingBackend:
         except (ConnectionError, h2.exceptions.ProtocolError):
             pass
         finally:
+            self.ended += max(held, 0)  # the connection's end ends its held streams
             writer.close()

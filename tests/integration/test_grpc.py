@@ -486,16 +486,46 @@ async def test_trailers_only_is_one_headers_frame(proxy_factory):
     assert decode_grpc_message(headers[b"grpc-message"]) == "404 page not found"
 
 
-async def test_proxy_deadline_without_a_client_enforcing_it(proxy_factory, echo):
+@pytest.mark.parametrize("scheme", ["h2c", "http"])
+async def test_proxy_deadline_without_a_client_enforcing_it(proxy_factory, scripted, scheme):
     """The proxy enforces the call's grpc-timeout itself (the smaller of it and its own
     responseHeaderTimeout, 60 s here): a client that sends grpc-timeout 300m and does not
-    enforce it (the raw h2 client here) still gets DEADLINE_EXCEEDED (the proxy checks
-    deadlines once a second), and the backend's call is cancelled."""
+    enforce it (the raw h2 client) to a backend that ignores it (h2c: an h2-library server
+    that never answers; http: an HTTP/1.1 server holding the request) still gets
+    DEADLINE_EXCEEDED as Trailers-Only, within the pools' once-a-second check, and the
+    backend's stream or connection is ended."""
+    if scheme == "h2c":
+        backend = await BreakingBackend("hold").start()
+    else:
+        backend = await scripted()
+        backend.mode = "hold"
+    try:
+        proxy = await proxy_factory(catch_all(backend.url))
+        headers = grpc_headers(proxy.port, ("grpc-timeout", "300m"))
+        started = time.monotonic()
+        result = await h2_call(proxy.port, headers, b"\x00\x00\x00\x00\x01x")
+        elapsed = time.monotonic() - started
+        assert result["ended"] == "headers", result
+        assert result["headers"][b"grpc-status"] == b"4"
+        assert 0.3 <= elapsed < 3
+        if scheme == "h2c":
+            assert backend.held == 1
+            await wait_for(lambda: backend.ended == 1, 5, "the held stream to be ended")
+        else:
+            assert len(backend.requests) == 1
+    finally:
+        backend.close()
+
+
+async def test_backend_enforces_the_forwarded_deadline(proxy_factory, echo):
+    """Propagation's effect: a grpcio backend gets the time left as grpc-timeout and ends the
+    call itself on time (DEADLINE_EXCEEDED from the backend, relayed), even for a client that
+    does not enforce its deadline (the raw h2 client); its call is cancelled."""
     proxy = await proxy_factory(catch_all(echo.url))
     headers = grpc_headers(proxy.port, ("grpc-timeout", "300m"), ("x-delay", "30"))
     started = time.monotonic()
     result = await h2_call(proxy.port, headers, b"\x00\x00\x00\x00\x01x")
-    assert 0.3 <= time.monotonic() - started < 5
+    assert 0.3 <= time.monotonic() - started < 3
     fields = result["headers"] if result["ended"] == "headers" else result["trailers"]
     assert fields is not None and fields[b"grpc-status"] == b"4", result
     assert await call(echo.wait_cancelled) is not None
