@@ -222,6 +222,54 @@ async def test_a_dead_server_ends_sessions_without_leaking_sockets(proxy_factory
         peer.transport.close()
 
 
+async def test_a_server_that_goes_away_mid_session_ends_its_sessions(proxy_factory):
+    """The server closes its socket while 20 sessions are live: the clients' next datagrams
+    meet ICMP port unreachable, every session ends (upstream_error) and its socket is closed;
+    when a server is back on that port, a client's next datagram opens a new session."""
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(
+        lambda: Peer(b"", echo=True), local_addr=("127.0.0.1", 0)
+    )
+    addr = transport.get_extra_info("sockname")
+    proxy = await udp_proxy(proxy_factory, udp_config(addr), "--entryPoints.dns.udp.timeout=60s")
+    before = fds(proxy)
+    peers = [await client(address(proxy)) for _ in range(20)]
+    for peer in peers:
+        peer.transport.sendto(b"up")
+        assert await peer.recv() == b"up"
+    assert fds(proxy) == before + 20
+    transport.close()  # the server goes away (its socket is closed on the next loop turn)
+
+    def port_free() -> bool:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind(addr)
+            except OSError:
+                return False
+            return True
+
+    await wait_for(port_free, 5, "the server's socket closed")
+    for peer in peers:
+        peer.transport.sendto(b"still there?")
+    await wait_for(
+        lambda: metric(proxy, "meshproxy_udp_sessions_closed_total", reason="upstream_error") == 20,
+        10,
+        "20 sessions ended by the vanished server",
+    )
+    assert metric(proxy, "meshproxy_udp_sessions") == 0
+    await wait_for(lambda: fds(proxy) == before, 5, "their sockets closed")
+    back, _ = await loop.create_datagram_endpoint(
+        lambda: Peer(b"back:", echo=True), local_addr=addr
+    )
+    try:
+        peers[0].transport.sendto(b"hello")
+        assert await peers[0].recv() == b"back:hello"
+    finally:
+        back.close()
+        for peer in peers:
+            peer.transport.close()
+
+
 async def test_reload_keeps_live_sessions_and_a_removed_router_ends_them(proxy_factory):
     """§5.3 (and issue 12 §6): after a reload that changes the service's servers, a live
     session keeps its server while a new client gets the new one; removing the router ends
