@@ -526,6 +526,8 @@ class _Compiler:
         lb = definition.load_balancer
         if lb is not None:
             named = self.tcp_transport_for(lb.servers_transport)
+            if lb.health_check is not None:
+                status.warn("loadBalancer.healthCheck is not implemented for TCP services; ignored")
             try:
                 transport = load_balancer_transport(lb, named, self.ctx.tcp_transport)
             except TransportError as exc:

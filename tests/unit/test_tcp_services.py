@@ -115,3 +115,43 @@ def test_admit_gives_back_counts_when_a_later_check_refuses():
     assert admit([limit], View("10.0.0.2")) == [limit]
     limit.release(View("10.0.0.1"))
     assert admit([limit], View("10.0.0.1")) == [limit]
+
+
+def test_compiled_services_report_transport_errors_and_ignored_health_checks():
+    """Through the compiler: a TCP loadBalancer's healthCheck (Traefik v3.6+) is accepted with
+    a warning (not implemented), a reference to a missing serversTransport disables the
+    service, `default@internal` is the static transport, and an inFlightConn counter is kept
+    across a reload while its amount is unchanged."""
+    from meshproxy.runtime.standalone import standalone
+
+    config = {
+        "tcp": {
+            "routers": {
+                "r": {
+                    "entryPoints": ["web"],
+                    "rule": "HostSNI(`*`)",
+                    "service": "hc",
+                    "middlewares": ["limit"],
+                }
+            },
+            "middlewares": {"limit": {"inFlightConn": {"amount": 3}}},
+            "services": {
+                "hc": {"loadBalancer": {"servers": [{"address": "10.0.0.1:1"}], "healthCheck": {}}},
+                "missing": {"loadBalancer": {"servers": [], "serversTransport": "nope"}},
+                "internal": {
+                    "loadBalancer": {"servers": [], "serversTransport": "default@internal"}
+                },
+            },
+        }
+    }
+    built = standalone(config)
+    snapshot = built.manager.snapshot
+    hc = snapshot.tcp_services["hc@file"]
+    assert hc.status == "warning" and "healthCheck" in hc.errors[0]
+    assert snapshot.tcp_services["missing@file"].errors
+    assert "nope" in snapshot.tcp_services["missing@file"].errors[0]
+    assert not snapshot.tcp_services["internal@file"].errors
+    counter = snapshot.tcp_tables["web"][0].checks[0]
+    assert isinstance(counter, InFlightConn) and counter.amount == 3
+    built.manager.apply(decode_dynamic_obj(config), "reload")
+    assert built.manager.snapshot.tcp_tables["web"][0].checks[0] is counter
