@@ -293,12 +293,12 @@ class H2Stream:
             return
         self.progress += 1
         self.push(True)
-        self.conn.flush()
+        self.conn.flush_soon()
 
     def flush(self, ex: Exchange) -> None:
         if not self.response_done:
             self.push(False)
-            self.conn.flush()
+            self.conn.flush_soon()
 
     def push(self, end: bool) -> None:
         """Give h2 the held head and body now, as far as the windows allow (the rest waits in
@@ -1161,6 +1161,12 @@ class H2ServerConnection(asyncio.Protocol):
             if self.draining:
                 self.flush()
                 self.close()
+
+    def flush_soon(self) -> None:
+        """Write what h2 holds now, or with the push already due this loop iteration (so the
+        streams answered in one iteration share one socket write)."""
+        if not self._push_scheduled:
+            self.flush()
 
     def flush(self) -> None:
         if self._flushing or self.transport is None:

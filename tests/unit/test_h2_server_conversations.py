@@ -87,6 +87,10 @@ class H2Conversation:
         return self.receive()
 
     def receive(self) -> list[Any]:
+        """What the server wrote, once the current loop iteration is over (the server frames
+        and writes the bodies of the streams answered in one iteration together)."""
+        if self.server._push_scheduled:
+            self.server._push_dirty()  # what the loop runs at the end of this iteration
         out = self.transport.take()
         events = self.client.receive_data(out) if out else []
         follow = self.client.data_to_send()

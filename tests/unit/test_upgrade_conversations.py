@@ -382,6 +382,8 @@ async def test_h2c_upgrade_is_made_by_the_proxy_so_every_stream_is_routed():
     protocol = conv.client_transport.protocol
     protocol.data_received(client.data_to_send())
     answered = conv.backend_sends(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    await asyncio.sleep(0)  # streams answered in one loop iteration are written together
+    answered += conv.client_transport.take()
     events = client.receive_data(answer.split(b"\r\n\r\n", 1)[1] + answered)
     assert [e.data for e in events if isinstance(e, h2.events.DataReceived)] == [b"ok"]
     _, upstream = conv.add_upstream()
