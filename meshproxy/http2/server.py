@@ -681,7 +681,12 @@ class H2ServerConnection(asyncio.Protocol):
             ex = stream.ex
             if ex is None or stream.tunnel is not None:
                 continue
-            if read > 0 and not stream.request_done and now - ex.started_at > read:
+            if (
+                read > 0
+                and not stream.request_done
+                and not stream.websocket  # its DATA is the tunnel's, not a request body
+                and now - ex.started_at > read
+            ):
                 self._request_failed(stream, 408)  # RFC 9110 §15.5.9
                 continue
             if stream.progress != stream.progress_seen:
