@@ -115,6 +115,9 @@ _XF_BITS = {
     b"x-real-ip": 8,
     b"x-forwarded-for": 16,
 }
+_MAGIC = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_PREFACE_AND_TYPE = len(_MAGIC) + 4  # the magic, then a frame header's length and type
+_SETTINGS_TYPE = 0x4
 _REQUEST_FLAGS = h2.utilities.HeaderValidationFlags(
     is_client=False, is_trailer=False, is_response_header=False, is_push_promise=False
 )
@@ -513,6 +516,7 @@ class H2ServerConnection(asyncio.Protocol):
         self._counted = False
         self._h1_body = 0  # bytes of an h2c upgrade request's body still to come
         self._reading = True  # what update_reading last asked of the transport
+        self._preface: bytes | None = b""  # the client's first bytes until SETTINGS is seen
         self._dirty: list[H2Stream] = []  # streams with body to push (see H2Stream.write_body)
         self._push_scheduled = False
         self.max_header_bytes = settings.max_header_bytes
@@ -709,6 +713,10 @@ class H2ServerConnection(asyncio.Protocol):
             data = self._upgrade_body(data)
             if not data:
                 return
+        if self._preface is not None:
+            data = self._check_preface(data)
+            if not data:
+                return
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
@@ -731,6 +739,26 @@ class H2ServerConnection(asyncio.Protocol):
         finally:
             self._flushing = False
         self.flush()
+
+    def _check_preface(self, data: bytes) -> bytes:
+        """RFC 9113 §3.4: the client's preface is the magic string then a SETTINGS frame; h2
+        checks the magic only. Returns the bytes to feed h2 (none until the first frame's
+        type is known, and none after a refusal: GOAWAY(PROTOCOL_ERROR), closed)."""
+        buffered = self._preface + data  # type: ignore[operator]
+        if not _MAGIC.startswith(buffered[: len(_MAGIC)]):
+            self._preface = None
+            return buffered  # not the magic: h2 refuses it
+        if len(buffered) < _PREFACE_AND_TYPE:
+            self._preface = buffered
+            return b""
+        self._preface = None
+        if buffered[_PREFACE_AND_TYPE - 1] != _SETTINGS_TYPE:
+            log.debug("HTTP/2 preface without SETTINGS from %s", self.client_ip)
+            self.entry.on_protocol_error(400)
+            self.h2.close_connection(error_code=ErrorCodes.PROTOCOL_ERROR)
+            self.close()
+            return b""
+        return buffered
 
     def _upgrade_body(self, data: bytes) -> bytes:
         """The body of the request that asked for the h2c upgrade (stream 1), still in

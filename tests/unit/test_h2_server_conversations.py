@@ -561,6 +561,17 @@ async def test_connection_errors_get_goaway_with_the_right_code():
     client.initiate_connection()
     assert goaway_code(client.receive_data(bytes(transport.written))) == ErrorCodes.PROTOCOL_ERROR
     assert transport.closed
+    # the magic string, but not followed by SETTINGS (§3.4: the preface includes it)
+    server = H2ServerConnection(conv.entry)
+    transport = MemoryTransport(("127.0.0.7", 2))
+    server.connection_made(transport)  # type: ignore[arg-type]
+    server.data_received(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00")
+    assert not transport.closed  # not known yet
+    server.data_received(b"\x08\x06\x00\x00\x00\x00\x0012345678")  # a PING
+    client = _Client(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    assert goaway_code(client.receive_data(bytes(transport.written))) == ErrorCodes.PROTOCOL_ERROR
+    assert transport.closed
 
     h2c = H2Conversation()
     upstream = h2c.add_upstream()
