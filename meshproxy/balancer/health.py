@@ -46,6 +46,7 @@ import aiohttp
 
 from meshproxy.config.dynamic import HealthCheck
 from meshproxy.http.upstream import TransportSettings
+from meshproxy.upstream_address import resolve
 
 if TYPE_CHECKING:
     from meshproxy.balancer.http_services import LoadBalancerService
@@ -207,11 +208,11 @@ class HealthChecker:
             async with asyncio.timeout(spec.timeout):
                 if spec.mode == "grpc":
                     return await self._probe_grpc()
-                url = probe_url(self.url, spec)
+                url, headers = dialled(probe_url(self.url, spec), self._headers())
                 if url.startswith("h2c:"):
-                    status = await self._probe_h2c(url)
+                    status = await h2c_status(url, spec.method, headers, MAX_H2C_READ_BYTES)
                 else:
-                    status = await self._probe_http(url)
+                    status = await self._probe_http(url, headers)
         except TimeoutError:
             return f"no answer within {spec.timeout:g}s"
         except aiohttp.TooManyRedirects:
@@ -242,7 +243,7 @@ class HealthChecker:
             self._ssl = client_context(self.transport)
         return self._ssl
 
-    async def _probe_http(self, url: str) -> int:
+    async def _probe_http(self, url: str, headers: dict[str, str]) -> int:
         spec = self.spec
         # A fresh connection per probe: a probe must see whether the server accepts
         # connections now, not reuse one opened before it died.
@@ -252,7 +253,7 @@ class HealthChecker:
             session.request(
                 spec.method,
                 url,
-                headers=self._headers(),
+                headers=headers,
                 allow_redirects=spec.follow_redirects,
                 max_redirects=MAX_REDIRECTS,
                 server_hostname=self.transport.server_name or None,
@@ -260,17 +261,13 @@ class HealthChecker:
         ):
             return response.status  # the body is never read
 
-    async def _probe_h2c(self, url: str) -> int:
-        return await h2c_status(
-            url, self.spec.method, self._headers(), max_bytes=MAX_H2C_READ_BYTES
-        )
-
     async def _probe_grpc(self) -> str | None:
         import grpc  # imported when a gRPC check exists: grpcio is heavy to load
 
         parts = urlsplit(self.url)
         host = parts.hostname or ""
         port = self.spec.port or parts.port or (443 if parts.scheme == "https" else 80)
+        host, port = resolve(host, port)
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         scheme = self.spec.scheme or parts.scheme
         if scheme == "https":
@@ -296,6 +293,22 @@ class HealthChecker:
         if status != SERVING:
             return f"received gRPC status {GRPC_STATUS_NAMES.get(status, status)}"
         return None
+
+
+def dialled(url: str, headers: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """`url` with its host replaced by where it is dialled (meshproxy.upstream_address: under
+    `meshproxy local`, mesh names go to the local proxy), the original authority kept as the
+    Host field unless `hostname` set one, so the probe reaches what the data path reaches."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    default = 443 if parts.scheme == "https" else 80
+    port = parts.port or default
+    to_host, to_port = resolve(host, port)
+    if (to_host, to_port) == (host, port):
+        return url, headers
+    netloc = f"[{to_host}]:{to_port}" if ":" in to_host else f"{to_host}:{to_port}"
+    headers = {"Host": parts.netloc, **headers}
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, "")), headers
 
 
 class ProbeError(Exception):

@@ -285,6 +285,25 @@ def test_probe_url_resolves_path_scheme_and_port():
     )
 
 
+def test_probes_dial_where_the_data_path_dials():
+    """Under `meshproxy local` mesh names resolve to the local proxy's entrypoint
+    (meshproxy.upstream_address): a probe dials there and keeps the name as its Host field,
+    unless `hostname` set one."""
+    from meshproxy.balancer.health import dialled
+    from meshproxy.upstream_address import set_resolver
+
+    set_resolver(lambda host, port: ("127.0.0.1", 5000) if host.endswith(".mesh") else None)
+    try:
+        assert dialled("http://svc.ns.traefik.mesh/ready", {}) == (
+            "http://127.0.0.1:5000/ready",
+            {"Host": "svc.ns.traefik.mesh"},
+        )
+        assert dialled("http://svc.ns.traefik.mesh/r", {"Host": "x"})[1] == {"Host": "x"}
+        assert dialled("http://10.0.0.1:8080/r", {}) == ("http://10.0.0.1:8080/r", {})
+    finally:
+        set_resolver(None)
+
+
 def test_grpc_health_answer_is_parsed():
     """grpc.health.v1.HealthCheckResponse: field 1 varint, SERVING = 1; absent = UNKNOWN."""
     assert grpc_serving_status(b"\x08\x01") == 1
