@@ -501,3 +501,87 @@ def paired_ratio(results: list[dict[str, float]], peers: list[dict[str, float]],
     """Median over rounds of result/peer for `key`, each round's two measurements paired (a
     shared VM drifts between rounds, far less between two back-to-back measurements)."""
     return statistics.median(r[key] / p[key] for r, p in zip(results, peers, strict=True))
+
+
+def start_meshproxy_l4(
+    workdir: Path, entrypoints: dict[str, str], admin: int, dynamic_yaml: str
+) -> subprocess.Popen[bytes]:
+    """One meshproxy worker with the given entrypoints (name -> `127.0.0.1:port` or
+    `127.0.0.1:port/udp`), API and metrics on `admin`, fed by a dynamic config file; see
+    `wait_routers` for when its routers are served."""
+    dynamic = workdir / "meshproxy-l4.yaml"
+    dynamic.write_text(dynamic_yaml)
+    command = [sys.executable, "-m", "meshproxy", "proxy"]
+    command += [f"--entryPoints.{name}.address={addr}" for name, addr in entrypoints.items()]
+    command += [
+        f"--entryPoints.traefik.address=127.0.0.1:{admin}",
+        f"--providers.file.filename={dynamic}",
+        "--metrics.prometheus=true",
+        "--api.insecure",
+        "--log.level=ERROR",
+    ]
+    return subprocess.Popen(pinned(command, PROXY_CPU))
+
+
+def start_traefik_l4(
+    workdir: Path, entrypoints: dict[str, str], api_port: int, dynamic_yaml: str
+) -> subprocess.Popen[bytes]:
+    """Real Traefik 3.7 on one core (GOMAXPROCS=1, pinned as the other proxies), file provider,
+    the given entrypoints (name -> address, `/udp` suffix for UDP), API on `api_port`."""
+    dynamic = workdir / "traefik-l4-dynamic.yaml"  # not traefik.yaml: its static config's name
+    dynamic.write_text(dynamic_yaml)
+    command = [traefik_binary()]
+    command += [f"--entryPoints.{name}.address={addr}" for name, addr in entrypoints.items()]
+    command += [
+        f"--entryPoints.traefik.address=127.0.0.1:{api_port}",
+        "--api.insecure=true",
+        f"--providers.file.filename={dynamic}",
+        "--log.level=ERROR",
+        "--global.checkNewVersion=false",
+        "--global.sendAnonymousUsage=false",
+    ]
+    return subprocess.Popen(
+        pinned(command, PROXY_CPU), env={**os.environ, "GOMAXPROCS": "1"}, cwd=workdir
+    )
+
+
+def wait_routers(api_port: int, kind: str, routers: set[str], timeout: float = 30.0) -> None:
+    """Wait until the API on `api_port` (Traefik's or meshproxy's) lists every router of `kind`
+    (`http`, `tcp`, `udp`) in `routers` (names without the provider)."""
+    deadline = time.monotonic() + timeout
+    url = f"http://127.0.0.1:{api_port}/api/{kind}/routers?per_page=1000"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                names = {r["name"].split("@")[0] for r in json.loads(response.read())}
+            if routers <= names:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"port {api_port} did not list {kind} routers {sorted(routers)}")
+
+
+def start_haproxy_tcp(
+    workdir: Path, port: int, backend: int, bind_options: str = "", maxconn: int = 4000
+) -> subprocess.Popen[bytes]:
+    """HAProxy with one thread in `mode tcp` on `port` to `backend` (`bind_options`: e.g.
+    `ssl crt FILE` to terminate TLS)."""
+    config = workdir / f"haproxy-tcp-{port}.cfg"
+    config.write_text(f"""global
+    nbthread 1
+    maxconn {maxconn}
+    no strict-limits
+defaults
+    mode tcp
+    maxconn {maxconn}
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+frontend tcp
+    bind 127.0.0.1:{port}{" " + bind_options if bind_options else ""}
+    default_backend app
+backend app
+    server s1 127.0.0.1:{backend}
+""")
+    return subprocess.Popen(pinned(["haproxy", "-f", str(config)], PROXY_CPU))
