@@ -546,18 +546,22 @@ def start_traefik_l4(
 
 
 def wait_routers(api_port: int, kind: str, routers: set[str], timeout: float = 30.0) -> None:
-    """Wait until the API on `api_port` (Traefik's or meshproxy's) lists every router of `kind`
-    (`http`, `tcp`, `udp`) in `routers` (names without the provider)."""
+    """Wait until the API on `api_port` lists every router of `kind` (`http`, `tcp`, `udp`) in
+    `routers` (names without the provider): Traefik's `/api/<kind>/routers`, or meshproxy's
+    `/api/rawdata` (`<kind>Routers`), whichever answers."""
     deadline = time.monotonic() + timeout
-    url = f"http://127.0.0.1:{api_port}/api/{kind}/routers?per_page=1000"
+    base = f"http://127.0.0.1:{api_port}/api"
     while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                names = {r["name"].split("@")[0] for r in json.loads(response.read())}
+        for url in (f"{base}/{kind}/routers?per_page=1000", f"{base}/rawdata"):
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    body = json.loads(response.read())
+            except (OSError, ValueError):
+                continue
+            listed = body if isinstance(body, list) else body.get(f"{kind}Routers") or {}
+            names = {(r["name"] if isinstance(r, dict) else r).split("@")[0] for r in listed}
             if routers <= names:
                 return
-        except (OSError, ValueError):
-            pass
         time.sleep(0.05)
     raise RuntimeError(f"port {api_port} did not list {kind} routers {sorted(routers)}")
 
