@@ -208,7 +208,8 @@ class OptionContexts:
             obj.context = chosen
             return None
         if self.strict:
-            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME  # Traefik: "strict SNI enabled"
+            log.info("strict SNI enabled - no certificate found for domain %r", name)
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         return None
 
 

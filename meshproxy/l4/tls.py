@@ -324,6 +324,22 @@ class AlertingSSLProtocol(sslproto.SSLProtocol):
                 pass
         super()._on_handshake_complete(handshake_exc)  # type: ignore[misc]
 
+    def _call_eof_received(self) -> None:
+        """As asyncio's, without its warning when the application protocol returns True:
+        the byte pipe and the TCP relay ask to stay open after EOF (half-close) on every
+        transport, and over TLS the pipe ends instead (it knows the transport cannot
+        half-close); a warning per connection would only fill the logs."""
+        this: Any = self  # asyncio's private state, untyped
+        states: Any = sslproto.AppProtocolState  # type: ignore[attr-defined]
+        try:
+            if this._app_state == states.STATE_CON_MADE:
+                this._app_state = states.STATE_EOF
+                this._app_protocol.eof_received()
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as ex:
+            this._fatal_error(ex, "Error calling eof_received()")
+
 
 def feed(protocol: Any, data: bytes) -> None:
     """Give `data` to a buffered protocol as if read from its transport."""
@@ -368,7 +384,10 @@ class _Terminated(asyncio.Protocol):
         if exc is not None:
             self._release()
             log.info(
-                "TLS handshake from %s (SNI %r) failed: %s", self.view.client_ip, self.view.sni, exc
+                "TLS handshake from %s (SNI %r) failed: %s",
+                self.view.client_ip,
+                self.view.sni,
+                str(exc) or repr(exc),
             )
 
     def _release(self) -> None:

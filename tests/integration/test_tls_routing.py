@@ -866,6 +866,8 @@ async def test_open_connections_gauge_back_to_zero_after_every_kind_of_tls_conne
     assert open_connections(proxy, "web") >= 1
     writer.close()
     await wait_for(lambda: open_connections(proxy, "web") == 0, 10, "gauge back to 0")
+    log = proxy.log_path.read_text()
+    assert " WARNING " not in log and " ERROR " not in log, log
 
 
 async def test_https_termination_matches_real_traefik(tmp_path, backends):
