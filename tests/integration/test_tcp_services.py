@@ -589,3 +589,26 @@ async def test_unreachable_server_traefik_closes_with_fin_we_reset(tmp_path, pro
             await talk(port, b"")
     finally:
         traefik.stop()
+
+
+async def test_traefik_mesh_tcp_fixture_relays_real_connections(proxy_factory, servers):
+    """Traefik Mesh's `annotations-traffic-type-config.json` as served (a
+    `mesh.traefik.io/traffic-type: tcp` Service: entrypoint tcp-5000, HostSNI(`*`), two
+    servers), with its server addresses pointed at local test servers: connections alternate
+    between them and the router is enabled (issue 12 item 7, the TCP half)."""
+    import json
+
+    from tests.helpers import FIXTURES
+
+    config = json.loads((FIXTURES / "annotations-traffic-type-config.json").read_text())
+    a, b = await servers(b"a:"), await servers(b"b:")
+    for service in config["tcp"]["services"].values():
+        service["loadBalancer"]["servers"] = [{"address": a.address}, {"address": b.address}]
+    port = free_port()
+    proxy = await proxy_factory(
+        {"tcp": config["tcp"]},
+        entrypoints={"web": f"127.0.0.1:{free_port()}", "tcp-5000": f"127.0.0.1:{port}"},
+    )
+    tags = Counter([(await talk(port, b"mesh"))[:2] for _ in range(4)])
+    assert tags == {b"a:": 2, b"b:": 2}
+    assert proxy.rawdata()["tcpRouters"]["my-ns-svc-a-8080@file"]["status"] == "enabled"
