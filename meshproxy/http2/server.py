@@ -60,6 +60,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import h2.config
@@ -544,7 +545,7 @@ class H2ServerConnection(asyncio.Protocol):
         # h2 applies local settings as if acknowledged: its HPACK decoder and window manager
         # must agree with them from the first frame.
         self._apply_local_limits()
-        self._handlers = {
+        self._handlers: dict[type, Callable[[Any], None]] = {
             h2.events.RequestReceived: self._on_request,
             h2.events.DataReceived: self._on_data,
             h2.events.StreamEnded: self._on_stream_ended,
