@@ -59,6 +59,16 @@ def config(retry: int = 0, url: str = BACKEND) -> dict[str, Any]:
     return dynamic
 
 
+class CountingTransport(MemoryTransport):
+    """A memory transport that counts writes (each is a send() syscall on a real socket)."""
+
+    writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        super().write(data)
+
+
 class Backend:
     """An h2 server connection on the far side of one upstream connection's memory transport."""
 
@@ -78,6 +88,7 @@ class Backend:
         """Frames both ways until quiet; returns the new events the backend saw."""
         new: list[Any] = []
         for _ in range(20):
+            self.conn.flush_now()  # what the loop would write at the end of this iteration
             data = self.transport.take()
             self.raw += data
             if data:
@@ -150,7 +161,7 @@ class Rig:
         if self.dial_error is not None:
             raise self.dial_error
         conn = H2UpstreamConnection(pool)
-        transport = MemoryTransport(("127.0.0.1", 9))
+        transport = CountingTransport(("127.0.0.1", 9))
         transport.protocol = conn
         conn.connection_made(transport)  # type: ignore[arg-type]
         backend = Backend(conn, transport, self.backend_settings)
@@ -320,6 +331,26 @@ async def test_concurrent_requests_share_one_connection_and_one_dial():
         backend.respond(sid, 200, b"s%d" % sid)
     bodies = [response_of(rig.received(c))[2] for c in range(5)]
     assert sorted(bodies) == sorted(b"s%d" % s for s in (1, 3, 5, 7, 9))
+
+
+async def test_streams_started_in_one_loop_iteration_leave_in_one_write():
+    """Requests that arrive together (one read from a client, or several clients in one loop
+    iteration) start their streams in one write to the server, not one syscall each."""
+    rig = Rig()
+    rig.send(GET, 0)
+    await rig.settle()
+    backend = rig.backends[0]
+    backend.respond(1)
+    transport = backend.transport
+    assert isinstance(transport, CountingTransport)
+    before = transport.writes
+    for client in range(1, 5):
+        rig.send(GET, client)
+    await asyncio.sleep(0)
+    assert transport.writes == before + 1
+    assert sorted(backend.requests()) == [1]
+    backend.pump()
+    assert sorted(backend.requests()) == [1, 3, 5, 7, 9]
 
 
 async def test_no_second_dial_when_the_settings_come_before_the_dial_returns():
@@ -656,6 +687,7 @@ async def test_a_silent_connection_is_pinged_and_closed_without_an_answer():
     rig.pool.sweep(loop.time() + 15)
     assert rig.pool.connections == [backend.conn]
     rig.pool.sweep(loop.time() + 30)  # silent again: pinged ...
+    backend.conn.flush_now()
     backend.transport.take()  # ... and the PING is lost
     rig.pool.sweep(loop.time() + 36)
     assert response_of(rig.received())[0] == 502
