@@ -957,3 +957,70 @@ async def test_immediate_routing_falls_back_to_http_when_no_tcp_router_matches(
     await wait_for(lambda: proxy.generation() >= 2, 10, "reload")
     assert await raw_exchange(proxy.port, b"anything") == b"tcp"
     assert tcp_backend.received == [b"anything"]
+
+
+async def test_https_and_tcp_tls_routers_share_an_entrypoint_in_traefiks_order(tmp_path, backends):
+    """Traefik router.go ServeTCP on one entrypoint with HTTPS routers and TCP TLS routers:
+    an HTTPS router whose Host names the SNI beats a TCP router for the same SNI; a specific
+    TCP router beats an HTTPS router without Host (a catch-all for TLS); that HTTPS
+    catch-all beats a TCP HostSNI(`*`) router, which takes the rest once it is gone.
+    Checked against real Traefik 3.7 on the same config."""
+    from tests.differential.harness import (
+        MeshproxyProcess,
+        TraefikProcess,
+        TraefikUnavailable,
+        traefik_binary,
+    )
+
+    try:
+        traefik_binary()
+    except TraefikUnavailable as exc:
+        pytest.skip(str(exc))
+    http_backend = await backends("web")
+    tls_backends = {
+        name: await TLSBackend(name, [f"{name}.tls.test"]).start() for name in ("tb", "tt", "ta")
+    }
+    config = tcp_config(
+        {
+            "tboth": ("HostSNI(`both.test`)", "tb", PASS),
+            "tonly": ("HostSNI(`tcp.test`)", "tt", PASS),
+            "tall": ("HostSNI(`*`)", "ta", PASS),
+        },
+        {name: backend.address for name, backend in tls_backends.items()},
+    )
+    config["http"] = {
+        "routers": {
+            "hs": {"rule": "Host(`both.test`)", "service": "h", "tls": {}},
+            "hc": {"rule": "PathPrefix(`/`)", "service": "h", "tls": {}},
+        },
+        "services": {"h": {"loadBalancer": {"servers": [{"url": http_backend.url}]}}},
+    }
+    config["tls"] = {"certificates": [inline_cert("both.test")]}
+    expected = {
+        "both.test": (b"HTTP/1.1 200 OK", "both.test"),
+        "tcp.test": (b"tt:tcp.test:None:GET / HTTP/1.1", "tt.tls.test"),
+        "other.test": (b"HTTP/1.1 200 OK", "TRAEFIK DEFAULT CERT"),
+    }
+    for step in ("with the HTTPS catch-all", "without it"):
+        (tmp_path / step / "t").mkdir(parents=True)
+        (tmp_path / step / "m").mkdir()
+        traefik = await asyncio.to_thread(TraefikProcess(tmp_path / step / "t", config).start)
+        meshproxy = await asyncio.to_thread(MeshproxyProcess(tmp_path / step / "m", config).start)
+        try:
+
+            async def ready(port: int = traefik.port) -> bool:
+                return (await tls_probe(port, "tcp.test"))[0].startswith(b"tt:")
+
+            await wait_for(ready, 15, "traefik's TCP routers")
+            for sni, want in expected.items():
+                ours, theirs = await asyncio.gather(
+                    tls_probe(meshproxy.port, sni), tls_probe(traefik.port, sni)
+                )
+                assert ours == theirs == want, (step, sni, ours, theirs)
+        finally:
+            traefik.stop()
+            meshproxy.stop()
+        config["http"]["routers"].pop("hc", None)
+        expected["other.test"] = (b"ta:other.test:None:GET / HTTP/1.1", "ta.tls.test")
+    for backend in tls_backends.values():
+        backend.close()
