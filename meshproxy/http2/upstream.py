@@ -276,13 +276,17 @@ class H2Stream:
 
     def send_body(self, chunk: bytes) -> None:
         conn = self.conn
-        if self.finished or not chunk or conn is None:
+        if self.finished or not chunk or conn is None or self.request_ended:
             return
         self.body_sent = True
         if self.pending:
             self.pending.append(chunk)
         else:
-            rest = self._write(chunk)
+            try:
+                rest = self._write(chunk)
+            except ProtocolError:  # h2 closed the stream: its reset or end is being handled
+                self.request_ended = True
+                return
             if rest is not None:
                 self.pending.append(rest)
                 conn.blocked.add(self)
@@ -300,7 +304,11 @@ class H2Stream:
         if self.pending:
             self.pending_end = True
             return
-        self._end_request()
+        try:
+            self._end_request()
+        except ProtocolError:  # as in send_body
+            self.request_ended = True
+            return
         conn.flush()
 
     def _write(self, chunk: bytes | memoryview) -> memoryview | None:
