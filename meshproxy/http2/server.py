@@ -545,18 +545,6 @@ class H2ServerConnection(asyncio.Protocol):
         # h2 applies local settings as if acknowledged: its HPACK decoder and window manager
         # must agree with them from the first frame.
         self._apply_local_limits()
-        self._handlers: dict[type, Callable[[Any], None]] = {
-            h2.events.RequestReceived: self._on_request,
-            h2.events.DataReceived: self._on_data,
-            h2.events.StreamEnded: self._on_stream_ended,
-            h2.events.StreamReset: self._on_stream_reset,
-            h2.events.TrailersReceived: self._on_trailers,
-            h2.events.WindowUpdated: self._on_window_updated,
-            h2.events.ConnectionTerminated: self._on_goaway,
-            h2.events.RemoteSettingsChanged: self._on_remote_settings,
-            h2.events.SettingsAcknowledged: self._on_settings_acked,
-            StreamMalformed: self._on_malformed,
-        }
 
     def _apply_local_limits(self) -> None:
         settings = self.entry.settings
@@ -630,6 +618,9 @@ class H2ServerConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        # h2 keeps its frame handlers as bound methods: a reference cycle per connection that
+        # only the garbage collector would find (issue 9: a closed connection leaves none).
+        self.h2._frame_dispatch_table = {}
         self.entry.h2_connections.discard(self)
         if self._counted:
             self._counted = False
@@ -639,6 +630,8 @@ class H2ServerConnection(asyncio.Protocol):
         for stream in streams:
             stream.response_done = True
             self._client_left(stream)
+            if stream.ex is not None and stream.ex.handled:
+                stream.ex = None  # no exchange_done to come: break the cycle now
 
     def close(self) -> None:
         """Close after writing what h2 has queued (a GOAWAY, last frames)."""
@@ -730,13 +723,13 @@ class H2ServerConnection(asyncio.Protocol):
             self.flush()
             self.close()
             return
-        handlers = self._handlers
+        handlers = _HANDLERS
         self._flushing = True  # one write for everything these frames make us send
         try:
             for event in events:
                 handler = handlers.get(type(event))
                 if handler is not None:
-                    handler(event)
+                    handler(self, event)
         finally:
             self._flushing = False
         self.flush()
@@ -1175,12 +1168,15 @@ class H2ServerConnection(asyncio.Protocol):
         ex = stream.ex
         if ex is None or ex.handled:
             self.streams.pop(stream.stream_id, None)
+            stream.ex = None  # no exchange/stream cycle left behind
             self._maybe_close()
 
     def exchange_over(self, stream: H2Stream) -> None:
         """The serving side is done with the stream's exchange (`exchange_done`)."""
         if stream.response_done and not stream.pending:
             self.streams.pop(stream.stream_id, None)
+        if self.streams.get(stream.stream_id) is not stream:
+            stream.ex = None  # exchange and stream point at each other: no cycle left behind
         self.idle_since = time.perf_counter()
         self._maybe_close()
 
@@ -1247,6 +1243,22 @@ class H2ServerConnection(asyncio.Protocol):
                 stream.tunnel.transport_paused(False)
             elif ex is not None and ex.upstream is not None and not stream.upstream_paused:
                 ex.upstream.resume_reading()
+
+
+# What each h2 event does: unbound functions (bound methods kept on the connection would make
+# it a reference cycle the garbage collector has to find).
+_HANDLERS: dict[type, Callable[[H2ServerConnection, Any], None]] = {
+    h2.events.RequestReceived: H2ServerConnection._on_request,
+    h2.events.DataReceived: H2ServerConnection._on_data,
+    h2.events.StreamEnded: H2ServerConnection._on_stream_ended,
+    h2.events.StreamReset: H2ServerConnection._on_stream_reset,
+    h2.events.TrailersReceived: H2ServerConnection._on_trailers,
+    h2.events.WindowUpdated: H2ServerConnection._on_window_updated,
+    h2.events.ConnectionTerminated: H2ServerConnection._on_goaway,
+    h2.events.RemoteSettingsChanged: H2ServerConnection._on_remote_settings,
+    h2.events.SettingsAcknowledged: H2ServerConnection._on_settings_acked,
+    StreamMalformed: H2ServerConnection._on_malformed,
+}
 
 
 def _reason(status: int) -> bytes:

@@ -283,6 +283,7 @@ class StreamTransport:
         stream = self.stream
         conn = stream.conn
         stream.tunnel = None
+        stream.ex = None  # handled long ago; no exchange/stream cycle left behind
         stream.response_done = True
         stream.pending = []
         stream.pending_size = 0

@@ -938,3 +938,54 @@ async def test_forwarded_fields_are_trusted_only_from_trusted_ips():
         assert fields[b"x-forwarded-for"] == [expected_for]
         assert fields[b"x-forwarded-proto"] == [expected_proto]
         assert len(fields[b"x-real-ip"]) == 1
+
+
+# -- nothing left for the garbage collector (issue 9: no cycles per request or connection) ----
+
+
+async def test_requests_and_connections_leave_no_cyclic_garbage():
+    """Issue 9: with the garbage collector off, HTTP/2 requests (answered, reset by the
+    client, answered locally) and whole connections leave no reference cycle behind: the
+    exchange and its stream let go of each other, and h2's per-connection handler table
+    (bound methods) is dropped when the connection is lost."""
+    import gc
+
+    h2c = H2Conversation()
+
+    def requests(count: int) -> None:
+        for index in range(count):
+            h2c.add_upstream()
+            sid = h2c.request(request_headers(b"/x"))
+            h2c.exchange()
+            if index % 3 == 0:
+                h2c.client.reset_stream(sid, ErrorCodes.CANCEL)
+                h2c.exchange()
+            else:
+                h2c.backend_sends(OK_2 if index % 3 == 1 else b"HTTP/1.1 404 X\r\n\r\n")
+
+    def connection() -> None:
+        server = H2ServerConnection(h2c.entry)
+        transport = MemoryTransport(("127.0.0.9", 1))
+        server.connection_made(transport)  # type: ignore[arg-type]
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        client.send_headers(1, request_headers(b"/x"), end_stream=True)
+        h2c.add_upstream()
+        server.data_received(client.data_to_send())
+        h2c.conv.upstreams[-1][0].data_received(OK_2)
+        server.connection_lost(None)
+        client._frame_dispatch_table = {}  # the test's own client has the same cycle
+
+    requests(10)
+    connection()
+    await asyncio.sleep(0)
+    gc.collect()
+    gc.disable()
+    try:
+        requests(30)
+        for _ in range(5):
+            connection()
+        await asyncio.sleep(0)
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
