@@ -179,8 +179,8 @@ def request_headers(ex: Exchange, target: ServerTarget) -> list[tuple[bytes, byt
     from the request's Host when passHostHeader, else the server's), then the request's fields
     without hop-by-hop, Host and connection-nominated ones (§8.2.2), X-Forwarded-For with the
     client appended (as http.upstream.build_request_head), `te: trailers` when the client
-    accepts trailers (gRPC needs it), and `grpc-timeout` rewritten to the time left when the
-    exchange has a deadline."""
+    accepts trailers (gRPC needs it). `grpc-timeout` is set when the stream starts
+    (`with_time_left`)."""
     request = ex.request
     path = target.path_prefix + request.target if target.path_prefix else request.target
     authority = (
@@ -207,13 +207,19 @@ def request_headers(ex: Exchange, target: ServerTarget) -> list[tuple[bytes, byt
         headers.extend([(n, v) for n, v in fields if n == b"x-forwarded-for"])
     if request.te_trailers:
         headers.append(_TE_TRAILERS)
-    if ex.deadline:
-        timeout = format_grpc_timeout(ex.deadline - perf_counter())
-        kept = [(n, v) for n, v in headers if n != b"grpc-timeout"]
-        if len(kept) != len(headers) or is_grpc(request):
-            kept.append((b"grpc-timeout", timeout))
-        headers = kept
     return headers
+
+
+def with_time_left(ex: Exchange, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """`headers` with the call's `grpc-timeout` set to the time left before `ex.deadline`,
+    when the stream starts (a send may have waited for it), as grpc-go's own client writes it
+    (gRPC PROTOCOL-HTTP2.md, "Timeout"); added to a gRPC call whose deadline came another
+    way. The backend's deadline is then never later than the client's."""
+    timeout = format_grpc_timeout(ex.deadline - perf_counter())
+    kept = [(n, v) for n, v in headers if n != b"grpc-timeout"]
+    if len(kept) != len(headers) or is_grpc(ex.request):
+        kept.append((b"grpc-timeout", timeout))
+    return kept
 
 
 class H2Stream:
@@ -731,8 +737,9 @@ class H2UpstreamConnection(asyncio.Protocol):
         h2 = self.h2
         ex = stream.ex
         sid = h2.get_next_available_stream_id()
+        headers = with_time_left(ex, stream.headers) if ex.deadline else stream.headers
         try:
-            h2.send_headers(sid, stream.headers, end_stream=not ex.has_body)
+            h2.send_headers(sid, headers, end_stream=not ex.has_body)
         except TooManyStreamsError:
             self.max_streams = len(self.streams)  # h2 counts one more: wait for one to end
             return False

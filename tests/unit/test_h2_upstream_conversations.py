@@ -873,3 +873,27 @@ async def test_a_pool_dropped_by_a_reload_finishes_its_streams_then_closes():
     assert response_of(rig.received(1))[2] == b"two"
     assert first.transport.closed and second.transport.closed
     assert rig.pool.busy == set() and rig.pool.connections == []
+
+
+async def test_grpc_timeout_is_the_time_left_when_a_queued_call_starts():
+    """gRPC PROTOCOL-HTTP2.md "Timeout": the backend is told the time left when the stream
+    starts, so a call that waited for a free stream does not give the backend more time than
+    its client has."""
+    rig = Rig(backend_settings={SettingCodes.MAX_CONCURRENT_STREAMS: 1})
+    rig.pool.max_connections = 1
+    rig.send(GET, 0)
+    await rig.settle()
+    rig.send(
+        b"POST /pkg.Svc/Call HTTP/1.1\r\nHost: a.test\r\nContent-Type: application/grpc\r\n"
+        b"TE: trailers\r\ngrpc-timeout: 3S\r\nContent-Length: 5\r\n\r\n\x00\x00\x00\x00\x00",
+        1,
+    )
+    await rig.settle()
+    (queued,) = rig.pool.waiting
+    queued.ex.deadline -= 1.5  # what the clock does while it waits
+    backend = rig.backends[0]
+    backend.respond(1)
+    await rig.settle()
+    timeout = dict(backend.requests()[3])[b"grpc-timeout"]
+    unit = {b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}[timeout[-1:]]
+    assert 1.0 < int(timeout[:-1]) * unit <= 1.5
