@@ -25,7 +25,7 @@ from meshproxy.http.server import (
 )
 from meshproxy.http.transports import TransportError, default_transport
 from meshproxy.http.upstream import TransportSettings
-from meshproxy.l4.tls import L4Entry, https_key
+from meshproxy.l4.tls import L4Entry, SNICheck, https_key
 from meshproxy.l4.udp import UDPEntryPoint, fd_budget_warning, udp_settings
 from meshproxy.observability.metrics import DEFAULT_BUCKETS, RequestMetrics
 from meshproxy.providers.file import FileProvider
@@ -173,10 +173,17 @@ class ProxyDaemon:
                 on_open=lambda delta, n=name: self.metrics.connection_delta(n, "TCP", delta),
                 on_protocol_error=lambda status, n=name: self.metrics.add_protocol_error(n, status),
             )
-            # Requests the proxy decrypted (meshproxy.l4.tls): the entrypoint's HTTPS routers.
+            # Requests the proxy decrypted (meshproxy.l4.tls): the entrypoint's HTTPS routers,
+            # behind Traefik's SNI check (domain fronting: 421).
+            manager = self.manager
             https_entry = HTTPEntryPoint(
                 dataclasses.replace(settings, tls=True),
-                make_dispatcher(https_key(name), self.manager, self.metrics),
+                SNICheck(
+                    name,
+                    lambda: manager.snapshot,
+                    make_dispatcher(https_key(name), manager, self.metrics),
+                    self.metrics,
+                ),
                 on_open=http_entry.on_open,
                 on_protocol_error=http_entry.on_protocol_error,
             )
