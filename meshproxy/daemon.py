@@ -180,7 +180,7 @@ class ProxyDaemon:
                 dataclasses.replace(settings, tls=True),
                 SNICheck(
                     name,
-                    lambda: manager.snapshot,
+                    lambda m=manager: m.snapshot,  # type: ignore[misc]
                     make_dispatcher(https_key(name), manager, self.metrics),
                     self.metrics,
                 ),

@@ -301,3 +301,70 @@ async def test_websocket_over_http2_to_an_http11_backend(ws_echo, proxy_factory)
     assert seen["headers"]["Upgrade"].lower() == "websocket"
     text = proxy.metrics()
     assert metric(text, "traefik_entrypoint_requests_total", protocol="websocket", code="200") == 1
+
+
+# ---------------------------------------------------------------- against the real Traefik
+
+
+def test_prior_knowledge_requests_match_real_traefik(tmp_path):
+    """Traefik 3.7 serves h2c with prior knowledge on its entrypoints: the same request sent
+    with `curl --http2-prior-knowledge` to Traefik and to meshproxy on the same config gets
+    the same status, and what reaches the HTTP/1.1 backend has the same request line, Host and
+    X-Forwarded-* fields. Two documented differences: a :path with broken percent-encoding is
+    a stream reset (PROTOCOL_ERROR) in Go's HTTP/2 server, and a 400 here, as on HTTP/1.1 in
+    both (so a gRPC client gets a status, INTERNAL, rather than a transport error); and the
+    h2c upgrade, which Traefik ignores."""
+    from tests.differential.harness import (
+        COMPARED_HEADERS,
+        TAG_HEADER,
+        Differential,
+        TraefikUnavailable,
+    )
+
+    try:
+        pair = Differential(tmp_path, lambda url: catch_all(url)).start()
+    except TraefikUnavailable as exc:
+        pytest.skip(f"needs real Traefik: {exc}")
+    try:
+        ports = {"traefik": pair.traefik.port, "meshproxy": pair.meshproxy.port}  # type: ignore[union-attr]
+
+        def curl(side: str, path: str, tag: str) -> subprocess.CompletedProcess[bytes]:
+            return subprocess.run(
+                [
+                    "curl", "-sS", "--http2-prior-knowledge", "--path-as-is",
+                    "-o", "/dev/null", "-w", "%{http_version} %{http_code}",
+                    "-H", f"{TAG_HEADER}: {tag}",
+                    f"http://127.0.0.1:{ports[side]}{path}",
+                ],
+                capture_output=True, timeout=15, check=False,
+            )  # fmt: skip
+
+        seen: dict[str, Any] = {}
+        for side in ports:
+            tag = f"h2-{side}-get"
+            got = curl(side, "/x/y?q=1&r=%2F", tag)
+            assert got.stdout == b"2 200", (side, got.stdout, got.stderr)
+            request = pair.backend.wait_tag(tag, 10)
+            # each proxy listens on its own port, which Host and X-Forwarded-* carry
+            fields = {
+                h: (request.header(h) or "").replace(str(ports[side]), "PORT")
+                for h in COMPARED_HEADERS
+            }
+            seen[side] = (request.request_line, fields)
+        assert seen["traefik"] == seen["meshproxy"], seen
+        traefik = curl("traefik", "/a%zz", "h2-traefik-bad")
+        assert traefik.returncode == 92 and b"PROTOCOL_ERROR" in traefik.stderr
+        assert curl("meshproxy", "/a%zz", "h2-meshproxy-bad").stdout == b"2 400"
+        # The other difference: `Upgrade: h2c` (what `curl --http2` sends) is ignored by
+        # Traefik (served as HTTP/1.1) and made by meshproxy (101, then HTTP/2).
+        versions = {}
+        for side, port in ports.items():
+            got = subprocess.run(
+                ["curl", "-sS", "--http2", "-o", "/dev/null", "-w", "%{http_version} %{http_code}",
+                 f"http://127.0.0.1:{port}/up"],
+                capture_output=True, timeout=15, check=False,
+            )  # fmt: skip
+            versions[side] = got.stdout
+        assert versions == {"traefik": b"1.1 200", "meshproxy": b"2 200"}
+    finally:
+        pair.stop()
