@@ -989,3 +989,55 @@ async def test_requests_and_connections_leave_no_cyclic_garbage():
         assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+async def _open_tunnel(h2c: H2Conversation) -> tuple[int, MemoryTransport]:
+    from wsproto.utilities import generate_accept_token
+
+    upstream = h2c.add_upstream()
+    sid = h2c.request(_connect_headers(), end=False)
+    h2c.exchange()
+    _, fields = head_of(upstream.take())
+    h2c.backend_sends(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: "
+        + generate_accept_token(fields[b"sec-websocket-key"])
+        + b"\r\n\r\n"
+    )
+    await asyncio.sleep(0)
+    h2c.receive()
+    assert status_of(h2c.events, sid) == b"200"
+    return sid, upstream
+
+
+async def test_a_client_reset_ends_the_websocket_tunnel():
+    """RFC 8441 §5 / RFC 9113 §6.4: RST_STREAM on the tunnel's stream is the client leaving:
+    the backend socket is closed and the tunnel forgotten; the connection goes on."""
+    h2c = H2Conversation()
+    sid, upstream = await _open_tunnel(h2c)
+    h2c.client.reset_stream(sid, ErrorCodes.CANCEL)
+    h2c.exchange()
+    await asyncio.sleep(0)
+    assert upstream.closed
+    upstream.protocol.connection_lost(None)
+    await asyncio.sleep(0)
+    assert h2c.entry.tunnels == set() and sid not in h2c.server.streams
+    assert not h2c.transport.closed
+
+
+async def test_shutdown_says_going_away_on_websocket_streams():
+    """RFC 6455 §7.4.1, as for HTTP/1.1 WebSockets: a graceful shutdown writes Close 1001 to
+    the client (as DATA on its stream) and to the backend, then ends both."""
+    from wsproto.connection import Connection, ConnectionType
+    from wsproto.events import CloseConnection
+
+    h2c = H2Conversation()
+    sid, upstream = await _open_tunnel(h2c)
+    h2c.entry.close_tunnels()
+    h2c.receive()
+    reader = Connection(ConnectionType.CLIENT)
+    reader.receive_data(body_of(h2c.events, sid))
+    closes = [e for e in reader.events() if isinstance(e, CloseConnection)]
+    assert closes and closes[0].code == 1001
+    assert of(h2c.events, h2.events.StreamEnded, sid)
+    assert upstream.take()[:1] == b"\x88"  # a Close frame to the backend too
