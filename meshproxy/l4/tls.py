@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from asyncio import sslproto
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -42,6 +43,8 @@ from meshproxy.tcp.proxy import TCPConnectionView, TCPRelay, TCPRoute, client_ip
 log = logging.getLogger("meshproxy.tls")
 
 DEFAULT_OPTIONS = "default"
+TLS_INFO = "meshproxy.tls"  # extra info of a terminated transport: (SNI, TLS options name)
+MISDIRECTED = b"Misdirected Request\n"
 
 
 def qualify_options(name: str | None, provider: str) -> str:
@@ -295,7 +298,7 @@ class L4Entry:
             )
             transport.close()
             return
-        _Terminated(self, route, view).start(transport, contexts.default, data)
+        _Terminated(self, route, view, options).start(transport, contexts.default, data)
 
 
 def ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> Any:
@@ -359,12 +362,15 @@ class _Terminated(asyncio.Protocol):
     connection as open during the handshake; a failed handshake is logged with its reason
     (the TLS alert was sent by OpenSSL) and closes the connection."""
 
-    __slots__ = ("counted", "entry", "route", "view")
+    __slots__ = ("counted", "entry", "options", "route", "view")
 
-    def __init__(self, entry: L4Entry, route: TCPRoute | None, view: TCPConnectionView) -> None:
+    def __init__(
+        self, entry: L4Entry, route: TCPRoute | None, view: TCPConnectionView, options: str
+    ) -> None:
         self.entry = entry
         self.route = route
         self.view = view
+        self.options = options
         self.counted = False
 
     def start(self, transport: asyncio.Transport, context: Any, data: bytes) -> None:
@@ -373,6 +379,9 @@ class _Terminated(asyncio.Protocol):
         waiter.add_done_callback(self._handshake_done)
         timeout = self.entry.peek_timeout or None
         protocol = ssl_protocol_class(loop)(loop, self, context, waiter, True, None, True, timeout)
+        # What the HTTPS handler's SNI check reads: get_extra_info(TLS_INFO) on the
+        # decrypted transport.
+        protocol._extra[TLS_INFO] = (self.view.sni, self.options)
         self.entry.on_open(1)
         self.counted = True
         transport.set_protocol(protocol)
@@ -524,3 +533,67 @@ def h2_available() -> bool:
     from meshproxy.http.server import HTTPEntryPoint
 
     return hasattr(HTTPEntryPoint, "h2_factory")
+
+
+class SNICheck:
+    """Traefik's `snicheck` in front of the HTTPS handler (pkg/middlewares/snicheck): a
+    request whose Host is not the connection's SNI must need the same TLS options as the
+    ones the handshake was made with, else it gets 421 Misdirected Request (RFC 9110
+    §15.5.20). Without it a client could make the handshake for a host without client
+    authentication and then ask, by Host, for one whose options require it (domain
+    fronting). Stricter than Traefik: a Host covered by a `*.domain` router takes that
+    router's options (Traefik looks the Host up exactly and would take the defaults).
+
+    `next_handler` is the entrypoint's HTTPS dispatcher; a refused request is recorded in
+    `metrics` (RequestMetrics) as the dispatcher records the others."""
+
+    __slots__ = ("entrypoint", "metrics", "next_handler", "snapshot")
+
+    def __init__(
+        self,
+        entrypoint: str,
+        snapshot: Callable[[], Any],
+        next_handler: Callable[[Any], None],
+        metrics: Any,
+    ) -> None:
+        self.entrypoint = entrypoint
+        self.snapshot = snapshot
+        self.next_handler = next_handler
+        self.metrics = metrics
+
+    def __call__(self, ex: Any) -> None:
+        info = _tls_info(ex)
+        if info is not None:
+            sni, options = info
+            host = ex.request.host.lower()
+            if host != sni:
+                tables: dict[str, L4Table] = getattr(self.snapshot(), "l4_tables", {})
+                table = tables.get(self.entrypoint)
+                wanted = table.https.options_for(host) if table is not None else None
+                if (wanted or DEFAULT_OPTIONS) != options:
+                    log.debug(
+                        "host %s (%s) and SNI %s (%s) TLS options are not the same: 421",
+                        host,
+                        wanted or DEFAULT_OPTIONS,
+                        sni,
+                        options,
+                    )
+                    ex.respond(421, MISDIRECTED)
+                    ex.handled = True
+                    self.metrics.record_request(ex, 421, time.perf_counter() - ex.started_at)
+                    ex.sink.exchange_done(ex)
+                    return
+        self.next_handler(ex)
+
+
+def _tls_info(ex: Any) -> tuple[str, str] | None:
+    """(SNI, TLS options) of the connection an exchange came on (HTTP/1.1: its connection;
+    HTTP/2: its stream's connection), None if it was not terminated here."""
+    sink = ex.sink
+    transport = getattr(sink, "transport", None)
+    if transport is None:
+        transport = getattr(getattr(sink, "conn", None), "transport", None)
+    if transport is None:
+        return None
+    info: tuple[str, str] | None = transport.get_extra_info(TLS_INFO)
+    return info

@@ -1024,3 +1024,80 @@ async def test_https_and_tcp_tls_routers_share_an_entrypoint_in_traefiks_order(t
         expected["other.test"] = (b"ta:other.test:None:GET / HTTP/1.1", "ta.tls.test")
     for backend in tls_backends.values():
         backend.close()
+
+
+async def test_domain_fronting_past_mtls_gets_421_as_in_traefik(tmp_path, backends):
+    """Traefik's SNI check (pkg/middlewares/snicheck): a client makes the handshake for a
+    host without client authentication, then asks by Host for the mTLS-protected router:
+    421 Misdirected Request (RFC 9110 §15.5.20), on meshproxy and on real Traefik 3.7 alike;
+    a Host whose TLS options are those of the handshake is served."""
+    from tests.differential.harness import (
+        MeshproxyProcess,
+        TraefikProcess,
+        TraefikUnavailable,
+        traefik_binary,
+    )
+
+    try:
+        traefik_binary()
+    except TraefikUnavailable as exc:
+        pytest.skip(str(exc))
+    backend = await backends("f")
+    client_ca = trustme.CA()
+    service = {"s": {"loadBalancer": {"servers": [{"url": backend.url}]}}}
+    config = {
+        "http": {
+            "routers": {
+                "secure": {
+                    "rule": "Host(`secure.mesh.test`)",
+                    "service": "s",
+                    "tls": {"options": "mtls"},
+                },
+                "public": {"rule": "Host(`public.mesh.test`)", "service": "s", "tls": {}},
+                "other": {"rule": "Host(`other.mesh.test`)", "service": "s", "tls": {}},
+            },
+            "services": service,
+        },
+        "tls": {
+            "certificates": [
+                inline_cert("secure.mesh.test", "public.mesh.test", "other.mesh.test")
+            ],
+            "options": {
+                "mtls": {
+                    "clientAuth": {
+                        "caFiles": [client_ca.cert_pem.bytes().decode()],
+                        "clientAuthType": "RequireAndVerifyClientCert",
+                    }
+                }
+            },
+        },
+    }
+    (tmp_path / "t").mkdir()
+    (tmp_path / "m").mkdir()
+    traefik = await asyncio.to_thread(TraefikProcess(tmp_path / "t", config).start)
+    meshproxy = await asyncio.to_thread(MeshproxyProcess(tmp_path / "m", config).start)
+
+    async def fronted(port: int, host: str) -> bytes:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1",
+            port,
+            ssl=client_context(["http/1.1"]),
+            server_hostname="public.mesh.test",
+        )
+        writer.write(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        answer = await asyncio.wait_for(reader.read(-1), 10)
+        writer.close()
+        return answer.split(b"\r\n", 1)[0]
+
+    try:
+        for host, status in (
+            ("secure.mesh.test", b"HTTP/1.1 421 Misdirected Request"),
+            ("other.mesh.test", b"HTTP/1.1 200 OK"),
+        ):
+            ours, theirs = await asyncio.gather(
+                fronted(meshproxy.port, host), fronted(traefik.port, host)
+            )
+            assert ours == theirs == status, (host, ours, theirs)
+    finally:
+        traefik.stop()
+        meshproxy.stop()
