@@ -89,7 +89,11 @@ class LoadBalancerService:
         state = self.states[index]
         state.in_flight += 1
         target = self.targets[index]
-        target.pool.send(ex, target, _Attempt(self, state, ex, finish, perf_counter()).done)
+        try:
+            target.pool.send(ex, target, _Attempt(self, state, ex, finish, perf_counter()).done)
+        except BaseException:
+            state.in_flight -= 1  # the try never started: its `done` will not come
+            raise
 
     def observe(
         self, state: ServerState, exc: BaseException | None, status: int, now: float, seconds: float
