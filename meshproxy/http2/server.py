@@ -520,7 +520,6 @@ class H2ServerConnection(asyncio.Protocol):
         self._preface: bytes | None = b""  # the client's first bytes until SETTINGS is seen
         self._dirty: list[H2Stream] = []  # streams with body to push (see H2Stream.write_body)
         self._push_scheduled = False
-        self.max_header_bytes = settings.max_header_bytes
         self.max_header_list = settings.h2_max_header_list_size or settings.max_header_bytes
         config = h2.config.H2Configuration(
             client_side=False,
@@ -542,8 +541,8 @@ class H2ServerConnection(asyncio.Protocol):
                 h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL: 1,  # RFC 8441 §3
             },
         )
-        # h2 applies local settings as if acknowledged: its HPACK decoder and window manager
-        # must agree with them from the first frame.
+        # Settings given as initial values are in force at once (h2 treats them as already
+        # acknowledged): the HPACK decoder must agree with them from the first frame.
         self._apply_local_limits()
 
     def _apply_local_limits(self) -> None:
@@ -577,7 +576,9 @@ class H2ServerConnection(asyncio.Protocol):
             self.entry.on_open(1)
 
     def _open_connection_window(self) -> None:
-        increment = CONNECTION_WINDOW - self.h2.inbound_flow_control_window
+        # At least one stream's window: a single upload may use all of its own.
+        target = max(CONNECTION_WINDOW, self.entry.settings.h2_initial_window_size)
+        increment = target - self.h2.inbound_flow_control_window
         if increment > 0:
             self.h2.increment_flow_control_window(increment)
 
