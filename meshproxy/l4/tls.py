@@ -541,8 +541,8 @@ class SNICheck:
     ones the handshake was made with, else it gets 421 Misdirected Request (RFC 9110
     §15.5.20). Without it a client could make the handshake for a host without client
     authentication and then ask, by Host, for one whose options require it (domain
-    fronting). Stricter than Traefik: a Host covered by a `*.domain` router takes that
-    router's options (Traefik looks the Host up exactly and would take the defaults).
+    fronting). A Host covered by a `*.domain` router takes that router's options, as in
+    Traefik 3.7 (checked against it).
 
     `next_handler` is the entrypoint's HTTPS dispatcher; a refused request is recorded in
     `metrics` (RequestMetrics) as the dispatcher records the others."""

@@ -1030,7 +1030,8 @@ async def test_domain_fronting_past_mtls_gets_421_as_in_traefik(tmp_path, backen
     """Traefik's SNI check (pkg/middlewares/snicheck): a client makes the handshake for a
     host without client authentication, then asks by Host for the mTLS-protected router:
     421 Misdirected Request (RFC 9110 §15.5.20), on meshproxy and on real Traefik 3.7 alike;
-    a Host whose TLS options are those of the handshake is served."""
+    a Host whose TLS options are those of the handshake is served; a Host that only a
+    `*.domain` mTLS router covers is refused too."""
     from tests.differential.harness import (
         MeshproxyProcess,
         TraefikProcess,
@@ -1055,6 +1056,11 @@ async def test_domain_fronting_past_mtls_gets_421_as_in_traefik(tmp_path, backen
                 },
                 "public": {"rule": "Host(`public.mesh.test`)", "service": "s", "tls": {}},
                 "other": {"rule": "Host(`other.mesh.test`)", "service": "s", "tls": {}},
+                "wild": {
+                    "rule": "Host(`*.wild.mesh.test`)",
+                    "service": "s",
+                    "tls": {"options": "mtls"},
+                },
             },
             "services": service,
         },
@@ -1098,6 +1104,11 @@ async def test_domain_fronting_past_mtls_gets_421_as_in_traefik(tmp_path, backen
                 fronted(meshproxy.port, host), fronted(traefik.port, host)
             )
             assert ours == theirs == status, (host, ours, theirs)
+        # A Host that only a `*.domain` mTLS router covers takes that router's options.
+        ours, theirs = await asyncio.gather(
+            fronted(meshproxy.port, "a.wild.mesh.test"), fronted(traefik.port, "a.wild.mesh.test")
+        )
+        assert ours == theirs == b"HTTP/1.1 421 Misdirected Request"
     finally:
         traefik.stop()
         meshproxy.stop()
