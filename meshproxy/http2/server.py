@@ -588,11 +588,20 @@ class H2ServerConnection(asyncio.Protocol):
         """Continue an HTTP/1.1 connection whose request asked for `Upgrade: h2c` (RFC 7540
         §3.2), the 101 already written: the request becomes stream 1, half-closed (remote),
         and is served like any other stream. The HTTP/1.1 side already counted the
-        connection as open. Raises h2's ProtocolError (or a ValueError from base64) for an
-        HTTP2-Settings value that does not decode."""
+        connection as open. Settings h2 refuses (a value out of range) close the connection
+        with GOAWAY(PROTOCOL_ERROR) (RFC 9113 §6.5.2), the request unserved."""
         self._counted = True
         self._take(transport)
-        self.h2.initiate_upgrade_connection(settings_header)
+        # base64url with its padding left out, as RFC 7540 §3.2.1 has it; Python wants it.
+        padded = settings_header + b"=" * (-len(settings_header) % 4)
+        try:
+            self.h2.initiate_upgrade_connection(padded)
+        except (h2.exceptions.ProtocolError, ValueError) as exc:
+            log.debug("h2c upgrade from %s with bad HTTP2-Settings: %s", self.client_ip, exc)
+            self.entry.on_protocol_error(400)
+            self.h2.close_connection(error_code=ErrorCodes.PROTOCOL_ERROR)
+            self.close()
+            return
         self._open_connection_window()
         stream = H2Stream(self, 1)
         stream.request_done = not ex.has_body

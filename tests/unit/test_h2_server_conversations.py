@@ -1041,3 +1041,29 @@ async def test_shutdown_says_going_away_on_websocket_streams():
     assert closes and closes[0].code == 1001
     assert of(h2c.events, h2.events.StreamEnded, sid)
     assert upstream.take()[:1] == b"\x88"  # a Close frame to the backend too
+
+
+async def test_h2c_upgrade_settings_unpadded_or_refused():
+    """RFC 7540 §3.2.1: HTTP2-Settings is base64url without its padding (accepted); settings
+    h2 refuses (ENABLE_PUSH = 2, RFC 9113 §6.5.2) end the upgraded connection with
+    GOAWAY(PROTOCOL_ERROR), nothing forwarded."""
+    import base64
+
+    for payload, served in (
+        (b"\x00\x03\x00\x00\x00\x64", True),
+        (b"\x00\x02\x00\x00\x00\x02", False),
+    ):
+        value = base64.urlsafe_b64encode(payload).rstrip(b"=")
+        conv = conversation()
+        _, upstream = conv.add_upstream()
+        head = H2C_HEAD.replace(b"AAMAAABkAAQAAP__", value)
+        answer = conv.send(b"GET /s HTTP/1.1\r\n" + head + b"\r\n")
+        assert answer.startswith(b"HTTP/1.1 101 ")
+        if served:
+            assert upstream.take().startswith(b"GET /s HTTP/1.1")
+        else:
+            client = _Client(h2.config.H2Configuration(client_side=True))
+            client.initiate_upgrade_connection()
+            events = client.receive_data(answer.split(b"\r\n\r\n", 1)[1])
+            assert goaway_code(events) == ErrorCodes.PROTOCOL_ERROR
+            assert conv.client_transport.closed and upstream.take() == b""
