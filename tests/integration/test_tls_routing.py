@@ -1112,3 +1112,38 @@ async def test_domain_fronting_past_mtls_gets_421_as_in_traefik(tmp_path, backen
     finally:
         traefik.stop()
         meshproxy.stop()
+
+
+async def test_passthrough_connection_survives_a_reload_that_removes_its_router(proxy_factory):
+    """Issue 12 reload rule: a changed config applies to new connections while established
+    ones keep what they started with. A passthrough TLS session (keys only at the client
+    and the backend) keeps echoing after its router is removed; a new connection for that
+    SNI then ends at the HTTPS handler (default certificate, 404)."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    CA.issue_cert("echo.mesh.test").configure_cert(ctx)
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while line := await reader.readline():
+            writer.write(b"echo:" + line)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=ctx)
+    address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    config = tcp_config({"r": ("HostSNI(`echo.mesh.test`)", "s", PASS)}, {"s": address})
+    proxy = await proxy_factory(config)
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", proxy.port, ssl=client_context(), server_hostname="echo.mesh.test"
+    )
+    writer.write(b"one\n")
+    assert await asyncio.wait_for(reader.readline(), 10) == b"echo:one\n"
+    proxy.write({"tcp": {}})
+    await wait_for(lambda: proxy.generation() >= 2, 10, "reload")
+    writer.write(b"two\n")
+    assert await asyncio.wait_for(reader.readline(), 10) == b"echo:two\n"
+    assert await tls_probe(proxy.port, "echo.mesh.test") == (
+        b"HTTP/1.1 404 Not Found",
+        "TRAEFIK DEFAULT CERT",
+    )
+    writer.close()
+    server.close()
