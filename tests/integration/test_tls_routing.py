@@ -1147,3 +1147,41 @@ async def test_passthrough_connection_survives_a_reload_that_removes_its_router(
     )
     writer.close()
     server.close()
+
+
+async def test_wss_through_an_https_router(proxy_factory):
+    """A WebSocket over TLS (wss, RFC 6455 §3) on an HTTPS router: the handshake is an
+    ordinary decrypted HTTP/1.1 exchange, then the TLS transport and the backend socket
+    become one byte pipe; messages both ways, a 1 MiB one included, and a clean close."""
+    from websockets.asyncio.client import connect
+    from websockets.asyncio.server import serve
+
+    async def handler(ws: Any) -> None:
+        async for message in ws:
+            await ws.send(message)
+
+    async with serve(handler, "127.0.0.1", 0, max_size=None) as server:
+        port = server.sockets[0].getsockname()[1]
+        config = {
+            "http": {
+                "routers": {"r": {"rule": "Host(`ws.mesh.test`)", "service": "s", "tls": {}}},
+                "services": {
+                    "s": {"loadBalancer": {"servers": [{"url": f"http://127.0.0.1:{port}"}]}}
+                },
+            },
+            "tls": {"certificates": [inline_cert("ws.mesh.test")]},
+        }
+        proxy = await proxy_factory(config)
+        async with connect(
+            f"wss://ws.mesh.test:{proxy.port}/chat",
+            ssl=client_context(["http/1.1"]),
+            host="127.0.0.1",
+            port=proxy.port,
+            server_hostname="ws.mesh.test",
+            max_size=None,
+        ) as ws:
+            await ws.send("hello")
+            assert await asyncio.wait_for(ws.recv(), 10) == "hello"
+            big = bytes(range(256)) * 4096
+            await ws.send(big)
+            assert await asyncio.wait_for(ws.recv(), 10) == big
