@@ -19,7 +19,7 @@ from meshproxy.balancer.health import (
     spec_from_config,
 )
 from meshproxy.balancer.http_services import LoadBalancerService, MirroringService, WeightedService
-from meshproxy.balancer.outlier import OutlierDetector, settings_from_config
+from meshproxy.balancer.outlier import OutlierDetector, TraefikPassive, settings_from_config
 from meshproxy.balancer.sticky import Sticky
 from meshproxy.balancer.strategies import ServerState, make_strategy
 from meshproxy.config.dynamic import ServersLoadBalancer
@@ -62,10 +62,30 @@ def load_balancer_service(
         outlier_settings = settings_from_config(lb.outlier_detection)
     except ValueError as exc:
         raise ValueError(f"loadBalancer.outlierDetection.{exc}") from None
-    outlier = None
-    if outlier_settings.enabled:
+    outlier: OutlierDetector | None = None
+    passive = lb.passive_health_check
+    if passive is not None:
+        window = 10.0 if passive.failure_window is None else float(passive.failure_window)
+        attempts = 1 if passive.max_failed_attempts is None else passive.max_failed_attempts
+        if window <= 0:
+            raise ValueError("loadBalancer.passiveHealthCheck.failureWindow must be > 0")
+        if attempts <= 0:
+            raise ValueError("loadBalancer.passiveHealthCheck.maxFailedAttempts must be > 0")
         kept = previous.outlier if isinstance(previous, LoadBalancerService) else None
-        if kept is not None and kept.settings == outlier_settings:
+        if isinstance(kept, TraefikPassive) and (kept.failure_window, kept.max_failed_attempts) == (
+            window,
+            attempts,
+        ):
+            outlier = kept
+        else:
+            outlier = TraefikPassive(window, attempts, metrics)
+    elif outlier_settings.enabled:
+        kept = previous.outlier if isinstance(previous, LoadBalancerService) else None
+        if (
+            kept is not None
+            and not isinstance(kept, TraefikPassive)
+            and kept.settings == outlier_settings
+        ):
             outlier = kept
         else:
             outlier = OutlierDetector(outlier_settings, metrics)
@@ -73,11 +93,6 @@ def load_balancer_service(
         for state in states:  # detection turned off: nobody stays out because of it
             state.ejected = False
             state.consecutive_failures = 0
-    if lb.passive_health_check is not None:
-        warnings.append(
-            "passiveHealthCheck is not implemented by meshproxy and is ignored: passive "
-            "outlier detection (outlierDetection) covers it"
-        )
     checkers: list[Any] = [None] * len(states)
     if lb.health_check is not None:
         try:

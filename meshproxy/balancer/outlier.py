@@ -162,6 +162,56 @@ class OutlierDetector:
         }
 
 
+class TraefikPassive(OutlierDetector):
+    """Traefik 3.6's `passiveHealthCheck` (pkg/healthcheck: PassiveServiceHealthChecker): a
+    try fails when the server was not reached or answered >= 500, any other answer clears
+    the server's failures; `maxFailedAttempts` failures within `failureWindow` take the
+    server DOWN for `failureWindow`. No share cap: as in Traefik, every server may go down
+    (503). Where we differ: with an active check as well, Traefik keeps the server down until
+    the active check passes; here it comes back after `failureWindow` and the active check
+    decides from then on. When set, it replaces outlierDetection for the service."""
+
+    def __init__(self, failure_window: float, max_failed_attempts: int, metrics: Any) -> None:
+        super().__init__(OutlierSettings(), metrics)
+        self.failure_window = failure_window
+        self.max_failed_attempts = max_failed_attempts
+
+    def record(
+        self,
+        service: LoadBalancerService,
+        state: ServerState,
+        exc: BaseException | None,
+        status: int,
+        now: float,
+    ) -> None:
+        if not isinstance(exc, (UpstreamConnectError, UpstreamError)) and status < 500:
+            state.consecutive_failures = 0
+            state.failure_times = []
+            return
+        window_start = now - self.failure_window
+        times = [t for t in state.failure_times if t > window_start]
+        times.append(now)
+        state.failure_times = times
+        state.consecutive_failures = len(times)
+        if len(times) < self.max_failed_attempts or state.ejected:
+            return
+        state.ejected = True
+        state.last_ejection = now
+        state.ejected_until = now + self.failure_window
+        key = (service.name, state.url)
+        self.metrics.outlier_ejections[key] = self.metrics.outlier_ejections.get(key, 0) + 1
+        self.metrics.outlier_ejected[key] = 1
+        log.warning(
+            "service %s: server %s DOWN for %gs after %d failures within %gs (passiveHealthCheck)",
+            service.name,
+            state.url,
+            self.failure_window,
+            len(times),
+            self.failure_window,
+        )
+        service.refresh()
+
+
 def settings_from_config(raw: Any) -> OutlierSettings:
     """OutlierSettings from the decoded `outlierDetection` (None: the defaults). Raises
     ValueError naming the key of an out-of-range value."""

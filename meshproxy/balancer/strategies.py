@@ -64,6 +64,7 @@ class ServerState:
         "ejected",
         "ejected_until",
         "ejections",
+        "failure_times",
         "healthy",
         "in_flight",
         "last_ejection",
@@ -83,6 +84,7 @@ class ServerState:
         self.ejections = 0  # ejections in a row: the back-off grows with them
         self.last_ejection = 0.0
         self.consecutive_failures = 0
+        self.failure_times: list[float] = []  # passiveHealthCheck: failures in its window
 
     @property
     def available(self) -> bool:

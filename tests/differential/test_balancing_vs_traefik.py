@@ -202,3 +202,33 @@ async def test_p2c_avoids_a_slow_server_like_traefik(controlled, pair):
         shares[side] = counts[b"slow"] / 360
     print("p2c slow share", shares)
     assert shares["traefik"] < 0.15 and shares["meshproxy"] < 0.15, shares
+
+
+async def test_passive_health_check_matches_traefik(controlled, pair):
+    """passiveHealthCheck (Traefik v3.6+): after `maxFailedAttempts` 500s within
+    `failureWindow` both proxies stop sending to the server, and send to it again once the
+    window has passed (no active check). Traefik's API keeps showing it UP (its passive check
+    does not update serverStatus); ours shows it DOWN while it is out."""
+    bad = await controlled("bad")
+    bad.mode = "status:500"
+    good = await controlled("good")
+    passive = {"failureWindow": "2s", "maxFailedAttempts": 2}
+    servers = [{"url": bad.url}, {"url": good.url}]
+    config = routed({"s": {"loadBalancer": {"servers": servers, "passiveHealthCheck": passive}}})
+    traefik, mesh = await pair(config)
+    for side, port in (("traefik", traefik.port), ("meshproxy", mesh.port)):
+        statuses = Counter()
+        for _ in range(8):
+            statuses[(await request(port, host="s.test")).status] += 1
+        assert statuses == {200: 6, 500: 2}, (side, statuses)
+        if side == "meshproxy":
+            assert mesh_server_status(mesh, "s@file")[bad.url] == "DOWN"
+        after = [(await request(port, host="s.test")).body for _ in range(6)]
+        assert after == [b"good"] * 6, side
+        served = bad.served
+
+        async def back(port: int = port, served: int = served) -> bool:
+            await request(port, host="s.test")
+            return bad.served > served
+
+        await wait_for(back, 10, f"{side}: the server gets requests again")

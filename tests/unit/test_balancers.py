@@ -342,3 +342,27 @@ def test_controller_annotations_add_health_checks_and_strategy():
     assert "ns-bad-80" not in config["http"]["routers"]
     decoded = decode_dynamic_obj(config)
     assert decoded.http.services["ns-api-80"].load_balancer.health_check.path == "/ready"
+
+
+def test_traefik_passive_health_check_window():
+    """Traefik 3.6 passiveHealthCheck: a try fails when the server was not reached or answered
+    >= 500; `maxFailedAttempts` failures within `failureWindow` take it down for the window
+    (no share cap, as Traefik); any other answer clears its failures."""
+    from meshproxy.balancer.outlier import TraefikPassive
+
+    passive = TraefikPassive(10.0, 2, RequestMetrics())
+    service = _service("wrr", 2, outlier=passive)
+    a, b = service.states
+    passive.record(service, a, None, 500, 0.0)
+    passive.record(service, a, None, 200, 1.0)  # cleared
+    passive.record(service, a, None, 502, 2.0)
+    assert not a.ejected
+    passive.record(service, a, None, 503, 13.0)  # the first is out of the window
+    assert not a.ejected
+    passive.record(service, a, UpstreamConnectError("refused"), 502, 14.0)
+    assert a.ejected and a.ejected_until == 24.0
+    for now in (15.0, 16.0):
+        passive.record(service, b, None, 500, now)
+    assert b.ejected and service.strategy.pick() == -1  # every server down: 503
+    passive.sweep(service, 24.0)
+    assert not a.ejected and b.ejected
