@@ -13,13 +13,14 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import grpc
 import h2.config
 import h2.connection
 import h2.events
 import pytest
 import trustme
 
-from tests.grpc_peers import EchoServer
+from tests.grpc_peers import EchoClient, EchoServer
 from tests.helpers import request, router, wait_for
 from tests.integration.lb_backend import ControlledBackend
 
@@ -442,3 +443,34 @@ async def test_https_checks_go_through_the_service_transport(proxy_factory):
         assert "certificate verify failed" in servers[0]["healthCheck"]["lastError"]
     finally:
         await backend.aclose()
+
+
+async def test_grpc_clients_get_unavailable_when_no_server_is_healthy(proxy_factory):
+    """Bad input: every server of a gRPC service unhealthy: the proxy's 503 reaches a gRPC
+    client as UNAVAILABLE (grpc-status 14), while with the server SERVING the same call goes
+    through (h2c end to end, `mode: grpc` checks)."""
+    server = EchoServer()
+    try:
+        server.set_serving("", True)
+        check = {"mode": "grpc", "interval": "200ms", "timeout": "1s"}
+        service = checked(server.url, check=check)
+        config = {
+            "http": {"routers": {"r": router("PathPrefix(`/`)", "s")}, "services": {"s": service}}
+        }
+        proxy = await proxy_factory(config)
+        address = f"127.0.0.1:{proxy.port}"
+
+        def call() -> tuple[grpc.StatusCode, bytes]:
+            with EchoClient(address) as client:
+                try:
+                    return grpc.StatusCode.OK, client.unary(b"ping", timeout=5)
+                except grpc.RpcError as exc:
+                    return exc.code(), b""
+
+        assert await asyncio.to_thread(call) == (grpc.StatusCode.OK, b"ping")
+        server.set_serving("", False)
+        await wait_for(lambda: server_status(proxy)[server.url] == "DOWN", 5, "DOWN")
+        code, _ = await asyncio.to_thread(call)
+        assert code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop()
