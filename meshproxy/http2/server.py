@@ -310,6 +310,22 @@ class H2Stream:
         trailers after it."""
         if self.response_done:
             return
+        try:
+            self._push(end)
+        except h2.exceptions.StreamClosedError:
+            self.closed_under_us()
+
+    def closed_under_us(self) -> None:
+        """h2 has closed the stream already: the client's RST_STREAM came in the same read as
+        what made us write (its StreamReset event, handled next, ends the exchange). Nothing
+        more is written for it."""
+        self.response_done = True
+        self.held = []
+        self.pending = []
+        self.pending_size = 0
+        self.head = None
+
+    def _push(self, end: bool) -> None:
         held = self.held
         if held:
             self.held = []
@@ -375,6 +391,12 @@ class H2Stream:
 
     def drain(self) -> None:
         """The client's window opened: send what is queued, as far as it allows."""
+        try:
+            self._drain()
+        except h2.exceptions.StreamClosedError:
+            self.closed_under_us()
+
+    def _drain(self) -> None:
         conn = self.conn
         while self.pending and not self.response_done:
             chunk = self.pending[0]
@@ -411,7 +433,11 @@ class H2Stream:
             return
         fields = [(b":status", _STATUS.get(status) or str(status).encode())]
         fields += [(n.lower(), v) for n, v in field_list(headers) if n not in _CONNECTION_SPECIFIC]
-        self.conn.h2.send_headers(self.stream_id, fields)
+        try:
+            self.conn.h2.send_headers(self.stream_id, fields)
+        except h2.exceptions.StreamClosedError:
+            self.closed_under_us()
+            return
         self.conn.flush()
 
     def write_continue(self, ex: Exchange) -> None:
@@ -422,7 +448,11 @@ class H2Stream:
             and not self.response_done
         ):
             ex.continue_sent = True
-            self.conn.h2.send_headers(self.stream_id, [(b":status", b"100")])
+            try:
+                self.conn.h2.send_headers(self.stream_id, [(b":status", b"100")])
+            except h2.exceptions.StreamClosedError:
+                self.closed_under_us()
+                return
             self.conn.flush()
 
     def switch_protocols(
@@ -520,6 +550,7 @@ class H2ServerConnection(asyncio.Protocol):
         self._preface: bytes | None = b""  # the client's first bytes until SETTINGS is seen
         self._dirty: list[H2Stream] = []  # streams with body to push (see H2Stream.write_body)
         self._push_scheduled = False
+        self._reset_now: set[int] | None = None  # streams the client reset in this read
         self.max_header_list = settings.h2_max_header_list_size or settings.max_header_bytes
         config = h2.config.H2Configuration(
             client_side=False,
@@ -734,6 +765,13 @@ class H2ServerConnection(asyncio.Protocol):
             self.close()
             return
         handlers = _HANDLERS
+        reset_now: set[int] | None = None
+        for event in events:
+            if type(event) is h2.events.StreamReset:
+                if reset_now is None:
+                    reset_now = set()
+                reset_now.add(event.stream_id)
+        self._reset_now = reset_now
         self._flushing = True  # one write for everything these frames make us send
         try:
             for event in events:
@@ -782,6 +820,12 @@ class H2ServerConnection(asyncio.Protocol):
 
     def _on_request(self, event: h2.events.RequestReceived) -> None:
         stream_id = event.stream_id
+        reset_now = self._reset_now
+        if reset_now is not None and stream_id in reset_now:
+            # Reset in the same read (the rapid-reset pattern): never routed, but counted.
+            self.opened += 1
+            self._premature_reset()
+            return
         stream = H2Stream(self, stream_id)
         stream.request_done = bool(event.stream_ended)
         if self.draining:
@@ -1016,18 +1060,22 @@ class H2ServerConnection(asyncio.Protocol):
             and not ex.finished
             and time.perf_counter() - ex.started_at < PREMATURE_RESET_SECONDS
         )
-        if premature:
-            self.premature_resets += 1
-            if self.opened >= RAPID_RESET_MIN_STREAMS and 2 * self.premature_resets >= self.opened:
-                log.warning("rapid reset from %s: connection closed", self.client_ip)
-                self._client_left(stream)
-                self.entry.on_protocol_error(400)
-                self.h2.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
-                self.flush()
-                self.close()
-                return
         self._client_left(stream)
+        if premature and self._premature_reset():
+            return
         self._maybe_close()
+
+    def _premature_reset(self) -> bool:
+        """Count a stream the client reset before its response ended; True when that makes
+        the rapid-reset bound close the connection (GOAWAY ENHANCE_YOUR_CALM)."""
+        self.premature_resets += 1
+        if self.opened < RAPID_RESET_MIN_STREAMS or 2 * self.premature_resets < self.opened:
+            return False
+        log.warning("rapid reset from %s: connection closed", self.client_ip)
+        self.entry.on_protocol_error(400)
+        self.h2.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
+        self.close()
+        return True
 
     def _on_malformed(self, event: StreamMalformed) -> None:
         stream = self.streams.pop(event.stream_id, None)

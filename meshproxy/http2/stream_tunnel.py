@@ -33,6 +33,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from h2.errors import ErrorCodes
+from h2.exceptions import StreamClosedError
 
 from meshproxy.http.exchange import Exchange
 from meshproxy.l4.pipe import PipeEnd
@@ -79,7 +80,12 @@ def open_stream_tunnel(
         return
     fields = [(b":status", b"200")]
     fields += [(n, v) for n, v in headers if n not in _NOT_RELAYED]
-    conn.h2.send_headers(stream.stream_id, fields)
+    try:
+        conn.h2.send_headers(stream.stream_id, fields)
+    except StreamClosedError:  # the client's RST_STREAM is being handled
+        stream.closed_under_us()
+        upstream.close()
+        return
     conn.flush()
     adapter = StreamTransport(stream)
     stream.tunnel = adapter
@@ -140,8 +146,14 @@ class StreamTransport:
         if stream.pending:
             stream.pending.append(data)
             stream.pending_size += len(data)
-        else:
+            self._check_writing()
+            return
+        try:
             sent = conn.send_data(stream, data)
+        except StreamClosedError:
+            stream.closed_under_us()  # its reset, being handled, ends the pipe's side
+            return
+        else:
             if sent < len(data):
                 rest = data[sent:] if sent else data
                 stream.pending.append(rest)
@@ -258,7 +270,11 @@ class StreamTransport:
         if self.local_ended or stream.response_done:
             return
         self.local_ended = True
-        stream.conn.h2.end_stream(stream.stream_id)
+        try:
+            stream.conn.h2.end_stream(stream.stream_id)
+        except StreamClosedError:
+            stream.closed_under_us()
+            return
         stream.conn.flush()
         self._close_if_done()
 

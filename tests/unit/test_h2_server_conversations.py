@@ -1067,3 +1067,35 @@ async def test_h2c_upgrade_settings_unpadded_or_refused():
             events = client.receive_data(answer.split(b"\r\n\r\n", 1)[1])
             assert goaway_code(events) == ErrorCodes.PROTOCOL_ERROR
             assert conv.client_transport.closed and upstream.take() == b""
+
+
+async def test_a_reset_in_the_same_read_as_what_would_make_us_write():
+    """RFC 9113 §6.4, §5.1: h2 closes a stream at the client's RST_STREAM before the other
+    frames of the same read are handled. A stream opened and reset in one read is never
+    routed (it counts towards the rapid-reset bound); a queued response whose window opens
+    in the same read as its stream's reset is dropped; nothing raises, other streams go on."""
+    h2c = H2Conversation(
+        dynamic={  # every request below: a local 404
+            "http": {
+                "routers": {"r": {"entryPoints": ["web"], "service": "s", "rule": "Path(`/x`)"}},
+                "services": {"s": {"loadBalancer": {"servers": [{"url": "http://127.0.0.1:9"}]}}},
+            }
+        },
+        client_settings={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 10},
+    )
+    sid = h2c.request(request_headers(b"/gone"))
+    h2c.client.reset_stream(sid, ErrorCodes.CANCEL)
+    events = h2c.exchange()
+    assert not of(events, h2.events.ResponseReceived, sid) and h2c.server.opened == 1
+    assert h2c.server.premature_resets == 1
+    queued = h2c.request(request_headers(b"/queued"))  # its 404 body waits for the window
+    h2c.exchange()
+    assert h2c.server.streams[queued].pending
+    h2c.client.increment_flow_control_window(1000, stream_id=queued)
+    h2c.client.reset_stream(queued, ErrorCodes.CANCEL)
+    events = h2c.exchange()
+    assert queued not in h2c.server.streams and not h2c.transport.closed
+    other = h2c.request(request_headers(b"/other"))
+    h2c.client.increment_flow_control_window(1000, stream_id=other)
+    h2c.exchange()
+    assert status_of(h2c.events, other) == b"404"
