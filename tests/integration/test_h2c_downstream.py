@@ -12,6 +12,7 @@ from typing import Any
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
 import h2.settings
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
@@ -368,3 +369,47 @@ def test_prior_knowledge_requests_match_real_traefik(tmp_path):
         assert versions == {"traefik": b"1.1 200", "meshproxy": b"2 200"}
     finally:
         pair.stop()
+
+
+async def test_rapid_reset_is_cut_and_the_proxy_keeps_serving(backends, proxy_factory):
+    """CVE-2023-44487 through a real proxy: a client opening and resetting streams in a loop
+    (bounded: at most 1,000) gets GOAWAY(ENHANCE_YOUR_CALM); a new connection is served."""
+    from h2.errors import ErrorCodes
+
+    backend = await backends()
+    proxy = await proxy_factory(catch_all(backend.url))
+    headers = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"a"), (b":path", b"/")]
+    async with H2Client(proxy.port) as client:
+        goaway: list[Any] = []
+        for index in range(1000):
+            sid = 2 * index + 1
+            try:
+                client.conn.send_headers(sid, headers, end_stream=True)
+                client.conn.reset_stream(sid, ErrorCodes.CANCEL)
+                client.send()
+                await client.writer.drain()
+            except (ConnectionError, h2.exceptions.ProtocolError):
+                break
+            if index % 50 == 49:
+                try:
+                    data = await asyncio.wait_for(client.reader.read(65536), 0.5)
+                except TimeoutError:
+                    continue
+                if not data:
+                    break
+                client.events += client.conn.receive_data(data)
+                goaway = [e for e in client.events if isinstance(e, h2.events.ConnectionTerminated)]
+                if goaway:
+                    break
+        if not goaway:
+            await client.until(
+                lambda: any(isinstance(e, h2.events.ConnectionTerminated) for e in client.events)
+            )
+            goaway = [e for e in client.events if isinstance(e, h2.events.ConnectionTerminated)]
+        assert goaway[0].error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    async with H2Client(proxy.port) as fresh:
+        fresh.conn.send_headers(1, headers, end_stream=True)
+        fresh.send()
+        await fresh.until(lambda: fresh.ended(1))
+        (response,) = fresh.of(h2.events.ResponseReceived, 1)
+        assert dict(response.headers)[b":status"] == b"200"
