@@ -1099,3 +1099,25 @@ async def test_a_reset_in_the_same_read_as_what_would_make_us_write():
     h2c.client.increment_flow_control_window(1000, stream_id=other)
     h2c.exchange()
     assert status_of(h2c.events, other) == b"404"
+
+
+async def test_interim_responses_are_relayed():
+    """RFC 9113 §8.1: a response may start with any number of 1xx HEADERS: a backend's 103
+    Early Hints and its 100 Continue (for a request that carried Expect: 100-continue, RFC
+    9110 §10.1.1) reach the client before the final response."""
+    h2c = H2Conversation()
+    upstream = h2c.add_upstream()
+    sid = h2c.request(request_headers(b"/up", b"PUT", expect=b"100-continue"), end=False)
+    h2c.exchange()
+    await asyncio.sleep(0)
+    _, fields = head_of(upstream.take())
+    assert fields[b"expect"] == b"100-continue"
+    h2c.backend_sends(b"HTTP/1.1 100 Continue\r\n\r\n")
+    h2c.backend_sends(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n")
+    h2c.client.send_data(sid, b"body", end_stream=True)
+    h2c.exchange()
+    h2c.backend_sends(OK_2)
+    informational = of(h2c.events, h2.events.InformationalResponseReceived, sid)
+    assert [dict(e.headers)[b":status"] for e in informational] == [b"100", b"103"]
+    assert dict(informational[1].headers)[b"link"] == b"</s.css>; rel=preload"
+    assert status_of(h2c.events, sid) == b"200"
