@@ -13,12 +13,14 @@ Per connection, following Traefik's TCP router (pkg/server/router/tcp/router.go 
    records, bounded, within the entrypoint's read timeout), then, in Traefik's order:
    an HTTPS router whose `Host` names the SNI (exact, or `*.domain` for one label) wins over
    TCP routers; then a TCP TLS router whose rule is not exactly HostSNI(`*`); then an HTTPS
-   router without a Host (catch-all); then a TCP HostSNI(`*`) TLS router; then, if the
-   entrypoint has any HTTPS router or a default certificate, the HTTPS handler (404 after the
-   handshake); else the connection is closed.
+   router without a Host (catch-all); then a TCP HostSNI(`*`) TLS router; then the HTTPS
+   handler (a handshake with the default certificate, then 404), as Traefik's
+   `httpsForwarder`, there on every entrypoint.
 4. `tls.passthrough: true`: the bytes read (the ClientHello and anything after it) are
    replayed to the chosen backend untouched through the byte pipe: the proxy never sees the
-   keys. Other `tls` routers terminate TLS (see `TLSTermination`).
+   keys. Other `tls` routers terminate TLS (`L4Entry.terminate`; certificates and options
+   from meshproxy.l4.certificates); the HTTPS handler then sniffs the decrypted stream
+   again (HTTP/2 preface or HTTP/1.1) behind Traefik's SNI check (`SNICheck`).
 
 A ClientHello that is malformed, oversized, or not whole within the read timeout closes that
 connection only (logged at debug: a scanner must not fill the logs).
@@ -244,7 +246,6 @@ class L4Entry:
         route: TCPRoute,
         view: TCPConnectionView,
         data: bytes,
-        eof: bool = False,
     ) -> None:
         """Give `transport` (reading nothing yet past `data`) to `route`'s TCP relay."""
         relay = TCPRelay(self.name, [], self.on_open, self.pipe_settings, route=route, view=view)
@@ -252,11 +253,9 @@ class L4Entry:
         relay.connection_made(transport)
         if data:
             relay.data_received(data)
-        if eof:
-            relay.eof_received()
 
     def routed_hello(
-        self, transport: asyncio.Transport, view: TCPConnectionView, data: bytes, eof: bool
+        self, transport: asyncio.Transport, view: TCPConnectionView, data: bytes
     ) -> None:
         """A whole ClientHello was read (`data`: every byte read so far): route it."""
         table = self.table()
@@ -265,7 +264,7 @@ class L4Entry:
             tls = decision.tls
             assert tls is not None and table is not None
             if tls.passthrough:
-                self.relay(transport, decision, view, data, eof)
+                self.relay(transport, decision, view, data)
                 return
             self.terminate(transport, data, table, tls.options, decision, view)
             return
@@ -489,7 +488,7 @@ class _HelloReader(asyncio.Protocol):
         if hello is not None:
             self._done()
             view = TCPConnectionView(client_ip(transport), hello.server_name, list(hello.alpn))
-            self.entry.routed_hello(transport, view, b"".join(self.chunks), False)
+            self.entry.routed_hello(transport, view, b"".join(self.chunks))
 
     def eof_received(self) -> bool | None:
         return None  # a ClientHello cut short: nothing to answer, the transport closes
