@@ -66,10 +66,18 @@ def start_backend(port: int) -> subprocess.Popen[bytes]:
 
 
 def start_meshproxy(
-    workdir: Path, port: int, admin: int, dynamic_yaml: str
+    workdir: Path,
+    port: int,
+    admin: int,
+    dynamic_yaml: str,
+    source: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """One meshproxy worker on `port`, metrics on, fed by a dynamic config file."""
-    dynamic = workdir / "dynamic.yaml"
+    """One meshproxy worker on `port`, metrics on, fed by a dynamic config file. `source`: run
+    the meshproxy package of that source tree instead (`python -m` puts the working directory
+    first on sys.path), e.g. a variant measured beside the installed one; `env`: extra
+    environment variables."""
+    dynamic = workdir / f"dynamic-{port}.yaml"
     dynamic.write_text(dynamic_yaml)
     return subprocess.Popen(
         pinned(
@@ -86,7 +94,9 @@ def start_meshproxy(
                 "--log.level=ERROR",
             ],
             PROXY_CPU,
-        )
+        ),
+        cwd=source,
+        env={**os.environ, **env} if env else None,
     )
 
 
