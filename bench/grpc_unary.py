@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import statistics
 import struct
 import subprocess
@@ -206,6 +207,8 @@ def main() -> int:
     )
     args = parser.parse_args()
     PINNING["on"] = args.pin
+    # SIGTERM runs the `finally` that stops every process this bench started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ensure_tools()
     ensure_h2load()
     from meshproxy.build_info import hot_path_state
@@ -225,20 +228,26 @@ def main() -> int:
                 procs.append(start_grpcio(backends["grpcio"]))
             if "nginx" in backends:
                 procs.append(start_nginx(workdir, backends["nginx"]))
-            procs.append(start_haproxy_grpc(workdir, ports["haproxy"], backends))
             config = dynamic(backends)
-            procs.append(start_traefik(workdir, ports["traefik"], traefik_api, config))
-            procs.append(start_meshproxy(workdir, ports["meshproxy"], admin, config))
+            proxies = {
+                "haproxy": start_haproxy_grpc(workdir, ports["haproxy"], backends),
+                "traefik": start_traefik(workdir, ports["traefik"], traefik_api, config),
+                "meshproxy": start_meshproxy(workdir, ports["meshproxy"], admin, config),
+            }
+            procs.extend(proxies.values())
+            # taskset execs the command: the pid is the proxy's own
+            pids = {name: proc.pid for name, proc in proxies.items()}
             for port in (*backends.values(), *ports.values(), admin):
                 wait_port(port)
             wait_traefik_routers(traefik_api, set(backends))
-            targets: dict[str, tuple[int, str]] = {}
+            # (port, backend, pid of the proxy whose CPU is counted; none for direct calls)
+            targets: dict[str, tuple[int, str, int | None]] = {}
             for backend, port in backends.items():
-                targets[f"{backend}-direct"] = (port, backend)
+                targets[f"{backend}-direct"] = (port, backend, None)
                 for name in PROXIES:
-                    targets[f"{backend}-via-{name}"] = (ports[name], backend)
+                    targets[f"{backend}-via-{name}"] = (ports[name], backend, pids[name])
             deadline = time.monotonic() + 15  # the proxies apply their config asynchronously
-            for name, (port, backend) in list(targets.items()):
+            for name, (port, backend, _) in list(targets.items()):
                 while (
                     why := grpc_probe(port, backend)
                 ) is not None and time.monotonic() < deadline:
@@ -248,21 +257,22 @@ def main() -> int:
                     del targets[name]
                     print(f"{name}: not served ({why})", flush=True)
 
-            def load(port: int, backend: str, duration: int) -> dict[str, float]:
+            def load(port: int, backend: str, duration: int, pid: int | None) -> dict[str, float]:
                 headers = (f":authority: {authority(backend)}", *GRPC_HEADERS)
                 url = f"http://127.0.0.1:{port}{PATH}"
-                return run_h2load(url, duration, args.clients, args.streams, headers, body)
+                return run_h2load(url, duration, args.clients, args.streams, headers, body, pid)
 
-            for port, backend in targets.values():  # warm-up
-                load(port, backend, 2)
+            for port, backend, _ in targets.values():  # warm-up
+                load(port, backend, 2, None)
             rounds: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
             for index in range(args.rounds):
-                for name, (port, backend) in targets.items():
-                    result = load(port, backend, args.duration)
+                for name, (port, backend, pid) in targets.items():
+                    result = load(port, backend, args.duration, pid)
                     rounds[name].append(result)
                     print(
                         f"round {index + 1} {name:20s} {result['rps']:9.0f} calls/s  "
                         f"p50 {result['p50_ms']:.2f} ms  p99 {result['p99_ms']:.2f} ms  "
+                        f"CPU {result['cpu_us_per_req']:.1f} us/call ({result['cpu_util']:.0%})  "
                         f"failed {result['failed']:.0f} errored {result['errored']:.0f}",
                         flush=True,
                     )
@@ -278,7 +288,7 @@ def main() -> int:
 def build_report(
     args: Any, rounds: dict[str, list[dict[str, float]]], skipped: dict[str, str], build: str
 ) -> dict[str, Any]:
-    keys = ("rps", "p50_ms", "p99_ms", "failed", "errored")
+    keys = ("rps", "p50_ms", "p99_ms", "cpu_us_per_req", "cpu_util", "failed", "errored")
     median = {
         name: {key: statistics.median(r[key] for r in results) for key in keys}
         for name, results in rounds.items()
@@ -292,6 +302,10 @@ def build_report(
                 ratios[f"{a} / {b}"] = {
                     "rps": paired_ratio(rounds[a], rounds[b], "rps"),
                     "p99": paired_ratio(rounds[a], rounds[b], "p99_ms"),
+                    # calls per CPU-second of the proxy (none for a direct call)
+                    "capacity": float("nan")
+                    if b.endswith("-direct")
+                    else paired_ratio(rounds[b], rounds[a], "cpu_us_per_req"),
                 }
     return {
         "when": timestamp(),
@@ -329,17 +343,24 @@ def table(args: Any, report: dict[str, Any]) -> list[str]:
         f"{setup['pinned']}. Calls/s and latencies are medians over rounds; ratios are medians "
         "of per-round ratios.",
         "",
-        "| target | calls/s | p50 ms | p99 ms | failed |",
-        "|---|---:|---:|---:|---:|",
+        "Proxy CPU µs/call: CPU time (user + system) the proxy used per call; CPU use: its CPU "
+        "seconds per second of load (1.00 = its whole core). Capacity: calls per CPU-second "
+        "of the proxy, robust to a VM shared with other work.",
+        "",
+        "| target | calls/s | p50 ms | p99 ms | proxy CPU µs/call | CPU use | failed |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, s in report["median"].items():
+        cpu = "-" if name.endswith("-direct") else f"{s['cpu_us_per_req']:.1f}"
+        use = "-" if name.endswith("-direct") else f"{s['cpu_util']:.2f}"
         lines.append(
-            f"| {name} | {s['rps']:.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | "
-            f"{s['failed'] + s['errored']:.0f} |"
+            f"| {name} | {s['rps']:.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {cpu} | "
+            f"{use} | {s['failed'] + s['errored']:.0f} |"
         )
-    lines += ["", "| ratio | calls/s | p99 |", "|---|---:|---:|"]
+    lines += ["", "| ratio | calls/s | p99 | capacity |", "|---|---:|---:|---:|"]
     for name, r in report["ratios"].items():
-        lines.append(f"| {name} | {r['rps']:.2f}x | {r['p99']:.2f}x |")
+        capacity = "-" if r["capacity"] != r["capacity"] else f"{r['capacity']:.2f}x"
+        lines.append(f"| {name} | {r['rps']:.2f}x | {r['p99']:.2f}x | {capacity} |")
     for name, why in report["not_served"].items():
         lines.append(f"\n{name}: not served in this run ({why}).")
     return lines

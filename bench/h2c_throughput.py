@@ -13,6 +13,9 @@ forwards to the same fixed-answer backend over HTTP/1.1 (keep-alive) or over h2c
   `h2c://`.
 - meshproxy (1 worker): servers `http://` and `h2c://`. A meshproxy target that does not
   answer 2xx yet (h2c front or h2c pool not built) is reported as not served, not measured.
+- with `--variant NAME=DIR[:KEY=VALUE...]`, meshproxy@NAME: the meshproxy of another source
+  tree (a change under test) or with other environment (PYTHONPATH to a compiled h2), in the
+  same rounds; its ratios to meshproxy and Traefik are reported.
 - with `--with-floor`, h2-floor (bench/minimal_h2_relay.py): a bare relay on the h2 library,
   both backend protocols; meshproxy / h2-floor is what our own code costs beyond the library.
 
@@ -24,12 +27,13 @@ per-request log. Results: bench/results/h2c-<when>.json and bench/results/h2c.md
 
     python bench/h2c_throughput.py [--rounds 5] [--duration 5] [--clients 10] [--streams 10]
                                    [--no-pin] [--only meshproxy-h1,haproxy-h1,...]
-                                   [--with-floor]
+                                   [--with-floor] [--variant NAME=DIR[:KEY=VALUE...]]
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import statistics
 import subprocess
 import sys
@@ -108,6 +112,17 @@ def start_haproxy_h2c(workdir: Path, port: int, h1: int, h2c: int) -> subprocess
     )
 
 
+def parse_variants(specs: list[str]) -> dict[str, tuple[Path, dict[str, str]]]:
+    """`NAME=DIR[:KEY=VALUE...]` -> {"meshproxy@NAME": (DIR, {KEY: VALUE})}."""
+    variants = {}
+    for spec in specs:
+        name, _, rest = spec.partition("=")
+        source, *pairs = rest.split(":")
+        env = dict(pair.split("=", 1) for pair in pairs)
+        variants[f"meshproxy@{name}"] = (Path(source).resolve(), env)
+    return variants
+
+
 def start_floor(port: int, upstream: int, kind: str) -> subprocess.Popen[bytes]:
     """bench/minimal_h2_relay.py: the cost of Python + uvloop + the h2 library alone."""
     relay = Path(__file__).resolve().parent / "minimal_h2_relay.py"
@@ -166,6 +181,14 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=10)
     parser.add_argument("--only", default="", help="comma list of targets (default: all)")
     parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=DIR[:KEY=VALUE...]",
+        help="also measure the meshproxy of source tree DIR (with those environment variables) "
+        "as meshproxy@NAME-h1 / -h2c, e.g. a change or a compiled h2, in the same rounds",
+    )
+    parser.add_argument(
         "--with-floor",
         action="store_true",
         help="also measure bench/minimal_h2_relay.py (a bare relay on the h2 library)",
@@ -178,6 +201,8 @@ def main() -> int:
     )
     args = parser.parse_args()
     PINNING["on"] = args.pin
+    # SIGTERM runs the `finally` that stops every process this bench started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ensure_tools()
     ensure_h2load()
     from meshproxy.build_info import hot_path_state
@@ -191,29 +216,41 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         try:
-            procs.append(start_fixed_backend(workdir, h1_port, h2c_port))
-            procs.append(start_haproxy_h2c(workdir, ports["haproxy"], h1_port, h2c_port))
+            backend = start_fixed_backend(workdir, h1_port, h2c_port)
+            procs.append(backend)
             config = dynamic(h1_port, h2c_port)
-            procs.append(start_traefik(workdir, ports["traefik"], traefik_api, config))
-            procs.append(start_meshproxy(workdir, ports["meshproxy"], admin, config))
+            pids = {  # taskset execs the command: the pid is the proxy's own
+                "haproxy": start_haproxy_h2c(workdir, ports["haproxy"], h1_port, h2c_port),
+                "traefik": start_traefik(workdir, ports["traefik"], traefik_api, config),
+                "meshproxy": start_meshproxy(workdir, ports["meshproxy"], admin, config),
+            }
+            procs.extend(pids.values())
+            variants = parse_variants(args.variant)
+            for name, (source, env) in variants.items():
+                ports[name] = free_port()
+                pids[name] = start_meshproxy(workdir, ports[name], free_port(), config, source, env)
+                procs.append(pids[name])
             floors = {"h1": free_port(), "h2c": free_port()} if args.with_floor else {}
             for kind, port in floors.items():
                 upstream = h1_port if kind == "h1" else h2c_port
-                procs.append(start_floor(port, upstream, kind))
+                pids[f"h2-floor-{kind}"] = start_floor(port, upstream, kind)
+                procs.append(pids[f"h2-floor-{kind}"])
             for port in (h1_port, h2c_port, *ports.values(), *floors.values(), admin):
                 wait_port(port)
             wait_traefik_routers(traefik_api, {"bench-h1", "bench-h2c"})
-            targets = {"backend-h2c": f"http://127.0.0.1:{h2c_port}/bench"}
+            targets = {"backend-h2c": (f"http://127.0.0.1:{h2c_port}/bench", backend.pid)}
             for kind in KINDS:
-                for name in PROXIES:
-                    targets[f"{name}-{kind}"] = f"http://127.0.0.1:{ports[name]}/{kind}/bench"
+                for name in (*PROXIES, *variants):
+                    url = f"http://127.0.0.1:{ports[name]}/{kind}/bench"
+                    targets[f"{name}-{kind}"] = (url, pids[name].pid)
                 if kind in floors:
-                    targets[f"h2-floor-{kind}"] = f"http://127.0.0.1:{floors[kind]}/{kind}/bench"
+                    url = f"http://127.0.0.1:{floors[kind]}/{kind}/bench"
+                    targets[f"h2-floor-{kind}"] = (url, pids[f"h2-floor-{kind}"].pid)
             if args.only:
                 wanted = set(args.only.split(","))
                 targets = {k: v for k, v in targets.items() if k in wanted}
             deadline = time.monotonic() + 15  # the proxies apply their config asynchronously
-            for name, url in list(targets.items()):
+            for name, (url, _) in list(targets.items()):
                 while (why := probe(url)) is not None and time.monotonic() < deadline:
                     time.sleep(0.2)
                 if why is not None:
@@ -221,16 +258,17 @@ def main() -> int:
                     del targets[name]
                     print(f"{name}: not served ({why})", flush=True)
             h2load = (args.duration, args.clients, args.streams, (AUTHORITY,))
-            for url in targets.values():  # warm-up
+            for url, _ in targets.values():  # warm-up
                 run_h2load(url, 2, *h2load[1:])
             rounds: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
             for index in range(args.rounds):
-                for name, url in targets.items():
-                    result = run_h2load(url, *h2load)
+                for name, (url, pid) in targets.items():
+                    result = run_h2load(url, *h2load, pid=pid)
                     rounds[name].append(result)
                     print(
                         f"round {index + 1} {name:18s} {result['rps']:9.0f} req/s  "
                         f"p50 {result['p50_ms']:.2f} ms  p99 {result['p99_ms']:.2f} ms  "
+                        f"CPU {result['cpu_us_per_req']:.1f} us/req ({result['cpu_util']:.0%})  "
                         f"failed {result['failed']:.0f} errored {result['errored']:.0f}",
                         flush=True,
                     )
@@ -246,23 +284,23 @@ def main() -> int:
 def build_report(
     args: Any, rounds: dict[str, list[dict[str, float]]], skipped: dict[str, str], build: str
 ) -> dict[str, Any]:
-    keys = ("rps", "p50_ms", "p99_ms", "failed", "errored")
+    keys = ("rps", "p50_ms", "p99_ms", "cpu_us_per_req", "cpu_util", "failed", "errored")
     median = {
         name: {key: statistics.median(r[key] for r in results) for key in keys}
         for name, results in rounds.items()
     }
     ratios: dict[str, dict[str, float]] = {}
+    variants = sorted({n.rsplit("-", 1)[0] for n in rounds if n.startswith("meshproxy@")})
+    pairs = [*PAIRS, *((v, "meshproxy") for v in variants), *((v, "traefik") for v in variants)]
     for kind in KINDS:
-        for name, peer in (
-            ("meshproxy", "haproxy"),
-            ("meshproxy", "traefik"),
-            ("traefik", "haproxy"),
-        ):
+        for name, peer in pairs:
             a, b = f"{name}-{kind}", f"{peer}-{kind}"
             if a in rounds and b in rounds:
                 ratios[f"{a} / {b}"] = {
                     "rps": paired_ratio(rounds[a], rounds[b], "rps"),
                     "p99": paired_ratio(rounds[a], rounds[b], "p99_ms"),
+                    # requests per CPU-second: the one-core capacity, robust to a shared VM
+                    "capacity": paired_ratio(rounds[b], rounds[a], "cpu_us_per_req"),
                 }
     return {
         "when": timestamp(),
@@ -277,6 +315,7 @@ def build_report(
             "meshproxy_hot_path": build,
             "pinned": "proxies on CPU 1, h2load and backend on CPU 0" if args.pin else "no",
         },
+        "variants": {n: f"{src} {env}" for n, (src, env) in parse_variants(args.variant).items()},
         "not_served": skipped,
         "rounds": rounds,
         "median": median,
@@ -295,17 +334,24 @@ def table(args: Any, report: dict[str, Any]) -> list[str]:
         f"pinning: {setup['pinned']}. req/s and latencies are medians over rounds; ratios are "
         "medians of per-round ratios (same backend protocol).",
         "",
-        "| target | req/s | p50 ms | p99 ms | failed |",
-        "|---|---:|---:|---:|---:|",
+        "CPU µs/req is the CPU time (user + system) the process under test used per request; "
+        "its CPU use is CPU seconds per second of load (1.00 = the whole core it is pinned "
+        "to). Capacity = requests per CPU-second (1e6 / CPU µs per request), the rate the "
+        "target would reach with its core to itself: on a VM shared with other work, req/s "
+        "moves with the neighbours, CPU per request far less.",
+        "",
+        "| target | req/s | p50 ms | p99 ms | CPU µs/req | CPU use | capacity req/s | failed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, s in report["median"].items():
         lines.append(
             f"| {name} | {s['rps']:.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | "
-            f"{s['failed'] + s['errored']:.0f} |"
+            f"{s['cpu_us_per_req']:.1f} | {s['cpu_util']:.2f} | "
+            f"{1e6 / s['cpu_us_per_req']:.0f} | {s['failed'] + s['errored']:.0f} |"
         )
-    lines += ["", "| ratio | req/s | p99 |", "|---|---:|---:|"]
+    lines += ["", "| ratio | req/s | p99 | capacity |", "|---|---:|---:|---:|"]
     for name, r in report["ratios"].items():
-        lines.append(f"| {name} | {r['rps']:.2f}x | {r['p99']:.2f}x |")
+        lines.append(f"| {name} | {r['rps']:.2f}x | {r['p99']:.2f}x | {r['capacity']:.2f}x |")
     for name, why in report["not_served"].items():
         lines.append(f"\n{name}: not served in this run ({why}).")
     return lines
