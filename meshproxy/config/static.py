@@ -199,6 +199,47 @@ class TCPServersTransportStatic(_Base):
     tls: TCPServersTransportTLSStatic | None = None
 
 
+class TracingOTLPTLS(_Base):
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    insecure_skip_verify: bool | None = None
+
+
+class TracingOTLPHTTP(_Base):
+    """Traefik's tracing.otlp.http: where spans go (OTLP/HTTP, protobuf)."""
+
+    endpoint: str | None = None  # default: OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT, else localhost
+    tls: TracingOTLPTLS | None = None
+    headers: dict[str, str] | None = None
+
+
+class TracingOTLPGRPC(_Base):
+    endpoint: str | None = None
+    insecure: bool | None = None
+    tls: TracingOTLPTLS | None = None
+    headers: dict[str, str] | None = None
+
+
+class TracingOTLP(_Base):
+    http: TracingOTLPHTTP | None = None
+    grpc: TracingOTLPGRPC | None = None
+
+
+class Tracing(_Base):
+    """Traefik v3's static `tracing` section (observability/tracing.py)."""
+
+    service_name: str | None = None  # default: OTEL_SERVICE_NAME, else "traefik"
+    resource_attributes: dict[str, str] | None = None
+    global_attributes: dict[str, str] | None = None  # Traefik's deprecated name of the above
+    captured_request_headers: list[str] | None = None
+    captured_response_headers: list[str] | None = None
+    safe_query_params: list[str] | None = None
+    sample_rate: float | None = None  # head sampling, 0..1 (default 1)
+    add_internals: bool | None = None
+    otlp: TracingOTLP | None = None
+
+
 class Core(_Base):
     default_rule_syntax: str | None = None
 
@@ -211,7 +252,7 @@ class StaticConfig(_Base):
     log: Log = msgspec.field(default_factory=Log)
     access_log: Raw | None = None
     metrics: Metrics | None = None
-    tracing: Raw | None = None
+    tracing: Tracing | None = None
     servers_transport: ServersTransportStatic | None = None
     tcp_servers_transport: TCPServersTransportStatic | None = None
     global_: Raw | None = msgspec.field(default=None, name="global")
@@ -226,7 +267,6 @@ class StaticConfig(_Base):
 # Sections we decode but do not act on: a warning says so, once.
 _NOT_IMPLEMENTED = {
     "accessLog": "access logs are not implemented yet",
-    "tracing": "tracing is not implemented yet",
     "experimental": "experimental features are not implemented",
     "certificatesResolvers": "ACME certificate resolvers are not implemented",
     "hub": "Traefik Hub is not supported",
@@ -367,6 +407,12 @@ def build_static(file_data: bytes | str | None, flags: list[str]) -> tuple[Stati
     for key, message in _NOT_IMPLEMENTED.items():
         if key in normalized:
             warnings.append(f"{key}: {message}; option ignored")
+    tracing = config.tracing
+    if tracing is not None and tracing.otlp is not None and tracing.otlp.grpc is not None:
+        warnings.append("tracing.otlp.grpc: only OTLP/HTTP export is implemented; ignored")
+    if tracing is not None and tracing.sample_rate is not None:
+        if not 0 <= tracing.sample_rate <= 1:
+            errors.append(ConfigError("tracing.sampleRate", "must be within 0..1"))
     if config.metrics is not None:
         for key in ("datadog", "influxDB", "influxDB2", "statsd", "otlp"):
             if normalized["metrics"].get(key) is not None:

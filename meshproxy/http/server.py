@@ -242,6 +242,8 @@ class HTTPEntryPoint:
         # `tls` hook, and what it gives non-TLS connections instead of HTTP/1.1 directly.
         self.tls_hook: Callable[[asyncio.Transport, bytes], None] | None = None
         self.plain_factory: Callable[[], asyncio.Protocol] | None = None
+        # The same for HTTP/2 prior knowledge (TCP routers first): set by meshproxy.l4.tls.
+        self.plain_h2_factory: Callable[[], asyncio.Protocol] | None = None
 
     def forwarded_fields(
         self, host: bytes, port: str, client_ip: str
@@ -302,9 +304,8 @@ class HTTPEntryPoint:
         """The first protocol of an accepted connection: it tells HTTP/1.1 from HTTP/2 and
         TLS by the first bytes (meshproxy.l4.sniff)."""
         plain = self.plain_factory or self.protocol_factory
-        return SniffingProtocol(
-            plain, self.sniffing, self.on_open, http2=self.h2_factory, tls=self.tls_hook
-        )
+        http2 = self.plain_h2_factory or self.h2_factory
+        return SniffingProtocol(plain, self.sniffing, self.on_open, http2=http2, tls=self.tls_hook)
 
     def sweep(self) -> None:
         """Close idle keep-alive connections and clients that dribble their headers. Times

@@ -206,6 +206,7 @@ class L4Entry:
         self.peek_timeout = float(http_entry.settings.read_timeout)
         http_entry.tls_hook = self.take_tls
         http_entry.plain_factory = self.plain_protocol
+        http_entry.plain_h2_factory = self.plain_h2_protocol
 
     def table(self) -> L4Table | None:
         tables: dict[str, L4Table] = getattr(self.snapshot(), "l4_tables", {})
@@ -232,7 +233,16 @@ class L4Entry:
         table = self.table()
         if table is None or not table.plain:
             return self.http_entry.protocol_factory()  # type: ignore[no-any-return]
-        return _PlainDispatch(self, table)
+        return _PlainDispatch(self, table, self.http_entry.protocol_factory)
+
+    def plain_h2_protocol(self) -> asyncio.Protocol:
+        """What the sniffer gives an HTTP/2 prior-knowledge connection: as `plain_protocol`,
+        a non-TLS TCP router first (Traefik's muxer sees every non-TLS connection), else the
+        HTTP/2 server."""
+        table = self.table()
+        if table is None or not table.plain:
+            return self.http_entry.h2_factory()  # type: ignore[no-any-return]
+        return _PlainDispatch(self, table, self.http_entry.h2_factory)
 
     def take_tls(self, transport: asyncio.Transport, data: bytes) -> None:
         """The sniffer's `tls` hook: read the ClientHello, starting with `data`."""
@@ -423,13 +433,16 @@ class _Terminated(asyncio.Protocol):
 class _PlainDispatch(asyncio.Protocol):
     """A non-TLS connection on an entrypoint with non-TLS TCP routers: the sniffer calls
     `connection_made` then `data_received` with the bytes it read; the first non-TLS TCP
-    router that matches takes it, else HTTP/1.1."""
+    router that matches takes it, else `http` (the HTTP/1.1 or the HTTP/2 server)."""
 
-    __slots__ = ("entry", "table", "transport")
+    __slots__ = ("entry", "http", "table", "transport")
 
-    def __init__(self, entry: L4Entry, table: L4Table) -> None:
+    def __init__(
+        self, entry: L4Entry, table: L4Table, http: Callable[[], asyncio.Protocol]
+    ) -> None:
         self.entry = entry
         self.table = table
+        self.http = http
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -444,7 +457,7 @@ class _PlainDispatch(asyncio.Protocol):
         if route is not None:
             self.entry.relay(transport, route, view, data)
             return
-        protocol = self.entry.http_entry.protocol_factory()
+        protocol = self.http()
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         protocol.data_received(data)

@@ -1185,3 +1185,31 @@ async def test_wss_through_an_https_router(proxy_factory):
             big = bytes(range(256)) * 4096
             await ws.send(big)
             assert await asyncio.wait_for(ws.recv(), 10) == big
+
+
+async def test_h2c_prior_knowledge_goes_to_a_matching_plain_tcp_router_first(
+    proxy_factory, recorders
+):
+    """Traefik router.go: every non-TLS connection on an entrypoint with TCP routers meets
+    the TCP muxer before the HTTP handler, whatever its bytes; an HTTP/2 prior-knowledge
+    preface (RFC 9113 §3.4) is no exception. With no plain TCP router matching, it is served
+    by the HTTP/2 server (its SETTINGS frame, type 0x4, comes back)."""
+    tls_backend = await recorders(b"tls")
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+    plain = await recorders(b"plain", expect=len(preface))
+    config = tcp_config(
+        {"t": ("HostSNI(`x.test`)", "t", PASS), "p": ("ClientIP(`10.0.0.0/8`)", "p", None)},
+        {"t": tls_backend.address, "p": plain.address},
+    )
+    del config["tcp"]["routers"]["p"]["tls"]
+    proxy = await proxy_factory(config)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(preface + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # preface + empty SETTINGS
+    head = await asyncio.wait_for(reader.readexactly(9), 10)
+    assert head[3] == 0x4  # the server's preface is a SETTINGS frame
+    writer.close()
+    config["tcp"]["routers"]["p"]["rule"] = "HostSNI(`*`)"
+    proxy.write(config)
+    await wait_for(lambda: proxy.generation() >= 2, 10, "reload")
+    assert await raw_exchange(proxy.port, preface) == b"plain"
+    assert plain.received == [preface]
