@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from meshproxy.http.fields import Fields, field_list, http_date
 from meshproxy.http.grpc import is_grpc, local_answer_fields
@@ -152,6 +152,7 @@ class Exchange:
         "protocol",
         "replay_body",
         "request",
+        "request_bytes",
         "request_error",
         "request_trailers",
         "response_hooks",
@@ -160,6 +161,7 @@ class Exchange:
         "router",
         "service",
         "sink",
+        "span",
         "started_at",
         "status",
         "swallow",
@@ -197,6 +199,10 @@ class Exchange:
         self.request_trailers: list[tuple[bytes, bytes]] | None = None
         self.response_trailers: list[tuple[bytes, bytes]] | None = None
         self.protocol = ""  # metrics label, computed once
+        self.request_bytes = 0  # request body bytes received (traefik_*_requests_bytes_total)
+        # The server span (observability.tracing.ServerSpan) while tracing samples it, or None:
+        # typed loosely so this compiled module never imports the OpenTelemetry SDK.
+        self.span: Any = None
         # Set by middlewares: edit response headers on the way out (headers middleware) ...
         self.response_hooks: list[ResponseHook] | None = None
         # ... drop a response whose status makes it worth another try (retry on status) ...
@@ -210,6 +216,7 @@ class Exchange:
     def on_request_body(self, chunk: bytes) -> None:
         if self.replay_body is not None:
             self.replay_body.add(chunk)
+        self.request_bytes += len(chunk)
         target = self.body_target
         if target is not None:
             target.send_body(chunk)
