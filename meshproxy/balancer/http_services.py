@@ -90,7 +90,16 @@ class LoadBalancerService:
         state.in_flight += 1
         target = self.targets[index]
         try:
-            target.pool.send(ex, target, _Attempt(self, state, ex, finish, perf_counter()).done)
+            span = ex.span  # tracing: one client span per try, its context sent upstream
+            attempt = _Attempt(
+                self,
+                state,
+                ex,
+                finish,
+                perf_counter(),
+                None if span is None else span.attempt(ex, target.url, target.host_header),
+            )
+            target.pool.send(ex, target, attempt.done)
         except BaseException:
             state.in_flight -= 1  # the try never started: its `done` will not come
             raise
@@ -145,7 +154,7 @@ class _Attempt:
     closure, because compiled by mypyc a closure and its environment form a reference cycle,
     which would leave every request's objects to the garbage collector."""
 
-    __slots__ = ("ex", "finish", "service", "started", "state")
+    __slots__ = ("ex", "finish", "service", "span", "started", "state")
 
     def __init__(
         self,
@@ -154,8 +163,10 @@ class _Attempt:
         ex: Exchange,
         finish: Finish,
         started: float,
+        span: Any = None,
     ) -> None:
         self.service = service
+        self.span = span  # observability.tracing.ClientSpan, or None
         self.state = state
         self.ex = ex
         self.finish = finish
@@ -170,8 +181,12 @@ class _Attempt:
         elif isinstance(exc, ProxyError):
             status = exc.status
         else:  # cancelled, or a bug: dispatch logs it; no service series for it
+            if self.span is not None:
+                self.span.end(ex, 500, exc)
             self.finish(ex, exc)
             return
+        if self.span is not None:
+            self.span.end(ex, status, exc)
         service = self.service
         seconds = now - self.started
         service.observe(self.state, exc, status, now, seconds)
