@@ -41,6 +41,9 @@ def make_dispatcher(
         elif ex.request_error:
             status = ex.request_error
         metrics.record_request(ex, status or 500, perf_counter() - ex.started_at)
+        span = ex.span  # tracing (observability.tracing): the server span ends here
+        if span is not None:
+            span.end(ex, status or 500)
         ex.sink.exchange_done(ex)
 
     def dispatch(ex: Exchange) -> None:
