@@ -74,6 +74,13 @@ class ProxyDaemon:
             )
         else:
             self.metrics = RequestMetrics()
+        self.tracing: Any = None  # observability.tracing.Tracing, with a `tracing` section
+        if self.static.tracing is not None:
+            from meshproxy.observability.tracing import DroppedSpansCollector, from_static
+
+            self.tracing = from_static(self.static.tracing, lambda: self.manager.snapshot)
+            dropped = DroppedSpansCollector(self.tracing)
+            self.metrics.registry.register(dropped)  # type: ignore[arg-type]
         self.http_entrypoints: dict[str, Any] = {}
         self.udp_entrypoints: list[str] = []
         for name, entry in self.static.entry_points.items():
@@ -187,6 +194,13 @@ class ProxyDaemon:
                 on_open=http_entry.on_open,
                 on_protocol_error=http_entry.on_protocol_error,
             )
+            if self.tracing is not None:  # the server span opens before routing, as Traefik's
+                from meshproxy.observability.tracing import TracedEntry
+
+                http_entry.handler = TracedEntry(self.tracing, http_entry.handler)
+                sni_check = https_entry.handler
+                assert isinstance(sni_check, SNICheck)
+                sni_check.next_handler = TracedEntry(self.tracing, sni_check.next_handler)
             try:
                 server = await loop.create_server(
                     self._protocol_factory(name, http_entry, https_entry),
@@ -362,6 +376,9 @@ class ProxyDaemon:
                 await task
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
+        if self.tracing is not None:  # export what is queued, bounded by the exporter's timeout
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.to_thread(self.tracing.shutdown), 5.0)
         self.state.close()
 
     async def run_forever(self) -> None:
