@@ -11,12 +11,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from math import exp
 from time import perf_counter
 from typing import Any
 
 from meshproxy.balancer.outlier import OutlierDetector
 from meshproxy.balancer.sticky import Sticky
-from meshproxy.balancer.strategies import PeakEWMA, ServerState, Strategy, make_strategy
+from meshproxy.balancer.strategies import (
+    DEFAULT_DECAY,
+    PeakEWMA,
+    ServerState,
+    Strategy,
+    make_strategy,
+)
 from meshproxy.balancer.wrr import SmoothWeightedRoundRobin
 from meshproxy.http.errors import NoServerAvailable, ProxyError
 from meshproxy.http.exchange import Exchange, Finish, Handler, NullSink
@@ -28,6 +35,7 @@ log = logging.getLogger("meshproxy.balancer")
 # The latency a failed try counts as for the peak-EWMA estimate (seconds): a server that
 # refuses connections in a millisecond must not look like the fastest one.
 FAILURE_RTT = 1.0
+INVERSE_DECAY = 1.0 / DEFAULT_DECAY
 
 
 class LoadBalancerService:
@@ -114,7 +122,15 @@ class LoadBalancerService:
             return
         failed = status >= 500  # the pool's errors (connect, reset, timeout) are 502/504
         if self.ewma:
-            state.observe(seconds if not failed or seconds > FAILURE_RTT else FAILURE_RTT, now)
+            # ServerState.observe (peak EWMA, 10 s decay), inlined: it runs for every request
+            sample = seconds if not failed or seconds > FAILURE_RTT else FAILURE_RTT
+            stamp = state.stamp
+            if stamp < 0.0 or sample > state.rtt:
+                state.rtt = sample
+            else:
+                weight = exp(min(stamp - now, 0.0) * INVERSE_DECAY)
+                state.rtt = state.rtt * weight + sample * (1.0 - weight)
+            state.stamp = now
         outlier = self.outlier
         # a success with nothing to reset skips the detector: the common case stays cheap
         if outlier is not None and (failed or state.consecutive_failures):
