@@ -27,6 +27,7 @@ from meshproxy.http.transports import TransportError, default_transport
 from meshproxy.http.upstream import TransportSettings
 from meshproxy.l4.tls import L4Entry, SNICheck, https_key
 from meshproxy.l4.udp import UDPEntryPoint, fd_budget_warning, udp_settings
+from meshproxy.observability.access_log import AccessLog, build_access_log
 from meshproxy.observability.metrics import DEFAULT_BUCKETS, RequestMetrics
 from meshproxy.providers.file import FileProvider
 from meshproxy.providers.http_poll import HTTPProvider
@@ -74,6 +75,12 @@ class ProxyDaemon:
             )
         else:
             self.metrics = RequestMetrics()
+        try:
+            self.access_log: AccessLog | None = build_access_log(
+                self.static.access_log, self.metrics
+            )
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
         self.tracing: Any = None  # observability.tracing.Tracing, with a `tracing` section
         if self.static.tracing is not None:
             from meshproxy.observability.tracing import DroppedSpansCollector, from_static
@@ -176,7 +183,7 @@ class ProxyDaemon:
             apply_http2_limits(settings, entry.http2)
             http_entry = HTTPEntryPoint(
                 settings,
-                make_dispatcher(name, self.manager, self.metrics),
+                make_dispatcher(name, self.manager, self.metrics, self.access_log),
                 on_open=lambda delta, n=name: self.metrics.connection_delta(n, "TCP", delta),
                 on_protocol_error=lambda status, n=name: self.metrics.add_protocol_error(n, status),
             )
@@ -188,7 +195,7 @@ class ProxyDaemon:
                 SNICheck(
                     name,
                     lambda m=manager: m.snapshot,  # type: ignore[misc]
-                    make_dispatcher(https_key(name), manager, self.metrics),
+                    make_dispatcher(https_key(name), manager, self.metrics, self.access_log),
                     self.metrics,
                 ),
                 on_open=http_entry.on_open,
@@ -376,6 +383,8 @@ class ProxyDaemon:
                 await task
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
+        if self.access_log is not None:
+            await asyncio.to_thread(self.access_log.close)  # the lines still queued
         if self.tracing is not None:  # export what is queued, bounded by the exporter's timeout
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.to_thread(self.tracing.shutdown), 5.0)

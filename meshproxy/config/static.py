@@ -168,6 +168,36 @@ class Metrics(_Base):
     otlp: Raw | None = None
 
 
+class AccessLogFilters(_Base):
+    """Traefik's accessLog.filters: a line is kept if any filter set keeps it."""
+
+    status_codes: list[str] | None = None  # "200", "300-302"
+    retry_attempts: bool | None = None
+    min_duration: Duration | None = None
+
+
+class AccessLogHeaders(_Base):
+    default_mode: str | None = None  # keep | drop | redact (Traefik's default: drop)
+    names: dict[str, str] | None = None
+
+
+class AccessLogFields(_Base):
+    default_mode: str | None = None  # keep | drop (Traefik's default: keep)
+    names: dict[str, str] | None = None
+    headers: AccessLogHeaders | None = None
+
+
+class AccessLog(_Base):
+    """Traefik's static accessLog section (observability/access_log.py)."""
+
+    file_path: str | None = None  # default: standard output
+    format: str | None = None  # common | genericCLF | json
+    buffering_size: int | None = None
+    filters: AccessLogFilters | None = None
+    fields: AccessLogFields | None = None
+    add_internals: bool | None = None
+
+
 class ForwardingTimeoutsStatic(_Base):
     dial_timeout: Duration | None = None
     response_header_timeout: Duration | None = None
@@ -250,7 +280,7 @@ class StaticConfig(_Base):
     ping: Ping | None = None
     api: API | None = None
     log: Log = msgspec.field(default_factory=Log)
-    access_log: Raw | None = None
+    access_log: AccessLog | None = None
     metrics: Metrics | None = None
     tracing: Tracing | None = None
     servers_transport: ServersTransportStatic | None = None
@@ -266,7 +296,6 @@ class StaticConfig(_Base):
 
 # Sections we decode but do not act on: a warning says so, once.
 _NOT_IMPLEMENTED = {
-    "accessLog": "access logs are not implemented yet",
     "experimental": "experimental features are not implemented",
     "certificatesResolvers": "ACME certificate resolvers are not implemented",
     "hub": "Traefik Hub is not supported",
@@ -332,7 +361,15 @@ def flags_to_tree(args: list[str]) -> tuple[dict[str, Any], list[str]]:
     return tree, problems
 
 
-_LIST_KEYS = {"trustedips", "buckets", "sourcerange", "rootcas", "middlewares", "connection"}
+_LIST_KEYS = {
+    "statuscodes",
+    "trustedips",
+    "buckets",
+    "sourcerange",
+    "rootcas",
+    "middlewares",
+    "connection",
+}
 
 
 def _enable_structs(value: Any, tp: Any) -> Any:

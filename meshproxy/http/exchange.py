@@ -155,10 +155,14 @@ class Exchange:
         "request_bytes",
         "request_error",
         "request_trailers",
+        "response_bytes",
+        "response_headers",
         "response_hooks",
         "response_started",
         "response_trailers",
+        "retries",
         "router",
+        "server_url",
         "service",
         "sink",
         "span",
@@ -167,6 +171,7 @@ class Exchange:
         "swallow",
         "swallowed_status",
         "upstream",
+        "why",
     )
 
     def __init__(
@@ -203,6 +208,15 @@ class Exchange:
         # The server span (observability.tracing.ServerSpan) while tracing samples it, or None:
         # typed loosely so this compiled module never imports the OpenTelemetry SDK.
         self.span: Any = None
+        # Why the proxy itself failed or refused the exchange ("" if it did not): one of the
+        # codes of observability.access_log.WHY_CODES, set where the failure is decided, for
+        # the access log, the span and `meshproxy_exchange_failures_total`.
+        self.why = ""
+        self.retries = 0  # tries after the first (Traefik's RetryAttempts)
+        self.server_url = ""  # the server the balancer picked last (Traefik's ServiceURL)
+        # What went to the client: the response head's fields and body bytes (access log).
+        self.response_headers: Fields | None = None
+        self.response_bytes = 0
         # Set by middlewares: edit response headers on the way out (headers middleware) ...
         self.response_hooks: list[ResponseHook] | None = None
         # ... drop a response whose status makes it worth another try (retry on status) ...
@@ -315,10 +329,12 @@ class Exchange:
                 headers = hook(self, status, headers)
         self.status = status
         self.response_started = True
+        self.response_headers = headers
         self.sink.write_head(self, status, headers, content_length, no_body)
 
     def send_body(self, chunk: bytes) -> None:
         if not self.swallowed_status:
+            self.response_bytes += len(chunk)
             self.sink.write_body(self, chunk)
 
     def end_response(self) -> None:

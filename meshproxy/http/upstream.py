@@ -486,6 +486,7 @@ class UpstreamConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         ex = self.ex
         if ex is not None and not self._response_complete and not ex.swallowed_status:
+            ex.response_bytes += len(body)
             ex.sink.write_body(ex, body)  # Exchange.send_body, without the extra call
 
     def on_message_complete(self) -> None:
@@ -596,6 +597,7 @@ class UpstreamPool:
     def send(self, ex: Exchange, target: ServerTarget, done: DoneCallback) -> None:
         """Send `ex` to this server (see the module docstring). On an idle keep-alive
         connection (the common case) this is all callbacks; a dial runs in a Task."""
+        ex.server_url = target.url  # the access log's ServiceURL
         head, chunked = build_request_head(ex, target, self.http10)
         conn = self.take_idle()
         if conn is None:

@@ -974,6 +974,7 @@ class H2Pool:
 
     def send(self, ex: Exchange, target: ServerTarget, done: DoneCallback) -> None:
         """Send `ex` as a stream on a connection with room, or queue it for one."""
+        ex.server_url = target.url  # the access log's ServiceURL
         if ex.client_gone:
             done(ClientGone())
             return

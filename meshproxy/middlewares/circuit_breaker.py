@@ -199,6 +199,7 @@ def build_circuit_breaker(
 
     def circuit_breaker(ex: Exchange, finish: Finish) -> None:
         if breaker.state != STANDBY and not breaker.admit():
+            ex.why = "breaker_open"
             ex.respond(status, body)
             finish(ex, None)
             return

@@ -22,6 +22,7 @@ def build_in_flight_req(options: InFlightReq, next_handler: Handler, ctx: BuildC
         source = source_of(ex.request)
         count = in_flight.get(source, 0)
         if count >= amount:
+            ex.why = "rate_limited"  # a concurrency limit: refused for the same reason
             ex.respond(429, b"Too Many Requests")
             finish(ex, None)
             return

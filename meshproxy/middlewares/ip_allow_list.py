@@ -22,6 +22,7 @@ def build_ip_allow_list(options: IPAllowList, next_handler: Handler, ctx: BuildC
 
     def ip_allow_list(ex: Exchange, finish: Finish) -> None:
         if not networks.contains(get_ip(ex.request)):
+            ex.why = "denied"
             ex.respond(status, body)
             finish(ex, None)
             return

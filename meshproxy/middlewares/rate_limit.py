@@ -119,6 +119,7 @@ def build_rate_limit(options: RateLimit, next_handler: Handler, ctx: BuildContex
             asyncio.get_running_loop().call_later(delay, go_on, ex, finish)
         else:
             state.cancel(source)
+            ex.why = "rate_limited"
             ex.respond(
                 429,
                 TOO_MANY,

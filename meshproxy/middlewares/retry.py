@@ -231,6 +231,7 @@ class _Tries:
         if policy.budget is not None:
             policy.budget.record_retry(monotonic())
         policy.metrics.add_retry(ex.service or policy.router)
+        ex.retries += 1
         ex.swallowed_status = 0
         ex.request.restore(self.checkpoint)
         ex.response_hooks = list(self.hooks) if self.hooks else None

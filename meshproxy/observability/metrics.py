@@ -145,6 +145,10 @@ class RequestMetrics:
         # (service, server url) -> 1 while ejected
         self.outlier_ejected: dict[tuple[str, str], int] = {}
         self.udp: dict[str, UDPCounters] = {}  # UDP entrypoint -> its counters
+        # (entrypoint, service, why code) -> exchanges the proxy failed or refused itself
+        self.failures: dict[tuple[str, str, str], int] = {}
+        # access log lines not written (file unwritable, disk full), see access_log.py
+        self.access_log_errors = 0
         self.reloads_total = 0
         self.last_reload_success = 0.0
         self.reload_failures_total = 0
@@ -190,6 +194,11 @@ class RequestMetrics:
             hist.sum += seconds
             hist.buckets[bisect_left(self.bounds, seconds)] += 1
 
+    def record_failure(self, ex: Exchange) -> None:
+        """An exchange with a "why" code (`ex.why`, see observability.access_log)."""
+        key = (ex.entrypoint, ex.service, ex.why)
+        self.failures[key] = self.failures.get(key, 0) + 1
+
     def add_retry(self, service: str) -> None:
         self.retries[service] = self.retries.get(service, 0) + 1
 
@@ -219,6 +228,7 @@ class RequestMetrics:
         self.router = {k: v for k, v in self.router.items() if k[3] in routers}
         self.service = {k: v for k, v in self.service.items() if k[3] in services}
         self.retries = {k: v for k, v in self.retries.items() if k in services}
+        self.failures = {k: v for k, v in self.failures.items() if not k[1] or k[1] in services}
         self.server_up = {k: v for k, v in self.server_up.items() if k[0] in services}
         self.outlier_ejections = {
             k: v for k, v in self.outlier_ejections.items() if k[0] in services
@@ -300,6 +310,22 @@ class RequestMetrics:
         for (entrypoint, status), count in self.protocol_errors.items():
             errors.add_metric([entrypoint, str(status)], count)
         yield errors
+        failures = CounterMetricFamily(
+            "meshproxy_exchange_failures",
+            "Requests the proxy failed or refused itself, by why code (no_route, "
+            "no_healthy_server, upstream_connect_failure, upstream_reset, timeout, "
+            "rate_limited, breaker_open, denied, client_gone, internal_error).",
+            labels=["entrypoint", "service", "why"],
+        )
+        for (entrypoint, service, why), count in self.failures.items():
+            failures.add_metric([entrypoint, service, why], count)
+        yield failures
+        log_errors = CounterMetricFamily(
+            "meshproxy_accesslog_write_errors",
+            "Access log writes that failed (permission denied, disk full): lines lost.",
+        )
+        log_errors.add_metric([], self.access_log_errors)
+        yield log_errors
         up = GaugeMetricFamily(
             "traefik_service_server_up",
             "service server is up, described by gauge value of 0 or 1.",

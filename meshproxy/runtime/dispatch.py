@@ -12,9 +12,18 @@ import logging
 from collections.abc import Callable
 from time import perf_counter
 
-from meshproxy.http.errors import ClientGone, ProxyError
+from meshproxy.http.errors import (
+    ClientGone,
+    NoServerAvailable,
+    ProxyError,
+    ResponseAborted,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamResponseTimeout,
+)
 from meshproxy.http.exchange import Exchange
 from meshproxy.http.grpc import MalformedTimeout, is_grpc, parse_grpc_timeout
+from meshproxy.observability.access_log import AccessLog
 from meshproxy.observability.metrics import RequestMetrics, protocol_label
 from meshproxy.runtime.manager import ConfigManager
 
@@ -26,10 +35,14 @@ EntryHandler = Callable[[Exchange], None]
 
 
 def make_dispatcher(
-    entrypoint: str, manager: ConfigManager, metrics: RequestMetrics
+    entrypoint: str,
+    manager: ConfigManager,
+    metrics: RequestMetrics,
+    access_log: AccessLog | None = None,
 ) -> EntryHandler:
     """The handler of one entrypoint: `dispatch(ex)` serves `ex` and calls
-    `ex.sink.exchange_done(ex)` exactly once, when the exchange is over (whatever happened)."""
+    `ex.sink.exchange_done(ex)` exactly once, when the exchange is over (whatever happened).
+    With `access_log`, each exchange is queued for it (formatted later, off this path)."""
 
     def finish(ex: Exchange, exc: BaseException | None) -> None:
         if ex.handled:
@@ -40,7 +53,12 @@ def make_dispatcher(
             status = _fail(ex, exc)
         elif ex.request_error:
             status = ex.request_error
-        metrics.record_request(ex, status or 500, perf_counter() - ex.started_at)
+        seconds = perf_counter() - ex.started_at
+        metrics.record_request(ex, status or 500, seconds)
+        if ex.why:
+            metrics.record_failure(ex)
+        if access_log is not None:
+            access_log.record(ex, status or 500, seconds)
         span = ex.span  # tracing (observability.tracing): the server span ends here
         if span is not None:
             span.end(ex, status or 500)
@@ -58,6 +76,7 @@ def make_dispatcher(
         table = manager.snapshot.http_tables.get(entrypoint)
         route = table.match(ex.request) if table is not None else None
         if route is None:
+            ex.why = "no_route"
             ex.respond(404, NOT_FOUND)
             finish(ex, None)
             return
@@ -88,6 +107,7 @@ def grpc_deadline(ex: Exchange) -> bool:
                 ex.respond(400, str(exc).encode())
                 return False
             if timeout <= 0:
+                ex.why = "timeout"
                 ex.respond(504, b"deadline exceeded before the call was routed")
                 return False
             ex.deadline = ex.started_at + timeout
@@ -99,7 +119,10 @@ def _fail(ex: Exchange, exc: BaseException) -> int:
     if ex.request_error:
         return ex.request_error  # the client's connection already got its answer, or was cut
     if ex.client_gone or isinstance(exc, ClientGone | asyncio.CancelledError):
+        ex.why = "client_gone"
         return 499
+    if not ex.why:
+        ex.why = why_code(exc)
     if not isinstance(exc, ProxyError):
         log.error(
             "unexpected error while serving %s %s",
@@ -114,3 +137,20 @@ def _fail(ex: Exchange, exc: BaseException) -> int:
     log.info("aborting response to %s: %s", ex.request.client_ip, exc)
     ex.abort()
     return ex.status
+
+
+def why_code(exc: BaseException) -> str:
+    """The "why" code of a failure the proxy decided (observability.access_log.WHY_CODES)."""
+    if isinstance(exc, NoServerAvailable):
+        return "no_healthy_server"
+    if isinstance(exc, UpstreamConnectError):  # a dial timeout too: the server was not reached
+        return "upstream_connect_failure"
+    if isinstance(exc, UpstreamResponseTimeout):
+        return "timeout"
+    if isinstance(exc, UpstreamError):
+        return "upstream_reset"
+    if isinstance(exc, ResponseAborted):  # the backend broke off a response under way
+        return "upstream_reset"
+    if isinstance(exc, ClientGone):
+        return "client_gone"
+    return "internal_error"
