@@ -52,51 +52,65 @@ def run_tcp_floor(port: int, upstream: int) -> None:
             self.transport: Any = None
             self.pending: list[bytes] = []
 
+        def other(self) -> Any:
+            """The peer's transport while it is open (None before it connects, after it
+            closes: uvloop must not be called on a closed transport)."""
+            peer = self.peer
+            if peer is None or peer.transport is None or peer.transport.is_closing():
+                return None
+            return peer.transport
+
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             self.transport = transport
 
         def data_received(self, data: bytes) -> None:
-            if self.peer is not None and self.peer.transport is not None:
-                self.peer.transport.write(data)
-            else:
+            other = self.other()
+            if other is not None:
+                other.write(data)
+            elif self.peer is not None and self.peer.transport is None:
                 self.pending.append(data)
 
         def eof_received(self) -> bool:
-            if self.peer is not None and self.peer.transport is not None:
-                self.peer.transport.write_eof()
+            other = self.other()
+            if other is not None:
+                other.write_eof()
             return True
 
         def connection_lost(self, exc: Exception | None) -> None:
-            if self.peer is not None and self.peer.transport is not None:
-                self.peer.transport.close()
+            other = self.other()
+            if other is not None:
+                other.close()
 
         def pause_writing(self) -> None:
-            if self.peer is not None and self.peer.transport is not None:
-                self.peer.transport.pause_reading()
+            other = self.other()
+            if other is not None:
+                other.pause_reading()
 
         def resume_writing(self) -> None:
-            if self.peer is not None and self.peer.transport is not None:
-                self.peer.transport.resume_reading()
+            other = self.other()
+            if other is not None:
+                other.resume_reading()
 
     class Client(Side):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
-            transport.pause_reading()  # type: ignore[attr-defined]
-            asyncio.get_running_loop().create_task(self.dial())
+            self.peer = Side()
+            self.peer.peer = self
+            asyncio.get_running_loop().create_task(self.dial(self.peer))
 
-        async def dial(self) -> None:
+        async def dial(self, up: Side) -> None:
             loop = asyncio.get_running_loop()
-            up = Side()
-            up.peer, self.peer = self, up
             try:
                 await loop.create_connection(lambda: up, "127.0.0.1", upstream)
             except OSError:
                 self.transport.abort()
                 return
+            if self.transport.is_closing():
+                up.transport.close()
+                return
             for data in self.pending:
                 up.transport.write(data)
             self.pending.clear()
-            self.transport.resume_reading()
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

@@ -9,7 +9,7 @@ to HAProxy are paired per round. The proxies run pinned to CPU 1 (HAProxy `nbthr
 Traefik `GOMAXPROCS=1`, meshproxy one worker), iperf3's client and server on CPU 0; `direct`
 (no proxy) shows what the load alone reaches. The CPU time each proxy used per GB relayed is
 recorded too. `--with-floor` adds a bare uvloop relay (bench/l4_common.py: what a Python proxy
-cannot go below).
+reading into `bytes` cannot go below).
 
     python bench/tcp_throughput.py [--rounds 3] [--duration 5] [--reverse] [--no-pin]
                                    [--no-traefik] [--with-floor]
@@ -121,6 +121,7 @@ def main() -> int:
     parser.add_argument("--no-pin", dest="pin", action="store_false")
     parser.add_argument("--no-traefik", action="store_true")
     parser.add_argument("--with-floor", action="store_true")
+
     args = parser.parse_args()
     PINNING["on"] = args.pin
     ensure_iperf3()
