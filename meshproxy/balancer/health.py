@@ -18,9 +18,11 @@ Where we differ, on purpose:
 - each checker is one asyncio task; its sleeps are jittered to 90-100% of the interval so
   checkers started together do not probe in lockstep, and a dead server still leaves within
   one interval (plus the probe's timeout);
-- a probe reads the status line and fields only: a body is never read (a 2 GB answer costs
-  nothing), the head is bounded by aiohttp's limits, and the whole probe, redirects included
-  (at most 10, as Go's client), by `timeout`.
+- a probe reads the body too, up to `MAX_BODY_BYTES` (1 MiB): a larger answer (a 2 GB body)
+  makes the server DOWN, as issue 13 asks ("bounded by the timeout and a read cap, counted
+  as unhealthy"), where Traefik closes the body unread and trusts the status; the head is
+  bounded by aiohttp's limits, and the whole probe, redirects included (at most 10, as Go's
+  client), by `timeout`.
 
 Schemes: http and https through aiohttp (https with the service's serversTransport: its
 CAs, client certificate, TLS versions, `insecureSkipVerify` and `serverName`, through
@@ -56,6 +58,7 @@ log = logging.getLogger("meshproxy.healthcheck")
 DEFAULT_INTERVAL = 30.0  # seconds (Traefik's dynamic.DefaultHealthCheckInterval)
 DEFAULT_TIMEOUT = 5.0  # seconds (Traefik's dynamic.DefaultHealthCheckTimeout)
 MAX_REDIRECTS = 10  # Go's http.Client stops after 10
+MAX_BODY_BYTES = 1 << 20  # a health answer's body, at most: larger is DOWN (bad input)
 JITTER = 0.1  # sleeps last 90-100% of the interval
 _METHOD_CHARS = set("!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
@@ -259,7 +262,15 @@ class HealthChecker:
                 server_hostname=self.transport.server_name or None,
             ) as response,
         ):
-            return response.status  # the body is never read
+            declared = response.content_length
+            if declared is not None and declared > MAX_BODY_BYTES:
+                raise ProbeError(f"body of {declared} bytes, more than {MAX_BODY_BYTES}")
+            read = 0
+            async for chunk in response.content.iter_chunked(65536):
+                read += len(chunk)
+                if read > MAX_BODY_BYTES:
+                    raise ProbeError(f"body larger than {MAX_BODY_BYTES} bytes")
+            return response.status
 
     async def _probe_grpc(self) -> str | None:
         import grpc  # imported when a gRPC check exists: grpcio is heavy to load

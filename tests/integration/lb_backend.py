@@ -3,7 +3,7 @@ load-balancing and health-check tests (asyncio streams, keep-alive, one request 
 connection).
 
 `mode` answers ordinary requests:  ok | slow:SECONDS | hang | status:N
-`health` answers `health_path`:    ok | status:N | hang | redirect-loop | big | slow:SECONDS
+`health` answers `health_path`:    ok | status:N | hang | redirect-loop | big | big-chunked | slow:SECONDS
 `die()` closes the listening socket and every open connection (connection refused from then
 on); `revive()` listens again on the same port.
 """
@@ -118,6 +118,16 @@ class ControlledBackend:
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2147483648\r\n\r\n" + b"x" * 65536)
             with contextlib.suppress(ConnectionError):
                 await writer.drain()
+            return False
+        elif mode == "big-chunked":
+            # no length announced: 64 KiB chunks without end, until the probe goes away
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            for _ in range(32768):  # at most 2 GiB
+                writer.write(b"10000\r\n" + b"x" * 65536 + b"\r\n")
+                try:
+                    await writer.drain()
+                except ConnectionError:
+                    break
             return False
         writer.write(
             b"HTTP/1.1 %d X\r\ncontent-length: %d\r\n%s\r\n%s"

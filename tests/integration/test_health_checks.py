@@ -144,27 +144,39 @@ async def test_status_and_redirects(controlled, proxy_factory):
 
 
 async def test_bad_health_endpoints_are_bounded(controlled, proxy_factory):
-    """Bad input: a server that accepts and never answers is DOWN once `timeout` passes; a
-    check answering 200 with a 2 GB body is decided by its status, as Traefik, without
-    reading the body (the probe ends at once, the proxy stays responsive)."""
+    """Issue 13, Bad input: a server that accepts and never answers is DOWN once `timeout`
+    passes; a check answering 200 with a 2 GB body is bounded by the read cap (1 MiB) and
+    counted as unhealthy (Traefik trusts the status and closes the body unread); with no
+    healthy server the router answers 503, the proxy staying responsive."""
     hangs = await controlled("hangs")
     hangs.health = "hang"
     big = await controlled("big")
     big.health = "big"
+    endless = await controlled("endless")
+    endless.health = "big-chunked"
     check = {"path": "/health", "interval": "200ms", "timeout": "300ms"}
     config = {
         "http": {
             "routers": {"r": router("Host(`a.test`)", "big")},
-            "services": {"hangs": checked(hangs.url, check=check), "big": checked(big.url, check=check)},
+            "services": {
+                "hangs": checked(hangs.url, check=check),
+                "big": checked(big.url, check=check),
+                "endless": checked(endless.url, check={**check, "timeout": "5s"}),
+            },
         }
-    }  # fmt: skip
+    }
     proxy = await proxy_factory(config)
     await wait_for(lambda: server_status(proxy, "hangs@file")[hangs.url] == "DOWN", 5, "hang")
     servers = proxy.rawdata()["services"]["hangs@file"]["meshproxyServers"]
     assert servers[0]["healthCheck"]["lastError"] == "no answer within 0.3s"
-    await wait_for(lambda: big.health_probes >= 5, 5, "probes of the big answer")
-    assert server_status(proxy, "big@file")[big.url] == "UP"
-    assert (await request(proxy.port, host="a.test", timeout=2)).body == b"big"
+    await wait_for(lambda: server_status(proxy, "big@file")[big.url] == "DOWN", 5, "big body")
+    servers = proxy.rawdata()["services"]["big@file"]["meshproxyServers"]
+    assert "more than 1048576" in servers[0]["healthCheck"]["lastError"]
+    # a chunked answer with no end is cut at the cap, well before its 5 s timeout
+    await wait_for(lambda: server_status(proxy, "endless@file")[endless.url] == "DOWN", 5, "cap")
+    servers = proxy.rawdata()["services"]["endless@file"]["meshproxyServers"]
+    assert servers[0]["healthCheck"]["lastError"] == "body larger than 1048576 bytes"
+    assert (await request(proxy.port, host="a.test", timeout=2)).status == 503
 
 
 async def test_all_servers_down_is_503_and_the_admin_api_says_why(controlled, proxy_factory):
