@@ -10,12 +10,14 @@ import ipaddress
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from meshproxy.admin.api import build_admin_app
+from meshproxy.admin.traefik_api import AdminContext
 from meshproxy.config.static import EntryPointHTTP2, StaticConfig, parse_address
 from meshproxy.http.server import (
     DEFAULT_MAX_HEADER_BYTES,
@@ -303,6 +305,14 @@ class ProxyDaemon:
             self.metrics if static.metrics and static.metrics.prometheus else None,
             ping=static.ping is not None,
             api=static.api is not None,
+            context=AdminContext(
+                self.manager,
+                static,
+                time.time(),
+                access_log=self.access_log is not None,
+                metrics=self.metrics,
+                state=self.state,
+            ),
         )
         self.admin_runner = web.AppRunner(app, access_log=None)
         await self.admin_runner.setup()

@@ -1,4 +1,5 @@
-"""The admin entrypoint (Traefik's `traefik`, :8080): /ping, /api/rawdata, /metrics.
+"""The admin entrypoint (Traefik's `traefik`, :8080): /ping, /api/rawdata, /metrics, Traefik's
+API (admin.traefik_api), /api/explain (admin.explain) and the dashboard (admin.dashboard).
 
 Off the hot path, so it is plain aiohttp.
 """
@@ -9,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from meshproxy import __version__
+from meshproxy.admin.traefik_api import AdminContext, add_routes
 from meshproxy.balancer.health import describe_service
 from meshproxy.config.decode import to_builtins
 from meshproxy.observability.metrics import RequestMetrics
@@ -60,8 +61,14 @@ def rawdata(manager: ConfigManager) -> dict[str, Any]:
 
 
 def build_admin_app(
-    manager: ConfigManager, metrics: RequestMetrics | None, *, ping: bool, api: bool
+    manager: ConfigManager,
+    metrics: RequestMetrics | None,
+    *,
+    ping: bool,
+    api: bool,
+    context: AdminContext | None = None,
 ) -> web.Application:
+    """`context` (the static config, the process) enables Traefik's API paths with `api`."""
     app = web.Application()
 
     async def handle_ping(request: web.Request) -> web.Response:
@@ -69,9 +76,6 @@ def build_admin_app(
 
     async def handle_rawdata(request: web.Request) -> web.Response:
         return web.json_response(rawdata(manager))
-
-    async def handle_version(request: web.Request) -> web.Response:
-        return web.json_response({"Version": __version__, "Codename": "meshproxy"})
 
     async def handle_metrics(request: web.Request) -> web.Response:
         assert metrics is not None
@@ -84,7 +88,8 @@ def build_admin_app(
         app.router.add_route("*", "/ping", handle_ping)
     if api:
         app.router.add_get("/api/rawdata", handle_rawdata)
-        app.router.add_get("/api/version", handle_version)
+        if context is not None:
+            add_routes(app, context)
     if metrics is not None:
         app.router.add_get("/metrics", handle_metrics)
     return app

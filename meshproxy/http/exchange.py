@@ -154,6 +154,7 @@ class Exchange:
         "request",
         "request_bytes",
         "request_error",
+        "request_target",
         "request_trailers",
         "response_bytes",
         "response_headers",
@@ -179,6 +180,7 @@ class Exchange:
     ) -> None:
         self.sink = sink
         self.request = request
+        self.request_target = request.target  # as received, before any rewrite (access log)
         self.entrypoint = entrypoint
         self.started_at = started_at
         self.has_body = has_body

@@ -321,7 +321,7 @@ class AccessLog:
             "RequestCount": self.request_count,
             "RequestHost": request.host,
             "RequestMethod": request.method,
-            "RequestPath": request.target.decode("latin-1"),
+            "RequestPath": ex.request_target.decode("latin-1"),
             "RequestPort": port or "-",
             "RequestProtocol": "HTTP/2.0"
             if request.http_version.startswith("2")

@@ -1,0 +1,277 @@
+"""Differential: meshproxy's Traefik-shaped admin API and access log against real Traefik 3.7
+(issue 14, points 3-4), on the same dynamic config.
+
+"Same keys" is the contract: tools written for Traefik's API (its dashboard, scripts) find
+every key they read. For each object Traefik lists (its own `@internal` ones aside), meshproxy
+lists the same name with every key Traefik's has, nested objects included; meshproxy's extra
+keys are only the documented ones (`MESHPROXY_EXTRAS`). The access log is compared the same
+way: the JSON keys of the line for the same request, and the layout of the `common` line."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.differential.harness import (
+    MeshproxyProcess,
+    RecordingBackend,
+    TraefikProcess,
+    TraefikUnavailable,
+    traefik_binary,
+)
+from tests.helpers import free_port
+
+MESHPROXY_EXTRAS = {"meshproxyServers", "meshproxyWhy"}
+# Traefik's access log fields meshproxy does not produce (yet): GzipRatio (Traefik's compress
+# middleware), origin_* headers (the backend's response fields before middlewares; ours are
+# the downstream ones only), TLS fields on plain HTTP (none in either).
+LOG_KEYS_NOT_PRODUCED = {"GzipRatio"}
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _config(backend_url: str) -> dict[str, Any]:
+    return {
+        "http": {
+            "routers": {
+                "r1": {
+                    "rule": "PathPrefix(`/`)",
+                    "service": "s1",
+                    "middlewares": ["rl", "strip"],
+                    "entryPoints": ["web"],
+                },
+                "r2": {
+                    "rule": "Host(`a.test`)",
+                    "priority": 50,
+                    "service": "w1",
+                    "entryPoints": ["web"],
+                    "middlewares": ["allow"],
+                },
+                "broken": {"rule": "Path(`/b`)", "service": "missing", "entryPoints": ["web"]},
+            },
+            "services": {
+                "s1": {"loadBalancer": {"servers": [{"url": backend_url}]}},
+                "w1": {"weighted": {"services": [{"name": "s1", "weight": 1}]}},
+            },
+            "middlewares": {
+                "rl": {"rateLimit": {"average": 100, "burst": 50}},
+                "strip": {"stripPrefix": {"prefixes": ["/x"]}},
+                "allow": {"ipAllowList": {"sourceRange": ["127.0.0.1/32"]}},
+            },
+        },
+        "tcp": {
+            "routers": {"t1": {"rule": "HostSNI(`*`)", "service": "ts", "entryPoints": ["tcpep"]}},
+            "services": {
+                "ts": {"loadBalancer": {"servers": [{"address": backend_url.split("//")[1]}]}}
+            },
+        },
+        "udp": {
+            "routers": {"u1": {"service": "us", "entryPoints": ["udpep"]}},
+            "services": {"us": {"loadBalancer": {"servers": [{"address": "127.0.0.1:9"}]}}},
+        },
+    }
+
+
+def _get(port: int, path: str, method: str = "GET") -> tuple[int, Any, dict[str, str]]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=5) as response:
+            body = response.read()
+            return response.status, json.loads(body) if body else None, dict(response.headers)
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
+        try:
+            data = json.loads(body) if body else None
+        except ValueError:
+            data = body.decode(errors="replace")
+        return exc.code, data, dict(exc.headers)
+
+
+def _key_differences(theirs: Any, ours: Any, where: str) -> list[str]:
+    """Keys Traefik has that meshproxy lacks, and meshproxy's undocumented extras."""
+    problems: list[str] = []
+    if isinstance(theirs, dict):
+        if not isinstance(ours, dict):
+            return [f"{where}: Traefik has an object, meshproxy {type(ours).__name__}"]
+        for key in theirs.keys() - ours.keys():
+            problems.append(f"{where}.{key}: missing in meshproxy")
+        for key in ours.keys() - theirs.keys() - MESHPROXY_EXTRAS:
+            problems.append(f"{where}.{key}: meshproxy only")
+        for key in theirs.keys() & ours.keys():
+            # serverStatus maps URLs: compare presence, not its keys (different backends)
+            if key not in ("serverStatus",):
+                problems += _key_differences(theirs[key], ours[key], f"{where}.{key}")
+    elif isinstance(theirs, list) and theirs and isinstance(theirs[0], dict):
+        if not isinstance(ours, list) or len(ours) != len(theirs):
+            return [f"{where}: lists differ in length"]
+        for index, (a, b) in enumerate(zip(theirs, ours, strict=True)):
+            problems += _key_differences(a, b, f"{where}[{index}]")
+    return problems
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    try:
+        traefik_binary()
+    except TraefikUnavailable as exc:
+        pytest.skip(str(exc))
+    workdir: Path = tmp_path_factory.mktemp("api_vs_traefik")
+    backend = RecordingBackend().start()
+    dynamic = _config(backend.url)
+    logs = {}
+    processes = {}
+    try:
+        for side in ("traefik", "meshproxy"):
+            log_path = workdir / f"{side}-access.json"
+            logs[side] = log_path
+            flags = [
+                f"--entryPoints.tcpep.address=127.0.0.1:{free_port()}",
+                f"--entryPoints.udpep.address=127.0.0.1:{_free_udp_port()}/udp",
+                "--accesslog.format=json",
+                f"--accesslog.filePath={log_path}",
+                "--accesslog.fields.headers.defaultMode=keep",
+                "--accesslog.fields.headers.names.User-Agent=redact",
+            ]
+            side_dir = workdir / side
+            side_dir.mkdir()
+            if side == "traefik":
+                processes[side] = TraefikProcess(side_dir, dynamic, flags).start()
+            else:
+                processes[side] = MeshproxyProcess(side_dir, dynamic, flags).start()
+        yield processes, logs
+    finally:
+        for process in processes.values():
+            process.stop()
+        backend.close()
+
+
+def _api_port(process: Any) -> int:
+    return process.api_port if isinstance(process, TraefikProcess) else process.proxy.admin_port
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "http/routers",
+        "http/services",
+        "http/middlewares",
+        "tcp/routers",
+        "tcp/services",
+        "udp/routers",
+        "udp/services",
+    ],
+)
+def test_object_lists_have_traefiks_keys(pair: Any, kind: str) -> None:
+    """Traefik API `/api/<kind>`: every object of the file provider, with Traefik's keys
+    (status, error, using/usedBy, name, provider, type, serverStatus, the config and the
+    defaults Traefik's decoder adds), and the same status for each (a router whose service
+    does not exist is disabled in both)."""
+    processes, _ = pair
+    _, theirs, _ = _get(_api_port(processes["traefik"]), f"/api/{kind}")
+    _, ours, _ = _get(_api_port(processes["meshproxy"]), f"/api/{kind}")
+    their_objects = {o["name"]: o for o in theirs if not o["name"].endswith("@internal")}
+    our_objects = {o["name"]: o for o in ours}
+    assert their_objects, f"Traefik lists no {kind}"
+    assert set(their_objects) == set(our_objects)
+    problems = []
+    for name, theirs_one in their_objects.items():
+        ours_one = our_objects[name]
+        problems += _key_differences(theirs_one, ours_one, f"{kind}/{name}")
+        if theirs_one["status"] != ours_one["status"]:
+            problems.append(f"{kind}/{name}: status {theirs_one['status']} != {ours_one['status']}")
+        # one object by name: the same as in the list
+        status, single, _ = _get(_api_port(processes["meshproxy"]), f"/api/{kind}/{name}")
+        assert status == 200 and single == ours_one
+    assert not problems, "\n".join(problems)
+
+
+def test_overview_entrypoints_version_and_errors(pair: Any) -> None:
+    """`/api/overview` (same keys, same counts of routers, services and middlewares of the
+    file provider: Traefik's @internal ones subtracted), `/api/entrypoints/web`,
+    `/api/version`, an unknown router (404 with Traefik's message) and a POST (405)."""
+    processes, _ = pair
+    traefik, mesh = _api_port(processes["traefik"]), _api_port(processes["meshproxy"])
+    _, theirs, _ = _get(traefik, "/api/overview")
+    _, ours, _ = _get(mesh, "/api/overview")
+    assert not _key_differences(theirs, ours, "overview")
+    internal = {"routers": 2, "services": 3, "middlewares": 2}  # api, dashboard, noop
+    for kind, count in ours["http"].items():
+        assert count["total"] == theirs["http"][kind]["total"] - internal[kind]
+        assert count["errors"] == theirs["http"][kind]["errors"]
+    assert ours["tcp"] == theirs["tcp"] and ours["udp"] == theirs["udp"]
+    _, their_ep, _ = _get(traefik, "/api/entrypoints/web")
+    _, our_ep, _ = _get(mesh, "/api/entrypoints/web")
+    assert not _key_differences(their_ep, our_ep, "entrypoints/web")
+    _, their_version, _ = _get(traefik, "/api/version")
+    _, our_version, _ = _get(mesh, "/api/version")
+    assert set(their_version) == set(our_version)
+    status, body, _ = _get(traefik, "/api/http/routers/nope@file")
+    assert (status, body) == (404, {"message": "router not found: nope@file"})
+    status, body, _ = _get(mesh, "/api/http/routers/nope@file")
+    assert (status, body) == (404, {"message": "router not found: nope@file"})
+    assert _get(traefik, "/api/overview", "POST")[0] == 405
+    assert _get(mesh, "/api/overview", "POST")[0] == 405
+
+
+def _wait_lines(path: Path, count: int) -> list[str]:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        lines = path.read_text().splitlines() if path.exists() else []
+        if len(lines) >= count:
+            return lines
+        time.sleep(0.02)
+    raise AssertionError(f"no {count} access log lines in {path}")
+
+
+def test_access_log_json_keys_match_traefik(pair: Any) -> None:
+    """Traefik's JSON access log (fields, request_/downstream_ headers with the keep default
+    and a redacted User-Agent) for the same proxied request: meshproxy writes every key
+    Traefik writes (but `LOG_KEYS_NOT_PRODUCED`), with the same values where they do not
+    depend on the process (method, path, status, router, service, entrypoint...)."""
+    processes, logs = pair
+    entries = {}
+    for side, process in processes.items():
+        port = process.port
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/x/log?q=1", headers={"User-Agent": "probe/1"}
+        )
+        with urllib.request.urlopen(req, timeout=5) as response:
+            assert response.status == 200
+        lines = _wait_lines(logs[side], 1)
+        entries[side] = json.loads(next(line for line in reversed(lines) if '"/x/log?q=1"' in line))
+    theirs, ours = entries["traefik"], entries["meshproxy"]
+    missing = {k for k in theirs if k not in ours and not k.startswith("origin_")}
+    assert missing <= LOG_KEYS_NOT_PRODUCED, missing
+    for key in (
+        "RequestMethod",
+        "RequestPath",
+        "RequestProtocol",
+        "RequestScheme",
+        "DownstreamStatus",
+        "OriginStatus",
+        "RouterName",
+        "ServiceName",
+        "entryPointName",
+        "ClientHost",
+        "ClientUsername",
+        "RetryAttempts",
+        "request_User-Agent",
+        "level",
+        "msg",
+    ):
+        assert ours[key] == theirs[key], key
+    for key in ("Duration", "OriginDuration", "Overhead", "DownstreamContentSize"):
+        assert isinstance(ours[key], int) and isinstance(theirs[key], int)
+    assert re.fullmatch(r"\S+Z", ours["StartUTC"]) and re.fullmatch(r"\S+Z", theirs["StartUTC"])
