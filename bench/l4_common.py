@@ -43,7 +43,9 @@ def run_tcp_echo(port: int) -> None:
 def run_tcp_floor(port: int, upstream: int) -> None:
     """A bare relay (about 40 lines): each client connection gets one upstream connection and
     bytes are forwarded as they come, with flow control; no routing, timeouts or metrics.
-    What a Python proxy on uvloop cannot go below."""
+    What a Python proxy on uvloop cannot go below. Used for bulk throughput only: under
+    thousands of short connections per second this relay has aborted uvloop 0.23 with
+    "double free or corruption" (glibc) two runs out of two, while meshproxy's pipe ran clean."""
     import uvloop
 
     class Side(asyncio.Protocol):

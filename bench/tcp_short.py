@@ -11,7 +11,7 @@ than connections/s on a shared machine, and what the proxy itself costs when the
 generator (Python, one core) is the limit.
 
     python bench/tcp_short.py [--rounds 3] [--connections 6000] [--concurrency 16]
-                              [--timeout 60] [--no-pin] [--no-traefik] [--with-floor]
+                              [--timeout 60] [--no-pin] [--no-traefik]
 
 Results: the `tcp_short` section of bench/results/tcp.md and
 bench/results/tcp_short-<when>.json.
@@ -35,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (
     LOAD_CPU,
     PINNING,
-    PROXY_CPU,
     cpu_seconds,
     free_port,
     pinned,
@@ -47,7 +46,7 @@ from bench.common import (
     wait_port,
     wait_routers,
 )
-from bench.l4_common import paired, run_tcp_echo, run_tcp_floor, save_section, spread
+from bench.l4_common import paired, run_tcp_echo, save_section, spread
 from bench.tcp_throughput import tcp_dynamic
 
 PAYLOAD = 1024
@@ -146,7 +145,6 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per measurement")
     parser.add_argument("--no-pin", dest="pin", action="store_false")
     parser.add_argument("--no-traefik", action="store_true")
-    parser.add_argument("--with-floor", action="store_true")
     args = parser.parse_args()
     PINNING["on"] = args.pin
     from meshproxy.build_info import hot_path_state
@@ -173,11 +171,6 @@ def main() -> int:
                 procs.append(tr)
                 wait_routers(api, "tcp", {"bench"})
                 targets["traefik 3.7"] = (traefik, tr.pid)
-            if args.with_floor:
-                floor = free_port()
-                fl = subprocess.Popen(pinned(role("floor", str(floor), str(backend)), PROXY_CPU))
-                procs.append(fl)
-                targets["uvloop floor"] = (floor, fl.pid)
             for port, _ in targets.values():
                 wait_port(port)
             warm = argparse.Namespace(**{**vars(args), "connections": 300})
@@ -245,8 +238,6 @@ if __name__ == "__main__":
         kind, rest = sys.argv[2], sys.argv[3:]
         if kind == "echo":
             run_tcp_echo(int(rest[0]))
-        elif kind == "floor":
-            run_tcp_floor(int(rest[0]), int(rest[1]))
         else:
             run_load(int(rest[0]), int(rest[1]), int(rest[2]), float(rest[3]))
     else:
