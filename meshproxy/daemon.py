@@ -31,6 +31,7 @@ from meshproxy.l4.tls import L4Entry, SNICheck, https_key
 from meshproxy.l4.udp import UDPEntryPoint, fd_budget_warning, udp_settings
 from meshproxy.observability.access_log import AccessLog, build_access_log
 from meshproxy.observability.metrics import DEFAULT_BUCKETS, RequestMetrics
+from meshproxy.observability.runtime_metrics import RuntimeCollector
 from meshproxy.providers.file import FileProvider
 from meshproxy.providers.http_poll import HTTPProvider
 from meshproxy.runtime.compiler import CompileContext
@@ -111,6 +112,9 @@ class ProxyDaemon:
             "http" if self.static.providers.http and self.static.providers.http.endpoint else "file"
         )
         self.manager = ConfigManager(self._context_factory(provider))
+        # Scrape-time gauges over the live state: certificate expiry, breakers, pools...
+        runtime = RuntimeCollector(lambda: self.manager.snapshot, self.state)
+        self.metrics.registry.register(runtime)  # type: ignore[arg-type]
 
     def _transport_settings(self) -> TransportSettings:
         """The static `serversTransport.*` options: the default transport (transports.py)."""

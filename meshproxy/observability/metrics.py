@@ -52,16 +52,54 @@ def _protocol_label(ex: Exchange) -> str:
     return "http"
 
 
+# OpenSSL's names of the TLS 1.2 suites Go offers, as Go (and so Traefik's tls_cipher) names
+# them; TLS 1.3 suites have one name in both.
+_GO_CIPHERS = {
+    "ECDHE-ECDSA-AES128-GCM-SHA256": "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+    "ECDHE-RSA-AES128-GCM-SHA256": "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384": "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+    "ECDHE-RSA-AES256-GCM-SHA384": "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305": "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+    "ECDHE-RSA-CHACHA20-POLY1305": "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
+    "ECDHE-ECDSA-AES128-SHA": "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA",
+    "ECDHE-RSA-AES128-SHA": "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA",
+    "ECDHE-ECDSA-AES256-SHA": "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA",
+    "ECDHE-RSA-AES256-SHA": "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA",
+    "AES128-GCM-SHA256": "TLS_RSA_WITH_AES_128_GCM_SHA256",
+    "AES256-GCM-SHA384": "TLS_RSA_WITH_AES_256_GCM_SHA384",
+}
+
+
+def tls_labels(ex: Exchange) -> tuple[str, str]:
+    """(tls_version, tls_cipher) of the connection `ex` came on, as Traefik writes them
+    ("1.3", "TLS_AES_128_GCM_SHA256"); ("", "") when it was not decrypted here. HTTP/1.1
+    sinks hold their transport, HTTP/2 ones their connection's."""
+    sink: Any = ex.sink
+    transport = getattr(sink, "transport", None)
+    if transport is None:
+        transport = getattr(getattr(sink, "conn", None), "transport", None)
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    if ssl_object is None:
+        return "", ""
+    version = str(ssl_object.version() or "")
+    cipher = ssl_object.cipher()
+    name = str(cipher[0]) if cipher else ""
+    return version.removeprefix("TLSv"), _GO_CIPHERS.get(name, name)
+
+
 class _Histogram:
     """Per-bucket counts (not cumulative) plus one overflow slot past the last bound, so an
-    observation is one bisect and one increment."""
+    observation is one bisect and one increment; and the body bytes of the same series
+    (Traefik's `*_requests_bytes_total` / `*_responses_bytes_total`), so they cost no lookup."""
 
-    __slots__ = ("buckets", "count", "sum")
+    __slots__ = ("buckets", "count", "request_bytes", "response_bytes", "sum")
 
     def __init__(self, size: int) -> None:
         self.buckets = [0] * (size + 1)
         self.count = 0
         self.sum = 0.0
+        self.request_bytes = 0
+        self.response_bytes = 0
 
 
 def _by_label(table: dict[Any, _Histogram]) -> dict[tuple[str, ...], _Histogram]:
@@ -78,6 +116,8 @@ def _by_label(table: dict[Any, _Histogram]) -> dict[tuple[str, ...], _Histogram]
         total.count = into.count + hist.count
         total.sum = into.sum + hist.sum
         total.buckets = [a + b for a, b in zip(into.buckets, hist.buckets, strict=True)]
+        total.request_bytes = into.request_bytes + hist.request_bytes
+        total.response_bytes = into.response_bytes + hist.response_bytes
         merged[key] = total
     return merged
 
@@ -136,6 +176,10 @@ class RequestMetrics:
         self.router: dict[tuple[int, str, str, str, str], _Histogram] = {}
         self.service: dict[tuple[int, str, str, str], _Histogram] = {}
         self.retries: dict[str, int] = {}
+        # (tls version, cipher, entrypoint / router+service / service) -> requests
+        self.tls_entrypoint: dict[tuple[str, str, str], int] = {}
+        self.tls_router: dict[tuple[str, str, str, str], int] = {}
+        self.tls_service: dict[tuple[str, str, str], int] = {}
         self.open_connections: dict[tuple[str, str], int] = {}
         # (entrypoint, status) -> requests refused or cut for their framing, before routing
         self.protocol_errors: dict[tuple[str, int], int] = {}
@@ -179,11 +223,15 @@ class RequestMetrics:
             hist.count += 1
             hist.sum += seconds
             hist.buckets[index] += 1
+            hist.request_bytes += ex.request_bytes
+            hist.response_bytes += ex.response_bytes
         if self.router_labels and ex.router:
             hist = self._series(self.router, (status, method, protocol, ex.router, ex.service))
             hist.count += 1
             hist.sum += seconds
             hist.buckets[index] += 1
+            hist.request_bytes += ex.request_bytes
+            hist.response_bytes += ex.response_bytes
 
     def record_service(self, service: str, ex: Exchange, status: int, seconds: float) -> None:
         """Once per attempt at a server."""
@@ -193,6 +241,24 @@ class RequestMetrics:
             hist.count += 1
             hist.sum += seconds
             hist.buckets[bisect_left(self.bounds, seconds)] += 1
+            # the exchange's bytes so far: a try that was retried adds what it sent and got
+            hist.request_bytes += ex.request_bytes
+            hist.response_bytes += ex.response_bytes
+
+    def record_tls(self, ex: Exchange) -> None:
+        """Once per request decrypted here: `traefik_*_requests_tls_total` series (Traefik
+        counts the entrypoint, router and service ones once per request, by TLS version and
+        cipher suite)."""
+        version, cipher = tls_labels(ex)
+        if self.entrypoint_labels:
+            key = (version, cipher, ex.entrypoint)
+            self.tls_entrypoint[key] = self.tls_entrypoint.get(key, 0) + 1
+        if self.router_labels and ex.router:
+            rkey = (version, cipher, ex.router, ex.service)
+            self.tls_router[rkey] = self.tls_router.get(rkey, 0) + 1
+        if self.service_labels and ex.service:
+            skey = (version, cipher, ex.service)
+            self.tls_service[skey] = self.tls_service.get(skey, 0) + 1
 
     def record_failure(self, ex: Exchange) -> None:
         """An exchange with a "why" code (`ex.why`, see observability.access_log)."""
@@ -228,6 +294,8 @@ class RequestMetrics:
         self.router = {k: v for k, v in self.router.items() if k[3] in routers}
         self.service = {k: v for k, v in self.service.items() if k[3] in services}
         self.retries = {k: v for k, v in self.retries.items() if k in services}
+        self.tls_router = {k: v for k, v in self.tls_router.items() if k[2] in routers}
+        self.tls_service = {k: v for k, v in self.tls_service.items() if k[2] in services}
         self.failures = {k: v for k, v in self.failures.items() if not k[1] or k[1] in services}
         self.server_up = {k: v for k, v in self.server_up.items() if k[0] in services}
         self.outlier_ejections = {
@@ -251,6 +319,18 @@ class RequestMetrics:
             labels=labels,
         )
         hist = HistogramMetricFamily(name, doc, labels=labels)
+        request_bytes = CounterMetricFamily(
+            f"traefik_{scope}_requests_bytes",
+            f"The total size of requests in bytes handled by a {scope}, "
+            "partitioned by status code, protocol, and method.",
+            labels=labels,
+        )
+        response_bytes = CounterMetricFamily(
+            f"traefik_{scope}_responses_bytes",
+            f"The total size of responses in bytes handled by a {scope}, "
+            "partitioned by status code, protocol, and method.",
+            labels=labels,
+        )
         for key, value in _by_label(table).items():
             cumulative = 0
             buckets = []
@@ -260,8 +340,23 @@ class RequestMetrics:
             buckets.append(("+Inf", value.count))
             hist.add_metric(list(key), buckets, value.sum)
             counter.add_metric(list(key), value.count)
+            request_bytes.add_metric(list(key), value.request_bytes)
+            response_bytes.add_metric(list(key), value.response_bytes)
         yield counter
         yield hist
+        yield request_bytes
+        yield response_bytes
+
+    def _tls_family(self, scope: str, labels: list[str], table: dict[Any, int]) -> Iterator[Any]:
+        family = CounterMetricFamily(
+            f"traefik_{scope}_requests_tls",
+            f"How many HTTP requests with TLS processed on a {scope}, "
+            "partitioned by TLS version and TLS cipher.",
+            labels=labels,
+        )
+        for key, count in table.items():
+            family.add_metric(list(key), count)
+        yield family
 
     def collect(self) -> Iterator[Any]:
         yield from self._histogram(
@@ -285,6 +380,16 @@ class RequestMetrics:
             "protocol, and method.",
             ["code", "method", "protocol", "service"],
             self.service,
+        )
+        yield from self._tls_family(
+            "entrypoint", ["tls_version", "tls_cipher", "entrypoint"], self.tls_entrypoint
+        )
+        if self.router_labels:
+            yield from self._tls_family(
+                "router", ["tls_version", "tls_cipher", "router", "service"], self.tls_router
+            )
+        yield from self._tls_family(
+            "service", ["tls_version", "tls_cipher", "service"], self.tls_service
         )
         retries = CounterMetricFamily(
             "traefik_service_retries",

@@ -43,6 +43,8 @@ def make_dispatcher(
     """The handler of one entrypoint: `dispatch(ex)` serves `ex` and calls
     `ex.sink.exchange_done(ex)` exactly once, when the exchange is over (whatever happened).
     With `access_log`, each exchange is queued for it (formatted later, off this path)."""
+    # The HTTPS dispatcher's table key (l4.tls.https_key): its requests were decrypted here.
+    decrypted = entrypoint.endswith("#tls")
 
     def finish(ex: Exchange, exc: BaseException | None) -> None:
         if ex.handled:
@@ -55,6 +57,8 @@ def make_dispatcher(
             status = ex.request_error
         seconds = perf_counter() - ex.started_at
         metrics.record_request(ex, status or 500, seconds)
+        if decrypted:
+            metrics.record_tls(ex)
         if ex.why:
             metrics.record_failure(ex)
         if access_log is not None:

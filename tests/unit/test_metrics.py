@@ -47,3 +47,49 @@ def test_series_get_traefik_labels_and_unusual_methods_merge_into_extension_meth
     assert value("traefik_entrypoint_request_duration_seconds_sum", other) == 2.05
     service = {"code": "502", "method": "GET", "protocol": "http", "service": "app@file"}
     assert value("traefik_service_requests_total", service) == 1
+
+
+def test_body_bytes_counted_per_series_as_traefik_names_them():
+    """Traefik's `traefik_{entrypoint,router,service}_{requests,responses}_bytes_total`
+    (pkg/middlewares/metrics): body bytes read from the client and written to it, with the
+    labels of the request counter."""
+    metrics = RequestMetrics(router_labels=True)
+    ex = exchange("POST")
+    ex.router, ex.service = "r@file", "app@file"
+    ex.on_request_body(b"x" * 10)
+    ex.on_request_body(b"y" * 5)
+    ex.respond(201, b"created")
+    metrics.record_service("app@file", ex, 201, 0.01)
+    metrics.record_request(ex, 201, 0.01)
+    metrics.record_request(ex, 201, 0.01)
+    got = samples(metrics)
+    labels = {"code": "201", "method": "POST", "protocol": "http"}
+    ep = frozenset({**labels, "entrypoint": "web"}.items())
+    assert got[("traefik_entrypoint_requests_bytes_total", ep)] == 30
+    assert got[("traefik_entrypoint_responses_bytes_total", ep)] == 14
+    router = frozenset({**labels, "router": "r@file", "service": "app@file"}.items())
+    assert got[("traefik_router_requests_bytes_total", router)] == 30
+    service = frozenset({**labels, "service": "app@file"}.items())
+    assert got[("traefik_service_responses_bytes_total", service)] == 7
+
+
+def test_certificate_expiry_labels_as_traefik(tmp_path):
+    """`traefik_tls_certs_not_after{cn,serial,sans}` (Traefik's tls certificate store):
+    the leaf's subject CN, its serial number in decimal, its DNS SANs comma-joined, and the
+    notAfter time in Unix seconds."""
+    import datetime
+
+    import trustme
+    from cryptography import x509
+
+    from meshproxy.observability.runtime_metrics import certificate_labels
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("a.example.test", "b.example.test", common_name="a.example.test")
+    chain = cert.cert_chain_pems[0].bytes()
+    leaf = x509.load_pem_x509_certificate(chain)
+    (cn, serial, sans), not_after = certificate_labels(chain)
+    assert cn == "a.example.test"
+    assert serial == str(leaf.serial_number)
+    assert sans == "a.example.test,b.example.test"
+    assert not_after == leaf.not_valid_after_utc.replace(tzinfo=datetime.UTC).timestamp()
