@@ -1,4 +1,4 @@
-"""Command line: `meshproxy proxy | controller | cleanup | check | local | version`.
+"""Command line: `meshproxy proxy | controller | cleanup | check | local | explain | version`.
 
 Every command answers `--help` (or `-h`) with its flags and exit status 0, without starting
 anything. A start-up failure (a file that cannot be read, a bad static configuration, an
@@ -346,11 +346,12 @@ def _run_controller_command(argv: list[str], cleanup: bool) -> int:
     return 0
 
 
-USAGE = "usage: meshproxy {proxy,controller,cleanup,check,local,version} [options]"
+USAGE = "usage: meshproxy {proxy,controller,cleanup,check,local,explain,version} [options]"
 COMMANDS = """  proxy       run the data plane (Traefik-style flags: --entryPoints.web.address=:80)
   controller  build the mesh config from Kubernetes (or --manifests DIR), serve :9000
   cleanup     remove the shadow services and DNS changes the controller made
   check       validate a dynamic or static configuration file
+  explain     ask a running proxy which router, middlewares and server a request gets
   local       run controller, proxy and demo backends on loopback
   version     print the version
 `meshproxy COMMAND --help` lists the flags of a command."""
@@ -399,4 +400,8 @@ def _dispatch(argv: list[str]) -> int:
         return cmd_check(rest)
     if command == "local":
         return cmd_local(rest)
+    if command == "explain":
+        from meshproxy.admin.explain import cmd_explain
+
+        return cmd_explain(rest)
     raise StartupError(f"unknown command {command!r}; {USAGE}", 2)

@@ -10,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
+from meshproxy.admin.explain import add_routes as add_explain_routes
 from meshproxy.admin.traefik_api import AdminContext, add_routes
 from meshproxy.balancer.health import describe_service
 from meshproxy.config.decode import to_builtins
@@ -67,20 +68,29 @@ def build_admin_app(
     ping: bool,
     api: bool,
     context: AdminContext | None = None,
+    node: Any = None,
 ) -> web.Application:
-    """`context` (the static config, the process) enables Traefik's API paths with `api`."""
+    """`context` (the static config, the process) enables Traefik's API paths with `api`.
+    `node` (meshproxy.daemon.ProxyDaemon) tells /ping the proxy is terminating, and with
+    worker processes (meshproxy.node) lists them in /api/rawdata and sums their /metrics."""
     app = web.Application()
 
     async def handle_ping(request: web.Request) -> web.Response:
+        if node is not None and node.terminating:  # Traefik: ping.terminatingStatusCode
+            return web.Response(status=node.terminating_status, text="Service Unavailable")
         return web.Response(text="OK")
 
     async def handle_rawdata(request: web.Request) -> web.Response:
-        return web.json_response(rawdata(manager))
+        data = rawdata(manager)
+        workers = node.admin_workers() if node is not None else None
+        if workers is not None:
+            data["meshproxy"]["workers"] = workers
+        return web.json_response(data)
 
     async def handle_metrics(request: web.Request) -> web.Response:
         assert metrics is not None
         return web.Response(
-            body=metrics.render(),
+            body=await node.admin_metrics() if node is not None else metrics.render(),
             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
         )
 
@@ -90,6 +100,7 @@ def build_admin_app(
         app.router.add_get("/api/rawdata", handle_rawdata)
         if context is not None:
             add_routes(app, context)
+            add_explain_routes(app, context)
     if metrics is not None:
         app.router.add_get("/metrics", handle_metrics)
     return app
