@@ -10,6 +10,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,6 +67,15 @@ class ProxyDaemon:
     udp_listeners: list[UDPEntryPoint] = field(default_factory=list)
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     admin_runner: web.AppRunner | None = None
+    # Worker processes (meshproxy.node): "single" is the whole proxy in this process;
+    # "supervisor" runs the providers and the admin entrypoint, no traffic listener; "worker"
+    # serves traffic on `inherited` sockets (entrypoint name -> listening socket bound by the
+    # supervisor) or its own SO_REUSEPORT ones, fed configurations by the supervisor.
+    role: str = "single"
+    inherited: dict[str, socket.socket] = field(default_factory=dict)
+    node: Any = None  # the supervisor's view of its workers (meshproxy.node.supervisor)
+    # SIGTERM received: /ping answers ping.terminatingStatusCode (readiness goes false first)
+    terminating: bool = False
 
     def __post_init__(self) -> None:
         prometheus = self.static.metrics.prometheus if self.static.metrics else None
@@ -147,6 +157,15 @@ class ProxyDaemon:
     async def start(self) -> None:
         raise_open_file_limit()
         loop = asyncio.get_running_loop()
+        if self.role != "supervisor":
+            await self._start_traffic()
+        if self.role != "worker":
+            await self._start_admin()
+            self._start_providers()
+        self.tasks.append(loop.create_task(self._housekeeping()))
+
+    async def _start_traffic(self) -> None:
+        loop = asyncio.get_running_loop()
         for name, entry in self.http_entrypoints.items():
             address = parse_address(entry.address)
             fwd = entry.forwarded_headers
@@ -214,14 +233,22 @@ class ProxyDaemon:
                 sni_check = https_entry.handler
                 assert isinstance(sni_check, SNICheck)
                 sni_check.next_handler = TracedEntry(self.tracing, sni_check.next_handler)
+            inherited = self.inherited.get(name)
             try:
-                server = await loop.create_server(
-                    self._protocol_factory(name, http_entry, https_entry),
-                    address.host,
-                    address.port,
-                    reuse_port=bool(entry.reuse_port),
-                    backlog=4096,
-                )
+                if inherited is not None:  # bound once by the supervisor (meshproxy.node)
+                    server = await loop.create_server(
+                        self._protocol_factory(name, http_entry, https_entry),
+                        sock=inherited,
+                        backlog=4096,
+                    )
+                else:
+                    server = await loop.create_server(
+                        self._protocol_factory(name, http_entry, https_entry),
+                        address.host,
+                        address.port,
+                        reuse_port=bool(entry.reuse_port) or self.role == "worker",
+                        backlog=4096,
+                    )
             except OSError as exc:
                 raise StartupError(
                     f"entrypoint {name}: cannot listen on {entry.address}: {_reason(exc)}"
@@ -235,9 +262,6 @@ class ProxyDaemon:
         budget = fd_budget_warning({u.name: u.settings for u in self.udp_listeners})
         if budget:
             log.warning("%s", budget)
-        await self._start_admin()
-        self._start_providers()
-        self.tasks.append(loop.create_task(self._housekeeping()))
 
     async def _start_udp(self, name: str) -> None:
         """A UDP entrypoint (`:15000/udp`): its sessions go where the live snapshot's UDP
@@ -263,7 +287,9 @@ class ProxyDaemon:
                 await loop.create_datagram_endpoint(
                     lambda: udp_entry,
                     local_addr=(host, address.port),
-                    reuse_port=bool(entry.reuse_port) or None,
+                    # Workers: one socket each, so a client's datagrams (hashed by address)
+                    # always meet the worker that holds its session.
+                    reuse_port=bool(entry.reuse_port) or self.role == "worker" or None,
                 )
                 break
             except OSError as exc:
@@ -317,6 +343,7 @@ class ProxyDaemon:
                 metrics=self.metrics,
                 state=self.state,
             ),
+            node=self,
         )
         self.admin_runner = web.AppRunner(app, access_log=None)
         await self.admin_runner.setup()
@@ -364,17 +391,54 @@ class ProxyDaemon:
                 listener.entry.sweep()
             self.state.sweep(now)
 
+    # -- the admin entrypoint's view of the node ------------------------------------------
+
+    @property
+    def terminating_status(self) -> int:
+        """What /ping answers once SIGTERM arrived (Traefik's ping.terminatingStatusCode)."""
+        ping = self.static.ping
+        return ping.terminating_status_code if ping and ping.terminating_status_code else 503
+
+    def admin_workers(self) -> list[dict[str, Any]] | None:
+        """Each worker process and the configuration generation it runs (meshproxy.node)."""
+        return self.node.workers_view() if self.node is not None else None
+
+    async def admin_metrics(self) -> bytes:
+        """/metrics: this process's, or the sum over the workers (meshproxy.node.metrics)."""
+        if self.node is not None:
+            result: bytes = await self.node.render_metrics()
+            return result
+        return self.metrics.render()
+
+    def life_cycle(self) -> tuple[float, float]:
+        """(requestAcceptGraceTimeout, graceTimeOut) in seconds: Traefik's per-entrypoint
+        `transport.lifeCycle` (defaults 0 s and 10 s), the longest over the entrypoints since
+        the whole process stops at once."""
+        accept, graces = 0.0, []
+        for entry in self.static.entry_points.values():
+            life = entry.transport.life_cycle if entry.transport else None
+            if life is None:
+                continue
+            if life.request_accept_grace_timeout is not None:
+                accept = max(accept, float(life.request_accept_grace_timeout))
+            if life.grace_time_out is not None:
+                graces.append(float(life.grace_time_out))
+        return accept, max(graces) if graces else 10.0
+
     # -- shutdown -----------------------------------------------------------------------
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop accepting, let in-flight requests finish (up to `grace`), then close. UDP
-        entrypoints stop at once: a datagram has nothing in flight to wait for."""
+        entrypoints stop at once: a datagram has nothing in flight to wait for. HTTP/1.1
+        connections end at a request boundary (`Connection: close`, idle ones closed),
+        HTTP/2 ones get GOAWAY, WebSockets a 1001 Close, TCP pipes get up to `grace`."""
         for udp_entry in self.udp_listeners:
             udp_entry.close()
         for listener in self.listeners:
             listener.server.close()
             listener.entry.close_tunnels()  # WebSockets: Close 1001 to both sides
             listener.entry.shutdown_http2()  # GOAWAY(NO_ERROR): accepted streams finish
+            listener.entry.drain()  # HTTP/1.1: Connection: close, idle connections closed
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
 
@@ -405,19 +469,42 @@ class ProxyDaemon:
         self.state.close()
 
     async def run_forever(self) -> None:
+        """Serve until SIGTERM/SIGINT, then stop gracefully as Traefik does: /ping (readiness)
+        answers 503 at once, listeners keep accepting for requestAcceptGraceTimeout (so
+        endpoints drop the pod first), then `stop(graceTimeOut)`. A second signal during
+        that ends the process at once."""
         await self.start()
-        stop = asyncio.Event()
+        signals = asyncio.Queue[int]()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        log.info("shutting down")
-        grace = 10.0
-        for entry in self.static.entry_points.values():
-            life = entry.transport.life_cycle if entry.transport else None
-            if life and life.grace_time_out is not None:
-                grace = float(life.grace_time_out)
+                loop.add_signal_handler(sig, signals.put_nowait, sig)
+        await signals.get()
+        self.terminating = True
+        accept_grace, grace = self.life_cycle()
+        log.info(
+            "shutting down: accepting for %.1fs more, then %.1fs for in-flight requests",
+            accept_grace,
+            grace,
+        )
+        graceful = loop.create_task(self._graceful_stop(accept_grace, grace))
+        second = loop.create_task(signals.get())
+        await asyncio.wait({graceful, second}, return_when=asyncio.FIRST_COMPLETED)
+        if not graceful.done():
+            log.warning("second signal: stopping at once")
+            graceful.cancel()
+            for listener in self.listeners:
+                listener.server.close()
+                listener.entry.close_all()
+            if self.node is not None:
+                self.node.kill_all()
+        second.cancel()
+
+    async def _graceful_stop(self, accept_grace: float, grace: float) -> None:
+        if accept_grace > 0:
+            await asyncio.sleep(accept_grace)  # a deadline to honour, not a wait for a state
+        if self.node is not None:
+            await self.node.stop(grace)
         await self.stop(grace)
 
 

@@ -244,6 +244,10 @@ class HTTPEntryPoint:
         self.plain_factory: Callable[[], asyncio.Protocol] | None = None
         # The same for HTTP/2 prior knowledge (TCP routers first): set by meshproxy.l4.tls.
         self.plain_h2_factory: Callable[[], asyncio.Protocol] | None = None
+        # Graceful shutdown (meshproxy.daemon.stop): every response then ends its connection
+        # with `Connection: close` (RFC 9112 §9.6), so keep-alive clients leave at a request
+        # boundary rather than have the socket closed under a request they just sent.
+        self.draining = False
 
     def forwarded_fields(
         self, host: bytes, port: str, client_ip: str
@@ -334,6 +338,14 @@ class HTTPEntryPoint:
         streams it already accepted are done (RFC 9113 §6.8)."""
         for h2conn in list(self.h2_connections):
             h2conn.shutdown()
+
+    def drain(self) -> None:
+        """Start a graceful shutdown of HTTP/1.1: later responses carry `Connection: close`
+        and connections idle between requests (no request begun) are closed now, as Go's
+        `http.Server.Shutdown` closes idle connections (Traefik's graceful stop)."""
+        self.draining = True
+        for conn in list(self.connections):
+            conn.close_if_idle()
 
     def close_all(self) -> None:
         for conn in list(self.connections):
@@ -512,6 +524,11 @@ class H1ServerConnection(asyncio.Protocol):
         if self.transport is not None and not self._closing:
             self._closing = True
             self.transport.close()
+
+    def close_if_idle(self) -> None:
+        """Close the connection if it is between requests (no byte of a next one read)."""
+        if self.current is None and self._message_started_at is None and not self.pipeline:
+            self.close()
 
     def check_timeouts(self, now: float, idle: float, read: float) -> None:
         """Close a connection past one of its timeouts (seconds; 0 disables one): `read` for a
@@ -1099,7 +1116,9 @@ class H1ServerConnection(asyncio.Protocol):
         if self._closing:
             return
         request = ex.request
-        keep_alive = request.keep_alive and self._error_after_current is None
+        keep_alive = (
+            request.keep_alive and self._error_after_current is None and not self.entry.draining
+        )
         chunked = False
         if not no_body and content_length is None:
             if request.http_version == "1.1":
