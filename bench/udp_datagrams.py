@@ -7,8 +7,11 @@ Load: a closed loop of `--sessions` client sockets (each one a proxy session), e
 with no reply for 50 ms lost its datagrams (a socket buffer overflowed on the way) and sends
 its window again (counted), so losses do not shrink the load for the rest of the run. Every
 target is measured once per round, back to back, and ratios to direct are paired per round
-(a shared VM drifts between rounds far more than between two measurements). For the proxies
-the CPU time they used per relayed round trip (request + reply) is recorded too.
+(a shared VM drifts between rounds far more than between two measurements). The CPU time each
+proxy used per relayed round trip (request + reply) is recorded too, and the echo server's for
+`direct`: `CPU x direct` (echo's CPU per round trip / the proxy's, paired per round) is the
+proxy's capacity per core against the echo server's, which scheduling on a shared machine
+disturbs far less than the rates (the proxies are rarely CPU-bound here).
 
     python bench/udp_datagrams.py [--rounds 3] [--duration 5] [--sessions 32] [--window 4]
                                   [--size 100] [--no-pin] [--no-traefik]
@@ -323,7 +326,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="udp-bench-") as tmp:
         workdir = Path(tmp)
         try:
-            procs.append(subprocess.Popen(pinned(role("echo", str(backend)), LOAD_CPU)))
+            echo = subprocess.Popen(pinned(role("echo", str(backend)), LOAD_CPU))
+            procs.append(echo)
             dynamic = udp_dynamic(backend)
             mesh_proc = start_meshproxy(workdir, mesh, admin, dynamic)
             procs.append(mesh_proc)
@@ -332,7 +336,7 @@ def main() -> None:
             )
             procs.append(floor_proc)
             targets: dict[str, tuple[int, int | None]] = {
-                "direct": (backend, None),
+                "direct": (backend, echo.pid),  # CPU: the echo server's
                 "meshproxy": (mesh, mesh_proc.pid),
                 "uvloop floor": (floor, floor_proc.pid),
             }
@@ -369,8 +373,8 @@ def main() -> None:
         + "Medians over rounds; `x direct` is the median of the per-round ratios (min-max in "
         "brackets).",
         "",
-        "| target | round trips/s | x direct (same round) | proxy CPU us / round trip |",
-        "|---|---:|---:|---:|",
+        "| target | round trips/s | x direct (same round) | CPU us / round trip | CPU x direct |",
+        "|---|---:|---:|---:|---:|",
     ]
     report: dict[str, Any] = {
         "when": stamp,
@@ -385,9 +389,10 @@ def main() -> None:
             if "cpu_us_per_roundtrip" in results[0]
             else "-"
         )
+        capacity = spread(paired(rounds["direct"], results, "cpu_us_per_roundtrip"))
         lines.append(
             f"| {name} | {rate:.0f} | "
-            f"{spread(paired(results, rounds['direct'], 'replies_per_s'))} | {cpu} |"
+            f"{spread(paired(results, rounds['direct'], 'replies_per_s'))} | {cpu} | {capacity} |"
         )
         report.setdefault("summary", {})[name] = {"replies_per_s": rate, "x_direct": ratio}
     save_section("udp", "udp_datagrams", report, lines)
