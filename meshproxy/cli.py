@@ -95,6 +95,11 @@ http-5000..5009, tcp-10000..10024, udp-15000..15024, readiness :1081, liveness :
 admin :8080, configuration polled from the in-cluster controller.
 
   --configFile=FILE                                              static configuration file
+  --workers=N                                                    worker processes (default: the
+                                                                 CPUs of the cgroup quota; 1: one
+                                                                 process, see docs/workers.md)
+  --workers.listen=inherit|reuseport                             listening sockets bound once and
+                                                                 shared (default), or one each
 {rows}
 """
 
@@ -124,10 +129,47 @@ def _check_file_provider(static: typing.Any) -> None:
             raise StartupError(f"providers.file.directory: cannot read {file.directory}")
 
 
+def _split_workers(args: list[str]) -> tuple[int | None, str, list[str]]:
+    """`--workers=N` / `--workers N` and `--workers.listen=MODE` (not static configuration:
+    how many processes run it), and the other arguments."""
+    count: str | None = None
+    mode = "inherit"
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        key, eq, value = arg.partition("=")
+        if key.lower() in ("--workers", "--workers.listen"):
+            if not eq:
+                if i + 1 >= len(args):
+                    raise StartupError(f"{key} needs a value", 2)
+                value = args[i + 1]
+                i += 1
+            if key.lower() == "--workers":
+                count = value
+            elif value not in ("inherit", "reuseport"):
+                raise StartupError(f"--workers.listen: {value!r} is not inherit or reuseport", 2)
+            else:
+                mode = value
+        else:
+            rest.append(arg)
+        i += 1
+    if count is None:
+        return None, mode, rest
+    try:
+        workers = int(count)
+    except ValueError:
+        raise StartupError(f"--workers: {count!r} is not a number", 2) from None
+    if workers < 1:
+        raise StartupError(f"--workers: {workers} is less than 1", 2)
+    return workers, mode, rest
+
+
 def cmd_proxy(args: list[str]) -> int:
     if _wants_help(args):
         print(proxy_help(), end="")
         return 0
+    workers, listen_mode, args = _split_workers(args)
     config_file, flags = _split_config_file(args)
     file_data = _read_file(config_file, "static configuration") if config_file else None
     if needs_mesh_layout(file_data, flags):
@@ -155,8 +197,22 @@ def cmd_proxy(args: list[str]) -> int:
     if hot_path_state() == "stale":
         log.warning("the compiled hot path is older than its sources: run `make setup` again")
 
+    from meshproxy.node.cpus import available_cpus
+
+    cpus = available_cpus()
+    if workers is None:
+        workers = cpus
+    from meshproxy.node.supervisor import run_node, worker_count_warning
+
+    too_many = worker_count_warning(workers, cpus)
+    if too_many:
+        log.warning("%s", too_many)
+
     async def run() -> None:
-        await ProxyDaemon(static).run_forever()
+        if workers == 1:  # today's single process: no supervisor hop, no control channel
+            await ProxyDaemon(static).run_forever()
+        else:
+            await run_node(static, args, workers, listen_mode)
 
     try:
         uvloop.run(run())

@@ -1,0 +1,124 @@
+"""A worker process: `python -m meshproxy.node.worker --control-fd N --index I --listeners
+JSON -- PROXY-ARGS` (started by meshproxy.node.supervisor, never by hand).
+
+It builds the same static configuration as the supervisor from the same arguments, serves
+traffic on the listening sockets it inherited (or its own SO_REUSEPORT ones), and applies
+every configuration generation the supervisor sends, with the supervisor's generation number.
+It runs no provider and no admin entrypoint. SIGTERM: graceful stop (the supervisor already
+waited requestAcceptGraceTimeout); a second SIGTERM or the supervisor gone: stop at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from meshproxy.node.channel import encode, read_frame
+
+log = logging.getLogger("meshproxy.worker")
+
+
+def static_from_args(args: list[str]) -> Any:
+    """The StaticConfig `meshproxy proxy ARGS` builds (the supervisor validated them)."""
+    from meshproxy.cli import _read_file, _split_config_file
+    from meshproxy.config.static import build_static, mesh_layout_flags, needs_mesh_layout
+
+    config_file, flags = _split_config_file(args)
+    file_data = _read_file(config_file, "static configuration") if config_file else None
+    if needs_mesh_layout(file_data, flags):
+        flags = mesh_layout_flags() + flags
+    static, _warnings = build_static(file_data, flags)
+    return static
+
+
+class Worker:
+    """One worker's event loop: the daemon in role "worker" and the control channel."""
+
+    def __init__(self, static: Any, control: socket.socket, sockets: dict[str, socket.socket]):
+        from meshproxy.daemon import ProxyDaemon
+
+        self.daemon = ProxyDaemon(static, role="worker", inherited=sockets)
+        self.control = control
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def run(self) -> None:
+        daemon = self.daemon
+        await daemon.start()
+        loop = asyncio.get_running_loop()
+        reader, self.writer = await asyncio.open_unix_connection(sock=self.control)
+        self.writer.write(encode({"t": "ready", "pid": os.getpid()}))
+        terms = asyncio.Queue[int]()
+        loop.add_signal_handler(signal.SIGTERM, terms.put_nowait, signal.SIGTERM)
+        control = loop.create_task(self._control(reader))
+        term = loop.create_task(terms.get())
+        await asyncio.wait({control, term}, return_when=asyncio.FIRST_COMPLETED)
+        _, grace = daemon.life_cycle()
+        if control.done():  # the supervisor is gone: nobody restarts, nobody scrapes
+            grace = min(grace, 1.0)
+        daemon.terminating = True
+        stopping = loop.create_task(daemon.stop(grace))
+        second = loop.create_task(terms.get()) if term.done() else term
+        await asyncio.wait({stopping, second}, return_when=asyncio.FIRST_COMPLETED)
+        if not stopping.done():  # a second SIGTERM: at once
+            stopping.cancel()
+            for listener in daemon.listeners:
+                listener.entry.close_all()
+        control.cancel()
+        second.cancel()
+
+    async def _control(self, reader: asyncio.StreamReader) -> None:
+        manager = self.daemon.manager
+        while True:
+            frame = await read_frame(reader)
+            if frame is None:
+                return
+            header, body = frame
+            kind = header.get("t")
+            if kind == "config":
+                generation = int(header["gen"])
+                manager.generation = generation - 1  # apply() counts it up to the node's
+                ok = manager.apply_bytes(body, str(header.get("source", "supervisor")))
+                self._send({"t": "applied", "gen": generation, "ok": ok})
+            elif kind == "metrics":
+                self._send({"t": "metrics", "id": header.get("id")}, self.daemon.metrics.render())
+
+    def _send(self, header: dict[str, Any], body: bytes = b"") -> None:
+        if self.writer is not None and not self.writer.is_closing():
+            self.writer.write(encode(header, body))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="meshproxy.node.worker")
+    parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--listeners", default="{}")
+    parser.add_argument("proxy_args", nargs=argparse.REMAINDER)
+    options = parser.parse_args(argv)
+    proxy_args = options.proxy_args
+    if proxy_args and proxy_args[0] == "--":
+        proxy_args = proxy_args[1:]
+    # Ctrl-C reaches the whole process group: the supervisor decides, workers wait for it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    static = static_from_args(proxy_args)
+    from meshproxy.cli import _setup_logging
+
+    _setup_logging(static.log.level, static.log.format)
+    control = socket.socket(fileno=options.control_fd)
+    sockets = {name: socket.socket(fileno=fd) for name, fd in json.loads(options.listeners).items()}
+    import uvloop
+
+    with contextlib.suppress(KeyboardInterrupt):
+        uvloop.run(Worker(static, control, sockets).run())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
