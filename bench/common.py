@@ -599,3 +599,14 @@ backend app
     server s1 127.0.0.1:{backend}
 """)
     return subprocess.Popen(pinned(["haproxy", "-f", str(config)], PROXY_CPU))
+
+
+def parse_variants(specs: list[str]) -> dict[str, tuple[Path, dict[str, str]]]:
+    """`NAME=DIR[:KEY=VALUE...]` -> {"meshproxy@NAME": (DIR, {KEY: VALUE})}."""
+    variants = {}
+    for spec in specs:
+        name, _, rest = spec.partition("=")
+        source, *pairs = rest.split(":")
+        env = dict(pair.split("=", 1) for pair in pairs)
+        variants[f"meshproxy@{name}"] = (Path(source).resolve(), env)
+    return variants

@@ -23,6 +23,7 @@ and bench/results/grpc_unary.md.
 
     python bench/grpc_unary.py [--rounds 5] [--duration 4] [--clients 10] [--streams 10]
                                [--no-pin] [--backends grpcio,nginx]
+                               [--variant NAME=DIR[:KEY=VALUE...]]
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from common import (
     ensure_tools,
     free_port,
     paired_ratio,
+    parse_variants,
     pinned,
     run_h2load,
     save_report,
@@ -200,6 +202,14 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=10)
     parser.add_argument("--backends", default=",".join(BACKENDS))
     parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=DIR[:KEY=VALUE...]",
+        help="also measure the meshproxy of source tree DIR (with those environment variables) "
+        "as via-meshproxy@NAME, in the same rounds (as bench/h2c_throughput.py)",
+    )
+    parser.add_argument(
         "--no-pin",
         dest="pin",
         action="store_false",
@@ -234,6 +244,12 @@ def main() -> int:
                 "traefik": start_traefik(workdir, ports["traefik"], traefik_api, config),
                 "meshproxy": start_meshproxy(workdir, ports["meshproxy"], admin, config),
             }
+            variants = parse_variants(args.variant)
+            for name, (source, env) in variants.items():
+                ports[name] = free_port()
+                proxies[name] = start_meshproxy(
+                    workdir, ports[name], free_port(), config, source, env
+                )
             procs.extend(proxies.values())
             # taskset execs the command: the pid is the proxy's own
             pids = {name: proc.pid for name, proc in proxies.items()}
@@ -244,7 +260,7 @@ def main() -> int:
             targets: dict[str, tuple[int, str, int | None]] = {}
             for backend, port in backends.items():
                 targets[f"{backend}-direct"] = (port, backend, None)
-                for name in PROXIES:
+                for name in (*PROXIES, *variants):
                     targets[f"{backend}-via-{name}"] = (ports[name], backend, pids[name])
             deadline = time.monotonic() + 15  # the proxies apply their config asynchronously
             for name, (port, backend, _) in list(targets.items()):
@@ -297,6 +313,8 @@ def build_report(
     for backend in args.backends.split(","):
         pairs = [(f"{backend}-via-{name}", f"{backend}-direct") for name in PROXIES]
         pairs += [(f"{backend}-via-meshproxy", f"{backend}-via-{p}") for p in PROXIES[:2]]
+        for variant in parse_variants(args.variant):
+            pairs += [(f"{backend}-via-{variant}", f"{backend}-via-{p}") for p in PROXIES[1:]]
         for a, b in pairs:
             if a in rounds and b in rounds:
                 ratios[f"{a} / {b}"] = {

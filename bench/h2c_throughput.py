@@ -51,6 +51,7 @@ from common import (
     ensure_tools,
     free_port,
     paired_ratio,
+    parse_variants,
     pinned,
     run_h2load,
     save_report,
@@ -110,17 +111,6 @@ def start_haproxy_h2c(workdir: Path, port: int, h1: int, h2c: int) -> subprocess
         bind_options="proto h2",
         more_backends=f"backend app_h2c\n    server s1 127.0.0.1:{h2c} proto h2\n",
     )
-
-
-def parse_variants(specs: list[str]) -> dict[str, tuple[Path, dict[str, str]]]:
-    """`NAME=DIR[:KEY=VALUE...]` -> {"meshproxy@NAME": (DIR, {KEY: VALUE})}."""
-    variants = {}
-    for spec in specs:
-        name, _, rest = spec.partition("=")
-        source, *pairs = rest.split(":")
-        env = dict(pair.split("=", 1) for pair in pairs)
-        variants[f"meshproxy@{name}"] = (Path(source).resolve(), env)
-    return variants
 
 
 def start_floor(port: int, upstream: int, kind: str) -> subprocess.Popen[bytes]:
