@@ -369,6 +369,9 @@ _LIST_KEYS = {
     "rootcas",
     "middlewares",
     "connection",
+    "capturedrequestheaders",
+    "capturedresponseheaders",
+    "safequeryparams",
 }
 
 
@@ -447,6 +450,8 @@ def build_static(file_data: bytes | str | None, flags: list[str]) -> tuple[Stati
     tracing = config.tracing
     if tracing is not None and tracing.otlp is not None and tracing.otlp.grpc is not None:
         warnings.append("tracing.otlp.grpc: only OTLP/HTTP export is implemented; ignored")
+    if tracing is not None and tracing.safe_query_params:
+        warnings.append("tracing.safeQueryParams: not implemented; url.query is recorded whole")
     if tracing is not None and tracing.sample_rate is not None:
         if not 0 <= tracing.sample_rate <= 1:
             errors.append(ConfigError("tracing.sampleRate", "must be within 0..1"))
