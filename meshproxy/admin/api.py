@@ -10,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
+from meshproxy.admin.dashboard import add_routes as add_dashboard_routes
 from meshproxy.admin.explain import add_routes as add_explain_routes
 from meshproxy.admin.traefik_api import AdminContext, add_routes
 from meshproxy.balancer.health import describe_service
@@ -101,6 +102,8 @@ def build_admin_app(
         if context is not None:
             add_routes(app, context)
             add_explain_routes(app, context)
+            if context.static.api is None or context.static.api.dashboard:
+                add_dashboard_routes(app, context)
     if metrics is not None:
         app.router.add_get("/metrics", handle_metrics)
     return app

@@ -149,7 +149,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Any:
             if side == "traefik":
                 processes[side] = TraefikProcess(side_dir, dynamic, flags).start()
             else:
-                processes[side] = MeshproxyProcess(side_dir, dynamic, flags).start()
+                processes[side] = MeshproxyProcess(side_dir, dynamic, ["--workers=1", *flags]).start()
         yield processes, logs
     finally:
         for process in processes.values():

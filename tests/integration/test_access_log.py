@@ -17,6 +17,20 @@ import pytest
 
 from tests.helpers import catch_all, lb, refused_url, request, router, wait_for
 
+
+@pytest.fixture
+def proxy_factory(proxy_factory: Any) -> Any:
+    """One process (`--workers=1`): the admin API reads the state of the process that serves
+    the traffic (in-flight counts, token buckets, the balancer's rotation, RequestCount).
+    With N workers the supervisor answers the admin API (docs/observability.md)."""
+
+    async def make(dynamic: Any = None, **kwargs: Any) -> Any:
+        kwargs["extra_flags"] = ["--workers=1", *kwargs.get("extra_flags", [])]
+        return await proxy_factory(dynamic, **kwargs)
+
+    return make
+
+
 CLF = re.compile(
     r'^(?P<host>\S+) - (?P<user>\S+) \[(?P<time>[^\]]+)\] "(?P<method>\S+) (?P<path>\S+) '
     r'(?P<proto>[^"]+)" (?P<status>\d+) (?P<size>\d+) "(?P<referer>[^"]*)" "(?P<ua>[^"]*)" '

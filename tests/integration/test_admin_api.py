@@ -12,7 +12,22 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+import pytest
+
 from tests.helpers import free_port, lb, refused_url, request, router, wait_for
+
+
+@pytest.fixture
+def proxy_factory(proxy_factory: Any) -> Any:
+    """One process (`--workers=1`): the admin API reads the state of the process that serves
+    the traffic (in-flight counts, token buckets, the balancer's rotation, RequestCount).
+    With N workers the supervisor answers the admin API (docs/observability.md)."""
+
+    async def make(dynamic: Any = None, **kwargs: Any) -> Any:
+        kwargs["extra_flags"] = ["--workers=1", *kwargs.get("extra_flags", [])]
+        return await proxy_factory(dynamic, **kwargs)
+
+    return make
 
 
 def _get(port: int, path: str, method: str = "GET") -> tuple[int, Any, dict[str, str]]:
