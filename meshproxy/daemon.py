@@ -19,6 +19,7 @@ from aiohttp import web
 
 from meshproxy.admin.api import build_admin_app
 from meshproxy.admin.traefik_api import AdminContext
+from meshproxy.config.dynamic import RouterTLS
 from meshproxy.config.static import EntryPointHTTP2, StaticConfig, parse_address
 from meshproxy.http.server import (
     DEFAULT_MAX_HEADER_BYTES,
@@ -30,6 +31,7 @@ from meshproxy.http.transports import TransportError, default_transport
 from meshproxy.http.upstream import TransportSettings
 from meshproxy.l4.tls import L4Entry, SNICheck, https_key
 from meshproxy.l4.udp import UDPEntryPoint, fd_budget_warning, udp_settings
+from meshproxy.networks import NetworkSet
 from meshproxy.observability.access_log import AccessLog, build_access_log
 from meshproxy.observability.metrics import DEFAULT_BUCKETS, RequestMetrics
 from meshproxy.observability.runtime_metrics import RuntimeCollector
@@ -40,6 +42,7 @@ from meshproxy.runtime.dispatch import make_dispatcher
 from meshproxy.runtime.manager import ConfigManager
 from meshproxy.runtime.state import RuntimeState
 from meshproxy.tcp.proxy import pipe_settings
+from meshproxy.tcp.proxy_protocol import ProxyHeaderReader, ProxyProtocolPolicy
 from meshproxy.tcp.services import transport_from_static
 
 log = logging.getLogger("meshproxy")
@@ -113,6 +116,12 @@ class ProxyDaemon:
                 self.http_entrypoints[name] = entry
         explicit_default = [n for n, e in self.http_entrypoints.items() if e.as_default]
         self.default_entrypoints = sorted(explicit_default or self.http_entrypoints)
+        # entryPoints.X.http.tls: the TLS of the HTTP routers there without one of their own
+        self.entrypoint_tls = {
+            n: RouterTLS(options=e.http.tls.options)
+            for n, e in self.http_entrypoints.items()
+            if e.http is not None and e.http.tls is not None
+        }
         self.transport = self._transport_settings()
         try:
             self.tcp_transport = transport_from_static(self.static.tcp_servers_transport)
@@ -148,6 +157,7 @@ class ProxyDaemon:
                 if self.static.core
                 else None,
                 tcp_transport=self.tcp_transport,
+                entrypoint_tls=self.entrypoint_tls,
             )
 
         return factory
@@ -317,7 +327,22 @@ class ProxyDaemon:
             pipe_settings(self.http_entrypoints[name]),
             https_entry,
         )
-        return entry.connection_factory
+        incoming = self.http_entrypoints[name].proxy_protocol
+        if incoming is None:
+            return entry.connection_factory
+        # Traefik's proxyProtocol: the PROXY header is read before anything else (sniffing,
+        # immediate TCP routing), so every layer sees the header's client address.
+        policy = ProxyProtocolPolicy(
+            NetworkSet(_networks(name, incoming.trusted_i_ps or [], "proxyProtocol")),
+            bool(incoming.insecure),
+            entry.peek_timeout,
+        )
+        on_open = http_entry.on_open
+
+        def reader() -> ProxyHeaderReader:
+            return ProxyHeaderReader(policy, entry.connection_factory, on_open)
+
+        return reader
 
     async def _start_admin(self) -> None:
         static = self.static
@@ -552,11 +577,11 @@ def refused_encodings(options: dict[str, Any] | None) -> tuple[bytes, ...]:
     return tuple(refused)
 
 
-def _networks(entrypoint: str, values: list[str]) -> list[Any]:
+def _networks(entrypoint: str, values: list[str], section: str = "forwardedHeaders") -> list[Any]:
     try:
-        return [ipaddress.ip_network(t, strict=False) for t in values]
+        return [ipaddress.ip_network(t.strip(), strict=False) for t in values]
     except ValueError as exc:
-        raise StartupError(f"entryPoints.{entrypoint}.forwardedHeaders.trustedIPs: {exc}") from None
+        raise StartupError(f"entryPoints.{entrypoint}.{section}.trustedIPs: {exc}") from None
 
 
 def raise_open_file_limit() -> None:

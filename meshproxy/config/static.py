@@ -8,6 +8,7 @@ arguments are accepted as they are; a key Traefik does not know either (a misspe
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import re
 import types
 import typing
@@ -66,6 +67,27 @@ class EntryPointHTTP2(_Base):
     max_header_list_size: int | None = None
 
 
+class EntryPointHTTPTLS(_Base):
+    """Traefik's entryPoints.X.http.tls: every HTTP router of the entrypoint without a `tls`
+    section of its own is a TLS router with these settings (Traefik's entrypoint "model",
+    provider/traefik/internal.go; https://doc.traefik.io/traefik/routing/entrypoints/#tls).
+    `--entryPoints.X.http.tls` or `=true` alone turns it on with the default options."""
+
+    options: str | None = None  # a TLS options name of the dynamic config ("default" if unset)
+    cert_resolver: str | None = None  # ACME: not implemented (warning)
+    domains: list[Raw] | None = None  # ACME domains: not implemented (warning)
+
+
+class EntryPointProxyProtocol(_Base):
+    """Traefik's entryPoints.X.proxyProtocol: read an incoming PROXY protocol header (v1 or v2)
+    from the addresses in `trustedIPs` (IPs or CIDRs), or from any address with `insecure`;
+    from other addresses a header is read and its addresses ignored (go-proxyproto's IGNORE
+    policy, as Traefik's pkg/server/server_entrypoint_tcp.go)."""
+
+    insecure: bool | None = None
+    trusted_i_ps: list[str] | None = msgspec.field(default=None, name="trustedIPs")
+
+
 class EntryPointHTTP(_Base):
     max_header_bytes: int | None = None
     # meshproxy: the longest request-target served (414 past it); 16 KiB by default
@@ -73,7 +95,7 @@ class EntryPointHTTP(_Base):
     sanitize_path: bool | None = None
     middlewares: list[str] | None = None
     redirections: Raw | None = None
-    tls: Raw | None = None
+    tls: EntryPointHTTPTLS | None = None
     encoded_characters: Raw | None = None
     encode_query_semicolons: bool | None = None
 
@@ -95,7 +117,7 @@ class EntryPoint(_Base):
     http: EntryPointHTTP | None = None
     http2: EntryPointHTTP2 | None = None
     http3: Raw | None = None
-    proxy_protocol: Raw | None = None
+    proxy_protocol: EntryPointProxyProtocol | None = None
     udp: EntryPointUDP | None = None
     observability: Raw | None = None
     allow_a_c_m_e_bypass: bool | None = msgspec.field(default=None, name="allowACMEByPass")
@@ -398,6 +420,8 @@ def _enable_structs(value: Any, tp: Any) -> Any:
                 if _enable_structs(v, fields.get(str(k).lower())) is not None or v is None
             }
         return value
+    if tp == Raw and value in (True, "true", "True", ""):
+        return {}  # `--ocsp`, `--entryPoints.X.http3`: a section enabled with its defaults
     if origin is dict and isinstance(value, dict):
         _, item_type = typing.get_args(tp) or (Any, Any)
         return {k: _enable_structs(v, item_type) for k, v in value.items()}
@@ -441,6 +465,12 @@ def build_static(file_data: bytes | str | None, flags: list[str]) -> tuple[Stati
             errors.append(ConfigError(note.path, "unknown option" + _suggestion(note.path)))
     if errors:
         raise ConfigDecodeError(errors)
+    # Entrypoints one by one first, so that an error names the entrypoint (msgspec shows a
+    # dict key as `[...]`): `--entryPoints.web.http.tls=maybe` -> entryPoints.web.http.tls.
+    for ep_name, ep_value in (normalized.get("entryPoints") or {}).items():
+        convert(ep_value, EntryPoint, f"entryPoints.{ep_name}", errors)
+    if errors:
+        raise ConfigDecodeError(errors)
     config = convert(normalized, StaticConfig, "", errors)
     if errors or config is None:
         raise ConfigDecodeError(errors)
@@ -479,12 +509,85 @@ def build_static(file_data: bytes | str | None, flags: list[str]) -> tuple[Stati
                             f"entryPoints.{name}.http2.{key}", f"must be from {low} to {high}"
                         )
                     )
-        for key in ("http3", "proxyProtocol"):
-            if normalized["entryPoints"][name].get(key) is not None:
-                warnings.append(f"entryPoints.{name}.{key}: not implemented yet; ignored")
+        pp = entry.proxy_protocol
+        for trusted in (pp.trusted_i_ps or []) if pp is not None else []:
+            try:
+                ipaddress.ip_network(trusted.strip(), strict=False)
+            except ValueError:
+                errors.append(
+                    ConfigError(
+                        f"entryPoints.{name}.proxyProtocol.trustedIPs",
+                        f"{trusted!r} is neither an IP address nor a CIDR",
+                    )
+                )
+        tls = entry.http.tls if entry.http else None
+        if tls is not None and tls.cert_resolver:
+            warnings.append(
+                f"entryPoints.{name}.http.tls.certResolver: ACME certificate resolvers are not "
+                "implemented; the routers use the certificates of the dynamic config"
+            )
+        if tls is not None and tls.domains:
+            warnings.append(
+                f"entryPoints.{name}.http.tls.domains: ACME domains are not implemented; ignored"
+            )
+        if entry.http is not None and entry.http.middlewares:
+            warnings.append(
+                f"entryPoints.{name}.http.middlewares: entrypoint middlewares are not "
+                "implemented; ignored"
+            )
+    warnings.extend(_unimplemented_raw(normalized, StaticConfig, ""))
     if errors:
         raise ConfigDecodeError(errors)
     return config, warnings
+
+
+# Sections typed `Raw` (decoded, not modelled) that meshproxy does act on; every other `Raw`
+# section that is set gets a start-up warning from `_unimplemented_raw` (lower case paths,
+# `*` for an entrypoint's name). The top-level ones of _NOT_IMPLEMENTED and `metrics.*` have
+# their own, more precise, warnings above.
+_IMPLEMENTED_RAW = {
+    "entrypoints.*.http.encodedcharacters",  # daemon.refused_encodings
+    "experimental",
+    "certificatesresolvers",
+    "hub",
+    "metrics.datadog",
+    "metrics.influxdb",
+    "metrics.influxdb2",
+    "metrics.statsd",
+    "metrics.otlp",
+}
+
+
+def _unimplemented_raw(data: Any, tp: Any, prefix: str) -> list[str]:
+    """A warning for each `Raw` (accepted, not implemented) option set in `data` (the
+    normalized static config of type `tp`), so that `--help`'s "accepted, not implemented
+    (warning)" holds: an operator who sets one is told at start that it does nothing."""
+    out: list[str] = []
+    tp = _unwrap(tp)
+    if not _is_struct(tp) or not isinstance(data, dict):
+        return out
+    hints = typing.get_type_hints(tp)
+    for f in msgspec.structs.fields(tp):
+        value = data.get(f.encode_name)
+        if value is None:
+            continue
+        path = f"{prefix}{f.encode_name}"
+        sub = _unwrap(hints[f.name])
+        if sub is Raw or hints[f.name] == Raw | None:
+            generic = re.sub(r"^entryPoints\.[^.]+\.", "entryPoints.*.", path).lower()
+            # `global.checkNewVersion=false`, `global.sendAnonymousUsage=false`: what
+            # meshproxy does anyway (it never calls home), so no warning for those
+            quiet = generic == "global" and all(str(v).lower() == "false" for v in value.values())
+            if generic not in _IMPLEMENTED_RAW and not quiet:
+                out.append(f"{path}: not implemented by meshproxy; option ignored")
+        elif _is_struct(sub):
+            out.extend(_unimplemented_raw(value, sub, path + "."))
+        elif typing.get_origin(sub) is dict and isinstance(value, dict):
+            item = _unwrap(typing.get_args(sub)[1])
+            if _is_struct(item):
+                for key, child in value.items():
+                    out.extend(_unimplemented_raw(child, item, f"{path}.{key}."))
+    return out
 
 
 # ------------------------------------------------------------------ unknown keys

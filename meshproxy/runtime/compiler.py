@@ -20,7 +20,14 @@ from meshproxy.balancer.http_services import (
     WeightedService,
 )
 from meshproxy.balancer.sticky import Sticky
-from meshproxy.config.dynamic import DynamicConfig, Middleware, Router, ServersTransport, Service
+from meshproxy.config.dynamic import (
+    DynamicConfig,
+    Middleware,
+    Router,
+    RouterTLS,
+    ServersTransport,
+    Service,
+)
 from meshproxy.http.exchange import Handler
 from meshproxy.http.transports import TransportError, http_transport
 from meshproxy.http.upstream import ServerTarget, TransportSettings
@@ -75,6 +82,9 @@ class CompileContext:
     default_rule_syntax: str | None = None
     # the static `tcpServersTransport`: TCP services' default transport (tcp/services.py)
     tcp_transport: TCPTransport = field(default_factory=TCPTransport)
+    # static `entryPoints.X.http.tls`, per entrypoint: the TLS of every HTTP router there that
+    # has no `tls` of its own (Traefik's entrypoint model, server/aggregator.go applyModel)
+    entrypoint_tls: dict[str, RouterTLS] = field(default_factory=dict)
 
 
 class _BuildError(Exception):
@@ -419,11 +429,12 @@ class _Compiler:
                 continue
             entrypoints, route = built
             for ep in entrypoints:
-                if router.tls is None:
+                tls = router.tls if router.tls is not None else self.ctx.entrypoint_tls.get(ep)
+                if tls is None:
                     per_entrypoint[ep].append(route)
                     continue
                 per_entrypoint[https_key(ep)].append(route)
-                options = qualify_options(router.tls.options, self.ctx.provider)
+                options = qualify_options(tls.options, self.ctx.provider)
                 if self.tls_store.context(options) is None:
                     self.snapshot.routers[route.name].warn(
                         f"TLS options {options!r} are unknown or broken: TLS connections "
