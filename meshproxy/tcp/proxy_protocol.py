@@ -29,7 +29,8 @@ listener with its policy (pkg/server/server_entrypoint_tcp.go `buildProxyProtoco
 - from another peer a header is still read and taken off the stream, and its addresses are
   ignored (go-proxyproto's IGNORE policy; checked against Traefik 3.7: the backend never sees
   the header, and the client is the peer);
-- no header (the first bytes cannot start one): the connection goes on as it is;
+- no header (the first bytes cannot start one, or nothing came within the read timeout): the
+  connection goes on as it is;
 - a malformed header (from any peer, as Traefik): the connection is closed, nothing relayed.
 
 The header is parsed here by hand for the same reason as above. Bounded: a v1 line is at most
@@ -380,12 +381,19 @@ class ProxyHeaderReader(asyncio.Protocol):
         self._done()
 
     def _expired(self) -> None:
+        """The read timeout passed. Nothing read: the connection has no header and goes on
+        (a client waiting for the server to speak first; Traefik 3.7 relays it then too).
+        Part of a header: closed, as a malformed one."""
         self.timer = None
         transport = self.transport
-        if transport is not None:
-            log.debug("PROXY header from %s: not whole in time; closed", _peer_ip(transport))
-            self._done()
-            transport.close()
+        if transport is None:
+            return
+        if not self.buffer:
+            self._hand_over(transport, None, b"")
+            return
+        log.debug("PROXY header from %s: not whole in time; closed", _peer_ip(transport))
+        self._done()
+        transport.close()
 
     def _done(self) -> None:
         self.transport = None
