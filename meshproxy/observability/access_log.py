@@ -41,7 +41,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from meshproxy.http.fields import field_list
@@ -171,20 +170,41 @@ class AccessLogSettings:
         return self.min_duration > 0 and seconds > self.min_duration
 
 
+_SECONDS: dict[tuple[int, bool], tuple[str, str, str]] = {}
+
+
+def _second(second: int, local: bool) -> tuple[str, str, str]:
+    """(RFC 3339 date-time without fraction, zone suffix, CLF time) of one whole second,
+    cached: strftime per line would cost more than the rest of the formatting."""
+    key = (second, local)
+    hit = _SECONDS.get(key)
+    if hit is not None:
+        return hit
+    parts = time.localtime(second) if local else time.gmtime(second)
+    offset = parts.tm_gmtoff if local else 0
+    sign = "-" if offset < 0 else "+"
+    hours, minutes = divmod(abs(offset) // 60, 60)
+    suffix = "Z" if offset == 0 else f"{sign}{hours:02d}:{minutes:02d}"
+    clf = time.strftime("%d/%b/%Y:%H:%M:%S ", parts) + f"{sign}{hours:02d}{minutes:02d}"
+    if len(_SECONDS) > 256:
+        _SECONDS.clear()
+    hit = _SECONDS[key] = (time.strftime("%Y-%m-%dT%H:%M:%S", parts), suffix, clf)
+    return hit
+
+
 def _rfc3339(stamp: float, local: bool, nanos: bool) -> str:
     """Go's time.RFC3339Nano (trailing zeros of the fraction trimmed) or RFC3339."""
-    moment = (
-        datetime.fromtimestamp(stamp).astimezone() if local else datetime.fromtimestamp(stamp, UTC)
-    )
-    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    second = int(stamp)
+    text, suffix, _ = _second(second, local)
     if nanos:
-        fraction = f"{moment.microsecond:06d}".rstrip("0")
+        fraction = f"{int((stamp - second) * 1e6):06d}".rstrip("0")
         if fraction:
             text += "." + fraction
-    offset = moment.strftime("%z")
-    if offset in ("+0000", ""):
-        return text + "Z"
-    return f"{text}{offset[:3]}:{offset[3:]}"
+    return text + suffix
+
+
+def _clf_time(stamp: float) -> str:
+    return _second(int(stamp), True)[2]
 
 
 def _host_port(address: str, port: int) -> str:
@@ -253,6 +273,7 @@ class AccessLog:
         self.settings = settings
         self.metrics = metrics
         self.pending: list[tuple[Exchange, int, float, float]] = []
+        self.start = 0.0  # start time of the line being formatted (the CLF formats' time)
         self.scheduled = False
         self.request_count = 0
         self.lost = 0  # lines lost (write errors, full buffer), for the error log
@@ -261,7 +282,7 @@ class AccessLog:
         self.error_lock = threading.Lock()
         self.writer = _Writer(settings.file_path, self._write_failed)
         fmt = settings.format
-        self.format_line: Callable[[dict[str, Any], str], str] = (
+        self.format_line: Callable[[dict[str, Any], str, float], str] = (
             _json_line if fmt == "json" else _clf_line if fmt == "common" else _generic_clf_line
         )
 
@@ -288,7 +309,7 @@ class AccessLog:
                 continue
             try:
                 data = self.fields(ex, status, seconds, now)
-                lines.append(self.format_line(data, ex.why))
+                lines.append(self.format_line(data, ex.why, now - seconds))
             except Exception:  # a line we cannot format must not cost the others
                 log.exception("cannot format an access log line")
         if not lines:
@@ -419,13 +440,8 @@ def _plain(data: dict[str, Any], key: str) -> str:
     return "-" if value is None or value == "" else str(value)
 
 
-def _clf_start(data: dict[str, Any]) -> str:
-    start = data.get("StartLocal")
-    if start is None:
-        stamp = "-"
-    else:
-        moment = datetime.fromisoformat(start.replace("Z", "+00:00"))
-        stamp = moment.strftime("%d/%b/%Y:%H:%M:%S %z")
+def _clf_start(data: dict[str, Any], start: float) -> str:
+    stamp = _clf_time(start) if "StartLocal" in data else "-"
     return (
         f"{_plain(data, 'ClientHost')} - {_plain(data, 'ClientUsername')} [{stamp}] "
         f'"{_plain(data, "RequestMethod")} {_plain(data, "RequestPath")} '
@@ -439,21 +455,21 @@ def _why_suffix(why: str) -> str:
     return f" why={why}\n" if why else "\n"
 
 
-def _clf_line(data: dict[str, Any], why: str) -> str:
+def _clf_line(data: dict[str, Any], why: str, start: float) -> str:
     """Traefik's `common` line: CLF, then request count, router, service URL, duration."""
     millis = int(data.get("Duration", 0)) // 1_000_000
     return (
-        f"{_clf_start(data)} {_plain(data, 'RequestCount')} {_quoted(data, 'RouterName')} "
+        f"{_clf_start(data, start)} {_plain(data, 'RequestCount')} {_quoted(data, 'RouterName')} "
         f"{_quoted(data, 'ServiceURL')} {millis}ms{_why_suffix(why)}"
     )
 
 
-def _generic_clf_line(data: dict[str, Any], why: str) -> str:
+def _generic_clf_line(data: dict[str, Any], why: str, start: float) -> str:
     """Traefik's `genericCLF`: the Combined Log Format part only."""
-    return _clf_start(data) + _why_suffix(why)
+    return _clf_start(data, start) + _why_suffix(why)
 
 
-def _json_line(data: dict[str, Any], why: str) -> str:
+def _json_line(data: dict[str, Any], why: str, start: float) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False) + "\n"
 
 
