@@ -18,8 +18,10 @@ from __future__ import annotations
 SUPERVISOR_FAMILIES = frozenset(
     {
         "traefik_config_reloads",
+        "traefik_config_reloads_total",
         "traefik_config_last_reload_success",
         "meshproxy_config_reload_failures",
+        "meshproxy_config_reload_failures_total",
     }
 )
 # Gauges that count things each worker holds: the node holds their sum.

@@ -126,7 +126,18 @@ class Supervisor:
             log.info("entrypoint %s listening on %s", name, entry.address)
 
     async def start(self) -> None:
+        """Bind the listeners now (an address in use fails the start), but listen and start
+        the workers once the first configuration is accepted: until then a connection would
+        only get 404, and during a rollout the old proxy still serves the port."""
         self.bind()
+        self._tasks.append(asyncio.get_running_loop().create_task(self._start_workers()))
+
+    async def _start_workers(self) -> None:
+        await self.manager.applied.wait()
+        if self.stopping:
+            return
+        for sock in self.sockets.values():
+            sock.listen(4096)
         loop = asyncio.get_running_loop()
         for slot in self.slots:
             self._tasks.append(loop.create_task(self._keep(slot)))
@@ -320,7 +331,7 @@ def _describe_exit(returncode: int) -> str:
 
 
 def listen_socket(host: str | None, port: int) -> socket.socket:
-    """A listening TCP socket with SO_REUSEPORT (a rollout's new proxy joins it) that the
+    """A bound TCP socket with SO_REUSEPORT (a rollout's new proxy joins it) that the
     workers inherit. No host: IPv6 and IPv4 on one dual-stack socket, as Go's listener, or
     IPv4 alone where IPv6 is off."""
     candidates: list[tuple[int, str]]
@@ -337,8 +348,7 @@ def listen_socket(host: str | None, port: int) -> socket.socket:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6 and not host:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.bind((bind_host, port))
-            sock.listen(4096)
+            sock.bind((bind_host, port))  # listen() once the first configuration is there
             sock.setblocking(False)
             sock.set_inheritable(True)
             return sock

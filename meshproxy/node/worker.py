@@ -51,9 +51,15 @@ class Worker:
 
     async def run(self) -> None:
         daemon = self.daemon
-        await daemon.start()
         loop = asyncio.get_running_loop()
         reader, self.writer = await asyncio.open_unix_connection(sock=self.control)
+        # The first configuration before the first connection: a worker (re)started on a
+        # shared listener must not answer 404 while the others route.
+        first = await read_frame(reader)
+        if first is None:
+            return
+        self._handle(*first)
+        await daemon.start()
         self.writer.write(encode({"t": "ready", "pid": os.getpid()}))
         terms = asyncio.Queue[int]()
         loop.add_signal_handler(signal.SIGTERM, terms.put_nowait, signal.SIGTERM)
@@ -75,20 +81,22 @@ class Worker:
         second.cancel()
 
     async def _control(self, reader: asyncio.StreamReader) -> None:
-        manager = self.daemon.manager
         while True:
             frame = await read_frame(reader)
             if frame is None:
                 return
-            header, body = frame
-            kind = header.get("t")
-            if kind == "config":
-                generation = int(header["gen"])
-                manager.generation = generation - 1  # apply() counts it up to the node's
-                ok = manager.apply_bytes(body, str(header.get("source", "supervisor")))
-                self._send({"t": "applied", "gen": generation, "ok": ok})
-            elif kind == "metrics":
-                self._send({"t": "metrics", "id": header.get("id")}, self.daemon.metrics.render())
+            self._handle(*frame)
+
+    def _handle(self, header: dict[str, Any], body: bytes) -> None:
+        kind = header.get("t")
+        if kind == "config":
+            manager = self.daemon.manager
+            generation = int(header["gen"])
+            manager.generation = generation - 1  # apply() counts it up to the node's
+            ok = manager.apply_bytes(body, str(header.get("source", "supervisor")))
+            self._send({"t": "applied", "gen": generation, "ok": ok})
+        elif kind == "metrics":
+            self._send({"t": "metrics", "id": header.get("id")}, self.daemon.metrics.render())
 
     def _send(self, header: dict[str, Any], body: bytes = b"") -> None:
         if self.writer is not None and not self.writer.is_closing():
