@@ -526,8 +526,15 @@ class H1ServerConnection(asyncio.Protocol):
             self.transport.close()
 
     def close_if_idle(self) -> None:
-        """Close the connection if it is between requests (no byte of a next one read)."""
-        if self.current is None and self._message_started_at is None and not self.pipeline:
+        """Close the connection if it is between requests (no byte of a next one read). One
+        that has not sent its first request yet is left to send it (answered with
+        `Connection: close`): a client may only retry a request on a reused connection."""
+        if (
+            self._messages > 0
+            and self.current is None
+            and self._message_started_at is None
+            and not self.pipeline
+        ):
             self.close()
 
     def check_timeouts(self, now: float, idle: float, read: float) -> None:
