@@ -307,6 +307,9 @@ class ProxyProcess:
             "--ping",
             "--metrics.prometheus=true",
             "--log.level=INFO",
+            # One process, as before worker processes existed (tests of workers add
+            # --workers=N, which wins as the later flag).
+            "--workers=1",
         ]
         if self.provider == "file":
             flags.append(f"--providers.file.filename={self.config_file}")
