@@ -595,3 +595,87 @@ async def test_proxy_protocol_tcp_untrusted_and_unknown(
     assert answer.startswith(b"got:b'PROXY TCP4 127.0.0.1 127.0.0.1 "), answer
     assert answer.count(b"PROXY") == 1, answer
     assert await exchange(proxy.port_of("tcpa"), [b"PROXY UNKNOWN\r\nhello\n"]) == b""
+
+
+# ---------------------------------------------------------------- both at once
+
+
+def _tls_after_header(port: int, header: bytes) -> bytes:
+    """A PROXY header in clear, then TLS on the same connection (as a TCP load balancer in
+    front of a TLS entrypoint sends it); GET / over it, answer read to the close."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        raw.sendall(header)
+        with context.wrap_socket(raw, server_hostname="app.test") as tls:
+            tls.sendall(http_get())
+            answer = b""
+            while chunk := tls.recv(65536):
+                answer += chunk
+            return answer
+
+
+@pytest.mark.parametrize("side", SIDES)
+async def test_proxy_protocol_before_tls_termination(side: str, start: Starter, echo: Echo) -> None:
+    """An entrypoint with both `proxyProtocol` and `http.tls`: the header comes before the
+    ClientHello; after termination the HTTPS router sees the header's source (X-Forwarded-For,
+    X-Real-Ip), as Traefik 3.7 does (the PROXY listener wraps the TLS one)."""
+    port = await echo.start(Echo.http)
+    flags = [
+        "--entryPoints.secure.http.tls",
+        "--entryPoints.secure.proxyProtocol.trustedIPs=127.0.0.1/32",
+    ]
+    proxy = await start(http_config(port, "secure"), ["secure"], flags)
+    for header in (v1(), v2()):
+        answer = await asyncio.to_thread(_tls_after_header, proxy.port_of("secure"), header)
+        assert status(answer) == 200, answer
+        assert header_values(answer, "X-Forwarded-For") == [CLIENT]
+        assert header_values(answer, "X-Real-Ip") == [CLIENT]
+
+
+# ---------------------------------------------------------------- the parser's bounds
+
+
+def test_parser_bounds_and_reassembly() -> None:
+    """The header reader's parser (meshproxy.tcp.proxy_protocol.parse), HAProxy spec: a v1
+    line is at most 107 bytes with its CRLF (§2.1), so 107 bytes without one are refused, not
+    waited on; a v2 header's declared length is checked against its family's address size
+    and capped (V2_MAX_BODY); bytes that cannot start a header are `NotProxyHeader` (the
+    connection has none); every prefix of a valid header is `IncompleteHeader` (reassembly
+    over any cut)."""
+    from meshproxy.tcp.proxy_protocol import (
+        V2_MAX_BODY,
+        IncompleteHeader,
+        NotProxyHeader,
+        parse,
+    )
+
+    longest = b"PROXY TCP6 " + b"f" * 42 + b" " + b"f" * 39 + b" 65535 65535\r\n"
+    assert len(longest) == 107
+    with pytest.raises(ValueError) as whole:
+        parse(longest)  # not IPv6 text, but read whole: refused as malformed, not incomplete
+    assert not isinstance(whole.value, IncompleteHeader)
+    with pytest.raises(ValueError) as too_long:
+        parse(b"PROXY TCP4 " + b"1" * 200)
+    assert not isinstance(too_long.value, IncompleteHeader)
+    with pytest.raises(ValueError):
+        parse(b"PROXY TCP4 203.0.113.9 127.0.0.1 1 2\n")  # LF without CR
+    for data in (b"GET / HTTP/1.1\r\n", b"\x16\x03\x01", b"PRI * HTTP/2.0", b"PROXZ"):
+        with pytest.raises(NotProxyHeader):
+            parse(data)
+    short = v2()[:14] + struct.pack("!H", 8) + bytes(8)  # AF_INET with 8 address bytes
+    with pytest.raises(ValueError) as caught:
+        parse(short)
+    assert not isinstance(caught.value, IncompleteHeader)
+    with pytest.raises(ValueError) as caught:
+        parse(v2()[:14] + struct.pack("!H", V2_MAX_BODY + 1))
+    assert not isinstance(caught.value, IncompleteHeader)
+    for header in (v1(), v2(), b"PROXY UNKNOWN\r\n"):
+        for cut in range(len(header)):
+            with pytest.raises(IncompleteHeader):
+                parse(header[:cut])
+        found, used = parse(header + b"rest")
+        assert used == len(header)
+    assert parse(v1())[0].source == (CLIENT, 5555)
+    assert parse(v2())[0].source == (CLIENT, 5555)
