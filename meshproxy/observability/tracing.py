@@ -54,6 +54,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from meshproxy.http.fields import field_list
+
 if TYPE_CHECKING:
     from meshproxy.http.exchange import Exchange
 
@@ -89,6 +91,10 @@ class TracingSettings:
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    # fields recorded as `http.request.header.<name>` / `http.response.header.<name>` (lower
+    # case, a list of values), as Traefik's capturedRequestHeaders / capturedResponseHeaders
+    captured_request_headers: tuple[str, ...] = ()
+    captured_response_headers: tuple[str, ...] = ()
 
 
 class _FieldsGetter(Getter[Any]):
@@ -223,6 +229,10 @@ class Tracing:
             attributes["server.port"] = int(port)
         if request.query:
             attributes["url.query"] = _text(request.query)
+        for name in self.settings.captured_request_headers:
+            values = request.header_values(name)
+            if values:
+                attributes[f"http.request.header.{name}"] = list(values)
         span = self.tracer.start_span(
             request.method,
             context=parent,
@@ -285,7 +295,15 @@ class ServerSpan:
 
     def attempt(self, ex: Exchange, url: str, host: bytes) -> ClientSpan:
         """A client span for one try of `ex` at the server `url` (`host`: its host[:port]),
-        its context injected into the request about to be sent."""
+        its context injected into the request about to be sent. Never raises (a fault gives
+        a span that records nothing)."""
+        try:
+            return self._attempt(ex, url, host)
+        except Exception:
+            log.exception("could not start the span of a try")
+            return ClientSpan(trace.INVALID_SPAN)
+
+    def _attempt(self, ex: Exchange, url: str, host: bytes) -> ClientSpan:
         request = ex.request
         span = self.tracing.tracer.start_span(
             CLIENT_SPAN, context=self.context, kind=SpanKind.CLIENT
@@ -313,7 +331,15 @@ class ServerSpan:
         return ClientSpan(span)
 
     def end(self, ex: Exchange, status: int) -> None:
-        """The exchange is over with `status` (what the client got, 499 if it left)."""
+        """The exchange is over with `status` (what the client got, 499 if it left). Never
+        raises: a tracing fault must not become the request's."""
+        try:
+            self._record(ex, status)
+        except Exception:
+            log.exception("could not record the span of a request")
+        self.span.end()
+
+    def _record(self, ex: Exchange, status: int) -> None:
         span = self.span
         if span.is_recording():
             attributes: dict[str, Any] = {"http.response.status_code": status}
@@ -324,6 +350,14 @@ class ServerSpan:
                     attributes["traefik.middleware.names"] = list(middlewares)
             if ex.service:
                 attributes["traefik.service.name"] = ex.service
+            captured = self.tracing.settings.captured_response_headers
+            fields = getattr(ex, "response_headers", None)
+            if captured and fields:
+                for name in captured:
+                    wanted = name.encode("latin-1")
+                    values = [_text(v) for n, v in field_list(fields) if n == wanted]
+                    if values:
+                        attributes[f"http.response.header.{name}"] = values
             why = getattr(ex, "why", "")
             if why:
                 attributes["meshproxy.why"] = why
@@ -331,7 +365,6 @@ class ServerSpan:
             span.set_attributes(attributes)
             if status >= 500:  # semantic conventions: a server span fails on 5xx only
                 span.set_status(Status(StatusCode.ERROR))
-        span.end()
 
 
 class ClientSpan:
@@ -346,6 +379,13 @@ class ClientSpan:
         """The try ended with `status` (the response's, or the status its failure maps to);
         a failure before a response gets its "why" code as `error.type`: the reason the
         retry that may follow was made."""
+        try:
+            self._record(status, exc)
+        except Exception:  # tracing must never cost a request
+            log.exception("could not record the span of a try")
+        self.span.end()
+
+    def _record(self, status: int, exc: BaseException | None) -> None:
         span = self.span
         if span.is_recording():
             span.set_attribute("http.response.status_code", status)
@@ -355,7 +395,6 @@ class ClientSpan:
                 span.set_status(Status(StatusCode.ERROR, str(exc) or why))
             elif status >= 400:  # semantic conventions: a client span fails on 4xx and 5xx
                 span.set_status(Status(StatusCode.ERROR))
-        span.end()
 
 
 class TracedEntry:
@@ -397,6 +436,8 @@ def settings_from_static(options: Any) -> TracingSettings:
     settings = TracingSettings(
         service_name=options.service_name,
         sample_rate=1.0 if options.sample_rate is None else float(options.sample_rate),
+        captured_request_headers=tuple(h.lower() for h in options.captured_request_headers or ()),
+        captured_response_headers=tuple(h.lower() for h in options.captured_response_headers or ()),
         resource_attributes={
             **(options.global_attributes or {}),
             **(options.resource_attributes or {}),

@@ -147,12 +147,17 @@ async def test_server_span_and_sibling_client_spans_per_try_with_w3c_context_sen
     server is a CLIENT span under it (a retry after a refused connection is a sibling, with
     `http.request.resend_count` and the failed try's `error.type`); the context of the try
     that reached the backend is what the backend receives, with `tracestate` and `baggage`
-    (W3C Baggage) carried on. Attributes follow the HTTP semantic conventions."""
+    (W3C Baggage) carried on. Attributes follow the HTTP semantic conventions, captured
+    fields included (`http.request.header.<name>`)."""
     backend = await backends("b")
     # A refused server first in the round robin: the first request is retried on the second.
     proxy = await proxy_factory(
         _config(refused_url(), backend.url, retry=True),
-        extra_flags=[f"--tracing.otlp.http.endpoint={receiver.endpoint}"],
+        extra_flags=[
+            f"--tracing.otlp.http.endpoint={receiver.endpoint}",
+            "--tracing.capturedRequestHeaders=X-Tenant",
+            "--tracing.capturedResponseHeaders=Content-Type",
+        ],
     )
     response = await request(
         proxy.port,
@@ -162,6 +167,7 @@ async def test_server_span_and_sibling_client_spans_per_try_with_w3c_context_sen
             "traceparent": TRACEPARENT,
             "tracestate": "vendor=opaque",
             "baggage": "tenant=blue",
+            "X-Tenant": "blue",
         },
     )
     assert response.status == 200
@@ -186,6 +192,9 @@ async def test_server_span_and_sibling_client_spans_per_try_with_w3c_context_sen
     assert attrs["traefik.service.name"] == "s@file"
     assert attrs["traefik.middleware.names"] == ["again@file"]
     assert server["resource"]["service.name"] == "traefik"
+    # Traefik's capturedRequestHeaders / capturedResponseHeaders, semconv attribute names
+    assert attrs["http.request.header.x-tenant"] == ["blue"]
+    assert attrs["http.response.header.content-type"][0].startswith("text/")
     first, second = tries
     assert first["parent"] == second["parent"] == server["span_id"]  # siblings
     assert first["name"] == "ReverseProxy"
