@@ -5,7 +5,11 @@ with in-memory transports: a keep-alive GET goes in, the upstream write is answe
 canned response, the client write is checked. What is left per request is the proxy's own
 Python work, the part this project controls; the throughput benchmark adds the system calls.
 
-    python bench/hot_path.py [--requests 200000] [--headers 1]
+    python bench/hot_path.py [--requests 200000] [--headers 1] [--tracing]
+
+`--tracing` traces every request (sample rate 1) with the real SDK and BatchSpanProcessor,
+to an exporter that discards the batches: the spans' cost on the request path, without the
+OTLP encoding and HTTP post that the SDK's worker thread would add (it shares the GIL).
 """
 
 from __future__ import annotations
@@ -73,13 +77,26 @@ def request_bytes(extra_headers: int) -> bytes:
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
-def measure(requests: int, extra_headers: int, extra_response_fields: int = 0) -> dict[str, float]:
+def measure(
+    requests: int, extra_headers: int, extra_response_fields: int = 0, tracing: bool = False
+) -> dict[str, float]:
     async def run() -> dict[str, float]:
         rig = standalone(CONFIG)
         metrics, state, manager = rig.metrics, rig.state, rig.manager
-        entry = HTTPEntryPoint(
-            EntryPointSettings(name="web", port=80), make_dispatcher("web", manager, metrics)
-        )
+        handler: Any = make_dispatcher("web", manager, metrics)
+        tracer = None
+        if tracing:
+            from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+            from meshproxy.observability.tracing import TracedEntry, Tracing, TracingSettings
+
+            class Discard(SpanExporter):
+                def export(self, spans: Any) -> SpanExportResult:
+                    return SpanExportResult.SUCCESS
+
+            tracer = Tracing(TracingSettings(), exporter=Discard())
+            handler = TracedEntry(tracer, handler)
+        entry = HTTPEntryPoint(EntryPointSettings(name="web", port=80), handler)
         (pool,) = state.pools.values()
         upstream = UpstreamConnection(pool)
         upstream_transport = MemoryTransport(("127.0.0.1", 9))
@@ -110,6 +127,8 @@ def measure(requests: int, extra_headers: int, extra_response_fields: int = 0) -
             for _ in range(batch):
                 one()
             best = min(best, (time.perf_counter() - started) / batch)
+        if tracer is not None:
+            tracer.shutdown()
         return {"us_per_request": best * 1e6, "requests_per_cpu_second": 1 / best}
 
     import uvloop
@@ -122,8 +141,9 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=200_000)
     parser.add_argument("--headers", type=int, default=0, help="extra request fields")
     parser.add_argument("--response-fields", type=int, default=0, help="extra response fields")
+    parser.add_argument("--tracing", action="store_true", help="trace every request (see above)")
     args = parser.parse_args()
-    result = measure(args.requests, args.headers, args.response_fields)
+    result = measure(args.requests, args.headers, args.response_fields, args.tracing)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     from meshproxy.build_info import hot_path_state
 
@@ -132,6 +152,7 @@ def main() -> int:
         "hot_path": hot_path_state(),
         "extra_request_fields": args.headers,
         "extra_response_fields": args.response_fields,
+        "tracing": args.tracing,
         **result,
     }
     RESULTS.mkdir(exist_ok=True)
