@@ -521,7 +521,9 @@ def start_meshproxy_l4(
     `wait_routers` for when its routers are served."""
     dynamic = workdir / "meshproxy-l4.yaml"
     dynamic.write_text(dynamic_yaml)
-    command = [sys.executable, "-m", "meshproxy", "proxy"]
+    # one process: the default is a worker per usable CPU, and the CPU time measured is the
+    # pid's (a supervisor's would leave out its workers)
+    command = [sys.executable, "-m", "meshproxy", "proxy", "--workers=1"]
     command += [f"--entryPoints.{name}.address={addr}" for name, addr in entrypoints.items()]
     command += [
         f"--entryPoints.traefik.address=127.0.0.1:{admin}",

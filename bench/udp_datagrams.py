@@ -231,6 +231,7 @@ def start_meshproxy(workdir: Path, port: int, admin: int, dynamic: str) -> Any:
                 "-m",
                 "meshproxy",
                 "proxy",
+                "--workers=1",  # one process, whose CPU time is measured
                 f"--entryPoints.udp.address=127.0.0.1:{port}/udp",
                 f"--entryPoints.traefik.address=127.0.0.1:{admin}",
                 f"--providers.file.filename={path}",
