@@ -143,14 +143,17 @@ def _is_hex(text: str) -> bool:
 
 
 def split_host_port(host: str) -> tuple[str, str]:
-    """'Example.com:8080' -> ('example.com', '8080'); '[::1]:80' -> ('::1', '80')."""
+    """'Example.com:8080' -> ('example.com', '8080'); '[::1]:80' -> ('::1', '80');
+    'example.com:' -> ('example.com', ''): an empty port is the scheme's default (RFC 3986
+    §3.2.3, `port = *DIGIT`), so Host rules match the name (as Go's net.SplitHostPort in
+    Traefik: a router must not be skipped for a trailing colon)."""
     if host.startswith("["):
         end = host.find("]")
         if end > 0:
             rest = host[end + 1 :]
             return host[1:end].lower(), rest[1:] if rest.startswith(":") else ""
     name, sep, port = host.rpartition(":")
-    if sep and port.isdigit() and ":" not in name:
+    if sep and (port.isdigit() or not port) and name and ":" not in name:
         return name.lower(), port
     return host.lower(), ""
 

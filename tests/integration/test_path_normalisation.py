@@ -297,3 +297,68 @@ async def test_encoded_separators_cannot_smuggle_dot_segments_through_strip_pref
     response = await request(proxy.port, target=target)
     assert response.status == 400
     assert backend.requests == []
+
+
+async def test_host_spellings_cannot_skip_a_protected_host_router(backends, proxy_factory):
+    """RFC 3986 §3.2.3 (`port = *DIGIT`: an empty port is the default one) and Traefik's Host
+    matcher (Go's net.SplitHostPort, then case and a trailing dot folded): every spelling of
+    `secret.test` reaches the Host router and its ipAllowList (403, as Traefik 3.7), never a
+    lower-priority catch-all; over HTTP/1.1 (Host) and HTTP/2 (:authority) alike."""
+    import asyncio
+
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    backend = await backends("b")
+    proxy = await proxy_factory(
+        {
+            "http": {
+                "routers": {
+                    "secret": {
+                        "rule": "Host(`secret.test`)",
+                        "service": "s",
+                        "middlewares": ["office-only"],
+                        "priority": 1000,
+                    },
+                    "all": {"rule": "PathPrefix(`/`)", "service": "s", "priority": 1},
+                },
+                "middlewares": {"office-only": {"ipAllowList": {"sourceRange": ["10.0.0.0/8"]}}},
+                "services": {"s": lb(backend.url)},
+            }
+        }
+    )
+    spellings = [
+        "secret.test",
+        "secret.test:",
+        "SECRET.test:",
+        "secret.test.",
+        f"secret.test:{proxy.port}",
+    ]
+    for host in spellings:
+        assert (await request(proxy.port, host=host)).status == 403, host
+    assert (await request(proxy.port, host="other.test:")).status == 200
+
+    async def h2_status(authority: str) -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        conn.send_headers(
+            1,
+            [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", authority)],
+            end_stream=True,
+        )
+        writer.write(conn.data_to_send())
+        try:
+            while True:
+                data = await asyncio.wait_for(reader.read(65536), 10)
+                assert data, "connection closed"
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.ResponseReceived):
+                        return int(dict(event.headers)[b":status"])
+                writer.write(conn.data_to_send())
+        finally:
+            writer.close()
+
+    for host in spellings:
+        assert await h2_status(host) == 403, host
