@@ -428,6 +428,15 @@ def _enable_structs(value: Any, tp: Any) -> Any:
     return value
 
 
+def _get_ci(data: Any, key: str) -> Any:
+    """`data[key]` with the key matched case-insensitively (Traefik's keys are); None if
+    absent or `data` is not a mapping."""
+    if not isinstance(data, dict):
+        return None
+    lowered = key.lower()
+    return next((v for k, v in data.items() if str(k).lower() == lowered), None)
+
+
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
@@ -469,6 +478,25 @@ def build_static(file_data: bytes | str | None, flags: list[str]) -> tuple[Stati
     # dict key as `[...]`): `--entryPoints.web.http.tls=maybe` -> entryPoints.web.http.tls.
     for ep_name, ep_value in (normalized.get("entryPoints") or {}).items():
         convert(ep_value, EntryPoint, f"entryPoints.{ep_name}", errors)
+    # A key left empty in YAML (`tls:`) is null, which normalize drops: Traefik refuses to
+    # start on it ("http cannot be a standalone element", checked on 3.7); read as "off" it
+    # would serve in plaintext what the operator meant to be TLS-only, so it is an error here.
+    for ep_name, ep_value in (_get_ci(raw, "entryPoints") or {}).items():
+        for key, section in (
+            ("http.tls", _get_ci(ep_value, "http")),
+            ("proxyProtocol", ep_value),
+        ):
+            leaf = key.rpartition(".")[2]
+            present = isinstance(section, dict) and leaf.lower() in {
+                str(k).lower() for k in section
+            }
+            if present and _get_ci(section, leaf) is None:
+                errors.append(
+                    ConfigError(
+                        f"entryPoints.{ep_name}.{key}",
+                        "empty: write `{}` to enable it with the defaults, or remove it",
+                    )
+                )
     if errors:
         raise ConfigDecodeError(errors)
     config = convert(normalized, StaticConfig, "", errors)

@@ -679,3 +679,28 @@ def test_parser_bounds_and_reassembly() -> None:
         assert used == len(header)
     assert parse(v1())[0].source == (CLIENT, 5555)
     assert parse(v2())[0].source == (CLIENT, 5555)
+
+
+def test_empty_tls_or_proxy_protocol_key_is_an_error() -> None:
+    """`http: {tls: }` left empty in a YAML static file: Traefik 3.7 refuses to start
+    ("http cannot be a standalone element", checked); meshproxy refuses too, naming the key,
+    rather than reading it as "off" and serving the entrypoint in plaintext. Same for an
+    empty `proxyProtocol:`. `tls: {}` is TLS with the defaults."""
+    for text, path in (
+        (
+            "entryPoints:\n  secure:\n    address: ':443'\n    http:\n      tls:\n",
+            "entryPoints.secure.http.tls",
+        ),
+        (
+            "entryPoints:\n  lb:\n    address: ':80'\n    proxyProtocol:\n",
+            "entryPoints.lb.proxyProtocol",
+        ),
+    ):
+        with pytest.raises(ConfigDecodeError) as caught:
+            build_static(text, [])
+        assert path in str(caught.value)
+    config, _ = build_static(
+        "entryPoints:\n  secure:\n    address: ':443'\n    http:\n      tls: {}\n", []
+    )
+    http = config.entry_points["secure"].http
+    assert http is not None and http.tls is not None
