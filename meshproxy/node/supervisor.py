@@ -105,6 +105,9 @@ class Supervisor:
         daemon.manager = self.manager
         daemon.node = self
         self._ids = itertools.count(1)
+        # A worker's start-up error (an option only a worker meets, as a bad trustedIPs):
+        # the node fails its start with that one line, as the single process does.
+        self.fatal: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._tasks: list[asyncio.Task[Any]] = []
 
     # -- start ----------------------------------------------------------------------------
@@ -222,9 +225,11 @@ class Supervisor:
                     return
                 header, body = frame
                 kind = header.get("t")
-                if kind == "applied" and header.get("ok"):
+                if kind == "fatal" and not self.fatal.done():
+                    self.fatal.set_result(str(header.get("error")))
+                elif kind == "applied" and header.get("ok"):
                     slot.generation = int(header["gen"])
-                elif kind == "metrics":
+                elif kind in ("metrics", "admin"):  # answers to render_metrics, admin.workers
                     waiter = slot.waiting.pop(int(header.get("id") or 0), None)
                     if waiter is not None and not waiter.done():
                         waiter.set_result(body)
@@ -377,4 +382,19 @@ async def run_node(static: Any, proxy_args: list[str], count: int, mode: str) ->
     supervisor = Supervisor(daemon, proxy_args, count, mode)
     await supervisor.start()
     log.info("%d workers (%s listeners), supervisor pid %d", count, mode, os.getpid())
-    await daemon.run_forever()
+    serving = asyncio.ensure_future(daemon.run_forever())
+    await asyncio.wait({serving, supervisor.fatal}, return_when=asyncio.FIRST_COMPLETED)
+    if supervisor.fatal.done():
+        from meshproxy.daemon import StartupError
+
+        serving.cancel()
+        supervisor.kill_all()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await serving
+        raise StartupError(supervisor.fatal.result())
+    supervisor.fatal.cancel()
+    if serving.exception() is not None:  # the admin entrypoint could not listen...
+        supervisor.kill_all()
+        for task in supervisor._tasks:
+            task.cancel()
+        serving.result()

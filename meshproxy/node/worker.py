@@ -59,7 +59,14 @@ class Worker:
         if first is None:
             return
         self._handle(*first)
-        await daemon.start()
+        from meshproxy.daemon import StartupError
+
+        try:
+            await daemon.start()
+        except StartupError as exc:  # the supervisor fails the start with this line
+            self.writer.write(encode({"t": "fatal", "error": str(exc)}))
+            await self.writer.drain()
+            raise SystemExit(1) from None
         self.writer.write(encode({"t": "ready", "pid": os.getpid()}))
         terms = asyncio.Queue[int]()
         loop.add_signal_handler(signal.SIGTERM, terms.put_nowait, signal.SIGTERM)
@@ -97,6 +104,10 @@ class Worker:
             self._send({"t": "applied", "gen": generation, "ok": ok})
         elif kind == "metrics":
             self._send({"t": "metrics", "id": header.get("id")}, self.daemon.metrics.render())
+        elif kind == "admin":  # the supervisor's admin API asks for this worker's live state
+            from meshproxy.admin.workers import answer
+
+            self._send({"t": "admin", "id": header.get("id")}, answer(self.daemon, body))
 
     def _send(self, header: dict[str, Any], body: bytes = b"") -> None:
         if self.writer is not None and not self.writer.is_closing():
