@@ -704,3 +704,50 @@ def test_empty_tls_or_proxy_protocol_key_is_an_error() -> None:
     )
     http = config.entry_points["secure"].http
     assert http is not None and http.tls is not None
+
+
+def _h2c_after_header(port: int, header: bytes) -> tuple[int, bytes]:
+    """A PROXY header, then HTTP/2 with prior knowledge (RFC 9113 §3.3) written by the h2
+    library: GET /who; returns (status, body)."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.send_headers(
+        1,
+        [(":method", "GET"), (":path", "/who"), (":scheme", "http"), (":authority", "app.test")],
+        end_stream=True,
+    )
+    code, body = 0, b""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(header + conn.data_to_send())
+        ended = False
+        while not ended:
+            data = sock.recv(65536)
+            if not data:
+                break
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    code = int(dict(event.headers)[b":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    body += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, 1)
+                elif isinstance(event, h2.events.StreamEnded):
+                    ended = True
+            sock.sendall(conn.data_to_send())
+    return code, body
+
+
+@pytest.mark.parametrize("side", SIDES)
+async def test_proxy_protocol_before_h2c(side: str, start: Starter, echo: Echo) -> None:
+    """HTTP/2 prior knowledge after a trusted PROXY header: the HTTP/2 server's client is the
+    header's source (the ClientIP router matches, X-Forwarded-For carries it), as Traefik 3.7."""
+    port = await echo.start(Echo.http)
+    proxy = await start(pp_http_config(port), ["web"], TRUSTED)
+    code, body = await asyncio.to_thread(_h2c_after_header, proxy.port_of("web"), v2())
+    answer = b"HTTP/1.1 200 OK\r\n\r\n" + body
+    assert code == 200, body
+    assert header_values(answer, "X-Forwarded-For") == [CLIENT]
+    assert header_values(answer, "X-Matched") == ["clientip"]
