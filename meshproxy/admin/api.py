@@ -100,6 +100,8 @@ def build_admin_app(
     if api:
         app.router.add_get("/api/rawdata", handle_rawdata)
         if context is not None:
+            if context.daemon is None:
+                context.daemon = node
             add_routes(app, context)
             add_explain_routes(app, context)
             if context.static.api is None or context.static.api.dashboard:

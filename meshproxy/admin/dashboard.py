@@ -18,6 +18,7 @@ Errors are 5xx answers. The explain form calls `/dashboard/explain` (the same qu
 from __future__ import annotations
 
 import html
+import re
 import time
 from collections import deque
 from pathlib import Path
@@ -52,10 +53,14 @@ class Rates:
             totals[service] = (requests + hist.count, errors + (hist.count if status >= 500 else 0))
         return totals
 
-    def sample(self) -> dict[str, tuple[float, float]]:
-        """service -> (requests/s, errors/s) since the oldest sample of the window."""
+    def sample(
+        self, totals: dict[str, tuple[int, int]] | None = None
+    ) -> dict[str, tuple[float, float]]:
+        """service -> (requests/s, errors/s) since the oldest sample of the window; `totals`
+        (cumulative requests, errors per service) from the workers' summed metrics, else
+        this process's counters."""
         now = time.monotonic()
-        totals = self._totals()
+        totals = self._totals() if totals is None else totals
         samples = self.samples
         while samples and now - samples[0][0] > RATE_WINDOW:
             samples.popleft()
@@ -72,12 +77,40 @@ class Rates:
         return out
 
 
+_SERVICE_SERIES = re.compile(r"^traefik_service_requests_total\{([^}]*)\} (\S+)$", re.M)
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def totals_from_text(text: str) -> dict[str, tuple[int, int]]:
+    """Cumulative (requests, 5xx) per service from a Prometheus exposition (the workers'
+    metrics summed by meshproxy.node.metrics)."""
+    totals: dict[str, tuple[int, int]] = {}
+    for labels, value in _SERVICE_SERIES.findall(text):
+        fields = dict(_LABEL.findall(labels))
+        service = fields.get("service", "")
+        count = int(float(value))
+        requests, errors = totals.get(service, (0, 0))
+        failed = count if fields.get("code", "").startswith("5") else 0
+        totals[service] = (requests + count, errors + failed)
+    return totals
+
+
 class Dashboard:
     def __init__(self, ctx: AdminContext) -> None:
         self.ctx = ctx
         self.api = TraefikAPI(ctx)
         self.explainer = Explainer(ctx)
         self.rates = Rates(ctx.metrics)
+        self.totals: dict[str, tuple[int, int]] | None = None
+
+    async def prepare(self) -> None:
+        """With worker processes: their per-server state and summed request counters."""
+        from meshproxy.admin.workers import supervisor_of
+
+        await self.api.refresh_workers()
+        daemon = self.ctx.daemon
+        if supervisor_of(daemon) is not None:
+            self.totals = totals_from_text((await daemon.admin_metrics()).decode())
 
     # -- sections -------------------------------------------------------------------------
 
@@ -136,7 +169,7 @@ class Dashboard:
 
     def _services(self) -> str:
         services = self.api.collection("http/services")
-        rates = self.rates.sample()
+        rates = self.rates.sample(self.totals)
         rows = []
         for name in sorted(services):
             service = services[name]
@@ -252,9 +285,11 @@ class Dashboard:
     # -- handlers -------------------------------------------------------------------------
 
     async def handle_page(self, request: web.Request) -> web.Response:
+        await self.prepare()
         return web.Response(text=self.page(), content_type="text/html")
 
     async def handle_live(self, request: web.Request) -> web.Response:
+        await self.prepare()
         return web.Response(
             text=self.live(), content_type="text/html", headers={"Cache-Control": "no-store"}
         )
@@ -263,6 +298,13 @@ class Dashboard:
         query = request.query
         # the form sends every field, empty ones too: drop them (explain's defaults apply)
         params = {k: v for k, v in query.items() if v.strip()}
+        from meshproxy.admin.workers import ask_workers
+
+        answers = await ask_workers(self.ctx.daemon, "explain", list(params.items()))
+        if answers:
+            if "error" in answers[0]:
+                return web.Response(text=f"error: {answers[0]['error']}", status=400)
+            return web.Response(text=render_tree(answers[0]))
         try:
             answer = self.explainer.explain_http(_Query(params))
         except ExplainError as exc:

@@ -406,25 +406,37 @@ class Explainer:
 
     # -- handler ------------------------------------------------------------------------
 
+    def explain(self, query: Any) -> dict[str, Any]:
+        """The answer to one explain query (a MultiDict); ExplainError if it is malformed."""
+        unknown = sorted(set(query) - HTTP_PARAMS - TCP_PARAMS)
+        if unknown:
+            raise ExplainError(
+                f"unknown parameter(s) {', '.join(unknown)}: HTTP takes "
+                f"{', '.join(sorted(HTTP_PARAMS))}; TCP takes {', '.join(sorted(TCP_PARAMS))}"
+            )
+        tcp = bool({"sni", "alpn"} & set(query))
+        http = bool({"method", "host", "path", "headers", "tls"} & set(query))
+        if tcp and http:
+            raise ExplainError(
+                "give HTTP parameters (method, host, path...) or TCP ones (sni, alpn), not both"
+            )
+        for key in set(query):
+            if len(query.getall(key)) > 1 and key != "headers":
+                raise ExplainError(f"{key}= is given more than once")
+        return self.explain_tcp(query) if tcp else self.explain_http(query)
+
     async def handle(self, request: web.Request) -> web.Response:
-        query = request.query
+        from meshproxy.admin.workers import ask_workers
+
+        # With worker processes, the live state is theirs: the first worker answers.
+        answers = await ask_workers(self.ctx.daemon, "explain", list(request.query.items()))
+        if answers:
+            body = answers[0]
+            if "error" in body:
+                return web.json_response(body, status=400)
+            return web.json_response(body)
         try:
-            unknown = sorted(set(query) - HTTP_PARAMS - TCP_PARAMS)
-            if unknown:
-                raise ExplainError(
-                    f"unknown parameter(s) {', '.join(unknown)}: HTTP takes "
-                    f"{', '.join(sorted(HTTP_PARAMS))}; TCP takes {', '.join(sorted(TCP_PARAMS))}"
-                )
-            tcp = bool({"sni", "alpn"} & set(query))
-            http = bool({"method", "host", "path", "headers", "tls"} & set(query))
-            if tcp and http:
-                raise ExplainError(
-                    "give HTTP parameters (method, host, path...) or TCP ones (sni, alpn), not both"
-                )
-            for key in query:
-                if len(query.getall(key)) > 1 and key != "headers":
-                    raise ExplainError(f"{key}= is given more than once")
-            body = self.explain_tcp(query) if tcp else self.explain_http(query)
+            body = self.explain(request.query)
         except ExplainError as exc:
             return web.json_response({"error": str(exc)}, status=400)
         return web.json_response(body)

@@ -63,6 +63,7 @@ class AdminContext:
     access_log: bool = False
     metrics: Any = None
     state: Any = None  # runtime.state.RuntimeState: middleware states (explain)
+    daemon: Any = None  # meshproxy.daemon.ProxyDaemon: its `node` when workers serve traffic
 
 
 def _qualified(name: str, provider: str) -> str:
@@ -108,7 +109,11 @@ def _load_balancer_defaults(lb: dict[str, Any]) -> None:
     lb.setdefault("responseForwarding", {"flushInterval": "100ms"})
 
 
-def http_services(snapshot: RuntimeSnapshot) -> dict[str, Any]:
+def http_services(
+    snapshot: RuntimeSnapshot, workers: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """`workers`: the per-server state merged from worker processes (admin.workers), which
+    replaces this process's own when the workers serve the traffic."""
     provider = snapshot.provider
     out = {}
     for name, service in snapshot.config.http.services.items():
@@ -123,7 +128,10 @@ def http_services(snapshot: RuntimeSnapshot) -> dict[str, Any]:
         entry["name"] = qualified
         entry["provider"] = provider
         entry["type"] = _service_type(entry)
-        described = describe_service(snapshot.service_objects.get(qualified))
+        if workers is not None:
+            described = workers.get(qualified, {})
+        else:
+            described = describe_service(snapshot.service_objects.get(qualified))
         if "loadBalancer" in entry:
             servers = entry["loadBalancer"].get("servers", [])
             entry["serverStatus"] = described.get("serverStatus") or {
@@ -281,6 +289,14 @@ class TraefikAPI:
 
     def __init__(self, ctx: AdminContext) -> None:
         self.ctx = ctx
+        self.worker_servers: dict[str, dict[str, Any]] | None = None
+
+    async def refresh_workers(self) -> None:
+        """With worker processes, fetch their per-server state (admin.workers)."""
+        from meshproxy.admin.workers import ask_workers, merge_servers
+
+        answers = await ask_workers(self.ctx.daemon, "servers")
+        self.worker_servers = merge_servers(answers) if answers is not None else None
 
     # -- the views ----------------------------------------------------------------------
 
@@ -306,7 +322,7 @@ class TraefikAPI:
         if kind == "http/routers":
             return http_routers(snapshot, self._http_eps())
         if kind == "http/services":
-            return http_services(snapshot)
+            return http_services(snapshot, self.worker_servers)
         if kind == "http/middlewares":
             return middlewares(snapshot, config.http.middlewares, snapshot.middlewares)
         if kind == "tcp/routers":
@@ -373,6 +389,8 @@ class TraefikAPI:
 
     async def handle_list(self, request: web.Request) -> web.Response:
         kind = f"{request.match_info['proto']}/{request.match_info['kind']}"
+        if kind == "http/services":
+            await self.refresh_workers()
         try:
             objects = self.collection(kind)
         except KeyError:
@@ -381,6 +399,8 @@ class TraefikAPI:
 
     async def handle_one(self, request: web.Request) -> web.Response:
         kind = f"{request.match_info['proto']}/{request.match_info['kind']}"
+        if kind == "http/services":
+            await self.refresh_workers()
         try:
             objects = self.collection(kind)
         except KeyError:

@@ -34,6 +34,7 @@ from typing import Any
 from meshproxy.config.static import parse_address
 from meshproxy.node.channel import encode, read_frame
 from meshproxy.node.metrics import merge
+from meshproxy.node.shared_state import state_file
 from meshproxy.runtime.manager import ConfigManager
 
 log = logging.getLogger("meshproxy.supervisor")
@@ -108,6 +109,7 @@ class Supervisor:
         # A worker's start-up error (an option only a worker meets, as a bad trustedIPs):
         # the node fails its start with that one line, as the single process does.
         self.fatal: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.state_file = state_file()  # the node's shared token buckets
         self._tasks: list[asyncio.Task[Any]] = []
 
     # -- start ----------------------------------------------------------------------------
@@ -202,6 +204,8 @@ class Supervisor:
                 str(slot.index),
                 "--listeners",
                 json.dumps(fds),
+                "--state-file",
+                str(self.state_file),
                 "--",
                 *self.proxy_args,
                 pass_fds=[child.fileno(), *fds.values()],
@@ -313,11 +317,13 @@ class Supervisor:
                 self.kill_all()
         for task in self._tasks:
             task.cancel()
+        self.state_file.unlink(missing_ok=True)
 
     def kill_all(self) -> None:
         self.stopping = True
         for slot in self.slots:
             _signal(slot, signal.SIGKILL)
+        self.state_file.unlink(missing_ok=True)  # the workers' mappings stay valid
 
 
 def _signal(slot: WorkerSlot, sig: int) -> None:

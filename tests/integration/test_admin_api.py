@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import urllib.error
 import urllib.request
 from typing import Any
@@ -198,3 +199,72 @@ async def test_get_head_only_and_never_on_a_traffic_entrypoint(
     _, expose, _ = await _aget(admin, "/api/http/routers/expose@file")
     assert expose["status"] == "disabled"
     assert (await _aget(admin, "/api/rawdata"))[0] == 200
+
+
+async def test_worker_processes_state_reaches_the_admin_api(
+    proxy_factory: Any, scripted: Any, backends: Any
+) -> None:
+    """With `--workers=2` the supervisor answers the admin entrypoint and serves no traffic:
+    the per-server in-flight count comes from the workers over the control channel (1 while a
+    request is held, whichever worker took it), explain is answered by a worker (its live
+    router table), and the dashboard's request rate comes from the workers' summed counters."""
+    held = await scripted("held")
+    held.mode = "hold"
+    fast = await backends("fast")
+    proxy = await proxy_factory(
+        {
+            "http": {
+                "routers": {
+                    "slow": router("Path(`/slow`)", "s", priority=100),
+                    "quick": router("PathPrefix(`/`)", "q"),
+                },
+                "services": {"s": lb(held.url), "q": lb(fast.url)},
+            }
+        },
+        extra_flags=["--workers=2"],
+    )
+    admin = proxy.admin_port
+
+    def workers_configured() -> bool:
+        data = json.loads(proxy.admin_get("/api/rawdata") or b"{}")
+        workers = data.get("meshproxy", {}).get("workers") or []
+        return len(workers) == 2 and all(w["generation"] >= 1 for w in workers)
+
+    await wait_for(workers_configured, 20, "both workers on the first config")
+    pending = asyncio.create_task(request(proxy.port, target="/slow"))
+    await wait_for(
+        lambda: held.holding == 1 or pending.done(), 10, "the request held by the backend"
+    )
+    assert not pending.done(), pending.result()
+
+    async def in_flight() -> int:
+        _, service, _ = await _aget(admin, "/api/http/services/s@file")
+        return service["meshproxyServers"][0]["inFlight"]
+
+    assert await in_flight() == 1
+    held.release()
+    assert (await pending).status == 200
+    await wait_for(lambda: in_flight_of(admin, "s@file") == 0, 10, "in-flight back to 0")
+    status, answer, _ = await _aget(admin, "/api/explain?path=/slow")
+    assert status == 200 and answer["router"] == "slow@file"
+    status, answer, _ = await _aget(admin, "/api/explain?source=bad")
+    assert status == 400 and "source=" in answer["error"]
+
+    async def rate_shown() -> bool:
+        for _ in range(10):
+            assert (await request(proxy.port, target="/q")).status == 200
+        page = await asyncio.to_thread(_text, admin, "/dashboard/live")
+        match = re.search(r'data-service="q@file">.*?<td class="num rate">([\d.]+)<', page, re.S)
+        return match is not None and float(match.group(1)) > 0
+
+    await wait_for(rate_shown, 20, "a request rate summed over the workers")
+
+
+def in_flight_of(admin: int, service: str) -> int:
+    _, data, _ = _get(admin, f"/api/http/services/{service}")
+    return data["meshproxyServers"][0]["inFlight"]
+
+
+def _text(port: int, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+        return response.read().decode()
