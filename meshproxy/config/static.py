@@ -290,6 +290,15 @@ class Tracing(_Base):
     sample_rate: float | None = None  # head sampling, 0..1 (default 1)
     add_internals: bool | None = None
     otlp: TracingOTLP | None = None
+    # Traefik v2's vendor backends (Traefik Mesh's DaemonSet passes --tracing.jaeger.*):
+    # accepted so those arguments still start the proxy, with a warning; not acted on.
+    jaeger: Raw | None = None
+    zipkin: Raw | None = None
+    datadog: Raw | None = None
+    instana: Raw | None = None
+    haystack: Raw | None = None
+    elastic: Raw | None = None
+    span_name_limit: int | None = None
 
 
 class Core(_Base):
@@ -508,6 +517,19 @@ def build_static(file_data: bytes | str | None, flags: list[str]) -> tuple[Stati
     tracing = config.tracing
     if tracing is not None and tracing.otlp is not None and tracing.otlp.grpc is not None:
         warnings.append("tracing.otlp.grpc: only OTLP/HTTP export is implemented; ignored")
+    v2_backends = [
+        name
+        for name in ("jaeger", "zipkin", "datadog", "instana", "haystack", "elastic")
+        if tracing is not None and getattr(tracing, name) is not None
+    ]
+    if tracing is not None and v2_backends:
+        warnings.append(
+            f"tracing: Traefik v2 backends ({', '.join(v2_backends)}) are not supported, "
+            "only OpenTelemetry (tracing.otlp.http)"
+            + ("; ignored" if tracing.otlp is not None else "; tracing stays off")
+        )
+        if tracing.otlp is None:  # a v2 setup: no OTLP exporter to localhost behind its back
+            config.tracing = tracing = None
     if tracing is not None and tracing.safe_query_params:
         warnings.append("tracing.safeQueryParams: not implemented; url.query is recorded whole")
     if tracing is not None and tracing.sample_rate is not None:
