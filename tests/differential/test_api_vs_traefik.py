@@ -149,7 +149,9 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Any:
             if side == "traefik":
                 processes[side] = TraefikProcess(side_dir, dynamic, flags).start()
             else:
-                processes[side] = MeshproxyProcess(side_dir, dynamic, ["--workers=1", *flags]).start()
+                processes[side] = MeshproxyProcess(
+                    side_dir, dynamic, ["--workers=1", *flags]
+                ).start()
         yield processes, logs
     finally:
         for process in processes.values():
@@ -275,3 +277,71 @@ def test_access_log_json_keys_match_traefik(pair: Any) -> None:
     for key in ("Duration", "OriginDuration", "Overhead", "DownstreamContentSize"):
         assert isinstance(ours[key], int) and isinstance(theirs[key], int)
     assert re.fullmatch(r"\S+Z", ours["StartUTC"]) and re.fullmatch(r"\S+Z", theirs["StartUTC"])
+
+
+COMMON_LINE = re.compile(
+    r'^(\S+) - (\S+) \[(\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4})\] "(\S+) (\S+) (\S+)" '
+    r'(\d{3}) (\d+) "([^"]*)" "([^"]*)" (\d+) "([^"]*)" "([^"]*)" (\d+)ms$'
+)
+
+
+def test_common_access_log_line_matches_traefik(tmp_path: Path) -> None:
+    """Traefik's `common` format, the same requests through both (a proxied 200 with a
+    Referer and a User-Agent, a 404 with no router): the same layout, and the same values
+    but the time, the request count (per process) and the duration. Headers are dropped by
+    default in both, so Referer and User-Agent print "-". meshproxy's ` why=<code>` suffix
+    ends the 404's line only."""
+    try:
+        traefik_binary()
+    except TraefikUnavailable as exc:
+        pytest.skip(str(exc))
+    backend = RecordingBackend().start()
+    dynamic = {
+        "http": {
+            "routers": {"r": {"rule": "Path(`/ok`)", "service": "s", "entryPoints": ["web"]}},
+            "services": {"s": {"loadBalancer": {"servers": [{"url": backend.url}]}}},
+        }
+    }
+    lines: dict[str, list[str]] = {}
+    try:
+        for side in ("traefik", "meshproxy"):
+            log_path = tmp_path / f"{side}.log"
+            flags = ["--accesslog=true", f"--accesslog.filePath={log_path}"]
+            side_dir = tmp_path / side
+            side_dir.mkdir()
+            process: Any = (
+                TraefikProcess(side_dir, dynamic, flags)
+                if side == "traefik"
+                else MeshproxyProcess(side_dir, dynamic, ["--workers=1", *flags])
+            )
+            process.start()
+            try:
+                for target in ("/ok?x=1", "/missing"):
+                    req = urllib.request.Request(
+                        f"http://127.0.0.1:{process.port}{target}",
+                        headers={"Referer": "http://r.test/", "User-Agent": "probe/1"},
+                    )
+                    try:
+                        urllib.request.urlopen(req, timeout=5).read()
+                    except urllib.error.HTTPError as exc:
+                        exc.read()
+                found = [
+                    line
+                    for line in _wait_lines(log_path, 2)
+                    if "/ok?x=1" in line or "/missing" in line
+                ]
+                lines[side] = found[-2:]
+            finally:
+                process.stop()
+    finally:
+        backend.close()
+    ok_line, missing_line = lines["meshproxy"]
+    assert " why=" not in ok_line  # a successful line is exactly Traefik's
+    assert missing_line.endswith(" why=no_route")  # meshproxy's suffix, on failures only
+    lines["meshproxy"] = [ok_line, missing_line.removesuffix(" why=no_route")]
+    for theirs, ours in zip(lines["traefik"], lines["meshproxy"], strict=True):
+        their_match, our_match = COMMON_LINE.match(theirs), COMMON_LINE.match(ours)
+        assert their_match and our_match, (theirs, ours)
+        # the same but 3 (time), 11 (request count), 14 (duration)
+        for group in (1, 2, 4, 5, 6, 7, 8, 9, 10, 12, 13):
+            assert their_match.group(group) == our_match.group(group), (group, theirs, ours)

@@ -7,6 +7,7 @@ writes (waiting for them, never sleeping)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -191,6 +192,95 @@ async def test_filters_status_codes_and_min_duration(
         ("/missing", "2"),
         ("/missing2", "4"),
     ]
+
+
+async def test_why_codes_of_upstream_failures(
+    proxy_factory: Any, scripted: Any, tmp_path: Path
+) -> None:
+    """The why codes decided past the middlewares, each on its JSON line (`meshproxy_why`)
+    and in meshproxy_exchange_failures_total: a backend that closes without answering (502
+    upstream_reset), one that answers too late for responseHeaderTimeout (504 timeout), a
+    service whose only server failed its health check (503 no_healthy_server), a circuit
+    breaker tripped by 500s (503 breaker_open: Traefik's answer while open), and a client
+    that leaves before the answer (499 client_gone)."""
+    resetting, holding, failing = await scripted("r"), await scripted("h"), await scripted("f")
+    resetting.mode, holding.mode, failing.mode = "reset", "hold", "status:500"
+    log_path = tmp_path / "why.json"
+    dynamic = {
+        "http": {
+            "routers": {
+                "reset": router("Path(`/reset`)", "resetting"),
+                "slow": router("Path(`/slow`)", "slow"),
+                "gone": router("Path(`/gone`)", "holding"),
+                "down": router("Path(`/down`)", "checked"),
+                "cb": router("Path(`/cb`)", "failing", middlewares=["cb"]),
+            },
+            "services": {
+                "resetting": lb(resetting.url),
+                "slow": lb(holding.url, serversTransport="quick"),
+                "holding": lb(holding.url),
+                "checked": lb(refused_url(), healthCheck={"path": "/h", "interval": "100ms"}),
+                "failing": lb(failing.url),
+            },
+            "serversTransports": {
+                "quick": {"forwardingTimeouts": {"responseHeaderTimeout": "200ms"}}
+            },
+            "middlewares": {
+                "cb": {
+                    "circuitBreaker": {
+                        "expression": "ResponseCodeRatio(500, 600, 0, 600) > 0.5",
+                        "checkPeriod": "10ms",
+                        "fallbackDuration": "10s",
+                    }
+                }
+            },
+        }
+    }
+    proxy = await proxy_factory(
+        dynamic, extra_flags=["--accesslog.format=json", f"--accesslog.filePath={log_path}"]
+    )
+    assert (await request(proxy.port, target="/reset")).status == 502
+    assert (await request(proxy.port, target="/slow")).status == 504
+
+    async def refused_for_health() -> bool:
+        return (await request(proxy.port, target="/down")).status == 503
+
+    await wait_for(refused_for_health, 10, "the health-checked service answering 503")
+
+    async def breaker_open() -> bool:
+        return (await request(proxy.port, target="/cb")).status == 503
+
+    await wait_for(breaker_open, 10, "the breaker to trip")
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"GET /gone HTTP/1.1\r\nHost: example.test\r\n\r\n")
+    await writer.drain()
+    await wait_for(lambda: holding.holding >= 1, 10, "the request held by the backend")
+    writer.close()  # the client leaves before any answer
+
+    def why_lines() -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        for line in _lines(log_path):
+            entry = json.loads(line)
+            out.setdefault(entry["RequestPath"], set()).add(entry.get("meshproxy_why", ""))
+        return out
+
+    await wait_for(lambda: "/gone" in why_lines(), 10, "the client_gone line")
+    holding.release()
+    codes = why_lines()
+    assert codes["/reset"] == {"upstream_reset"}
+    assert codes["/slow"] == {"timeout"}
+    assert "no_healthy_server" in codes["/down"]
+    assert "breaker_open" in codes["/cb"]
+    assert codes["/gone"] == {"client_gone"}
+    failures = _failures(proxy.metrics())
+    for key in (
+        ("resetting@file", "upstream_reset"),
+        ("slow@file", "timeout"),
+        ("checked@file", "no_healthy_server"),
+        ("", "breaker_open"),
+        ("holding@file", "client_gone"),
+    ):
+        assert failures.get(key, 0) >= 1, (key, failures)
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
