@@ -7,6 +7,16 @@ Semantics follow Traefik's `pkg/udp` (reference/traefik-proxy.md §1.6, §4.1, �
   session then owns one *connected* UDP socket to that server, so the kernel only delivers
   that server's replies to it and every reply goes back to the right client.
 - Datagrams are relayed whole both ways (up to 65,535 bytes read; 65,507 is the IPv4 limit).
+  A zero-length datagram is valid UDP (RFC 768), but Traefik 3.7 relays none (checked with the
+  real binary: an empty datagram to its UDP entrypoint gets no answer, the echo server behind
+  it none either), and asyncio's `DatagramTransport.sendto(b"")` sends nothing: it is dropped,
+  counted under `dropped{reason="empty"}`, and opens no session.
+- A new session's socket is created and connected synchronously (a UDP connect() only sets
+  the peer address: it does not block) when the server is an IP address, and the datagrams
+  that arrive before the loop has wrapped it in a transport are sent on the socket directly,
+  so a new client's burst loses nothing (a StatsD or syslog client flushes its buffer in one
+  go). Only a server given by name waits for resolution: its datagrams are held meanwhile, up
+  to PENDING_DATAGRAMS per session and PENDING_BYTES per entrypoint.
 - A session ends when nothing crossed it either way for `entryPoints.X.udp.timeout` (3 s by
   default). Like Traefik (a ticker at timeout/10 per session) expiry is checked on a sweep, not
   per datagram: here one timer per entrypoint, running only while sessions exist, every
@@ -39,8 +49,10 @@ live session is found, and eviction pops the front: both O(1) per session ended.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
+import socket
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,8 +67,15 @@ log = logging.getLogger("meshproxy.udp")
 DEFAULT_TIMEOUT = 3.0  # seconds: Traefik's entryPoints.X.udp.timeout default
 DEFAULT_MAX_SESSIONS = 4096  # per entrypoint: one socket (file descriptor) each
 DEFAULT_MAX_SESSIONS_PER_SOURCE = 512  # per client IP: one address gets 1/8 of the table
-PENDING_DATAGRAMS = 16  # held per session while its server socket opens; more are dropped
+PENDING_DATAGRAMS = 4096  # held per session while a server *name* resolves; more are dropped
 PENDING_BYTES = 4 << 20  # bytes held by all the opening sessions of one entrypoint, at most
+PENDING_OVERHEAD = 64  # bytes charged per held datagram on top of its length (list slot, object)
+# The listening socket's receive buffer, bytes (Linux caps it at net.core.rmem_max): the kernel
+# default (~208 KiB) holds only ~256 small datagrams (each costs a ~830-byte buffer), so a burst
+# of 500 from one client overflowed it before the loop read it. The memory is used only while
+# datagrams wait.
+LISTEN_RCVBUF = 4 << 20
+SESSION_RCVBUF = 1 << 20  # a session socket's, for the server's answers to such a burst
 MIN_SWEEP = 0.01  # seconds: the sweep's shortest period, whatever the timeout
 MAX_SWEEP = 1.0  # seconds: and its longest, so a removed router's sessions end promptly
 
@@ -171,6 +190,7 @@ class _Session(asyncio.DatagramProtocol):
         "route",
         "send",
         "server",
+        "sock",
         "source",
         "transport",
     )
@@ -185,7 +205,9 @@ class _Session(asyncio.DatagramProtocol):
         self.server = server
         self.last = entry.clock
         self.transport: asyncio.DatagramTransport | None = None
-        self.pending: list[bytes] | None = []  # None once the socket is open
+        # the connected socket made synchronously, until the loop's transport owns it
+        self.sock: socket.socket | None = None
+        self.pending: list[bytes] | None = []  # None once datagrams can be sent
         self.opening: asyncio.Task[None] | None = None
         self.paused = False
         self.closed = False
@@ -219,6 +241,16 @@ class _Session(asyncio.DatagramProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed:
             self.entry.end(self, "upstream_error")
+
+    def send_direct(self, data: bytes) -> None:
+        """Send on the connected socket before the loop's transport is ready (one loop turn
+        after the session opened): what the transport's `sendto` would do, errors included."""
+        try:
+            self.sock.send(data)  # type: ignore[union-attr]
+        except BlockingIOError:
+            self.entry.counters.drop("backpressure")
+        except OSError as exc:
+            self.error_received(exc)
 
     def pause_writing(self) -> None:
         self.paused = True  # the kernel's buffer is full: drop, never queue without bound
@@ -267,8 +299,15 @@ class UDPEntryPoint(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
         self.reply = self.transport.sendto  # type: ignore[union-attr]
         self._loop = asyncio.get_running_loop()
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LISTEN_RCVBUF)
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
+        if not data:
+            self.counters.drop("empty")  # see the module docstring: Traefik relays none
+            return
         session = self.sessions.get(addr)
         if session is None:
             session = self._open(addr)
@@ -286,9 +325,12 @@ class UDPEntryPoint(asyncio.DatagramProtocol):
         pending = session.pending
         if pending is None:  # open, but the kernel's send buffer is full
             counters.drop("backpressure")
-        elif len(pending) < PENDING_DATAGRAMS and self.pending_bytes + len(data) <= PENDING_BYTES:
-            pending.append(data)  # the socket is still opening
-            self.pending_bytes += len(data)
+        elif (
+            len(pending) < PENDING_DATAGRAMS
+            and self.pending_bytes + len(data) + PENDING_OVERHEAD <= PENDING_BYTES
+        ):
+            pending.append(data)  # the server's name is still resolving
+            self.pending_bytes += len(data) + PENDING_OVERHEAD
         else:
             counters.drop("pending_full")
 
@@ -341,31 +383,39 @@ class UDPEntryPoint(asyncio.DatagramProtocol):
         of_source[client] = session
         self.counters.sessions += 1
         self.counters.opened += 1
-        session.opening = loop.create_task(self._connect(session))
+        host, port = resolve(*server)
+        try:
+            sock = _connected_socket(host, port)
+        except OSError as exc:  # EMFILE, a bad address: the session ends at once
+            self._open_failed(session, host, port, exc)
+            return None
+        if sock is not None:
+            session.sock = sock
+            session.pending = None
+            session.send = session.send_direct
+        session.opening = loop.create_task(self._connect(session, host, port))
         if self._sweeper is None:
             self._sweeper = loop.call_later(settings.sweep, self._sweep)
         return session
 
-    async def _connect(self, session: _Session) -> None:
-        """Open the session's connected socket to its server, then send what was held."""
+    async def _connect(self, session: _Session, host: str, port: int) -> None:
+        """Wrap the session's socket in a datagram transport (opening it first when the
+        server is a name to resolve), then send what was held."""
         loop = asyncio.get_running_loop()
-        host, port = resolve(*session.server)
+        sock = session.sock
         try:
-            await loop.create_datagram_endpoint(lambda: session, remote_addr=(host, port))
+            if sock is not None:
+                await loop.create_datagram_endpoint(lambda: session, sock=sock)
+            else:
+                await loop.create_datagram_endpoint(lambda: session, remote_addr=(host, port))
         except Exception as exc:  # resolution failure, EMFILE, bad address: the session ends
             session.opening = None
-            if not session.closed:
-                log.info(
-                    "entrypoint %s, router %s: cannot open a socket to %s:%d: %r",
-                    self.name,
-                    session.route.name,
-                    host,
-                    port,
-                    exc,
-                )
-                self.end(session, "open_error")
+            if sock is not None:
+                sock.close()
+            self._open_failed(session, host, port, exc)
             return
         session.opening = None
+        session.sock = None  # the transport owns it now
         transport = session.transport
         if session.closed:  # ended (evicted, removed router, shutdown) while opening
             if transport is not None:
@@ -373,11 +423,26 @@ class UDPEntryPoint(asyncio.DatagramProtocol):
             return
         pending = session.pending or []
         session.pending = None
-        self.pending_bytes -= sum(map(len, pending))
+        self.pending_bytes -= sum(len(data) + PENDING_OVERHEAD for data in pending)
         for data in pending:
             transport.sendto(data)  # type: ignore[union-attr]
         if not session.paused:
             session.send = transport.sendto  # type: ignore[union-attr]
+
+    def _open_failed(self, session: _Session, host: str, port: int, exc: Exception) -> None:
+        if session.closed:
+            return
+        # Traefik logs a failed UDP dial at error level (pkg/udp/proxy.go: "Error while
+        # dialing backend"); one line per session, which the per-source cap bounds.
+        log.error(
+            "entrypoint %s, router %s: cannot open a socket to %s:%d: %r",
+            self.name,
+            session.route.name,
+            host,
+            port,
+            exc,
+        )
+        self.end(session, "open_error")
 
     def touch(self, session: _Session) -> None:
         """Mark a session active in this sweep period: to the end of both tables' order."""
@@ -391,7 +456,7 @@ class UDPEntryPoint(asyncio.DatagramProtocol):
             return
         session.closed = True
         if session.pending:
-            self.pending_bytes -= sum(map(len, session.pending))
+            self.pending_bytes -= sum(len(data) + PENDING_OVERHEAD for data in session.pending)
         session.pending = None
         session.send = None
         client = session.client
@@ -405,7 +470,7 @@ class UDPEntryPoint(asyncio.DatagramProtocol):
         self.counters.session_closed(reason)
         if session.transport is not None:
             session.transport.close()  # its connection_lost finds it closed: no double count
-        # still opening: _connect closes the socket when it arrives
+        # still opening: _connect closes the socket (or its transport) when it arrives
 
     def _sweep(self) -> None:
         """Every timeout/10 while sessions exist: advance the clock, end idle sessions and
@@ -443,3 +508,24 @@ class UDPEntryPoint(asyncio.DatagramProtocol):
             self.end(session, "shutdown")
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+
+
+def _connected_socket(host: str, port: int) -> socket.socket | None:
+    """A non-blocking UDP socket connected to `host:port` when `host` is an IP address (no
+    resolution: AI_NUMERICHOST), else None (the caller resolves asynchronously). Raises
+    OSError (EMFILE and the like)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM, flags=socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        return None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setblocking(False)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SESSION_RCVBUF)
+        sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

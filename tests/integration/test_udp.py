@@ -464,3 +464,55 @@ async def test_the_proxy_raises_its_open_file_limit_as_go_does(tmp_path):
     finally:
         process.terminate()
         process.wait(10)
+
+
+async def test_a_new_clients_first_burst_is_relayed_whole(proxy_factory):
+    """Traefik relays a new client's whole first burst (real Traefik 3.7, fresh-tcp F-UDP-3:
+    50 of 50; meshproxy lost every datagram after the 16th while the session's socket
+    opened). Bursts of 20, 50 and 500 datagrams, each from a new client sent back to back:
+    every one answered, nothing dropped. The client's and the echo server's receive buffers
+    are raised so that only the proxy could lose a datagram."""
+    server, server_addr = await dns_server(b"ns")
+    server.transport.get_extra_info("socket").setsockopt(  # type: ignore[union-attr]
+        socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20
+    )
+    proxy = await udp_proxy(
+        proxy_factory, udp_config(server_addr), "--entryPoints.dns.udp.timeout=60s"
+    )
+    sent = 0
+    for size in (20, 50, 500):
+        peer = await client(address(proxy))
+        peer.transport.get_extra_info("socket").setsockopt(  # type: ignore[union-attr]
+            socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20
+        )
+        for i in range(size):
+            peer.transport.sendto(b"\xff\xff%03d" % i)
+        got = sorted([await peer.recv() for _ in range(size)])
+        assert got == [b"\xff\xff%03d" % i for i in range(size)]
+        sent += size
+        peer.transport.close()
+    assert metric(proxy, "meshproxy_udp_datagrams_total", direction="from_client") == sent
+    assert metric(proxy, "meshproxy_udp_datagrams_dropped_total", reason="pending_full") == 0
+
+
+async def test_zero_length_datagrams_are_counted_as_dropped_not_relayed(proxy_factory):
+    """A zero-length datagram is valid UDP (RFC 768) but Traefik 3.7 relays none (checked with
+    the real binary: no answer through its entrypoint from an echo server that answers an
+    empty datagram sent directly). meshproxy drops it too, counts it under
+    `dropped{reason="empty"}` and not as relayed, and opens no session for it."""
+    server, server_addr = await dns_server(b"ns")
+    proxy = await udp_proxy(proxy_factory, udp_config(server_addr))
+    peer = await client(address(proxy))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as empty:
+        for _ in range(3):
+            empty.sendto(b"", address(proxy))  # asyncio's sendto(b"") would send nothing
+    await wait_for(
+        lambda: metric(proxy, "meshproxy_udp_datagrams_dropped_total", reason="empty") == 3,
+        5,
+        "three empty datagrams dropped",
+    )
+    assert metric(proxy, "meshproxy_udp_datagrams_total", direction="from_client") == 0
+    assert metric(proxy, "meshproxy_udp_sessions_opened_total") == 0
+    peer.transport.sendto(b"\xff\xffok")
+    assert await peer.recv() == b"\xff\xffok"
+    assert sum(server.sources.values()) == 1
