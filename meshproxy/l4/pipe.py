@@ -29,8 +29,13 @@ Behaviour, and the rule each point follows:
   one read, however long the stream.
 - Half-close: EOF read from one side becomes `write_eof()` (a FIN, RFC 9293 §3.6) on the other,
   and the other direction keeps flowing, as Traefik's TCP proxy does (pkg/tcp/proxy.go copies
-  each direction, then `CloseWrite`s its destination). A transport that cannot half-close (TLS)
-  ends the pipe instead.
+  each direction, then `CloseWrite`s its destination). TLS half-closes too (RFC 8446 §6.1: a
+  close_notify closes the sender's write side only; Go's tls.Conn.CloseWrite is what Traefik
+  calls), but asyncio's SSL transports cannot (`can_write_eof()` is False): then the EOF is not
+  passed on, and the other direction still flows, so a client that half-closes after its
+  request over a route to a `tls: true` server gets the answer (ending the pipe at the EOF,
+  as before, lost it). The pipe then ends when that side ends too, on terminationDelay if set,
+  or on the idle timeout.
 - The pipe ends when both sides have sent EOF, when either connection is lost (peer reset,
   write error, closed elsewhere), on the idle timeout, or on `close()`/`abort()` by its owner.
   Ending closes both transports with `close()`, so bytes already buffered are still delivered;
@@ -58,7 +63,7 @@ DOWNSTREAM = 0
 UPSTREAM = 1
 
 # Why a pipe ended (PipeStats.reason).
-END_EOF = "eof"  # both sides sent EOF (or one did and the other cannot half-close)
+END_EOF = "eof"  # both sides sent EOF
 END_CLOSED = "closed"  # a connection was closed without an EOF read first
 END_RESET = "reset"  # a connection was lost with an error (reset, write error)
 END_IDLE = "idle timeout"
@@ -291,11 +296,11 @@ class BytePipe:
             return  # closed under us (a write error): its connection_lost ends the pipe
         if other.can_write_eof():
             other.write_eof()  # sent after what is buffered; the other direction flows on
-            delay = self._settings.termination_delay
-            if delay is not None and delay >= 0 and self._loop is not None:
-                self._termination = self._loop.call_later(delay, self._end, END_TERMINATION)
-        else:
-            self._end(END_EOF)  # TLS cannot half-close: end both, as a close_notify does
+        # else (an asyncio SSL transport): the EOF cannot be passed on, but the other
+        # direction still flows: its peer may answer a request that ended with this EOF.
+        delay = self._settings.termination_delay
+        if delay is not None and delay >= 0 and self._loop is not None:
+            self._termination = self._loop.call_later(delay, self._end, END_TERMINATION)
 
     def _on_lost(self, index: int, exc: Exception | None) -> None:
         if self._lost[index]:

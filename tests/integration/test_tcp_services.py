@@ -453,6 +453,42 @@ async def test_tls_to_tcp_servers_through_the_servers_transport(proxy_factory, s
     await wait_for(lambda: "certificate verify failed" in proxy.log_path.read_text(), 10)
 
 
+async def test_a_client_half_close_over_a_tls_server_still_gets_the_answer(proxy_factory):
+    """A client that half-closes after its request (`nc -N`, request/response scripts) over a
+    route to a `tls: true` server gets the answer, even one sent 300 ms later: TLS can
+    half-close (RFC 8446 §6.1) and Traefik 3.7 delivers it (fresh-tcp F-TCP-3, within its
+    terminationDelay); asyncio's SSL transport cannot write_eof, so the EOF is not passed on
+    but the server->client direction keeps flowing until the server closes. Before: 0 bytes."""
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("db.test").configure_cert(server_context)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await reader.readuntil(b"\r\n\r\n")
+            if b"/slow" in request:
+                await asyncio.sleep(0.3)
+            writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + request[:9])
+            await writer.drain()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=server_context)
+    address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    service = {"loadBalancer": {"servers": [{"address": address, "tls": True}]}}
+    service["loadBalancer"]["serversTransport"] = "t"
+    tls = {"serverName": "db.test", "rootCAs": [ca.cert_pem.bytes().decode()]}
+    config = tcp_config({"main": service}, extra={"serversTransports": {"t": {"tls": tls}}})
+    proxy, port = await tcp_proxy(proxy_factory, config)
+    try:
+        for path in (b"/", b"/slow"):
+            request = b"GET " + path + b" HTTP/1.1\r\nHost: db.test\r\nConnection: close\r\n\r\n"
+            got = await talk(port, request, until_eof=True)
+            assert got == b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + request[:9]
+    finally:
+        server.close()
+
+
 # ---------------------------------------------------------------- middlewares
 
 

@@ -26,6 +26,7 @@ from meshproxy.l4.pipe import (
     END_IDLE,
     END_OWNER,
     END_RESET,
+    END_TERMINATION,
     BytePipe,
     PipeEnd,
     PipeSettings,
@@ -351,18 +352,59 @@ def test_eofs_seen_before_the_hand_over_are_passed_on():
     run(scenario)
 
 
-def test_a_side_that_cannot_half_close_ends_the_pipe_on_eof():
-    """A transport without write_eof (TLS: RFC 8446 §6.1 has no half-close) cannot carry a
-    FIN: the other side's EOF ends the pipe, after what is buffered is delivered."""
+def test_a_side_that_cannot_half_close_keeps_the_other_direction_flowing():
+    """TLS half-closes (RFC 8446 §6.1: close_notify closes the sender's write side; Traefik's
+    TCP proxy CloseWrite()s a tls.Conn), but asyncio's SSL transport cannot write_eof. The
+    client's EOF is then not passed on, and the server's answer still reaches the client
+    (fresh-tcp F-TCP-3: Traefik delivered it, meshproxy ended the pipe and lost it); the pipe
+    ends, reason eof, when the server ends too."""
 
     async def scenario(loop: ClockLoop) -> None:
         c = Conversation(loop, transports={"half_close": False}).start()
-        c.down.feed(b"data")
+        c.down.feed(b"request")
         c.down.feed_eof()
-        assert c.up.closing and c.down.closing
-        assert c.up.read() == b"data"
         await settle()
-        assert c.closed[0].reason == END_EOF
+        assert not c.up.closing and not c.down.closing
+        assert c.up.read() == b"request" and not c.up.eof_wanted
+        c.up.feed(b"answer")
+        assert c.down.read() == b"answer"
+        c.up.feed_eof()
+        assert c.up.closing and c.down.closing
+        await settle()
+        assert [s.reason for s in c.closed] == [END_EOF]
+        assert (c.closed[0].bytes_from_downstream, c.closed[0].bytes_from_upstream) == (7, 6)
+
+    run(scenario)
+
+
+def test_termination_delay_bounds_the_wait_after_an_eof_that_cannot_be_passed_on():
+    """Traefik's terminationDelay (pkg/tcp/proxy.go: a deadline on the other side after one
+    direction ended) applies the same when the EOF could not be passed on (TLS): the pipe
+    ends `termination delay` later, and the idle timeout still ends a silent one."""
+
+    async def scenario(loop: ClockLoop) -> None:
+        c = Conversation(
+            loop,
+            settings=PipeSettings(idle_timeout=0, termination_delay=0.1),
+            transports={"half_close": False},
+        ).start()
+        c.down.feed_eof()
+        await advance(loop, 0.05)
+        c.up.feed(b"late")
+        assert c.down.read() == b"late" and not c.closed and not c.down.closing
+        await advance(loop, 0.06)
+        assert c.up.closing and c.down.closing
+        await settle()
+        assert [s.reason for s in c.closed] == [END_TERMINATION]
+        idle = Conversation(
+            loop, settings=PipeSettings(idle_timeout=5), transports={"half_close": False}
+        ).start()
+        idle.down.feed_eof()
+        await advance(loop, 4.9)
+        assert not idle.down.closing
+        await advance(loop, 0.2)
+        await settle()
+        assert [s.reason for s in idle.closed] == [END_IDLE]
 
     run(scenario)
 
