@@ -406,6 +406,8 @@ class H1ServerConnection(asyncio.Protocol):
         "_perf_start",
         "_progress",
         "_progress_seen",
+        "_raw_body_ex",
+        "_raw_body_left",
         "_receiving",
         "_refused_encodings",
         "_sanitize_path",
@@ -477,6 +479,10 @@ class H1ServerConnection(asyncio.Protocol):
         self._upgrading: Exchange | None = None  # an upgrade request awaiting its answer
         self._upgrade_request: Exchange | None = None  # the last upgrade request parsed
         self._h2c_settings = b""  # the HTTP2-Settings of an h2c upgrade the proxy will make
+        # A request whose body llhttp skips (it asked for an h2c upgrade the proxy ignores):
+        # the body is read here, `_raw_body_left` bytes more.
+        self._raw_body_ex: Exchange | None = None
+        self._raw_body_left = 0
         self._tunnel: list[bytes] = []  # client bytes read after that request's head
         self._tunnel_size = 0
         self.idle_since = 0.0
@@ -583,6 +589,9 @@ class H1ServerConnection(asyncio.Protocol):
         if self._closing or self._error_after_current is not None:
             return
         self._progress += 1
+        if self._raw_body_ex is not None:
+            self._feed_raw_body(data)
+            return
         if self._upgrading is not None:
             self._hold(data)
             return
@@ -748,6 +757,7 @@ class H1ServerConnection(asyncio.Protocol):
             if self._verbatim and line_end > 0 and host and request.host_header is host:
                 request.verbatim = self._verbatim_fields(line_end, received, cached[2])
         has_body = self._chunked_request
+        raw_body = False
         if self._special:
             codings: list[bytes] = []
             upgrade = b""
@@ -779,11 +789,13 @@ class H1ServerConnection(asyncio.Protocol):
                 if token.lower() == b"h2c":
                     # Never forwarded (a backend switched to h2c would take streams the
                     # routers never saw): the proxy itself switches, and every stream is
-                    # routed (RFC 7540 §3.2, meshproxy.http2.server). A body comes before
-                    # the client's preface (§3.2): one framed by Content-Length is read by
-                    # the HTTP/2 side; a chunked one gets 501 as any upgrade with a body.
-                    # Ignored (served as HTTP/1.1) in HTTP/1.0, behind another request, or
-                    # without exactly one valid HTTP2-Settings named by Connection (§3.2.1).
+                    # routed (RFC 7540 §3.2, meshproxy.http2.server). Ignored (served as
+                    # HTTP/1.1) in HTTP/1.0, behind another request, without exactly one
+                    # valid HTTP2-Settings named by Connection (§3.2.1), and for a request
+                    # with a body, as nghttpx does: §3.2 wants the whole body before the
+                    # client's preface, which deadlocks with `Expect: 100-continue` (curl
+                    # sends it past 1 MiB) and races a client that switches on the 101
+                    # mid-body. llhttp reads such a body, then stops as for any upgrade.
                     if (
                         version != "1.0"
                         and self.current is None
@@ -791,11 +803,13 @@ class H1ServerConnection(asyncio.Protocol):
                         and len(h2_settings) == 1
                         and b"http2-settings" in request.connection_tokens
                         and valid_h2_settings(h2_settings[0])
-                        and not (has_body and (request.content_length is None or codings))
+                        and not has_body
                     ):
                         self._h2c_settings = h2_settings[0]
                     elif has_body:
-                        raise _Reject(501)  # llhttp would read the body as the new protocol
+                        if request.content_length is None or codings:
+                            raise _Reject(501)  # a chunked body cannot be told from h2c frames
+                        raw_body = True
                 elif has_body:
                     raise _Reject(501)  # llhttp would read the body as the new protocol
                 elif version != "1.0":  # ignored in HTTP/1.0 (RFC 9110 §7.8)
@@ -805,6 +819,8 @@ class H1ServerConnection(asyncio.Protocol):
                 if unreadable:
                     raise _Reject(unreadable)
         ex = Exchange(self, request, self.entry_name, self._perf_start, has_body)
+        if raw_body:
+            self._raw_body_ex = ex  # llhttp skips an upgrade request's body: read below
         if request.upgrade is not None or self._h2c_settings:
             self._upgrade_request = ex  # llhttp stops after its head (HttpParserUpgrade)
             if self._h2c_settings:
@@ -861,6 +877,8 @@ class H1ServerConnection(asyncio.Protocol):
         ex = self._receiving
         if ex is not None:
             self._receiving = None
+            if ex is self._raw_body_ex:
+                return  # llhttp skipped its body: `_feed_raw_body` reads it
             if ex.has_body:  # a bodiless exchange starts out complete
                 ex.on_request_end()
 
@@ -876,6 +894,13 @@ class H1ServerConnection(asyncio.Protocol):
         self.parser = None  # llhttp stays paused after an upgrade: a new one for what follows
         if self._closing:
             return
+        raw = self._raw_body_ex
+        if raw is not None:
+            self._raw_body_left = raw.request.content_length or 0
+            self._between_messages = False
+            if rest:
+                self._feed_raw_body(rest)
+            return
         settings = self._h2c_settings
         if settings and ex is not None:
             self._h2c_settings = b""
@@ -890,6 +915,23 @@ class H1ServerConnection(asyncio.Protocol):
         self._upgrading = ex
         if rest:
             self._hold(rest)
+
+    def _feed_raw_body(self, data: bytes) -> None:
+        """The body of a request whose h2c upgrade is ignored, framed by its Content-Length
+        (RFC 9112 §6.3), read past llhttp; what follows it is the next request."""
+        ex = self._raw_body_ex
+        assert ex is not None
+        left = self._raw_body_left
+        body, rest = (data, b"") if len(data) <= left else (data[:left], data[left:])
+        self._raw_body_left = left - len(body)
+        if body:
+            ex.on_request_body(body)
+        if self._raw_body_left == 0:
+            self._raw_body_ex = None
+            self._between_messages = True
+            ex.on_request_end()
+            if rest and not self._closing:
+                self.data_received(rest)
 
     def _switch_to_h2c(self, ex: Exchange, settings: bytes, rest: bytes) -> None:
         """Answer an `Upgrade: h2c` request with 101 and go on as HTTP/2 on this connection:

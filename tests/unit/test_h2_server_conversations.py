@@ -660,23 +660,30 @@ def _upgraded_client() -> h2.connection.H2Connection:
     return client
 
 
-async def test_h2c_upgrade_with_a_body_reads_it_before_the_preface():
-    """RFC 7540 §3.2: a request with a body is sent whole before the client's preface; with
-    Content-Length the proxy reads it as stream 1's body (the backend gets it all), then
-    the connection speaks HTTP/2."""
+async def test_h2c_upgrade_with_a_body_is_served_as_http11():
+    """RFC 7540 §3.2 wants a request's whole body before the client's preface, which
+    deadlocks with `Expect: 100-continue` and races a client that switches on the 101
+    mid-body; so, as nghttpx, the proxy ignores the upgrade of a request with a body and
+    serves it as HTTP/1.1 (RFC 9110 §7.8: a server may ignore Upgrade). llhttp skips an
+    upgrade request's body: the proxy reads it by its Content-Length (RFC 9112 §6.3), in
+    pieces, then the next request on the connection; nothing of the upgrade is forwarded."""
     conv = conversation()
+    _, second = conv.add_upstream()  # the pipelined request's (the first is busy till done)
     _, upstream = conv.add_upstream()
-    client = _upgraded_client()
     answer = conv.send(b"POST /up HTTP/1.1\r\n" + H2C_HEAD + b"Content-Length: 5\r\n\r\nhel")
-    assert answer.startswith(b"HTTP/1.1 101 ")
-    protocol = conv.client_transport.protocol
-    assert isinstance(protocol, H2ServerConnection)
-    protocol.data_received(b"lo" + client.data_to_send())
+    assert answer == b""  # no 101: the body is still coming
+    conv.send(b"lo" + b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+    await asyncio.sleep(0)  # a request with a body is handled once the read is parsed
     sent = upstream.take()
     assert sent.startswith(b"POST /up HTTP/1.1") and sent.endswith(b"\r\n\r\nhello")
+    assert b"upgrade" not in sent.lower() and b"http2-settings" not in sent.lower()
     answered = conv.backend_sends(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
-    events = client.receive_data(answer.split(b"\r\n\r\n", 1)[1] + answered)
-    assert status_of(events, 1) == b"201"
+    assert answered.startswith(b"HTTP/1.1 201 ")
+    await asyncio.sleep(0)
+    assert (upstream.take() + second.take()).startswith(b"GET /next HTTP/1.1")
+    index = 0 if conv.upstreams[0][0].ex is not None else -1
+    answered = conv.backend_sends(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", index)
+    assert answered.startswith(b"HTTP/1.1 200 ") and answered.endswith(b"ok")
 
 
 async def test_h2c_upgrades_the_proxy_does_not_make():
