@@ -296,7 +296,7 @@ class Explainer:
 
     # -- services -----------------------------------------------------------------------
 
-    def _service(self, qualified: str) -> dict[str, Any]:
+    def _service(self, qualified: str, depth: int = 0) -> dict[str, Any]:
         snapshot = self.ctx.manager.snapshot
         definition = snapshot.config.http.services.get(qualified.rpartition("@")[0])
         status = snapshot.services.get(qualified)
@@ -308,11 +308,24 @@ class Explainer:
             return out
         if definition.weighted is not None:
             out["type"] = "weighted"
+            children = definition.weighted.services or []
             out["children"] = [
                 {"name": _qualified(c.name, snapshot.provider), "weight": c.weight}
-                for c in definition.weighted.services or []
+                for c in children
             ]
             out["why"] = "the weighted rotation picks one child, then the child its server"
+            service = snapshot.service_objects.get(qualified)
+            rotation = getattr(service, "balancer", None)
+            if rotation is not None and depth < 8:
+                picked = copy.deepcopy(rotation).pick()  # a copy: no pick consumed
+                if picked is not None and 0 <= picked < len(children):
+                    child = self._service(
+                        _qualified(children[picked].name, snapshot.provider), depth + 1
+                    )
+                    out["next"] = child
+                    out["server"] = child.get("server")
+                    if child.get("why") and not child.get("server"):
+                        out["why"] = child["why"]
             return out
         if definition.mirroring is not None:
             out["type"] = "mirroring"
@@ -540,6 +553,9 @@ def render_tree(answer: dict[str, Any]) -> str:
                     )
                 else:
                     lines.append(f"│    {server}")
+            child = service.get("next")
+            if child:
+                lines.append(f"│    next child: {child.get('name')} ({child.get('type', '-')})")
             if service.get("server"):
                 lines.append(f"│    next pick: {service['server']}")
     for disabled in answer.get("disabled", []):

@@ -227,3 +227,36 @@ async def test_cli_prints_a_tree(proxy_factory: Any, backends: Any) -> None:
     base = f"http://127.0.0.1:{free_port()}"
     unreachable = await asyncio.to_thread(run, "--path", "/")
     assert unreachable.returncode == 1 and "cannot reach" in unreachable.stderr
+
+
+async def test_weighted_service_next_child_and_server(proxy_factory: Any, backends: Any) -> None:
+    """A weighted service (Traefik's smooth weighted round robin over child services):
+    explain names the child the rotation picks next and that child's next server, computed
+    on copies (asking twice gives the same answer), and the real request then reaches it."""
+    a, b = await backends("a"), await backends("b")
+    proxy = await proxy_factory(
+        {
+            "http": {
+                "routers": {"r": router("PathPrefix(`/`)", "split")},
+                "services": {
+                    "split": {
+                        "weighted": {
+                            "services": [{"name": "one", "weight": 1}, {"name": "two", "weight": 3}]
+                        }
+                    },
+                    "one": lb(a.url),
+                    "two": lb(b.url),
+                },
+            }
+        }
+    )
+    _, first = await _aexplain(proxy.admin_port, path="/")
+    _, second = await _aexplain(proxy.admin_port, path="/")
+    assert first["service"]["type"] == "weighted"
+    assert first["service"]["next"]["name"] == second["service"]["next"]["name"]
+    server = first["service"]["server"]
+    assert server in (a.url, b.url) and server == second["service"]["server"]
+    assert first["outcome"] == f"proxied to {server}"
+    assert (await request(proxy.port, target="/")).status == 200
+    reached = a if a.requests else b
+    assert reached.url == server
