@@ -199,7 +199,8 @@ async def test_server_span_and_sibling_client_spans_per_try_with_w3c_context_sen
     assert first["parent"] == second["parent"] == server["span_id"]  # siblings
     assert first["name"] == "ReverseProxy"
     assert first["attributes"]["http.response.status_code"] == 502
-    assert first["attributes"]["error.type"]  # why the retry happened
+    # why the retry happened: the access log's "why" code (runtime.dispatch.why_code)
+    assert first["attributes"]["error.type"] == "upstream_connect_failure"
     assert "http.request.resend_count" not in first["attributes"]
     assert second["attributes"]["http.request.resend_count"] == 1
     assert second["attributes"]["http.response.status_code"] == 200
