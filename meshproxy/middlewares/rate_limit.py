@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from time import monotonic
+from typing import Any
 
 from meshproxy.config.durations import format_duration
 from meshproxy.config.dynamic import RateLimit
@@ -26,6 +28,11 @@ from meshproxy.middlewares.source import source_key_getter
 
 MAX_SOURCES = 65536
 TOO_MANY = b"Too Many Requests"
+
+# Set by a worker process of a node (meshproxy.node.worker): makes the state of a rateLimit
+# instance, (instance key, rate, burst) -> an object with reserve/cancel, in the buckets the
+# node's workers share (meshproxy.node.shared_state), so the limit holds for the node.
+SHARED_STATE: list[Callable[[str, float, int], Any]] = []
 
 
 class TokenBucket:
@@ -101,7 +108,10 @@ def build_rate_limit(options: RateLimit, next_handler: Handler, ctx: BuildContex
     burst = options.burst or 1
     source_of = source_key_getter(options.source_criterion, "sourceCriterion")
     by_peer = options.source_criterion is None  # the common case: no getter call
-    state = ctx.keep(lambda: RateLimiterState(rate, burst))
+    key = f"{ctx.router}\0{ctx.name}\0{ctx.fingerprint.hex()}"
+    state: Any = ctx.keep(
+        lambda: SHARED_STATE[0](key, rate, burst) if SHARED_STATE else RateLimiterState(rate, burst)
+    )
     hold_limit = max_delay(rate)
 
     def go_on(ex: Exchange, finish: Finish) -> None:

@@ -211,3 +211,44 @@ async def test_listener_modes_both_spread_uneven_load(backends, proxy_factory):
         shares[mode] = share
         assert min(share) > 0.05, (mode, share)  # every worker took part
     print("CPU share per worker:", {m: [round(s, 3) for s in v] for m, v in shares.items()})
+
+
+async def test_a_rate_limit_holds_for_the_node_not_per_worker(backends, proxy_factory):
+    """Issue 15 point 2: a rateLimit of R requests/s (Traefik's average/period/burst token
+    bucket) admits R/s for the node with 2 workers, within 10%, not 2R: the workers share
+    the buckets (meshproxy.node.shared_state). A bounded loop of new-connection clients
+    (spread over both workers) sends faster than R; 200s are counted against burst + R*T."""
+    a = await backends("a")
+    rate, burst = 40, 10
+    config = {
+        "http": {
+            "routers": {
+                "r": {
+                    "rule": "PathPrefix(`/`)",
+                    "service": "s",
+                    "entryPoints": ["web"],
+                    "middlewares": ["limit"],
+                }
+            },
+            "services": {"s": {"loadBalancer": {"servers": [{"url": a.url}]}}},
+            "middlewares": {"limit": {"rateLimit": {"average": rate, "burst": burst}}},
+        }
+    }
+    proxy = await proxy_factory(config, extra_flags=["--workers=2"])
+    await wait_for(lambda: [w["generation"] for w in workers(proxy)] == [1, 1], 15, "both at 1")
+    statuses: list[int] = []
+    deadline = time.monotonic() + 4.0
+
+    async def client() -> None:
+        while time.monotonic() < deadline and len(statuses) < 5000:
+            statuses.append((await request(proxy.port, host="app.test")).status)
+
+    started = time.monotonic()
+    await asyncio.gather(*(client() for _ in range(6)))
+    elapsed = time.monotonic() - started
+    accepted = statuses.count(200)
+    assert set(statuses) <= {200, 429}
+    assert statuses.count(429) > accepted  # the clients did send faster than the limit
+    expected = burst + rate * elapsed
+    print(f"rate limit {rate}/s over {elapsed:.2f}s: {accepted} accepted, {expected:.0f} expected")
+    assert abs(accepted - expected) <= 0.10 * expected, (accepted, expected)
