@@ -11,8 +11,10 @@ Refreshing: the script fetches `/dashboard/live` (the same sections, rendered ag
 2 seconds and swaps them in; rates are computed here from the request counters of
 observability.metrics (`RequestMetrics.service`: requests per service and status code) as the
 change between two samples at least one second apart, over the last ten seconds at most.
-Errors are 5xx answers. The explain form calls `/dashboard/explain` (the same query as
-/api/explain), which answers the text tree of `meshproxy explain`.
+Errors are 5xx answers, counting the 503s of a service with no server up (which reach no
+server: `meshproxy_exchange_failures_total{why="no_healthy_server"}`). The explain form calls
+`/dashboard/explain` (the same query as /api/explain), which answers the text tree of
+`meshproxy explain`.
 """
 
 from __future__ import annotations
@@ -51,6 +53,12 @@ class Rates:
         for (status, _method, _protocol, service), hist in list(table.items()):
             requests, errors = totals.get(service, (0, 0))
             totals[service] = (requests + hist.count, errors + (hist.count if status >= 500 else 0))
+        # 503s of a service with no server up never reach a server: no service series
+        failures = getattr(self.metrics, "failures", None) or {}
+        for (_entrypoint, service, why), count in list(failures.items()):
+            if why == "no_healthy_server":
+                requests, errors = totals.get(service, (0, 0))
+                totals[service] = (requests + count, errors + count)
         return totals
 
     def sample(
@@ -78,6 +86,7 @@ class Rates:
 
 
 _SERVICE_SERIES = re.compile(r"^traefik_service_requests_total\{([^}]*)\} (\S+)$", re.M)
+_FAILURE_SERIES = re.compile(r"^meshproxy_exchange_failures_total\{([^}]*)\} (\S+)$", re.M)
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
@@ -85,6 +94,12 @@ def totals_from_text(text: str) -> dict[str, tuple[int, int]]:
     """Cumulative (requests, 5xx) per service from a Prometheus exposition (the workers'
     metrics summed by meshproxy.node.metrics)."""
     totals: dict[str, tuple[int, int]] = {}
+    for labels, value in _FAILURE_SERIES.findall(text):
+        fields = dict(_LABEL.findall(labels))
+        if fields.get("why") == "no_healthy_server":  # 503s that never reached a server
+            count = int(float(value))
+            requests, errors = totals.get(fields.get("service", ""), (0, 0))
+            totals[fields.get("service", "")] = (requests + count, errors + count)
     for labels, value in _SERVICE_SERIES.findall(text):
         fields = dict(_LABEL.findall(labels))
         service = fields.get("service", "")
