@@ -19,6 +19,12 @@ $(BIN)/meshproxy: pyproject.toml setup.py meshproxy/build_info.py $(HOT_PATH)
 	-@command -v h2load >/dev/null 2>&1 && command -v curl >/dev/null 2>&1 \
 		&& command -v openssl >/dev/null 2>&1 \
 		|| (apt-get update -qq && apt-get install -y -qq nghttp2-client curl openssl)
+	@# Peers the tests and benchmarks drive: HAProxy (PROXY protocol peer, bench peer), promtool
+	@# (checks /metrics), headless Chromium (the dashboard test), iperf3 (bench/tcp_throughput).
+	-@command -v haproxy >/dev/null 2>&1 && command -v iperf3 >/dev/null 2>&1 \
+		&& command -v promtool >/dev/null 2>&1 && command -v chromium >/dev/null 2>&1 \
+		|| (apt-get update -qq && apt-get install -y -qq --no-install-recommends \
+			haproxy iperf3 prometheus chromium)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
