@@ -48,6 +48,7 @@ from meshproxy.http.errors import (
 from meshproxy.http.exchange import Exchange
 from meshproxy.http.fields import HeaderBlock, MalformedFields, response_fields
 from meshproxy.http.forwarding import HOP_BY_HOP, connection_tokens, trailer_lines
+from meshproxy.observability.log_limit import LIMIT, held_back
 
 log = logging.getLogger("meshproxy.upstream")
 
@@ -256,6 +257,12 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self._response_headers_done and self._until_close:
             self._complete()  # close-delimited body ends with the connection
+            return
+        if isinstance(exc, ssl.SSLError):
+            # A TLS alert read after the request went out: under TLS 1.3 a server refusing
+            # our (missing) client certificate says so only now (RFC 8446 §4.4.2.4).
+            _log_tls_alert(self.pool, exc)
+            self._fail(UpstreamError(f"backend TLS alert: {exc.reason or exc}"))
             return
         if self._response_headers_done:
             self._fail(ResponseAborted("backend closed the connection mid-response"))
@@ -712,6 +719,21 @@ class _TrailerReader:
 
     def on_message_complete(self) -> None:
         self.conn.on_message_complete()
+
+
+def _log_tls_alert(pool: UpstreamPool, exc: ssl.SSLError) -> None:
+    """The TLS error that ended an exchange, at ERROR, at most once per server per
+    LogLimit interval (a refusing backend under load would write a line per request)."""
+    held = LIMIT.allow(str(exc), (pool.host, pool.port))
+    if held is not None:
+        log.error(
+            "backend %s://%s:%d: TLS error after the request was sent: %s%s",
+            pool.scheme,
+            pool.host,
+            pool.port,
+            exc,
+            held_back(held),
+        )
 
 
 class _Dialled:

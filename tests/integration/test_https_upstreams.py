@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import ssl
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +199,82 @@ async def test_unknown_ca_is_a_502_and_a_log_line(proxy_factory, tls_backends, c
         lambda: "certificate verify failed" in proxy.log_path.read_text(), 10, "the log line"
     )
     assert backend.connections == 0  # the handshake never completed: nothing was sent
+
+
+async def test_a_hung_tls_handshake_is_a_504_after_10s_with_a_log_line(proxy_factory, ca):
+    """A backend that accepts TCP and never speaks TLS: as Traefik 3.7 (checked with the real
+    binary, fresh-tcp F-TLS-3: 504 after 10.0 s, with `dialTimeout: 2s` too, Go's
+    TLSHandshakeTimeout), the handshake has its own 10 s after the connect that dialTimeout
+    bounds, and its timeout is a 504 (it was a silent 502), logged at ERROR."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # accepted, never answered
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    transport = {"rootCAs": [pem(ca.cert_pem)], "forwardingTimeouts": {"dialTimeout": "2s"}}
+    proxy = await proxy_factory(https_config(url, transport))
+    try:
+        started = asyncio.get_running_loop().time()
+        assert (await request(proxy.port, host="app.test", timeout=30)).status == 504
+        elapsed = asyncio.get_running_loop().time() - started
+        assert 9.5 <= elapsed < 15, elapsed
+        await wait_for(
+            lambda: (
+                " ERROR " in proxy.log_path.read_text()
+                and "TLS handshake timeout" in proxy.log_path.read_text()
+            ),
+            5,
+            "the log line",
+        )
+    finally:
+        server.close()
+        for writer in held:
+            writer.close()
+
+
+async def test_a_tls13_refusal_of_our_missing_client_certificate_is_logged(
+    proxy_factory, tls_backends, ca
+):
+    """Under TLS 1.3 the client's handshake completes before the server checks the client
+    certificate (RFC 8446 §4.4.2.4): a server requiring one refuses with a
+    `certificate_required` alert that arrives after the request was sent. The client gets
+    502 (Traefik 3.7: 502 too) and the log says why at ERROR (Traefik: DEBUG only; it was
+    silent here)."""
+    # A blocking `ssl` server, as the reporter's: it sends the alert before closing
+    # (asyncio's server side aborts a failed handshake without flushing it).
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    context.verify_mode = ssl.CERT_REQUIRED
+    trustme.CA().configure_trust(context)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(20)
+    refused: list[str] = []
+
+    def serve() -> None:
+        try:
+            conn, _ = listener.accept()
+            with context.wrap_socket(conn, server_side=True) as tls:
+                tls.recv(100)
+        except (OSError, ssl.SSLError) as exc:
+            refused.append(str(exc))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    url = f"https://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        proxy = await proxy_factory(https_config(url, {"rootCAs": [pem(ca.cert_pem)]}))
+        assert (await request(proxy.port, host="app.test")).status == 502
+        await wait_for(
+            lambda: "alert certificate required" in proxy.log_path.read_text(), 10, "the alert"
+        )
+        log = proxy.log_path.read_text()
+        assert " ERROR meshproxy.upstream: backend https://127.0.0.1:" in log
+        await asyncio.to_thread(thread.join, 10)
+        assert refused and "did not return a certificate" in refused[0]
+    finally:
+        listener.close()
 
 
 async def test_insecure_skip_verify_accepts_any_certificate(proxy_factory, tls_backends, ca):
