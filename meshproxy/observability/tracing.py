@@ -211,6 +211,10 @@ class Tracing:
         `ex.span` until dispatch's `finish` ends it (`ServerSpan.end`)."""
         request = ex.request
         parent = self.propagator.extract(request, getter=_GETTER)
+        unsampled = self._unsampled(parent)
+        if unsampled is not None:  # nothing to record: skip the SDK's span machinery
+            ex.span = ServerSpan(self, unsampled, trace.set_span_in_context(unsampled, parent))
+            return
         # ex.started_at is on perf_counter's clock: the span starts when the request did
         start = time.time_ns() - int((time.perf_counter() - ex.started_at) * 1e9)
         attributes: dict[str, Any] = {
@@ -241,6 +245,33 @@ class Tracing:
             start_time=start,
         )
         ex.span = ServerSpan(self, span, trace.set_span_in_context(span, parent))
+
+    def _unsampled(self, parent: Context) -> trace.Span | None:
+        """A non-recording span when the sampler's answer is known to be "drop" (Traefik's
+        ParentBased(TraceIdRatioBased)): the parent is valid and not sampled, or there is no
+        parent and the rate is 0. The SDK would make the same span at several times the cost
+        (attributes, sampler, span object); the context still travels upstream, unsampled."""
+        parent_context = trace.get_current_span(parent).get_span_context()
+        ids = self.provider.id_generator
+        if parent_context.is_valid:
+            if parent_context.trace_flags.sampled:
+                return None
+            trace_id = parent_context.trace_id
+            trace_state = parent_context.trace_state
+        elif self.settings.sample_rate <= 0.0:
+            trace_id = ids.generate_trace_id()
+            trace_state = None
+        else:
+            return None
+        return trace.NonRecordingSpan(
+            trace.SpanContext(
+                trace_id,
+                ids.generate_span_id(),
+                is_remote=False,
+                trace_flags=trace.TraceFlags(trace.TraceFlags.DEFAULT),
+                trace_state=trace_state,
+            )
+        )
 
     def middlewares(self, router: str) -> tuple[str, ...]:
         resolve = self.router_middlewares
@@ -305,6 +336,14 @@ class ServerSpan:
 
     def _attempt(self, ex: Exchange, url: str, host: bytes) -> ClientSpan:
         request = ex.request
+        if not self.span.is_recording():
+            # Unsampled: no client span (it would record nothing); the upstream request
+            # carries this request's context, sampled flag clear, as a child span's would.
+            sent: dict[str, str] = {}
+            self.tracing.propagator.inject(sent, context=self.context)
+            for name, value in sent.items():
+                request.set_header(name.lower().encode("latin-1"), value.encode("latin-1"))
+            return _NO_SPAN
         span = self.tracing.tracer.start_span(
             CLIENT_SPAN, context=self.context, kind=SpanKind.CLIENT
         )
@@ -395,6 +434,9 @@ class ClientSpan:
                 span.set_status(Status(StatusCode.ERROR, str(exc) or why))
             elif status >= 400:  # semantic conventions: a client span fails on 4xx and 5xx
                 span.set_status(Status(StatusCode.ERROR))
+
+
+_NO_SPAN = ClientSpan(trace.INVALID_SPAN)
 
 
 class TracedEntry:

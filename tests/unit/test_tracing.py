@@ -93,3 +93,23 @@ def test_spans_of_a_failed_export_are_counted():
     tracing.provider.force_flush()
     assert tracing.dropped()["export_failed"] == 3
     tracing.shutdown()
+
+
+def test_an_unsampled_parent_is_followed_and_still_propagated_without_recording():
+    """ParentBased sampling (Traefik's): a parent whose sampled flag is clear (W3C Trace
+    Context §3.2.2.5) makes a span that records nothing; the request sent upstream carries
+    the same trace id with the flag still clear, so the services behind agree."""
+    memory = InMemorySpanExporter()
+    tracing = Tracing(TracingSettings(schedule_delay_ms=10), exporter=memory)
+    ex = exchange([(b"traceparent", f"00-{TRACE_ID}-00f067aa0ba902b7-00".encode())])
+    tracing.start_server(ex)
+    attempt = ex.span.attempt(ex, "http://10.0.0.2:80", b"10.0.0.2:80")
+    (sent,) = [v.decode() for n, v in ex.request.headers if n == b"traceparent"]
+    attempt.end(ex, 200, None)
+    ex.span.end(ex, 200)
+    tracing.provider.force_flush()
+    version, trace_id, span_id, flags = sent.split("-")
+    assert (version, trace_id, flags) == ("00", TRACE_ID, "00")
+    assert span_id != "00f067aa0ba902b7"
+    assert memory.get_finished_spans() == ()
+    tracing.shutdown()
