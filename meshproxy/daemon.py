@@ -466,12 +466,18 @@ class ProxyDaemon:
             listener.entry.drain()  # HTTP/1.1: Connection: close, idle connections closed
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
+        # A connection accepted just before the listener closed may not have shown its first
+        # bytes yet (the sniffer waits for them): its request is on the way, closing it would
+        # fail a request no client may retry. Waited for a short while, not the whole grace
+        # period (a client that connects and sends nothing is not in flight).
+        first_bytes = loop.time() + min(grace, 2.0)
 
         def busy() -> bool:
             return any(
                 lst.entry.tunnels
                 or any(c.current is not None for c in lst.entry.connections)
                 or any(c.current is not None for c in lst.entry.h2_connections)
+                or (lst.entry.sniffing and loop.time() < first_bytes)
                 for lst in self.listeners
             )
 

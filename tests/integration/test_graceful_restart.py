@@ -64,6 +64,7 @@ async def test_rollout_under_load_fails_no_request(backends, proxy_factory, tmp_
         await wait_for(lambda: load.done >= before + 500, 30, "the new proxy serves")
         load.stop()
         await running
+        print(f"rollout: {load.done} requests, {load.retried} resent on a new connection")
         assert load.failures == [], load.failures[:5]
         assert load.done >= 700
     finally:
