@@ -15,6 +15,7 @@ from typing import Any
 
 from meshproxy.l4.pipe import BytePipe, PipeEnd, PipeSettings, PipeStats
 from meshproxy.networks import NetworkSet
+from meshproxy.observability.log_limit import LIMIT, held_back
 from meshproxy.tcp.services import NoServerReachable, TCPService, admit, connect, reset
 
 log = logging.getLogger("meshproxy.tcp")
@@ -215,9 +216,17 @@ class TCPRelay(asyncio.Protocol):
             upstream, dialled, server = await connect(servers, client, _Dialled)
         except NoServerReachable as exc:
             # The client learns at once, by an RST, that nobody is there (issue 12 item 4).
-            log.warning(
-                "router %s: no server of %s reachable: %s", route.name, route.target.name, exc
-            )
+            # Traefik logs each failed dial at ERR ("Error while dialing backend"): ERROR
+            # here too, at most one line per router per LogLimit interval under load.
+            held = LIMIT.allow("no TCP server reachable", route.name)
+            if held is not None:
+                log.error(
+                    "router %s: no server of %s reachable: %s%s",
+                    route.name,
+                    route.target.name,
+                    exc,
+                    held_back(held),
+                )
             self.dial = None
             if not self.client_lost:
                 reset(client)
