@@ -59,13 +59,11 @@ class ConfigManager:
         self.last_error = None
         ctx.metrics.reload_succeeded(set(snapshot.routers), set(snapshot.services))
         for line in snapshot.error_lines():
-            # Traefik logs an object its config error disables at ERR, once per
-            # configuration ("error building proxy ... servers transport not found"): so
+            # Traefik logs every config error at ERR once per configuration, those that
+            # disable an object ("error building proxy ... servers transport not found") and
+            # those that do not ("EntryPoint doesn't exist", checked with Traefik 3.7): so
             # does meshproxy, so the default level (ERROR) says why a route 404s or 503s.
-            if "(disabled)" in line:
-                log.error("%s", line)
-            else:
-                log.warning("%s", line)
+            log.error("%s", line)
         log.info("configuration %d from %s applied", self.generation, source)
         self.applied.set()
         return snapshot
