@@ -59,6 +59,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshproxy.balancer.wrr import SmoothWeightedRoundRobin
+from meshproxy.observability.log_limit import LIMIT, held_back
 from meshproxy.observability.metrics import UDPCounters
 from meshproxy.upstream_address import resolve
 
@@ -433,15 +434,19 @@ class UDPEntryPoint(asyncio.DatagramProtocol):
         if session.closed:
             return
         # Traefik logs a failed UDP dial at error level (pkg/udp/proxy.go: "Error while
-        # dialing backend"); one line per session, which the per-source cap bounds.
-        log.error(
-            "entrypoint %s, router %s: cannot open a socket to %s:%d: %r",
-            self.name,
-            session.route.name,
-            host,
-            port,
-            exc,
-        )
+        # dialing backend"); at most one line per cause and server every LogLimit interval,
+        # so running out of descriptors under a flood does not flood the log too.
+        held = LIMIT.allow(repr(exc), (host, port))
+        if held is not None:
+            log.error(
+                "entrypoint %s, router %s: cannot open a socket to %s:%d: %r%s",
+                self.name,
+                session.route.name,
+                host,
+                port,
+                exc,
+                held_back(held),
+            )
         self.end(session, "open_error")
 
     def touch(self, session: _Session) -> None:
