@@ -100,3 +100,76 @@ async def test_readiness_goes_false_first_and_a_second_sigterm_ends_at_once(
     assert time.monotonic() - started < 5
     backend.release()
     held.cancel()
+
+
+async def test_sigterm_ends_each_protocol_at_its_boundary(scripted, proxy_factory):
+    """Issue 15 point 3 in a worker: on SIGTERM an idle keep-alive HTTP/1.1 connection is
+    closed, an in-flight HTTP/1.1 request finishes with `Connection: close` (RFC 9112 §9.6),
+    an HTTP/2 connection gets GOAWAY(NO_ERROR) and its accepted stream still finishes
+    (RFC 9113 §6.8), then the proxy exits 0 before graceTimeOut."""
+    import h11
+
+    from tests.helpers import read_response
+    from tests.integration.test_h2c_downstream import H2Client
+
+    backend = await scripted()
+    proxy = await proxy_factory(
+        catch_all(backend.url),
+        extra_flags=["--workers=2", "--entryPoints.web.transport.lifeCycle.graceTimeOut=30s"],
+    )
+    await wait_for(lambda: [w["generation"] for w in workers(proxy)] == [1, 1], 15, "ready")
+
+    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    idle = h11.Connection(h11.CLIENT)
+    idle_writer.write(idle.send(h11.Request(method="GET", target="/", headers=[("Host", "a")])))
+    idle_writer.write(idle.send(h11.EndOfMessage()))
+    assert (await read_response(idle, idle_reader)).status == 200
+
+    backend.mode = "hold"
+    busy_reader, busy_writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    busy = h11.Connection(h11.CLIENT)
+    busy_writer.write(busy.send(h11.Request(method="GET", target="/", headers=[("Host", "a")])))
+    busy_writer.write(busy.send(h11.EndOfMessage()))
+    async with H2Client(proxy.port) as client:
+        client.conn.send_headers(
+            1,
+            [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", "a")],
+            end_stream=True,
+        )
+        client.send()
+        await wait_for(lambda: backend.holding == 2, 10, "two requests in flight")
+        assert proxy.process is not None
+        proxy.process.send_signal(signal.SIGTERM)
+        # Read the frames raw from here: the h2 library takes GOAWAY as the end of the
+        # connection, while RFC 9113 §6.8 lets the streams it accepted finish.
+        frames: list[tuple[int, int, int, bytes]] = []
+        buffer = b""
+
+        async def until_frame(kind: int, stream: int, flag: int = 0) -> None:
+            nonlocal buffer
+            while not any(f[0] == kind and f[2] == stream and f[1] & flag == flag for f in frames):
+                data = await asyncio.wait_for(client.reader.read(65536), 10)
+                assert data, "connection closed"
+                buffer += data
+                while len(buffer) >= 9 and len(buffer) >= 9 + int.from_bytes(buffer[:3], "big"):
+                    size = int.from_bytes(buffer[:3], "big")
+                    stream_id = int.from_bytes(buffer[5:9], "big") & 0x7FFFFFFF
+                    frames.append((buffer[3], buffer[4], stream_id, buffer[9 : 9 + size]))
+                    buffer = buffer[9 + size :]
+
+        await until_frame(0x7, 0)  # GOAWAY
+        goaway = next(f for f in frames if f[0] == 0x7)[3]
+        last_stream = int.from_bytes(goaway[:4], "big") & 0x7FFFFFFF
+        assert (last_stream, int.from_bytes(goaway[4:8], "big")) == (1, 0)  # NO_ERROR
+        assert await asyncio.wait_for(idle_reader.read(), 10) == b""  # idle: closed
+        backend.release()
+        await until_frame(0x1, 1)  # the response's HEADERS on stream 1
+        await until_frame(0x0, 1, 0x1)  # its DATA with END_STREAM
+        assert b"".join(f[3] for f in frames if f[0] == 0x0 and f[2] == 1) == b"scripted"
+    response = await asyncio.wait_for(read_response(busy, busy_reader), 10)
+    assert response.status == 200 and response.headers.get("connection") == "close"
+    started = time.monotonic()
+    await wait_for(lambda: proxy.process.poll() is not None, 15, "the proxy exits")
+    assert proxy.process.returncode == 0 and time.monotonic() - started < 15
+    idle_writer.close()
+    busy_writer.close()
