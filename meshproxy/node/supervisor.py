@@ -29,6 +29,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from meshproxy.config.static import parse_address
@@ -109,7 +110,7 @@ class Supervisor:
         # A worker's start-up error (an option only a worker meets, as a bad trustedIPs):
         # the node fails its start with that one line, as the single process does.
         self.fatal: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self.state_file = state_file()  # the node's shared token buckets
+        self.state_file: Path | None = None  # the node's shared token buckets
         self._tasks: list[asyncio.Task[Any]] = []
 
     # -- start ----------------------------------------------------------------------------
@@ -143,6 +144,7 @@ class Supervisor:
             return
         for sock in self.sockets.values():
             sock.listen(4096)
+        self.state_file = state_file()  # made now: a start that fails leaves none behind
         loop = asyncio.get_running_loop()
         for slot in self.slots:
             self._tasks.append(loop.create_task(self._keep(slot)))
@@ -205,7 +207,7 @@ class Supervisor:
                 "--listeners",
                 json.dumps(fds),
                 "--state-file",
-                str(self.state_file),
+                str(self.state_file or ""),
                 "--",
                 *self.proxy_args,
                 pass_fds=[child.fileno(), *fds.values()],
@@ -317,13 +319,18 @@ class Supervisor:
                 self.kill_all()
         for task in self._tasks:
             task.cancel()
-        self.state_file.unlink(missing_ok=True)
+        self._remove_state_file()
 
     def kill_all(self) -> None:
         self.stopping = True
         for slot in self.slots:
             _signal(slot, signal.SIGKILL)
-        self.state_file.unlink(missing_ok=True)  # the workers' mappings stay valid
+        self._remove_state_file()  # the workers' mappings stay valid
+
+    def _remove_state_file(self) -> None:
+        if self.state_file is not None:
+            self.state_file.unlink(missing_ok=True)
+            self.state_file = None
 
 
 def _signal(slot: WorkerSlot, sig: int) -> None:
