@@ -47,6 +47,14 @@ closes the connection when the queue grows too long; nginx 1.25.3 caps the new s
 processed per event-loop iteration. Either way the cost of the attack is bounded per
 connection; here, at most `RAPID_RESET_MIN_STREAMS` exchanges.
 
+Floods of frames without request progress (CVE-2019-9512/9513/9515/9516/9518: PING, SETTINGS,
+PRIORITY, WINDOW_UPDATE, unknown types, empty DATA, refused or malformed HEADERS) spend a
+per-connection budget (`ServerH2Connection.spend`, `FLOOD_FRAMES`), earned back by requests and
+response DATA and halved every second; past it, GOAWAY(ENHANCE_YOUR_CALM). h2 is handed at most
+`FRAMES_PER_TURN` frames per loop turn (the client not read meanwhile), so one connection holds
+the loop for milliseconds and the rapid-reset check acts within a read. A header block still
+arriving is capped at twice the advertised header-list size (`HeaderBlockBuffer`).
+
 Timeouts are checked by the entrypoint's sweep, once a second (`check_timeouts`): a connection
 with no open stream for `idle_timeout` gets GOAWAY(NO_ERROR) and is closed; a request whose
 body is still arriving `read_timeout` after its head gets 408 (or RST_STREAM if its response
@@ -71,8 +79,20 @@ import h2.exceptions
 import h2.settings
 import h2.utilities
 from h2.errors import ErrorCodes
+from h2.frame_buffer import FrameBuffer
 from h2.stream import StreamClosedBy
-from hyperframe.frame import GoAwayFrame, RstStreamFrame, WindowUpdateFrame
+from hpack.exceptions import HPACKError
+from hyperframe.exceptions import InvalidPaddingError
+from hyperframe.frame import (
+    DataFrame,
+    ExtensionFrame,
+    GoAwayFrame,
+    PingFrame,
+    PriorityFrame,
+    RstStreamFrame,
+    SettingsFrame,
+    WindowUpdateFrame,
+)
 
 from meshproxy.http.exchange import Exchange
 from meshproxy.http.fields import Fields, field_list
@@ -94,6 +114,14 @@ CONNECTION_WINDOW = 1024 * 1024  # request body bytes unacknowledged per connect
 RESPONSE_BUFFER = 64 * 1024  # response bytes queued per stream before its upstream pauses
 RAPID_RESET_MIN_STREAMS = 200
 PREMATURE_RESET_SECONDS = 1.0
+# Frames that carry no request progress (see ServerH2Connection.spend) a connection may send
+# beyond its credit before GOAWAY(ENHANCE_YOUR_CALM): Envoy's max_outbound_control_frames.
+FLOOD_FRAMES = 1000
+FLOOD_CREDIT_PER_REQUEST = 2  # frames a request legitimately brings (WINDOW_UPDATE, PING)
+# Frames handed to h2 per event-loop turn: the rest waits for the next turn (reading paused),
+# so one connection holds the loop for a few milliseconds at most, and the per-turn checks
+# (rapid reset) act within that many frames.
+FRAMES_PER_TURN = 100
 # Client bytes an RFC 8441 tunnel holds before its backend answers; its window stops the rest.
 _TUNNEL_HOLD = 64 * 1024
 
@@ -154,11 +182,65 @@ class ServerH2Connection(h2.connection.H2Connection):
       (§6.8), where h2 would refuse to send another byte.
     """
 
+    flood = 0  # frames without request progress, less the credit earned (see spend)
+    more = False  # receive_data stopped at FRAMES_PER_TURN with frames left in the buffer
+    _headers_stream: Any = None  # the h2 stream a HEADERS frame being received belongs to
+
+    def receive_data(self, data: Any) -> Any:
+        """h2's receive_data, handling at most FRAMES_PER_TURN frames; `more` says whether
+        frames are left in the buffer (fed by the next call, even with no new data)."""
+        events: list[Any] = []
+        buffer = self.incoming_buffer
+        buffer.add_data(data)
+        buffer.max_frame_size = self.max_inbound_frame_size
+        budget = FRAMES_PER_TURN
+        self.more = False
+        try:
+            for frame in buffer:
+                events.extend(self._receive_frame(frame))
+                budget -= 1
+                if not budget:
+                    self.more = True
+                    break
+        except InvalidPaddingError as exc:
+            self._terminate_connection(ErrorCodes.PROTOCOL_ERROR)
+            raise h2.exceptions.ProtocolError("Received frame with invalid padding.") from exc
+        except h2.exceptions.ProtocolError as exc:
+            self._terminate_connection(exc.error_code)
+            raise
+        return events
+
+    def _receive_frame(self, frame: Any) -> Any:
+        kind = frame.__class__
+        if kind in _NO_PROGRESS or (
+            kind is DataFrame and not frame.data and "END_STREAM" not in frame.flags
+        ):
+            self.spend()
+        return super()._receive_frame(frame)
+
+    def spend(self) -> None:
+        """Count one frame that carries no request progress (PING, SETTINGS, PRIORITY,
+        WINDOW_UPDATE, unknown types, empty DATA without END_STREAM, a refused or malformed
+        HEADERS: the CVE-2019-9512/9515/9518 floods). Past FLOOD_FRAMES beyond the credit that
+        requests and response DATA earn (see H2ServerConnection), DenialOfServiceError:
+        GOAWAY(ENHANCE_YOUR_CALM)."""
+        self.flood += 1
+        if self.flood > FLOOD_FRAMES:
+            raise h2.exceptions.DenialOfServiceError("flood of frames without request progress")
+
+    def _get_or_create_stream(self, stream_id: int, allowed_ids: Any) -> Any:
+        stream = super()._get_or_create_stream(stream_id, allowed_ids)
+        self._headers_stream = stream  # its field block is decoded: HPACK state is whole
+        return stream
+
     def _receive_headers_frame(self, frame: Any) -> Any:
+        self._headers_stream = None
         try:
             return super()._receive_headers_frame(frame)
         except h2.exceptions.TooManyStreamsError:
             pass
+        except h2.exceptions.ProtocolError as exc:
+            return self._headers_failed(frame, exc)
         stream_id = frame.stream_id
         highest = self.highest_inbound_stream_id
         if stream_id <= highest:
@@ -171,7 +253,29 @@ class ServerH2Connection(h2.connection.H2Connection):
         self._closed_streams[stream_id] = StreamClosedBy.SEND_RST_STREAM
         refusal = RstStreamFrame(stream_id)
         refusal.error_code = ErrorCodes.REFUSED_STREAM
+        self.spend()  # a refused stream is work for nothing too
         return [refusal], events
+
+    def _headers_failed(self, frame: Any, exc: h2.exceptions.ProtocolError) -> Any:
+        """A HEADERS frame h2 refused. An HPACK failure is COMPRESSION_ERROR (RFC 9113 §4.3);
+        a block decoded whole but malformed for its stream (a `content-length` that is not
+        one number, trailers without END_STREAM) is a stream error, RST_STREAM(PROTOCOL_ERROR)
+        (§8.1.1): the HPACK state is intact, so the other streams go on. Anything else stays
+        the connection error h2 made it."""
+        stream = self._headers_stream
+        self._headers_stream = None
+        if isinstance(exc.__cause__, HPACKError) and type(exc) is h2.exceptions.ProtocolError:
+            error = h2.exceptions.ProtocolError(str(exc))
+            error.error_code = ErrorCodes.COMPRESSION_ERROR
+            raise error from exc
+        if stream is None or type(exc) is not h2.exceptions.ProtocolError:
+            raise exc
+        self.spend()
+        try:
+            self.reset_stream(frame.stream_id, ErrorCodes.PROTOCOL_ERROR)
+        except h2.exceptions.StreamClosedError:
+            self._closed_streams[frame.stream_id] = StreamClosedBy.SEND_RST_STREAM
+        return [], [StreamMalformed(frame.stream_id)]
 
     def _receive_data_frame(self, frame: Any) -> Any:
         try:
@@ -203,6 +307,41 @@ class ServerH2Connection(h2.connection.H2Connection):
         goaway.last_stream_id = last_stream_id
         goaway.error_code = ErrorCodes.NO_ERROR
         self._prepare_for_sending([goaway])
+
+
+_NO_PROGRESS = frozenset(
+    {PingFrame, SettingsFrame, PriorityFrame, WindowUpdateFrame, ExtensionFrame}
+)
+
+
+class HeaderBlockBuffer(FrameBuffer):
+    """h2's frame buffer with a bound, in bytes, on a header block still arriving (HEADERS
+    then CONTINUATION frames without END_HEADERS): h2 alone keeps up to 64 frames, ~1 MiB at
+    the default frame size, before it decodes anything. Past `limit` (twice the advertised
+    MAX_HEADER_LIST_SIZE, what the HPACK decoder accepts decoded: an encoded block is never
+    larger than its decoded size as RFC 9113 §6.5.2 counts it), DenialOfServiceError:
+    GOAWAY(ENHANCE_YOUR_CALM) (RFC 9113 §10.5.1). `started` is when the block began
+    (perf_counter seconds, 0 when none is pending): the read timeout bounds it."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(server=True)
+        self.limit = limit
+        self.pending = 0  # bytes of the block so far
+        self.started = 0.0
+
+    def _update_header_buffer(self, f: Any) -> Any:
+        frame = super()._update_header_buffer(f)
+        parts = self._headers_buffer
+        if not parts:
+            self.pending = 0
+            self.started = 0.0
+            return frame
+        if not self.started:
+            self.started = time.perf_counter()
+        self.pending += len(parts[-1].data)
+        if self.pending > self.limit:
+            raise h2.exceptions.DenialOfServiceError("header block over the advertised limit")
+        return frame
 
 
 class H2Stream:
@@ -561,6 +700,11 @@ class H2ServerConnection(asyncio.Protocol):
             normalize_outbound_headers=False,
         )
         self.h2 = ServerH2Connection(config)
+        self.header_block = HeaderBlockBuffer(2 * self.max_header_list)
+        self.h2.incoming_buffer = self.header_block
+        self._backlog = False  # h2's buffer holds frames for the next turn (see _feed)
+        self._settings_seen = False  # the client's first SETTINGS arrived (its preface is whole)
+        self.opened_at = time.perf_counter()
         self.h2.local_settings = h2.settings.Settings(
             client=False,
             initial_values={
@@ -711,6 +855,22 @@ class H2ServerConnection(asyncio.Protocol):
         request whose body is still arriving."""
         if self.closed:
             return
+        h2conn = self.h2
+        h2conn.flood >>= 1  # the flood budget is per burst: what was spent heals in seconds
+        if read > 0:
+            block_started = self.header_block.started
+            if (not self._settings_seen and now - self.opened_at > read) or (
+                block_started and now - block_started > read
+            ):
+                # A preface never completed, or a header block never ended, holds memory
+                # and a connection for nothing: the read timeout bounds both, as the
+                # sniffer's for a partial magic (Go's server: its preface timeout).
+                log.debug(
+                    "HTTP/2 connection from %s stalled in its preface or a header block",
+                    self.client_ip,
+                )
+                self.close()
+                return
         if not self.streams:
             if idle > 0 and now - self.idle_since > idle:
                 self.shutdown()
@@ -752,12 +912,27 @@ class H2ServerConnection(asyncio.Protocol):
             data = self._check_preface(data)
             if not data:
                 return
+        self._feed(data)
+
+    def _continue(self) -> None:
+        """The next turn's share of the frames left in h2's buffer."""
+        if not self.closed:
+            self._feed(b"")
+
+    def _feed(self, data: bytes) -> None:
+        """Give h2 `data` and handle what it makes of at most FRAMES_PER_TURN frames; the
+        rest is handled in later loop turns, the client not read meanwhile (the bound of the
+        work one connection does per turn, as nginx's per-iteration limits)."""
+        h2conn = self.h2
         try:
-            events = self.h2.receive_data(data)
+            events = h2conn.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
             # h2 queued the GOAWAY with the error's code (RFC 9113 §5.4.1), except for a bad
             # preface (§3.4), which it finds before its state machine runs.
-            log.debug("HTTP/2 connection error from %s: %s", self.client_ip, exc)
+            if exc.error_code == ErrorCodes.ENHANCE_YOUR_CALM:
+                log.warning("HTTP/2 connection from %s closed: %s", self.client_ip, exc)
+            else:
+                log.debug("HTTP/2 connection error from %s: %s", self.client_ip, exc)
             if self.h2.state_machine.state is not h2.connection.ConnectionState.CLOSED:
                 self.h2.close_connection(error_code=exc.error_code)
             self.entry.on_protocol_error(400)
@@ -781,6 +956,11 @@ class H2ServerConnection(asyncio.Protocol):
         finally:
             self._flushing = False
         self.flush()
+        if h2conn.more != self._backlog and not self.closed:
+            self._backlog = h2conn.more
+            self.update_reading()
+        if self._backlog and not self.closed:
+            self.loop.call_soon(self._continue)
 
     def _check_preface(self, data: bytes) -> bytes:
         """RFC 9113 §3.4: the client's preface is the magic string then a SETTINGS frame; h2
@@ -834,6 +1014,9 @@ class H2ServerConnection(asyncio.Protocol):
             return
         self.streams[stream_id] = stream
         self.opened += 1
+        h2conn = self.h2
+        if h2conn.flood:  # a request earns the frames that go with one (see spend)
+            h2conn.flood = max(0, h2conn.flood - FLOOD_CREDIT_PER_REQUEST)
         headers = event.headers
         try:
             if not plainly_valid(headers):  # the usual request needs no more (server_fields)
@@ -1137,6 +1320,7 @@ class H2ServerConnection(asyncio.Protocol):
                 stream.drain()
 
     def _on_remote_settings(self, event: h2.events.RemoteSettingsChanged) -> None:
+        self._settings_seen = True
         table = event.changed_settings.get(h2.settings.SettingCodes.HEADER_TABLE_SIZE)
         limit = self.entry.settings.h2_max_encoder_table_size
         if table is not None and table.new_value > limit:
@@ -1172,6 +1356,10 @@ class H2ServerConnection(asyncio.Protocol):
             return 0
         size = len(chunk)
         frame = h2conn.max_outbound_frame_size
+        if h2conn.flood:
+            # A DATA frame sent may bring a WINDOW_UPDATE back (Envoy allows 10 per DATA
+            # frame sent): one frame's credit per send.
+            h2conn.flood -= 1
         if size <= window and size <= frame:
             h2conn.send_data(stream_id, chunk, end_stream=end)
             return size
@@ -1274,7 +1462,11 @@ class H2ServerConnection(asyncio.Protocol):
         if transport is None or self.closed:
             return
         stream = self.streams.get(1) if self._h1_body else None
-        want = not self.write_paused and not (stream is not None and stream.body_paused)
+        want = (
+            not self.write_paused
+            and not self._backlog
+            and not (stream is not None and stream.body_paused)
+        )
         if want != self._reading:
             self._reading = want
             if want:

@@ -424,3 +424,79 @@ async def test_rapid_reset_is_cut_and_the_proxy_keeps_serving(backends, proxy_fa
         await fresh.until(lambda: fresh.ended(1))
         (response,) = fresh.of(h2.events.ResponseReceived, 1)
         assert dict(response.headers)[b":status"] == b"200"
+
+
+@pytest.mark.parametrize("kind", ["ping", "settings"])
+async def test_a_frame_flood_is_cut_while_other_clients_are_served(kind, backends, proxy_factory):
+    """CVE-2019-9512 (PING flood) and CVE-2019-9515 (SETTINGS flood) through a real proxy: a
+    client that writes cheap frames as fast as it can (and reads the acknowledgements, so
+    pause_writing never throttles it) gets GOAWAY(ENHANCE_YOUR_CALM) and is closed, while
+    another client's requests keep being answered (the fresh tester saw 3-11 s stalls)."""
+    import time
+
+    from h2.errors import ErrorCodes
+    from hyperframe.frame import PingFrame, SettingsFrame
+
+    backend = await backends()
+    proxy = await proxy_factory(catch_all(backend.url))
+    frame = (
+        PingFrame(0, opaque_data=b"12345678") if kind == "ping" else SettingsFrame(0)
+    ).serialize()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + SettingsFrame(0).serialize())
+    received = bytearray()
+
+    async def read_all() -> bool:
+        """True if the proxy's close reset the connection (unread flood bytes in its socket
+        make the kernel send RST, which may overtake the GOAWAY)."""
+        try:
+            while data := await reader.read(65536):
+                received.extend(data)
+        except ConnectionResetError:
+            return True
+        return False
+
+    reading = asyncio.ensure_future(read_all())
+
+    async def flood() -> None:
+        for _ in range(5000):  # bounded: 5000 x 100 frames at most
+            if reading.done():
+                return
+            try:
+                writer.write(frame * 100)
+                await writer.drain()
+            except ConnectionError:
+                return
+            await asyncio.sleep(0)
+
+    flooding = asyncio.ensure_future(flood())
+    headers = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"a"), (b":path", b"/")]
+    latencies = []
+    async with H2Client(proxy.port) as victim:
+        for index in range(20):
+            sid = 2 * index + 1
+            started = time.perf_counter()
+            victim.conn.send_headers(sid, headers, end_stream=True)
+            victim.send()
+            await victim.until(lambda sid=sid: victim.ended(sid))
+            latencies.append(time.perf_counter() - started)
+            (response,) = victim.of(h2.events.ResponseReceived, sid)
+            assert dict(response.headers)[b":status"] == b"200"
+    was_reset = await asyncio.wait_for(reading, 10)
+    await flooding
+    writer.close()
+    goaway = [f for f in _frames(bytes(received)) if f[0] == 0x7]
+    assert goaway or was_reset, "the flooding connection was not cut"
+    if goaway:
+        assert int.from_bytes(goaway[0][1][4:8], "big") == ErrorCodes.ENHANCE_YOUR_CALM
+    assert max(latencies) < 3.0, latencies
+
+
+def _frames(data: bytes) -> list[tuple[int, bytes]]:
+    """(type, payload) of each whole frame in `data`, after the server's preface."""
+    frames = []
+    while len(data) >= 9:
+        length = int.from_bytes(data[:3], "big")
+        frames.append((data[3], data[9 : 9 + length]))
+        data = data[9 + length :]
+    return frames

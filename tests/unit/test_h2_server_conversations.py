@@ -7,6 +7,8 @@ Each test names the rule it checks (RFC 9113 unless said otherwise)."""
 from __future__ import annotations
 
 import asyncio
+import copy
+import time
 from typing import Any
 
 import h2.config
@@ -14,12 +16,21 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import pytest
 from h2.errors import ErrorCodes
-from hyperframe.frame import DataFrame, HeadersFrame, WindowUpdateFrame
+from hyperframe.frame import (
+    ContinuationFrame,
+    DataFrame,
+    HeadersFrame,
+    PingFrame,
+    PriorityFrame,
+    SettingsFrame,
+    WindowUpdateFrame,
+)
 
 from meshproxy.http.server import EntryPointSettings
 from meshproxy.http2.server import RESPONSE_BUFFER, H2ServerConnection
-from tests.conversation import MemoryTransport, conversation, head_of
+from tests.conversation import CATCH_ALL, MemoryTransport, conversation, head_of
 
 OK_2 = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -1128,3 +1139,245 @@ async def test_interim_responses_are_relayed():
     assert [dict(e.headers)[b":status"] for e in informational] == [b"100", b"103"]
     assert dict(informational[1].headers)[b"link"] == b"</s.css>; rel=preload"
     assert status_of(h2c.events, sid) == b"200"
+
+
+# -- floods and bounded work (CVE-2019-9512/9515/9518, CVE-2023-44487, CVE-2024-27316) -------
+
+
+def raw_frames(data: bytes) -> list[tuple[int, int, bytes]]:
+    """(type, stream id, payload) of each frame in `data` (the server's output, read without
+    a client state machine: a flood's answers would trip h2's own checks)."""
+    frames = []
+    view = memoryview(data)
+    while len(view) >= 9:
+        length = int.from_bytes(view[:3], "big")
+        kind, stream_id = view[3], int.from_bytes(view[5:9], "big") & 0x7FFFFFFF
+        frames.append((kind, stream_id, bytes(view[9 : 9 + length])))
+        view = view[9 + length :]
+    return frames
+
+
+def goaway_of(frames: list[tuple[int, int, bytes]]) -> tuple[int, int] | None:
+    """(last stream id, error code) of the first GOAWAY in `frames`."""
+    for kind, _, payload in frames:
+        if kind == 0x7:
+            return int.from_bytes(payload[:4], "big"), int.from_bytes(payload[4:8], "big")
+    return None
+
+
+async def drain_turns(server: H2ServerConnection, turns: int = 1000) -> None:
+    """Let the loop run the server's later turns until h2's buffer is empty (bounded)."""
+    for _ in range(turns):
+        if not server._backlog or server.closed:
+            return
+        await asyncio.sleep(0)
+
+
+_FLOODS = {
+    "ping": PingFrame(0, opaque_data=b"12345678").serialize(),
+    "settings": SettingsFrame(0).serialize(),
+    "priority": PriorityFrame(1, depends_on=0, stream_weight=7).serialize(),
+    "window_update": WindowUpdateFrame(0, window_increment=1).serialize(),
+    "unknown_type": b"\x00\x00\x00\x20\x00\x00\x00\x00\x00",  # type 0x20, RFC 9113 §4.1
+    "empty_data": DataFrame(1, data=b"").serialize(),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_FLOODS))
+async def test_a_flood_of_frames_without_progress_gets_goaway_enhance_your_calm(kind: str):
+    """CVE-2019-9512 (PING), -9515 (SETTINGS), -9516/-9518 (empty DATA), -9513 (PRIORITY),
+    unknown frame types (RFC 9113 §4.1: ignored, but each costs a parse) and WINDOW_UPDATE
+    floods: past FLOOD_FRAMES frames that carry no request progress the connection gets
+    GOAWAY(ENHANCE_YOUR_CALM) and is closed (Envoy: max_outbound_control_frames 1000,
+    max_consecutive_inbound_frames_with_empty_payload; Go: its control-frame budget). The
+    frames already read are handled at most FRAMES_PER_TURN per loop turn."""
+    from meshproxy.http2.server import FLOOD_FRAMES
+
+    h2c = H2Conversation()
+    h2c.add_upstream()
+    sid = h2c.request(request_headers(b"/up", b"POST"), body=b"x", end=False)
+    h2c.exchange()
+    assert sid == 1 and 1 in h2c.server.streams
+    h2c.transport.take()
+    h2c.server.data_received(_FLOODS[kind] * (FLOOD_FRAMES + 500))
+    await drain_turns(h2c.server)
+    out = raw_frames(h2c.transport.take())
+    assert h2c.transport.closed
+    assert goaway_of(out) == (1, ErrorCodes.ENHANCE_YOUR_CALM)
+    answered = [f for f in out if f[0] in (0x4, 0x6)]  # SETTINGS / PING acknowledgements
+    assert len(answered) <= FLOOD_FRAMES + 1
+
+
+async def test_a_flood_of_streams_refused_past_max_concurrent_streams_is_cut():
+    """§5.1.2 refuses a stream past MAX_CONCURRENT_STREAMS (REFUSED_STREAM), but each costs
+    an HPACK decode and a reset for nothing (the fresh tester saw 13,500 in 5 s): refused
+    streams count against the same budget, so the connection gets GOAWAY(ENHANCE_YOUR_CALM)."""
+    from meshproxy.http2.server import FLOOD_FRAMES
+
+    h2c = H2Conversation(EntryPointSettings(name="web", port=5000, h2_max_concurrent_streams=1))
+    h2c.client.remote_settings = h2.settings.Settings(client=False)  # a client that did not wait
+    h2c.add_upstream()
+    h2c.request(request_headers(b"/hang"))
+    for _ in range(FLOOD_FRAMES + 200):
+        h2c.request(request_headers(b"/refused"))
+    data = h2c.client.data_to_send()
+    h2c.server.data_received(data)
+    await drain_turns(h2c.server)
+    out = raw_frames(h2c.transport.take())
+    resets = [f for f in out if f[0] == 0x3]
+    assert h2c.transport.closed
+    last, code = goaway_of(out) or (0, 0)
+    assert code == ErrorCodes.ENHANCE_YOUR_CALM
+    assert FLOOD_FRAMES - 10 <= len(resets) <= FLOOD_FRAMES + 1
+    assert len(h2c.conv.upstreams) == 1  # only the one stream admitted was forwarded
+
+
+async def test_keepalives_and_window_updates_with_requests_stay_within_the_budget():
+    """The budget is for frames *without* progress: a client that sends a PING and a
+    WINDOW_UPDATE with each of many requests (a gRPC client's keepalives, a downloader's
+    window) is never cut, each request earning FLOOD_CREDIT_PER_REQUEST frames (nginx sizes
+    its flood check on the payload received, Envoy per DATA frame sent)."""
+    from meshproxy.http2.server import FLOOD_FRAMES
+
+    dynamic = copy.deepcopy(CATCH_ALL)
+    dynamic["http"]["routers"]["r"]["rule"] = "Host(`elsewhere.test`)"
+    h2c = H2Conversation(dynamic=dynamic)  # no router for a.test: 404 answered locally
+    for round_ in range(6):  # 6 x 200 requests, 2,400 frames without progress in all
+        for _ in range(200):
+            h2c.request(request_headers(b"/nothing"))
+            h2c.client.ping(b"keepaliv")
+            h2c.client.increment_flow_control_window(1)
+        h2c.server.data_received(h2c.client.data_to_send())
+        await drain_turns(h2c.server)
+        events = h2c.receive()
+        assert not h2c.transport.closed, round_
+        assert not of(events, h2.events.ConnectionTerminated)
+        assert len(of(events, h2.events.ResponseReceived)) == 200  # every 404
+    assert FLOOD_FRAMES < 6 * 200 * 2
+
+
+async def test_one_read_is_handled_a_bounded_number_of_frames_per_loop_turn():
+    """One connection may not hold the event loop for a whole read of cheap frames: h2 gets
+    at most FRAMES_PER_TURN frames per turn, the client is not read meanwhile, the rest is
+    handled in the following turns (nginx bounds its per-iteration work the same way)."""
+    from meshproxy.http2.server import FRAMES_PER_TURN
+
+    h2c = H2Conversation()
+    h2c.transport.take()
+    h2c.server.data_received(_FLOODS["ping"] * (3 * FRAMES_PER_TURN))
+    first = raw_frames(h2c.transport.take())
+    assert len(first) == FRAMES_PER_TURN
+    assert not h2c.transport.reading and h2c.server._backlog
+    await drain_turns(h2c.server)
+    rest = raw_frames(h2c.transport.take())
+    assert len(rest) == 2 * FRAMES_PER_TURN
+    assert h2c.transport.reading and not h2c.server._backlog
+
+
+async def test_rapid_reset_in_one_read_is_stopped_within_a_turn():
+    """CVE-2023-44487 sent as one large write (HEADERS + RST_STREAM pairs): the rapid-reset
+    check runs every FRAMES_PER_TURN frames, not once per read, so the connection is cut
+    after about RAPID_RESET_MIN_STREAMS streams (the fresh tester saw 550-1000)."""
+    from meshproxy.http2.server import FRAMES_PER_TURN, RAPID_RESET_MIN_STREAMS
+
+    h2c = H2Conversation()
+    for _ in range(1500):
+        sid = h2c.request(request_headers())
+        h2c.client.reset_stream(sid, ErrorCodes.CANCEL)
+    h2c.server.data_received(h2c.client.data_to_send())
+    await drain_turns(h2c.server)
+    out = raw_frames(h2c.transport.take())
+    assert h2c.transport.closed
+    last, code = goaway_of(out) or (0, 0)
+    assert code == ErrorCodes.ENHANCE_YOUR_CALM
+    assert (last + 1) // 2 <= RAPID_RESET_MIN_STREAMS + FRAMES_PER_TURN // 2
+    assert h2c.conv.upstreams == []
+
+
+async def test_a_header_block_still_arriving_is_bounded_near_the_header_list_limit():
+    """CVE-2024-27316 class (CONTINUATION): h2 alone keeps up to 64 CONTINUATION frames of a
+    block before decoding it (~1 MiB per connection at the default frame size). The block's
+    bytes are capped at twice the advertised MAX_HEADER_LIST_SIZE (what the HPACK decoder
+    accepts): beyond, GOAWAY(ENHANCE_YOUR_CALM) (RFC 9113 §10.5.1). Go decodes as frames
+    arrive and fails at its limit; nginx caps the buffered block at its header buffer."""
+    settings = EntryPointSettings(name="web", port=5000, h2_max_header_list_size=16384)
+    h2c = H2Conversation(settings)
+    h2c.transport.take()
+    h2c.server.data_received(HeadersFrame(1, data=b"\x00" * 16000).serialize())
+    h2c.server.data_received(ContinuationFrame(1, data=b"\x00" * 16000).serialize())
+    assert not h2c.transport.closed  # 32,000 bytes: within 2 x 16,384
+    assert h2c.server.header_block.pending == 32000
+    h2c.server.data_received(ContinuationFrame(1, data=b"\x00" * 1000).serialize())
+    assert h2c.transport.closed
+    assert goaway_of(raw_frames(h2c.transport.take())) == (0, ErrorCodes.ENHANCE_YOUR_CALM)
+
+
+async def test_malformed_content_length_and_open_trailers_are_stream_errors():
+    """RFC 9113 §8.1.1: a malformed request is a stream error: `content-length: abc`, two
+    different content-length values (RFC 9110 §8.6) and a trailing HEADERS without END_STREAM
+    (§8.1: trailers end the stream) get RST_STREAM(PROTOCOL_ERROR) on their stream, nothing
+    forwarded, and the connection's other streams go on (h2 made them connection errors;
+    Go resets the stream as well)."""
+    h2c = H2Conversation(validate=False)
+    upstream = h2c.add_upstream()
+    bad_number = h2c.request(request_headers(b"/a", b"POST", content_length=b"abc"), b"x")
+    two = h2c.request(
+        request_headers(b"/b", b"POST") + [(b"content-length", b"1"), (b"content-length", b"2")],
+        b"x",
+    )
+    events = h2c.exchange()
+    assert reset_code(events, bad_number) == ErrorCodes.PROTOCOL_ERROR
+    assert reset_code(events, two) == ErrorCodes.PROTOCOL_ERROR
+    assert not of(events, h2.events.ConnectionTerminated) and not h2c.transport.closed
+    assert upstream.take() == b""
+    # trailers without END_STREAM, on a stream whose request went upstream
+    sid = h2c.request(request_headers(b"/c", b"POST"), b"body", end=False)
+    h2c.exchange()
+    block = h2c.client.encoder.encode([(b"x-trailer", b"1")])
+    events = h2c.exchange(HeadersFrame(sid, data=block, flags=["END_HEADERS"]).serialize())
+    assert reset_code(events, sid) == ErrorCodes.PROTOCOL_ERROR
+    assert not of(events, h2.events.ConnectionTerminated) and not h2c.transport.closed
+    h2c.add_upstream()
+    ok = h2c.request(request_headers(b"/after"))
+    h2c.exchange()
+    h2c.backend_sends(OK_2)
+    assert body_of(h2c.events, ok) == b"ok"
+
+
+async def test_an_undecodable_field_block_is_a_compression_error():
+    """RFC 9113 §4.3: a field block that cannot be decompressed is a connection error of type
+    COMPRESSION_ERROR (h2 calls it PROTOCOL_ERROR)."""
+    h2c = H2Conversation()
+    h2c.transport.take()
+    # index 70 of an empty dynamic table (RFC 7541 §2.3.3: out of range)
+    h2c.server.data_received(HeadersFrame(1, data=b"\xc6", flags=["END_HEADERS"]).serialize())
+    assert h2c.transport.closed
+    assert goaway_of(raw_frames(h2c.transport.take())) == (0, ErrorCodes.COMPRESSION_ERROR)
+
+
+async def test_a_preface_or_header_block_never_completed_is_closed_after_the_read_timeout():
+    """A connection that stops inside its preface (the magic but no SETTINGS, RFC 9113 §3.4)
+    or inside a header block (no END_HEADERS) holds a connection and memory for nothing: the
+    read timeout closes it, as the sniffer does for a partial magic (Go: its preface timeout);
+    a quiet connection whose preface is whole waits for the idle timeout only."""
+    conv = conversation()
+    server = H2ServerConnection(conv.entry)
+    transport = MemoryTransport(("127.0.0.7", 3))
+    server.connection_made(transport)  # type: ignore[arg-type]
+    server.data_received(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    now = time.perf_counter()
+    server.check_timeouts(now + 5, 180, 60)
+    assert not transport.closed
+    server.check_timeouts(now + 61, 180, 60)
+    assert transport.closed
+
+    h2c = H2Conversation()
+    h2c.server.check_timeouts(time.perf_counter() + 61, 180, 60)
+    assert not h2c.transport.closed  # preface whole, no stream: the idle timeout's
+    h2c.server.data_received(HeadersFrame(1, data=b"\x82").serialize())  # no END_HEADERS
+    started = h2c.server.header_block.started
+    assert started
+    h2c.server.check_timeouts(started + 30, 180, 60)
+    assert not h2c.transport.closed
+    h2c.server.check_timeouts(started + 61, 180, 60)
+    assert h2c.transport.closed
