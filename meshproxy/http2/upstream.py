@@ -7,13 +7,16 @@ knowledge (RFC 9113 §3.3), spoken with the `h2` library (sans-IO) on an asyncio
 Connections. A send takes the oldest connection that is neither draining nor full (its streams
 below the peer's SETTINGS_MAX_CONCURRENT_STREAMS, and never above
 `MAX_STREAMS_PER_CONNECTION`), so requests share few connections. When all are full a new one
-is dialled, at most `MAX_CONNECTIONS` per server and one dial at a time: sends that arrive while
-a dial is in progress wait for it rather than dial again (no dial storm). A new connection
+is dialled, as many as the streams in flight need, as Go's transport (only a runaway guard,
+`MAX_CONNECTIONS`, bounds them), one dial at a time: sends that arrive while a dial is in
+progress wait for it rather than dial again (no dial storm). A new connection
 takes streams once the server's SETTINGS arrived (its connection preface, RFC 9113 §3.4), not
 before: a server whose limit is below what a client assumes may treat the extra streams as a
 connection error (h2's server does), and a pod that does not speak HTTP/2 fails the sends at
-once instead of after their streams were written; within `dial_timeout`. Past the bound,
-sends queue (FIFO, at most `MAX_WAITING`) for the next free stream; a send that finds the queue
+once instead of after their streams were written; within `dial_timeout`. Sends waiting for a
+stream (at most `MAX_WAITING`) are served round-robin per client connection (`_WaitQueue`), so
+one client's backlog of long-lived streams delays no one else's by more than a turn; a send
+that finds the queue
 full, or waits longer than `dial_timeout`, fails with `NoStreamAvailable` (503, nothing
 reached the backend: retryable), as Envoy's pending-request overflow does. A failed dial fails
 every waiting send with that dial's error (`UpstreamConnectError`, `UpstreamDialTimeout`).
@@ -21,9 +24,10 @@ every waiting send with that dial's error (`UpstreamConnectError`, `UpstreamDial
 GOAWAY (RFC 9113 §6.8) drains a connection: no new stream goes on it, streams up to its
 last_stream_id run to their end, the others fail with `StreamRefused`, as does a stream reset
 with REFUSED_STREAM (§8.7): both mean the backend processed nothing, so retry sends them
-elsewhere. A refused request whose body can be sent whole again is first sent once more on
-this pool (a new stream, on another connection after GOAWAY), as Go's transport does, so a
-graceful server restart costs no client a 502 even without a retry middleware. The
+elsewhere. A refused request whose body can be sent whole again is first sent again on this
+pool (a new stream, on another connection after GOAWAY), up to `MAX_TRIES` streams in all with
+a short backoff (`REPLAY_BACKOFF`), as Go's transport does, so a graceful server restart or a
+server draining under load costs no client a 502 even without a retry middleware. The
 connection closes when its last stream ends.
 
 Liveness: a connection silent for `read_idle_timeout` (Traefik's serversTransport
@@ -58,7 +62,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from time import perf_counter
 from typing import Any
 
@@ -98,9 +102,22 @@ from meshproxy.upstream_address import resolve
 
 log = logging.getLogger("meshproxy.upstream.h2")
 
-# Connections per server, and sends waiting for a stream once they are all full.
-MAX_CONNECTIONS = 16
-MAX_WAITING = 1024
+# Connections per server. Go's transport (so Traefik, which has no serversTransport option for
+# it) opens as many as the requests in flight need; long-lived streams (gRPC Watch, one client
+# holding many) must not make every other client of the server wait, so the bound is only a
+# guard against a runaway (a server advertising MAX_CONCURRENT_STREAMS=1 under a flood would
+# otherwise take one file descriptor per request until the process has none left, for every
+# server and listener): 1024 connections, >= 10k streams at any realistic server limit.
+MAX_CONNECTIONS = 1024
+# Sends waiting for a stream (while a dial is in progress, or past MAX_CONNECTIONS), served
+# round-robin per client connection (_WaitQueue), so one client's burst does not delay another's.
+MAX_WAITING = 4096
+# A refused stream (REFUSED_STREAM, or above a GOAWAY's last_stream_id: nothing processed) is
+# sent again by the pool up to this many tries in all, as Go's transport retries unprocessed
+# requests (up to 7 tries, backoff 1 s, 2 s, 4 s...); here shorter waits before tries 3 to 6
+# (seconds), so a server draining under load costs no client a 502 within a second.
+MAX_TRIES = 6
+REPLAY_BACKOFF = (0.0, 0.05, 0.1, 0.2, 0.4)
 # Streams per connection: the peer's MAX_CONCURRENT_STREAMS, never more than this (an unset
 # setting means unlimited).
 MAX_STREAMS_PER_CONNECTION = 1000
@@ -142,6 +159,76 @@ class NoStreamAvailable(UpstreamConnectError):
 
     status = 503
     body = b"Service Unavailable"
+
+
+class _WaitQueue:
+    """Sends waiting for a stream, handed out round-robin across clients (their downstream
+    connections), FIFO within each: a client queueing hundreds of streams delays another
+    client's send by one turn, not by its whole backlog. Sends sent again after a refusal
+    (`push_front`) go before all others, in the order they came back."""
+
+    __slots__ = ("by_client", "first", "size")
+
+    def __init__(self) -> None:
+        # dict order is the round-robin order: a client served moves to the end
+        self.by_client: dict[object, deque[H2Stream]] = {}
+        self.first: deque[H2Stream] = deque()
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bool__(self) -> bool:
+        return self.size > 0
+
+    def __iter__(self) -> Iterator[H2Stream]:
+        yield from self.first
+        for queue in self.by_client.values():
+            yield from queue
+
+    def append(self, stream: H2Stream) -> None:
+        queue = self.by_client.get(stream.client)
+        if queue is None:
+            queue = self.by_client[stream.client] = deque()
+        queue.append(stream)
+        self.size += 1
+
+    def push_front(self, stream: H2Stream) -> None:
+        self.first.append(stream)
+        self.size += 1
+
+    def put_back(self, stream: H2Stream) -> None:
+        """`stream` was just taken and could not start: first in line again."""
+        self.first.appendleft(stream)
+        self.size += 1
+
+    def popleft(self) -> H2Stream:
+        """The next send (IndexError when empty)."""
+        if self.first:
+            self.size -= 1
+            return self.first.popleft()
+        by_client = self.by_client
+        client = next(iter(by_client))
+        queue = by_client.pop(client)
+        stream = queue.popleft()
+        if queue:
+            by_client[client] = queue  # to the end of the round
+        self.size -= 1
+        return stream
+
+    def remove(self, stream: H2Stream) -> None:
+        """Take `stream` out if it is queued (it may be in a backoff, not queued)."""
+        queue = self.by_client.get(stream.client)
+        try:
+            if queue is not None and stream in queue:
+                queue.remove(stream)
+                if not queue:
+                    del self.by_client[stream.client]
+            else:
+                self.first.remove(stream)
+        except ValueError:
+            return
+        self.size -= 1
 
 
 class _ClientH2(H2Connection):
@@ -228,7 +315,9 @@ class H2Stream:
     body is sent, its `BodyTarget`."""
 
     __slots__ = (
+        "backoff",
         "body_sent",
+        "client",
         "client_paused",
         "conn",
         "continue_since",
@@ -242,11 +331,11 @@ class H2Stream:
         "queued_at",
         "reading_paused",
         "remote_ended",
-        "replayed",
         "request_ended",
         "response_started",
         "sent_at",
         "stream_id",
+        "tries",
         "unacked",
     )
 
@@ -259,6 +348,10 @@ class H2Stream:
     ) -> None:
         self.pool = pool
         self.ex = ex
+        # Whose send this is, for the wait queue's round-robin: the client's connection (an
+        # HTTP/2 client's streams share theirs; an HTTP/1.1 connection is its own sink).
+        sink = ex.sink
+        self.client: object = getattr(sink, "conn", sink)
         self.headers = headers
         self.done_callback: DoneCallback | None = done
         self.conn: H2UpstreamConnection | None = None
@@ -275,7 +368,8 @@ class H2Stream:
         self.remote_ended = False  # END_STREAM received
         self.response_started = False
         self.finished = False
-        self.replayed = False  # refused once and sent again (see _replay)
+        self.tries = 1  # streams this send has been (1 + times refused and sent again)
+        self.backoff: asyncio.TimerHandle | None = None  # the wait before the next try
         self.unacked = 0  # received bytes not yet handed back to the stream's window
 
     # -- request body (BodyTarget) --------------------------------------------------------
@@ -552,10 +646,13 @@ class H2Stream:
         (never touched, or rewound from the replay copy) or visibly touched."""
         if self.finished:
             return
-        if type(exc) is StreamRefused and not self.replayed and self._rewind():
+        if type(exc) is StreamRefused and self.tries < MAX_TRIES and self._rewind():
             self._replay()
             return
         self.finished = True
+        if self.backoff is not None:
+            self.backoff.cancel()
+            self.backoff = None
         ex = self.ex
         pool = self.pool
         pool.busy.discard(self)
@@ -594,12 +691,17 @@ class H2Stream:
         return ex.rewind_body()
 
     def _replay(self) -> None:
-        """The stream was refused (nothing processed): send it once more on this pool, as Go's
-        transport does (so Traefik), and the HTTP/1.1 pool for a stale keep-alive connection.
-        A second refusal ends the try with StreamRefused, for retry to take elsewhere."""
+        """The stream was refused (nothing processed): send it again on this pool, as Go's
+        transport does (so Traefik), and the HTTP/1.1 pool for a stale keep-alive connection:
+        the second try at once, the next ones after `pool.replay_backoff` (a server shedding
+        load or restarting gets a moment). The MAX_TRIES-th refusal ends the try with
+        StreamRefused, for retry to take elsewhere. While it waits it is swept as queued
+        (client gone, deadline, wait limit)."""
         conn = self.conn
         assert conn is not None
-        self.replayed = True
+        backoff = self.pool.replay_backoff
+        delay = backoff[min(self.tries - 1, len(backoff) - 1)] if backoff else 0.0
+        self.tries += 1
         self.pending.clear()
         self.pending_end = False
         if self.client_paused:  # the exchange holds the body now, with its own bound
@@ -614,7 +716,17 @@ class H2Stream:
         self.request_ended = False
         self.remote_ended = False
         self.unacked = 0
-        self.pool.restart(self)
+        if delay <= 0:
+            self.pool.restart(self)
+            return
+        self.queued_at = conn.loop.time()
+        self.backoff = conn.loop.call_later(delay, self._resend)
+
+    def _resend(self) -> None:
+        """The backoff before the next try is over."""
+        self.backoff = None
+        if not self.finished:
+            self.pool.restart(self)
 
 
 def _status(stream: H2Stream, headers: list[tuple[bytes, bytes]]) -> int:
@@ -962,11 +1074,12 @@ class H2Pool:
         self.connections: list[H2UpstreamConnection] = []  # open, oldest first
         self.draining: set[H2UpstreamConnection] = set()  # open, taking no new stream
         self.busy: set[H2Stream] = set()  # queued or open streams: swept
-        self.waiting: deque[H2Stream] = deque()
+        self.waiting = _WaitQueue()
         self.dialing = False
         self.closing = False
         self.wait_limit = settings.dial_timeout if settings.dial_timeout > 0 else 30.0
         self.max_connections = MAX_CONNECTIONS
+        self.replay_backoff = REPLAY_BACKOFF  # seconds before tries 2, 3... of a refused send
         # How connections are made (in-memory transports in the conversation tests).
         self.dialer: Callable[[H2Pool], Awaitable[H2UpstreamConnection]] = dial_tcp
 
@@ -1007,7 +1120,7 @@ class H2Pool:
                 if conn.has_room and conn.start(stream):
                     return
         stream.queued_at = asyncio.get_running_loop().time()
-        self.waiting.appendleft(stream)
+        self.waiting.push_front(stream)
         self._dial_if_needed()
 
     def sweep(self, now: float) -> None:
@@ -1043,10 +1156,7 @@ class H2Pool:
             self.draining.add(conn)
 
     def unqueue(self, stream: H2Stream) -> None:
-        try:
-            self.waiting.remove(stream)
-        except ValueError:
-            pass
+        self.waiting.remove(stream)
 
     def serve_waiting(self) -> None:
         """Give queued sends the streams that are free; dial if they need more."""
@@ -1060,7 +1170,7 @@ class H2Pool:
                 stream.finish(ClientGone())
                 continue
             if not conn.start(stream):
-                waiting.appendleft(stream)
+                waiting.put_back(stream)
         if waiting:
             self._dial_if_needed()
 
@@ -1105,8 +1215,8 @@ class H2Pool:
         """The dial, or the connection before the server's SETTINGS, failed: so does every
         send waiting for it (nothing was sent: retryable)."""
         self.dialing = False
-        waiting, self.waiting = self.waiting, deque()
-        for stream in waiting:
+        waiting, self.waiting = self.waiting, _WaitQueue()
+        for stream in list(waiting):
             stream.finish(error)
 
 

@@ -36,9 +36,15 @@ class H2cBackend:
                     the request's trailers back as trailers, plus `x-backend-trailer`, when
                     the request carried `te: trailers`
       refuse-first  the first stream of each connection: RST_STREAM(REFUSED_STREAM); then echo
-      refuse-two    the first two streams of each connection: REFUSED_STREAM; then echo
+      refuse-six    the first six streams of each connection: REFUSED_STREAM; then echo
       goaway-first  the first stream of the first connection: GOAWAY(last_stream_id=0), close
       hold          echo once `release()` is called
+      hold-hang     hold the streams whose path starts with /hang (never answered unless
+                    released), echo the others
+      goaway-each   the first stream of each connection: 200 and part of the body, then a
+                    graceful GOAWAY(last_stream_id=that stream, NO_ERROR), the rest of the
+                    body, and the connection closes; the other streams on it are ignored
+                    (above last_stream_id: not processed, RFC 9113 §6.8)
       bad-frame     a DATA frame on stream 0 (a connection error, RFC 9113 §6.1)
     """
 
@@ -94,6 +100,7 @@ class _BackendConnection(asyncio.Protocol):
         self.held: list[int] = []
         self.first = True
         self.seen = 0
+        self.goaway_sent = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -152,7 +159,7 @@ class _BackendConnection(asyncio.Protocol):
         first, self.first = self.first, False
         self.seen += 1
         mode = backend.mode
-        if (mode == "refuse-first" and first) or (mode == "refuse-two" and self.seen <= 2):
+        if (mode == "refuse-first" and first) or (mode == "refuse-six" and self.seen <= 6):
             self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
             self.streams.pop(sid)
         elif mode == "goaway-first" and first and backend.connections == 1:
@@ -165,8 +172,28 @@ class _BackendConnection(asyncio.Protocol):
             assert self.transport is not None
             self.flush()
             self.transport.write(b"\x00\x00\x02\x00\x00\x00\x00\x00\x00no")
+        elif mode == "goaway-each":
+            if self.goaway_sent:
+                return
+            self.goaway_sent = True
+            assert self.transport is not None
+            self.streams.pop(sid)
+            self.h2.send_headers(sid, [(b":status", b"200")])
+            self.h2.send_data(sid, b"part1-")
+            self.flush()
+            # raw: h2 refuses to send anything after its own GOAWAY (python-hyper/h2#1181)
+            self.transport.write(GoAwayFrame(0, last_stream_id=sid, error_code=0).serialize())
+            self.h2.send_data(sid, b"part2", end_stream=True)
+            self.flush()
+            self.transport.close()
         elif mode == "hold" and not backend.released:
             self.held.append(sid)
+        elif mode == "hold-hang" and not backend.released:
+            path = dict(stream["headers"])[b":path"]
+            if path.startswith(b"/hang"):
+                self.held.append(sid)
+            else:
+                self.answer(sid)
         else:
             self.answer(sid)
 
@@ -311,23 +338,24 @@ async def test_refused_streams_and_goaway_are_sent_again_without_a_retry_middlew
             backend.close()
 
 
-async def test_a_stream_refused_twice_goes_to_retry_or_is_a_502(proxy_factory):
-    """Refused again after the pool's one replay, the try ends as "nothing reached the
-    backend": the retry middleware sends it again (counted in traefik_service_retries_total,
-    as Traefik counts), and without one the client gets 502 (Traefik's status for a backend
-    that could not take the request); the next request is served."""
-    backend = await H2cBackend("refuse-two").start()
+async def test_a_stream_refused_six_times_goes_to_retry_or_is_a_502(proxy_factory):
+    """Refused on each of the pool's 6 tries (RFC 9113 §8.7 REFUSED_STREAM, sent again with a
+    short backoff as Go's transport does), the try ends as "nothing reached the backend": the
+    retry middleware sends it again (counted in traefik_service_retries_total, as Traefik
+    counts), and without one the client gets 502 (Traefik's status for a backend that could
+    not take the request); the next request is served."""
+    backend = await H2cBackend("refuse-six").start()
     try:
         dynamic = catch_all(backend.url)
         dynamic["http"]["routers"]["r"]["middlewares"] = ["retry"]
         dynamic["http"]["middlewares"] = {"retry": {"retry": {"attempts": 3}}}
         proxy = await proxy_factory(dynamic)
         response = await request(proxy.port, "GET", "/again")
-        assert response.status == 200 and len(backend.requests) == 3
+        assert response.status == 200 and len(backend.requests) == 7
         assert 'traefik_service_retries_total{service="s@file"} 1.0' in proxy.metrics()
     finally:
         backend.close()
-    backend = await H2cBackend("refuse-two").start()
+    backend = await H2cBackend("refuse-six").start()
     try:
         generation = proxy.generation()
         proxy.write(catch_all(backend.url))
@@ -451,7 +479,7 @@ async def test_refused_streams_as_real_traefik_does(tmp_path, proxy_factory):
     refused once (REFUSED_STREAM, or above a GOAWAY's last_stream_id) is sent again by the
     transport itself, so with no retry middleware both proxies answer 200 and the backend sees
     the request twice. (Refused again, Go keeps trying, up to 7 times with backoff from 1 s;
-    meshproxy replays once and leaves the rest to the retry middleware:
+    meshproxy up to 6 tries with waits from 50 ms, then leaves it to the retry middleware:
     docs/http2-upstream.md.)"""
     import pytest
 
@@ -518,5 +546,83 @@ async def test_h2c_both_ways_h2load_and_curl(proxy_factory):
             "curl", "-s", "--http2-prior-knowledge", "--data-binary", "@-", url, stdin=b"x" * 70_000
         )
         assert code == 0 and out == b"x" * 70_000
+    finally:
+        backend.close()
+
+
+async def test_one_client_holding_many_streams_does_not_starve_another(proxy_factory):
+    """F10 (fresh-h2), issue 11 acceptance 2: a server advertising MAX_CONCURRENT_STREAMS=10
+    (RFC 9113 §5.1.2), one HTTP/2 client holding 200 streams the server never answers (as
+    long-lived gRPC Watch streams do): the pool opens the 20 connections they need, never
+    more than 10 streams on one, as Go's transport (so Traefik) does, and another client's
+    request is answered at once, not after 30 s of waiting then 503 (the former bound of 16
+    connections per server, shared by every client)."""
+    backend = await H2cBackend("hold-hang", max_streams=10).start()
+    writer = None
+    try:
+        proxy = await proxy_factory(catch_all(backend.url))
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        hog = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        hog.initiate_connection()
+        for index in range(200):
+            hog.send_headers(
+                hog.get_next_available_stream_id(),
+                [
+                    (b":method", b"GET"),
+                    (b":scheme", b"http"),
+                    (b":authority", b"capped.test"),
+                    (b":path", f"/hang/{index}".encode()),
+                ],
+                end_stream=True,
+            )
+        writer.write(hog.data_to_send())
+
+        async def hold_all() -> bool:
+            # keep the hog's connection served (SETTINGS acks) while the proxy dials
+            try:
+                data = await asyncio.wait_for(reader.read(65536), 0.05)
+            except TimeoutError:
+                data = b""
+            if data:
+                hog.receive_data(data)
+                writer.write(hog.data_to_send())
+            return backend.held() == 200
+
+        await wait_for(hold_all, 30, "200 held streams")
+        assert backend.connections == 20 and backend.peak_streams == 10
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        fast = await asyncio.wait_for(request(proxy.port, target="/fast"), 10)
+        assert fast.status == 200 and fast.headers["x-echo-path"] == "/fast"
+        assert loop.time() - started < 5
+    finally:
+        if writer is not None:
+            writer.close()
+        backend.close()
+
+
+async def test_a_server_draining_one_stream_per_connection_loses_no_request(proxy_factory):
+    """F14 (fresh-h2), issue 11 acceptance 2: a server that answers one stream per connection,
+    then a graceful GOAWAY (RFC 9113 §6.8: the streams above last_stream_id were not
+    processed) and closes. h2load's 20 requests, 5 at a time on one connection to the proxy:
+    each refused stream is sent again on a new connection, up to 6 tries in all (Go's
+    transport retries such requests, so Traefik served the tester's 10/10 where one replay
+    gave 4 x 502); every request is answered 200, none twice."""
+    import shutil
+
+    import pytest
+
+    if shutil.which("h2load") is None:
+        pytest.skip("needs h2load")
+    backend = await H2cBackend("goaway-each").start()
+    try:
+        proxy = await proxy_factory(catch_all(backend.url))
+        url = f"http://127.0.0.1:{proxy.port}/drain"
+        code, out = await _run("h2load", "-n", "20", "-c", "1", "-m", "5", url, timeout=60)
+        text = out.decode()
+        assert code == 0 and "20 succeeded, 0 failed, 0 errored" in text, text
+        assert "status codes: 20 2xx" in text, text
+        # one answered stream per connection: exactly one connection per request
+        assert backend.connections == 20
     finally:
         backend.close()

@@ -35,11 +35,14 @@ from hyperframe.frame import GoAwayFrame
 from meshproxy.http.errors import UpstreamConnectError
 from meshproxy.http.upstream import TransportSettings
 from meshproxy.http2.upstream import (
+    MAX_TRIES,
+    REPLAY_BACKOFF,
     STREAM_WINDOW,
     H2Pool,
     H2UpstreamConnection,
 )
 from tests.conversation import Conversation, MemoryTransport, conversation
+from tests.helpers import wait_for
 
 BACKEND = "h2c://127.0.0.1:9"
 
@@ -444,50 +447,126 @@ async def test_goaway_drains_the_connection_and_streams_above_last_stream_id_go_
     assert old.transport.closed and rig.pool.connections == [new.conn]
 
 
-async def test_refused_stream_goes_once_more_then_to_retry_and_other_resets_are_502():
+async def test_refused_stream_is_tried_up_to_six_times_then_goes_to_retry_and_others_are_502():
     """RFC 9113 §8.7: REFUSED_STREAM means the request was not processed. The pool sends it
-    once more itself (here on the same connection, still good); refused again, the try fails
-    as "nothing reached the backend", which retry sends again (counted as a retry), and
-    without retry it is a 502. Any other reset before the response is a 502, not retried;
-    after the response started it cuts the client connection."""
+    again itself, as Go's transport does for Traefik (here on the same connection, still
+    good), up to MAX_TRIES (6) streams in all; refused a sixth time, the try fails as "nothing
+    reached the backend", which retry sends again (counted as a retry), and without retry it
+    is a 502. Any other reset before the response is a 502, not retried; after the response
+    started it cuts the client connection. (The waits between tries are zero here: the next
+    test checks them.)"""
+    assert MAX_TRIES == 6
     rig = Rig(config(retry=2))
+    rig.pool.replay_backoff = (0.0,)
     rig.send(GET)
     await rig.settle()
     backend = rig.backends[0]
-    for sid in (1, 3):
+    refused = [1, 3, 5, 7, 9, 11]
+    for sid in refused:
         backend.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
         backend.pump()
         await rig.settle()
-    assert sorted(backend.requests()) == [1, 3, 5] and rig.dials == 1
-    backend.respond(5, 200, b"third stream")
-    assert response_of(rig.received())[2] == b"third stream"
+    assert sorted(backend.requests()) == [*refused, 13] and rig.dials == 1
+    assert rig.received() == b""
+    backend.respond(13, 200, b"seventh stream")
+    assert response_of(rig.received())[2] == b"seventh stream"
     assert rig.conv.metrics.retries == {"s@file": 1}
 
     plain = Rig()
+    plain.pool.replay_backoff = (0.0,)
     plain.send(GET)
     await plain.settle()
-    for sid in (1, 3):
+    for sid in refused:
         plain.backends[0].h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
         plain.backends[0].pump()
         await plain.settle()
     assert response_of(plain.received())[0] == 502
+    assert sorted(plain.backends[0].requests()) == refused
 
     rig.send(GET)
     await rig.settle()
-    backend.h2.reset_stream(7, ErrorCodes.INTERNAL_ERROR)
+    backend.h2.reset_stream(15, ErrorCodes.INTERNAL_ERROR)
     backend.pump()
     await rig.settle()
     assert response_of(rig.received())[0] == 502
-    assert sorted(backend.requests()) == [1, 3, 5, 7]  # not retried
+    assert sorted(backend.requests()) == [*refused, 13, 15]  # not retried
 
     rig.send(GET, 1)
     await rig.settle()
-    backend.respond(9, 200, b"part", end=False)
+    backend.respond(17, 200, b"part", end=False)
     assert rig.received(1).startswith(b"HTTP/1.1 200")
-    backend.h2.reset_stream(9, ErrorCodes.INTERNAL_ERROR)
+    backend.h2.reset_stream(17, ErrorCodes.INTERNAL_ERROR)
     backend.pump()
     assert rig.client(1)[1].aborted
     assert rig.pool.connections == [backend.conn]  # one stream failed, not the connection
+
+
+async def test_refused_stream_waits_a_short_backoff_before_its_third_try():
+    """Go's transport (x/net/http2 RoundTripOpt) sends an unprocessed request again at once,
+    then after growing waits; here the second try goes at once, the third after
+    REPLAY_BACKOFF[1], the fourth after REPLAY_BACKOFF[2]; a client that leaves during a wait
+    ends the try and nothing more is sent."""
+    rig = Rig()
+    rig.send(GET)
+    await rig.settle()
+    backend = rig.backends[0]
+    loop = asyncio.get_running_loop()
+
+    def refuse(sid: int) -> float:
+        backend.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+        backend.pump()
+        return loop.time()
+
+    def sent(sid: int) -> bool:
+        backend.pump()
+        return sid in backend.requests()
+
+    refuse(1)
+    await rig.settle()
+    assert sorted(backend.requests()) == [1, 3]  # the second try: at once
+    refused_at = refuse(3)
+    await rig.settle()
+    assert sorted(backend.requests()) == [1, 3]  # waiting
+    await wait_for(lambda: sent(5), 5, "third try")
+    assert loop.time() - refused_at >= REPLAY_BACKOFF[1]
+    refuse(5)
+    rig.client(0)[0].connection_lost(None)  # gone during the wait before the fourth try
+    await asyncio.sleep(REPLAY_BACKOFF[2] * 2)  # past the wait: a try would have gone now
+    await rig.settle()
+    assert sorted(backend.requests()) == [1, 3, 5]
+    assert rig.pool.busy == set() and not rig.pool.waiting
+
+
+async def test_waiting_sends_are_served_round_robin_across_clients():
+    """F10 (fresh-h2): one client's backlog must not hold another client's request behind all
+    of it. Every connection full (a bound of 1 connection, the server allows 1 stream): a
+    "hog" client queues two sends, then a victim one; as streams free, the victim's goes
+    second, not last (FIFO would serve hog, hog, victim). Clients are keyed by their
+    connection; an HTTP/1.1 connection has one request at a time, so the hog's second send
+    (client 3) is given the hog's key, as an HTTP/2 client's streams share their connection."""
+    rig = Rig(backend_settings={SettingCodes.MAX_CONCURRENT_STREAMS: 1})
+    rig.pool.max_connections = 1
+    rig.send(GET, 0)
+    await rig.settle()
+    rig.send(GET, 1)
+    rig.send(GET, 3)
+    await rig.settle()
+    hog = rig.client(1)[0]
+    (first, second) = list(rig.pool.waiting)
+    assert first.client is hog and second.client is rig.client(3)[0]
+    rig.pool.waiting.remove(second)
+    second.client = hog
+    rig.pool.waiting.append(second)
+    rig.send(GET, 2)  # the victim
+    await rig.settle()
+    assert len(rig.pool.waiting) == 3
+    backend = rig.backends[0]
+    served = []
+    for sid in (1, 3, 5, 7):
+        backend.respond(sid)
+        await rig.settle()
+        served.extend(c for c in (0, 1, 2, 3) if rig.received(c))
+    assert served == [0, 1, 2, 3]
 
 
 async def test_a_refused_post_whose_body_left_is_not_sent_again_without_a_copy():
