@@ -978,11 +978,18 @@ def _expect_head(status: int, version: str = "HTTP/1.1", expect: str = "100-cont
 def test_expect_continue(main_pair: Differential, name: str, status: int) -> None:
     """Issue 9 item 16: RFC 9110 §10.1.1: a proxy forwards `Expect: 100-continue`, the
     backend's 100 or final status reaches the client, and a refused upload is refused before
-    the client sends it (the client here sends its body only after a 100)."""
+    the client sends it (the client here sends its body only after a 100). How many 100s
+    arrive is not compared: Go's server sends its own when the handler reads the body, and
+    relays the backend's too when it comes first (so Traefik sends one or two, by timing);
+    a client must take any number of 1xx (RFC 9110 §15.2)."""
     cmp = main_pair.compare(_expect_head(status), body_after_continue=b"hello")
     assert cmp.traefik.status == status
     cmp.assert_same((*COMPARED_HEADERS, "expect", "content-length"))
-    assert cmp.meshproxy.response.interim == cmp.traefik.response.interim, (
+    distinct = (
+        sorted(set(cmp.meshproxy.response.interim)),
+        sorted(set(cmp.traefik.response.interim)),
+    )
+    assert distinct[0] == distinct[1], (
         f"interim: traefik={cmp.traefik.response.interim} "
         f"meshproxy={cmp.meshproxy.response.interim}"
     )
