@@ -93,3 +93,19 @@ def test_certificate_expiry_labels_as_traefik(tmp_path):
     assert serial == str(leaf.serial_number)
     assert sans == "a.example.test,b.example.test"
     assert not_after == leaf.not_valid_after_utc.replace(tzinfo=datetime.UTC).timestamp()
+
+
+def test_router_series_are_opt_in_as_traefik_add_routers_labels():
+    """Traefik's `--metrics.prometheus.addRoutersLabels` is false by default: no
+    traefik_router_* family at all until it is set (reference/traefik-proxy.md §6.1)."""
+    ex = exchange("GET")
+    ex.router, ex.service = "r@file", "app@file"
+    off, on = RequestMetrics(), RequestMetrics(router_labels=True)
+    for metrics in (off, on):
+        metrics.record_request(ex, 200, 0.01)
+    assert not any(name.startswith("traefik_router_") for name, _ in samples(off))
+    router = frozenset(
+        {"code": "200", "method": "GET", "protocol": "http", "router": "r@file"}.items()
+        | {("service", "app@file")}
+    )
+    assert samples(on)[("traefik_router_requests_total", router)] == 1
