@@ -31,11 +31,13 @@ Behaviour, and the rule each point follows:
   and the other direction keeps flowing, as Traefik's TCP proxy does (pkg/tcp/proxy.go copies
   each direction, then `CloseWrite`s its destination). TLS half-closes too (RFC 8446 §6.1: a
   close_notify closes the sender's write side only; Go's tls.Conn.CloseWrite is what Traefik
-  calls), but asyncio's SSL transports cannot (`can_write_eof()` is False): then the EOF is not
-  passed on, and the other direction still flows, so a client that half-closes after its
-  request over a route to a `tls: true` server gets the answer (ending the pipe at the EOF,
-  as before, lost it). The pipe then ends when that side ends too, on terminationDelay if set,
-  or on the idle timeout.
+  calls), but asyncio's SSL transports cannot (`can_write_eof()` is False). Then the two
+  directions differ: the client's EOF is not passed on to a TLS server and the server->client
+  direction still flows, so a client that half-closes after its request over a route to a
+  `tls: true` server gets the answer (ending the pipe at that EOF, as before, lost it; the
+  pipe ends when the server ends too, on terminationDelay if set, or on the idle timeout);
+  the server's EOF toward a TLS client ends the pipe, since it often delimits the answer
+  (a close-delimited body) and the client learns it only from the close.
 - The pipe ends when both sides have sent EOF, when either connection is lost (peer reset,
   write error, closed elsewhere), on the idle timeout, or on `close()`/`abort()` by its owner.
   Ending closes both transports with `close()`, so bytes already buffered are still delivered;
@@ -296,8 +298,14 @@ class BytePipe:
             return  # closed under us (a write error): its connection_lost ends the pipe
         if other.can_write_eof():
             other.write_eof()  # sent after what is buffered; the other direction flows on
-        # else (an asyncio SSL transport): the EOF cannot be passed on, but the other
-        # direction still flows: its peer may answer a request that ended with this EOF.
+        elif index == UPSTREAM:
+            # An asyncio SSL transport toward the client: the server's EOF often delimits
+            # its answer (a close-delimited body), which the client learns only from a
+            # close; so end both, as before (a close_notify, then the connection closes).
+            self._end(END_EOF)
+            return
+        # else: the client's EOF cannot reach a TLS server, but the server->client direction
+        # still flows: the server may answer a request that ended with this EOF.
         delay = self._settings.termination_delay
         if delay is not None and delay >= 0 and self._loop is not None:
             self._termination = self._loop.call_later(delay, self._end, END_TERMINATION)

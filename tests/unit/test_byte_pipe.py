@@ -377,6 +377,23 @@ def test_a_side_that_cannot_half_close_keeps_the_other_direction_flowing():
     run(scenario)
 
 
+def test_a_server_eof_toward_a_client_that_cannot_half_close_ends_the_pipe():
+    """The other way, the server's EOF toward a TLS client (a TLS-terminating TCP router)
+    ends the pipe after what is buffered: it often delimits the answer (a close-delimited
+    body), and a client that cannot be half-closed learns it only from the close."""
+
+    async def scenario(loop: ClockLoop) -> None:
+        c = Conversation(loop, transports={"half_close": False}).start()
+        c.up.feed(b"pong")
+        c.up.feed_eof()
+        assert c.up.closing and c.down.closing
+        assert c.down.read() == b"pong"
+        await settle()
+        assert [s.reason for s in c.closed] == [END_EOF]
+
+    run(scenario)
+
+
 def test_termination_delay_bounds_the_wait_after_an_eof_that_cannot_be_passed_on():
     """Traefik's terminationDelay (pkg/tcp/proxy.go: a deadline on the other side after one
     direction ended) applies the same when the EOF could not be passed on (TLS): the pipe
