@@ -716,6 +716,7 @@ class H2ServerConnection(asyncio.Protocol):
                 h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL: 1,  # RFC 8441 §3
             },
         )
+        self._table_acked = False  # the client acknowledged our SETTINGS (header table size)
         # Settings given as initial values are in force at once (h2 treats them as already
         # acknowledged): the HPACK decoder must agree with them from the first frame.
         self._apply_local_limits()
@@ -727,7 +728,13 @@ class H2ServerConnection(asyncio.Protocol):
         # HPACK state stays whole); hpack stops decoding only at twice that, which is a
         # connection error (GOAWAY ENHANCE_YOUR_CALM: RFC 9113 §10.5.1).
         decoder.max_header_list_size = 2 * self.max_header_list
-        decoder.max_allowed_table_size = settings.h2_max_decoder_table_size
+        table = settings.h2_max_decoder_table_size
+        if not self._table_acked:
+            # RFC 9113 §6.5.3, RFC 7541 §4.2: a smaller table binds the client only once it
+            # acknowledged our SETTINGS; its blocks before that may use the default 4096 bytes
+            # (curl and h2load send their first request at once). Go and nghttp2 do the same.
+            table = max(table, h2.settings.Settings().header_table_size)
+        decoder.max_allowed_table_size = table
 
     # -- connection lifecycle -------------------------------------------------------------
 
@@ -1333,6 +1340,7 @@ class H2ServerConnection(asyncio.Protocol):
                 stream.drain()
 
     def _on_settings_acked(self, event: h2.events.SettingsAcknowledged) -> None:
+        self._table_acked = True
         self._apply_local_limits()  # h2 reset the decoder's limits to the advertised ones
 
     def _on_goaway(self, event: h2.events.ConnectionTerminated) -> None:

@@ -1381,3 +1381,38 @@ async def test_a_preface_or_header_block_never_completed_is_closed_after_the_rea
     assert not h2c.transport.closed
     h2c.server.check_timeouts(started + 61, 180, 60)
     assert h2c.transport.closed
+
+
+async def test_a_smaller_decoder_table_binds_only_once_the_client_acknowledged_it():
+    """RFC 9113 §6.5.3 and RFC 7541 §4.2: `maxDecoderHeaderTableSize` below the default 4096
+    takes effect when the client acknowledges our SETTINGS; blocks it sent before (curl and
+    h2load send a request right after their preface) may index into a 4096-byte table. After
+    the ACK a larger table-size update is a COMPRESSION_ERROR (§4.3). Traefik (Go) serves
+    curl with the same option; the fresh tester saw GOAWAY on every first request here."""
+    settings = EntryPointSettings(name="web", port=5000, h2_max_decoder_table_size=0)
+    conv = conversation(None, settings)
+    server = H2ServerConnection(conv.entry)
+    transport = MemoryTransport(("127.0.0.7", 4))
+    client = _Client(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    client.initiate_connection()
+    fields = request_headers(b"/same", user_agent=b"curl/8", accept=b"*/*")
+    client.send_headers(1, fields, end_stream=True)
+    client.send_headers(3, fields, end_stream=True)  # indexed references to block 1's entries
+    upstreams = [conv.add_upstream()[1] for _ in range(3)]
+    server.connection_made(transport)  # type: ignore[arg-type]
+    server.data_received(client.data_to_send())
+    events = client.receive_data(transport.take())
+    assert not of(events, h2.events.ConnectionTerminated)
+    sent = [u.take().startswith(b"GET /same HTTP/1.1\r\n") for u in upstreams]
+    assert sorted(sent) == [False, True, True]  # both requests forwarded
+    server.data_received(client.data_to_send())  # the ACK: now the table is 0 bytes
+    client.send_headers(5, fields, end_stream=True)  # begins with a size update to 0
+    server.data_received(client.data_to_send())
+    assert upstreams[sent.index(False)].take().startswith(b"GET /same HTTP/1.1\r\n")
+    assert not transport.closed
+    # a dynamic table size update to 4096 (RFC 7541 §6.3) is over the acknowledged 0
+    server.data_received(
+        HeadersFrame(7, data=b"\x3f\xe1\x1f\x82", flags=["END_HEADERS"]).serialize()
+    )
+    assert transport.closed
+    assert goaway_of(raw_frames(transport.take()))[1] == ErrorCodes.COMPRESSION_ERROR
