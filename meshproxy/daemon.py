@@ -327,6 +327,7 @@ class ProxyDaemon:
             pipe_settings(self.http_entrypoints[name]),
             https_entry,
         )
+        entry.on_tcp_closed = self.metrics.tcp_counters(name).closed
         incoming = self.http_entrypoints[name].proxy_protocol
         if incoming is None:
             return entry.connection_factory

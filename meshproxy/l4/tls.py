@@ -202,6 +202,8 @@ class L4Entry:
         self.http_entry = http_entry
         self.https_entry = https_entry
         self.on_open = on_open
+        # told how each relayed TCP connection ended (the daemon counts its bytes)
+        self.on_tcp_closed: Callable[[Any], None] | None = None
         self.pipe_settings = pipe_settings
         self.peek_timeout = float(http_entry.settings.read_timeout)
         http_entry.tls_hook = self.take_tls
@@ -217,7 +219,12 @@ class L4Entry:
         table = self.table()
         if table is not None and table.immediate:
             return TCPRelay(
-                self.name, list(table.plain), self.on_open, self.pipe_settings, fallback=self.sniff
+                self.name,
+                list(table.plain),
+                self.on_open,
+                self.pipe_settings,
+                fallback=self.sniff,
+                on_closed=self.on_tcp_closed,
             )
         return self.http_entry.connection_factory()  # type: ignore[no-any-return]
 
@@ -258,7 +265,15 @@ class L4Entry:
         data: bytes,
     ) -> None:
         """Give `transport` (reading nothing yet past `data`) to `route`'s TCP relay."""
-        relay = TCPRelay(self.name, [], self.on_open, self.pipe_settings, route=route, view=view)
+        relay = TCPRelay(
+            self.name,
+            [],
+            self.on_open,
+            self.pipe_settings,
+            route=route,
+            view=view,
+            on_closed=self.on_tcp_closed,
+        )
         transport.set_protocol(relay)
         relay.connection_made(transport)
         if data:

@@ -156,6 +156,25 @@ class UDPCounters:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
 
 
+class TCPCounters:
+    """One entrypoint's TCP-routed connections, counted when each ends (the byte pipe's
+    `PipeStats`): rendered as `meshproxy_tcp_connections_total` and `meshproxy_tcp_bytes_total`.
+    Traefik counts only open connections (`traefik_open_connections`), hence our names."""
+
+    __slots__ = ("bytes_from_client", "bytes_from_server", "connections")
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.bytes_from_client = 0
+        self.bytes_from_server = 0
+
+    def closed(self, stats: Any) -> None:
+        """A relayed connection ended: `stats` is its meshproxy.l4.pipe.PipeStats."""
+        self.connections += 1
+        self.bytes_from_client += stats.bytes_from_downstream
+        self.bytes_from_server += stats.bytes_from_upstream
+
+
 class RequestMetrics:
     """Request counters and histograms per entrypoint, router and service, plus process gauges."""
 
@@ -189,6 +208,7 @@ class RequestMetrics:
         # (service, server url) -> 1 while ejected
         self.outlier_ejected: dict[tuple[str, str], int] = {}
         self.udp: dict[str, UDPCounters] = {}  # UDP entrypoint -> its counters
+        self.tcp: dict[str, TCPCounters] = {}  # entrypoint -> its TCP-routed connections
         # (entrypoint, service, why code) -> exchanges the proxy failed or refused itself
         self.failures: dict[tuple[str, str, str], int] = {}
         # access log lines not written (file unwritable, disk full), see access_log.py
@@ -284,6 +304,13 @@ class RequestMetrics:
         counters = self.udp.get(entrypoint)
         if counters is None:
             counters = self.udp[entrypoint] = UDPCounters()
+        return counters
+
+    def tcp_counters(self, entrypoint: str) -> TCPCounters:
+        """The TCP-routed connection counters of one entrypoint (made on first use)."""
+        counters = self.tcp.get(entrypoint)
+        if counters is None:
+            counters = self.tcp[entrypoint] = TCPCounters()
         return counters
 
     # -- reloads ------------------------------------------------------------------------
@@ -456,6 +483,7 @@ class RequestMetrics:
             ejected.add_metric([service, url], value)
         yield ejected
         yield from self._udp_families()
+        yield from self._tcp_families()
         reloads = CounterMetricFamily("traefik_config_reloads", "Config reloads")
         reloads.add_metric([], self.reloads_total)
         yield reloads
@@ -469,6 +497,25 @@ class RequestMetrics:
         last = GaugeMetricFamily("traefik_config_last_reload_success", "Last config reload success")
         last.add_metric([], self.last_reload_success)
         yield last
+
+    def _tcp_families(self) -> Iterator[Any]:
+        connections = CounterMetricFamily(
+            "meshproxy_tcp_connections",
+            "Connections relayed by TCP routers, counted when they end.",
+            labels=["entrypoint"],
+        )
+        payload = CounterMetricFamily(
+            "meshproxy_tcp_bytes",
+            "Bytes relayed by TCP routers, by direction (from_client, from_server), counted "
+            "when their connection ends.",
+            labels=["entrypoint", "direction"],
+        )
+        for entrypoint, counters in self.tcp.items():
+            connections.add_metric([entrypoint], counters.connections)
+            payload.add_metric([entrypoint, "from_client"], counters.bytes_from_client)
+            payload.add_metric([entrypoint, "from_server"], counters.bytes_from_server)
+        yield connections
+        yield payload
 
     def _udp_families(self) -> Iterator[Any]:
         labels = ["entrypoint"]

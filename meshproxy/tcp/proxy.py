@@ -142,6 +142,7 @@ class TCPRelay(asyncio.Protocol):
         "entrypoint",
         "fallback",
         "held",
+        "on_closed",
         "on_open",
         "pending",
         "pending_eof",
@@ -164,10 +165,13 @@ class TCPRelay(asyncio.Protocol):
         route: TCPRoute | None = None,
         view: TCPConnectionView | None = None,
         fallback: Callable[[asyncio.Transport], None] | None = None,
+        on_closed: Callable[[PipeStats], None] | None = None,
     ) -> None:
         """`route`/`view`: the router already chosen and what it was chosen on (after a
         ClientHello was read); `fallback(transport)` takes over a connection no router of
-        `routes` matches (Traefik then tries the HTTP handler), instead of closing it."""
+        `routes` matches (Traefik then tries the HTTP handler), instead of closing it;
+        `on_closed(stats)` is told how a relayed connection ended (its bytes: metrics)."""
+        self.on_closed = on_closed
         self.entrypoint = entrypoint
         self.routes = routes
         self.route = route
@@ -258,6 +262,8 @@ class TCPRelay(asyncio.Protocol):
             self.transport.close()
 
     def _pipe_closed(self, stats: PipeStats) -> None:
+        if self.on_closed is not None:
+            self.on_closed(stats)
         self._release()
 
     def _release(self) -> None:

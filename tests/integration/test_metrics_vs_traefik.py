@@ -314,6 +314,8 @@ async def test_promtool_check_metrics_is_clean(tmp_path: Path, backends: Any) ->
                 (t := mesh.metrics())
                 and "meshproxy_tracing_spans_dropped_total" in t
                 and "traefik_service_server_up{" in t
+                # counted once the relayed connection has ended on both sides
+                and (1.0 in {v for _, v in samples(t, "meshproxy_tcp_connections_total")})
                 and t
             ),
             15,
@@ -331,6 +333,17 @@ async def test_promtool_check_metrics_is_clean(tmp_path: Path, backends: Any) ->
         'le="0.005"',
     ):
         assert family in text, family
+    tcp = {
+        (dict(labels)["direction"], value)
+        for labels, value in samples(text, "meshproxy_tcp_bytes_total")
+        if dict(labels)["entrypoint"] == "tcp"
+    }
+    assert tcp == {("from_client", 4.0), ("from_server", 4.0)}  # "ping" each way
+    connections = {
+        dict(labels)["entrypoint"]: value
+        for labels, value in samples(text, "meshproxy_tcp_connections_total")
+    }
+    assert connections["tcp"] == 1 and connections.get("web", 0) == 0
     check = subprocess.run(
         ["promtool", "check", "metrics"], input=text.encode(), capture_output=True, timeout=30
     )
