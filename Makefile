@@ -51,3 +51,9 @@ bench: setup
 	$(BIN)/python bench/hot_path.py
 	$(BIN)/python bench/rss.py
 	$(BIN)/python bench/idle_connections.py
+	$(BIN)/python bench/h2c_throughput.py --with-floor
+	$(BIN)/python bench/grpc_unary.py
+	$(BIN)/python bench/tcp_throughput.py
+	$(BIN)/python bench/tcp_short.py
+	$(BIN)/python bench/tls_handshakes.py
+	$(BIN)/python bench/udp_datagrams.py
