@@ -39,11 +39,14 @@ lint: setup
 	$(BIN)/ruff check meshproxy tests bench
 	$(BIN)/ruff format --check meshproxy tests bench
 
-# The suite runs twice: on the compiled hot path (tests/unit/test_build.py fails if the build
-# fell back to Python), then on the same modules loaded from their .py sources.
+# The whole suite runs on the compiled hot path (tests/unit/test_build.py fails if the build
+# fell back to Python); then the in-process suites (conversations, allocations, properties)
+# run again on the same modules loaded from their .py sources. The end-to-end suites are not
+# repeated interpreted: the code they add over the in-process ones (HTTP/2, TLS, UDP, TCP,
+# workers) is never compiled, so a second pass would test the same code twice.
 test: lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
-	MESHPROXY_PURE_PYTHON=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+	MESHPROXY_PURE_PYTHON=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/unit tests/property
 
 bench: setup
 	$(BIN)/python bench/http_throughput.py
