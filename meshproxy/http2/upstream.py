@@ -63,6 +63,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
+from random import random
 from time import perf_counter
 from typing import Any
 
@@ -114,8 +115,10 @@ MAX_CONNECTIONS = 1024
 MAX_WAITING = 4096
 # A refused stream (REFUSED_STREAM, or above a GOAWAY's last_stream_id: nothing processed) is
 # sent again by the pool up to this many tries in all, as Go's transport retries unprocessed
-# requests (up to 7 tries, backoff 1 s, 2 s, 4 s...); here shorter waits before tries 3 to 6
-# (seconds), so a server draining under load costs no client a 502 within a second.
+# requests (up to 7 tries, backoff 1 s, 2 s, 4 s... + 10% jitter); here shorter waits before
+# tries 3 to 6 (seconds, each drawn from 50% to 150% of the value: sends refused together, as
+# by one GOAWAY, come back spread out rather than all onto the next connection again), so a
+# server draining under load costs no client a 502 within about a second.
 MAX_TRIES = 6
 REPLAY_BACKOFF = (0.0, 0.05, 0.1, 0.2, 0.4)
 # Streams per connection: the peer's MAX_CONCURRENT_STREAMS, never more than this (an unset
@@ -701,6 +704,7 @@ class H2Stream:
         assert conn is not None
         backoff = self.pool.replay_backoff
         delay = backoff[min(self.tries - 1, len(backoff) - 1)] if backoff else 0.0
+        delay *= 0.5 + random()  # jitter: see REPLAY_BACKOFF
         self.tries += 1
         self.pending.clear()
         self.pending_end = False

@@ -504,7 +504,8 @@ async def test_refused_stream_is_tried_up_to_six_times_then_goes_to_retry_and_ot
 async def test_refused_stream_waits_a_short_backoff_before_its_third_try():
     """Go's transport (x/net/http2 RoundTripOpt) sends an unprocessed request again at once,
     then after growing waits; here the second try goes at once, the third after
-    REPLAY_BACKOFF[1], the fourth after REPLAY_BACKOFF[2]; a client that leaves during a wait
+    REPLAY_BACKOFF[1] (with jitter), the fourth after REPLAY_BACKOFF[2]; a client that leaves
+    during a wait
     ends the try and nothing more is sent."""
     rig = Rig()
     rig.send(GET)
@@ -528,7 +529,7 @@ async def test_refused_stream_waits_a_short_backoff_before_its_third_try():
     await rig.settle()
     assert sorted(backend.requests()) == [1, 3]  # waiting
     await wait_for(lambda: sent(5), 5, "third try")
-    assert loop.time() - refused_at >= REPLAY_BACKOFF[1]
+    assert loop.time() - refused_at >= REPLAY_BACKOFF[1] / 2  # 50% to 150% of it (jitter)
     refuse(5)
     rig.client(0)[0].connection_lost(None)  # gone during the wait before the fourth try
     await asyncio.sleep(REPLAY_BACKOFF[2] * 2)  # past the wait: a try would have gone now
