@@ -41,6 +41,7 @@ from meshproxy.runtime.compiler import CompileContext
 from meshproxy.runtime.dispatch import make_dispatcher
 from meshproxy.runtime.manager import ConfigManager
 from meshproxy.runtime.state import RuntimeState
+from meshproxy.tcp import proxy as tcp_relays
 from meshproxy.tcp.proxy import pipe_settings
 from meshproxy.tcp.proxy_protocol import ProxyHeaderReader, ProxyProtocolPolicy
 from meshproxy.tcp.services import transport_from_static
@@ -480,12 +481,13 @@ class ProxyDaemon:
                 or any(c.current is not None for c in lst.entry.h2_connections)
                 or (lst.entry.sniffing and loop.time() < first_bytes)
                 for lst in self.listeners
-            )
+            ) or bool(tcp_relays.LIVE)  # TCP routes and passthrough: up to the grace too
 
         while loop.time() < deadline and busy():
             await asyncio.sleep(0.05)
         for listener in self.listeners:
             listener.entry.close_all()
+        tcp_relays.close_relays()
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:

@@ -121,6 +121,22 @@ class _Dialled(asyncio.Protocol):
         self.lost = True
 
 
+# The relays open in this process, dialling or piping: a graceful stop waits for them (up to
+# the entrypoints' lifeCycle.graceTimeOut, as Traefik's TCP connection tracker), then closes
+# them (`close_relays`).
+LIVE: set[TCPRelay] = set()
+
+
+def close_relays() -> None:
+    """Close every open TCP relay (the end of a graceful stop)."""
+    for relay in list(LIVE):
+        LIVE.discard(relay)
+        if relay.pipe is not None:
+            relay.pipe.close()
+        elif relay.transport is not None:
+            relay.transport.close()
+
+
 class TCPRelay(asyncio.Protocol):
     """One client connection on a TCP route: routed and checked when it opens, then, once
     the server is dialled, handed with the server connection to a `BytePipe`.
@@ -194,6 +210,7 @@ class TCPRelay(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         self.counted = True
         self.on_open(1)
+        LIVE.add(self)
         view = self.view or TCPConnectionView(client_ip(transport))
         route = self.route or next((r for r in self.routes if r.matcher(view)), None)
         if route is None and self.fallback is not None:
@@ -267,6 +284,7 @@ class TCPRelay(asyncio.Protocol):
         self._release()
 
     def _release(self) -> None:
+        LIVE.discard(self)
         if self.counted:
             self.counted = False
             self.on_open(-1)

@@ -173,3 +173,39 @@ async def test_sigterm_ends_each_protocol_at_its_boundary(scripted, proxy_factor
     assert proxy.process.returncode == 0 and time.monotonic() - started < 15
     idle_writer.close()
     busy_writer.close()
+
+
+async def test_sigterm_lets_tcp_routed_connections_run_within_the_grace_period(proxy_factory):
+    """Traefik 3.7 (TCPEntryPoint.Shutdown: its connection tracker waits for open TCP
+    connections until lifeCycle.graceTimeOut): a TCP-routed connection (a database, a broker)
+    keeps flowing after SIGTERM; the process exits once it ends, well before the grace."""
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while line := await reader.readline():
+            writer.write(b"echo:" + line)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    config = {
+        "tcp": {
+            "routers": {"db": {"entryPoints": ["web"], "rule": "HostSNI(`*`)", "service": "db"}},
+            "services": {"db": {"loadBalancer": {"servers": [{"address": address}]}}},
+        }
+    }
+    proxy = await proxy_factory(config, extra_flags=LIFE_CYCLE)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"one\n")
+    assert await asyncio.wait_for(reader.readline(), 10) == b"echo:one\n"
+    assert proxy.process is not None
+    proxy.process.send_signal(signal.SIGTERM)
+    await wait_for(lambda: ping_status(proxy.admin_port) in (0, 503), 5, "stopping")
+    for word in (b"two", b"three"):  # after the listener's accept grace (1 s) too
+        await asyncio.sleep(0.6)
+        writer.write(word + b"\n")
+        assert await asyncio.wait_for(reader.readline(), 10) == b"echo:" + word + b"\n"
+    assert proxy.process.poll() is None
+    writer.close()
+    await wait_for(lambda: proxy.process.poll() is not None, 10, "exit once the connection ended")
+    server.close()
