@@ -113,6 +113,10 @@ MAX_CONNECTIONS = 1024
 # Sends waiting for a stream (while a dial is in progress, or past MAX_CONNECTIONS), served
 # round-robin per client connection (_WaitQueue), so one client's burst does not delay another's.
 MAX_WAITING = 4096
+# ...of which one client connection may hold this many (above the 250 streams an HTTP/2 client
+# connection gets by default, so one client's ordinary burst never meets it): no client fills
+# the queue for the others.
+MAX_WAITING_PER_CLIENT = 1024
 # A refused stream (REFUSED_STREAM, or above a GOAWAY's last_stream_id: nothing processed) is
 # sent again by the pool up to this many tries in all, as Go's transport retries unprocessed
 # requests (up to 7 tries, backoff 1 s, 2 s, 4 s... + 10% jitter); here shorter waits before
@@ -189,7 +193,16 @@ class _WaitQueue:
         for queue in self.by_client.values():
             yield from queue
 
+    def waiting_for(self, stream: H2Stream) -> int:
+        """How many sends of `stream`'s client wait (setting `stream.client`: see
+        `client_of`)."""
+        if stream.client is None:
+            stream.client = stream.pool.client_of(stream.ex)
+        queue = self.by_client.get(stream.client)
+        return len(queue) if queue is not None else 0
+
     def append(self, stream: H2Stream) -> None:
+        """Queue `stream` (after `waiting_for` set its client)."""
         queue = self.by_client.get(stream.client)
         if queue is None:
             queue = self.by_client[stream.client] = deque()
@@ -232,6 +245,15 @@ class _WaitQueue:
         except ValueError:
             return
         self.size -= 1
+
+
+def client_of(ex: Exchange) -> object:
+    """Who sent `ex`, for the wait queue's fairness: the client's connection (an HTTP/2
+    client's streams, whose sink is the stream, share their connection; an HTTP/1.1
+    connection is its own sink). Not the client IP: in a mesh many pods, and every local
+    client, may share one."""
+    sink = ex.sink
+    return getattr(sink, "conn", sink)
 
 
 class _ClientH2(H2Connection):
@@ -351,10 +373,8 @@ class H2Stream:
     ) -> None:
         self.pool = pool
         self.ex = ex
-        # Whose send this is, for the wait queue's round-robin: the client's connection (an
-        # HTTP/2 client's streams share theirs; an HTTP/1.1 connection is its own sink).
-        sink = ex.sink
-        self.client: object = getattr(sink, "conn", sink)
+        # Whose send this is, for the wait queue's round-robin; set when it first queues
+        self.client: object = None
         self.headers = headers
         self.done_callback: DoneCallback | None = done
         self.conn: H2UpstreamConnection | None = None
@@ -1083,6 +1103,8 @@ class H2Pool:
         self.closing = False
         self.wait_limit = settings.dial_timeout if settings.dial_timeout > 0 else 30.0
         self.max_connections = MAX_CONNECTIONS
+        self.max_waiting_per_client = MAX_WAITING_PER_CLIENT
+        self.client_of: Callable[[Exchange], object] = client_of
         self.replay_backoff = REPLAY_BACKOFF  # seconds before tries 2, 3... of a refused send
         # How connections are made (in-memory transports in the conversation tests).
         self.dialer: Callable[[H2Pool], Awaitable[H2UpstreamConnection]] = dial_tcp
@@ -1106,11 +1128,15 @@ class H2Pool:
         stream = H2Stream(self, ex, request_headers(ex, target), done)
         ex.upstream = stream
         self.busy.add(stream)
-        if not self.waiting:
+        waiting = self.waiting
+        if not waiting.size:
             for conn in self.connections:
                 if conn.has_room and conn.start(stream):
                     return
-        if len(self.waiting) >= MAX_WAITING:
+        if (
+            waiting.size >= MAX_WAITING
+            or waiting.waiting_for(stream) >= self.max_waiting_per_client
+        ):
             stream.finish(NoStreamAvailable("too many requests waiting for a stream"))
             return
         stream.queued_at = asyncio.get_running_loop().time()

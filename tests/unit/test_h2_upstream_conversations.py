@@ -538,26 +538,28 @@ async def test_refused_stream_waits_a_short_backoff_before_its_third_try():
     assert rig.pool.busy == set() and not rig.pool.waiting
 
 
+def same_client(rig: Rig, index: int, as_index: int) -> None:
+    """Make client `index`'s requests count as client `as_index`'s, as an HTTP/2 client's
+    streams share their connection; an HTTP/1.1 connection of the rig has one request at a
+    time."""
+    alias, real = rig.client(index)[0], rig.client(as_index)[0]
+    default = rig.pool.client_of
+    rig.pool.client_of = lambda ex: real if ex.sink is alias else default(ex)
+
+
 async def test_waiting_sends_are_served_round_robin_across_clients():
     """F10 (fresh-h2): one client's backlog must not hold another client's request behind all
     of it. Every connection full (a bound of 1 connection, the server allows 1 stream): a
     "hog" client queues two sends, then a victim one; as streams free, the victim's goes
-    second, not last (FIFO would serve hog, hog, victim). Clients are keyed by their
-    connection; an HTTP/1.1 connection has one request at a time, so the hog's second send
-    (client 3) is given the hog's key, as an HTTP/2 client's streams share their connection."""
+    second, not last (FIFO would serve hog, hog, victim)."""
     rig = Rig(backend_settings={SettingCodes.MAX_CONCURRENT_STREAMS: 1})
     rig.pool.max_connections = 1
+    same_client(rig, 3, 1)  # clients 1 and 3: the hog
     rig.send(GET, 0)
     await rig.settle()
     rig.send(GET, 1)
     rig.send(GET, 3)
     await rig.settle()
-    hog = rig.client(1)[0]
-    (first, second) = list(rig.pool.waiting)
-    assert first.client is hog and second.client is rig.client(3)[0]
-    rig.pool.waiting.remove(second)
-    second.client = hog
-    rig.pool.waiting.append(second)
     rig.send(GET, 2)  # the victim
     await rig.settle()
     assert len(rig.pool.waiting) == 3
@@ -568,6 +570,28 @@ async def test_waiting_sends_are_served_round_robin_across_clients():
         await rig.settle()
         served.extend(c for c in (0, 1, 2, 3) if rig.received(c))
     assert served == [0, 1, 2, 3]
+
+
+async def test_one_client_cannot_fill_the_wait_queue():
+    """F10: a client with `max_waiting_per_client` sends already waiting gets 503 for the
+    next (nothing sent: retryable, as a full queue), while another client still queues."""
+    rig = Rig(backend_settings={SettingCodes.MAX_CONCURRENT_STREAMS: 1})
+    rig.pool.max_connections = 1
+    rig.pool.max_waiting_per_client = 1
+    same_client(rig, 2, 1)
+    rig.send(GET, 0)
+    await rig.settle()
+    rig.send(GET, 1)
+    rig.send(GET, 2)  # the same client's second waiting send
+    rig.send(GET, 3)
+    await rig.settle()
+    assert response_of(rig.received(2))[0] == 503
+    assert len(rig.pool.waiting) == 2
+    backend = rig.backends[0]
+    for sid, client in ((1, 0), (3, 1), (5, 3)):
+        backend.respond(sid)
+        await rig.settle()
+        assert response_of(rig.received(client))[0] == 200
 
 
 async def test_a_refused_post_whose_body_left_is_not_sent_again_without_a_copy():
