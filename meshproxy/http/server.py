@@ -153,14 +153,35 @@ def check_target(target: bytes, method: bytes) -> None:
 _SWITCH_TO_H2C = b"HTTP/1.1 101 Switching Protocols\r\nconnection: Upgrade\r\nupgrade: h2c\r\n\r\n"
 
 
+_BASE64URL = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
 def valid_h2_settings(value: bytes) -> bool:
-    """Whether an HTTP2-Settings value is a SETTINGS payload (RFC 7540 §3.2.1: base64url,
-    padding optional; six bytes per setting)."""
+    """Whether an HTTP2-Settings value is a SETTINGS payload h2 accepts (RFC 7540 §3.2.1:
+    base64url, padding optional, of whole six-byte settings; each value in its RFC 9113
+    §6.5.2 range, checked by h2's own Settings). Anything else (characters outside the
+    base64url alphabet, a comma-joined list, a partial setting, ENABLE_PUSH 2...) is not an
+    upgrade the proxy makes: the request is served as HTTP/1.1 (never 101 then an error)."""
+    body = value.rstrip(b"=")
+    if len(value) - len(body) > 2 or len(body) % 4 == 1 or body.translate(None, _BASE64URL):
+        return False
     try:
-        payload = base64.urlsafe_b64decode(value + b"=" * (-len(value) % 4))
+        payload = base64.urlsafe_b64decode(body + b"=" * (-len(body) % 4))
     except ValueError:  # binascii.Error is one (one class per clause: compiled code)
         return False
-    return len(payload) % 6 == 0
+    if len(payload) % 6:
+        return False
+    import h2.exceptions
+    import h2.settings
+
+    settings = h2.settings.Settings(client=True)
+    for offset in range(0, len(payload), 6):
+        code = int.from_bytes(payload[offset : offset + 2], "big")
+        try:
+            settings[code] = int.from_bytes(payload[offset + 2 : offset + 6], "big")
+        except h2.exceptions.InvalidSettingsValueError:
+            return False
+    return True
 
 
 def transfer_codings_status(values: list[bytes], http_version: str) -> int:

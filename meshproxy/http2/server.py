@@ -770,8 +770,10 @@ class H2ServerConnection(asyncio.Protocol):
         """Continue an HTTP/1.1 connection whose request asked for `Upgrade: h2c` (RFC 7540
         §3.2), the 101 already written: the request becomes stream 1, half-closed (remote),
         and is served like any other stream. The HTTP/1.1 side already counted the
-        connection as open. Settings h2 refuses (a value out of range) close the connection
-        with GOAWAY(PROTOCOL_ERROR) (RFC 9113 §6.5.2), the request unserved."""
+        connection as open. The HTTP/1.1 side upgrades only for settings h2 accepts
+        (http.server.valid_h2_settings); should h2 still refuse them, the connection closes
+        with GOAWAY(PROTOCOL_ERROR) (RFC 9113 §6.5.2), the request unserved, no exception
+        escaping."""
         self._counted = True
         self._take(transport)
         # base64url with its padding left out, as RFC 7540 §3.2.1 has it; Python wants it.
