@@ -101,8 +101,16 @@ def start_meshproxy(
 
 
 def run_wrk(
-    port: int, duration: int, connections: int, host: str, path: str = "/bench"
+    port: int,
+    duration: int,
+    connections: int,
+    host: str,
+    path: str = "/bench",
+    headers: tuple[str, ...] = (),
 ) -> dict[str, float]:
+    """wrk, one thread, for `duration` seconds; `headers` are more request header lines (e.g.
+    `Connection: close`: wrk then opens a new connection for every request)."""
+    extra = [word for header in headers for word in ("-H", header)]
     out = subprocess.run(
         pinned(
             [
@@ -113,6 +121,7 @@ def run_wrk(
                 "--latency",
                 "-H",
                 f"Host: {host}",
+                *extra,
                 f"http://127.0.0.1:{port}{path}",
             ],
             LOAD_CPU,
@@ -146,6 +155,22 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process has used so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds used so far by `pid` and its live descendants (a meshproxy supervisor and its
+    workers), from /proc/PID/task/TID/children. A descendant that exited in between is not
+    counted: measure over a span in which none is restarted."""
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            total += cpu_seconds(current)
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(child) for child in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # exited between the listing and the read
+    return total
 
 
 def print_round(index: int, name: str, result: dict[str, float]) -> None:
@@ -441,6 +466,7 @@ def run_h2load(
     headers: tuple[str, ...] = (),
     data: Path | None = None,
     pid: int | None = None,
+    extra: tuple[str, ...] = (),
 ) -> dict[str, float]:
     """h2load over h2c (prior knowledge), one thread pinned with the load: `clients` connections
     with `streams` concurrent streams each for `duration` seconds (time-bounded; the process is
@@ -449,7 +475,7 @@ def run_h2load(
     prints no percentiles: they come from its per-request `--log-file`). With `pid` (the
     process under test), also the CPU it used: `cpu_util` (CPU seconds per second of the run)
     and `cpu_us_per_req` (CPU microseconds per request done), which a VM shared with other
-    work disturbs far less than req/s."""
+    work disturbs far less than req/s. `extra`: more h2load arguments (`--h1`, `--rps=N`)."""
     import tempfile
 
     with tempfile.NamedTemporaryFile(prefix="h2load-", suffix=".log") as log:
@@ -465,7 +491,7 @@ def run_h2load(
             command += ["-H", header]
         if data is not None:
             command += ["-d", str(data)]
-        command.append(url)
+        command += [*extra, url]
         cpu_before = cpu_seconds(pid) if pid is not None else 0.0
         out = subprocess.run(
             pinned(command, LOAD_CPU),
@@ -514,16 +540,17 @@ def paired_ratio(results: list[dict[str, float]], peers: list[dict[str, float]],
 
 
 def start_meshproxy_l4(
-    workdir: Path, entrypoints: dict[str, str], admin: int, dynamic_yaml: str
+    workdir: Path, entrypoints: dict[str, str], admin: int, dynamic_yaml: str, workers: int = 1
 ) -> subprocess.Popen[bytes]:
     """One meshproxy worker with the given entrypoints (name -> `127.0.0.1:port` or
     `127.0.0.1:port/udp`), API and metrics on `admin`, fed by a dynamic config file; see
-    `wait_routers` for when its routers are served."""
+    `wait_routers` for when its routers are served. `workers` > 1: a supervisor and that many
+    workers (measure their CPU with `tree_cpu_seconds`)."""
     dynamic = workdir / "meshproxy-l4.yaml"
     dynamic.write_text(dynamic_yaml)
     # one process: the default is a worker per usable CPU, and the CPU time measured is the
     # pid's (a supervisor's would leave out its workers)
-    command = [sys.executable, "-m", "meshproxy", "proxy", "--workers=1"]
+    command = [sys.executable, "-m", "meshproxy", "proxy", f"--workers={workers}"]
     command += [f"--entryPoints.{name}.address={addr}" for name, addr in entrypoints.items()]
     command += [
         f"--entryPoints.traefik.address=127.0.0.1:{admin}",
