@@ -100,7 +100,7 @@ from meshproxy.http.forwarding import SERVER_NAME, UNTRUSTED_DROP
 from meshproxy.http.grpc import abort_trailers, h2_refusal_fields, is_grpc
 from meshproxy.http.request import Request
 from meshproxy.http.server import valid_authority
-from meshproxy.http2.server_fields import plainly_valid
+from meshproxy.http2.server_fields import plainly_valid, strict_request
 
 if TYPE_CHECKING:
     from meshproxy.http.server import HTTPEntryPoint
@@ -659,6 +659,20 @@ class H2Stream:
                 self.conn.flush()
 
 
+def _checked_fields(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]] | None:
+    """A request field block the fast path doubted: h2's validation (RFC 9113 §8.2, §8.3),
+    then server_fields.strict_request's (tokens, CTLs, :path encoding); None if malformed.
+    A `host` field is dropped when `:authority` is present: the request is routed by
+    `:authority` (RFC 9113 §8.3.1; as Traefik/Go: nghttp2's tools send both, differing)."""
+    if any(name == b":authority" for name, _ in headers):
+        headers = [(name, value) for name, value in headers if name != b"host"]
+    try:
+        headers = list(h2.utilities.validate_headers(headers, _REQUEST_FLAGS))
+    except h2.exceptions.ProtocolError:
+        return None
+    return strict_request(headers)
+
+
 def _trailer_fields(trailers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     return [(n.lower(), v) for n, v in trailers if n.lower() not in _CONNECTION_SPECIFIC]
 
@@ -1027,13 +1041,13 @@ class H2ServerConnection(asyncio.Protocol):
         if h2conn.flood:  # a request earns the frames that go with one (see spend)
             h2conn.flood = max(0, h2conn.flood - FLOOD_CREDIT_PER_REQUEST)
         headers = event.headers
-        try:
-            if not plainly_valid(headers):  # the usual request needs no more (server_fields)
-                headers = list(h2.utilities.validate_headers(headers, _REQUEST_FLAGS))
-        except h2.exceptions.ProtocolError as exc:
-            log.debug("malformed HTTP/2 request from %s: %s", self.client_ip, exc)
-            self._refuse(stream, ErrorCodes.PROTOCOL_ERROR)
-            return
+        if not plainly_valid(headers):  # the usual request needs no more (server_fields)
+            checked = _checked_fields(headers)
+            if checked is None:
+                log.debug("malformed HTTP/2 request from %s", self.client_ip)
+                self._refuse(stream, ErrorCodes.PROTOCOL_ERROR)
+                return
+            headers = checked
         status = self._start_exchange(stream, headers, not event.stream_ended)
         if status:
             self._answer_locally(stream, status, headers)

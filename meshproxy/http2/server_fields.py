@@ -28,6 +28,15 @@ _SPECIAL = frozenset(
     }
 )
 _BLANKS = (32, 9)
+# RFC 9110 §5.6.2 tchar, both cases (a method is case-sensitive, RFC 9110 §9.1)
+_TCHAR = _NAME_CHARS + b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_ALL = bytes(range(256))
+# Bytes a :path may carry as they are: visible ASCII (RFC 3986); SP and non-ASCII are
+# percent-encoded (as Go's server, behind Traefik), CTLs and DEL refused.
+_PATH_VISIBLE = bytes(range(0x21, 0x7F))
+_PATH_ENCODABLE = _PATH_VISIBLE + b" " + bytes(range(0x80, 0x100))
+# RFC 9110 §5.5: a field value has no CTL but HTAB (obs-text allowed); SP joins the values
+_VALUE_OK = _ALL.translate(None, bytes(range(0, 9)) + bytes(range(10, 32)) + b"\x7f")
 
 
 def plainly_valid(headers: list[tuple[bytes, bytes]]) -> bool:
@@ -49,9 +58,9 @@ def plainly_valid(headers: list[tuple[bytes, bytes]]) -> bool:
             if name == b":authority":
                 authority = value
             elif name == b":method":
-                if value == b"CONNECT" or not value:
+                if value == b"CONNECT" or not value or value.translate(None, _TCHAR):
                     return False
-            elif name == b":path" and not value:
+            elif name == b":path" and (not value or value.translate(None, _PATH_VISIBLE)):
                 return False
         else:
             regular = True
@@ -75,5 +84,32 @@ def plainly_valid(headers: list[tuple[bytes, bytes]]) -> bool:
         return False
     if host is not None and host != authority:
         return False
-    joined = b"\x01".join(values)
-    return b"\r" not in joined and b"\n" not in joined and b"\x00" not in joined
+    return not b" ".join(values).translate(None, _VALUE_OK)
+
+
+def strict_request(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]] | None:
+    """What a translating intermediary must add to RFC 9113 §8.2.1's minimal checks (h2's
+    validator) before a request goes out as HTTP/1.1, for a block `plainly_valid` left to it:
+    None when it is malformed (a :method that is not a token, RFC 9110 §9.1; a field name
+    that is not a token, §5.1; a value with a CTL other than HTAB or DEL, §5.5; a :path with
+    one), else the block with a :path whose SP and non-ASCII bytes are percent-encoded (RFC
+    3986 §2.1; Go's server does the same behind Traefik). Written by hand: h2 and h11 have no
+    such check for HTTP/2 fields, and this runs only for blocks the fast path doubted."""
+    out: list[tuple[bytes, bytes]] = []
+    for name, value in headers:
+        if value.translate(None, _VALUE_OK):
+            return None
+        if name[:1] == b":":
+            if name == b":method" and value.translate(None, _TCHAR):
+                return None
+            if name == b":path" and value.translate(None, _PATH_VISIBLE):
+                if value.translate(None, _PATH_ENCODABLE):
+                    return None  # HTAB (the only CTL left here)
+                value = b"".join(
+                    b"%%%02X" % byte if byte == 32 or byte > 126 else bytes((byte,))
+                    for byte in value
+                )
+        elif not name or name.translate(None, _TCHAR):
+            return None
+        out.append((name, value))
+    return out

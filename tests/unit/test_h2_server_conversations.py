@@ -1429,3 +1429,58 @@ async def test_a_smaller_decoder_table_binds_only_once_the_client_acknowledged_i
     )
     assert transport.closed
     assert goaway_of(raw_frames(transport.take()))[1] == ErrorCodes.COMPRESSION_ERROR
+
+
+async def test_request_line_and_field_bytes_an_http11_hop_cannot_carry_are_refused_or_encoded():
+    """A translating intermediary must not hand an HTTP/1.1 backend an ambiguous request line
+    or head (fresh tester F2): a :method that is not a token (RFC 9110 §9.1), a field name
+    that is not a token (§5.1), a value with a CTL other than HTAB or DEL (§5.5), a :path
+    with a CTL, HTAB or DEL get RST_STREAM(PROTOCOL_ERROR) (as Go/Traefik), nothing
+    forwarded; SP and non-ASCII bytes in :path are percent-encoded (RFC 3986 §2.1), as Go's
+    server does behind Traefik."""
+    refused = [
+        request_headers(b"/p", method=b"G T"),
+        request_headers(b"/p", method=b"GET\t"),
+        request_headers(b"/x\tHTTP/1.0"),
+        request_headers(b"/a\x7fb"),
+        request_headers(b"/a\x01b"),
+        *(request_headers() + [(name, b"1")] for name in (b"x(y", b'x"y', b"x,y", b"x/y", b"x=y")),
+        *(request_headers() + [(name, b"1")] for name in (b"x{y", b"x@y")),
+        request_headers(x_v=b"a\x01b"),
+        request_headers(x_v=b"a\x7fb"),
+    ]
+    for headers in refused:
+        h2c = H2Conversation(validate=False)
+        upstream = h2c.add_upstream()
+        sid = h2c.request(headers)
+        events = h2c.exchange()
+        assert reset_code(events, sid) == ErrorCodes.PROTOCOL_ERROR, headers
+        assert upstream.take() == b"", headers
+        assert not h2c.transport.closed
+    for path, sent in (
+        (b"/admin /public", b"/admin%20/public"),
+        ("/café".encode(), b"/caf%C3%A9"),
+    ):
+        h2c = H2Conversation(validate=False)
+        upstream = h2c.add_upstream()
+        h2c.request(request_headers(path, x_v=b"a\tb"))
+        h2c.exchange()
+        line, fields = head_of(upstream.take())
+        assert line == b"GET " + sent + b" HTTP/1.1" and fields[b"x-v"] == b"a\tb"
+
+
+async def test_a_host_field_differing_from_authority_is_dropped_and_authority_routes():
+    """RFC 9113 §8.3.1 (a SHOULD): `host` differing from `:authority` may be treated as
+    malformed; nghttp2's tools (`h2load -H 'Host: x'`) send both, and Traefik (Go) routes by
+    :authority and ignores host. So does the proxy: the host field is dropped (fresh tester
+    F13), the backend sees Host from :authority."""
+    h2c = H2Conversation(validate=False)
+    upstream = h2c.add_upstream()
+    sid = h2c.request(request_headers(b"/h", host=b"other.test"))
+    h2c.exchange()
+    raw = upstream.take()
+    line, fields = head_of(raw)
+    assert line == b"GET /h HTTP/1.1" and fields[b"host"] == b"a.test"
+    assert raw.lower().count(b"\r\nhost:") == 1
+    h2c.backend_sends(OK_2)
+    assert body_of(h2c.events, sid) == b"ok"
