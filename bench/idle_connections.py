@@ -105,6 +105,75 @@ async def open_idle(port: int, count: int, timeout: float) -> list[IdleClient]:
     return clients
 
 
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process below it (a supervisor's workers), from /proc's children."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*/children"):
+            try:
+                todo += [int(child) for child in task.read_text().split()]
+            except OSError:
+                continue
+    return found
+
+
+def tree_memory(pid: int) -> dict[str, int]:
+    """RSS and PSS (bytes) of `pid` and its descendants, summed. RSS counts the pages a forked
+    worker shares with its supervisor twice; PSS (smaps_rollup) splits them between sharers."""
+    rss = pss = 0
+    for member in descendants(pid):
+        try:
+            rss += rss_bytes(member)
+            for line in Path(f"/proc/{member}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    pss += int(line.split()[1]) * 1024
+        except (OSError, RuntimeError):
+            continue  # exited meanwhile
+    return {"rss": rss, "pss": pss}
+
+
+def start_meshproxy_workers(
+    workdir: Path, port: int, admin: int, dynamic_yaml: str, workers: int
+) -> subprocess.Popen[bytes]:
+    """meshproxy with `--workers=N` (its default is one worker per CPU: always explicit here),
+    metrics on, fed by a dynamic config file; with N > 1 a supervisor and N worker processes."""
+    dynamic = workdir / f"dynamic-{port}.yaml"
+    dynamic.write_text(dynamic_yaml)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "meshproxy",
+            "proxy",
+            f"--workers={workers}",
+            f"--entryPoints.web.address=127.0.0.1:{port}",
+            f"--entryPoints.traefik.address=127.0.0.1:{admin}",
+            f"--providers.file.filename={dynamic}",
+            "--metrics.prometheus=true",
+            "--ping",
+            "--log.level=ERROR",
+        ]
+    )
+
+
+def wait_ping(admin: int, timeout: float = 30.0) -> None:
+    """Wait until the admin entrypoint answers /ping 200 (the config is applied)."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ping", timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"admin port {admin} did not answer /ping")
+
+
 def close_all(clients: list[IdleClient]) -> None:
     for client in clients:
         if client.transport is not None:
