@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import gc
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -42,13 +43,13 @@ from common import (
     save_report,
     start_backend,
     start_haproxy_for,
-    start_meshproxy,
     stop_all,
     timestamp,
     wait_port,
 )
 
 HOST = "bench.mesh.test"
+MIB = 1024 * 1024
 BATCH = 200  # connections opened at once (below the listen backlogs: no SYN drops)
 REQUEST = f"GET /bench HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode()
 
@@ -81,16 +82,63 @@ class IdleClient(asyncio.Protocol):
             self.answered.set_exception(ConnectionError(f"closed before the response: {exc}"))
 
 
-async def open_idle(port: int, count: int, timeout: float) -> list[IdleClient]:
-    """`count` connections to `port`, each having had one 200 response, left open."""
+class IdleH2Client(asyncio.Protocol):
+    """h2c with prior knowledge (RFC 9113 §3.3): one GET on stream 1, read to its end, then
+    idle; answers the server's SETTINGS and PINGs (the h2 library does) and nothing more."""
+
+    def __init__(self, answered: asyncio.Future[None]) -> None:
+        import h2.config
+        import h2.connection
+
+        self.answered = answered
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.transport: asyncio.Transport | None = None
+        self.status = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.conn.initiate_connection()
+        self.conn.send_headers(
+            1,
+            [(":method", "GET"), (":scheme", "http"), (":authority", HOST), (":path", "/bench")],
+            end_stream=True,
+        )
+        self.transport.write(self.conn.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        import h2.events
+
+        for event in self.conn.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived):
+                self.status = int(dict(event.headers).get(b":status", b"0"))
+            elif isinstance(event, h2.events.DataReceived):
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded) and not self.answered.done():
+                self.answered.set_result(None)
+        if pending := self.conn.data_to_send():
+            self.transport.write(pending)  # type: ignore[union-attr]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.answered.done():
+            self.answered.set_exception(ConnectionError(f"closed before the response: {exc}"))
+
+
+CLIENTS: dict[str, type[IdleClient] | type[IdleH2Client]] = {
+    "http1": IdleClient,
+    "h2c": IdleH2Client,
+}
+
+
+async def open_idle(
+    port: int, count: int, timeout: float, kind: str = "http1"
+) -> list[IdleClient | IdleH2Client]:
+    """`count` connections of `kind` to `port`, each having had one 200 response, left open."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    clients: list[IdleClient] = []
+    clients: list[IdleClient | IdleH2Client] = []
+    make = CLIENTS[kind]
     while len(clients) < count:
-        batch: list[IdleClient] = []
-        for _ in range(min(BATCH, count - len(clients))):
-            client = IdleClient(loop.create_future())
-            batch.append(client)
+        batch = [make(loop.create_future()) for _ in range(min(BATCH, count - len(clients)))]
         await asyncio.wait_for(
             asyncio.gather(
                 *(loop.create_connection(lambda c=c: c, "127.0.0.1", port) for c in batch)
@@ -174,36 +222,62 @@ def wait_ping(admin: int, timeout: float = 30.0) -> None:
     raise RuntimeError(f"admin port {admin} did not answer /ping")
 
 
-def close_all(clients: list[IdleClient]) -> None:
+def close_all(clients: list[IdleClient | IdleH2Client]) -> None:
     for client in clients:
         if client.transport is not None:
             client.transport.close()
 
 
-def measure(port: int, pid: int, count: int, idle_wait: float) -> dict[str, Any]:
-    """RSS of `pid` before and with `count` idle connections, and after they closed."""
-    import uvloop
+class Holder:
+    """A child process holding idle client connections (so the clients' own memory and CPU
+    stay out of the proxy's and this script's way) until `release`."""
 
-    async def run() -> dict[str, Any]:
-        warm = await open_idle(port, BATCH, 30)
-        close_all(warm)
-        await asyncio.sleep(1.0)
-        before = rss_bytes(pid)
-        clients = await open_idle(port, count, 60 + count / 100)
-        # the proxy is idle now; its sweep (every second) shrinks connections idle for 1 s
-        await asyncio.sleep(idle_wait)
-        held = rss_bytes(pid)
-        close_all(clients)
-        await asyncio.sleep(1.0)
-        after = rss_bytes(pid)
-        return {
-            "rss_before_bytes": before,
-            "rss_idle_bytes": held,
-            "rss_after_close_bytes": after,
-            "bytes_per_idle_connection": (held - before) / count,
-        }
+    def __init__(self, port: int, count: int, kind: str, timeout: float) -> None:
+        self.child = subprocess.Popen(
+            [sys.executable, __file__, "--hold", str(port), str(count), kind],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        # readline blocks; a child stuck opening is bounded by its own open_idle deadline
+        line = self.child.stdout.readline()  # type: ignore[union-attr]
+        if line.strip() != "ready":
+            self.child.kill()
+            raise RuntimeError(f"the {kind} client process did not open {count} connections")
 
-    return uvloop.run(run())
+    def release(self) -> None:
+        self.child.stdin.close()  # type: ignore[union-attr]
+        self.child.wait(60)
+
+
+def measure(port: int, pid: int, count: int, kind: str, idle_wait: float) -> dict[str, Any]:
+    """Memory of `pid` and its workers before, with `count` idle `kind` connections (held by a
+    child process), and after they closed."""
+    Holder(port, BATCH, kind, 30).release()  # warm-up: pools, label sets, allocator arenas
+    time.sleep(1.5)
+    before = tree_memory(pid)
+    started = time.monotonic()
+    holder = Holder(port, count, kind, 60 + count / 50)
+    opened = time.monotonic() - started
+    # the proxy is idle now; its sweep (every second) shrinks connections idle for 1 s
+    time.sleep(idle_wait)
+    held = tree_memory(pid)
+    holder.release()
+    time.sleep(1.5)
+    after = tree_memory(pid)
+    return {
+        "kind": kind,
+        "connections": count,
+        "seconds_to_open": opened,
+        "rss_before_bytes": before["rss"],
+        "rss_idle_bytes": held["rss"],
+        "rss_after_close_bytes": after["rss"],
+        "pss_before_bytes": before["pss"],
+        "pss_idle_bytes": held["pss"],
+        "rss_growth_bytes": held["rss"] - before["rss"],
+        "pss_growth_bytes": held["pss"] - before["pss"],
+        "bytes_per_idle_connection": (held["rss"] - before["rss"]) / count,
+    }
 
 
 def compare(args: argparse.Namespace) -> int:
@@ -215,57 +289,85 @@ def compare(args: argparse.Namespace) -> int:
         subprocess.run(["apt-get", "install", "-y", "-qq", "haproxy"], check=True)
     from meshproxy.build_info import hot_path_state
 
-    results: dict[str, Any] = {}
-    procs: list[subprocess.Popen[bytes]] = []
+    kinds = args.kinds.split(",")
+    results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         backend = free_port()
+        procs: list[subprocess.Popen[bytes]] = [start_backend(backend)]
         try:
-            procs.append(start_backend(backend))
             wait_port(backend)
-            port, admin = free_port(), free_port()
-            mesh = start_meshproxy(workdir, port, admin, bench_dynamic(backend, HOST))
-            procs.append(mesh)
-            wait_port(port)
-            results["meshproxy"] = measure(port, mesh.pid, args.connections, args.idle_wait)
-            if args.haproxy:
+            targets = [f"meshproxy-w{n}" for n in args.workers] + (
+                ["haproxy"] if args.haproxy else []
+            )
+            for target in targets:
                 port = free_port()
-                haproxy = start_haproxy_for(
-                    workdir, port, backend, HOST, maxconn=args.connections + 100
-                )
-                procs.append(haproxy)
-                wait_port(port)
-                results["haproxy"] = measure(port, haproxy.pid, args.connections, args.idle_wait)
+                if target == "haproxy":
+                    proxy = start_haproxy_for(
+                        workdir, port, backend, HOST, maxconn=args.connections + 100
+                    )
+                    procs.append(proxy)
+                    wait_port(port)
+                else:
+                    admin = free_port()
+                    workers = int(target.removeprefix("meshproxy-w"))
+                    dynamic = bench_dynamic(backend, HOST)
+                    proxy = start_meshproxy_workers(workdir, port, admin, dynamic, workers)
+                    procs.append(proxy)
+                    wait_port(port)
+                    wait_ping(admin)
+                for kind in kinds:
+                    result = measure(port, proxy.pid, args.connections, kind, args.idle_wait)
+                    results.setdefault(target, {})[kind] = result
+                    print(
+                        f"{target:14s} {kind:6s} +{result['rss_growth_bytes'] / MIB:6.1f} MiB RSS "
+                        f"({result['bytes_per_idle_connection']:.0f} B/connection), "
+                        f"+{result['pss_growth_bytes'] / MIB:6.1f} MiB PSS",
+                        flush=True,
+                    )
+                proxy.terminate()
+                proxy.wait(30)
+                procs.remove(proxy)
         finally:
             stop_all(procs)
     report = {
         "when": timestamp(),
         "setup": {
             "idle_connections": args.connections,
+            "kinds": kinds,
             "opened_per_batch": BATCH,
+            "clients": "a separate process (uvloop; h2c with the h2 library)",
             "idle_seconds_before_reading": args.idle_wait,
-            "meshproxy_workers": 1,
+            "meshproxy_workers": args.workers,
             "haproxy_threads": 1,
             "meshproxy_hot_path": hot_path_state(),
+            "cpus": os.cpu_count(),
+            "load_average_at_end": os.getloadavg(),
+            "note": "shared 2-core VM, other benchmarks and test runs beside it",
         },
         "results": results,
     }
-    mib = 1024 * 1024
     lines = [
-        f"# RSS per idle keep-alive connection ({report['when']})",
+        f"# RSS of idle keep-alive connections ({report['when']})",
         "",
-        f"{args.connections:,} client connections, each after one GET, open and idle; "
-        f"loopback; meshproxy hot path: {hot_path_state()}.",
+        f"{args.connections:,} client connections (from a separate process), each after one GET, "
+        f"open and idle {args.idle_wait:g} s; loopback; meshproxy hot path: {hot_path_state()}; "
+        "with 2 workers the supervisor and both workers are summed (RSS counts pages shared "
+        "after fork twice, PSS splits them). Shared, loaded 2-core VM (load average "
+        f"{os.getloadavg()[0]:.1f} at the end).",
         "",
-        "| proxy | RSS before MiB | with idle connections MiB | after they closed MiB "
-        "| bytes per idle connection |",
-        "|---|---:|---:|---:|---:|",
+        "| proxy | connections | RSS before MiB | with idle MiB | growth MiB | after close MiB "
+        "| bytes per idle connection | PSS growth MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, r in results.items():
-        lines.append(
-            f"| {name} | {r['rss_before_bytes'] / mib:.1f} | {r['rss_idle_bytes'] / mib:.1f} "
-            f"| {r['rss_after_close_bytes'] / mib:.1f} | {r['bytes_per_idle_connection']:.0f} |"
-        )
+    for name, by_kind in results.items():
+        for kind, r in by_kind.items():
+            lines.append(
+                f"| {name} | {kind} | {r['rss_before_bytes'] / MIB:.1f} "
+                f"| {r['rss_idle_bytes'] / MIB:.1f} | {r['rss_growth_bytes'] / MIB:+.1f} "
+                f"| {r['rss_after_close_bytes'] / MIB:.1f} "
+                f"| {r['bytes_per_idle_connection']:.0f} | {r['pss_growth_bytes'] / MIB:+.1f} |"
+            )
     save_report("idle_connections", report, lines)
     return 0
 
@@ -273,12 +375,12 @@ def compare(args: argparse.Namespace) -> int:
 # -- what one idle meshproxy connection holds --------------------------------------------
 
 
-def hold(port: int, count: int) -> int:
-    """Child process of --breakdown: open the idle clients, say so, wait for stdin to close."""
+def hold(port: int, count: int, kind: str) -> int:
+    """Child process: open the idle clients, say so, wait for stdin to close."""
     import uvloop
 
     async def run() -> None:
-        clients = await open_idle(port, count, 60 + count / 100)
+        clients = await open_idle(port, count, 60 + count / 50, kind)
         print("ready", flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
         close_all(clients)
@@ -354,7 +456,7 @@ def breakdown(args: argparse.Namespace) -> int:
 
         async def clients(n: int) -> subprocess.Popen[str]:
             child = subprocess.Popen(
-                [sys.executable, __file__, "--hold", str(port), str(n)],
+                [sys.executable, __file__, "--hold", str(port), str(n), "http1"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
@@ -453,10 +555,17 @@ def main() -> int:
     parser.add_argument(
         "--idle-wait", type=float, default=3.0, help="seconds idle before RSS is read"
     )
-    parser.add_argument("--hold", nargs=2, type=int, metavar=("PORT", "COUNT"), help="internal")
+    parser.add_argument("--kinds", default="http1,h2c", help="http1 and/or h2c, comma-separated")
+    parser.add_argument(
+        "--workers",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=[1, 2],
+        help="meshproxy --workers values to measure, comma-separated",
+    )
+    parser.add_argument("--hold", nargs=3, metavar=("PORT", "COUNT", "KIND"), help="internal")
     args = parser.parse_args()
     if args.hold:
-        return hold(*args.hold)
+        return hold(int(args.hold[0]), int(args.hold[1]), args.hold[2])
     if args.breakdown:
         args.connections = args.connections or 2_000
         return breakdown(args)
