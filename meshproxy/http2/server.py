@@ -353,6 +353,7 @@ class H2Stream:
 
     __slots__ = (
         "body_paused",
+        "bogus_answer",
         "conn",
         "early",
         "end_pending",
@@ -394,6 +395,7 @@ class H2Stream:
         self.stalled_since = 0.0
         self.tunnel: Any = None  # an RFC 8441 tunnel's transport adapter, once switched
         self.websocket = False  # an RFC 8441 extended CONNECT
+        self.bogus_answer = False  # its backend answered 2xx, not 101: 502 sent, body dropped
         self.early: list[bytes] = []  # its client DATA before the backend's answer
 
     # -- Sink ---------------------------------------------------------------------------------
@@ -408,6 +410,22 @@ class H2Stream:
     ) -> None:
         if self.response_done:
             return
+        if self.websocket and 200 <= status < 300:
+            # RFC 8441 §5: a 2xx to an extended CONNECT says the tunnel is open. A backend
+            # that answered the bridged WebSocket handshake with a 2xx instead of 101 opened
+            # none: the client would read its body as WebSocket frames. 502, body dropped.
+            log.info(
+                "WebSocket backend answered %d, not 101: 502 to %s", status, self.conn.client_ip
+            )
+            self.bogus_answer = True
+            self.head = [
+                (b":status", b"502"),
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", b"11"),
+            ]
+            self.held = [b"Bad Gateway"]
+            self.progress += 1
+            return
         fields = [(b":status", _STATUS.get(status) or str(status).encode())]
         for name, value in field_list(headers):
             name = name.lower()
@@ -421,7 +439,7 @@ class H2Stream:
         schedule`), or at once by `flush`/`write_end`: a response read whole from its backend
         leaves as HEADERS and one DATA frame carrying END_STREAM, and the streams answered in
         one iteration share one write."""
-        if self.response_done or not chunk:
+        if self.response_done or not chunk or self.bogus_answer:
             return
         self.progress += 1
         if self.pending:
@@ -469,7 +487,9 @@ class H2Stream:
         if held:
             self.held = []
         ex = self.ex
-        trailers = ex.response_trailers if end and ex is not None else None
+        trailers = (
+            ex.response_trailers if end and ex is not None and not self.bogus_answer else None
+        )
         end_with_data = end and not trailers
         if self.head is not None:
             if end_with_data and not held and not self.pending:
@@ -498,7 +518,7 @@ class H2Stream:
 
     def _end_now(self) -> None:
         ex = self.ex
-        trailers = ex.response_trailers if ex is not None else None
+        trailers = ex.response_trailers if ex is not None and not self.bogus_answer else None
         if trailers:
             self.conn.h2.send_headers(self.stream_id, _trailer_fields(trailers), end_stream=True)
         else:

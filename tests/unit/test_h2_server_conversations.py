@@ -816,6 +816,24 @@ async def test_a_refused_websocket_handshake_gets_its_status_and_the_connection_
     assert not h2c.transport.closed and h2c.entry.tunnels == set()
 
 
+async def test_a_websocket_backend_answering_2xx_instead_of_101_gets_502():
+    """RFC 8441 §5: a 2xx to an extended CONNECT means the tunnel is open. A backend that
+    ignored the bridged WebSocket handshake and answered 200 with a body opened none (the
+    client would read the body as WebSocket frames: fresh tester F6): the stream gets 502,
+    the body is not relayed; other statuses are relayed as they are (above)."""
+    h2c = H2Conversation()
+    h2c.add_upstream()
+    sid = h2c.request(_connect_headers(), end=False)
+    h2c.exchange()
+    events = h2c.backend_sends(
+        b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 9\r\n\r\n{"a": 12}'
+    )
+    assert status_of(events, sid) == b"502"
+    assert body_of(events, sid) == b"Bad Gateway"
+    assert of(events, h2.events.StreamEnded, sid)
+    assert not h2c.transport.closed
+
+
 async def test_a_slow_websocket_client_pauses_the_backend_socket():
     """RFC 9113 §5.2 through the pipe: bytes the stream's window cannot take are queued, and
     past the adapter's high-water mark the backend socket is no longer read; the client's
