@@ -419,6 +419,7 @@ def breakdown(args: argparse.Namespace) -> int:
 
     raise_fd_limit(args.connections * 2 + 1000)
     count = args.connections
+    kind = args.kinds.split(",")[0]
     backend_port = free_port()
     procs = [start_backend(backend_port)]
     wait_port(backend_port)
@@ -452,11 +453,11 @@ def breakdown(args: argparse.Namespace) -> int:
             make_dispatcher("web", manager, metrics),
             on_open=lambda delta: metrics.connection_delta("web", "TCP", delta),
         )
-        server = await loop.create_server(entry.protocol_factory, "127.0.0.1", port, backlog=4096)
+        server = await loop.create_server(entry.connection_factory, "127.0.0.1", port, backlog=4096)
 
         async def clients(n: int) -> subprocess.Popen[str]:
             child = subprocess.Popen(
-                [sys.executable, __file__, "--hold", str(port), str(n), "http1"],
+                [sys.executable, __file__, "--hold", str(port), str(n), kind],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
@@ -493,23 +494,25 @@ def breakdown(args: argparse.Namespace) -> int:
                 for stat in after.compare_to(before, "lineno")[:25]
                 if stat.size_diff > count * 8
             ]
-            conn = next(iter(entry.connections))
-            parser = getattr(conn, "parser", None)
-            return {
-                "traced_bytes_per_connection": sum(
-                    s.size_diff for s in after.compare_to(before, "filename")
-                )
-                / count,
-                "top_lines": lines,
-                "objects_of_one_connection": {
+            objects: dict[str, Any] = {"connections open": len(entry.connections)}
+            if kind == "http1" and entry.connections:
+                conn = next(iter(entry.connections))
+                parser = getattr(conn, "parser", None)
+                objects |= {
                     "H1ServerConnection": sys.getsizeof(conn),
                     "slots": slot_sizes(conn),
                     "parser (httptools.HttpRequestParser, None once shrunk)": (
                         sys.getsizeof(parser) if parser is not None else 0
                     ),
                     "transport (uvloop TCPTransport)": sys.getsizeof(conn.transport),
-                    "connections open": len(entry.connections),
-                },
+                }
+            return {
+                "traced_bytes_per_connection": sum(
+                    s.size_diff for s in after.compare_to(before, "filename")
+                )
+                / count,
+                "top_lines": lines,
+                "objects_of_one_connection": objects,
             }
 
         rss_held = rss_bytes_self()
@@ -524,6 +527,7 @@ def breakdown(args: argparse.Namespace) -> int:
         server.close()
         return {
             "connections": count,
+            "kind": kind,
             "hot_path": hot_path_state(),
             "rss_bytes_per_connection_with_tracemalloc": (rss_held - rss_before) / count,
             "just_answered": just_answered,
