@@ -56,6 +56,7 @@ import websocket_echo  # noqa: E402
 from bench import tcp_short, tcp_throughput, tls_handshakes, udp_datagrams  # noqa: E402
 from bench.common import (  # noqa: E402
     RESULTS,
+    cpu_seconds,
     ensure_h2load,
     ensure_tools,
     free_port,
@@ -455,6 +456,8 @@ def pid_for(target: Target, workload: str) -> int | None:
 
 def run(settings: Settings) -> dict[str, Any]:
     """Start everything, measure every round, stop everything; returns the report."""
+    from meshproxy.build_info import hot_path_state
+
     ensure_tools()
     ensure_h2load()
     tcp_throughput.ensure_iperf3()
@@ -483,6 +486,8 @@ def run(settings: Settings) -> dict[str, Any]:
                             continue
                         pid = pid_for(target, workload)
                         before = tree_cpu_seconds(pid) if pid else 0.0
+                        # the top process alone: a meshproxy supervisor's own share
+                        top_before = cpu_seconds(pid) if pid else 0.0
                         try:
                             figures, ops = measure(workload, target.ports[workload], settings, body)
                         except (subprocess.SubprocessError, RuntimeError, OSError) as error:
@@ -491,6 +496,8 @@ def run(settings: Settings) -> dict[str, Any]:
                         if pid:
                             cpu = tree_cpu_seconds(pid) - before
                             figures["cpu_us_per_op"] = cpu / ops * 1e6 if ops else math.nan
+                            top = cpu_seconds(pid) - top_before
+                            figures["top_cpu_us_per_op"] = top / ops * 1e6 if ops else math.nan
                         rounds[workload].setdefault(name, []).append(figures)
                         print(
                             f"round {index + 1} {workload:18s} {name:13s} "
@@ -510,7 +517,9 @@ def run(settings: Settings) -> dict[str, Any]:
                         )
         finally:
             stop_all(procs)
-    return build_report(settings, rounds, latency, time.monotonic() - began)
+    report = build_report(settings, rounds, latency, time.monotonic() - began)
+    report["setup"]["meshproxy_hot_path"] = hot_path_state()  # compiled (mypyc) or interpreted
+    return report
 
 
 def _median(values: list[float] | Any) -> float:
@@ -531,7 +540,14 @@ def build_report(
         workload: {
             name: {
                 key: _median([r.get(key, math.nan) for r in results])
-                for key in ("rate", "p50_ms", "p99_ms", "cpu_us_per_op", "errors")
+                for key in (
+                    "rate",
+                    "p50_ms",
+                    "p99_ms",
+                    "cpu_us_per_op",
+                    "top_cpu_us_per_op",
+                    "errors",
+                )
             }
             for name, results in by_target.items()
         }
@@ -552,6 +568,13 @@ def build_report(
     }
     ka = rounds.get("h1-keepalive") or {n: [] for n in TARGETS}
     headline = {
+        "h1_keepalive_cpu_us_per_req": {
+            name: _median([r.get("cpu_us_per_op", math.nan) for r in ka.get(name, [])])
+            for name in ("meshproxy-w1", "meshproxy-w2", "haproxy", "nginx", "traefik")
+        },
+        "h1_keepalive_w2_supervisor_cpu_us_per_req": _median(
+            [r.get("top_cpu_us_per_op", math.nan) for r in ka.get("meshproxy-w2", [])]
+        ),
         "h1_keepalive_rps_meshproxy_w1_over_haproxy": _median(
             [m["rate"] / h["rate"] for m, h in zip(ka["meshproxy-w1"], ka["haproxy"], strict=True)]
         ),
@@ -609,7 +632,8 @@ def table(report: dict[str, Any]) -> list[str]:
         f"`python -m bench{' --quick' if setup['quick'] else ''}`: {setup['rounds']} "
         f"interleaved round(s), {setup['duration_s']} s per measurement, "
         f"{setup['seconds']:.0f} s in all. HAProxy 1 thread, nginx 1 worker, Traefik 3.7 "
-        "GOMAXPROCS=1, meshproxy 1 and 2 workers; nothing pinned. **This 2-CPU VM is shared "
+        f"GOMAXPROCS=1, meshproxy 1 and 2 workers ({setup.get('meshproxy_hot_path', '?')}); "
+        "nothing pinned. **This 2-CPU VM is shared "
         "with other work and the load generators run on it: rates drift between rounds; CPU "
         "per operation (the proxy's own /proc CPU time over operations done) is the steadier "
         "figure.** Medians over rounds; `-`: not measured (not supported, or no direct "
@@ -625,6 +649,13 @@ def table(report: dict[str, Any]) -> list[str]:
         f"{head['h1_keepalive_rps_w2_over_w1']:.2f} (the load generator shares the 2 CPUs); "
         f"in CPU-per-request terms (2 x CPU/req with 1 worker / with 2): "
         f"**{head['h1_keepalive_scaling_1_to_2_workers_cpu_terms']:.2f}x** (target >= 1.7x).",
+        "- CPU us per request: "
+        + ", ".join(
+            f"{name} {_fmt(value, 1)}"
+            for name, value in head["h1_keepalive_cpu_us_per_req"].items()
+        )
+        + f"; of meshproxy-w2's, its supervisor: "
+        f"{_fmt(head['h1_keepalive_w2_supervisor_cpu_us_per_req'], 1)}.",
         "",
         "## Throughput and CPU",
         "",
