@@ -98,7 +98,9 @@ def load_balancer_service(
         try:
             spec = spec_from_config(lb.health_check, warnings)
         except HealthCheckConfigError as exc:
-            raise ValueError(f"loadBalancer.healthCheck.{exc}") from None
+            raise ValueError(
+                "; ".join(f"loadBalancer.healthCheck.{error}" for error in exc.errors)
+            ) from None
         for index, state in enumerate(states):
             key = (state.url, spec, transport)
             checker = health.get(key)

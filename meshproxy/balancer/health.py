@@ -39,6 +39,7 @@ import asyncio
 import logging
 import random
 import ssl
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -60,11 +61,17 @@ DEFAULT_TIMEOUT = 5.0  # seconds (Traefik's dynamic.DefaultHealthCheckTimeout)
 MAX_REDIRECTS = 10  # Go's http.Client stops after 10
 MAX_BODY_BYTES = 1 << 20  # a health answer's body, at most: larger is DOWN (bad input)
 JITTER = 0.1  # sleeps last 90-100% of the interval
+LOG_EVERY = 60.0  # seconds between two log lines about a checker's unexpected errors
 _METHOD_CHARS = set("!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
 
 class HealthCheckConfigError(ValueError):
-    """An invalid `healthCheck`; the message starts with the key at fault."""
+    """An invalid `healthCheck`: `errors` lists every fault, each starting with the key at
+    fault (`port: ...`, `headers.X-Id: ...`)."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(errors))
 
 
 @dataclass(frozen=True)
@@ -86,30 +93,55 @@ class HealthCheckSpec:
 
 
 def spec_from_config(hc: HealthCheck, warnings: list[str] | None = None) -> HealthCheckSpec:
-    """Validate a decoded `healthCheck`. Raises HealthCheckConfigError for values Traefik
-    could not use either (an unknown mode or scheme, a port or status out of range, a method
-    that is not a token, a path that is an absolute URL); a non-positive interval, unhealthy
-    interval or timeout falls back to its default with a warning, as Traefik logs it."""
+    """Validate a decoded `healthCheck`. Raises HealthCheckConfigError, listing every fault
+    (not only the first), for values Traefik could not use either: an unknown mode or scheme,
+    a port or status out of range, a method or header name that is not a token, a path that
+    is an absolute URL, a `hostname` or header value holding a control character (Go's
+    http.Client refuses such a field value: "invalid header field value"), a header value
+    that is not a scalar. A non-positive interval, unhealthy interval or timeout falls back
+    to its default with a warning, as Traefik logs it.
+
+    Header values given as YAML numbers or booleans (`X-Id: 1`) are taken as their string
+    form, as Traefik's decoder (paerser) reads every value of a map[string]string as text."""
     warn = warnings if warnings is not None else []
+    errors: list[str] = []
     mode = (hc.mode or "http").lower()
     if mode not in ("http", "grpc"):
-        raise HealthCheckConfigError(f"mode: {hc.mode!r} is not supported (http, grpc)")
+        errors.append(f"mode: {hc.mode!r} is not supported (http, grpc)")
     scheme = (hc.scheme or "").lower()
     if scheme not in ("", "http", "https", "h2c"):
-        raise HealthCheckConfigError(f"scheme: {hc.scheme!r} is not supported (http, https, h2c)")
+        errors.append(f"scheme: {hc.scheme!r} is not supported (http, https, h2c)")
     path = hc.path or ""
     parts = urlsplit(path)
     if parts.scheme or parts.netloc:
-        raise HealthCheckConfigError(f"path: {path!r} must be a path, not a URL")
+        errors.append(f"path: {path!r} must be a path, not a URL")
+    elif _has_control(path):
+        errors.append(f"path: {path!r} holds a control character")
     method = (hc.method or "GET").upper() if mode == "http" else "POST"
     if not set(method) <= _METHOD_CHARS:
-        raise HealthCheckConfigError(f"method: {hc.method!r} is not an HTTP method")
+        errors.append(f"method: {hc.method!r} is not an HTTP method")
     port = hc.port or 0
     if not 0 <= port <= 65535:
-        raise HealthCheckConfigError(f"port: {port} is not a TCP port")
+        errors.append(f"port: {port} is not a TCP port")
     status = hc.status or 0
     if status and not 100 <= status <= 599:
-        raise HealthCheckConfigError(f"status: {status} is not an HTTP status code")
+        errors.append(f"status: {status} is not an HTTP status code")
+    hostname = hc.hostname or ""
+    if _has_control(hostname) or " " in hostname:
+        errors.append(f"hostname: {hostname!r} is not a valid Host (control character or space)")
+    headers: list[tuple[str, str]] = []
+    for name, raw in (hc.headers or {}).items():
+        value = _header_text(raw)
+        if not name or not set(name) <= _METHOD_CHARS:
+            errors.append(f"headers.{name}: {name!r} is not a valid field name")
+        elif value is None:
+            errors.append(f"headers.{name}: expected a string, got {type(raw).__name__}")
+        elif _has_control(value):
+            errors.append(f"headers.{name}: the value {value!r} holds a control character")
+        else:
+            headers.append((name, value))
+    if errors:
+        raise HealthCheckConfigError(errors)
     interval = DEFAULT_INTERVAL if hc.interval is None else float(hc.interval)
     if interval <= 0:
         warn.append("healthCheck.interval must be > 0: the default (30s) is used")
@@ -122,9 +154,6 @@ def spec_from_config(hc: HealthCheck, warnings: list[str] | None = None) -> Heal
     if timeout <= 0:
         warn.append("healthCheck.timeout must be > 0: the default (5s) is used")
         timeout = DEFAULT_TIMEOUT
-    for name, value in (hc.headers or {}).items():
-        if not name or not set(name) <= _METHOD_CHARS or "\r" in value or "\n" in value:
-            raise HealthCheckConfigError(f"headers: {name!r} is not a valid field")
     return HealthCheckSpec(
         mode=mode,
         scheme=scheme,
@@ -135,23 +164,51 @@ def spec_from_config(hc: HealthCheck, warnings: list[str] | None = None) -> Heal
         interval=interval,
         unhealthy_interval=unhealthy,
         timeout=timeout,
-        hostname=hc.hostname or "",
+        hostname=hostname,
         follow_redirects=hc.follow_redirects is not False,
-        headers=tuple(sorted((hc.headers or {}).items())),
+        headers=tuple(sorted(headers)),
     )
 
 
+def _has_control(text: str) -> bool:
+    """True if `text` holds a C0 control other than HTAB, or DEL (RFC 9110 §5.5: a field
+    value is VCHAR, SP and HTAB; CR, LF and NUL are never allowed)."""
+    return any((ord(c) < 0x20 and c != "\t") or c == "\x7f" for c in text)
+
+
+def _header_text(value: object) -> str | None:
+    """A header value as text: a string as is, a YAML number or boolean in its string form
+    (booleans as Go prints them, `true`/`false`); None for anything else (a list, a map)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return None
+
+
 def probe_url(server_url: str, spec: HealthCheckSpec) -> str:
-    """The URL a probe asks: `path` resolved against the server's URL (as Go's URL.Parse),
-    then `scheme` and `port` replaced when set."""
-    url = urljoin(server_url, spec.path) if spec.path else server_url
-    parts = urlsplit(url)
-    scheme = spec.scheme or parts.scheme
-    netloc = parts.netloc.rpartition("@")[2]
+    """The URL a probe asks: `path` resolved against the server's URL (as Traefik's
+    `target.Parse(path)`, Go's RFC 3986 §5.2 reference resolution, which works for any
+    scheme), then `scheme` and `port` replaced when set.
+
+    Python's urljoin only resolves for the schemes in its `uses_relative`/`uses_netloc`
+    lists (`urljoin("h2c://h:1", "/health") == "/health"`), so the join is made on the
+    URL with an http scheme and the server's scheme is put back."""
+    server = urlsplit(server_url)
+    if spec.path:
+        base = urlunsplit(("http", server.netloc, server.path, server.query, ""))
+        joined = urlsplit(urljoin(base, spec.path))
+        path, query = joined.path, joined.query
+    else:
+        path, query = server.path, server.query
+    scheme = spec.scheme or server.scheme
+    netloc = server.netloc.rpartition("@")[2]
     if spec.port:
-        host = parts.hostname or ""
+        host = server.hostname or ""
         netloc = f"[{host}]:{spec.port}" if ":" in host else f"{host}:{spec.port}"
-    return urlunsplit((scheme, netloc, parts.path or "/", parts.query, ""))
+    return urlunsplit((scheme, netloc, path or "/", query, ""))
 
 
 class HealthChecker:
@@ -168,6 +225,7 @@ class HealthChecker:
         self.task: asyncio.Task[None] | None = None
         self.rng = random.Random()
         self._ssl: ssl.SSLContext | None = None
+        self._logged = -LOG_EVERY  # monotonic time of the last unexpected-error log line
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -181,11 +239,24 @@ class HealthChecker:
             self.task = None
 
     async def run(self) -> None:
+        """Probe forever. An unexpected exception in a probe (a bug, or input no check
+        foresaw) counts as a failed probe, the server DOWN with the error as `lastError`,
+        and is logged at most once per LOG_EVERY seconds: a checker that died would leave
+        its server's state frozen (issue 13: bad input is counted as unhealthy)."""
         spec = self.spec
         while True:
             interval = spec.interval if self.healthy else spec.unhealthy_interval
             await asyncio.sleep(interval * (1.0 - JITTER * self.rng.random()))
-            error = await self.probe()
+            try:
+                error = await self.probe()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any bug must not stop the checker
+                error = f"probe error: {type(exc).__name__}: {exc}"
+                now = time.monotonic()
+                if now - self._logged >= LOG_EVERY:
+                    self._logged = now
+                    log.error("health check of %s: unexpected %s", self.url, error, exc_info=True)
             self.set_verdict(error is None, error or "")
 
     def set_verdict(self, healthy: bool, error: str) -> None:

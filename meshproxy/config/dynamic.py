@@ -46,7 +46,9 @@ class HealthCheck(_Base):
     timeout: Duration | None = None
     hostname: str | None = None
     follow_redirects: bool | None = None
-    headers: dict[str, str] | None = None
+    # Values are checked (and numbers/booleans taken as text, as Traefik) by
+    # balancer/health.spec_from_config, so the error names the key: `headers.X-Id`.
+    headers: dict[str, Any] | None = None
 
 
 class PassiveHealthCheck(_Base):

@@ -417,6 +417,38 @@ async def test_h2c_scheme_probes_over_http2(proxy_factory):
         server.close()
 
 
+async def test_h2c_server_urls_are_probed_with_their_host(proxy_factory):
+    """An `h2c://host:port` server (how Traefik, and Traefik Mesh's controller for
+    `mesh.traefik.io/scheme: h2c`, write such servers) with an HTTP check: the probe goes to
+    that host over HTTP/2 prior knowledge, path and query kept, and the server is UP as in
+    Traefik 3.7 (fresh tester F4: it was DOWN, "Name or service not known", and every
+    request got 503). A `port` override moves the probe to another port of the same host."""
+    server = await H2CHealthServer().start()
+    other = await H2CHealthServer().start()
+    try:
+        url = f"h2c://127.0.0.1:{server.port}"
+        check = {"path": "/health?deep=1", "interval": "200ms"}
+        proxy = await proxy_factory(one_service(checked(url, check=check)))
+        await wait_for(lambda: len(server.requests) >= 2, 5, "h2c:// probes")
+        assert server_status(proxy)[url] == "UP"
+        first = server.requests[0]
+        assert (first[b":path"], first[b":authority"]) == (
+            b"/health?deep=1",
+            f"127.0.0.1:{server.port}".encode(),
+        )
+        server.status = 503
+        await wait_for(lambda: server_status(proxy)[url] == "DOWN", 5, "h2c:// 503 -> DOWN")
+        server.status = 200
+        await wait_for(lambda: server_status(proxy)[url] == "UP", 5, "h2c:// back UP")
+        check = {"path": "/p", "port": other.port, "interval": "200ms"}
+        proxy.write(one_service(checked(url, check=check)))
+        await wait_for(lambda: len(other.requests) >= 1, 5, "probe on the `port` override")
+        assert other.requests[0][b":path"] == b"/p"
+    finally:
+        server.close()
+        other.close()
+
+
 async def test_https_checks_go_through_the_service_transport(proxy_factory):
     """Traefik runs a service's checks with the service's serversTransport: with its rootCAs
     the probe trusts the backend's certificate (UP); the same server in a service without

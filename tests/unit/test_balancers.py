@@ -8,6 +8,7 @@ from __future__ import annotations
 import heapq
 import random
 from collections import Counter
+from typing import Any
 
 import pytest
 
@@ -285,6 +286,90 @@ def test_probe_url_resolves_path_scheme_and_port():
     )
 
 
+def test_probe_url_keeps_the_host_for_every_scheme():
+    """Traefik's newRequest does `target.Parse(path)` (Go's RFC 3986 §5.2 resolution, any
+    scheme): an `h2c://` server keeps its host and port (Python's urljoin would drop them:
+    h2c is not in its uses_relative list); https, a query, a relative path, a `port`
+    override and an `https` scheme override all resolve the same way."""
+
+    def url(server: str, **check: Any) -> str:
+        return probe_url(server, spec_from_config(HealthCheck(**check)))
+
+    assert url("h2c://127.0.0.1:19080", path="/health") == "h2c://127.0.0.1:19080/health"
+    assert url("h2c://127.0.0.1:19080") == "h2c://127.0.0.1:19080/"
+    assert url("h2c://10.0.0.1:80/base/", path="ready?x=1") == "h2c://10.0.0.1:80/base/ready?x=1"
+    assert url("h2c://10.0.0.1:80", path="/h", port=81) == "h2c://10.0.0.1:81/h"
+    assert url("h2c://10.0.0.1:80", path="/h", scheme="http") == "http://10.0.0.1:80/h"
+    assert url("https://[::1]:8443/x", path="/h?a=b&c") == "https://[::1]:8443/h?a=b&c"
+    assert url("http://10.0.0.1", path="/h", scheme="https", port=8443) == (
+        "https://10.0.0.1:8443/h"
+    )
+    assert url("http://u:p@10.0.0.1:80", path="/h") == "http://10.0.0.1:80/h"
+
+
+def test_health_check_errors_are_all_reported_with_their_keys():
+    """README: every config error with its JSON path. A check with several faults lists
+    each (not only the first); a CR/LF in `hostname` or a header value is refused at load
+    (Go's http.Client refuses such a field value, so Traefik's probe could not send it),
+    the error naming the header key."""
+    with pytest.raises(HealthCheckConfigError) as caught:
+        spec_from_config(HealthCheck(scheme="ftp", status=999, port=70000))
+    assert [e.split(":")[0] for e in caught.value.errors] == ["scheme", "port", "status"]
+    with pytest.raises(HealthCheckConfigError) as caught:
+        spec_from_config(
+            HealthCheck(
+                hostname="h\r\nInjected: 2",
+                headers={"X-A": "a\nb", "X-List": [1], "Bad Name": "v"},
+            )
+        )
+    assert [e.split(": ")[0] for e in caught.value.errors] == [
+        "hostname",
+        "headers.X-A",
+        "headers.X-List",
+        "headers.Bad Name",
+    ]
+
+
+def test_health_check_header_scalars_are_taken_as_text():
+    """Traefik 3.7 reads healthCheck.headers as map[string]string: YAML `X-Id: 1` and
+    `X-On: true` are the strings "1" and "true" (checked with the real binary: the probe
+    carried `X-Num: 5`); meshproxy used to refuse the whole payload."""
+    from meshproxy.config.decode import load_text
+    from meshproxy.config.dynamic import decode_dynamic_obj
+
+    text = """
+http:
+  services:
+    s:
+      loadBalancer:
+        servers: [{url: "http://127.0.0.1:1"}]
+        healthCheck: {path: /h, headers: {X-Id: 1, X-On: true, X-F: 1.5, X-S: "s"}}
+"""
+    decoded = decode_dynamic_obj(load_text(text))
+    spec = spec_from_config(decoded.http.services["s"].load_balancer.health_check)
+    assert dict(spec.headers) == {"X-Id": "1", "X-On": "true", "X-F": "1.5", "X-S": "s"}
+
+
+async def test_a_checker_survives_an_unexpected_error_in_a_probe():
+    """Issue 13: bad input is counted as unhealthy. An exception no probe foresaw (here
+    urllib's ValueError for a port out of range, raised while building the probe) is a
+    failed probe: the server goes DOWN with the error as lastError and probing goes on."""
+    from meshproxy.balancer.health import HealthChecker
+    from meshproxy.http.upstream import TransportSettings
+    from tests.helpers import wait_for
+
+    spec = spec_from_config(HealthCheck(path="/h", interval=Duration(0.02)))
+    checker = HealthChecker("http://127.0.0.1:99999", spec, TransportSettings())
+    checker.start()
+    try:
+        await wait_for(lambda: checker.probes >= 3, 5, "probes go on after an error")
+        assert not checker.healthy
+        assert "ValueError" in checker.last_error
+        assert checker.task is not None and not checker.task.done()
+    finally:
+        checker.stop()
+
+
 def test_probes_dial_where_the_data_path_dials():
     """Under `meshproxy local` mesh names resolve to the local proxy's entrypoint
     (meshproxy.upstream_address): a probe dials there and keeps the name as its Host field,
@@ -342,6 +427,21 @@ def test_controller_annotations_add_health_checks_and_strategy():
     assert "ns-bad-80" not in config["http"]["routers"]
     decoded = decode_dynamic_obj(config)
     assert decoded.http.services["ns-api-80"].load_balancer.health_check.path == "/ready"
+
+
+def test_controller_h2c_service_with_health_check_path_probes_its_pods():
+    """Traefik Mesh's `mesh.traefik.io/scheme: h2c` makes the controller write the pods as
+    `h2c://ip:port`; with `meshproxy.io/health-check-path` each probe must still go to the
+    pod (fresh tester F4: the URL lost its host and every pod went DOWN)."""
+    from meshproxy.config.dynamic import decode_dynamic_obj
+    from tests.unit.test_controller_bad_input import build, endpoints, pod, svc
+
+    notes = {"mesh.traefik.io/scheme": "h2c", "meshproxy.io/health-check-path": "/ready"}
+    _, config, _ = build([svc("api", **notes), pod("api-1", "10.1.0.1"), endpoints("api", "api-1")])
+    lb = decode_dynamic_obj(config).http.services["ns-api-80"].load_balancer
+    server = lb.servers[0].url
+    assert server.startswith("h2c://10.1.0.1:")
+    assert probe_url(server, spec_from_config(lb.health_check)) == server + "/ready"
 
 
 def test_traefik_passive_health_check_window():
