@@ -530,11 +530,12 @@ def build_static(file_data: bytes | str | None, flags: list[str]) -> tuple[Stati
         )
         if tracing.otlp is None:  # a v2 setup: no OTLP exporter to localhost behind its back
             config.tracing = tracing = None
-    if tracing is not None and tracing.safe_query_params:
-        warnings.append("tracing.safeQueryParams: not implemented; url.query is recorded whole")
-    if tracing is not None and tracing.sample_rate is not None:
-        if not 0 <= tracing.sample_rate <= 1:
-            errors.append(ConfigError("tracing.sampleRate", "must be within 0..1"))
+    if (
+        tracing is not None
+        and tracing.sample_rate is not None
+        and not 0 <= tracing.sample_rate <= 1
+    ):
+        errors.append(ConfigError("tracing.sampleRate", "must be within 0..1"))
     if config.metrics is not None:
         for key in ("datadog", "influxDB", "influxDB2", "statsd", "otlp"):
             if normalized["metrics"].get(key) is not None:

@@ -39,6 +39,7 @@ import logging
 import os
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -95,6 +96,9 @@ class TracingSettings:
     # case, a list of values), as Traefik's capturedRequestHeaders / capturedResponseHeaders
     captured_request_headers: tuple[str, ...] = ()
     captured_response_headers: tuple[str, ...] = ()
+    # query parameter names whose values are exported as sent (case-sensitive, Traefik's
+    # tracing.safeQueryParams); every other value becomes `REDACTED`
+    safe_query_params: frozenset[str] = frozenset()
 
 
 class _FieldsGetter(Getter[Any]):
@@ -231,8 +235,10 @@ class Tracing:
         port = request.port
         if port and str(port).isdigit():  # the Host's port, as text
             attributes["server.port"] = int(port)
-        if request.query:
-            attributes["url.query"] = _text(request.query)
+        # Traefik 3.7 records url.query always ("" without one), values redacted
+        attributes["url.query"] = redact_query(
+            _text(request.query), self.settings.safe_query_params
+        )
         for name in self.settings.captured_request_headers:
             values = request.header_values(name)
             if values:
@@ -351,7 +357,7 @@ class ServerSpan:
             address, _, port = _text(host).rpartition(":")
             attributes: dict[str, Any] = {
                 "http.request.method": request.method,
-                "url.full": url.rstrip("/") + _text(request.target),
+                "url.full": _safe_url(url, _text(request.target), self.tracing.settings),
                 "server.address": address or _text(host),
                 "network.peer.address": address or _text(host),
                 "traefik.service.name": ex.service,
@@ -473,6 +479,74 @@ def _text(value: bytes | str) -> str:
     return value if isinstance(value, str) else value.decode("latin-1")
 
 
+REDACTED = "REDACTED"  # Traefik's placeholder for a query value or a URL's user info
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def redact_query(raw: str, safe: frozenset[str] = frozenset()) -> str:
+    """The query string `raw` (without `?`) as Traefik 3.7 exports it in `url.query` and
+    `url.full` (pkg/observability/tracing, `safeURL`): parsed as Go's `url.ParseQuery`,
+    every parameter's value replaced by one `REDACTED` unless its name is in `safe`
+    (case-sensitive; all its values kept), then re-encoded as Go's `url.Values.Encode`:
+    names sorted, `name=value` joined by `&`, each part `QueryEscape`d (space as `+`).
+
+    Go details kept, checked against the real binary: `;` separates pairs as `&` does
+    (Traefik lets semicolons through as Go's `AllowQuerySemicolons`), empty pairs are
+    dropped, a pair with a bad `%` escape is dropped (ParseQuery skips it), a name without
+    `=` gets a value (`flag` -> `flag=REDACTED`). Hand-written: urllib's parse_qsl differs
+    on the bad-escape and byte-level cases, and nothing in the standard library encodes as
+    Go's Encode does."""
+    if not raw:
+        return ""
+    values: dict[bytes, list[bytes]] = {}
+    for pair in raw.replace(";", "&").split("&"):
+        if not pair:
+            continue
+        name, _, value = pair.partition("=")
+        key = _query_unescape(name)
+        decoded = _query_unescape(value)
+        if key is None or decoded is None:
+            continue
+        values.setdefault(key, []).append(decoded)
+    parts: list[str] = []
+    for key in sorted(values):
+        escaped = urllib.parse.quote_plus(key, safe="")
+        if key.decode("utf-8", "surrogateescape") in safe:
+            parts.extend(f"{escaped}={urllib.parse.quote_plus(v, safe='')}" for v in values[key])
+        else:
+            parts.append(f"{escaped}={REDACTED}")
+    return "&".join(parts)
+
+
+def _query_unescape(text: str) -> bytes | None:
+    """Go's QueryUnescape: `+` is a space, `%XX` a byte; None for a malformed `%` escape."""
+    index = text.find("%")
+    while index >= 0:
+        if text[index + 1 : index + 2] not in _HEX or text[index + 2 : index + 3] not in _HEX:
+            return None
+        index = text.find("%", index + 3)
+    # the request's bytes came in as latin-1 text: back to those bytes, not UTF-8 of them
+    return urllib.parse.unquote_to_bytes(text.replace("+", " ").encode("latin-1", "replace"))
+
+
+def _safe_url(base: str, target: str, settings: TracingSettings) -> str:
+    """`url.full` of a try: the server URL `base` joined with the request target, its query
+    redacted by `redact_query` and any user info of the server URL replaced by
+    `REDACTED:REDACTED` (Traefik 3.7's safeURL). A `?` with nothing after it stays, as Go
+    keeps it (ForceQuery)."""
+    scheme, sep, rest = base.partition("://")
+    if sep:
+        authority, slash, tail = rest.partition("/")
+        if "@" in authority:
+            authority = f"{REDACTED}:{REDACTED}@" + authority.rpartition("@")[2]
+            base = scheme + sep + authority + slash + tail
+    path, mark, query = target.partition("?")
+    full = base.rstrip("/") + path
+    if mark:
+        full += "?" + redact_query(query, settings.safe_query_params)
+    return full
+
+
 def settings_from_static(options: Any) -> TracingSettings:
     """TracingSettings from the static `tracing` section (config.static.Tracing)."""
     settings = TracingSettings(
@@ -480,6 +554,7 @@ def settings_from_static(options: Any) -> TracingSettings:
         sample_rate=1.0 if options.sample_rate is None else float(options.sample_rate),
         captured_request_headers=tuple(h.lower() for h in options.captured_request_headers or ()),
         captured_response_headers=tuple(h.lower() for h in options.captured_response_headers or ()),
+        safe_query_params=frozenset(options.safe_query_params or ()),
         resource_attributes={
             **(options.global_attributes or {}),
             **(options.resource_attributes or {}),

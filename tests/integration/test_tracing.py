@@ -183,7 +183,7 @@ async def test_server_span_and_sibling_client_spans_per_try_with_w3c_context_sen
     attrs = server["attributes"]
     assert attrs["http.request.method"] == "GET"
     assert attrs["url.path"] == "/orders/7"
-    assert attrs["url.query"] == "x=1"
+    assert attrs["url.query"] == "x=REDACTED"  # Traefik 3.7 safeURL: values redacted
     assert attrs["server.address"] == "shop.test"
     assert attrs["network.peer.address"] == "127.0.0.1"
     assert attrs["http.response.status_code"] == 200
@@ -205,7 +205,7 @@ async def test_server_span_and_sibling_client_spans_per_try_with_w3c_context_sen
     assert second["attributes"]["http.request.resend_count"] == 1
     assert second["attributes"]["http.response.status_code"] == 200
     assert second["attributes"]["server.port"] == backend.port
-    assert second["attributes"]["url.full"] == f"{backend.url}/orders/7?x=1"
+    assert second["attributes"]["url.full"] == f"{backend.url}/orders/7?x=REDACTED"
     (seen,) = backend.requests
     assert _header(seen, "traceparent") == f"00-{TRACE_ID}-{second['span_id']}-01"
     assert _header(seen, "tracestate") == "vendor=opaque"
@@ -356,3 +356,79 @@ async def test_collector_down_failing_or_hanging_never_slows_traffic_and_drops_a
     if collector != "down":
         assert receiver.posts > 0
     assert not receiver.spans
+
+
+# Queries whose exported form Traefik 3.7 normalises in some way: several values, a safe name,
+# case of a safe name, `+` and `%20`, `;` as separator, a name without `=`, an empty name, a
+# bad escape, a percent-encoded UTF-8 name, a trailing `&`, a bare `?`.
+_REDACTION_QUERIES = [
+    "token=s3cr3t",
+    "b=2&a=1&a=3&safe=x%20y&safe=z",
+    "flag",
+    "a=%20b&",
+    "x=1;y=2",
+    "keep=v&Keep=w",
+    "k=a+b&safe=a+b%2B",
+    "=v",
+    "%C3%A9=1",
+    "a=%zz&b=1",
+    "",
+]
+
+
+async def test_query_values_redacted_as_traefik_unless_safe_query_params(
+    proxy_factory: Any, backends: Any, receiver: Receiver, fast_export: None, tmp_path: Any
+) -> None:
+    """Traefik 3.7 never exports query values (pkg/observability/tracing `safeURL`, docs
+    "tracing.safeQueryParams"): `url.query` of the server span and `url.full` of the client
+    span carry `name=REDACTED`, names re-encoded as Go's `url.Values.Encode` (sorted), except
+    the names listed in `safeQueryParams` (case-sensitive), whose values are kept. The same
+    requests go through the real Traefik binary and through meshproxy, both exporting to this
+    receiver, and the exported attributes must be equal request by request; no secret value
+    may reach the receiver from either."""
+    from tests.differential.harness import TraefikProcess, TraefikUnavailable, traefik_binary
+
+    try:
+        traefik_binary()
+    except TraefikUnavailable as exc:
+        pytest.skip(str(exc))
+    backend = await backends("b")
+    flags = [
+        f"--tracing.otlp.http.endpoint={receiver.endpoint}",
+        "--tracing.safeQueryParams=safe,Keep",
+    ]
+    dynamic = _config(backend.url)
+    dynamic["http"]["routers"]["r"]["entryPoints"] = ["web"]
+    traefik = TraefikProcess(tmp_path, dynamic, static_flags=flags)
+    await asyncio.to_thread(traefik.start)
+    try:
+        proxy = await proxy_factory(_config(backend.url), extra_flags=flags)
+        traces: dict[tuple[str, int], str] = {}
+        for side, port in (("traefik", traefik.port), ("meshproxy", proxy.port)):
+            for index, query in enumerate(_REDACTION_QUERIES):
+                trace_id = f"{(1 if side == 'traefik' else 2):02x}{index:030x}"
+                target = "/p?" + query if query else "/p?"
+                response = await request(
+                    port, target=target, headers={"traceparent": f"00-{trace_id}-{PARENT_ID}-01"}
+                )
+                assert response.status == 200, (side, query, response.status)
+                traces[side, index] = trace_id
+
+        def exported(side: str, index: int) -> tuple[Any, Any] | None:
+            spans = receiver.of_trace(traces[side, index])
+            server = [s for s in spans if s["kind"] == SERVER]
+            client = [s for s in spans if s["kind"] == CLIENT]
+            if not server or not client:
+                return None
+            return (server[0]["attributes"].get("url.query"), client[0]["attributes"]["url.full"])
+
+        for index, query in enumerate(_REDACTION_QUERIES):
+            theirs = await wait_for(lambda i=index: exported("traefik", i), 15, "traefik's spans")
+            ours = await wait_for(lambda i=index: exported("meshproxy", i), 15, "meshproxy's spans")
+            assert ours == theirs, (query, ours, theirs)
+        everything = repr([s["attributes"] for s in receiver.spans])
+        for secret in ("s3cr3t", "=v&", "a=1", "keep=v"):
+            assert secret not in everything
+        assert "safe=x+y&safe=z" in everything and "Keep=w" in everything
+    finally:
+        await asyncio.to_thread(traefik.stop)

@@ -13,7 +13,7 @@ from opentelemetry.trace import SpanKind
 from meshproxy.http.errors import UpstreamConnectError
 from meshproxy.http.exchange import Exchange, NullSink
 from meshproxy.http.request import Request
-from meshproxy.observability.tracing import Tracing, TracingSettings
+from meshproxy.observability.tracing import Tracing, TracingSettings, redact_query
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
@@ -112,4 +112,48 @@ def test_an_unsampled_parent_is_followed_and_still_propagated_without_recording(
     assert (version, trace_id, flags) == ("00", TRACE_ID, "00")
     assert span_id != "00f067aa0ba902b7"
     assert memory.get_finished_spans() == ()
+    tracing.shutdown()
+
+
+def test_query_redaction_follows_go_url_values_encode_as_traefik_exports_it():
+    """Traefik 3.7 `safeURL` (pkg/observability/tracing): every value becomes `REDACTED`
+    unless its name is in `safeQueryParams` (case-sensitive), re-encoded by Go's
+    `url.Values.Encode` (sorted names, QueryEscape: space as `+`). The expected strings are
+    what the real `traefik` 3.7 binary exported for these queries (OTLP, 2026-11-30; the
+    integration test re-checks them against the binary when it is installed)."""
+    safe = frozenset({"safe", "Keep"})
+    assert redact_query("q=1", safe) == "q=REDACTED"
+    assert redact_query("b=2&a=1&a=3&safe=x%20y&safe=z", safe) == (
+        "a=REDACTED&b=REDACTED&safe=x+y&safe=z"
+    )
+    assert redact_query("flag", safe) == "flag=REDACTED"
+    assert redact_query("a=%20b&", safe) == "a=REDACTED"
+    assert redact_query("x=1;y=2", safe) == "x=REDACTED&y=REDACTED"
+    assert redact_query("keep=v&Keep=w", safe) == "Keep=w&keep=REDACTED"
+    assert redact_query("k=a+b&safe=a+b%2B", safe) == "k=REDACTED&safe=a+b%2B"
+    assert redact_query("=v", safe) == "=REDACTED"
+    assert redact_query("%C3%A9=1", safe) == "%C3%A9=REDACTED"
+    assert redact_query("\u00c3\u00a9=1", safe) == "%C3%A9=REDACTED"  # raw UTF-8, as latin-1
+    assert redact_query("", safe) == ""
+
+
+def test_client_span_url_full_redacts_query_and_server_user_info():
+    """Traefik 3.7 `safeURL`: the try's `url.full` has its query redacted and the server
+    URL's user info replaced by `REDACTED:REDACTED`; a safe parameter keeps its value."""
+    memory = InMemorySpanExporter()
+    settings = TracingSettings(schedule_delay_ms=10, safe_query_params=frozenset({"page"}))
+    tracing = Tracing(settings, exporter=memory)
+    ex = exchange([])
+    ex.request.target = b"/a?token=s3cr3t&page=2"
+    tracing.start_server(ex)
+    attempt = ex.span.attempt(ex, "http://user:pw@10.0.0.2:80/", b"10.0.0.2:80")
+    attempt.end(ex, 200, None)
+    ex.span.end(ex, 200)
+    tracing.provider.force_flush()
+    client, server = memory.get_finished_spans()
+    assert client.attributes is not None and server.attributes is not None
+    assert client.attributes["url.full"] == (
+        "http://REDACTED:REDACTED@10.0.0.2:80/a?page=2&token=REDACTED"
+    )
+    assert server.attributes["url.query"] == "b=REDACTED"  # the request's own query
     tracing.shutdown()
