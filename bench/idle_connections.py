@@ -43,9 +43,11 @@ from common import (
     save_report,
     start_backend,
     start_haproxy_for,
+    start_haproxy_tcp,
     stop_all,
     timestamp,
     wait_port,
+    wait_routers,
 )
 
 HOST = "bench.mesh.test"
@@ -123,25 +125,61 @@ class IdleH2Client(asyncio.Protocol):
             self.answered.set_exception(ConnectionError(f"closed before the response: {exc}"))
 
 
-CLIENTS: dict[str, type[IdleClient] | type[IdleH2Client]] = {
+class IdleEchoClient(asyncio.Protocol):
+    """A TCP (or, over `ssl`, TLS) pipe through the proxy to an echo server: one byte sent, its
+    echo read, then idle. `status` is 200 once the echo came back (as the HTTP clients')."""
+
+    def __init__(self, answered: asyncio.Future[None]) -> None:
+        self.answered = answered
+        self.transport: asyncio.Transport | None = None
+        self.status = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.transport.write(b"x")
+
+    def data_received(self, data: bytes) -> None:
+        self.status = 200
+        if not self.answered.done():
+            self.answered.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.answered.done():
+            self.answered.set_exception(ConnectionError(f"closed before the echo: {exc}"))
+
+
+Client = IdleClient | IdleH2Client | IdleEchoClient
+CLIENTS: dict[str, type[Client]] = {
     "http1": IdleClient,
     "h2c": IdleH2Client,
+    "tcp": IdleEchoClient,
+    "tls": IdleEchoClient,
 }
 
 
-async def open_idle(
-    port: int, count: int, timeout: float, kind: str = "http1"
-) -> list[IdleClient | IdleH2Client]:
-    """`count` connections of `kind` to `port`, each having had one 200 response, left open."""
+async def open_idle(port: int, count: int, timeout: float, kind: str = "http1") -> list[Client]:
+    """`count` connections of `kind` to `port`, each having had one 200 response (or echo),
+    left open. `tls`: TLS 1.3, the certificate not verified (the clients' CPU is not what is
+    measured)."""
+    import ssl
+
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    clients: list[IdleClient | IdleH2Client] = []
+    clients: list[Client] = []
     make = CLIENTS[kind]
+    context = None
+    if kind == "tls":
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
     while len(clients) < count:
         batch = [make(loop.create_future()) for _ in range(min(BATCH, count - len(clients)))]
         await asyncio.wait_for(
             asyncio.gather(
-                *(loop.create_connection(lambda c=c: c, "127.0.0.1", port) for c in batch)
+                *(
+                    loop.create_connection(lambda c=c: c, "127.0.0.1", port, ssl=context)
+                    for c in batch
+                )
             ),
             max(0.1, deadline - loop.time()),
         )
@@ -183,10 +221,18 @@ def tree_memory(pid: int) -> dict[str, int]:
 
 
 def start_meshproxy_workers(
-    workdir: Path, port: int, admin: int, dynamic_yaml: str, workers: int
+    workdir: Path,
+    port: int,
+    admin: int,
+    dynamic_yaml: str,
+    workers: int,
+    source: Path | None = None,
+    extra_entrypoints: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """meshproxy with `--workers=N` (its default is one worker per CPU: always explicit here),
-    metrics on, fed by a dynamic config file; with N > 1 a supervisor and N worker processes."""
+    metrics on, fed by a dynamic config file; with N > 1 a supervisor and N worker processes.
+    `source`: run the meshproxy package of that tree (`python -m` puts the working directory
+    first on sys.path), e.g. a patch measured beside the working tree."""
     dynamic = workdir / f"dynamic-{port}.yaml"
     dynamic.write_text(dynamic_yaml)
     return subprocess.Popen(
@@ -201,9 +247,57 @@ def start_meshproxy_workers(
             f"--providers.file.filename={dynamic}",
             "--metrics.prometheus=true",
             "--ping",
+            "--api.insecure",
             "--log.level=ERROR",
-        ]
+            *(
+                f"--entryPoints.{name}.address={address}"
+                for name, address in (extra_entrypoints or {}).items()
+            ),
+        ],
+        cwd=source,
     )
+
+
+def start_echo(port: int) -> subprocess.Popen[bytes]:
+    """The echo server behind the TCP and TLS routes (bench/l4_common.py's, uvloop)."""
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+    code += f"from l4_common import run_tcp_echo; run_tcp_echo({port})"
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def write_certificate(cert_key: tuple[Path, Path], both: Path) -> None:
+    """A trustme certificate for the TLS route: certificate and key files (meshproxy), and
+    both in one PEM (HAProxy's `crt`)."""
+    import trustme
+
+    leaf = trustme.CA().issue_cert(HOST)
+    leaf.cert_chain_pems[0].write_to_path(str(cert_key[0]))
+    leaf.private_key_pem.write_to_path(str(cert_key[1]))
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(both))
+
+
+def dynamic_with_l4(http_yaml: str, echo: int, kinds: set[str], cert: tuple[Path, Path]) -> str:
+    """`http_yaml` plus a TCP router per kind (`tcp`: plain, `tls`: terminated with the
+    default certificate), ``HostSNI(`*`)`` to the echo server on entrypoint `kind`."""
+    import yaml
+
+    config = yaml.safe_load(http_yaml)
+    config["tcp"] = {
+        "routers": {
+            kind: {
+                "entryPoints": [kind],
+                "rule": "HostSNI(`*`)",
+                "service": "echo",
+                **({"tls": {}} if kind == "tls" else {}),
+            }
+            for kind in kinds
+        },
+        "services": {"echo": {"loadBalancer": {"servers": [{"address": f"127.0.0.1:{echo}"}]}}},
+    }
+    if "tls" in kinds:
+        default = {"certFile": str(cert[0]), "keyFile": str(cert[1])}
+        config["tls"] = {"stores": {"default": {"defaultCertificate": default}}}
+    return yaml.safe_dump(config)
 
 
 def wait_ping(admin: int, timeout: float = 30.0) -> None:
@@ -222,7 +316,7 @@ def wait_ping(admin: int, timeout: float = 30.0) -> None:
     raise RuntimeError(f"admin port {admin} did not answer /ping")
 
 
-def close_all(clients: list[IdleClient | IdleH2Client]) -> None:
+def close_all(clients: list[Client]) -> None:
     for client in clients:
         if client.transport is not None:
             client.transport.close()
@@ -293,31 +387,62 @@ def compare(args: argparse.Namespace) -> int:
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        backend = free_port()
+        backend, echo = free_port(), free_port()
         procs: list[subprocess.Popen[bytes]] = [start_backend(backend)]
+        l4 = {"tcp", "tls"} & set(kinds)
+        cert, both = (workdir / "server.crt", workdir / "server.key"), workdir / "server.pem"
+        if l4:
+            procs.append(start_echo(echo))
+            write_certificate(cert, both)
         try:
             wait_port(backend)
-            targets = [f"meshproxy-w{n}" for n in args.workers] + (
+            suffix = f"@{args.source}" if args.source else ""
+            targets = [f"meshproxy-w{n}{suffix}" for n in args.workers] + (
                 ["haproxy"] if args.haproxy else []
             )
             for target in targets:
-                port = free_port()
+                ports = {kind: free_port() for kind in kinds}
+                ports["http1"] = ports["h2c"] = (
+                    ports.get("http1") or ports.get("h2c") or free_port()
+                )
+                started: list[subprocess.Popen[bytes]] = []
+                pids: dict[str, int] = {}
                 if target == "haproxy":
-                    proxy = start_haproxy_for(
-                        workdir, port, backend, HOST, maxconn=args.connections + 100
-                    )
-                    procs.append(proxy)
-                    wait_port(port)
+                    maxconn = args.connections + 100
+                    for kind in kinds:
+                        port = ports[kind]
+                        if kind in ("http1", "h2c") and ("http1" in pids or "h2c" in pids):
+                            pids[kind] = pids.get("http1") or pids["h2c"]  # one HTTP frontend
+                            continue
+                        if kind in ("http1", "h2c"):
+                            proxy = start_haproxy_for(workdir, port, backend, HOST, maxconn)
+                        else:
+                            ssl = f"ssl crt {both}" if kind == "tls" else ""
+                            proxy = start_haproxy_tcp(workdir, port, echo, ssl, maxconn)
+                        started.append(proxy)
+                        pids[kind] = proxy.pid
+                        wait_port(port)
                 else:
                     admin = free_port()
-                    workers = int(target.removeprefix("meshproxy-w"))
+                    workers = int(target.removeprefix("meshproxy-w").split("@")[0])
                     dynamic = bench_dynamic(backend, HOST)
-                    proxy = start_meshproxy_workers(workdir, port, admin, dynamic, workers)
-                    procs.append(proxy)
-                    wait_port(port)
+                    extra = {k: f"127.0.0.1:{ports[k]}" for k in l4}
+                    if l4:
+                        dynamic = dynamic_with_l4(dynamic, echo, l4, cert)
+                    proxy = start_meshproxy_workers(
+                        workdir, ports["http1"], admin, dynamic, workers, args.source, extra
+                    )
+                    started.append(proxy)
+                    wait_port(ports["http1"])
                     wait_ping(admin)
+                    if l4:
+                        wait_routers(admin, "tcp", l4)
+                    pids = dict.fromkeys(kinds, proxy.pid)
+                procs += started
                 for kind in kinds:
-                    result = measure(port, proxy.pid, args.connections, kind, args.idle_wait)
+                    result = measure(
+                        ports[kind], pids[kind], args.connections, kind, args.idle_wait
+                    )
                     results.setdefault(target, {})[kind] = result
                     print(
                         f"{target:14s} {kind:6s} +{result['rss_growth_bytes'] / MIB:6.1f} MiB RSS "
@@ -325,9 +450,10 @@ def compare(args: argparse.Namespace) -> int:
                         f"+{result['pss_growth_bytes'] / MIB:6.1f} MiB PSS",
                         flush=True,
                     )
-                proxy.terminate()
-                proxy.wait(30)
-                procs.remove(proxy)
+                for proxy in started:
+                    proxy.terminate()
+                    proxy.wait(30)
+                    procs.remove(proxy)
         finally:
             stop_all(procs)
     report = {
@@ -339,6 +465,7 @@ def compare(args: argparse.Namespace) -> int:
             "clients": "a separate process (uvloop; h2c with the h2 library)",
             "idle_seconds_before_reading": args.idle_wait,
             "meshproxy_workers": args.workers,
+            "meshproxy_source": str(args.source or "the working tree"),
             "haproxy_threads": 1,
             "meshproxy_hot_path": hot_path_state(),
             "cpus": os.cpu_count(),
@@ -368,7 +495,7 @@ def compare(args: argparse.Namespace) -> int:
                 f"| {r['rss_after_close_bytes'] / MIB:.1f} "
                 f"| {r['bytes_per_idle_connection']:.0f} | {r['pss_growth_bytes'] / MIB:+.1f} |"
             )
-    save_report("idle_connections", report, lines)
+    save_report(f"idle_connections{args.tag}", report, lines)
     return 0
 
 
@@ -566,6 +693,10 @@ def main() -> int:
         default=[1, 2],
         help="meshproxy --workers values to measure, comma-separated",
     )
+    parser.add_argument(
+        "--source", type=Path, default=None, help="run meshproxy from this source tree"
+    )
+    parser.add_argument("--tag", default="", help="suffix of the result files' names")
     parser.add_argument("--hold", nargs=3, metavar=("PORT", "COUNT", "KIND"), help="internal")
     args = parser.parse_args()
     if args.hold:

@@ -114,7 +114,7 @@ def soak(args: argparse.Namespace) -> int:
             procs.append(start_backend(backend))
             wait_port(backend)
             mesh = start_meshproxy_workers(
-                Path(tmp), port, admin, bench_dynamic(backend, HOST), args.workers
+                Path(tmp), port, admin, bench_dynamic(backend, HOST), args.workers, args.source
             )
             procs.append(mesh)
             wait_port(port)
@@ -129,10 +129,16 @@ def soak(args: argparse.Namespace) -> int:
                 "new_connections": [sys.executable, __file__, "--new-connections", str(port),
                                     str(args.new_rate), str(seconds)],
             }  # fmt: skip
+            wanted = {
+                "http1_keepalive": args.h1_clients > 0,
+                "h2c": args.h2_clients > 0,
+                "new_connections": args.new_rate > 0,
+            }  # a zero turns that load off: to tell which one memory follows
             started = time.monotonic()
             running = {
                 name: subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
                 for name, cmd in generators.items()
+                if wanted[name]
             }
             deadline = started + seconds
             while (now := time.monotonic()) < deadline + 1:
@@ -170,6 +176,7 @@ def soak(args: argparse.Namespace) -> int:
             "sample_every_s": args.every,
             "warm_up_minutes_left_out_of_fit": args.warm_up,
             "meshproxy_workers": args.workers,
+            "meshproxy_source": str(args.source or "the working tree"),
             "http1_keepalive": f"{args.h1_clients} connections x {args.rate} req/s",
             "h2c": f"{args.h2_clients} connections x 4 streams, {args.rate} req/s per connection",
             "new_connections_per_s": args.new_rate,
@@ -206,7 +213,7 @@ def soak(args: argparse.Namespace) -> int:
         f"Requests: {total['succeeded']:,} succeeded, {total['failed']:,} failed "
         f"({', '.join(f'{k}: {v}' for k, v in loads.items())}).",
     ]
-    save_report(f"soak-w{args.workers}", report, lines)
+    save_report(f"soak-w{args.workers}{args.tag}", report, lines)
     return 0
 
 
@@ -220,6 +227,10 @@ def main() -> int:
     parser.add_argument("--h1-clients", type=int, default=6)
     parser.add_argument("--h2-clients", type=int, default=3)
     parser.add_argument("--new-rate", type=float, default=50.0)
+    parser.add_argument(
+        "--source", type=Path, default=None, help="run meshproxy from this source tree"
+    )
+    parser.add_argument("--tag", default="", help="suffix of the result files' names")
     parser.add_argument("--new-connections", nargs=3, metavar=("PORT", "RATE", "SECONDS"))
     args = parser.parse_args()
     if args.new_connections:
