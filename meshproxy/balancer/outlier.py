@@ -4,13 +4,23 @@ Beyond Traefik (whose v3.6 `passiveHealthCheck` is a fixed window); modelled on 
 outlier detection (consecutive errors, ejection time growing with each ejection, a cap on the
 share of a cluster ejected at once) and Linkerd's consecutive-failure accrual.
 
-- A *gateway failure* is a try where the proxy itself made the error answer: the server could
-  not be reached (refused, dial timeout), or the connection broke or timed out before a
-  response (502/504 from the proxy). `consecutiveFailures` of them in a row (default 5) eject
-  the server.
+- A *connect failure* is a try where the server could not be reached: refused, reset or
+  timed out while connecting (no request byte written). `consecutiveFailures` of them in a
+  row (default 5) eject the server. What a request carries cannot cause one, so no client
+  can eject a healthy server with them: only the server's own state (dead, not listening,
+  backlog full) does.
+- A connection that broke or timed out *after* the request was sent (the proxy's own
+  502/504) is the application's answer to that request as much as the server's state: a
+  handler that panics (Go's net/http then drops the connection) or hangs on one input does
+  it to every pod, so one client hitting it could eject half a healthy service (fresh
+  tester F6: 20 requests ejected 2 of 4 pods). It counts only when
+  `consecutiveGatewayFailures` > 0 (default off; Envoy's consecutive_gateway_failure, which
+  counts both kinds), and otherwise neither counts nor resets the run.
 - A *5xx* answered by the server counts only when `consecutive5xx` > 0 (default off): an
   application's 500 may be one endpoint's bug, and ejecting healthy pods one by one because a
   client hammers it would move the problem, not fix it.
+- The kinds that count add to one run per server; it ejects when it reaches the smallest
+  threshold set for a kind it holds.
 - Any other answer resets the server's counters. A client that went away (499) counts neither
   way.
 - An ejection lasts `baseEjectionTime` (30 s) x 2^(ejections in a row - 1), at most
@@ -23,7 +33,7 @@ share of a cluster ejected at once) and Linkerd's consecutive-failure accrual.
 On by default (the `outlierDetection` key of a loadBalancer, a meshproxy extension, can tune
 or disable it: `enabled: false`): a dead pod otherwise gets its share of requests until the
 controller's Endpoints update lands, and with the defaults above a healthy server can only be
-ejected by five connection failures in a row. Why it is safe on by default is in
+ejected by five failed connection attempts in a row. Why it is safe on by default is in
 docs/load-balancing.md.
 
 Returns to service happen in `sweep` (the daemon's housekeeping, once a second), so nothing
@@ -53,6 +63,7 @@ class OutlierSettings:
 
     enabled: bool = True
     consecutive_failures: int = 5
+    consecutive_gateway_failures: int = 0
     consecutive_5xx: int = 0
     base_ejection_time: float = 30.0
     max_ejection_time: float = 300.0
@@ -76,11 +87,30 @@ class OutlierDetector:
     ) -> None:
         """One try at `state`'s server ended with `exc` (None: an answer with `status`)."""
         settings = self.settings
-        if isinstance(exc, (UpstreamConnectError, UpstreamError)):
+        if isinstance(exc, UpstreamConnectError):
             state.consecutive_failures += 1
-            limits = [n for n in (settings.consecutive_failures, settings.consecutive_5xx) if n]
+            limits = [
+                n
+                for n in (
+                    settings.consecutive_failures,
+                    settings.consecutive_gateway_failures,
+                    settings.consecutive_5xx,
+                )
+                if n
+            ]
             if limits and state.consecutive_failures >= min(limits):
                 self.eject(service, state, now, f"{state.consecutive_failures} failures in a row")
+        elif isinstance(exc, UpstreamError):
+            # after the request was sent: the application's answer unless asked for
+            if settings.consecutive_gateway_failures > 0:
+                state.consecutive_failures += 1
+                if state.consecutive_failures >= settings.consecutive_gateway_failures:
+                    self.eject(
+                        service,
+                        state,
+                        now,
+                        f"{state.consecutive_failures} gateway failures in a row",
+                    )
         elif status >= 500:
             if settings.consecutive_5xx > 0:
                 state.consecutive_failures += 1
@@ -225,6 +255,9 @@ def settings_from_config(raw: Any) -> OutlierSettings:
     settings = OutlierSettings(
         enabled=pick(raw.enabled, True),
         consecutive_failures=pick(raw.consecutive_failures, defaults.consecutive_failures),
+        consecutive_gateway_failures=pick(
+            raw.consecutive_gateway_failures, defaults.consecutive_gateway_failures
+        ),
         consecutive_5xx=pick(raw.consecutive5xx, defaults.consecutive_5xx),
         base_ejection_time=float(pick(raw.base_ejection_time, defaults.base_ejection_time)),
         max_ejection_time=float(pick(raw.max_ejection_time, defaults.max_ejection_time)),
@@ -232,6 +265,8 @@ def settings_from_config(raw: Any) -> OutlierSettings:
     )
     if settings.consecutive_failures < 0:
         raise ValueError("consecutiveFailures must be >= 0")
+    if settings.consecutive_gateway_failures < 0:
+        raise ValueError("consecutiveGatewayFailures must be >= 0")
     if settings.consecutive_5xx < 0:
         raise ValueError("consecutive5xx must be >= 0")
     if settings.base_ejection_time <= 0:

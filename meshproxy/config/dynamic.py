@@ -61,6 +61,7 @@ class OutlierDetection(_Base):
 
     enabled: bool | None = None
     consecutive_failures: int | None = None
+    consecutive_gateway_failures: int | None = None
     consecutive5xx: int | None = msgspec.field(default=None, name="consecutive5xx")
     base_ejection_time: Duration | None = None
     max_ejection_time: Duration | None = None

@@ -29,6 +29,10 @@ class ControlledBackend:
         self.probe_heads: list[bytes] = []
         self.hung: list[asyncio.Event] = []
         self.head_request = False
+        # requests to this path get the connection closed unanswered: what Go's net/http does
+        # when a handler panics, a bug on one input of an otherwise healthy server
+        self.drop_path = ""
+        self.dropped = 0
         self.ssl: ssl.SSLContext | None = None  # set before start(): an HTTPS backend
 
     @property
@@ -84,6 +88,9 @@ class ControlledBackend:
                         length = int(value)
                 if length:
                     await reader.readexactly(length)
+                if self.drop_path and target.split("?")[0] == self.drop_path:
+                    self.dropped += 1
+                    return
                 if target.split("?")[0] == self.health_path:
                     self.health_probes += 1
                     self.probe_heads.append(head)

@@ -234,6 +234,54 @@ async def test_outlier_detection_ejects_a_dead_server_and_takes_it_back(controll
     assert dead.served - served == 4
 
 
+async def test_one_client_cannot_eject_healthy_servers_a_dead_one_still_leaves(
+    controlled, proxy_factory
+):
+    """Outlier detection on by default counts connect failures only (docs/load-balancing.md):
+    a handler that drops the connection after the request was sent (Go's net/http on a
+    panic) is the application's answer, so one client hitting it 40 times ejects nothing
+    (fresh tester F6: 20 such requests ejected 2 of 4 healthy pods; Traefik never ejects);
+    a pod that dies still leaves after 5 refused connections. With
+    `consecutiveGatewayFailures` (Envoy's consecutive_gateway_failure) such drops count."""
+    backends = [await controlled(f"b{i}") for i in range(4)]
+    for backend in backends:
+        backend.drop_path = "/panic"
+    urls = [b.url for b in backends]
+    config = {
+        "http": {
+            "routers": {"r": router("Host(`a.test`)", "s")},
+            "services": {"s": lb_service(*urls)},
+        }
+    }
+    proxy = await proxy_factory(config)
+    panics = Counter(
+        [(await request(proxy.port, target="/panic", host="a.test")).status for _ in range(40)]
+    )
+    assert panics == {502: 40} and sum(b.dropped for b in backends) == 40
+    assert set(proxy.rawdata()["services"]["s@file"]["serverStatus"].values()) == {"UP"}
+    assert "ejected" not in proxy.log_path.read_text()
+    assert (await load(proxy.port, "a.test", 8, 1)) == {b"b0": 2, b"b1": 2, b"b2": 2, b"b3": 2}
+    dead = backends[1]
+    await dead.die()
+    statuses = Counter([(await request(proxy.port, host="a.test")).status for _ in range(20)])
+    assert statuses == {200: 15, 502: 5}
+    assert proxy.rawdata()["services"]["s@file"]["serverStatus"][dead.url] == "DOWN"
+    assert (await load(proxy.port, "a.test", 9, 1)).keys() == {b"b0", b"b2", b"b3"}
+    await dead.revive()
+    config["http"]["services"]["s"] = lb_service(
+        *urls, outlierDetection={"consecutiveGatewayFailures": 3, "baseEjectionTime": "1s"}
+    )
+    proxy.write(config)
+    await wait_for(
+        lambda: "consecutiveGatewayFailures" in str(proxy.rawdata()["services"]["s@file"]),
+        5,
+        "reload",
+    )
+    for _ in range(12):
+        await request(proxy.port, target="/panic", host="a.test")
+    assert "after 3 gateway failures in a row" in proxy.log_path.read_text()
+
+
 async def test_outlier_detection_never_takes_the_last_servers(controlled, proxy_factory):
     """At most maxEjectionPercent (50%) of a service's servers are out at once: with two of
     three dead, one stays in (requests to it fail as they would without detection)."""

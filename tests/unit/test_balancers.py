@@ -250,6 +250,39 @@ def test_outlier_counts_5xx_only_when_configured_and_never_ejects_a_lone_server(
     assert not lone.states[0].ejected
 
 
+def test_outlier_counts_failures_after_the_request_only_when_asked():
+    """By default only connect failures count: a connection broken after the request was
+    sent (UpstreamError) is the application's answer and neither counts nor resets the run
+    of connect failures; with consecutiveGatewayFailures (Envoy's consecutive_gateway_failure)
+    both kinds count toward it."""
+    from meshproxy.http.errors import UpstreamError
+
+    detector = OutlierDetector(OutlierSettings(), RequestMetrics())
+    service = _service("wrr", 4, outlier=detector)
+    a = service.states[0]
+    for _ in range(50):
+        detector.record(service, a, UpstreamError("reset"), 502, 0.0)
+    assert not a.ejected and a.consecutive_failures == 0
+    for _ in range(4):
+        detector.record(service, a, UpstreamConnectError("refused"), 502, 0.0)
+        detector.record(service, a, UpstreamError("reset"), 502, 0.0)
+    assert not a.ejected and a.consecutive_failures == 4
+    detector.record(service, a, UpstreamConnectError("refused"), 502, 0.0)
+    assert a.ejected
+    gateway = OutlierDetector(OutlierSettings(consecutive_gateway_failures=3), RequestMetrics())
+    service = _service("wrr", 4, outlier=gateway)
+    b = service.states[1]
+    for _ in range(3):
+        gateway.record(service, b, UpstreamError("reset"), 502, 0.0)
+    assert b.ejected
+    assert (
+        settings_from_config(
+            OutlierDetection(consecutive_gateway_failures=2)
+        ).consecutive_gateway_failures
+        == 2
+    )
+
+
 def test_outlier_settings_errors_name_the_key():
     with pytest.raises(ValueError, match="maxEjectionPercent"):
         settings_from_config(OutlierDetection(max_ejection_percent=150))
