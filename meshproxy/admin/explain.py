@@ -19,9 +19,12 @@ The answer (JSON) has:
 - `outcome`: one line saying what the client would get.
 
 A malformed query is answered 400 with `{"error": "<what is wrong>"}`: an unknown parameter,
-a method that is not an HTTP token, a path that does not start with "/", a header without
-":", a source that is not an IP address, an unknown entrypoint, both HTTP and TCP
-parameters. Traefik has no such endpoint; it is meshproxy's.
+a method that is not an HTTP token, a path that does not start with "/" or has a space or a
+control character, a header without ":" or whose value has CR, LF or another control
+character (one header per `headers=`), a host with a byte Go's ValidHostHeader refuses (NUL,
+space, "/"...), a source that is not an IP address, an unknown entrypoint, both HTTP and TCP
+parameters: whatever a real request could not carry (it would be refused with 400).
+Traefik has no such endpoint; it is meshproxy's.
 """
 
 from __future__ import annotations
@@ -50,6 +53,25 @@ from meshproxy.tcp.proxy import TCPConnectionView
 HTTP_PARAMS = {"method", "host", "path", "headers", "source", "entrypoint", "tls"}
 TCP_PARAMS = {"sni", "alpn", "source", "entrypoint"}
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 §5.6.2 token
+# Bytes Go's httpguts.ValidHostHeader accepts in a Host (what Traefik applies before routing;
+# RFC 3986 §3.2.2 reg-name / IP-literal / port characters): anything else is refused with 400.
+_HOST_CHARS = frozenset(
+    "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ!$%&'()*+,-.:;=[]_~"
+)
+
+
+def _field_value_problem(value: str) -> str | None:
+    """Why `value` cannot be a header field value (RFC 9110 §5.5: no CR, LF, NUL or other
+    control character but HTAB; one byte per character), or None when it can."""
+    for char in value:
+        code = ord(char)
+        if code in (0x0D, 0x0A):
+            return "contains CR or LF (one header per headers= parameter)"
+        if (code < 0x20 and code != 0x09) or code == 0x7F:
+            return f"contains the control character {char!r}"
+        if code > 0xFF:
+            return f"contains {char!r}, not a single byte"
+    return None
 
 
 class ExplainError(ValueError):
@@ -99,22 +121,38 @@ class Explainer:
         if not _TOKEN.match(method):
             raise ExplainError(f"method={method!r} is not an HTTP method token")
         path = query.get("path", "/")
-        if not path.startswith("/") or not path.isascii() or any(c in path for c in " \r\n"):
-            raise ExplainError(f"path={path!r} must be an ASCII path starting with '/'")
+        # a request-target is visible ASCII only (RFC 9112 §3.2, RFC 3986 §2)
+        if not path.startswith("/") or any(not "!" <= c <= "~" for c in path):
+            raise ExplainError(
+                f"path={path!r} must be an ASCII path starting with '/', "
+                "without spaces or control characters"
+            )
         host = query.get("host", "")
-        if not host.isascii() or any(c in host for c in " /\r\n"):
-            raise ExplainError(f"host={host!r} is not a host name")
+        bad = sorted({c for c in host if c not in _HOST_CHARS})
+        if bad:
+            raise ExplainError(
+                f"host={host!r} is not a host name: {''.join(bad)!r} not allowed in a Host "
+                "(a request with it is refused with 400)"
+            )
         headers: list[tuple[bytes, bytes]] = []
-        for line in query.getall("headers", []):
-            for item in line.splitlines():
-                name, colon, value = item.partition(":")
-                if not colon or not _TOKEN.match(name.strip()):
-                    raise ExplainError(f"headers={item!r}: expected 'Name: value'")
-                headers.append((name.strip().lower().encode(), value.strip().encode("latin-1")))
+        # One header per parameter: a CR/LF inside is not a line separator but a value a
+        # real request could not carry (it would be refused with 400, RFC 9112 §5).
+        for item in query.getall("headers", []):
+            name, colon, value = item.partition(":")
+            if not colon or not _TOKEN.match(name.strip()):
+                raise ExplainError(f"headers={item!r}: expected 'Name: value'")
+            problem = _field_value_problem(value)
+            if problem is not None:
+                raise ExplainError(
+                    f"headers={item!r}: the value of {name.strip()} {problem}; "
+                    "a request with it is refused with 400"
+                )
+            headers.append((name.strip().lower().encode(), value.strip(" \t").encode("latin-1")))
         tls = query.get("tls", "false").lower()
         if tls not in ("true", "false"):
             raise ExplainError(f"tls={tls!r}: expected true or false")
         entrypoint = self._entrypoint(query)
+        source = _source(query)  # its own message, outside the path's try below
         headers.insert(0, (b"host", host.encode()))
         try:
             request = Request(
@@ -122,7 +160,7 @@ class Explainer:
                 path.encode("latin-1"),
                 headers,
                 host.encode(),
-                _source(query),
+                source,
                 0,
                 scheme="https" if tls == "true" else "http",
             )
