@@ -135,6 +135,7 @@ def reports_status(child: Any) -> bool:
 def link_weighted(parent: WeightedService, children: list[tuple[str, Any]]) -> None:
     """`weighted.healthCheck`: each child reports its status to `parent`. Raises ValueError
     (Traefik's message) for a child that cannot."""
+    parent.child_names = [name for name, _ in children]
     for index, (name, child) in enumerate(children):
         if child is None or not reports_status(child):
             raise ValueError(
@@ -152,5 +153,6 @@ def link_mirroring(parent: MirroringService, name: str, main: Any) -> None:
             f"child service {name} of {parent.name} not a healthcheck.StatusUpdater: "
             "healthCheck not enabled in config for this service"
         )
+    parent.main_name = name
     main.updaters.append(parent.set_main_up)
     parent.set_main_up(main.up)

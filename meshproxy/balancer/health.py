@@ -541,7 +541,7 @@ def describe_service(service: Any) -> dict[str, Any]:
     (url -> UP/DOWN) and meshproxy's details (why a server is out, in-flight requests...)."""
     states = getattr(service, "states", None)
     if states is None:
-        return {}
+        return _describe_parent(service)
     checkers = getattr(service, "checkers", None) or [None] * len(states)
     outlier = getattr(service, "outlier", None)
     status: dict[str, str] = {}
@@ -571,3 +571,30 @@ def describe_service(service: Any) -> dict[str, Any]:
     if states and not any(s.available for s in states):
         out["meshproxyWhy"] = "no server available: every server is down (see meshproxyServers)"
     return out
+
+
+def _describe_parent(service: Any) -> dict[str, Any]:
+    """`meshproxyWhy` for a `weighted` or `mirroring` service with `healthCheck` that is down
+    (Traefik's status propagation: it answers 503 `no available server`): which children
+    are down, from the status they last reported."""
+    if not getattr(service, "health_check", False) or getattr(service, "up", True):
+        return {}
+    names = getattr(service, "child_names", None)
+    if names:
+        down = [
+            name
+            for name, up, weight in zip(
+                names, service.children_up, service.weights_key, strict=False
+            )
+            if not up and weight > 0
+        ]
+        why = (
+            f"no available child: every child service with a weight is down ({', '.join(down)})"
+            if down
+            else "no available child: no child service has a weight above 0"
+        )
+        return {"meshproxyWhy": why}
+    main = getattr(service, "main_name", "")
+    if main:
+        return {"meshproxyWhy": f"main service {main} is down (no server available)"}
+    return {}

@@ -234,6 +234,7 @@ class WeightedService:
         self.updaters: list[Callable[[bool], None]] = []
         self.up = any(w > 0 for _, w in children)
         self.health_check = False
+        self.child_names: list[str] = []  # set with healthCheck: the admin API's "why"
 
     def serve(self, ex: Exchange, finish: Finish) -> None:
         index = -1
@@ -289,6 +290,7 @@ class MirroringService:
         self.updaters: list[Callable[[bool], None]] = []
         self.up = True
         self.health_check = False
+        self.main_name = ""  # set with healthCheck: the admin API's "why"
 
     def serve(self, ex: Exchange, finish: Finish) -> None:
         if not ex.has_body and self.mirrors and ex.request.upgrade is None:

@@ -323,6 +323,17 @@ async def test_weighted_and_mirroring_parents_see_a_child_down(controlled, proxy
     assert answers == {b"a": 5, b"b": 5}
     error = proxy.rawdata()["services"]["bad-split@file"]["error"][0]
     assert re.search(r"child service plain@file of bad-split@file not a", error)
+    # every child down: 503 as Traefik, and the API says why on the parents (fresh tester F10)
+    a.health = b.health = "status:500"
+    await wait_for(lambda: "meshproxyWhy" in proxy.rawdata()["services"]["split@file"], 5, "why")
+    assert (await request(proxy.port, host="w.test")).status == 503
+    services = proxy.rawdata()["services"]
+    assert services["split@file"]["meshproxyWhy"] == (
+        "no available child: every child service with a weight is down (mirrored-a@file, sb@file)"
+    )
+    assert services["mirrored-a@file"]["meshproxyWhy"] == (
+        "main service sa@file is down (no server available)"
+    )
 
 
 async def test_grpc_mode_uses_the_grpc_health_protocol(proxy_factory):
