@@ -296,7 +296,7 @@ def start_targets(workdir: Path, backends: dict[str, int], procs: list[Any]) -> 
         "udp": backends["udp"],
     }  # no TLS origin: tls-handshake has no direct figure
     targets["direct"] = direct
-    waits: list[tuple[int, str, set[str]]] = []
+    waits: list[tuple[int, str, set[str], Any]] = []
     for name, workers in (("meshproxy-w1", 1), ("meshproxy-w2", 2), ("traefik", 1)):
         ports = {key_: free_port() for key_ in ("web", "tcpbulk", "tcpshort", "tls")}
         ports["udp"] = free_udp_port()
@@ -320,9 +320,9 @@ def start_targets(workdir: Path, backends: dict[str, int], procs: list[Any]) -> 
         target.ports["udp"] = ports["udp"]
         targets[name] = target
         waits += [
-            (admin, "http", {"bench", "grpc", "ws"}),
-            (admin, "tcp", {"bulk", "short", "tls"}),
-            (admin, "udp", {"udp"}),
+            (admin, "http", {"bench", "grpc", "ws"}, proc),
+            (admin, "tcp", {"bulk", "short", "tls"}, proc),
+            (admin, "udp", {"udp"}, proc),
         ]
     # HAProxy: one process per mode; each workload's CPU is its own process's
     haproxy = Target("haproxy", None)
@@ -369,7 +369,9 @@ def start_targets(workdir: Path, backends: dict[str, int], procs: list[Any]) -> 
         "websocket-echo": nginx_h1,
     }
     targets["nginx"] = target
-    for admin, kind, routers in waits:
+    for admin, kind, routers, proc in waits:
+        if proc.poll() is not None:  # it exited at start (its error is on stderr above)
+            raise RuntimeError(f"{proc.args[:6]} exited with status {proc.returncode}")
         wait_routers(admin, kind, routers)
     for t in targets.values():
         for workload, port in t.ports.items():
