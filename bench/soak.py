@@ -141,7 +141,9 @@ def soak(args: argparse.Namespace) -> int:
                 if wanted[name]
             }
             deadline = started + seconds
-            while (now := time.monotonic()) < deadline + 1:
+            # samples only while the load runs: once h2load ends its connections close and
+            # what they held is given back (a sample then is not steady state)
+            while (now := time.monotonic()) < deadline - 0.5:
                 memory = tree_memory(mesh.pid)
                 samples.append({"t": now - started, **memory})
                 print(
@@ -149,7 +151,7 @@ def soak(args: argparse.Namespace) -> int:
                     f"PSS {memory['pss'] / MB:7.2f} MB",
                     flush=True,
                 )
-                time.sleep(min(args.every, max(0.0, deadline - time.monotonic()) + 0.5))
+                time.sleep(min(args.every, max(0.0, deadline - 0.5 - time.monotonic())))
                 if all(p.poll() is not None for p in running.values()):
                     break
             for name, proc in running.items():
