@@ -49,14 +49,10 @@ test: lint
 	MESHPROXY_PURE_PYTHON=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/unit tests/property
 
 bench: setup
-	$(BIN)/python bench/http_throughput.py
-	$(BIN)/python bench/middleware_chain.py
+	@# matplotlib draws the plots (the `bench` extra; installed alone: no rebuild of the package)
+	$(BIN)/pip install -q 'matplotlib>=3.7,<4'
+	$(BIN)/python -m bench
 	$(BIN)/python bench/hot_path.py
+	$(BIN)/python bench/middleware_chain.py
 	$(BIN)/python bench/rss.py
 	$(BIN)/python bench/idle_connections.py
-	$(BIN)/python bench/h2c_throughput.py --with-floor
-	$(BIN)/python bench/grpc_unary.py
-	$(BIN)/python bench/tcp_throughput.py
-	$(BIN)/python bench/tcp_short.py
-	$(BIN)/python bench/tls_handshakes.py
-	$(BIN)/python bench/udp_datagrams.py
