@@ -9,6 +9,11 @@ RSS is read from /proc after a warm-up, after `--first` requests and after `--se
 (cumulative). Results go to bench/results/rss-<when>.json and bench/results/rss.md.
 
     python bench/rss.py [--first 20000] [--second 200000] [--connections 20] [--no-haproxy]
+                        [--workers 1]
+
+With `--workers 2` meshproxy's supervisor and workers are summed (RSS; see
+bench/idle_connections.py `tree_memory`). The longer test of the same thing, under mixed
+HTTP/1.1, h2c and new-connection load for minutes, is bench/soak.py.
 """
 
 from __future__ import annotations
@@ -25,19 +30,23 @@ from common import (
     bench_dynamic,
     free_port,
     keepalive_requests,
-    rss_bytes,
     save_report,
     start_backend,
     start_haproxy_for,
-    start_meshproxy,
     stop_all,
     timestamp,
     wait_port,
 )
+from idle_connections import start_meshproxy_workers, tree_memory, wait_ping
 
 HOST = "bench.mesh.test"
 WARM_UP = 2_000
 RATE_FLOOR = 1_000  # requests/s below which a run counts as stuck: bounds every phase in time
+
+
+def rss_bytes(pid: int) -> int:
+    """RSS of `pid` and its descendants (a supervisor's workers), bytes."""
+    return tree_memory(pid)["rss"]
 
 
 def measure(port: int, pid: int, first: int, second: int, connections: int) -> dict[str, Any]:
@@ -75,6 +84,7 @@ def main() -> int:
     parser.add_argument("--second", type=int, default=200_000)
     parser.add_argument("--connections", type=int, default=20)
     parser.add_argument("--no-haproxy", dest="haproxy", action="store_false")
+    parser.add_argument("--workers", type=int, default=1, help="meshproxy --workers")
     args = parser.parse_args()
     assert WARM_UP < args.first < args.second
     from meshproxy.build_info import hot_path_state
@@ -88,9 +98,11 @@ def main() -> int:
             procs.append(start_backend(backend))
             wait_port(backend)
             port, admin = free_port(), free_port()
-            mesh = start_meshproxy(workdir, port, admin, bench_dynamic(backend, HOST))
+            dynamic = bench_dynamic(backend, HOST)
+            mesh = start_meshproxy_workers(workdir, port, admin, dynamic, args.workers)
             procs.append(mesh)
             wait_port(port)
+            wait_ping(admin)
             results["meshproxy"] = measure(
                 port, mesh.pid, args.first, args.second, args.connections
             )
@@ -111,7 +123,7 @@ def main() -> int:
             "second_requests": args.second,
             "connections": args.connections,
             "warm_up_requests": WARM_UP,
-            "meshproxy_workers": 1,
+            "meshproxy_workers": args.workers,
             "meshproxy_hot_path": hot_path_state(),
         },
         "results": results,
@@ -121,7 +133,7 @@ def main() -> int:
         f"# RSS after {args.first:,} and {args.second:,} keep-alive requests ({report['when']})",
         "",
         f"{args.connections} keep-alive connections, one request in flight on each, loopback, "
-        f"same demo backend; meshproxy hot path: {hot_path_state()}.",
+        f"same demo backend; meshproxy --workers={args.workers}, hot path: {hot_path_state()}.",
         "",
         "| proxy | RSS after warm-up MiB | after first MiB | after second MiB "
         "| growth MiB | bytes per 1,000 requests |",
