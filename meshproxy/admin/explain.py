@@ -275,19 +275,17 @@ class Explainer:
         state = self._state(router, name)
         if kind == "rate_limit" and state is not None:
             source = source_key_getter(options.source_criterion, "sourceCriterion")(request)
-            bucket = state.buckets.get(source)
-            now = time.monotonic()
-            tokens = float(state.burst)
-            if bucket is not None:
-                tokens = min(float(state.burst), bucket.tokens + (now - bucket.stamp) * state.rate)
+            # RateLimiterState in one process, node.shared_state.SharedLimiter in a worker
+            # (the node's buckets): both answer tokens() without taking one.
+            tokens = float(state.tokens(source, time.monotonic()))
             info: dict[str, Any] = {
                 "source": source,
                 "tokensLeft": round(tokens, 3),
-                "burst": state.burst,
+                "burst": int(state.burst),
                 "ratePerSecond": state.rate,
             }
             if tokens >= 1:
-                info["now"] = f"pass ({tokens:.2f} of {state.burst} tokens left for {source})"
+                info["now"] = f"pass ({tokens:.2f} of {int(state.burst)} tokens left for {source})"
             else:
                 wait = (1.0 - tokens) / state.rate
                 if wait <= max_delay(state.rate):
@@ -478,9 +476,13 @@ class Explainer:
 
     async def handle(self, request: web.Request) -> web.Response:
         from meshproxy.admin.workers import ask_workers
+        from meshproxy.node.supervisor import WorkerRequestFailed
 
         # With worker processes, the live state is theirs: the first worker answers.
-        answers = await ask_workers(self.ctx.daemon, "explain", list(request.query.items()))
+        try:
+            answers = await ask_workers(self.ctx.daemon, "explain", list(request.query.items()))
+        except WorkerRequestFailed as exc:  # a bug: the worker logged it and keeps serving
+            return web.json_response({"error": f"internal error: {exc}"}, status=500)
         if answers:
             body = answers[0]
             if "error" in body:

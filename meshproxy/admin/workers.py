@@ -9,11 +9,14 @@ answers a frame of the same kind and id), waits at most `ASK_TIMEOUT` and merges
 - `servers`: per service, each worker's balancer.health.describe_service; merged per server:
   in-flight summed, up only if up in every worker that answered (each worker runs its own
   health checks and outlier detection), the latency estimate the largest.
-- `explain`: the first worker's explain answer (its token buckets, breakers and rotation; with
-  N workers each has its own, as every worker limits on its own).
+- `explain`: the first worker's explain answer: the rateLimit tokens left are the node's
+  (the workers share the buckets, meshproxy.node.shared_state); breakers and the balancer's
+  rotation are that worker's.
 
-A worker that does not answer in time is left out of that answer. Without workers (one
-process) nothing is asked: the admin API reads its own process.
+A worker that does not answer in time is left out of that answer; one that raised while
+answering (meshproxy.node.worker logs the traceback and keeps serving) too, and when every
+worker that answered raised, ask_workers raises WorkerRequestFailed (the admin API: 500).
+Without workers (one process) nothing is asked: the admin API reads its own process.
 """
 
 from __future__ import annotations
@@ -55,7 +58,19 @@ async def ask_workers(daemon: Any, what: str, query: Any = None) -> list[Any] | 
     for waiter in pending:
         waiter.cancel()
     # in the order the workers were asked (slot order), not the order they answered
-    return [json.loads(w.result()) for w in waits if w in done and w.result()]
+    answers = []
+    failed: BaseException | None = None
+    for waiter in waits:
+        if waiter not in done:
+            continue
+        error = waiter.exception()
+        if error is not None:
+            failed = failed or error
+        elif waiter.result():
+            answers.append(json.loads(waiter.result()))
+    if failed is not None and not answers:  # every worker that answered raised: a bug, 500
+        raise failed
+    return answers
 
 
 def answer(daemon: Any, body: bytes) -> bytes:

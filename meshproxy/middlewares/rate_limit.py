@@ -73,6 +73,13 @@ class RateLimiterState:
             return 0.0
         return -bucket.tokens / self.rate
 
+    def tokens(self, source: str, now: float) -> float:
+        """The tokens `source` has at `now`, changing nothing (the admin API's explain)."""
+        bucket = self.buckets.get(source)
+        if bucket is None:
+            return float(self.burst)
+        return min(float(self.burst), bucket.tokens + (now - bucket.stamp) * self.rate)
+
     def cancel(self, source: str) -> None:
         """Give back the token of a reservation that was refused."""
         bucket = self.buckets.get(source)

@@ -87,6 +87,18 @@ class SharedLimiter:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
         return 0.0 if tokens >= 0 else -tokens / self.rate
 
+    def tokens(self, source: str, now: float) -> float:
+        """The tokens `source` has at `now` for the node, changing nothing (explain)."""
+        hashed, offset = self._slot(source)
+        fcntl.flock(self.fd, fcntl.LOCK_SH)
+        try:
+            key, tokens, stamp = _SLOT.unpack_from(self.map, offset)
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        if key != hashed:
+            return self.burst
+        return min(self.burst, tokens + max(0.0, now - stamp) * self.rate)
+
     def cancel(self, source: str) -> None:
         """Give back the token of a reservation that was refused."""
         hashed, offset = self._slot(source)

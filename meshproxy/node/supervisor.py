@@ -64,6 +64,16 @@ class DistributingManager(ConfigManager):
         return True
 
 
+class WorkerRequestFailed(RuntimeError):
+    """A worker raised while answering a control request (it logged the traceback and keeps
+    serving); the admin API answers 500."""
+
+    def __init__(self, index: int, reason: str) -> None:
+        super().__init__(f"worker {index}: {reason}")
+        self.index = index
+        self.reason = reason
+
+
 @dataclass
 class WorkerSlot:
     """One worker position (index), across the processes that held it."""
@@ -237,7 +247,11 @@ class Supervisor:
                     slot.generation = int(header["gen"])
                 elif kind in ("metrics", "admin"):  # answers to render_metrics, admin.workers
                     waiter = slot.waiting.pop(int(header.get("id") or 0), None)
-                    if waiter is not None and not waiter.done():
+                    if waiter is None or waiter.done():
+                        continue
+                    if header.get("failed"):  # the worker logged the traceback
+                        waiter.set_exception(WorkerRequestFailed(slot.index, header["failed"]))
+                    else:
                         waiter.set_result(body)
 
     # -- configurations -------------------------------------------------------------------
@@ -276,7 +290,8 @@ class Supervisor:
             done, pending = await asyncio.wait(waits, timeout=SCRAPE_TIMEOUT)
             for fut in pending:
                 fut.cancel()
-            texts = [f.result().decode() for f in done if f.result()]
+            # a worker whose render failed is left out, as a slow one
+            texts = [f.result().decode() for f in done if f.exception() is None and f.result()]
         own = self.daemon.metrics.render().decode() + self._own_families()
         return merge(texts, own)
 

@@ -88,11 +88,35 @@ class Worker:
         second.cancel()
 
     async def _control(self, reader: asyncio.StreamReader) -> None:
+        """Answer the supervisor until it closes the channel (EOF: it is gone).
+
+        A request that fails (a bug in an admin answer, a metrics render) is logged with its
+        traceback and answered as failed (the admin client gets a 500); it never ends the
+        worker, which keeps serving traffic. Only EOF or a broken channel returns."""
         while True:
-            frame = await read_frame(reader)
-            if frame is None:
+            try:
+                frame = await read_frame(reader)
+            except (ConnectionError, ValueError):
+                log.exception("worker %d: control channel broken; stopping", os.getpid())
                 return
-            self._handle(*frame)
+            if frame is None:
+                log.warning("worker %d: the supervisor closed the control channel", os.getpid())
+                return
+            header, body = frame
+            try:
+                self._handle(header, body)
+            except Exception as exc:  # any bug in one answer, never the worker
+                log.exception("worker %d: control request %r failed", os.getpid(), header)
+                self._failed(header, exc)
+
+    def _failed(self, header: dict[str, Any], exc: Exception) -> None:
+        """Answer a request `_handle` raised on, so the supervisor's waiter ends now."""
+        kind = header.get("t")
+        if kind == "config":
+            self._send({"t": "applied", "gen": header.get("gen"), "ok": False})
+        elif kind in ("metrics", "admin"):
+            reason = f"{type(exc).__name__}: {exc}"
+            self._send({"t": kind, "id": header.get("id"), "failed": reason})
 
     def _handle(self, header: dict[str, Any], body: bytes) -> None:
         kind = header.get("t")

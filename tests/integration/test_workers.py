@@ -271,3 +271,145 @@ async def test_a_rate_limit_holds_for_the_node_not_per_worker(backends, proxy_fa
     expected = burst + rate * elapsed
     print(f"rate limit {rate}/s over {elapsed:.2f}s: {accepted} accepted, {expected:.0f} expected")
     assert abs(accepted - expected) <= 0.10 * expected, (accepted, expected)
+
+
+def _admin_json(proxy, path: str) -> tuple[int, dict]:
+    """GET on the admin entrypoint: (status, JSON body), 4xx/5xx included."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{proxy.admin_port}{path}", timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+async def test_explain_of_a_rate_limit_with_workers_reads_the_node_buckets(backends, proxy_factory):
+    """Issue 14 point 5 with issue 15's workers (fresh tester F1): explain on a router with a
+    rateLimit, alone and inside a chain, answers 200 with the tokens the node has left (the
+    workers' shared buckets, not a fresh per-process bucket), and changes nothing: the
+    workers keep their pids (before the fix every worker exited on this GET)."""
+    a = await backends("a")
+    config = {
+        "http": {
+            "routers": {
+                "r": {
+                    "rule": "PathPrefix(`/a`)",
+                    "service": "s",
+                    "entryPoints": ["web"],
+                    "middlewares": ["limit"],
+                },
+                "c": {
+                    "rule": "PathPrefix(`/c`)",
+                    "service": "s",
+                    "entryPoints": ["web"],
+                    "middlewares": ["both"],
+                },
+            },
+            "services": {"s": {"loadBalancer": {"servers": [{"url": a.url}]}}},
+            "middlewares": {
+                # 1 token per 100 s: the tokens taken below do not come back during the test
+                "limit": {"rateLimit": {"average": 1, "period": "100s", "burst": 5}},
+                "both": {"chain": {"middlewares": ["limit2"]}},
+                "limit2": {"rateLimit": {"average": 1, "period": "100s", "burst": 7}},
+            },
+        }
+    }
+    proxy = await proxy_factory(config, extra_flags=["--workers=2"])
+    # 40 s: two interpreted workers importing on a loaded 2-core machine
+    await wait_for(lambda: [w["generation"] for w in workers(proxy)] == [1, 1], 40, "both at 1")
+    pids = [w["pid"] for w in workers(proxy)]
+    status, answer = await asyncio.to_thread(_admin_json, proxy, "/api/explain?path=/a")
+    assert status == 200, answer
+    (limit,) = [m for m in answer["middlewares"] if m.get("tokensLeft") is not None]
+    assert limit["tokensLeft"] == 5.0 and limit["burst"] == 5
+    # New connections spread over both workers; the node's bucket loses one token each.
+    for _ in range(3):
+        assert (await request(proxy.port, host="app.test", target="/a")).status == 200
+    status, answer = await asyncio.to_thread(_admin_json, proxy, "/api/explain?path=/a")
+    assert status == 200, answer
+    (limit,) = [m for m in answer["middlewares"] if m.get("tokensLeft") is not None]
+    assert 1.9 < limit["tokensLeft"] < 2.1, limit  # 5 - 3, plus 3/100 s of refill at most
+    for _ in range(2):
+        assert (await request(proxy.port, host="app.test", target="/c")).status == 200
+    status, answer = await asyncio.to_thread(_admin_json, proxy, "/api/explain?path=/c")
+    assert status == 200, answer
+    left = [m["tokensLeft"] for m in answer["middlewares"] if m.get("tokensLeft") is not None]
+    assert len(left) == 1 and 4.9 < left[0] < 5.1, answer["middlewares"]
+    assert [w["pid"] for w in workers(proxy)] == pids
+    assert all(w["restarts"] == 0 for w in workers(proxy))
+    assert (await request(proxy.port, host="app.test", target="/a")).status == 200
+
+
+async def test_a_failing_control_request_is_answered_and_the_worker_keeps_serving(tmp_path):
+    """A bug in one admin answer must not stop a worker (fresh tester F1): a real worker
+    process (`python -m meshproxy.node.worker`, the test acting as its supervisor over the
+    control socketpair) gets an admin request whose body it cannot decode; it logs the
+    traceback, answers the request as failed, and goes on answering (metrics) and serving
+    traffic. Only EOF on the channel (the supervisor gone) ends it."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from meshproxy.node.channel import encode, read_frame
+    from tests.helpers import free_port
+
+    port = free_port()
+    listener = socket.create_server(("127.0.0.1", port), reuse_port=True)
+    listener.set_inheritable(True)
+    parent, child = socket.socketpair()
+    config = b"http:\n  routers: {}\n"  # no router: the worker answers 404 itself
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "meshproxy.node.worker",
+                "--control-fd",
+                str(child.fileno()),
+                "--index",
+                "0",
+                "--listeners",
+                json.dumps({"web": listener.fileno()}),
+                "--",
+                f"--entryPoints.web.address=127.0.0.1:{port}",
+                "--log.level=INFO",
+            ],
+            pass_fds=[child.fileno(), listener.fileno()],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    child.close()
+    try:
+        reader, writer = await asyncio.open_unix_connection(sock=parent)
+
+        async def next_frame(kind: str) -> tuple[dict, bytes]:
+            while True:
+                frame = await asyncio.wait_for(read_frame(reader), 20)
+                assert frame is not None, log_path.read_text()
+                if frame[0].get("t") == kind:
+                    return frame
+
+        writer.write(encode({"t": "config", "gen": 1, "source": "test"}, config))
+        assert (await next_frame("applied"))[0]["ok"] is True
+        await next_frame("ready")
+        writer.write(encode({"t": "admin", "id": 7}, b"{not json"))
+        failed, _ = await next_frame("admin")
+        assert failed["id"] == 7 and "JSONDecodeError" in failed["failed"]
+        writer.write(encode({"t": "metrics", "id": 8}))
+        answered, text = await next_frame("metrics")
+        assert answered["id"] == 8 and b"traefik_" in text
+        assert proc.poll() is None
+        assert (await request(port, host="app.test")).status == 404
+        assert "Traceback" in log_path.read_text()
+        writer.close()  # EOF: the supervisor is gone, the worker stops
+        await wait_for(lambda: proc.poll() is not None, 15, "worker stops on EOF")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        listener.close()
