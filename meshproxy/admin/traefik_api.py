@@ -15,6 +15,10 @@ work against meshproxy:
   (url -> UP/DOWN). Lists are sorted by name, filtered by `search`, `status`, `serviceName`,
   `middlewareName`, paginated by `page` / `per_page` with Traefik's `X-Next-Page` header.
 - `/api/entrypoints[/{name}]` and `/api/version`.
+- The `@internal` routers, services and middlewares Traefik lists for the handlers the admin
+  entrypoint serves (api, dashboard, ping, prometheus: `internal_objects`), counted in the
+  overview as Traefik counts them; the defaults Traefik shows (sticky cookie name and path,
+  health check mode, interval, timeout, followRedirects) filled in with the values applied.
 
 meshproxy's additions, under keys Traefik does not use: `meshproxyServers` on loadBalancer
 services (per server: up, inFlight, latencyEstimateMs, healthCheck, outlier, why: see
@@ -34,7 +38,8 @@ from typing import Any
 from aiohttp import web
 
 from meshproxy import __version__
-from meshproxy.balancer.health import describe_service
+from meshproxy.balancer.health import DEFAULT_INTERVAL, DEFAULT_TIMEOUT, describe_service
+from meshproxy.balancer.sticky import cookie_name
 from meshproxy.config.decode import to_builtins
 from meshproxy.config.durations import format_duration
 from meshproxy.config.static import StaticConfig, parse_address
@@ -43,6 +48,7 @@ from meshproxy.rules.tcp import tcp_default_priority
 from meshproxy.runtime.manager import ConfigManager
 from meshproxy.runtime.snapshot import ObjectStatus, RuntimeSnapshot
 
+ADMIN_ENTRYPOINT = "traefik"  # daemon.ADMIN_ENTRYPOINT (not imported: the daemon imports us)
 ROUTER_OBSERVABILITY = {
     "accessLogs": True,
     "metrics": True,
@@ -103,10 +109,29 @@ def http_routers(snapshot: RuntimeSnapshot, default_eps: list[str]) -> dict[str,
     return out
 
 
-def _load_balancer_defaults(lb: dict[str, Any]) -> None:
+def _sticky_defaults(options: dict[str, Any], service: str) -> None:
+    """Traefik 3.7 shows the cookie it sets: the derived name when none is configured
+    (cookie.GetName, balancer.sticky.cookie_name: the same name meshproxy sets) and path `/`."""
+    sticky = options.get("sticky")
+    if isinstance(sticky, dict) and isinstance(sticky.get("cookie"), dict):
+        cookie = sticky["cookie"]
+        if not cookie.get("name"):
+            cookie["name"] = cookie_name(None, service)
+        cookie.setdefault("path", "/")
+
+
+def _load_balancer_defaults(lb: dict[str, Any], service: str) -> None:
     lb.setdefault("strategy", "wrr")
     lb.setdefault("passHostHeader", True)
     lb.setdefault("responseForwarding", {"flushInterval": "100ms"})
+    _sticky_defaults(lb, service)
+    check = lb.get("healthCheck")
+    if isinstance(check, dict):
+        # Traefik's dynamic.ServerHealthCheck.SetDefaults, the values balancer.health applies
+        check.setdefault("mode", "http")
+        check.setdefault("interval", format_duration(DEFAULT_INTERVAL))
+        check.setdefault("timeout", format_duration(DEFAULT_TIMEOUT))
+        check.setdefault("followRedirects", True)
 
 
 def http_services(
@@ -120,7 +145,9 @@ def http_services(
         qualified = _qualified(name, provider)
         entry: dict[str, Any] = dict(to_builtins(service))
         if "loadBalancer" in entry:
-            _load_balancer_defaults(entry["loadBalancer"])
+            _load_balancer_defaults(entry["loadBalancer"], qualified)
+        if isinstance(entry.get("weighted"), dict):
+            _sticky_defaults(entry["weighted"], qualified)
         status = snapshot.services.get(qualified, ObjectStatus())
         _status_fields(entry, status)
         if status.using:
@@ -275,6 +302,99 @@ def entrypoints(static: StaticConfig) -> dict[str, Any]:
     return out
 
 
+# Traefik's internal provider (pkg/provider/traefik/internal.go) gives its own handlers these
+# priorities (math.MaxInt64, -1, -2), so nothing a user writes outranks them.
+_MAX_PRIORITY = 2**63 - 1
+INTERNAL = "internal"
+
+
+def _internal_router(
+    name: str, rule: str, priority: int, middlewares: list[str] | None = None
+) -> dict[str, Any]:
+    entry: dict[str, Any] = {"entryPoints": [ADMIN_ENTRYPOINT]}
+    if middlewares:
+        entry["middlewares"] = middlewares
+    entry.update(
+        {
+            "service": f"{name}@internal",
+            "rule": rule,
+            "ruleSyntax": "default",
+            "priority": priority,
+            "observability": dict(ROUTER_OBSERVABILITY),
+            "status": "enabled",
+            "using": [ADMIN_ENTRYPOINT],
+            "name": f"{name}@internal",
+            "provider": INTERNAL,
+            "priorityStr": str(priority),
+        }
+    )
+    return entry
+
+
+def internal_objects(static: StaticConfig) -> dict[str, dict[str, Any]]:
+    """The `@internal` routers, services and middlewares Traefik 3.7 lists for the same
+    static config (its internal provider), for the handlers meshproxy serves on the admin
+    entrypoint (admin.api.build_admin_app): `api@internal` and `dashboard@internal` with
+    `api` (Traefik: the router only with `api.insecure`; meshproxy always serves the API on
+    the admin entrypoint), the dashboard's `dashboard_redirect` / `dashboard_stripprefix`
+    middlewares with `api.dashboard` (meshproxy's `/` redirect is a 302, hence `permanent:
+    false`), `ping@internal` with `ping`, `prometheus@internal` with Prometheus metrics.
+    Not listed: `noop@internal` (Traefik's target of entrypoint-redirection routers, which
+    meshproxy does not generate), `acme-http@internal`, `rest@internal` (not implemented)."""
+    routers: dict[str, Any] = {}
+    services: dict[str, Any] = {}
+    mws: dict[str, Any] = {}
+
+    def service(name: str) -> None:
+        qualified = f"{name}@internal"
+        services[qualified] = {
+            "status": "enabled",
+            "usedBy": [qualified],
+            "name": qualified,
+            "provider": INTERNAL,
+        }
+
+    api = static.api
+    if api is not None:
+        routers["api@internal"] = _internal_router("api", "PathPrefix(`/api`)", _MAX_PRIORITY - 1)
+        service("api")
+        if api.dashboard:
+            chain = ["dashboard_redirect@internal", "dashboard_stripprefix@internal"]
+            routers["dashboard@internal"] = _internal_router(
+                "dashboard", "PathPrefix(`/`)", _MAX_PRIORITY - 2, chain
+            )
+            service("dashboard")
+            options: list[tuple[str, dict[str, Any]]] = [
+                (
+                    "redirectRegex",
+                    {
+                        "regex": r"^(http:\/\/(\[[\w:.]+\]|[\w\._-]+)(:\d+)?)\/$",
+                        "replacement": "${1}/dashboard/",
+                        "permanent": False,
+                    },
+                ),
+                ("stripPrefix", {"prefixes": ["/dashboard/", "/dashboard"]}),
+            ]
+            for name, (kind, option) in zip(chain, options, strict=True):
+                mws[name] = {
+                    kind: option,
+                    "status": "enabled",
+                    "usedBy": ["dashboard@internal"],
+                    "name": name,
+                    "provider": INTERNAL,
+                    "type": kind.lower(),
+                }
+    if static.ping is not None:
+        routers["ping@internal"] = _internal_router("ping", "PathPrefix(`/ping`)", _MAX_PRIORITY)
+        service("ping")
+    if static.metrics is not None and static.metrics.prometheus is not None:
+        routers["prometheus@internal"] = _internal_router(
+            "prometheus", "PathPrefix(`/metrics`)", _MAX_PRIORITY
+        )
+        service("prometheus")
+    return {"http/routers": routers, "http/services": services, "http/middlewares": mws}
+
+
 def _counts(objects: dict[str, Any]) -> dict[str, int]:
     statuses = [o.get("status") for o in objects.values()]
     return {
@@ -317,14 +437,18 @@ class TraefikAPI:
         )
 
     def collection(self, kind: str) -> dict[str, Any]:
+        """The objects of `kind` ("http/routers"...) by qualified name: the configured ones
+        and, for HTTP, the `@internal` ones (`internal_objects`), as Traefik lists them."""
         snapshot = self.ctx.manager.snapshot
         config = snapshot.config
+        internal = internal_objects(self.ctx.static).get(kind, {})
         if kind == "http/routers":
-            return http_routers(snapshot, self._http_eps())
+            return {**internal, **http_routers(snapshot, self._http_eps())}
         if kind == "http/services":
-            return http_services(snapshot, self.worker_servers)
+            return {**internal, **http_services(snapshot, self.worker_servers)}
         if kind == "http/middlewares":
-            return middlewares(snapshot, config.http.middlewares, snapshot.middlewares)
+            configured = middlewares(snapshot, config.http.middlewares, snapshot.middlewares)
+            return {**internal, **configured}
         if kind == "tcp/routers":
             return tcp_routers(snapshot, self._http_eps())
         if kind == "tcp/services":

@@ -2,9 +2,11 @@
 (issue 14, points 3-4), on the same dynamic config.
 
 "Same keys" is the contract: tools written for Traefik's API (its dashboard, scripts) find
-every key they read. For each object Traefik lists (its own `@internal` ones aside), meshproxy
-lists the same name with every key Traefik's has, nested objects included; meshproxy's extra
-keys are only the documented ones (`MESHPROXY_EXTRAS`). The access log is compared the same
+every key they read. For each object Traefik lists (its `@internal` ones included, but
+`NOT_INTERNAL_HERE`), meshproxy lists the same name with every key Traefik's has, nested
+objects included; meshproxy's extra keys are only the documented ones (`MESHPROXY_EXTRAS`).
+The defaults Traefik shows (sticky cookie name and path, health check mode, interval,
+timeout, followRedirects) are compared by value. The access log is compared the same
 way: the JSON keys of the line for the same request, and the layout of the `common` line."""
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from tests.differential.harness import (
 from tests.helpers import free_port
 
 MESHPROXY_EXTRAS = {"meshproxyServers", "meshproxyWhy"}
+# Traefik's noop@internal is the service of its entrypoint-redirection routers, which
+# meshproxy does not generate (admin.traefik_api.internal_objects).
+NOT_INTERNAL_HERE = {"noop@internal"}
 # Traefik's access log fields meshproxy does not produce (yet): GzipRatio (Traefik's compress
 # middleware), origin_* headers (the backend's response fields before middlewares; ours are
 # the downstream ones only), TLS fields on plain HTTP (none in either).
@@ -60,10 +65,35 @@ def _config(backend_url: str) -> dict[str, Any]:
                     "middlewares": ["allow"],
                 },
                 "broken": {"rule": "Path(`/b`)", "service": "missing", "entryPoints": ["web"]},
+                # Traefik builds (and fills the cookie name of) only services routers use
+                "r3": {"rule": "Host(`ws.test`)", "service": "ws", "entryPoints": ["web"]},
+                "r4": {"rule": "Host(`st2.test`)", "service": "st2", "entryPoints": ["web"]},
             },
             "services": {
                 "s1": {"loadBalancer": {"servers": [{"url": backend_url}]}},
                 "w1": {"weighted": {"services": [{"name": "s1", "weight": 1}]}},
+                # defaults Traefik fills in and shows: cookie name/path, health check
+                # mode/interval/timeout/followRedirects (none written here)
+                "st": {
+                    "loadBalancer": {
+                        "servers": [{"url": backend_url}],
+                        "sticky": {"cookie": {}},
+                        "healthCheck": {"path": "/health", "interval": "10s"},
+                    }
+                },
+                "st2": {
+                    "loadBalancer": {
+                        "servers": [{"url": backend_url}],
+                        "sticky": {"cookie": {"name": "c", "secure": True}},
+                        "healthCheck": {"path": "/health", "followRedirects": False},
+                    }
+                },
+                "ws": {
+                    "weighted": {
+                        "services": [{"name": "st", "weight": 1}],
+                        "sticky": {"cookie": {"httpOnly": True}},
+                    }
+                },
             },
             "middlewares": {
                 "rl": {"rateLimit": {"average": 100, "burst": 50}},
@@ -143,6 +173,8 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Any:
                 f"--accesslog.filePath={log_path}",
                 "--accesslog.fields.headers.defaultMode=keep",
                 "--accesslog.fields.headers.names.User-Agent=redact",
+                "--ping",  # ping@internal, prometheus@internal
+                "--metrics.prometheus=true",
             ]
             side_dir = workdir / side
             side_dir.mkdir()
@@ -176,14 +208,17 @@ def _api_port(process: Any) -> int:
     ],
 )
 def test_object_lists_have_traefiks_keys(pair: Any, kind: str) -> None:
-    """Traefik API `/api/<kind>`: every object of the file provider, with Traefik's keys
-    (status, error, using/usedBy, name, provider, type, serverStatus, the config and the
-    defaults Traefik's decoder adds), and the same status for each (a router whose service
-    does not exist is disabled in both)."""
+    """Traefik API `/api/<kind>`: every object of the file provider and every `@internal`
+    one of Traefik 3.7's internal provider for the same static config (`--api.insecure
+    --ping --metrics.prometheus`: api, dashboard, ping, prometheus routers and services, the
+    dashboard's two middlewares; not `NOT_INTERNAL_HERE`), with Traefik's keys (status,
+    error, using/usedBy, name, provider, type, serverStatus, the config and the defaults
+    Traefik's decoder adds), and the same status for each (a router whose service does not
+    exist is disabled in both)."""
     processes, _ = pair
     _, theirs, _ = _get(_api_port(processes["traefik"]), f"/api/{kind}")
     _, ours, _ = _get(_api_port(processes["meshproxy"]), f"/api/{kind}")
-    their_objects = {o["name"]: o for o in theirs if not o["name"].endswith("@internal")}
+    their_objects = {o["name"]: o for o in theirs if o["name"] not in NOT_INTERNAL_HERE}
     our_objects = {o["name"]: o for o in ours}
     assert their_objects, f"Traefik lists no {kind}"
     assert set(their_objects) == set(our_objects)
@@ -197,21 +232,52 @@ def test_object_lists_have_traefiks_keys(pair: Any, kind: str) -> None:
         status, single, _ = _get(_api_port(processes["meshproxy"]), f"/api/{kind}/{name}")
         assert status == 200 and single == ours_one
     assert not problems, "\n".join(problems)
+    for name, theirs_one in their_objects.items():
+        if name.endswith("@internal"):  # where they are and what they call: same values
+            ours_one = our_objects[name]
+            for key in ("entryPoints", "service", "rule", "priority", "middlewares", "usedBy"):
+                assert ours_one.get(key) == theirs_one.get(key), (name, key)
+
+
+def test_defaults_traefik_shows_have_traefiks_values(pair: Any) -> None:
+    """Traefik 3.7 shows the defaults it applies (dynamic.ServerHealthCheck.SetDefaults,
+    cookie.GetName): a sticky cookie's derived name (`_` + sha1 of the service name) and
+    path `/` for loadBalancer and weighted services, a health check's `mode: http`,
+    `interval: 30s`, `timeout: 5s`, `followRedirects: true` when not written. meshproxy
+    shows the same values (the ones it applies) for the same config."""
+    processes, _ = pair
+    answers = {}
+    for side, process in processes.items():
+        _, listed, _ = _get(_api_port(process), "/api/http/services")
+        answers[side] = {o["name"]: o for o in listed}
+    theirs, ours = answers["traefik"], answers["meshproxy"]
+    for name in ("st@file", "st2@file"):
+        for key in ("sticky", "healthCheck", "strategy", "passHostHeader"):
+            assert ours[name]["loadBalancer"][key] == theirs[name]["loadBalancer"][key], (
+                name,
+                key,
+            )
+    assert ours["ws@file"]["weighted"]["sticky"] == theirs["ws@file"]["weighted"]["sticky"]
+    # the values are the defaults, not an echo of the config
+    assert theirs["st@file"]["loadBalancer"]["healthCheck"]["mode"] == "http"
+    assert ours["st@file"]["loadBalancer"]["sticky"]["cookie"]["name"].startswith("_")
 
 
 def test_overview_entrypoints_version_and_errors(pair: Any) -> None:
-    """`/api/overview` (same keys, same counts of routers, services and middlewares of the
-    file provider: Traefik's @internal ones subtracted), `/api/entrypoints/web`,
+    """`/api/overview` (same keys, same counts of routers, services and middlewares, the
+    `@internal` ones included but `NOT_INTERNAL_HERE`), `/api/entrypoints/web`,
     `/api/version`, an unknown router (404 with Traefik's message) and a POST (405)."""
     processes, _ = pair
     traefik, mesh = _api_port(processes["traefik"]), _api_port(processes["meshproxy"])
     _, theirs, _ = _get(traefik, "/api/overview")
     _, ours, _ = _get(mesh, "/api/overview")
     assert not _key_differences(theirs, ours, "overview")
-    internal = {"routers": 2, "services": 3, "middlewares": 2}  # api, dashboard, noop
+    # the @internal objects are counted by both, but NOT_INTERNAL_HERE
+    missing = {"routers": 0, "services": len(NOT_INTERNAL_HERE), "middlewares": 0}
     for kind, count in ours["http"].items():
-        assert count["total"] == theirs["http"][kind]["total"] - internal[kind]
+        assert count["total"] == theirs["http"][kind]["total"] - missing[kind], kind
         assert count["errors"] == theirs["http"][kind]["errors"]
+        assert count["warnings"] == theirs["http"][kind]["warnings"]
     assert ours["tcp"] == theirs["tcp"] and ours["udp"] == theirs["udp"]
     _, their_ep, _ = _get(traefik, "/api/entrypoints/web")
     _, our_ep, _ = _get(mesh, "/api/entrypoints/web")
