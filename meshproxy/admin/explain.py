@@ -33,6 +33,7 @@ import copy
 import ipaddress
 import re
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
@@ -223,7 +224,7 @@ class Explainer:
         out["priority"] = chosen.priority
         chain = self._chain(chosen.name, definition.middlewares if definition else [], request)
         out["middlewares"] = chain
-        out["service"] = self._service(chosen.service)
+        out["service"] = self._service(chosen.service, headers=request.headers)
         refusing = next((m for m in chain if m.get("refuses")), None)
         if refusing is not None:
             out["outcome"] = f"answered by middleware {refusing['name']}: {refusing['now']}"
@@ -332,7 +333,9 @@ class Explainer:
 
     # -- services -----------------------------------------------------------------------
 
-    def _service(self, qualified: str, depth: int = 0) -> dict[str, Any]:
+    def _service(
+        self, qualified: str, depth: int = 0, headers: Sequence[tuple[bytes, bytes]] = ()
+    ) -> dict[str, Any]:
         snapshot = self.ctx.manager.snapshot
         definition = snapshot.config.http.services.get(qualified.rpartition("@")[0])
         status = snapshot.services.get(qualified)
@@ -353,10 +356,13 @@ class Explainer:
             service = snapshot.service_objects.get(qualified)
             rotation = getattr(service, "balancer", None)
             if rotation is not None and depth < 8:
-                picked = copy.deepcopy(rotation).pick()  # a copy: no pick consumed
+                up = getattr(service, "children_up", None) or [True] * len(children)
+                pinned = _sticky_pick(service, up, headers, out)
+                # else a copy of the rotation picks: no pick consumed
+                picked = pinned if pinned >= 0 else copy.deepcopy(rotation).pick()
                 if picked is not None and 0 <= picked < len(children):
                     child = self._service(
-                        _qualified(children[picked].name, snapshot.provider), depth + 1
+                        _qualified(children[picked].name, snapshot.provider), depth + 1, headers
                     )
                     out["next"] = child
                     out["server"] = child.get("server")
@@ -377,7 +383,7 @@ class Explainer:
         if service is None:
             out["why"] = "the service is not in service (see errors)"
             return out
-        out.update(_peek(service))
+        out.update(_peek(service, headers))
         return out
 
     # -- TCP ----------------------------------------------------------------------------
@@ -500,10 +506,30 @@ def _camel(kind: str) -> str:
     return head + "".join(part.title() for part in rest)
 
 
-def _peek(service: Any) -> dict[str, Any]:
+def _sticky_pick(
+    service: Any, up: Sequence[bool], headers: Sequence[tuple[bytes, bytes]], out: dict[str, Any]
+) -> int:
+    """The child index the request's sticky cookie pins when that child is up (as
+    Traefik's sticky handler and WeightedService.serve / LoadBalancerService do), else -1;
+    says which in out["sticky"]."""
+    sticky = getattr(service, "sticky", None)
+    if sticky is None:
+        return -1
+    index = sticky.child_for(headers)
+    if index < 0:
+        out["sticky"] = f"no valid {sticky.name} cookie: balanced, then pinned by Set-Cookie"
+        return -1
+    if not up[index]:
+        out["sticky"] = f"the {sticky.name} cookie pins a child that is down: balanced, re-pinned"
+        return -1
+    out["sticky"] = f"pinned by the {sticky.name} cookie"
+    return index
+
+
+def _peek(service: Any, headers: Sequence[tuple[bytes, bytes]] = ()) -> dict[str, Any]:
     """The servers of a LoadBalancerService and the one it would pick next, without moving
-    its rotation (wrr: a copy of it picks). Reads the balancer's internals on purpose: this is
-    the only reader, off the hot path."""
+    its rotation (wrr: a copy of it picks), or the one the request's sticky cookie pins.
+    Reads the balancer's internals on purpose: this is the only reader, off the hot path."""
     states = service.states
     servers = [
         {
@@ -521,8 +547,10 @@ def _peek(service: Any) -> dict[str, Any]:
         out["server"] = None
         out["why"] = "503 no available server: every server is down (why: no_healthy_server)"
         return out
-    index = -1
-    if isinstance(strategy, RoundRobin):
+    index = _sticky_pick(service, [s.available for s in states], headers, out)
+    if index >= 0:
+        out["pick"] = "the server the sticky cookie pins"
+    elif isinstance(strategy, RoundRobin):
         preview = copy.deepcopy(strategy._wrr)
         picked = preview.pick()
         index = -1 if picked is None else picked
@@ -535,8 +563,6 @@ def _peek(service: Any) -> dict[str, Any]:
         index = min(up, key=lambda i: states[i].in_flight)
         out["pick"] = "random two, fewer in flight: the least loaded server is the likely one"
     out["server"] = states[index].url if index >= 0 else None
-    if service.sticky is not None:
-        out["sticky"] = "a sticky cookie on the request pins its server when that server is up"
     return out
 
 
@@ -594,6 +620,8 @@ def render_tree(answer: dict[str, Any]) -> str:
                 else:
                     lines.append(f"│    {server}")
             child = service.get("next")
+            if service.get("sticky"):
+                lines.append(f"│    sticky: {service['sticky']}")
             if child:
                 lines.append(f"│    next child: {child.get('name')} ({child.get('type', '-')})")
             if service.get("server"):

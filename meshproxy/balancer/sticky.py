@@ -21,7 +21,7 @@ balancer, which picks among the children that are up and re-pins the client.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from meshproxy.config.dynamic import Cookie
@@ -152,11 +152,25 @@ class Sticky:
         else:
             hooks.append(self._hooks[index])
 
+    def child_for(self, headers: Iterable[tuple[bytes, bytes]]) -> int:
+        """The index of the child a request with these header fields is pinned to (any form
+        of the value, legacy ones included), or -1; changes nothing (the explain view)."""
+        value = self.cookie_in(headers)
+        if value is None:
+            return -1
+        index = self._values.get(value)
+        if index is None:
+            index = self._legacy.get(value)
+        return -1 if index is None else index
+
     def _cookie_value(self, ex: Exchange) -> bytes | None:
-        """The first cookie of our name in the request's Cookie fields (RFC 6265 §5.4: pairs
-        split on `;`; Go's readCookies also strips one pair of double quotes)."""
+        return self.cookie_in(ex.request.headers)
+
+    def cookie_in(self, headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+        """The first cookie of our name in the Cookie fields (RFC 6265 §5.4: pairs split on
+        `;`; Go's readCookies also strips one pair of double quotes)."""
         name = self.name_bytes
-        for field, line in ex.request.headers:
+        for field, line in headers:
             if field != b"cookie" or name not in line:
                 continue
             for pair in line.split(b";"):

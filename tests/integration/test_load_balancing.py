@@ -5,10 +5,12 @@ reloads, sticky cookies, passive outlier detection."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 
@@ -29,6 +31,14 @@ async def controlled() -> AsyncIterator[Callable[..., Any]]:
     yield make
     for backend in started:
         await backend.aclose()
+
+
+async def explain(proxy: Any, host: str, cookie: str) -> dict[str, Any]:
+    """The proxy's /api/explain answer for GET / on `host` with a Cookie field."""
+    query = urlencode({"host": host, "path": "/", "headers": f"Cookie: {cookie}"})
+    answer = await request(proxy.admin_port, target=f"/api/explain?{query}")
+    assert answer.status == 200, answer.body
+    return json.loads(answer.body)
 
 
 def lb_service(*urls: str, **options: Any) -> dict[str, Any]:
@@ -139,6 +149,11 @@ async def test_sticky_cookie_pins_and_falls_back_when_the_server_dies(controlled
         f"pin={sticky_value(pinned.url)}; Path=/; Max-Age=60; HttpOnly; SameSite=Strict"
     )
     header = {"Cookie": f"other=1; pin={sticky_value(pinned.url)}"}
+    # explain names the server the cookie pins (issue 14 §5: the server the balancer would
+    # pick; fresh tester F7: it named the round robin's next one), without moving anything
+    for _ in range(3):
+        service = (await explain(proxy, "a.test", header["Cookie"]))["service"]
+        assert (service["server"], service["sticky"]) == (pinned.url, "pinned by the pin cookie")
     again = [await request(proxy.port, host="a.test", headers=header) for _ in range(6)]
     assert {r.body for r in again} == {pinned.name.encode()}
     assert all(cookie_of(r) is None for r in again)
@@ -148,6 +163,9 @@ async def test_sticky_cookie_pins_and_falls_back_when_the_server_dies(controlled
         5,
         "pinned server DOWN",
     )
+    service = (await explain(proxy, "a.test", header["Cookie"]))["service"]
+    assert service["sticky"] == "the pin cookie pins a child that is down: balanced, re-pinned"
+    assert service["server"] != pinned.url
     moved = await request(proxy.port, host="a.test", headers=header)
     assert moved.status == 200 and moved.body != pinned.name.encode()
     new_server = next(b for b in backends if b.name.encode() == moved.body)
@@ -188,6 +206,10 @@ async def test_weighted_sticky_cookie_names_the_child_service(controlled, proxy_
         for _ in range(6)
     }
     assert answers == {first.body}
+    for _ in range(3):  # explain follows the cookie to the child and its server
+        service = (await explain(proxy, "w.test", f"{name}={value}"))["service"]
+        assert service["next"]["name"] == f"{child}@file"
+        assert service["server"] == (a.url if child == "sa" else b.url)
 
 
 async def test_outlier_detection_ejects_a_dead_server_and_takes_it_back(controlled, proxy_factory):
