@@ -157,3 +157,22 @@ def test_client_span_url_full_redacts_query_and_server_user_info():
     )
     assert server.attributes["url.query"] == "b=REDACTED"  # the request's own query
     tracing.shutdown()
+
+
+def test_safe_query_params_flag_is_honoured_without_a_warning():
+    """Traefik's `--tracing.safeQueryParams=a,b` (static option, a list): accepted without
+    the old "not implemented" warning and carried to the tracer's settings."""
+    from meshproxy.config.static import build_static
+    from meshproxy.observability.tracing import settings_from_static
+
+    config, warnings = build_static(
+        None,
+        [
+            "--tracing.otlp.http.endpoint=http://127.0.0.1:9/v1/traces",
+            "--tracing.safeQueryParams=page,Sort",
+        ],
+    )
+    assert not [w for w in warnings if "safeQueryParams" in w]
+    assert config.tracing is not None
+    settings = settings_from_static(config.tracing)
+    assert settings.safe_query_params == frozenset({"page", "Sort"})
