@@ -104,6 +104,9 @@ def merge_servers(answers: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     for worker in answers:
         for service, described in worker.items():
             into = merged.setdefault(service, {"servers": {}})
+            if "meshproxyServers" not in described and described.get("meshproxyWhy"):
+                # a weighted/mirroring parent that is down (no servers of its own)
+                into.setdefault("parentWhy", described["meshproxyWhy"])
             for server in described.get("meshproxyServers", []):
                 url = server["url"]
                 seen = into["servers"].get(url)
@@ -132,5 +135,7 @@ def merge_servers(answers: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             view["meshproxyWhy"] = (
                 "no server available: every server is down (see meshproxyServers)"
             )
+        elif not servers and data.get("parentWhy"):
+            view["meshproxyWhy"] = data["parentWhy"]
         out[service] = view
     return out

@@ -336,6 +336,37 @@ async def test_weighted_and_mirroring_parents_see_a_child_down(controlled, proxy
     )
 
 
+async def test_a_down_weighted_parent_says_why_with_worker_processes(controlled, proxy_factory):
+    """The admin API merges the workers' views (admin/workers.py): a `weighted` parent with
+    `healthCheck` whose children are all down keeps its `meshproxyWhy` there too (fresh
+    tester F10: 503 with no reason in the API)."""
+    a = await controlled("a")
+    check = {"path": "/health", "interval": "200ms"}
+    config = {
+        "http": {
+            "routers": {"r": router("Host(`w.test`)", "split")},
+            "services": {
+                "split": {"weighted": {"services": [{"name": "sa"}], "healthCheck": {}}},
+                "sa": checked(a.url, check=check),
+            },
+        }
+    }
+    proxy = await proxy_factory(config, extra_flags=["--workers=2"])
+    a.health = "status:500"
+    await wait_for(
+        lambda: "meshproxyWhy" in proxy.rawdata()["services"]["split@file"], 10, "parent why"
+    )
+    assert proxy.rawdata()["services"]["split@file"]["meshproxyWhy"] == (
+        "no available child: every child service with a weight is down (sa@file)"
+    )
+
+    async def refused_everywhere() -> bool:  # each worker runs its own checker
+        answers = [(await request(proxy.port, host="w.test")).status for _ in range(4)]
+        return answers == [503] * 4
+
+    await wait_for(refused_everywhere, 10, "503 from every worker")
+
+
 async def test_grpc_mode_uses_the_grpc_health_protocol(proxy_factory):
     """`mode: grpc`: grpc.health.v1.Health/Check with an empty service name; SERVING is UP,
     NOT_SERVING is DOWN (Traefik's checkHealthGRPC), against grpcio's own health service."""
