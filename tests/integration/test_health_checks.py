@@ -463,8 +463,10 @@ async def test_h2c_server_urls_are_probed_with_their_host(proxy_factory):
     """An `h2c://host:port` server (how Traefik, and Traefik Mesh's controller for
     `mesh.traefik.io/scheme: h2c`, write such servers) with an HTTP check: the probe goes to
     that host over HTTP/2 prior knowledge, path and query kept, and the server is UP as in
-    Traefik 3.7 (fresh tester F4: it was DOWN, "Name or service not known", and every
-    request got 503). A `port` override moves the probe to another port of the same host."""
+    Traefik 3.7 (checked with the binary on `h2c://127.0.0.1:P` + `path: /health?deep=1`:
+    UP, probe `:path /health?deep=1`, `:authority 127.0.0.1:P`, `:scheme http`; fresh tester
+    F4: meshproxy had it DOWN, "Name or service not known", and every request got 503). A `port`
+    override moves the probe to another port of the same host."""
     server = await H2CHealthServer().start()
     other = await H2CHealthServer().start()
     try:

@@ -365,8 +365,8 @@ def test_health_check_errors_are_all_reported_with_their_keys():
 
 def test_health_check_header_scalars_are_taken_as_text():
     """Traefik 3.7 reads healthCheck.headers as map[string]string: YAML `X-Id: 1` and
-    `X-On: true` are the strings "1" and "true" (checked with the real binary: the probe
-    carried `X-Num: 5`); meshproxy used to refuse the whole payload."""
+    `X-On: true` are the strings "1" and "true" (checked with the binary: `X-Num: 5` shows
+    as `"X-Num": "5"` in its API); meshproxy used to refuse the whole payload."""
     from meshproxy.config.decode import load_text
     from meshproxy.config.dynamic import decode_dynamic_obj
 
