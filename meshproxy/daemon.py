@@ -426,6 +426,12 @@ class ProxyDaemon:
         ping = self.static.ping
         return ping.terminating_status_code if ping and ping.terminating_status_code else 503
 
+    @property
+    def ready(self) -> bool:
+        """/ping's readiness: one process is ready once it answers (Traefik's ping); a
+        supervisor once a worker serves (meshproxy.node.supervisor.Supervisor.serving)."""
+        return self.node.serving if self.node is not None else True
+
     def admin_workers(self) -> list[dict[str, Any]] | None:
         """Each worker process and the configuration generation it runs (meshproxy.node)."""
         return self.node.workers_view() if self.node is not None else None

@@ -322,7 +322,9 @@ class ProxyProcess:
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
-        await wait_for(self.admin_up, 15, "proxy admin /ping")
+        # /ping is ready once a worker serves (--workers N): interpreted workers importing on
+        # a loaded 2-core machine take seconds
+        await wait_for(self.admin_up, 45, "proxy admin /ping")
         if wait_config:
             await wait_for(lambda: self.generation() >= 1, 10, "first config applied")
         return self

@@ -79,6 +79,8 @@ def build_admin_app(
     async def handle_ping(request: web.Request) -> web.Response:
         if node is not None and node.terminating:  # Traefik: ping.terminatingStatusCode
             return web.Response(status=node.terminating_status, text="Service Unavailable")
+        if node is not None and not node.ready:  # workers: none serves yet (docs/workers.md)
+            return web.Response(status=503, text="Service Unavailable")
         return web.Response(text="OK")
 
     async def handle_rawdata(request: web.Request) -> web.Response:

@@ -1,9 +1,9 @@
 """State the workers of a node share: token buckets of rateLimit middlewares.
 
 A rate limit of R requests/s must hold for the node, not for each of N workers (N x R). The
-buckets live in one file-backed shared mapping (in /dev/shm when there is one) that every
-worker maps: SLOTS fixed slots of 32 bytes (key hash u64, tokens f64, stamp f64, unused),
-a bucket at `hash(middleware instance, source) % SLOTS`. Each update is a read-modify-write
+buckets live in one shared mapping without a path (state_fd: a memfd the workers inherit)
+that every worker maps: SLOTS fixed slots of 32 bytes (key hash u64, tokens f64, stamp f64,
+unused), a bucket at `hash(middleware instance, source) % SLOTS`. Each update is a read-modify-write
 under an exclusive `flock` of the file (two system calls, about 1-2 us, paid by rate-limited
 requests only), so the node's count is exact. Stamps are CLOCK_MONOTONIC, which every
 process of the host reads alike. A slot holding another key is taken over with a full bucket
@@ -21,28 +21,40 @@ import mmap
 import os
 import struct
 import tempfile
-from pathlib import Path
 
 SLOTS = 65536
 _SLOT = struct.Struct("<Qdd8x")
 
 
-def state_file() -> Path:
-    """A new, empty state file for one node (removed by the supervisor when it stops)."""
-    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    fd, name = tempfile.mkstemp(prefix="meshproxy-node-", dir=base)
+def state_fd() -> int:
+    """A new, zeroed, inheritable state file for one node, as a descriptor with no name.
+
+    memfd_create(2) (Linux): anonymous memory with no path, so a supervisor killed with
+    SIGKILL leaves nothing behind (a named file in /dev/shm would stay, 2 MiB of a pod's
+    64 MiB tmpfs per crash). Elsewhere: a file made in /dev/shm (or the temp dir) and unlinked
+    at once. The workers inherit the descriptor (pass_fds); the memory is freed when the last
+    process holding it exits. Raises OSError when neither can be made."""
+    size = SLOTS * _SLOT.size
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("meshproxy-node", 0)  # no MFD_CLOEXEC: workers inherit it
+    else:
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        fd, name = tempfile.mkstemp(prefix="meshproxy-node-", dir=shm)
+        os.unlink(name)
     try:
-        os.ftruncate(fd, SLOTS * _SLOT.size)
-    finally:
+        os.ftruncate(fd, size)
+        os.set_inheritable(fd, True)
+    except OSError:
         os.close(fd)
-    return Path(name)
+        raise
+    return fd
 
 
 class SharedBuckets:
-    """One worker's mapping of the node's bucket file."""
+    """One worker's mapping of the node's bucket file (`fd`: inherited from the supervisor)."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.fd = os.open(path, os.O_RDWR)
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
         self.map = mmap.mmap(self.fd, SLOTS * _SLOT.size)
 
     def limiter(self, key: str, rate: float, burst: int) -> SharedLimiter:

@@ -29,13 +29,12 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from meshproxy.config.static import parse_address
 from meshproxy.node.channel import encode, read_frame
 from meshproxy.node.metrics import merge
-from meshproxy.node.shared_state import state_file
+from meshproxy.node.shared_state import state_fd
 from meshproxy.runtime.manager import ConfigManager
 
 log = logging.getLogger("meshproxy.supervisor")
@@ -87,6 +86,7 @@ class WorkerSlot:
     quick_exits: int = 0  # consecutive exits within CRASH_WINDOW of the start
     backoff_until: float = 0.0  # time.time() before which it is not restarted
     last_exit: str | None = None
+    ready: bool = False  # applied the first configuration and accepts on the listeners
     waiting: dict[int, asyncio.Future[bytes]] = field(default_factory=dict)
 
     def view(self) -> dict[str, Any]:
@@ -98,6 +98,7 @@ class WorkerSlot:
             "pid": self.process.pid if alive and self.process else None,
             "state": state,
             "generation": self.generation,
+            "ready": alive and self.ready,
             "restarts": self.restarts,
             "lastExit": self.last_exit,
             "backoffSeconds": round(max(0.0, self.backoff_until - now), 3),
@@ -120,7 +121,7 @@ class Supervisor:
         # A worker's start-up error (an option only a worker meets, as a bad trustedIPs):
         # the node fails its start with that one line, as the single process does.
         self.fatal: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self.state_file: Path | None = None  # the node's shared token buckets
+        self.state_fd: int | None = None  # the node's shared token buckets (no path)
         self._tasks: list[asyncio.Task[Any]] = []
 
     # -- start ----------------------------------------------------------------------------
@@ -152,9 +153,11 @@ class Supervisor:
         await self.manager.applied.wait()
         if self.stopping:
             return
-        for sock in self.sockets.values():
-            sock.listen(4096)
-        self.state_file = state_file()  # made now: a start that fails leaves none behind
+        # No listen() here: the first worker to serve calls it (asyncio's create_server on
+        # the inherited socket), after applying the first configuration. Until then the
+        # port refuses connections rather than queueing them for seconds while the workers
+        # import, and a rollout's old proxy keeps the whole SO_REUSEPORT group's traffic.
+        self.state_fd = state_fd()  # made now: a start that fails leaves none behind
         loop = asyncio.get_running_loop()
         for slot in self.slots:
             self._tasks.append(loop.create_task(self._keep(slot)))
@@ -181,6 +184,7 @@ class Supervisor:
                     waiter.set_result(b"")
             slot.waiting.clear()
             slot.writer = None
+            slot.ready = False
             if self.stopping:
                 return
             slot.restarts += 1
@@ -205,6 +209,7 @@ class Supervisor:
     async def _spawn(self, slot: WorkerSlot) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         fds = {name: sock.fileno() for name, sock in self.sockets.items()}
+        shared = [] if self.state_fd is None else [self.state_fd]
         try:
             slot.process = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -216,11 +221,11 @@ class Supervisor:
                 str(slot.index),
                 "--listeners",
                 json.dumps(fds),
-                "--state-file",
-                str(self.state_file or ""),
+                "--state-fd",
+                str(self.state_fd if self.state_fd is not None else -1),
                 "--",
                 *self.proxy_args,
-                pass_fds=[child.fileno(), *fds.values()],
+                pass_fds=[child.fileno(), *fds.values(), *shared],
             )
         finally:
             child.close()
@@ -243,6 +248,8 @@ class Supervisor:
                 kind = header.get("t")
                 if kind == "fatal" and not self.fatal.done():
                     self.fatal.set_result(str(header.get("error")))
+                elif kind == "ready":  # started after applying the first configuration
+                    slot.ready = True
                 elif kind == "applied" and header.get("ok"):
                     slot.generation = int(header["gen"])
                 elif kind in ("metrics", "admin"):  # answers to render_metrics, admin.workers
@@ -266,6 +273,17 @@ class Supervisor:
             slot.writer.write(encode({"t": "config", "gen": generation, "source": source}, data))
 
     # -- the admin entrypoint -------------------------------------------------------------
+
+    @property
+    def serving(self) -> bool:
+        """At least one worker applied the first configuration and accepts connections: the
+        node's readiness (/ping). One is enough: in "inherit" mode every worker accepts on
+        the same sockets, so a connection waits for no particular worker; in "reuseport"
+        mode a worker's socket exists only once that worker serves."""
+        return any(
+            slot.ready and slot.process is not None and slot.process.returncode is None
+            for slot in self.slots
+        )
 
     def workers_view(self) -> list[dict[str, Any]]:
         return [slot.view() for slot in self.slots]
@@ -343,9 +361,10 @@ class Supervisor:
         self._remove_state_file()  # the workers' mappings stay valid
 
     def _remove_state_file(self) -> None:
-        if self.state_file is not None:
-            self.state_file.unlink(missing_ok=True)
-            self.state_file = None
+        """Close the supervisor's descriptor: the memory goes with the last worker."""
+        if self.state_fd is not None:
+            os.close(self.state_fd)
+            self.state_fd = None
 
 
 def _signal(slot: WorkerSlot, sig: int) -> None:

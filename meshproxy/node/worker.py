@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--control-fd", type=int, required=True)
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--listeners", default="{}")
-    parser.add_argument("--state-file", default=None)
+    parser.add_argument("--state-fd", type=int, default=-1)
     parser.add_argument("proxy_args", nargs=argparse.REMAINDER)
     options = parser.parse_args(argv)
     proxy_args = options.proxy_args
@@ -155,11 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     from meshproxy.cli import _setup_logging
 
     _setup_logging(static.log.level, static.log.format)
-    if options.state_file:  # rate limits hold for the node (meshproxy.node.shared_state)
+    if options.state_fd >= 0:  # rate limits hold for the node (meshproxy.node.shared_state)
         from meshproxy.middlewares import rate_limit
         from meshproxy.node.shared_state import SharedBuckets
 
-        rate_limit.SHARED_STATE.append(SharedBuckets(options.state_file).limiter)
+        rate_limit.SHARED_STATE.append(SharedBuckets(options.state_fd).limiter)
     control = socket.socket(fileno=options.control_fd)
     sockets = {name: socket.socket(fileno=fd) for name, fd in json.loads(options.listeners).items()}
     import uvloop

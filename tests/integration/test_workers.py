@@ -413,3 +413,112 @@ async def test_a_failing_control_request_is_answered_and_the_worker_keeps_servin
             proc.kill()
             proc.wait()
         listener.close()
+
+
+async def test_readiness_waits_for_a_serving_worker(backends, tmp_path):
+    """Issue 15 point 1 (readiness answered once for the node) and fresh tester F1b: with
+    workers, /ping (the readiness probe, Traefik's ping) answers 503 until a worker has
+    applied the first configuration and accepts; until then the traffic port refuses
+    connections (no listen() yet) instead of queueing them for the workers' start-up; a
+    request sent the moment /ping turns 200 is answered at once. One serving worker is
+    enough: in "inherit" mode every worker accepts on the same socket."""
+    import socket
+    import subprocess
+    import sys
+
+    from tests.helpers import ProxyProcess
+
+    a = await backends("a")
+    proxy = ProxyProcess(tmp_path, catch_all(a.url), extra_flags=["--workers=2"])
+    proxy.log = open(proxy.log_path, "wb")  # noqa: SIM115 - closed by proxy.stop()
+    proxy.process = subprocess.Popen(
+        [sys.executable, "-m", "meshproxy", "proxy", *proxy.flags()],
+        stdout=proxy.log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        refused = 0
+        not_ready = 0
+
+        def ping_or_probe() -> bool:
+            nonlocal refused, not_ready
+            assert proxy.process.poll() is None, proxy.log_path.read_text()
+            answer = proxy.admin_get("/ping")  # None: 503 (urllib raises) or not listening
+            if answer == b"OK":
+                return True
+            if answer is None and proxy.admin_get("/api/version") is not None:
+                not_ready += 1  # the admin entrypoint answers, readiness says no
+                if not any(w["ready"] for w in workers(proxy)):
+                    with socket.socket() as probe:
+                        try:
+                            probe.connect(("127.0.0.1", proxy.port))
+                        except ConnectionRefusedError:
+                            refused += 1
+            return False
+
+        await wait_for(ping_or_probe, 60, "readiness")
+        started = time.monotonic()
+        response = await request(proxy.port, host="app.test", timeout=5)
+        took = time.monotonic() - started
+        assert response.status == 200
+        assert took < 2.0, f"answered {took:.2f}s after readiness"
+        assert any(w["ready"] for w in workers(proxy))
+        print(f"readiness: {not_ready} polls said 503 first, {refused} connects refused")
+        assert not_ready > 0 and refused > 0  # the workers' start-up was observed, gated
+    finally:
+        proxy.stop()
+
+
+async def test_a_sigkilled_supervisor_leaves_no_shared_state_file(backends, proxy_factory):
+    """Fresh tester F14: the node's shared token buckets have no path (memfd_create(2), or a
+    file unlinked at once), so a supervisor killed with SIGKILL leaves nothing in /dev/shm
+    (tmpfs, often 64 MiB in a pod) and the workers, which inherited the descriptor, still
+    share it: the rate limit holds for the node."""
+    import glob
+
+    def leftovers() -> set[str]:
+        return set(glob.glob("/dev/shm/meshproxy-node-*"))
+
+    before = leftovers()
+    a = await backends("a")
+    config = {
+        "http": {
+            "routers": {
+                "r": {
+                    "rule": "PathPrefix(`/`)",
+                    "service": "s",
+                    "entryPoints": ["web"],
+                    "middlewares": ["limit"],
+                }
+            },
+            "services": {"s": {"loadBalancer": {"servers": [{"url": a.url}]}}},
+            "middlewares": {"limit": {"rateLimit": {"average": 1, "period": "100s", "burst": 4}}},
+        }
+    }
+    proxy = await proxy_factory(config, extra_flags=["--workers=2"])
+    await wait_for(lambda: [w["generation"] for w in workers(proxy)] == [1, 1], 40, "both at 1")
+    pids = [w["pid"] for w in workers(proxy)]
+    assert leftovers() == before  # nothing named, even while running
+    for pid in pids:  # each worker maps the same nameless file
+        with open(f"/proc/{pid}/maps") as maps:
+            assert "memfd:meshproxy-node" in maps.read() or not hasattr(os, "memfd_create")
+    # 8 new connections (spread over both workers) on a node-wide burst of 4: 4 pass.
+    statuses = [(await request(proxy.port, host="app.test")).status for _ in range(8)]
+    assert statuses.count(200) == 4 and statuses.count(429) == 4, statuses
+    os.kill(proxy.process.pid, signal.SIGKILL)
+    proxy.process.wait(10)
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    try:  # the workers see the control channel's EOF and stop
+        await wait_for(lambda: all(gone(p) for p in pids), 30, "workers stop")
+    finally:
+        for pid in pids:
+            if not gone(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert leftovers() == before
