@@ -45,6 +45,7 @@ def main() -> int:
         "--workers=1, new connections only": newest("soak-w1-only-new"),
         "--workers=1, h2c only, with s-h2-memory.patch": newest("soak-w1-only-h2-patched"),
         "--workers=1, mixed load, with both patches": newest("soak-w1-patched"),
+        "--workers=2, mixed load, with both patches": newest("soak-w2-patched"),
     }
     lines = [
         "# Memory (issue 15 item 4)",
