@@ -1,22 +1,35 @@
-"""Memory per idle keep-alive connection: meshproxy vs HAProxy, and what meshproxy's holds.
+"""Memory per idle connection: meshproxy (1 and 2 workers) vs HAProxy, and what meshproxy's holds.
 
 Each proxy gets a warm-up (as many concurrent connections as a batch below, one request each,
-closed: the backend pool is filled), then `--connections` client connections (default 10,000)
-each send one keep-alive GET, read the whole response, and stay open and idle. The growth of
-the proxy's RSS (Linux /proc VmRSS: the process's own memory, not the kernel's socket buffers)
-divided by the number of connections is the cost of one idle connection (issue 9 item 3).
-Connections are opened in batches, bounded in time, over loopback; the open-file limit is
-raised as far as the hard limit allows. Results: bench/results/idle_connections-<when>.json
-and bench/results/idle_connections.md.
+closed: the backend pool is filled), then `--connections` client connections (default 10,000),
+held by a separate client process, each make one exchange and stay open and idle:
+
+- `http1`: one keep-alive GET, the whole response read;
+- `h2c`: HTTP/2 with prior knowledge (RFC 9113 §3.3), one GET on stream 1 (the h2 library);
+- `tcp`, `tls`: a TCP route (plain, or TLS terminated by the proxy) to an echo server, one
+  byte echoed. These take two descriptors per connection in the proxy: with a hard open-file
+  limit of 20,000, use `--connections 9000`.
+
+The growth of the proxy's RSS (Linux /proc VmRSS: the process's own memory, not the kernel's
+socket buffers; with `--workers 2` the supervisor and its workers summed, PSS beside it) over
+its idle baseline, divided by the number of connections, is the cost of one idle connection
+(issue 15 item 4: at most 50 MB for 10,000 keep-alive connections). HAProxy (1 thread) is
+measured in the same run. Connections are opened in batches, bounded in time, over loopback;
+the open-file limit is raised as far as the hard limit allows. `--source DIR` runs meshproxy
+from another tree (a patch measured beside the working tree). Results:
+bench/results/idle_connections<tag>-<when>.json and idle_connections<tag>.md; the summary over
+all memory results is bench/memory_summary.py.
 
 `--breakdown` measures instead, in this process, what one idle meshproxy connection holds:
-the real entrypoint (server, dispatcher, balancer, upstream pool) listens on uvloop, a child
-process holds the idle clients, and tracemalloc attributes the memory that stays allocated per
-connection to the lines that allocated it; sys.getsizeof gives the connection object and the
-values of its slots.
+the real entrypoint (sniffer, server, dispatcher, balancer, upstream pool) listens on uvloop,
+a child process holds the idle clients (`--kinds http1` or `h2c`), and tracemalloc attributes
+the memory that stays allocated per connection to the lines that allocated it;
+sys.getsizeof gives the HTTP/1.1 connection object and the values of its slots.
 
-    python bench/idle_connections.py [--connections 10000] [--no-haproxy]
-    python bench/idle_connections.py --breakdown [--connections 2000]
+    python bench/idle_connections.py [--connections 10000] [--kinds http1,h2c] [--workers 1,2]
+                                     [--no-haproxy] [--source DIR] [--tag=-NAME]
+    python bench/idle_connections.py --connections 9000 --kinds tcp,tls --workers 1
+    python bench/idle_connections.py --breakdown [--connections 2000] [--kinds h2c]
 """
 
 from __future__ import annotations
