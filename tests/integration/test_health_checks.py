@@ -72,9 +72,12 @@ async def test_dead_server_leaves_within_one_interval_and_comes_back(controlled,
     await wait_for(lambda: backends[0].health_probes >= 1, 5, "first probe")
     dead = backends[0]
     await dead.die()
-    died = time.monotonic()
-    await wait_for(lambda: server_status(proxy)[dead.url] == "DOWN", 5, "DOWN")
-    assert time.monotonic() - died < 0.5 + 0.2 + 0.3  # interval + timeout + polling slack
+    # "Within one interval" measured on the checkers' own clock, not the wall's (a loaded
+    # machine delays every checker alike): a live server, probed on the same interval, has
+    # seen at most two more probes by the time the dead one is DOWN.
+    clock = backends[1].health_probes
+    await wait_for(lambda: server_status(proxy)[dead.url] == "DOWN", 10, "DOWN")
+    assert backends[1].health_probes - clock <= 2
     answers = Counter([(await request(proxy.port, host="a.test")).body for _ in range(20)])
     assert answers == {b"b1": 10, b"b2": 10}
     metrics = proxy.metrics()
