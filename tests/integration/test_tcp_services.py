@@ -167,7 +167,7 @@ async def test_no_reachable_server_resets_the_client_promptly(proxy_factory):
         started = time.monotonic()
         with pytest.raises(ConnectionResetError):
             await talk(port)
-        assert time.monotonic() - started < 2.0
+        assert time.monotonic() - started < 5.0  # at once: not after a dial timeout (30 s)
     await wait_for(lambda: "no server of main@file reachable" in proxy.log_path.read_text(), 10)
 
 
@@ -394,8 +394,9 @@ async def test_termination_delay_bounds_the_other_half(proxy_factory):
 
     proxy, port = await tcp_proxy(proxy_factory, config(terminationDelay="200ms"))
     started = time.monotonic()
+    # b"": the pipe ended before the server's answer at 1 s; and not by some later timeout
     assert await talk(port, b"q", until_eof=True) == b""
-    assert time.monotonic() - started < 0.9
+    assert time.monotonic() - started < 5
     proxy.write(config(terminationDelay="-1s"))
     await wait_for(lambda: proxy.generation() >= 2, 10, "no deadline")
     assert await talk(port, b"q", until_eof=True) == b"late:q"
