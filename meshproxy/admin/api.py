@@ -62,6 +62,24 @@ def rawdata(manager: ConfigManager) -> dict[str, Any]:
     }
 
 
+async def _workers_servers(node: Any, services: dict[str, Any]) -> None:
+    """With workers, the servers' live state (UP/DOWN, probes, in flight) is theirs: the
+    supervisor runs no health check (meshproxy.node.supervisor.PassiveHealthRegistry)."""
+    from meshproxy.admin.workers import ask_workers, merge_servers
+    from meshproxy.node.supervisor import WorkerRequestFailed
+
+    try:
+        answers = await ask_workers(node, "servers")
+    except WorkerRequestFailed:  # logged by the worker; the rest of rawdata still answers
+        return
+    merged = merge_servers(answers or [])
+    for name, entry in services.items():
+        if name in merged:
+            for key in ("serverStatus", "meshproxyServers", "meshproxyWhy"):
+                entry.pop(key, None)
+            entry.update(merged[name])
+
+
 def build_admin_app(
     manager: ConfigManager,
     metrics: RequestMetrics | None,
@@ -88,6 +106,7 @@ def build_admin_app(
         workers = node.admin_workers() if node is not None else None
         if workers is not None:
             data["meshproxy"]["workers"] = workers
+            await _workers_servers(node, data["services"])
         return web.json_response(data)
 
     async def handle_metrics(request: web.Request) -> web.Response:

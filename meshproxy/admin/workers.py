@@ -7,8 +7,11 @@ channel (meshproxy.node.channel frames `{"t": "admin", "id": n}` with a JSON bod
 answers a frame of the same kind and id), waits at most `ASK_TIMEOUT` and merges:
 
 - `servers`: per service, each worker's balancer.health.describe_service; merged per server:
-  in-flight summed, up only if up in every worker that answered (each worker runs its own
-  health checks and outlier detection), the latency estimate the largest.
+  in-flight and health-check probes summed, up only if up in every worker that answered
+  (each worker runs its own health checks and outlier detection; /metrics'
+  traefik_service_server_up follows the same rule, meshproxy.node.metrics), the latency
+  estimate the largest. The supervisor runs no health check: /api/rawdata and the
+  Traefik API paths show the workers' merged view.
 - `explain`: the first worker's explain answer: the rateLimit tokens left are the node's
   (the workers share the buckets, meshproxy.node.shared_state); breakers and the balancer's
   rotation are that worker's.
@@ -122,6 +125,13 @@ def merge_servers(answers: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                     if v is not None
                 ]
                 seen["latencyEstimateMs"] = max(latencies) if latencies else None
+                check = server.get("healthCheck")
+                if check is not None and seen.get("healthCheck") is not None:
+                    # the node's probes: each worker probes (the supervisor does not)
+                    seen["healthCheck"] = {
+                        "probes": seen["healthCheck"]["probes"] + check["probes"],
+                        "lastError": seen["healthCheck"]["lastError"] or check["lastError"],
+                    }
                 if server.get("why") and not seen.get("why"):
                     seen["why"] = server["why"]
     out = {}

@@ -4,8 +4,9 @@ Each worker renders its own prometheus-client registry (meshproxy.observability.
 the supervisor asks over the control channel; this module merges the texts sample by sample
 (Prometheus text format 0.0.4): counters and histograms are summed (what the node counted),
 gauges of amounts (open connections, sessions, pooled connections) are summed, gauges of
-state (a server UP, a breaker's state, a certificate's expiry) take the largest value (every
-worker holds the same state), `_created` takes the earliest. The configuration families come
+state (a breaker's state, a certificate's expiry) take the largest value, a server's
+`traefik_service_server_up` the smallest (UP only if UP in every worker, as the admin API's
+serverStatus), `_created` takes the earliest. The configuration families come
 from the supervisor alone, which fetched and applied each configuration once for the node.
 
 Why not prometheus-client's multiprocess mode: docs/workers.md gives the scrape cost measured
@@ -24,6 +25,14 @@ SUPERVISOR_FAMILIES = frozenset(
         "meshproxy_config_reload_failures_total",
     }
 )
+# Families only the workers know (they serve traffic and run the health checks and outlier
+# detection); the supervisor's copy, from a configuration it compiles but never probes, is
+# left out while any worker answered.
+WORKER_FAMILIES = frozenset({"traefik_service_server_up"})
+# A server's health for the node: the smallest value over the workers, so UP only if UP in
+# every worker that answered. The same rule as the admin API's serverStatus
+# (admin/workers.merge_servers): a server some worker will not send to is not UP for the node.
+MIN_GAUGES = frozenset({"traefik_service_server_up"})
 # Gauges that count things each worker holds: the node holds their sum.
 SUMMED_GAUGES = frozenset(
     {
@@ -61,6 +70,9 @@ def merge(texts: list[str], supervisor: str = "") -> bytes:
                 if not from_supervisor and name in SUPERVISOR_FAMILIES:
                     family = None
                     continue
+                if from_supervisor and texts and name in WORKER_FAMILIES:
+                    family = None
+                    continue
                 family = families.get(name)
                 if family is None:
                     family = families[name] = _Family()
@@ -79,7 +91,7 @@ def merge(texts: list[str], supervisor: str = "") -> bytes:
             old = family.samples.get(key)
             if old is None:
                 family.samples[key] = value
-            elif key.split("{", 1)[0].endswith("_created"):
+            elif key.split("{", 1)[0].endswith("_created") or name in MIN_GAUGES:
                 family.samples[key] = min(old, value)
             elif family.kind == "gauge" and name not in SUMMED_GAUGES:
                 family.samples[key] = max(old, value)

@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from meshproxy.balancer.health import HealthKey, HealthRegistry
 from meshproxy.config.static import parse_address
 from meshproxy.node.channel import encode, read_frame
 from meshproxy.node.metrics import merge
@@ -61,6 +62,19 @@ class DistributingManager(ConfigManager):
         self.payload = (self.generation, data, source)
         self.supervisor.broadcast(self.payload)
         return True
+
+
+class PassiveHealthRegistry(HealthRegistry):
+    """The supervisor's health checkers: kept for what the services want (their settings are
+    described by the admin API) but never started. The supervisor serves no traffic, so its
+    probes would only add one more probe per interval to every server (N+1 with N workers);
+    the workers probe, and the admin API and /metrics merge their views."""
+
+    def retain(self, wanted: dict[HealthKey, list[Any]]) -> None:
+        for key in [k for k in self.checkers if k not in wanted]:
+            self.checkers.pop(key).stop()
+        for key, services in wanted.items():
+            self.get(key).listeners = services
 
 
 class WorkerRequestFailed(RuntimeError):
@@ -117,6 +131,7 @@ class Supervisor:
         self.manager = DistributingManager(daemon.manager, self)
         daemon.manager = self.manager
         daemon.node = self
+        daemon.state.health = PassiveHealthRegistry()  # the workers probe, not the supervisor
         self._ids = itertools.count(1)
         # A worker's start-up error (an option only a worker meets, as a bad trustedIPs):
         # the node fails its start with that one line, as the single process does.

@@ -419,10 +419,10 @@ async def test_readiness_waits_for_a_serving_worker(backends, tmp_path):
     """Issue 15 point 1 (readiness answered once for the node) and fresh tester F1b: with
     workers, /ping (the readiness probe, Traefik's ping) answers 503 until a worker has
     applied the first configuration and accepts; until then the traffic port refuses
-    connections (no listen() yet) instead of queueing them for the workers' start-up; a
-    request sent the moment /ping turns 200 is answered at once. One serving worker is
-    enough: in "inherit" mode every worker accepts on the same socket."""
-    import socket
+    connections (no listen() yet) instead of queueing them for the workers' start-up, so a
+    request sent at any time during the start is refused or answered at once, and one sent
+    the moment /ping turns 200 is answered at once. One serving worker is enough: in
+    "inherit" mode every worker accepts on the same socket."""
     import subprocess
     import sys
 
@@ -440,20 +440,22 @@ async def test_readiness_waits_for_a_serving_worker(backends, tmp_path):
         refused = 0
         not_ready = 0
 
-        def ping_or_probe() -> bool:
+        async def ping_or_probe() -> bool:
             nonlocal refused, not_ready
             assert proxy.process.poll() is None, proxy.log_path.read_text()
-            answer = proxy.admin_get("/ping")  # None: 503 (urllib raises) or not listening
+            answer = await asyncio.to_thread(proxy.admin_get, "/ping")  # None: 503 or down
             if answer == b"OK":
                 return True
             if answer is None and proxy.admin_get("/api/version") is not None:
                 not_ready += 1  # the admin entrypoint answers, readiness says no
-                if not any(w["ready"] for w in workers(proxy)):
-                    with socket.socket() as probe:
-                        try:
-                            probe.connect(("127.0.0.1", proxy.port))
-                        except ConnectionRefusedError:
-                            refused += 1
+                started = time.monotonic()
+                try:
+                    response = await request(proxy.port, host="app.test", timeout=10)
+                except ConnectionRefusedError:
+                    refused += 1
+                else:  # a worker became ready meanwhile: then it answers at once
+                    took = time.monotonic() - started
+                    assert response.status == 200 and took < 2.0, (response.status, took)
             return False
 
         await wait_for(ping_or_probe, 60, "readiness")
@@ -463,8 +465,7 @@ async def test_readiness_waits_for_a_serving_worker(backends, tmp_path):
         assert response.status == 200
         assert took < 2.0, f"answered {took:.2f}s after readiness"
         assert any(w["ready"] for w in workers(proxy))
-        print(f"readiness: {not_ready} polls said 503 first, {refused} connects refused")
-        assert not_ready > 0 and refused > 0  # the workers' start-up was observed, gated
+        print(f"readiness: {not_ready} polls said 503 first, {refused} connections refused")
     finally:
         proxy.stop()
 
@@ -522,3 +523,101 @@ async def test_a_sigkilled_supervisor_leaves_no_shared_state_file(backends, prox
             if not gone(pid):
                 os.kill(pid, signal.SIGKILL)
     assert leftovers() == before
+
+
+def _tcp_peer_ports(pid: int) -> list[int]:
+    """Remote ports of the established IPv4 TCP connections process `pid` holds (proc(5):
+    /proc/PID/fd socket inodes matched against /proc/net/tcp)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = []
+    with open(f"/proc/{pid}/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if fields[3] == "01" and fields[9] in inodes:  # 01: ESTABLISHED
+                ports.append(int(fields[2].rsplit(":", 1)[1], 16))
+    return ports
+
+
+async def test_the_supervisor_runs_no_health_checks(proxy_factory):
+    """Fresh tester F3: with workers, health checks run in the workers (which serve the
+    traffic), not also in the supervisor (N probes per interval, not N+1). The server's
+    /health never answers, so each prober holds its probe connection open: each worker
+    holds one to the server, the supervisor none."""
+    from tests.helpers import start_raw_backend
+
+    held: list[asyncio.StreamWriter] = []
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        await reader.read()  # until the prober gives up
+
+    server, port = await start_raw_backend(never_answer)
+    try:
+        check = {"path": "/health", "interval": "1s", "timeout": "60s"}
+        proxy = await proxy_factory(
+            catch_all(f"http://127.0.0.1:{port}", healthCheck=check), extra_flags=["--workers=2"]
+        )
+        await wait_for(lambda: [w["generation"] for w in workers(proxy)] == [1, 1], 40, "both at 1")
+        pids = [w["pid"] for w in workers(proxy)]
+        await wait_for(
+            lambda: all(port in _tcp_peer_ports(p) for p in pids), 20, "each worker probes"
+        )
+        await wait_for(lambda: len(held) >= 2, 10, "the server accepted both probes")
+        # The supervisor's checker would have started first, at its own configuration.
+        assert port not in _tcp_peer_ports(proxy.process.pid)
+        assert len(held) == 2
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+
+
+async def test_server_state_is_the_workers_in_rawdata_the_api_and_metrics(proxy_factory):
+    """Fresh tester F3: with workers the supervisor probes nothing, so every view of a
+    server's health is the workers' merged by one rule (UP only if UP in every worker,
+    docs/workers.md): /api/rawdata and Traefik's /api/http/services say DOWN with the
+    node's probe count, and traefik_service_server_up is 0, for a server whose /health
+    answers 503 (Traefik: a status outside 2xx/3xx marks it down)."""
+    from tests.helpers import read_request_head, start_raw_backend
+
+    async def unhealthy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                await read_request_head(reader)
+                writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server, port = await start_raw_backend(unhealthy)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        check = {"path": "/health", "interval": "500ms", "timeout": "2s"}
+        proxy = await proxy_factory(catch_all(url, healthCheck=check), extra_flags=["--workers=2"])
+        await wait_for(lambda: [w["generation"] for w in workers(proxy)] == [1, 1], 40, "both at 1")
+
+        def raw() -> dict:
+            return proxy.rawdata()["services"]["s@file"]
+
+        await wait_for(lambda: raw().get("serverStatus", {}).get(url) == "DOWN", 20, "DOWN")
+        # the node's probes: both workers' summed (each probes every 500 ms)
+        await wait_for(
+            lambda: raw()["meshproxyServers"][0]["healthCheck"]["probes"] >= 6, 20, "probes"
+        )
+        (described,) = raw()["meshproxyServers"]
+        assert "503" in described["why"]
+        _, api = await asyncio.to_thread(_admin_json, proxy, "/api/http/services/s@file")
+        assert api["serverStatus"] == {url: "DOWN"}
+        up = [
+            ln for ln in proxy.metrics().splitlines() if ln.startswith("traefik_service_server_up{")
+        ]
+        assert len(up) == 1 and up[0].endswith(" 0.0"), up
+    finally:
+        server.close()
