@@ -167,6 +167,27 @@ class StreamMalformed:
         self.stream_id = stream_id
 
 
+class _SettingValues(list):  # type: ignore[type-arg]
+    """The values of one h2 setting, current first, then those sent and not yet acknowledged:
+    what h2's `Settings` keeps in a `collections.deque`, 760 bytes each however short (a
+    64-slot block), 15 of them per connection (~11 KB, the most of an idle HTTP/2
+    connection's memory, bench/idle_connections.py --breakdown --kinds h2c). h2 uses only
+    `[0]`, `len`, `append` and `popleft` on them: a list with `popleft` is 64 bytes."""
+
+    __slots__ = ()
+
+    def popleft(self) -> Any:
+        return self.pop(0)
+
+
+def compact_settings(settings: h2.settings.Settings) -> None:
+    """Give `settings` (h2's) short lists instead of its deques; see `_SettingValues`."""
+    values: Any = settings._settings  # h2 4.x's private store, pinned by the conversation tests
+    for code, items in values.items():
+        if type(items) is not _SettingValues:
+            values[code] = _SettingValues(items)
+
+
 class ServerH2Connection(h2.connection.H2Connection):
     """h2's connection with three server behaviours RFC 9113 allows and h2 does not offer.
 
@@ -181,6 +202,13 @@ class ServerH2Connection(h2.connection.H2Connection):
     - a GOAWAY from the client leaves the connection open for the streams it already opened
       (§6.8), where h2 would refuse to send another byte.
     """
+
+    # Closed stream ids h2 remembers to answer a late frame on them as RFC 9113 §5.1 says:
+    # h2's default, 2**16, is ~120 bytes each, 7.5 MiB per long-lived connection once 65,536
+    # streams have closed (bench/soak.py: +2.2 MB/min under 300 h2c req/s). A frame on an
+    # older stream is answered as for a stream closed implicitly (RST_STREAM STREAM_CLOSED);
+    # Go's server keeps none, and tells closed from idle by the highest stream id.
+    MAX_CLOSED_STREAMS = 1024
 
     flood = 0  # frames without request progress, less the credit earned (see spend)
     more = False  # receive_data stopped at FRAMES_PER_TURN with frames left in the buffer
@@ -738,6 +766,7 @@ class H2ServerConnection(asyncio.Protocol):
         self.h2.incoming_buffer = self.header_block
         self._backlog = False  # h2's buffer holds frames for the next turn (see _feed)
         self._settings_seen = False  # the client's first SETTINGS arrived (its preface is whole)
+        self._compacted = False  # h2's settings deques replaced by short lists (check_timeouts)
         self.opened_at = time.perf_counter()
         self.h2.local_settings = h2.settings.Settings(
             client=False,
@@ -918,6 +947,12 @@ class H2ServerConnection(asyncio.Protocol):
             if idle > 0 and now - self.idle_since > idle:
                 self.shutdown()
                 self.close()
+            elif not self._compacted and self._settings_seen:
+                # Once idle after the client's SETTINGS: a setting it adds later gets a
+                # deque again (h2's __setitem__), a few per connection lifetime at most.
+                self._compacted = True
+                compact_settings(h2conn.local_settings)
+                compact_settings(h2conn.remote_settings)
             return
         for stream in list(self.streams.values()):
             ex = stream.ex

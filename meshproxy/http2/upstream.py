@@ -260,6 +260,10 @@ class _ClientH2(H2Connection):
     """h2's client connection with this pool's settings, and GOAWAY that drains (see the
     module docstring: python-hyper/h2#1181)."""
 
+    # h2 remembers 2**16 closed stream ids (~120 bytes each, 7.5 MiB per long-lived backend
+    # connection); 1024 is enough to ignore the late frames of streams reset lately.
+    MAX_CLOSED_STREAMS = 1024
+
     def __init__(self) -> None:
         super().__init__(_CONFIG)
         self.local_settings = Settings(
