@@ -44,9 +44,12 @@ lint: setup
 # run again on the same modules loaded from their .py sources. The end-to-end suites are not
 # repeated interpreted: the code they add over the in-process ones (HTTP/2, TLS, UDP, TCP,
 # workers) is never compiled, so a second pass would test the same code twice.
+# Three pytest workers (pytest-xdist), one test file each at a time (module fixtures such as
+# the real Traefik stay in one process): most tests wait on sockets and processes, not CPU.
 test: lint
-	$(BIN)/python -m pytest -q -p no:cacheprovider
-	MESHPROXY_PURE_PYTHON=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/unit tests/property
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 3 --dist loadfile
+	MESHPROXY_PURE_PYTHON=1 $(BIN)/python -m pytest -q -p no:cacheprovider -n 3 --dist loadfile \
+		tests/unit tests/property
 
 bench: setup
 	@# matplotlib draws the plots (the `bench` extra; installed alone: no rebuild of the package)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import socket
@@ -22,10 +23,26 @@ import yaml
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "traefik-mesh"
 
 
+# Ports handed to processes the tests start (a proxy's entrypoints) come from below the
+# kernel's ephemeral range (32768-60999 by default), one slice per xdist worker: a port taken
+# from the ephemeral range could become some other test's outgoing source port before the
+# proxy binds it ("Address already in use" under `pytest -n`).
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+_SLICE = 10000 + 5500 * (_WORKER % 4)
+_PORTS = itertools.cycle(range(_SLICE, _SLICE + 5500))
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback TCP port no one listens on, for a process to bind soon after."""
+    for _ in range(5500):
+        port = next(_PORTS)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free test port left in this worker's slice")
 
 
 async def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
