@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import random
+from abc import ABC, abstractmethod
 from bisect import bisect_right
 from collections.abc import Sequence
 from time import perf_counter
@@ -109,7 +110,7 @@ class ServerState:
         return self.rtt * math.exp(-max(now - self.stamp, 0.0) / decay)
 
 
-class Strategy:
+class Strategy(ABC):
     """The common part: the servers, their weights, which are up. Subclasses pick."""
 
     name = ""
@@ -138,11 +139,13 @@ class Strategy:
     def any_up(self) -> bool:
         return bool(self._up)
 
+    @abstractmethod
     def pick(self) -> int:
-        raise NotImplementedError
+        """The index of the server for the next request (among those up)."""
 
-    def adopt(self, previous: Strategy) -> None:
-        """Take over what the previous balancer of the same service knew (the rotation)."""
+    def adopt(self, previous: Strategy) -> None:  # noqa: B027 (a default that keeps nothing)
+        """Take over what the previous balancer of the same service knew (the rotation);
+        only the round robin has something to take over."""
 
 
 class RoundRobin(Strategy):

@@ -690,8 +690,10 @@ class H2Stream:
         if ex.body_target is self:
             if exc is None or not self.body_sent or type(exc) is not StreamRefused:
                 ex.detach_body_target()
-            elif not ex.rewind_body():
-                pass  # part of the body left and no copy is kept: the try stays touched
+            else:
+                # Refused after part of the body left: whole again from the kept copy if there
+                # is one; without one rewind_body refuses and the try stays touched.
+                ex.rewind_body()
         if self.client_paused:
             self.client_paused = False
             ex.sink.resume_request_body(ex)

@@ -87,6 +87,18 @@ class CompileContext:
     entrypoint_tls: dict[str, RouterTLS] = field(default_factory=dict)
 
 
+def _one_l4_kind(definition: Any) -> None:
+    """A TCP or UDP service is exactly one of `loadBalancer` and `weighted` (Traefik's
+    messages); raises _BuildError otherwise."""
+    kinds = [k for k in ("load_balancer", "weighted") if getattr(definition, k) is not None]
+    if len(kinds) != 1:
+        raise _BuildError(
+            "the service does not have any type defined"
+            if not kinds
+            else "multi-types service not supported"
+        )
+
+
 class _BuildError(Exception):
     pass
 
@@ -526,13 +538,7 @@ class _Compiler:
         target: Any,
         seen: tuple[str, ...],
     ) -> TCPService:
-        kinds = [k for k in ("load_balancer", "weighted") if getattr(definition, k) is not None]
-        if len(kinds) != 1:
-            raise _BuildError(
-                "the service does not have any type defined"
-                if not kinds
-                else "multi-types service not supported"
-            )
+        _one_l4_kind(definition)
         choices: list[tuple[Any, int]] = []
         lb = definition.load_balancer
         if lb is not None:
@@ -731,13 +737,7 @@ class _Compiler:
         target: Any,
         seen: tuple[str, ...],
     ) -> UDPTarget:
-        kinds = [k for k in ("load_balancer", "weighted") if getattr(definition, k) is not None]
-        if len(kinds) != 1:
-            raise _BuildError(
-                "the service does not have any type defined"
-                if not kinds
-                else "multi-types service not supported"
-            )
+        _one_l4_kind(definition)
         choices: list[tuple[Any, int]] = []
         if definition.load_balancer is not None:
             for i, server in enumerate(definition.load_balancer.servers):
