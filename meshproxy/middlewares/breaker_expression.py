@@ -218,3 +218,17 @@ class _Parser:
 def parse_expression(text: str) -> Predicate:
     """Compile a breaker expression; raises ExpressionError pointing at the problem."""
     return _Parser(text).parse()
+
+
+def code_boundaries(text: str) -> list[int]:
+    """The status codes where the ranges of `text`'s ResponseCodeRatio() calls start or end,
+    in order of appearance: enough to count responses per class between them and still
+    answer every ratio of the expression exactly (meshproxy.node.shared_windows). `text`
+    must be a valid expression (parse_expression accepted it)."""
+    tokens = _tokenize(text)
+    found: list[int] = []
+    for index, token in enumerate(tokens):
+        if token.kind == "ident" and token.text == "ResponseCodeRatio":
+            # ResponseCodeRatio ( a , b , c , d ): the numbers at +2, +4, +6, +8
+            found.extend(int(tokens[index + k].text) for k in (2, 4, 6, 8))
+    return found

@@ -15,16 +15,32 @@ bounded whatever the traffic.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from time import monotonic
+from typing import Any
 
 from meshproxy.config.dynamic import CircuitBreaker
 from meshproxy.http.errors import ProxyError
 from meshproxy.http.exchange import Exchange
 from meshproxy.http.status import reason_phrase
 from meshproxy.middlewares.base import BuildContext, Finish, Handler, MiddlewareConfigError
-from meshproxy.middlewares.breaker_expression import ExpressionError, Predicate, parse_expression
+from meshproxy.middlewares.breaker_expression import (
+    ExpressionError,
+    Predicate,
+    code_boundaries,
+    parse_expression,
+)
 
 STANDBY, TRIPPED, RECOVERING = "standby", "tripped", "recovering"
+# The states by the number meshproxy.node.shared_windows keeps them as.
+_STATE_NAMES = (STANDBY, TRIPPED, RECOVERING)
+
+# Set by a worker process of a node (meshproxy.node.worker): (instance key, the expression's
+# ResponseCodeRatio boundaries, latencies kept?, seconds an idle instance keeps its place) ->
+# the breaker's windows and state in the memory the node's workers share
+# (meshproxy.node.shared_windows), or None when there is no room; so a breaker sees the
+# node's traffic and every worker opens and closes it together.
+SHARED_STATE: list[Callable[[str, list[int], bool, float], Any]] = []
 
 
 def _round_ms(value: int) -> int:
@@ -155,13 +171,18 @@ class BreakerState:
             if now >= self.until:
                 self.state = STANDBY
                 return True
-            elapsed = self.recovery - (self.until - now)
-            target = 0.5 * elapsed / self.recovery if self.recovery > 0 else 1.0
-            seen = self.allowed + self.denied
-            if seen and self.allowed / seen >= target:
-                self.denied += 1
-                return False
-            self.allowed += 1
+            return self._ramp(now)
+        return True
+
+    def _ramp(self, now: float) -> bool:
+        """Recovering: let through a share of requests growing linearly over the phase."""
+        elapsed = self.recovery - (self.until - now)
+        target = 0.5 * elapsed / self.recovery if self.recovery > 0 else 1.0
+        seen = self.allowed + self.denied
+        if seen and self.allowed / seen >= target:
+            self.denied += 1
+            return False
+        self.allowed += 1
         return True
 
     def observe(self, status: int, seconds: float, now: float) -> None:
@@ -176,6 +197,74 @@ class BreakerState:
         self.state = TRIPPED
         self.until = now + self.fallback
         self.windows.reset()
+
+
+class NodeBreakerState(BreakerState):
+    """The same breaker for every worker of a node: the windows are the sum of the workers'
+    rows in shared memory and the state (standby, tripped until, recovering until) is one
+    for the node (`cell`: a meshproxy.node.shared_windows.BreakerCell), so a breaker tripped
+    by responses one worker saw answers the fallback in every worker, and they recover and
+    close together. `state` and `until` mirror the node's as of this worker's last request.
+    Used only with `--workers N`; one process keeps BreakerState."""
+
+    def __init__(
+        self,
+        condition: Predicate,
+        check_period: float,
+        fallback: float,
+        recovery: float,
+        latencies: bool,
+        cell: Any,
+    ) -> None:
+        super().__init__(condition, check_period, fallback, recovery, latencies)
+        self.cell = cell
+        self.phase_end = 0.0  # the recovering phase `allowed` and `denied` count in
+
+    def admit(self, now: float | None = None) -> bool:
+        if now is None:
+            now = monotonic()
+        shared, until = self.cell.phase(now, self.recovery)
+        self.state = _STATE_NAMES[int(shared)]
+        self.until = float(until)
+        if self.state == STANDBY:
+            return True
+        if self.state == TRIPPED:
+            return False
+        if self.until != self.phase_end:  # a new recovering phase: this worker's ramp anew
+            self.phase_end = self.until
+            self.allowed = self.denied = 0
+        return self._ramp(now)
+
+    def observe(self, status: int, seconds: float, now: float) -> None:
+        cell = self.cell
+        cell.record(status, seconds, now)
+        if cell.check_due(now, self.check_period):
+            codes, latencies = cell.view(now)
+            if self.condition(WindowView(codes, latencies)):
+                self.trip(now)
+
+    def trip(self, now: float) -> None:
+        self.cell.trip(now, self.fallback)
+        self.state = TRIPPED
+        self.until = now + self.fallback
+
+
+def _breaker_state(
+    key: str,
+    condition: Predicate,
+    check_period: float,
+    fallback: float,
+    recovery: float,
+    latencies: bool,
+    boundaries: list[int],
+) -> BreakerState:
+    """The node's breaker in a worker of a node (when there is room), else this process's.
+    An idle node breaker keeps its place in shared memory for 10 minutes past its phases."""
+    horizon = 600.0 + fallback + recovery
+    cell = SHARED_STATE[0](key, boundaries, latencies, horizon) if SHARED_STATE else None
+    if cell is None:
+        return BreakerState(condition, check_period, fallback, recovery, latencies)
+    return NodeBreakerState(condition, check_period, fallback, recovery, latencies, cell)
 
 
 def build_circuit_breaker(
@@ -195,7 +284,15 @@ def build_circuit_breaker(
         raise MiddlewareConfigError("responseCode", f"unknown status code {status}")
     body = reason_phrase(status)
     latencies = "LatencyAtQuantileMS" in options.expression
-    breaker = ctx.keep(lambda: BreakerState(condition, check_period, fallback, recovery, latencies))
+    key = f"{ctx.router}\0{ctx.name}\0{ctx.fingerprint.hex()}"
+    boundaries = code_boundaries(options.expression)
+    breaker = ctx.keep(
+        lambda: _breaker_state(
+            key, condition, check_period, fallback, recovery, latencies, boundaries
+        )
+    )
+    if isinstance(breaker, NodeBreakerState):
+        return _NodeBreakerHandler(breaker, next_handler, status, body, latencies).serve
 
     def circuit_breaker(ex: Exchange, finish: Finish) -> None:
         if breaker.state != STANDBY and not breaker.admit():
@@ -207,6 +304,37 @@ def build_circuit_breaker(
         next_handler(ex, _Observation(breaker, started, finish).done)
 
     return circuit_breaker
+
+
+class _NodeBreakerHandler:
+    """The handler of a node breaker: asks the node's state on every request (one process's
+    handler reads its own `state` attribute, which a node breaker only mirrors)."""
+
+    __slots__ = ("body", "breaker", "latencies", "next_handler", "status")
+
+    def __init__(
+        self,
+        breaker: NodeBreakerState,
+        next_handler: Handler,
+        status: int,
+        body: bytes,
+        latencies: bool,
+    ) -> None:
+        self.breaker = breaker
+        self.next_handler = next_handler
+        self.status = status
+        self.body = body
+        self.latencies = latencies
+
+    def serve(self, ex: Exchange, finish: Finish) -> None:
+        breaker = self.breaker
+        if not breaker.admit():
+            ex.why = "breaker_open"
+            ex.respond(self.status, self.body)
+            finish(ex, None)
+            return
+        started = monotonic() if self.latencies else 0.0
+        self.next_handler(ex, _Observation(breaker, started, finish).done)
 
 
 class _Observation:

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 from time import monotonic
+from typing import Any
 
 from meshproxy.config.dynamic import Retry, RetryBudget
 from meshproxy.http.errors import ClientGone, UpstreamConnectError
@@ -25,6 +27,11 @@ from meshproxy.middlewares.base import BuildContext, Finish, Handler, Middleware
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 DEFAULT_REPLAY_LIMIT = 2 * 1024 * 1024
+
+# Set by a worker process of a node (meshproxy.node.worker): (instance key, window) -> the
+# budget's counts in the memory the node's workers share (meshproxy.node.shared_windows), or
+# None when there is no room; so a budget holds for the node, not once per worker.
+SHARED_STATE: list[Callable[[str, float], Any]] = []
 
 
 class Backoff:
@@ -78,6 +85,35 @@ class RetryBudgetState:
         self.retries[self._slot(now)] += 1
 
 
+class NodeRetryBudget(RetryBudgetState):
+    """The same budget counted over every worker of a node: each worker counts in its own
+    row of shared memory (`cell`: a meshproxy.node.shared_windows.BudgetCell) and a retry is
+    allowed against the rows' sum. Used only with `--workers N`; one process keeps
+    RetryBudgetState's lists."""
+
+    def __init__(self, ratio: float, min_per_second: int, window: float, cell: Any) -> None:
+        super().__init__(ratio, min_per_second, window)
+        self.cell = cell
+
+    def _totals(self, now: float) -> tuple[int, int]:
+        requests, retries = self.cell.totals(now)
+        return int(requests), int(retries)
+
+    def record_request(self, now: float) -> None:
+        self.cell.record(now, False)
+
+    def record_retry(self, now: float) -> None:
+        self.cell.record(now, True)
+
+
+def _budget_state(key: str, ratio: float, min_per_second: int, window: float) -> RetryBudgetState:
+    """The node's budget in a worker of a node (when there is room), else this process's."""
+    cell = SHARED_STATE[0](key, window) if SHARED_STATE else None
+    if cell is None:
+        return RetryBudgetState(ratio, min_per_second, window)
+    return NodeRetryBudget(ratio, min_per_second, window, cell)
+
+
 def parse_status_ranges(values: list[str]) -> list[tuple[int, int]]:
     ranges = []
     for index, value in enumerate(values):
@@ -107,7 +143,8 @@ def _budget(options: RetryBudget | None, ctx: BuildContext) -> RetryBudgetState 
     window = 10.0 if not options.window else float(options.window)
     if window <= 0:
         raise MiddlewareConfigError("budget.window", "must be > 0")
-    return ctx.keep(lambda: RetryBudgetState(ratio, floor, window))
+    key = f"{ctx.router}\0{ctx.name}\0{ctx.fingerprint.hex()}"
+    return ctx.keep(lambda: _budget_state(key, ratio, floor, window))
 
 
 class RetryPolicy:

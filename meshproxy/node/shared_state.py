@@ -1,11 +1,17 @@
-"""State the workers of a node share: token buckets of rateLimit middlewares.
+"""State the workers of a node share: token buckets of rateLimit middlewares, and (after
+them, meshproxy.node.shared_windows) the rolling windows and states of circuitBreaker
+middlewares and retry budgets.
 
 A rate limit of R requests/s must hold for the node, not for each of N workers (N x R). The
 buckets live in one shared mapping without a path (state_fd: a memfd the workers inherit)
 that every worker maps: SLOTS fixed slots of 32 bytes (key hash u64, tokens f64, stamp f64,
 unused), a bucket at `hash(middleware instance, source) % SLOTS`. Each update is a read-modify-write
 under an exclusive `flock` of the file (two system calls, about 1-2 us, paid by rate-limited
-requests only), so the node's count is exact. Stamps are CLOCK_MONOTONIC, which every
+requests only), so the node's count is exact. Each process locks through its own open file
+description of the memfd (`own_description`: reopened through /proc/self/fd): flock(2) locks
+belong to an open file description, and an inherited descriptor is the supervisor's one
+description shared by every worker, on which one worker's LOCK_EX never excludes another's.
+Stamps are CLOCK_MONOTONIC, which every
 process of the host reads alike. A slot holding another key is taken over with a full bucket
 (what a new source gets), the same as the single-process limiter forgetting its least
 recent source: with 65,536 slots, collisions need many thousands of active sources.
@@ -21,9 +27,31 @@ import mmap
 import os
 import struct
 import tempfile
+from typing import Any
+
+from meshproxy.node import shared_windows
 
 SLOTS = 65536
 _SLOT = struct.Struct("<Qdd8x")
+BUCKETS_BYTES = SLOTS * _SLOT.size
+# The breakers' and budgets' region follows the buckets; it is sparse (memfd pages are
+# allocated when first written), so its size is address space, not memory.
+STATE_BYTES = BUCKETS_BYTES + shared_windows.REGION_BYTES
+
+
+def own_description(fd: int) -> int:
+    """A new open file description of the file `fd` refers to, for this process's flock(2).
+
+    Locks taken with flock belong to the open file description, and every worker inherited
+    the same one from the supervisor: LOCK_EX through it in one worker does not exclude
+    another worker (it only converts the lock they share). Opening /proc/self/fd/N again
+    makes a description of this process's own. Where /proc is missing, a dup() (the locks
+    then exclude nothing between processes: the counts become approximate, as without
+    locks). Raises nothing."""
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return os.dup(fd)
 
 
 def state_fd() -> int:
@@ -34,7 +62,7 @@ def state_fd() -> int:
     64 MiB tmpfs per crash). Elsewhere: a file made in /dev/shm (or the temp dir) and unlinked
     at once. The workers inherit the descriptor (pass_fds); the memory is freed when the last
     process holding it exits. Raises OSError when neither can be made."""
-    size = SLOTS * _SLOT.size
+    size = STATE_BYTES
     if hasattr(os, "memfd_create"):
         fd = os.memfd_create("meshproxy-node", 0)  # no MFD_CLOEXEC: workers inherit it
     else:
@@ -51,11 +79,12 @@ def state_fd() -> int:
 
 
 class SharedBuckets:
-    """One worker's mapping of the node's bucket file (`fd`: inherited from the supervisor)."""
+    """One worker's mapping of the node's bucket file (`fd`: inherited from the supervisor;
+    it is left open, this object locks and maps through its own description of the file)."""
 
     def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.map = mmap.mmap(self.fd, SLOTS * _SLOT.size)
+        self.fd = own_description(fd)
+        self.map = mmap.mmap(self.fd, BUCKETS_BYTES)
 
     def limiter(self, key: str, rate: float, burst: int) -> SharedLimiter:
         return SharedLimiter(self, key.encode(), rate, burst)
@@ -63,6 +92,39 @@ class SharedBuckets:
     def close(self) -> None:
         self.map.close()
         os.close(self.fd)
+
+
+class NodeState:
+    """Everything one worker shares with the node: the token buckets, and the breakers' and
+    retry budgets' windows (meshproxy.node.shared_windows) written in row `row` (the
+    worker's index: a restarted worker takes its predecessor's row over)."""
+
+    def __init__(self, fd: int, row: int) -> None:
+        self.buckets = SharedBuckets(fd)
+        size = os.fstat(self.buckets.fd).st_size
+        self.windows: shared_windows.NodeWindows | None = None
+        if size >= STATE_BYTES:
+            self.windows = shared_windows.NodeWindows(
+                self.buckets.fd, BUCKETS_BYTES, shared_windows.REGION_BYTES, row
+            )
+
+    def limiter(self, key: str, rate: float, burst: int) -> SharedLimiter:
+        return self.buckets.limiter(key, rate, burst)
+
+    def budget(self, key: str, window: float) -> Any:
+        """A retry budget's node-wide counts, or None (per-worker counts then)."""
+        return None if self.windows is None else self.windows.budget(key, window)
+
+    def breaker(self, key: str, boundaries: list[int], latencies: bool, horizon: float) -> Any:
+        """A circuit breaker's node-wide windows and state, or None (per-worker then)."""
+        if self.windows is None:
+            return None
+        return self.windows.breaker(key, boundaries, latencies, horizon)
+
+    def close(self) -> None:
+        if self.windows is not None:
+            self.windows.close()
+        self.buckets.close()
 
 
 class SharedLimiter:

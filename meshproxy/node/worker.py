@@ -155,11 +155,16 @@ def main(argv: list[str] | None = None) -> int:
     from meshproxy.cli import _setup_logging
 
     _setup_logging(static.log.level, static.log.format)
-    if options.state_fd >= 0:  # rate limits hold for the node (meshproxy.node.shared_state)
-        from meshproxy.middlewares import rate_limit
-        from meshproxy.node.shared_state import SharedBuckets
+    if options.state_fd >= 0:
+        # Rate limits, retry budgets and circuit breakers hold for the node: their state is
+        # in the memory the workers share (meshproxy.node.shared_state, shared_windows).
+        from meshproxy.middlewares import circuit_breaker, rate_limit, retry
+        from meshproxy.node.shared_state import NodeState
 
-        rate_limit.SHARED_STATE.append(SharedBuckets(options.state_fd).limiter)
+        node = NodeState(options.state_fd, options.index)
+        rate_limit.SHARED_STATE.append(node.limiter)
+        retry.SHARED_STATE.append(node.budget)
+        circuit_breaker.SHARED_STATE.append(node.breaker)
     control = socket.socket(fileno=options.control_fd)
     sockets = {name: socket.socket(fileno=fd) for name, fd in json.loads(options.listeners).items()}
     import uvloop
