@@ -623,3 +623,209 @@ async def test_server_state_is_the_workers_in_rawdata_the_api_and_metrics(proxy_
         assert len(up) == 1 and up[0].endswith(" 0.0"), up
     finally:
         server.close()
+
+
+class _KeepAliveClient:
+    """One HTTP/1.1 keep-alive connection (RFC 9112 §9.3): every request on it is served by
+    the worker that accepted it, which `owner` finds (the connection's local port among the
+    peer ports of a worker's sockets)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.conn = h11.Connection(h11.CLIENT)
+        self.port = writer.get_extra_info("sockname")[1]
+
+    @classmethod
+    async def open(cls, port: int) -> _KeepAliveClient:
+        return cls(*await asyncio.open_connection("127.0.0.1", port))
+
+    def owner(self, pids: list[int]) -> int | None:
+        return next((p for p in pids if self.port in _tcp_peer_ports(p)), None)
+
+    async def get(self) -> int:
+        conn = self.conn
+        self.writer.write(
+            conn.send(h11.Request(method="GET", target="/", headers=[("Host", "app.test")]))
+        )
+        self.writer.write(conn.send(h11.EndOfMessage()))
+        status = await asyncio.wait_for(_read_status(conn, self.reader, [False]), 10)
+        conn.start_next_cycle()
+        return status
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def _one_connection_per_worker(port: int, pids: list[int]) -> dict[int, _KeepAliveClient]:
+    """Keep-alive connections until each worker holds one (bounded: 40 tries)."""
+    clients: dict[int, _KeepAliveClient] = {}
+    spare: list[_KeepAliveClient] = []
+    for _ in range(40):
+        client = await _KeepAliveClient.open(port)
+        assert await client.get() == 200  # accepted and served: the owner holds it now
+        owner = client.owner(pids)
+        if owner is not None and owner not in clients:
+            clients[owner] = client
+        else:
+            spare.append(client)
+        if len(clients) == len(pids):
+            break
+    for client in spare:
+        client.close()
+    assert len(clients) == len(pids), "the connections did not reach every worker"
+    return clients
+
+
+async def test_a_breaker_tripped_in_one_worker_answers_503_in_every_worker(scripted, proxy_factory):
+    """Issue 15 point 2: a circuitBreaker sees the node's traffic, and its state is the
+    node's. Traefik's breaker (oxy cbreaker): when the expression holds it answers 503
+    (Service Unavailable, its default responseCode) for fallbackDuration, then lets a
+    growing share through for recoveryDuration, then closes. Responses that only worker A
+    served trip it; worker B, which saw no failure, answers 503 too (without reaching the
+    backend), and B serves again only once the node's fallback has passed: both recover
+    and close together. Which worker serves a keep-alive connection: its socket in
+    /proc/PID/fd."""
+    backend = await scripted("svc")
+    fallback, recovery = 2.0, 1.0
+    config = {
+        "http": {
+            "routers": {
+                "r": {
+                    "rule": "PathPrefix(`/`)",
+                    "service": "s",
+                    "entryPoints": ["web"],
+                    "middlewares": ["cb"],
+                }
+            },
+            "services": {"s": {"loadBalancer": {"servers": [{"url": backend.url}]}}},
+            "middlewares": {
+                "cb": {
+                    "circuitBreaker": {
+                        "expression": "ResponseCodeRatio(500, 600, 0, 600) > 0.5",
+                        "checkPeriod": "10ms",
+                        "fallbackDuration": "2s",
+                        "recoveryDuration": "1s",
+                    }
+                }
+            },
+        }
+    }
+    proxy = await proxy_factory(config, extra_flags=["--workers=2"])
+    await wait_for(lambda: [w["generation"] for w in workers(proxy)] == [1, 1], 15, "both at 1")
+    pids = [w["pid"] for w in workers(proxy)]
+    clients = await _one_connection_per_worker(proxy.port, pids)
+    a, b = clients[pids[0]], clients[pids[1]]
+    try:
+        backend.mode = "status:500"
+        statuses = []
+        sent_first = time.monotonic()  # the breaker cannot trip before this
+        for _ in range(50):  # only worker A sees the failures
+            statuses.append(await a.get())
+            if statuses[-1] == 503:
+                break
+        tripped_by = time.monotonic()  # ... and tripped by now
+        assert statuses[-1] == 503 and set(statuses) == {500, 503}, statuses
+        backend.mode = "ok"
+        seen = len(backend.requests)
+        assert await b.get() == 503  # B never saw a failure: the node's breaker is open
+        assert len(backend.requests) == seen  # answered by the breaker, not the backend
+        # Both stay open until the node's fallback ends, then serve again: poll both.
+        first_200: dict[str, float] = {}
+        deadline = time.monotonic() + fallback + recovery + 10
+        while len(first_200) < 2 and time.monotonic() < deadline:
+            for name, client in (("a", a), ("b", b)):
+                status = await client.get()
+                assert status in (200, 503), status
+                if status == 200 and name not in first_200:
+                    first_200[name] = time.monotonic()
+            await asyncio.sleep(0.02)  # paces the polling; what is awaited is the 200
+        assert set(first_200) == {"a", "b"}
+        # Neither serves before the node's fallbackDuration has passed since the trip (B
+        # would never have answered 503 on its own); both serve once it has: the first
+        # request of the recovering phase passes, in either worker.
+        for name, at in first_200.items():
+            assert sent_first + fallback <= at <= tripped_by + fallback + 1.0, (
+                name,
+                at - tripped_by,
+            )
+        print(
+            "breaker: first 200 after the trip: "
+            + ", ".join(f"{n} +{t - tripped_by:.2f}s" for n, t in sorted(first_200.items()))
+        )
+
+        async def closed() -> bool:  # standby: every request passes on both workers
+            return all([await c.get() == 200 for c in (a, b) for _ in range(5)])
+
+        await wait_for(closed, recovery + 10, "the breaker closed in both workers")
+        assert (
+            'meshproxy_circuit_breaker_state{middleware="cb@file",router="r@file",state="standby"} 1.0'
+            in proxy.metrics()
+        )
+    finally:
+        for client in clients.values():
+            client.close()
+
+
+async def test_a_retry_budget_holds_for_the_node_not_per_worker(scripted, proxy_factory):
+    """Issue 15 point 2: a retry budget (meshproxy's extension, Linkerd's budget: retries
+    may add `ratio` of the requests over `window`, and at least minRetriesPerSecond x
+    window) with ratio 0 allows R x W retries per window W for the node, not per worker.
+    Against a backend that always answers 500 (retried, as Traefik v3.7's retry `status`),
+    new-connection clients on both workers for T = 4.5 W: the budget refills as its 10
+    slots age out, once per W, so the node may retry R x W at the start and R x W after
+    each of the 4 later refills: R x W x 5 (= R x T + the R x W / 2 the window allows
+    ahead), within 10%; with per-worker budgets the node would retry twice that."""
+    backend = await scripted("svc")
+    backend.mode = "status:500"
+    rate, window, periods = 20, 1.0, 4.5
+    config = {
+        "http": {
+            "routers": {
+                "r": {
+                    "rule": "PathPrefix(`/`)",
+                    "service": "s",
+                    "entryPoints": ["web"],
+                    "middlewares": ["retry"],
+                }
+            },
+            "services": {"s": {"loadBalancer": {"servers": [{"url": backend.url}]}}},
+            "middlewares": {
+                "retry": {
+                    "retry": {
+                        "attempts": 2,
+                        "status": ["500"],
+                        "budget": {"ratio": 0, "minRetriesPerSecond": rate, "window": "1s"},
+                    }
+                }
+            },
+        }
+    }
+    proxy = await proxy_factory(config, extra_flags=["--workers=2"])
+    await wait_for(lambda: [w["generation"] for w in workers(proxy)] == [1, 1], 15, "both at 1")
+    pids = [w["pid"] for w in workers(proxy)]
+    before = [cpu_ticks(p) for p in pids]
+    sent = 0
+    seen_before = len(backend.requests)
+    started = time.monotonic()
+    deadline = started + periods * window
+
+    async def client() -> None:
+        nonlocal sent
+        while time.monotonic() < deadline and sent < 50000:
+            assert (await request(proxy.port, host="app.test")).status == 500
+            sent += 1
+
+    await asyncio.gather(*(client() for _ in range(6)))
+    elapsed = time.monotonic() - started
+    retries = len(backend.requests) - seen_before - sent
+    # Both workers served: each used CPU time (new connections are shared by accept()).
+    assert all(cpu_ticks(p) > t for p, t in zip(pids, before, strict=True))
+    refills = int(elapsed / window)  # a refill each time the first burst's slot ages out
+    expected = rate * window * (refills + 1)
+    print(
+        f"retry budget {rate}/s, window {window}s, {elapsed:.2f}s, {sent} requests: "
+        f"{retries} retries, {expected:.0f} expected"
+    )
+    assert sent > 2 * expected  # the clients failed faster than the budget refills
+    assert abs(retries - expected) <= 0.10 * expected, (retries, expected)
