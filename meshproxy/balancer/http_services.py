@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 from math import exp
 from time import perf_counter
-from typing import Any
+from typing import Any, Final
 
 from meshproxy.balancer.outlier import OutlierDetector
 from meshproxy.balancer.sticky import Sticky
@@ -34,8 +34,8 @@ log = logging.getLogger("meshproxy.balancer")
 
 # The latency a failed try counts as for the peak-EWMA estimate (seconds): a server that
 # refuses connections in a millisecond must not look like the fastest one.
-FAILURE_RTT = 1.0
-INVERSE_DECAY = 1.0 / DEFAULT_DECAY
+FAILURE_RTT: Final = 1.0
+INVERSE_DECAY: Final = 1.0 / DEFAULT_DECAY
 
 
 class LoadBalancerService:

@@ -17,11 +17,12 @@ from __future__ import annotations
 import re
 import time
 from email.utils import formatdate
+from typing import Final
 
 from meshproxy.http.forwarding import HOP_BY_HOP, connection_tokens
 
 FieldList = list[tuple[bytes, bytes]]
-_CRLF = b"\r\n"
+_CRLF: Final = b"\r\n"
 
 
 class HeaderBlock:
@@ -50,7 +51,7 @@ Fields = FieldList | HeaderBlock
 `HeaderBlock`."""
 
 # The fields the proxy acts on: framing, and hop-by-hop ones it must not pass on.
-_NOTED_FIELD = re.compile(
+_NOTED_FIELD: Final = re.compile(
     rb"\n(c(?:ontent-length|onnection)|t(?:e|railer|ransfer-encoding)|keep-alive|upgrade"
     rb"|proxy-(?:connection|authenticate|authorization)):[ \t]*([^\r]*)"
 )
@@ -77,7 +78,14 @@ class _DateCache:
         return self.value
 
 
-_DATE = _DateCache()
+_DATE: Final = _DateCache()
+# Final response heads already read that need no rewriting (no hop-by-hop field), with what
+# `response_fields` made of them: a backend answers with the same few heads, so the next one
+# costs a dict lookup instead of a case fold, a regex scan and a search for Date (~1.5 us
+# compiled, a tenth of the proxy's own work per request). Bounded in entries and key size.
+_BLOCKS: Final[dict[bytes, tuple[bytes, int, bool]]] = {}  # block -> (raw, length or -1, has Date)
+_BLOCK_CACHE_ENTRIES: Final = 256
+_BLOCK_CACHE_MAX_BYTES: Final = 1024
 
 
 def http_date() -> bytes:
@@ -90,15 +98,30 @@ def response_fields(block: bytes, final: bool = True) -> tuple[Fields, int | Non
     head from the LF that ends the status line to the CRLF that ends the last field. A
     response without Date gets one, as Go's server (and so Traefik) adds it (RFC 9110 §6.6.1:
     the proxy has a clock); an interim (1xx, `final` false) response does not."""
+    if final:
+        known = _BLOCKS.get(block)
+        if known is not None:  # the same head as an earlier response: one dict lookup
+            raw, size, has_date = known
+            if not has_date:  # one is added, as of now
+                raw = raw + b"date: " + _DATE.now() + _CRLF
+            return HeaderBlock(raw), None if size < 0 else size, False
     lowered = block.lower()
     noted = _NOTED_FIELD.findall(lowered)
-    if final and b"\ndate:" not in lowered:
-        block += b"date: " + _DATE.now() + _CRLF
+    dated = not final or lowered.find(b"\ndate:") >= 0  # find: `in` on bytes costs more
     length = None
     if not noted or (len(noted) == 1 and noted[0][0] == b"content-length"):
         if noted:  # the usual response: a Content-Length and no hop-by-hop field
             length = _content_length(noted[0][1])
-        return HeaderBlock(block[1:]), length, False
+        raw = block[1:]
+        if final and len(block) <= _BLOCK_CACHE_MAX_BYTES:
+            if len(_BLOCKS) >= _BLOCK_CACHE_ENTRIES:
+                _BLOCKS.clear()
+            _BLOCKS[block] = (raw, -1 if length is None else length, dated)
+        if not dated:
+            raw += b"date: " + _DATE.now() + _CRLF
+        return HeaderBlock(raw), length, False
+    if not dated:
+        block += b"date: " + _DATE.now() + _CRLF
     fields = HeaderBlock(block[1:]).pairs()
     listed = set(HOP_BY_HOP)
     chunked = False

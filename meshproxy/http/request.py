@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from operator import attrgetter
-from typing import Any
+from typing import Any, Final
 from urllib.parse import parse_qs
 
 # RFC 3986 §2.3: characters that never need percent-encoding. §6.2.2.2: a percent-encoded
@@ -158,7 +158,7 @@ def split_host_port(host: str) -> tuple[str, str]:
     return host.lower(), ""
 
 
-_HOST_CACHE: dict[bytes, tuple[str, str]] = {}
+_HOST_CACHE: Final[dict[bytes, tuple[str, str]]] = {}
 
 
 def host_parts(host_header: bytes) -> tuple[str, str]:
@@ -173,7 +173,7 @@ def host_parts(host_header: bytes) -> tuple[str, str]:
     return parts
 
 
-_NO_TOKENS: frozenset[bytes] = frozenset()
+_NO_TOKENS: Final[frozenset[bytes]] = frozenset()
 _CHECKPOINT_FIELDS = (
     "target",
     "path",

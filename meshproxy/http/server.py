@@ -31,7 +31,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import httptools
 
@@ -53,13 +53,14 @@ from meshproxy.networks import NetworkSet
 
 log = logging.getLogger("meshproxy.http")
 
-_CHUNK_END = b"0\r\n\r\n"
-_CRLF = b"\r\n"
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_XF_ALL = 31
-_METHOD_NAMES = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS")}
+# Final: compiled code reads these as C constants, not from the module dict (a lookup each).
+_CHUNK_END: Final = b"0\r\n\r\n"
+_CRLF: Final = b"\r\n"
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_XF_ALL: Final = 31
+_METHOD_NAMES: Final = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS")}
 # Status lines, built once: the reason phrase comes from the code, as in Go.
-_STATUS_LINES = {c: b"HTTP/1.1 %d %s\r\n" % (c, reason_phrase(c)) for c in range(100, 1000)}
+_STATUS_LINES: Final = {c: b"HTTP/1.1 %d %s\r\n" % (c, reason_phrase(c)) for c in range(100, 1000)}
 # What on_header must notice about a request field, by lower-case name: one dict lookup, and
 # the common field (none of these) is just appended.
 _XF_BITS = {  # trusted X-Forwarded-* fields the entrypoint then leaves as they are
@@ -69,12 +70,12 @@ _XF_BITS = {  # trusted X-Forwarded-* fields the entrypoint then leaves as they 
     b"x-real-ip": 8,
     b"x-forwarded-for": 16,
 }
-_HOST = 32  # the Host field
-_NOTED = 64  # framing, forwarding or the metrics label depend on it: looked at again later
-_CHUNKED = 128  # Transfer-Encoding: the body is chunked
-_REWRITTEN = 256  # not forwarded as received (hop-by-hop, Expect, X-Forwarded-*)
-_X_FORWARDED = 512  # dropped unless the client is trusted
-_FIELD_KIND: dict[bytes, int] = {name: _X_FORWARDED | _REWRITTEN for name in UNTRUSTED_DROP}
+_HOST: Final = 32  # the Host field
+_NOTED: Final = 64  # framing, forwarding or the metrics label depend on it: looked at again later
+_CHUNKED: Final = 128  # Transfer-Encoding: the body is chunked
+_REWRITTEN: Final = 256  # not forwarded as received (hop-by-hop, Expect, X-Forwarded-*)
+_X_FORWARDED: Final = 512  # dropped unless the client is trusted
+_FIELD_KIND: Final[dict[bytes, int]] = {name: _X_FORWARDED | _REWRITTEN for name in UNTRUSTED_DROP}
 _FIELD_KIND.update({name: bits | _X_FORWARDED | _REWRITTEN for name, bits in _XF_BITS.items()})
 _FIELD_KIND.update({name: _REWRITTEN for name in HOP_BY_HOP})
 _FIELD_KIND.update(
@@ -94,7 +95,7 @@ _FIELD_KIND.update(
 _UPGRADE_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?:/[!#$%&'*+\-.^_`|~0-9A-Za-z]+)?")
 # Client bytes held while an upgrade request waits for the backend's answer (RFC 9110 §7.8:
 # nothing of the new protocol may pass before the 101); reading pauses past this.
-_TUNNEL_HOLD = 64 * 1024
+_TUNNEL_HOLD: Final = 64 * 1024
 
 
 # Envoy's default head limit (60 KiB), not Go's 1 MiB: a mesh proxy has no business holding a
@@ -117,7 +118,7 @@ class _Reject(Exception):
 _VALID_AUTHORITY = re.compile(
     rb"(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?"
 )
-_AUTHORITIES: dict[bytes, bool] = {}  # memo: clients repeat the same few Host values
+_AUTHORITIES: Final[dict[bytes, bool]] = {}  # memo: clients repeat the same few Host values
 
 
 def valid_authority(value: bytes) -> bool:
@@ -135,7 +136,7 @@ def check_target(target: bytes, method: bytes) -> None:
     """Raise `_Reject(400)` unless `target` is a request-target form RFC 9112 §3.2 allows for
     `method` (origin-form, absolute-form with an http(s) scheme, asterisk-form for OPTIONS), and
     has no fragment (§3.2: a fragment is never sent; CVE-2023-47106 in Traefik)."""
-    if b"#" in target:
+    if target.find(b"#") >= 0:  # not `in`: on bytes it first raises and clears a TypeError
         raise _Reject(400)
     first = target[:1]
     if first == b"/":
@@ -737,7 +738,7 @@ class H1ServerConnection(asyncio.Protocol):
             raise _Reject(501)  # RFC 9110 §9.3.6: tunnels are not offered on HTTP entrypoints
         method = _METHOD_NAMES.get(raw_method) or raw_method.decode("latin-1")
         url = self._url
-        if url[:1] != b"/" or b"#" in url:
+        if url[:1] != b"/" or url.find(b"#") >= 0:  # not `in` (see check_target)
             check_target(url, raw_method)
         refused = self._refused_encodings
         if refused and b"%" in url:

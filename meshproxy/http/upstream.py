@@ -34,7 +34,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from time import perf_counter
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import httptools
 from wsproto.utilities import generate_accept_token
@@ -52,8 +52,8 @@ from meshproxy.observability.log_limit import LIMIT, held_back
 
 log = logging.getLogger("meshproxy.upstream")
 
-_CHUNK_END = b"0\r\n\r\n"
-_CRLF = b"\r\n"
+_CHUNK_END: Final = b"0\r\n\r\n"
+_CRLF: Final = b"\r\n"
 
 
 @dataclass(frozen=True)
@@ -88,15 +88,15 @@ DoneCallback = Callable[[BaseException | None], None]
 # as Go's transport bounds it (MaxResponseHeaderBytes); past it the response is a 502.
 MAX_RESPONSE_HEAD_BYTES = 1 << 20
 
-_CHUNKED_TE = b"transfer-encoding: chunked\r\n\r\n"
-_SKIP_ALWAYS = HOP_BY_HOP | {b"host", b"x-forwarded-for"}
+_CHUNKED_TE: Final = b"transfer-encoding: chunked\r\n\r\n"
+_SKIP_ALWAYS: Final = HOP_BY_HOP | {b"host", b"x-forwarded-for"}
 # An HTTP/1.0 server ignores Expect; the proxy answers 100 itself instead (RFC 9110 §10.1.1).
-_SKIP_FOR_HTTP10 = _SKIP_ALWAYS | {b"expect"}
+_SKIP_FOR_HTTP10: Final = _SKIP_ALWAYS | {b"expect"}
 _DIALS: set[asyncio.Future[None]] = set()  # the loop keeps only weak references to tasks
 # Methods whose requests have content (RFC 9110 §8.6): one sent without a body says so with
 # Content-Length: 0, as Go's transport (and so Traefik) does, so no server waits for a body.
-_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-_EMPTY_BODY = b"content-length: 0\r\n"
+_BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
+_EMPTY_BODY: Final = b"content-length: 0\r\n"
 
 
 class ServerPool(Protocol):

@@ -47,7 +47,7 @@ def _protocol_label(ex: Exchange) -> str:
     for name, value in request.headers:
         if name == b"content-type" and value.startswith(b"application/grpc"):
             return "grpc-web" if value.startswith(b"application/grpc-web") else "grpc"
-        if name == b"accept" and b"text/event-stream" in value:
+        if name == b"accept" and value.find(b"text/event-stream") >= 0:  # `in` costs more
             return "sse"
     return "http"
 

@@ -65,3 +65,34 @@ def test_a_response_without_date_gets_one():
     assert re.fullmatch(rb"[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} GMT", value)
     fields, _, _ = response_fields(b"\nDate: Sun, 06 Nov 1994 08:49:37 GMT\r\n")
     assert field_list(fields) == [(b"date", b"Sun, 06 Nov 1994 08:49:37 GMT")]  # kept as sent
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        b"\nContent-Type: text/plain\r\nContent-Length: 13\r\nDate: d\r\n",  # length, Date
+        b"\nContent-Type: text/plain\r\nContent-Length: 0\r\n",  # no Date: one added
+        b"\nX-A: 1\r\n",  # no length (read until close), no Date
+        b"\nDate: d\r\nX-B: 2\r\n",  # no length, Date
+    ],
+)
+def test_a_head_seen_before_gives_the_same_answer(block):
+    """The proxy remembers heads it has read (a backend repeats the same few): the second read
+    of a head must give what the first gave, with a Date of now where one is added (RFC 9110
+    §6.6.1), whatever Content-Length it carries (RFC 9112 §6.3)."""
+    first, first_length, first_chunked = response_fields(block)
+    second, second_length, second_chunked = response_fields(block)
+    assert field_list(second) == field_list(first)
+    assert (second_length, second_chunked) == (first_length, first_chunked)
+    assert second_length == (13 if b"13" in block else 0 if b": 0" in block else None)
+    assert [n for n, _ in field_list(second)].count(b"date") == 1
+    assert isinstance(second, HeaderBlock) and second is not first  # never one shared object
+
+
+def test_a_head_with_hop_by_hop_fields_is_cleaned_every_time():
+    """RFC 9110 §7.6.1: hop-by-hop fields are removed from every response, not only the first
+    one a backend sends with them."""
+    block = b"\nConnection: X-Secret\r\nX-Secret: 1\r\nContent-Length: 2\r\nDate: d\r\n"
+    for _ in range(3):
+        fields, length, _ = response_fields(block)
+        assert fields == [(b"content-length", b"2"), (b"date", b"d")] and length == 2
