@@ -237,8 +237,7 @@ class NodeBreakerState(BreakerState):
 
     def observe(self, status: int, seconds: float, now: float) -> None:
         cell = self.cell
-        cell.record(status, seconds, now)
-        if cell.check_due(now, self.check_period):
+        if cell.record(status, seconds, now, self.check_period):  # the node's check is due
             codes, latencies = cell.view(now)
             if self.condition(WindowView(codes, latencies)):
                 self.trip(now)

@@ -62,6 +62,10 @@ STANDBY, TRIPPED, RECOVERING = 0, 1, 2
 _HEADER = struct.Struct("<QQdII Qdd8x")
 HEADER = _HEADER.size
 _KEY_GEN = struct.Struct("<QQ")
+# The header fields the hot path reads, in one unpack each: (key, generation, state, last
+# check) when a response is recorded, (key, state, until) when a request is admitted.
+_RECORDING = struct.Struct("<QQ8xI12x8xd8x")
+_ADMITTING = struct.Struct("<Q16xI12xd16x")
 _EXPIRES = struct.Struct("<d")
 _EXPIRES_AT = 16
 _STAMP = struct.Struct("<qQ")  # a row slot's epoch and the generation it counts for
@@ -365,21 +369,27 @@ class BreakerCell:
 
     def header(self, now: float) -> tuple[int, int, float, int, int, int, float, float]:
         """The instance's header, claiming a slot again if the one held was taken over."""
-        offset = self.offset or 0
-        header = _HEADER.unpack_from(self.map, offset)
-        if header[0] != self.key and now >= self.next_refresh:
-            offset = self._claim(now)
-            header = _HEADER.unpack_from(self.map, offset)
-        elif now >= self.next_refresh:
-            self.next_refresh = now + REFRESH
-            _EXPIRES.pack_into(self.map, offset + _EXPIRES_AT, now + self.horizon)
-        return header
+        self._own(now, _HEADER.unpack_from(self.map, self.offset or 0)[0])
+        return _HEADER.unpack_from(self.map, self.offset or 0)
+
+    def _own(self, now: float, key: int) -> bool:
+        """Keep the slot: claim one again when `key` (read from it) is another instance's,
+        and refresh its `expires` every REFRESH seconds. False when the slot changed."""
+        if now < self.next_refresh:
+            return key == self.key
+        if key != self.key:
+            self._claim(now)
+            return False
+        self.next_refresh = now + REFRESH
+        _EXPIRES.pack_into(self.map, (self.offset or 0) + _EXPIRES_AT, now + self.horizon)
+        return True
 
     def phase(self, now: float, recovery: float) -> tuple[int, float]:
         """(state, end of its phase) at `now`, after the transitions time made due: tripped
         past its fallback -> recovering for `recovery`; recovering past it -> standby."""
-        header = self.header(now)
-        state, until = header[3], header[6]
+        key, state, until = _ADMITTING.unpack_from(self.map, self.offset or 0)
+        if (key != self.key or now >= self.next_refresh) and not self._own(now, key):
+            key, state, until = _ADMITTING.unpack_from(self.map, self.offset or 0)
         if state == STANDBY or now < until:
             return state, until
         node = self.node
@@ -401,10 +411,14 @@ class BreakerCell:
             node.unlock()
         return state, until
 
-    def record(self, status: int, seconds: float, now: float) -> None:
-        """Count one response of this worker: its code class, and its latency if needed."""
+    def record(self, status: int, seconds: float, now: float, period: float = -1.0) -> bool:
+        """Count one response of this worker: its code class, and its latency if needed.
+        With a check `period` (>= 0): whether this worker evaluates the expression now
+        (check_due, the header read once for both)."""
         m = self.map
-        gen = self.header(now)[1]
+        key, gen, state, checked = _RECORDING.unpack_from(m, self.offset or 0)
+        if (key != self.key or now >= self.next_refresh) and not self._own(now, key):
+            key, gen, state, checked = _RECORDING.unpack_from(m, self.offset or 0)
         epoch = int(now / CODE_WIDTH)
         at = self.row + epoch % CODE_SLOTS * CODE_SLOT
         stamp, slot_gen = _STAMP.unpack_from(m, at)
@@ -413,8 +427,14 @@ class BreakerCell:
             _STAMP.pack_into(m, at, epoch, gen)
         at += _STAMP.size + 4 * self.class_of[status if 0 <= status < 600 else 599]
         _U32.pack_into(m, at, _U32.unpack_from(m, at)[0] + 1)
-        if not self.latencies:
-            return
+        if self.latencies:
+            self._record_latency(seconds, now, gen)
+        if period < 0 or state == TRIPPED or now - checked < period:
+            return False
+        return self._take_check(now, period)
+
+    def _record_latency(self, seconds: float, now: float, gen: int) -> None:
+        m = self.map
         epoch = int(now / LATENCY_WIDTH)
         at = self.row + CODE_SLOTS * CODE_SLOT + epoch % LATENCY_SLOTS * LATENCY_SLOT
         stamp, slot_gen = _STAMP.unpack_from(m, at)
@@ -430,6 +450,10 @@ class BreakerCell:
         header = self.header(now)
         if header[3] == TRIPPED or now - header[7] < period:
             return False
+        return self._take_check(now, period)
+
+    def _take_check(self, now: float, period: float) -> bool:
+        """check_due's decision under the lock, once the unlocked read said it is due."""
         node = self.node
         offset = self.offset or 0
         node.lock()
