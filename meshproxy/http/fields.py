@@ -64,18 +64,24 @@ class MalformedFields(ValueError):
 class _DateCache:
     """The current IMF-fixdate (RFC 9110 §5.6.7), made once a second."""
 
-    __slots__ = ("second", "value")
+    __slots__ = ("line", "second", "value")
 
     def __init__(self) -> None:
         self.second = 0
         self.value = b""
+        self.line = b""  # the whole field line: `date: <value>\r\n`
 
     def now(self) -> bytes:
         second = int(time.time())
         if second != self.second:
             self.second = second
             self.value = formatdate(second, usegmt=True).encode()
+            self.line = b"date: " + self.value + _CRLF
         return self.value
+
+    def now_line(self) -> bytes:
+        self.now()
+        return self.line
 
 
 _DATE: Final = _DateCache()
@@ -103,7 +109,7 @@ def response_fields(block: bytes, final: bool = True) -> tuple[Fields, int | Non
         if known is not None:  # the same head as an earlier response: one dict lookup
             raw, size, has_date = known
             if not has_date:  # one is added, as of now
-                raw = raw + b"date: " + _DATE.now() + _CRLF
+                raw = raw + _DATE.now_line()
             return HeaderBlock(raw), None if size < 0 else size, False
     lowered = block.lower()
     noted = _NOTED_FIELD.findall(lowered)
@@ -118,10 +124,10 @@ def response_fields(block: bytes, final: bool = True) -> tuple[Fields, int | Non
                 _BLOCKS.clear()
             _BLOCKS[block] = (raw, -1 if length is None else length, dated)
         if not dated:
-            raw += b"date: " + _DATE.now() + _CRLF
+            raw += _DATE.now_line()
         return HeaderBlock(raw), length, False
     if not dated:
-        block += b"date: " + _DATE.now() + _CRLF
+        block += _DATE.now_line()
     fields = HeaderBlock(block[1:]).pairs()
     listed = set(HOP_BY_HOP)
     chunked = False

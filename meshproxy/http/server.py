@@ -425,6 +425,7 @@ class H1ServerConnection(asyncio.Protocol):
         "_message_started_at",
         "_messages",
         "_pending_head",
+        "_pending_status",
         "_perf_start",
         "_progress",
         "_progress_seen",
@@ -487,7 +488,8 @@ class H1ServerConnection(asyncio.Protocol):
         self._client_paused = False
         self._write_paused = False
         self._chunked = False
-        self._pending_head = b""
+        self._pending_status = b""  # a response's status line, held back with its fields:
+        self._pending_head = b""  # see write_head
         self._error_after_current: int | None = None
         self._message_started_at: float | None = None
         self._perf_start = 0.0
@@ -719,9 +721,17 @@ class H1ServerConnection(asyncio.Protocol):
         chunk = self._chunk
         line_end = chunk.find(_CRLF) if self._head_in_chunk else -1
         self._head_in_chunk = False  # a pipelined request after this one starts mid-read
-        if line_end > 0 and chunk.count(b" ", 0, line_end) != 2:
-            # RFC 9112 §3: method SP request-target SP HTTP-version; llhttp would take more
-            # blanks (Go and Traefik refuse them: one parse of a request line, not two).
+        raw_method = parser.get_method()
+        url = self._url
+        # RFC 9112 §3: method SP request-target SP HTTP-version; llhttp would take more
+        # blanks (Go and Traefik refuse them: one parse of a request line, not two). A line
+        # as long as method, target, "HTTP/x.y" and two blanks has exactly two (llhttp checked
+        # the method, the target has none, the version is 8 bytes): counted only otherwise.
+        if (
+            line_end > 0
+            and line_end != len(raw_method) + len(url) + 10
+            and chunk.count(b" ", 0, line_end) != 2
+        ):
             raise _Reject(400)
         if line_end > 0 and chunk[line_end - 1] == 49 and chunk[line_end - 3] == 49:
             version = "1.1"  # "1.1": llhttp checked the request line ends with HTTP/x.y
@@ -733,11 +743,9 @@ class H1ServerConnection(asyncio.Protocol):
                 raise _Reject(505)  # RFC 9110 §6.2, §15.6.6: only HTTP/1.x here
             if version != "1.0":
                 version = "1.1"  # a higher minor version is served as 1.1 (RFC 9110 §6.2)
-        raw_method = parser.get_method()
         if raw_method == b"CONNECT":
             raise _Reject(501)  # RFC 9110 §9.3.6: tunnels are not offered on HTTP entrypoints
         method = _METHOD_NAMES.get(raw_method) or raw_method.decode("latin-1")
-        url = self._url
         if url[:1] != b"/" or url.find(b"#") >= 0:  # not `in` (see check_target)
             check_target(url, raw_method)
         refused = self._refused_encodings
@@ -1207,24 +1215,35 @@ class H1ServerConnection(asyncio.Protocol):
         elif request.http_version == "1.0":
             fields += b"connection: keep-alive\r\n"
         self._chunked = chunked
-        # Held back so head and body leave in one write (one syscall) when the body is small.
-        status_line = _STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status
-        self._pending_head = status_line + fields + _CRLF
+        # Held back so head and body leave in one write (one syscall) when the body is small;
+        # the pieces are joined once, with the body's first bytes (`write_body`).
+        self._pending_status = _STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status
+        self._pending_head = fields
 
     def write_body(self, ex: Exchange, chunk: bytes) -> None:
         if self._closing or not chunk:
             return
         self._progress += 1
-        head = self._pending_head
+        status = self._pending_status
         transport = self.transport
-        if head:
-            self._pending_head = b""
+        if status:
+            fields = self._pending_head
+            self._pending_status = self._pending_head = b""
             if self._chunked:
-                transport.writelines((head, b"%x\r\n" % len(chunk), chunk, _CRLF))  # type: ignore[union-attr]
-            elif len(chunk) <= 16384:
-                transport.write(head + chunk)  # type: ignore[union-attr]
+                pieces: tuple[bytes, ...] = (
+                    status,
+                    fields,
+                    _CRLF,
+                    b"%x\r\n" % len(chunk),
+                    chunk,
+                    _CRLF,
+                )
             else:
-                transport.writelines((head, chunk))  # type: ignore[union-attr]
+                pieces = (status, fields, _CRLF, chunk)
+            if len(chunk) <= 16384:  # copied once into one write; a large body is not copied
+                transport.write(b"".join(pieces))  # type: ignore[union-attr]
+            else:
+                transport.writelines(pieces)  # type: ignore[union-attr]
             return
         if self._chunked:
             transport.writelines((b"%x\r\n" % len(chunk), chunk, _CRLF))  # type: ignore[union-attr]
@@ -1234,23 +1253,27 @@ class H1ServerConnection(asyncio.Protocol):
     def write_end(self, ex: Exchange) -> None:
         if self._closing:
             return
-        head = self._pending_head
+        status = self._pending_status
         end = _CHUNK_END
         if self._chunked and ex.response_trailers:  # dropped otherwise (RFC 9110 §6.5.1)
             end = trailer_lines(ex.response_trailers)
-        if head:
-            self._pending_head = b""
-            self.transport.write(head + end if self._chunked else head)  # type: ignore[union-attr]
+        if status:
+            fields = self._pending_head
+            self._pending_status = self._pending_head = b""
+            self.transport.write(  # type: ignore[union-attr]
+                b"".join((status, fields, _CRLF, end) if self._chunked else (status, fields, _CRLF))
+            )
         elif self._chunked:
             self.transport.write(end)  # type: ignore[union-attr]
         self._chunked = False
 
     def flush(self, ex: Exchange) -> None:
         """Send a held-back response head now (the upstream read ended without body bytes)."""
-        head = self._pending_head
-        if head and not self._closing:
-            self._pending_head = b""
-            self.transport.write(head)  # type: ignore[union-attr]
+        status = self._pending_status
+        if status and not self._closing:
+            fields = self._pending_head
+            self._pending_status = self._pending_head = b""
+            self.transport.write(b"".join((status, fields, _CRLF)))  # type: ignore[union-attr]
 
     def abort(self, ex: Exchange) -> None:
         ex.finished = True

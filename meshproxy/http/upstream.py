@@ -97,6 +97,7 @@ _DIALS: set[asyncio.Future[None]] = set()  # the loop keeps only weak references
 # Content-Length: 0, as Go's transport (and so Traefik) does, so no server waits for a body.
 _BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
 _EMPTY_BODY: Final = b"content-length: 0\r\n"
+_METHOD_BYTES: Final = {m: m.encode() for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS")}
 
 
 class ServerPool(Protocol):
@@ -137,9 +138,10 @@ def build_request_head(
     )
     if verbatim is not None and pass_host_header:
         # the client's own lines (its Host among them) and X-Forwarded-*: nothing to rebuild
-        if empty_body:
-            verbatim += _EMPTY_BODY
-        return b"%s %s HTTP/1.1\r\n%s\r\n" % (request.method.encode(), path, verbatim), False
+        method = _METHOD_BYTES.get(request.method) or request.method.encode()
+        # one join: a %-format parses its template on every call (~0.15 us more)
+        end = _EMPTY_BODY + _CRLF if empty_body else _CRLF
+        return b"".join((method, b" ", path, b" HTTP/1.1\r\n", verbatim, end)), False
     # An empty Host (allowed without an authority, RFC 9112 §3.2) becomes the server's own, as
     # Go's transport writes it (and so Traefik).
     host = request.host_header if pass_host_header and request.host_header else target.host_header

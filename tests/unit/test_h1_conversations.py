@@ -224,6 +224,31 @@ async def test_request_targets_outside_rfc9112_forms_get_400(target):
     assert upstream.take() == b""
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"GET  /x HTTP/1.1",
+        b"GET /x  HTTP/1.1",
+        b"GET\t/x HTTP/1.1",
+        b"GET /x\tHTTP/1.1",
+        b"GET  /  HTTP/1.1",
+    ],
+)
+async def test_request_line_with_other_blanks_than_two_spaces_gets_400(line):
+    """RFC 9112 §3: request-line = method SP request-target SP HTTP-version, one space each
+    (llhttp takes more; Go, so Traefik, refuses them). Nothing is forwarded; the same line
+    with single spaces is served."""
+    conv = conversation()
+    _, upstream = conv.add_upstream()
+    answer = conv.send(line + b"\r\nHost: a.test\r\n\r\n")
+    assert status_of(answer) == 400
+    assert upstream.take() == b""
+    conv = conversation()
+    _, upstream = conv.add_upstream()
+    conv.send(b" ".join(line.replace(b"\t", b" ").split()) + b"\r\nHost: a.test\r\n\r\n")
+    assert upstream.take().startswith(b"GET /")
+
+
 async def test_absolute_form_authority_wins_over_host():
     """RFC 9112 §3.2.2: with an absolute-form target the Host field is replaced by its
     authority."""
