@@ -84,11 +84,26 @@ def client_config() -> h2.config.H2Configuration:
     )
 
 
+MEMO = {"on": False}
+
+
+def memoize(conn: h2.connection.H2Connection) -> None:
+    """With --memo: the HPACK coders meshproxy's connections use (meshproxy/http2/hpack_memo.py)
+    in place of hpack's own."""
+    if MEMO["on"]:
+        from meshproxy.http2.hpack_memo import MemoDecoder, MemoEncoder
+
+        decoder = conn.decoder
+        conn.encoder = MemoEncoder()
+        conn.decoder = MemoDecoder(decoder.max_header_list_size, decoder.max_allowed_table_size)
+
+
 class Server:
     """The server side's work per batch."""
 
     def __init__(self) -> None:
         self.conn = h2.connection.H2Connection(server_config())
+        memoize(self.conn)
         self.conn.initiate_connection()
 
     def feed(self, data: bytes) -> bytes:
@@ -106,6 +121,7 @@ class Client:
 
     def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
         self.conn = h2.connection.H2Connection(client_config())
+        memoize(self.conn)
         self.conn.initiate_connection()
         self.headers = headers
 
@@ -197,7 +213,11 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--repeat", type=int, default=3, help="best of N timed replays")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--memo", action="store_true", help="with meshproxy's remembering HPACK coders"
+    )
     args = parser.parse_args()
+    MEMO["on"] = args.memo
     batches = args.requests // args.concurrency
     requests = batches * args.concurrency
     to_server, _ = record(REQUEST, batches, args.concurrency)

@@ -100,6 +100,7 @@ from meshproxy.http.forwarding import SERVER_NAME, UNTRUSTED_DROP
 from meshproxy.http.grpc import abort_trailers, h2_refusal_fields, is_grpc
 from meshproxy.http.request import Request
 from meshproxy.http.server import valid_authority
+from meshproxy.http2.hpack_memo import MemoDecoder, MemoEncoder
 from meshproxy.http2.server_fields import plainly_valid, strict_request
 
 if TYPE_CHECKING:
@@ -762,6 +763,11 @@ class H2ServerConnection(asyncio.Protocol):
             normalize_outbound_headers=False,
         )
         self.h2 = ServerH2Connection(config)
+        # the same HPACK, remembering recurring field blocks (meshproxy/http2/hpack_memo.py)
+        self.h2.encoder = MemoEncoder()
+        self.h2.decoder = MemoDecoder(
+            self.h2.decoder.max_header_list_size, self.h2.decoder.max_allowed_table_size
+        )
         self.header_block = HeaderBlockBuffer(2 * self.max_header_list)
         self.h2.incoming_buffer = self.header_block
         self._backlog = False  # h2's buffer holds frames for the next turn (see _feed)

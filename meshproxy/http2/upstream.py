@@ -99,6 +99,7 @@ from meshproxy.http.fields import http_date
 from meshproxy.http.forwarding import HOP_BY_HOP, NOT_TRAILERS
 from meshproxy.http.grpc import format_grpc_timeout, is_grpc
 from meshproxy.http.upstream import DoneCallback, ServerTarget, TransportSettings
+from meshproxy.http2.hpack_memo import MemoDecoder, MemoEncoder
 from meshproxy.upstream_address import resolve
 
 log = logging.getLogger("meshproxy.upstream.h2")
@@ -266,6 +267,11 @@ class _ClientH2(H2Connection):
 
     def __init__(self) -> None:
         super().__init__(_CONFIG)
+        # the same HPACK, remembering recurring field blocks (meshproxy/http2/hpack_memo.py)
+        self.encoder = MemoEncoder()
+        self.decoder = MemoDecoder(
+            self.decoder.max_header_list_size, self.decoder.max_allowed_table_size
+        )
         self.local_settings = Settings(
             client=True,
             initial_values={
