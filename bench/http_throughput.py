@@ -17,13 +17,20 @@ CPU 0; `--no-pin` lets the scheduler place everything. meshproxy with 2 workers
 request, not by rate; its scaling figure is 2 x (CPU/req with 1 worker) / (CPU/req with 2),
 2.0 being perfect.
 
+`--rate N`: instead of wrk's closed loop (as fast as each target answers), h2load --h1 offers
+N req/s over the same connections (N/connections each): every target then runs in the same
+regime (an event loop's CPU per request depends on how many events each wake-up brings, so a
+saturated proxy pays less per request than one at half load), which makes CPU per request
+comparable across targets and across worker counts. Keep N below what the slowest target
+serves.
+
 `--variant NAME=DIR[:KEY=VALUE...]` adds `meshproxy@NAME`: meshproxy run from the source tree
 DIR (with DIR/.venv/bin/python when there is one, e.g. a compiled clone at another commit),
 with extra environment variables: before/after figures from one run.
 
     python bench/http_throughput.py [--rounds 5] [--duration 8] [--connections 50] [--no-pin]
                                     [--with-floor] [--two-workers] [--variant NAME=DIR ...]
-                                    [--tag TAG]
+                                    [--rate N] [--tag TAG]
 """
 
 from __future__ import annotations
@@ -42,10 +49,12 @@ from common import (
     PINNING,
     PROXY_CPU,
     check_metrics,
+    ensure_h2load,
     ensure_tools,
     free_port,
     parse_variants,
     pinned,
+    run_h2load,
     run_wrk,
     save_report,
     start_backend,
@@ -121,6 +130,22 @@ def start_floor(port: int, backend: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(pinned(command, PROXY_CPU))
 
 
+def load(port: int, args: argparse.Namespace) -> dict[str, float]:
+    """One measurement: wrk (closed loop) or, with --rate, h2load at a fixed rate."""
+    if not args.rate:
+        return run_wrk(port, args.duration, args.connections, HOST)
+    out = run_h2load(
+        f"http://127.0.0.1:{port}/bench",
+        args.duration,
+        args.connections,
+        1,
+        (f":authority: {HOST}",),
+        extra=("--h1", f"--rps={max(1, args.rate // args.connections)}"),
+    )
+    out["non_2xx"] = out["requests"] - out["status_2xx"]
+    return out
+
+
 def paired(
     rounds: dict[str, list[dict[str, float]]], name: str, key: str, invert: bool = False
 ) -> tuple[float, float, float]:
@@ -164,10 +189,15 @@ def main() -> int:
         metavar="NAME=DIR[:KEY=VALUE...]",
         help="also measure meshproxy from source tree DIR (see above)",
     )
+    parser.add_argument(
+        "--rate", type=int, default=0, help="offer this many req/s with h2load (see above)"
+    )
     parser.add_argument("--tag", default="", help="suffix of the result files' names")
     args = parser.parse_args()
     PINNING["on"] = args.pin
     ensure_tools()
+    if args.rate:
+        ensure_h2load()
     backend_port, haproxy_port = free_port(), free_port()
     mesh_port, admin_port = free_port(), free_port()
     procs: list[subprocess.Popen[bytes]] = []
@@ -205,12 +235,13 @@ def main() -> int:
             time.sleep(1.0)
             for port in targets.values():  # warm-up
                 run_wrk(port, 2, args.connections, HOST)
+            time.sleep(1.0)
             rounds: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
             for index in range(args.rounds):
                 for name, port in targets.items():
                     pid = pids.get(name)
                     before = tree_cpu_seconds(pid) if pid else 0.0
-                    result = run_wrk(port, args.duration, args.connections, HOST)
+                    result = load(port, args)
                     cpu = tree_cpu_seconds(pid) - before if pid else math.nan
                     done = result["requests"]
                     result["cpu_us_per_req"] = cpu / done * 1e6 if done else math.nan
@@ -261,6 +292,7 @@ def main() -> int:
             "haproxy_threads": 1,
             "python_floor": args.with_floor,
             "two_workers": args.two_workers,
+            "offered_rate": args.rate or None,
             "variants": {name: str(source) for name, (source, _) in variants.items()},
         },
         "rounds": rounds,
@@ -271,15 +303,20 @@ def main() -> int:
     lines = [
         f"# HTTP/1.1 keep-alive throughput and CPU per request ({stamp})",
         "",
-        f"wrk -t1 -c{args.connections} -d{args.duration}s, {args.rounds} interleaved rounds, "
+        (
+            f"h2load --h1 -c{args.connections} at {args.rate} req/s offered"
+            if args.rate
+            else f"wrk -t1 -c{args.connections}"
+        )
+        + f" for {args.duration} s, {args.rounds} interleaved rounds, "
         "same backend for all; "
         + ("proxies pinned to CPU 1, wrk and backend to CPU 0" if args.pin else "unpinned")
         + (" (meshproxy-w2 never pinned)" if args.two_workers else "")
         + f"; meshproxy hot path {report['setup']['meshproxy_hot_path']}. "
         "req/s, latencies and CPU are medians over rounds (CPU range min-max in brackets); "
         "ratios are medians of per-round ratios to HAProxy (range in brackets). CPU us/req: "
-        "the target process's user + system time from /proc over the requests wrk completed "
-        "(for the backend row: the backend's own).",
+        "the target process's user + system time from /proc over the requests the load "
+        "generator completed (for the backend row: the backend's own).",
         "",
         "| target | req/s | p50 ms | p99 ms | CPU us/req | req/s vs HAProxy | "
         "CPU/req: HAProxy's / this |",
