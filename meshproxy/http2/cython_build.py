@@ -26,8 +26,10 @@ import argparse
 import importlib.metadata
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from meshproxy.build_info import ACCELERATED_LIBRARIES
@@ -95,14 +97,18 @@ def build(jobs: int) -> int:
     remove()  # nothing of an older build may shadow the installed sources
     for name in ACCELERATED_LIBRARIES:
         directory = _package_dir(name)
-        sources = [str(path.name) for path in _sources(directory)]
-        command = [sys.executable, "-m", "Cython.Build.Cythonize", "-i", "-3", f"-j{jobs}"]
-        done = subprocess.run([*command, *sources], cwd=directory, check=False)
-        for source in _sources(directory):
-            source.with_suffix(".c").unlink(missing_ok=True)  # megabytes of generated C
-        if done.returncode != 0:
-            remove()
-            return done.returncode
+        # Compiled in a scratch copy: no generated C in site-packages, and the build does not
+        # run where a project's pyproject.toml would be read as its configuration.
+        with tempfile.TemporaryDirectory(prefix="meshproxy-cython-") as scratch:
+            copy = Path(scratch, name)
+            shutil.copytree(directory, copy, ignore=shutil.ignore_patterns("__pycache__"))
+            sources = [f"{name}/{path.name}" for path in _sources(copy)]
+            command = [sys.executable, "-m", "Cython.Build.Cythonize", "-i", "-3", f"-j{jobs}"]
+            done = subprocess.run([*command, *sources], cwd=scratch, check=False)
+            if done.returncode != 0:
+                return done.returncode
+            for built in copy.glob("*.so"):
+                shutil.copy2(built, directory / built.name)
         (directory / MARKER).write_text(importlib.metadata.version(name) + "\n")
     print(f"cython_build: {', '.join(ACCELERATED_LIBRARIES)} compiled ({status()})")
     return 0
