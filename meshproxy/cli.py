@@ -196,6 +196,13 @@ def cmd_proxy(args: list[str]) -> int:
 
     if hot_path_state() == "stale":
         log.warning("the compiled hot path is older than its sources: run `make setup` again")
+    from meshproxy.http2 import cython_build
+
+    if cython_build.status() in ("stale", "partial"):
+        log.warning(
+            "h2/hpack/hyperframe: compiled modules do not match the installed versions: "
+            "run `python -m meshproxy.http2.cython_build` (or --remove)"
+        )
 
     from meshproxy.node.cpus import available_cpus
 
@@ -443,8 +450,11 @@ def _dispatch(argv: list[str]) -> int:
             print("usage: meshproxy version\nprints the version and which hot path runs")
             return 0
         from meshproxy.build_info import hot_path_state
+        from meshproxy.http2 import cython_build
 
-        print(f"meshproxy {__version__} (hot path: {hot_path_state()})")
+        print(
+            f"meshproxy {__version__} (hot path: {hot_path_state()}, h2: {cython_build.status()})"
+        )
         return 0
     if command == "proxy":
         return cmd_proxy(rest)

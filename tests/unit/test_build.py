@@ -29,7 +29,10 @@ def test_version_reports_how_the_hot_path_runs():
     out = subprocess.run(
         [sys.executable, "-m", "meshproxy", "version"], capture_output=True, text=True, check=True
     ).stdout
-    assert out.startswith("meshproxy ") and f"(hot path: {hot_path_state()})" in out
+    from meshproxy.http2 import cython_build
+
+    assert out.startswith("meshproxy ") and f"(hot path: {hot_path_state()}, " in out
+    assert f"h2: {cython_build.status()})" in out
 
 
 def test_pure_python_switch_loads_every_compiled_module_from_source():
@@ -85,3 +88,29 @@ def test_no_exception_name_bound_to_two_types_in_compiled_code():
                 f"{path}:{node.name}: {n} {sorted(t)}" for n, t in kinds.items() if len(t) > 1
             ]
     assert not clashes, clashes
+
+
+def test_http2_libraries_run_compiled_where_cython_was_installed():
+    """make setup installs Cython (the `accel` extra) and compiles h2, hpack and hyperframe in
+    place (meshproxy/http2/cython_build.py): every module but the skipped ones is then a C
+    extension built for the installed version, and loads as one; with MESHPROXY_PURE_PYTHON=1
+    the sources load instead, so the interpreted CI pass tests the libraries as published."""
+    import importlib.util
+
+    from meshproxy.http2 import cython_build
+
+    if importlib.util.find_spec("Cython") is None:
+        assert cython_build.status() in ("interpreted", "compiled")
+        return
+    assert cython_build.status() == "compiled"
+    probe = (
+        "import meshproxy, h2.connection, hpack.hpack, hyperframe.frame\n"
+        "print(*(m.__file__.rsplit('.', 1)[1] for m in"
+        " (h2.connection, hpack.hpack, hyperframe.frame)))\n"
+    )
+    for pure, suffix in (("0", "so"), ("1", "py")):
+        env = {**os.environ, "MESHPROXY_PURE_PYTHON": pure}
+        out = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=env
+        ).stdout
+        assert out.split() == [suffix] * 3, (pure, out)
