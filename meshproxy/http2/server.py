@@ -100,6 +100,7 @@ from meshproxy.http.forwarding import SERVER_NAME, UNTRUSTED_DROP
 from meshproxy.http.grpc import abort_trailers, h2_refusal_fields, is_grpc
 from meshproxy.http.request import Request
 from meshproxy.http.server import valid_authority
+from meshproxy.http2.compact_settings import compact_settings
 from meshproxy.http2.hpack_memo import MemoDecoder, MemoEncoder
 from meshproxy.http2.server_fields import plainly_valid, strict_request
 
@@ -166,27 +167,6 @@ class StreamMalformed:
 
     def __init__(self, stream_id: int) -> None:
         self.stream_id = stream_id
-
-
-class _SettingValues(list):  # type: ignore[type-arg]
-    """The values of one h2 setting, current first, then those sent and not yet acknowledged:
-    what h2's `Settings` keeps in a `collections.deque`, 760 bytes each however short (a
-    64-slot block), 15 of them per connection (~11 KB, the most of an idle HTTP/2
-    connection's memory, bench/idle_connections.py --breakdown --kinds h2c). h2 uses only
-    `[0]`, `len`, `append` and `popleft` on them: a list with `popleft` is 64 bytes."""
-
-    __slots__ = ()
-
-    def popleft(self) -> Any:
-        return self.pop(0)
-
-
-def compact_settings(settings: h2.settings.Settings) -> None:
-    """Give `settings` (h2's) short lists instead of its deques; see `_SettingValues`."""
-    values: Any = settings._settings  # h2 4.x's private store, pinned by the conversation tests
-    for code, items in values.items():
-        if type(items) is not _SettingValues:
-            values[code] = _SettingValues(items)
 
 
 class ServerH2Connection(h2.connection.H2Connection):
