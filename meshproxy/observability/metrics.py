@@ -194,6 +194,19 @@ class RequestMetrics:
         self.entrypoint: dict[tuple[int, str, str, str], _Histogram] = {}
         self.router: dict[tuple[int, str, str, str, str], _Histogram] = {}
         self.service: dict[tuple[int, str, str, str], _Histogram] = {}
+        # The series the last request went to, per table, and its labels: the next request
+        # with the same labels (the usual case) finds it by four identity checks instead of
+        # a key tuple built, hashed and looked up. `_forget_last` after any table is rebuilt.
+        self._ep_hist: _Histogram | None = None
+        self._ep_status = 0
+        self._ep_method = ""
+        self._ep_protocol = ""
+        self._ep_name = ""
+        self._svc_hist: _Histogram | None = None
+        self._svc_status = 0
+        self._svc_method = ""
+        self._svc_protocol = ""
+        self._svc_name = ""
         self.retries: dict[str, int] = {}
         # (tls version, cipher, entrypoint / router+service / service) -> requests
         self.tls_entrypoint: dict[tuple[str, str, str], int] = {}
@@ -223,6 +236,11 @@ class RequestMetrics:
 
     # -- hot path -----------------------------------------------------------------------
 
+    def _forget_last(self) -> None:
+        """The series tables were rebuilt: the remembered series may be gone from them."""
+        self._ep_hist = None
+        self._svc_hist = None
+
     def _series(self, table: dict[Any, _Histogram], key: Any) -> _Histogram:
         hist = table.get(key)
         if hist is None:
@@ -238,8 +256,20 @@ class RequestMetrics:
         protocol = ex.protocol or protocol_label(ex)
         index = bisect_left(self.bounds, seconds)  # first bound >= seconds
         if self.entrypoint_labels:
-            key = (status, method, protocol, ex.entrypoint)
-            hist = self.entrypoint.get(key) or self._series(self.entrypoint, key)
+            name = ex.entrypoint
+            hist = self._ep_hist
+            if (
+                hist is None
+                or status != self._ep_status
+                or method is not self._ep_method
+                or protocol is not self._ep_protocol
+                or name is not self._ep_name
+            ):
+                key = (status, method, protocol, name)
+                hist = self.entrypoint.get(key) or self._series(self.entrypoint, key)
+                self._ep_hist = hist
+                self._ep_status, self._ep_method = status, method
+                self._ep_protocol, self._ep_name = protocol, name
             hist.count += 1
             hist.sum += seconds
             hist.buckets[index] += 1
@@ -256,8 +286,21 @@ class RequestMetrics:
     def record_service(self, service: str, ex: Exchange, status: int, seconds: float) -> None:
         """Once per attempt at a server."""
         if self.service_labels:
-            key = (status, ex.request.method, ex.protocol or protocol_label(ex), service)
-            hist = self.service.get(key) or self._series(self.service, key)
+            method = ex.request.method
+            protocol = ex.protocol or protocol_label(ex)
+            hist = self._svc_hist
+            if (
+                hist is None
+                or status != self._svc_status
+                or method is not self._svc_method
+                or protocol is not self._svc_protocol
+                or service is not self._svc_name
+            ):
+                key = (status, method, protocol, service)
+                hist = self.service.get(key) or self._series(self.service, key)
+                self._svc_hist = hist
+                self._svc_status, self._svc_method = status, method
+                self._svc_protocol, self._svc_name = protocol, service
             hist.count += 1
             hist.sum += seconds
             hist.buckets[bisect_left(self.bounds, seconds)] += 1
@@ -320,6 +363,7 @@ class RequestMetrics:
         self.last_reload_success = time.time()
         self.router = {k: v for k, v in self.router.items() if k[3] in routers}
         self.service = {k: v for k, v in self.service.items() if k[3] in services}
+        self._forget_last()
         self.retries = {k: v for k, v in self.retries.items() if k in services}
         self.tls_router = {k: v for k, v in self.tls_router.items() if k[2] in routers}
         self.tls_service = {k: v for k, v in self.tls_service.items() if k[2] in services}

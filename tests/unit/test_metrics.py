@@ -109,3 +109,44 @@ def test_router_series_are_opt_in_as_traefik_add_routers_labels():
         | {("service", "app@file")}
     )
     assert samples(on)[("traefik_router_requests_total", router)] == 1
+
+
+def test_each_request_lands_in_its_own_series_whatever_came_before():
+    """Traefik's request counters are one series per label set (code, method, protocol,
+    entrypoint / service): requests alternating between label sets, services and entrypoints
+    each count in their own series, and a reload that drops a service starts its series anew
+    if it comes back (the proxy remembers the last series used; it must never reuse it for
+    other labels or after the tables are rebuilt)."""
+    metrics = RequestMetrics(buckets=(1.0,))
+    plan = [
+        ("GET", 200, "web", "a@file"),
+        ("GET", 200, "web", "a@file"),
+        ("GET", 404, "web", "a@file"),
+        ("POST", 200, "web", "a@file"),
+        ("GET", 200, "websecure", "b@file"),
+        ("GET", 200, "web", "a@file"),
+    ]
+    for method, status, entrypoint, service in plan:
+        ex = exchange(method)
+        ex.entrypoint = "".join(entrypoint)  # a str object of its own, as from another config
+        metrics.record_request(ex, status, 0.01)
+        metrics.record_service("".join(service), ex, status, 0.01)
+    got = samples(metrics)
+
+    def count(kind: str, labels: dict[str, str]) -> float:
+        return got.get((f"traefik_{kind}_requests_total", frozenset(labels.items())), 0)
+
+    base = {"protocol": "http"}
+    assert count("entrypoint", {**base, "code": "200", "method": "GET", "entrypoint": "web"}) == 3
+    assert count("entrypoint", {**base, "code": "404", "method": "GET", "entrypoint": "web"}) == 1
+    assert count("entrypoint", {**base, "code": "200", "method": "POST", "entrypoint": "web"}) == 1
+    assert (
+        count("entrypoint", {**base, "code": "200", "method": "GET", "entrypoint": "websecure"})
+        == 1
+    )
+    assert count("service", {**base, "code": "200", "method": "GET", "service": "a@file"}) == 3
+    assert count("service", {**base, "code": "200", "method": "GET", "service": "b@file"}) == 1
+    metrics.reload_succeeded({"r"}, {"b@file"})  # a@file is gone: its series too
+    metrics.record_service("a@file", exchange("GET"), 200, 0.01)  # it came back
+    got = samples(metrics)
+    assert count("service", {**base, "code": "200", "method": "GET", "service": "a@file"}) == 1
