@@ -14,7 +14,9 @@ few results of calls that left the table as it was, keyed by their input, and fo
 as soon as the table changes (an entry added or evicted, a size changed). A changed table is
 seen by identity, not by value: the newest entry is kept by reference, and every insertion
 puts a new tuple object first (hpack's HeaderTable.add), so an unchanged first entry, length
-and size mean an unchanged table. Calls that raise are never remembered.
+and size mean an unchanged table. (The entries are read as `Any`: from hpack's typed deque,
+mypyc would unbox each tuple and box a new one, defeating the identity check.) Calls that
+raise are never remembered.
 
 Written here because hpack has no such cache; the results are hpack's own (RFC 7541): a
 remembered result is returned only where hpack would return the same. Bounded per connection:
@@ -46,7 +48,7 @@ class MemoDecoder(Decoder):
 
     def decode(self, data: bytes, raw: bool = False) -> Any:
         table = self.header_table
-        entries = table.dynamic_entries
+        entries: Any = table.dynamic_entries  # Any: see the module docstring on mypyc
         first = entries[0] if entries else None
         state = (
             len(entries),
@@ -99,7 +101,7 @@ class MemoEncoder(Encoder):
             if type(field) is not tuple:
                 return super().encode(headers, huffman)
         table = self.header_table
-        entries = table.dynamic_entries
+        entries: Any = table.dynamic_entries  # Any: see the module docstring on mypyc
         first = entries[0] if entries else None
         state = (len(entries), table.maxsize)
         key = (huffman, *headers)
