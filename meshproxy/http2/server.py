@@ -211,9 +211,9 @@ class ServerH2Connection(h2.connection.H2Connection):
                 if not budget:
                     self.more = True
                     break
-        except InvalidPaddingError as exc:
+        except InvalidPaddingError as padding:
             self._terminate_connection(ErrorCodes.PROTOCOL_ERROR)
-            raise h2.exceptions.ProtocolError("Received frame with invalid padding.") from exc
+            raise h2.exceptions.ProtocolError("Received frame with invalid padding.") from padding
         except h2.exceptions.ProtocolError as exc:
             self._terminate_connection(exc.error_code)
             raise
