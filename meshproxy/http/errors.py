@@ -50,3 +50,19 @@ class ResponseAborted(ProxyError):
     """The response had started when the exchange failed; the client connection is cut."""
 
     status = 502
+
+
+class StreamRefused(UpstreamConnectError):
+    """The backend refused the stream before processing it: RST_STREAM(REFUSED_STREAM) or a
+    GOAWAY whose last_stream_id is below it (RFC 9113 §8.7, §6.8). Nothing reached the
+    application, so retry may send it elsewhere."""
+
+
+class NoStreamAvailable(UpstreamConnectError):
+    """Every connection to the server is full and `MAX_WAITING` sends already wait, or this
+    one waited `dial_timeout` for a stream: nothing was sent (503, as Envoy's overflow).
+    Defined here, not in meshproxy.http2.upstream (which mypyc compiles): a compiled subclass
+    of an interpreted class loses its class attribute overrides (`status` read 502)."""
+
+    status = 503
+    body = b"Service Unavailable"

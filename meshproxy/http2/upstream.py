@@ -88,7 +88,9 @@ from hyperframe.frame import GoAwayFrame
 
 from meshproxy.http.errors import (
     ClientGone,
+    NoStreamAvailable,
     ResponseAborted,
+    StreamRefused,
     UpstreamConnectError,
     UpstreamDialTimeout,
     UpstreamError,
@@ -153,20 +155,6 @@ _TE_TRAILERS = (b"te", b"trailers")
 _NO_BODY_STATUS = (204, 304)
 
 _DIALS: set[asyncio.Future[None]] = set()  # the loop keeps only weak references to tasks
-
-
-class StreamRefused(UpstreamConnectError):
-    """The backend refused the stream before processing it: RST_STREAM(REFUSED_STREAM) or a
-    GOAWAY whose last_stream_id is below it (RFC 9113 §8.7, §6.8). Nothing reached the
-    application, so retry may send it elsewhere."""
-
-
-class NoStreamAvailable(UpstreamConnectError):
-    """Every connection to the server is full and `MAX_WAITING` sends already wait, or this
-    one waited `dial_timeout` for a stream: nothing was sent (503, as Envoy's overflow)."""
-
-    status = 503
-    body = b"Service Unavailable"
 
 
 class _WaitQueue:
