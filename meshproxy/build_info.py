@@ -3,7 +3,7 @@
 `COMPILED_MODULES` is read by setup.py (what to compile), by the Makefile (what to rebuild
 after an edit: `python meshproxy/build_info.py` prints the source paths) and by
 `meshproxy/__init__.py` (what to load from source when MESHPROXY_PURE_PYTHON=1). The list holds
-only code that runs for every request: the HTTP/1.1 path, the HTTP/2 server side, and the
+only code that runs for every request: the HTTP/1.1 path, HTTP/2 both ways, and the
 middlewares whose cost the chain benchmark measures. This module imports nothing from
 meshproxy: setup.py runs it before the package is installed.
 """
@@ -27,10 +27,11 @@ COMPILED_MODULES = (
     "meshproxy.middlewares.retry",
     "meshproxy.middlewares.rate_limit",
     "meshproxy.middlewares.circuit_breaker",
-    # the HTTP/2 server side (h2c front): per stream and per frame
+    # HTTP/2 both ways (the h2c front and the h2c pool): per stream and per frame
     "meshproxy.http2.server",
     "meshproxy.http2.server_fields",
     "meshproxy.http2.hpack_memo",
+    "meshproxy.http2.upstream",
 )
 HOT_PATH_MODULES = COMPILED_MODULES  # the name the rest of the code knows
 # Third-party packages compiled in place by Cython at setup (meshproxy/http2/cython_build.py):

@@ -1105,7 +1105,8 @@ class H2Pool:
         self.max_connections = MAX_CONNECTIONS
         self.max_waiting_per_client = MAX_WAITING_PER_CLIENT
         self.client_of: Callable[[Exchange], object] = client_of
-        self.replay_backoff = REPLAY_BACKOFF  # seconds before tries 2, 3... of a refused send
+        # seconds before tries 2, 3... of a refused send (any length: the tests set their own)
+        self.replay_backoff: tuple[float, ...] = REPLAY_BACKOFF
         # How connections are made (in-memory transports in the conversation tests).
         self.dialer: Callable[[H2Pool], Awaitable[H2UpstreamConnection]] = dial_tcp
 
