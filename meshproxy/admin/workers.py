@@ -13,8 +13,9 @@ answers a frame of the same kind and id), waits at most `ASK_TIMEOUT` and merges
   estimate the largest. The supervisor runs no health check: /api/rawdata and the
   Traefik API paths show the workers' merged view.
 - `explain`: the first worker's explain answer: the rateLimit tokens left are the node's
-  (the workers share the buckets, meshproxy.node.shared_state); breakers and the balancer's
-  rotation are that worker's.
+  (the workers share the buckets, meshproxy.node.shared_state); a breaker's state is the
+  node's as that worker last read it (on its last request through the breaker,
+  meshproxy.node.shared_windows); the balancer's rotation is that worker's.
 
 A worker that does not answer in time is left out of that answer; one that raised while
 answering (meshproxy.node.worker logs the traceback and keeps serving) too, and when every
