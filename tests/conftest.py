@@ -6,6 +6,9 @@ from typing import Any
 
 import pytest
 
+# Imported before any test module: with MESHPROXY_PURE_PYTHON=1 its import finder must be in
+# place before a test imports h2, hpack or hyperframe, or their compiled modules would load.
+import meshproxy  # noqa: F401
 from tests.helpers import Backend, ProxyProcess, ScriptedBackend
 
 

@@ -102,6 +102,11 @@ def test_http2_libraries_run_compiled_where_cython_was_installed():
     if importlib.util.find_spec("Cython") is None:
         assert cython_build.status() in ("interpreted", "compiled")
         return
+    import h2.connection
+
+    # this very process too: tests/conftest.py imports meshproxy before any test imports h2
+    in_process = h2.connection.__file__ or ""
+    assert in_process.endswith(".py" if os.environ.get("MESHPROXY_PURE_PYTHON") == "1" else ".so")
     assert cython_build.status() == "compiled"
     probe = (
         "import meshproxy, h2.connection, hpack.hpack, hyperframe.frame\n"
