@@ -119,3 +119,39 @@ def test_http2_libraries_run_compiled_where_cython_was_installed():
             [sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=env
         ).stdout
         assert out.split() == [suffix] * 3, (pure, out)
+
+
+def test_every_third_party_import_is_a_declared_dependency():
+    """A module meshproxy imports must come from a distribution pyproject.toml names in
+    [project].dependencies: an install without the test extras (the Docker image) has nothing
+    else. (cryptography came with trustme, a test dependency, and the image's proxy could not
+    start.)"""
+    import ast
+    import importlib.metadata
+    import re
+    import tomllib
+
+    declared = {
+        re.split(r"[<>=!~ \[;]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+        for requirement in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+            "dependencies"
+        ]
+    }
+    distributions = importlib.metadata.packages_distributions()
+    missing = set()
+    for path in (ROOT / "meshproxy").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top in sys.stdlib_module_names or top == "meshproxy":
+                    continue
+                candidates = {d.lower().replace("_", "-") for d in distributions.get(top, [top])}
+                if not candidates & declared:
+                    missing.add(f"{top} ({path.relative_to(ROOT)})")
+    assert not missing, sorted(missing)
