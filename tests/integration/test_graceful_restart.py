@@ -4,6 +4,7 @@ entryPoints.X.transport.lifeCycle: requestAcceptGraceTimeout, graceTimeOut; docs
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 import urllib.error
@@ -118,6 +119,7 @@ async def test_sigterm_ends_each_protocol_at_its_boundary(scripted, proxy_factor
         extra_flags=["--workers=2", "--entryPoints.web.transport.lifeCycle.graceTimeOut=30s"],
     )
     await wait_for(lambda: [w["generation"] for w in workers(proxy)] == [1, 1], 15, "ready")
+    pids = [w["pid"] for w in workers(proxy)]
 
     idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     idle = h11.Connection(h11.CLIENT)
@@ -162,6 +164,10 @@ async def test_sigterm_ends_each_protocol_at_its_boundary(scripted, proxy_factor
         last_stream = int.from_bytes(goaway[:4], "big") & 0x7FFFFFFF
         assert (last_stream, int.from_bytes(goaway[4:8], "big")) == (1, 0)  # NO_ERROR
         assert await asyncio.wait_for(idle_reader.read(), 10) == b""  # idle: closed
+        # The busy request may sit in the other worker, which gets the supervisor's SIGTERM a
+        # moment later: release it only once every worker drains (closed its listener, in the
+        # same step as it starts answering `Connection: close`).
+        await wait_for(lambda: not any(_listening(pid, proxy.port) for pid in pids), 10, "drain")
         backend.release()
         await until_frame(0x1, 1)  # the response's HEADERS on stream 1
         await until_frame(0x0, 1, 0x1)  # its DATA with END_STREAM
@@ -209,3 +215,25 @@ async def test_sigterm_lets_tcp_routed_connections_run_within_the_grace_period(p
     writer.close()
     await wait_for(lambda: proxy.process.poll() is not None, 10, "exit once the connection ended")
     server.close()
+
+
+def _listening(pid: int, port: int) -> bool:
+    """Whether process `pid` holds a socket listening on `port` (proc(5): its /proc/PID/fd
+    socket inodes against /proc/PID/net/tcp, state 0A = LISTEN); False once it exited."""
+    try:
+        inodes = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        with open(f"/proc/{pid}/net/tcp") as table:
+            rows = [line.split() for line in table.readlines()[1:]]
+    except OSError:
+        return False
+    return any(
+        row[3] == "0A" and int(row[1].rsplit(":", 1)[1], 16) == port and row[9] in inodes
+        for row in rows
+    )
