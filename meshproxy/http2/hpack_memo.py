@@ -94,6 +94,21 @@ class MemoEncoder(Encoder):
         self._first: Any = None
         self._state: tuple[int, int] = (-1, 0)
 
+    @property  # type: ignore[override]
+    def header_table_size(self) -> int:
+        return int(self.header_table.maxsize)
+
+    @header_table_size.setter
+    def header_table_size(self, value: int) -> None:
+        """The peer's SETTINGS_HEADER_TABLE_SIZE. A value equal to the current size changes
+        nothing and is ignored: hpack (4.x) would clear its "resized" flag while the update of
+        a first, equal-valued assignment is still pending, and so never send the dynamic table
+        size update RFC 7541 §4.2 requires at the start of the next block (h2 assigns the size
+        for every SETTINGS frame that carries it; nghttp2 sends it in HTTP2-Settings and again
+        in its first SETTINGS, then ends the connection with COMPRESSION_ERROR)."""
+        if value != self.header_table.maxsize:
+            Encoder.header_table_size.fset(self, value)  # type: ignore[attr-defined]
+
     def encode(self, headers: Any, huffman: bool = True) -> bytes:
         if type(headers) is not list or len(headers) > MEMO_FIELDS or self.table_size_changes:
             return super().encode(headers, huffman)

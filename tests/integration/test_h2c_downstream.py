@@ -123,6 +123,25 @@ async def test_curl_prior_knowledge_get_and_post(backends, proxy_factory):
     )
 
 
+async def test_nghttp_with_a_zero_header_table_gets_the_size_update(backends, proxy_factory):
+    """RFC 7541 §4.2, RFC 9113 §6.5.3: a client that lowers SETTINGS_HEADER_TABLE_SIZE gets a
+    dynamic table size update at the start of the next field block. nghttp2's client states
+    the size twice on an upgrade (HTTP2-Settings, then its first SETTINGS frame) and ends the
+    connection with COMPRESSION_ERROR when the update is missing (fresh tester F4: hpack
+    dropped it on the second, equal assignment). Upgrade and prior knowledge, several
+    requests on one connection."""
+    backend = await backends()
+    proxy = await proxy_factory(catch_all(backend.url))
+    url = f"http://127.0.0.1:{proxy.port}"
+    for mode in (["-u"], []):  # an upgrade; without -u, prior knowledge (http:// URLs)
+        got = await run(
+            "nghttp", "-v", *mode, "--header-table-size=0", url + "/a", url + "/b", url + "/c"
+        )
+        log = got.stdout.decode()
+        assert got.returncode == 0, (mode, log[-2000:])
+        assert "COMPRESSION_ERROR" not in log and log.count(":status: 200") == 3, mode
+
+
 async def test_curl_h2c_upgrade_get_post_and_reuse(backends, proxy_factory):
     """RFC 7540 §3.2 (what `curl --http2` sends): the proxy answers 101 itself, the request
     is stream 1 and is routed; a body sent before the switch reaches the backend; the next

@@ -48,7 +48,9 @@ def test_a_remembering_encoder_writes_what_hpack_writes(
     plain, memo = Encoder(), MemoEncoder()
     for kind, value, sensitive in steps:
         if kind == "resize":
-            plain.header_table_size = memo.header_table_size = value
+            memo.header_table_size = value
+            if value != plain.header_table_size:  # see the size-update test below
+                plain.header_table_size = value
             continue
         fields = _fields(lists, value, sensitive)
         block = memo.encode(list(fields))
@@ -135,3 +137,22 @@ def test_recurring_blocks_are_remembered_until_the_table_changes() -> None:
     assert decoder._memo is not None and (block, True) in decoder._memo
     decoder.decode(encoder.encode([(b"x-b", b"2")]), raw=True)  # both tables change
     assert not encoder._memo and not decoder._memo
+
+
+def test_the_same_lowered_table_size_twice_still_sends_the_size_update() -> None:
+    """RFC 7541 §4.2 (RFC 9113 §6.5.3): once the peer lowered SETTINGS_HEADER_TABLE_SIZE, the
+    next field block starts with a dynamic table size update. h2 assigns the size for every
+    SETTINGS frame carrying it, and nghttp2 states it twice on an h2c upgrade (HTTP2-Settings,
+    then its first SETTINGS frame); hpack alone loses the pending update on the second, equal
+    assignment, and nghttp2 then ends the connection with COMPRESSION_ERROR. A decoder
+    decodes what the remembering encoder writes and ends with the table size last set."""
+    for sizes in ([0, 0], [100, 100, 100], [0, 4096, 4096], [256, 0, 0]):
+        encoder = MemoEncoder()
+        for size in sizes:
+            encoder.header_table_size = size
+        block = encoder.encode([(b":status", b"200"), (b"x-a", b"1")])
+        assert block[0] & 0xE0 == 0x20, (sizes, block)  # 001xxxxx: a size update first
+        decoder = Decoder()
+        decoder.max_allowed_table_size = max(sizes)  # hpack signals each change in turn
+        assert decoder.decode(block, raw=True) == [(b":status", b"200"), (b"x-a", b"1")]
+        assert decoder.header_table_size == sizes[-1]
