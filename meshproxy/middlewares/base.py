@@ -47,12 +47,37 @@ class BuildContext:
     current: MiddlewareState  # filled while compiling the new one
 
     def keep(self, factory: Callable[[], T]) -> T:
-        """This instance's state: the previous object if the definition is unchanged, else new."""
+        """This instance's state: the previous object if the definition is unchanged, else new.
+        A previous object replaced is retired first (see `retire`), so a node-wide one frees
+        its shared slot before its successor takes one."""
         key = (self.router, self.name)
         old = self.previous.objects.get(key)
-        obj = old[1] if old is not None and old[0] == self.fingerprint else factory()
+        if old is not None and old[0] == self.fingerprint:
+            obj = old[1]
+        else:
+            if old is not None:
+                retire(old[1])
+            obj = factory()
         self.current.objects[key] = (self.fingerprint, obj)
         return obj
+
+
+def retire(obj: Any) -> None:
+    """Tell a state object the config no longer uses it, if it wants to know (a `retire()`
+    method: node-wide breakers and retry budgets free their entry in the node's shared
+    memory). Retiring twice is harmless."""
+    method = getattr(obj, "retire", None)
+    if method is not None:
+        method()
+
+
+def retire_dropped(previous: MiddlewareState, current: MiddlewareState) -> None:
+    """Retire the objects of `previous` that `current` (the snapshot replacing it) no longer
+    holds: their router or middleware is gone, or their definition changed."""
+    kept = {id(entry[1]) for entry in current.objects.values()}
+    for _, obj in previous.objects.values():
+        if id(obj) not in kept:
+            retire(obj)
 
 
 MiddlewareBuilder = Callable[[Any, Handler, BuildContext], Handler]

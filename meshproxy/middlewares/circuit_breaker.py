@@ -247,6 +247,12 @@ class NodeBreakerState(BreakerState):
         self.state = TRIPPED
         self.until = now + self.fallback
 
+    def retire(self) -> None:
+        """A reload dropped this instance (BuildContext.keep did not keep it): its node
+        entry is freed now, so a definition reverted to later starts fresh, as one process's
+        new BreakerState does, and the slot serves another breaker at once."""
+        self.cell.release()
+
 
 def _breaker_state(
     key: str,
@@ -258,7 +264,8 @@ def _breaker_state(
     boundaries: list[int],
 ) -> BreakerState:
     """The node's breaker in a worker of a node (when there is room), else this process's.
-    An idle node breaker keeps its place in shared memory for 10 minutes past its phases."""
+    A node breaker gives its place in shared memory back when a reload drops it (retire);
+    one no worker uses any more (its workers gone) keeps it 10 minutes past its phases."""
     horizon = 600.0 + fallback + recovery
     cell = SHARED_STATE[0](key, boundaries, latencies, horizon) if SHARED_STATE else None
     if cell is None:

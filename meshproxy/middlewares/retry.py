@@ -105,6 +105,11 @@ class NodeRetryBudget(RetryBudgetState):
     def record_retry(self, now: float) -> None:
         self.cell.record(now, True)
 
+    def retire(self) -> None:
+        """A reload dropped this instance: its node entry is freed now (as
+        NodeBreakerState.retire), so the definition, if it comes back, counts afresh."""
+        self.cell.release()
+
 
 def _budget_state(key: str, ratio: float, min_per_second: int, window: float) -> RetryBudgetState:
     """The node's budget in a worker of a node (when there is room), else this process's."""

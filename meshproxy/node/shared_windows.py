@@ -29,12 +29,28 @@ Error against one process seeing all the traffic:
   one process, over its own requests (so the node's share follows the same ramp).
 
 Instances are found by a hash of their identity (router, middleware, definition) with
-linear probing over PROBES slots. A slot whose owner has not used it for `horizon` seconds
-(its windows are then empty and its breaker closed) can be taken over; an owner that finds
-its slot taken claims a new one. A table with no free slot, or a worker index over
-MAX_ROWS, leaves that instance per worker, with a warning. The region is large in address
-space (~450 MiB) but sparse: memory is used for the pages written, about 4-16 KiB per
-instance and worker.
+linear probing over the whole table: a lookup goes on past released slots (their key is 0,
+their generation not) and stops at a slot never used (generation 0), so every free slot can
+serve and a table with room never refuses an instance (32 probes did, from about 300
+instances: linear probing's clusters grow longer than that at that load).
+
+A reload that drops an instance (its definition changed, or its router or middleware is gone:
+what one process's BuildContext.keep would not keep) releases its slot at once (`release`):
+the header is cleared, so the slot is free for any key and a later lookup of the same key
+starts fresh (a definition reverted to comes back closed with empty windows, as in one process
+and in Traefik, which rebuilds middlewares on every change). Every worker applies every
+generation and releases the same instances: a release acts only on the entry its instance
+attached to, named by the slot's `epoch` (bumped by each release and each new claim), so the
+later releases are no-ops, and an instance of a worker still one generation behind, finding
+its epoch gone, counts nothing and reads standby (detached) instead of writing into what may
+already be another instance's slot. A detached instance claims a place again REFRESH seconds
+later (a worker that keeps using it: the slot was taken over after `horizon` seconds unused,
+or released by a worker that moved on); a released one never does. A slot whose owner has not
+used it for `horizon` seconds (its windows are then empty and its breaker closed) can be taken
+over as well: an owner gone without releasing (a worker killed in mid-reload). A table with no
+free slot, or a worker index over MAX_ROWS, leaves that instance per worker, with a warning.
+The region is large in address space (~450 MiB) but sparse: memory is used for the pages
+written, about 4-16 KiB per instance and worker.
 
 Written by hand: no library offers lock-free per-process rows in an inherited memfd.
 """
@@ -52,20 +68,23 @@ from time import monotonic
 log = logging.getLogger("meshproxy.node")
 
 MAX_ROWS = 64  # workers sharing an instance (a worker index above this keeps its own)
-PROBES = 32
 PAGE = 4096
 
 STANDBY, TRIPPED, RECOVERING = 0, 1, 2
 
-# key, generation, expires, state, (pad), rows (bitmap of the workers that joined),
-# until (end of the tripped or recovering phase), last check; padded to 64 bytes.
+# key, generation, expires, state, epoch (which claim of the slot: see `release`), rows
+# (bitmap of the workers that joined), until (end of the tripped or recovering phase), last
+# check; padded to 64 bytes. Key 0: a free slot.
 _HEADER = struct.Struct("<QQdII Qdd8x")
 HEADER = _HEADER.size
 _KEY_GEN = struct.Struct("<QQ")
-# The header fields the hot path reads, in one unpack each: (key, generation, state, last
-# check) when a response is recorded, (key, state, until) when a request is admitted.
-_RECORDING = struct.Struct("<QQ8xI12x8xd8x")
-_ADMITTING = struct.Struct("<Q16xI12xd16x")
+_KEY_GEN_EPOCH = struct.Struct("<QQ12xI")
+# The header fields the hot path reads, in one unpack each: (key, generation, state, epoch,
+# last check) when a response is recorded, (key, state, epoch, until) when a request is
+# admitted.
+_RECORDING = struct.Struct("<QQ8xII8x8xd8x")
+_ADMITTING = struct.Struct("<Q16xII8xd16x")
+_EPOCHS = 1 << 32
 _EXPIRES = struct.Struct("<d")
 _EXPIRES_AT = 16
 _STAMP = struct.Struct("<qQ")  # a row slot's epoch and the generation it counts for
@@ -185,9 +204,9 @@ class NodeWindows:
 
     def claim(
         self, table: int, stride: int, count: int, key: int, now: float, horizon: float
-    ) -> int | None:
-        """The offset of the instance `key` in a table, joined by this worker's row (a new
-        one taken when none exists), or None when the table has no slot for it."""
+    ) -> tuple[int, int] | None:
+        """(offset, epoch) of the instance `key` in a table, joined by this worker's row (a
+        new one taken when none exists), or None when the table has no slot for it."""
         if self.row >= MAX_ROWS:
             return None
         m = self.map
@@ -195,9 +214,15 @@ class NodeWindows:
         free = -1
         self.lock()
         try:
-            for probe in range(PROBES):
+            for probe in range(count):
                 offset = table + (start + probe) % count * stride
-                found, gen, expires, state, _, rows, until, checked = _HEADER.unpack_from(m, offset)
+                found, gen, expires, state, epoch, rows, until, checked = _HEADER.unpack_from(
+                    m, offset
+                )
+                if gen == 0:  # never used: the key is not further on
+                    if free < 0:
+                        free = offset
+                    break
                 if found == key:
                     _HEADER.pack_into(
                         m,
@@ -206,20 +231,41 @@ class NodeWindows:
                         gen,
                         max(expires, now + horizon),
                         state,
-                        0,
+                        epoch,
                         rows | 1 << self.row,
                         until,
                         checked,
                     )
-                    return offset
+                    return offset, epoch
                 if free < 0 and (found == 0 or expires < now):
                     free = offset
             if free < 0:
                 return None
-            # A new generation: the rows' slots counted for the previous owner are ignored.
-            gen = _KEY_GEN.unpack_from(m, free)[1] + 1
-            _HEADER.pack_into(m, free, key, gen, now + horizon, STANDBY, 0, 1 << self.row, 0, 0)
-            return free
+            # A new generation: the rows' slots counted for the previous owner are ignored;
+            # a new epoch: the previous owner's instances find the slot no longer theirs.
+            _, gen, epoch = _KEY_GEN_EPOCH.unpack_from(m, free)
+            epoch = (epoch + 1) % _EPOCHS
+            _HEADER.pack_into(
+                m, free, key, gen + 1, now + horizon, STANDBY, epoch, 1 << self.row, 0, 0
+            )
+            return free, epoch
+        finally:
+            self.unlock()
+
+    def release(self, offset: int, key: int, epoch: int) -> bool:
+        """Free the slot at `offset` if it still holds the entry (`key`, `epoch`) an instance
+        attached to: a new generation and epoch, so its rows' counts and every instance
+        attached to it are stale, and key 0, so any key may claim it and a later claim of
+        `key` starts closed with empty windows. False (nothing done) when another worker
+        released it already, or it was since claimed again."""
+        m = self.map
+        self.lock()
+        try:
+            found, gen, _, _, current, _, _, _ = _HEADER.unpack_from(m, offset)
+            if found != key or current != epoch:
+                return False
+            _HEADER.pack_into(m, offset, 0, gen + 1, 0.0, STANDBY, (epoch + 1) % _EPOCHS, 0, 0, 0)
+            return True
         finally:
             self.unlock()
 
@@ -243,48 +289,115 @@ class NodeWindows:
         return cell
 
 
-class BudgetCell:
-    """A retry budget's requests and retries for the node (middlewares.retry.NodeRetryBudget)."""
+class _Cell:
+    """What a node instance's place in a table is: the slot (`offset`) and the `epoch` it
+    attached to, kept while the header still says so; detached (counting nothing) when it
+    no longer does, until it claims a place again (see the module docstring)."""
 
-    __slots__ = ("horizon", "key", "map", "next_refresh", "node", "offset", "row", "width")
+    __slots__ = (
+        "count",
+        "epoch",
+        "horizon",
+        "key",
+        "map",
+        "next_refresh",
+        "node",
+        "offset",
+        "released",
+        "row",
+        "row_bytes",
+        "stride",
+        "table",
+    )
 
-    def __init__(self, node: NodeWindows, key: int, window: float) -> None:
+    def __init__(
+        self,
+        node: NodeWindows,
+        key: int,
+        horizon: float,
+        table: int,
+        stride: int,
+        count: int,
+        row_bytes: int,
+    ) -> None:
         self.node = node
         self.map = node.map
         self.key = key
-        self.width = window / BUDGET_SLOTS
-        self.horizon = 600.0 + window
+        self.horizon = horizon
+        self.table = table
+        self.stride = stride
+        self.count = count
+        self.row_bytes = row_bytes
         self.next_refresh = 0.0
         self.offset: int | None = None
+        self.epoch = -1
         self.row = 0
+        self.released = False
         self._claim(monotonic())
 
-    def _claim(self, now: float) -> int:
-        offset = self.node.claim(BUDGET_TABLE, BUDGET_STRIDE, BUDGETS, self.key, now, self.horizon)
-        if offset is None:
-            # Lost its slot and the table is full: count in the old place (its new owner
-            # reads a few foreign counts) and try again after REFRESH, not on every request.
-            self.next_refresh = now + REFRESH
-            return self.offset if self.offset is not None else 0
-        self.offset = offset
-        self.row = offset + HEADER + self.node.row * BUDGET_ROW
+    def _claim(self, now: float) -> bool:
+        """Take or join the instance's entry; False when the table has no slot for it (then
+        detached, and tried again after REFRESH, not on every request)."""
         self.next_refresh = now + REFRESH
-        return offset
+        found = self.node.claim(self.table, self.stride, self.count, self.key, now, self.horizon)
+        if found is None:
+            self.epoch = -1
+            return False
+        self.offset, self.epoch = found
+        self.row = self.offset + HEADER + self.node.row * self.row_bytes
+        return True
+
+    def _own(self, now: float, key: int, epoch: int) -> bool:
+        """Whether the instance holds its entry, the header read saying (`key`, `epoch`):
+        its `expires` refreshed every REFRESH seconds; when the entry is another one (released
+        by a worker that applied a reload first, or taken over after `horizon` unused), the
+        instance is detached and claims a place again once REFRESH has passed, unless it was
+        released itself."""
+        if key == self.key and epoch == self.epoch:
+            if now >= self.next_refresh:
+                self.next_refresh = now + REFRESH
+                _EXPIRES.pack_into(self.map, (self.offset or 0) + _EXPIRES_AT, now + self.horizon)
+            return True
+        if self.released or now < self.next_refresh:
+            return False
+        return self._claim(now)
+
+    def release(self) -> None:
+        """The reload dropped this instance: free its entry for the node now (idempotent
+        across the workers, see NodeWindows.release); the instance counts nothing after."""
+        if self.released:
+            return
+        self.released = True
+        if self.offset is not None and self.epoch >= 0:
+            self.node.release(self.offset, self.key, self.epoch)
+        self.epoch = -1
+
+
+class BudgetCell(_Cell):
+    """A retry budget's requests and retries for the node (middlewares.retry.NodeRetryBudget)."""
+
+    __slots__ = ("width",)
+
+    def __init__(self, node: NodeWindows, key: int, window: float) -> None:
+        self.width = window / BUDGET_SLOTS
+        super().__init__(
+            node, key, 600.0 + window, BUDGET_TABLE, BUDGET_STRIDE, BUDGETS, BUDGET_ROW
+        )
 
     def _generation(self, now: float) -> int:
-        offset = self.offset or 0
-        key, gen = _KEY_GEN.unpack_from(self.map, offset)
-        if key != self.key and now >= self.next_refresh:  # taken over after a long idle time
-            offset = self._claim(now)
-            gen = _KEY_GEN.unpack_from(self.map, offset)[1]
-        elif now >= self.next_refresh:
-            self.next_refresh = now + REFRESH
-            _EXPIRES.pack_into(self.map, offset + _EXPIRES_AT, now + self.horizon)
-        return gen
+        """The entry's generation, or -1 when the instance is detached."""
+        key, gen, epoch = _KEY_GEN_EPOCH.unpack_from(self.map, self.offset or 0)
+        if key == self.key and epoch == self.epoch and now < self.next_refresh:
+            return int(gen)
+        if not self._own(now, key, epoch):
+            return -1
+        return int(_KEY_GEN.unpack_from(self.map, self.offset or 0)[1])
 
     def record(self, now: float, retry: bool) -> None:
         """Count a request (retry False) or a retry in this worker's row."""
         gen = self._generation(now)
+        if gen < 0:
+            return
         epoch = int(now / self.width)
         at = self.row + epoch % BUDGET_SLOTS * _BUDGET_SLOT.size
         stamp, slot_gen, requests, retries = _BUDGET_SLOT.unpack_from(self.map, at)
@@ -297,8 +410,11 @@ class BudgetCell:
         _BUDGET_SLOT.pack_into(self.map, at, epoch, gen, requests, retries)
 
     def totals(self, now: float) -> tuple[int, int]:
-        """(requests, retries) of the node over the window ending at `now`."""
+        """(requests, retries) of the node over the window ending at `now`; (0, 0) while
+        detached (the budget's floor applies)."""
         gen = self._generation(now)
+        if gen < 0:
+            return 0, 0
         offset = self.offset or 0
         rows = _HEADER.unpack_from(self.map, offset)[5]
         epoch = int(now / self.width)
@@ -317,24 +433,12 @@ class BudgetCell:
         return requests, retries
 
 
-class BreakerCell:
+class BreakerCell(_Cell):
     """A circuit breaker's windows and state for the node (middlewares.circuit_breaker.
-    NodeBreakerState): the state machine's transitions happen here, under the lock."""
+    NodeBreakerState): the state machine's transitions happen here, under the lock. A
+    detached instance (see _Cell) admits everything and records nothing."""
 
-    __slots__ = (
-        "class_of",
-        "classes",
-        "codes",
-        "horizon",
-        "key",
-        "latencies",
-        "map",
-        "next_refresh",
-        "node",
-        "offset",
-        "row",
-        "starts",
-    )
+    __slots__ = ("class_of", "codes", "latencies", "starts")
 
     def __init__(
         self,
@@ -344,68 +448,44 @@ class BreakerCell:
         latencies: bool,
         horizon: float,
     ) -> None:
-        self.node = node
-        self.map = node.map
-        self.key = key
         self.class_of, self.starts = classes
         self.codes = struct.Struct(f"<{len(self.starts)}I")
         self.latencies = latencies
-        self.horizon = horizon
-        self.next_refresh = 0.0
-        self.offset: int | None = None
-        self.row = 0
-        self._claim(monotonic())
+        super().__init__(node, key, horizon, BREAKER_TABLE, BREAKER_STRIDE, BREAKERS, BREAKER_ROW)
 
-    def _claim(self, now: float) -> int:
-        node = self.node
-        offset = node.claim(BREAKER_TABLE, BREAKER_STRIDE, BREAKERS, self.key, now, self.horizon)
-        if offset is None:  # as BudgetCell._claim
-            self.next_refresh = now + REFRESH
-            return self.offset if self.offset is not None else 0
-        self.offset = offset
-        self.row = offset + HEADER + node.row * BREAKER_ROW
-        self.next_refresh = now + REFRESH
-        return offset
-
-    def header(self, now: float) -> tuple[int, int, float, int, int, int, float, float]:
-        """The instance's header, claiming a slot again if the one held was taken over."""
-        self._own(now, _HEADER.unpack_from(self.map, self.offset or 0)[0])
+    def header(self, now: float) -> tuple[int, int, float, int, int, int, float, float] | None:
+        """The instance's header, or None while it is detached."""
+        key, _, epoch = _KEY_GEN_EPOCH.unpack_from(self.map, self.offset or 0)
+        if not self._own(now, key, epoch):
+            return None
         return _HEADER.unpack_from(self.map, self.offset or 0)
-
-    def _own(self, now: float, key: int) -> bool:
-        """Keep the slot: claim one again when `key` (read from it) is another instance's,
-        and refresh its `expires` every REFRESH seconds. False when the slot changed."""
-        if now < self.next_refresh:
-            return key == self.key
-        if key != self.key:
-            self._claim(now)
-            return False
-        self.next_refresh = now + REFRESH
-        _EXPIRES.pack_into(self.map, (self.offset or 0) + _EXPIRES_AT, now + self.horizon)
-        return True
 
     def phase(self, now: float, recovery: float) -> tuple[int, float]:
         """(state, end of its phase) at `now`, after the transitions time made due: tripped
         past its fallback -> recovering for `recovery`; recovering past it -> standby."""
-        key, state, until = _ADMITTING.unpack_from(self.map, self.offset or 0)
-        if (key != self.key or now >= self.next_refresh) and not self._own(now, key):
-            key, state, until = _ADMITTING.unpack_from(self.map, self.offset or 0)
+        key, state, epoch, until = _ADMITTING.unpack_from(self.map, self.offset or 0)
+        if key != self.key or epoch != self.epoch or now >= self.next_refresh:
+            if not self._own(now, key, epoch):
+                return STANDBY, 0.0
+            key, state, epoch, until = _ADMITTING.unpack_from(self.map, self.offset or 0)
         if state == STANDBY or now < until:
             return state, until
         node = self.node
         offset = self.offset or 0
         node.lock()
         try:
-            key, gen, expires, state, _, rows, until, checked = _HEADER.unpack_from(
+            key, gen, expires, state, epoch, rows, until, checked = _HEADER.unpack_from(
                 self.map, offset
             )
+            if key != self.key or epoch != self.epoch:  # released meanwhile
+                return STANDBY, 0.0
             if state != STANDBY and now >= until:  # not already moved on by another worker
                 if state == TRIPPED:
                     state, until = RECOVERING, now + recovery
                 else:
                     state, until = STANDBY, 0.0
                 _HEADER.pack_into(
-                    self.map, offset, key, gen, expires, state, 0, rows, until, checked
+                    self.map, offset, key, gen, expires, state, epoch, rows, until, checked
                 )
         finally:
             node.unlock()
@@ -414,11 +494,13 @@ class BreakerCell:
     def record(self, status: int, seconds: float, now: float, period: float = -1.0) -> bool:
         """Count one response of this worker: its code class, and its latency if needed.
         With a check `period` (>= 0): whether this worker evaluates the expression now
-        (check_due, the header read once for both)."""
+        (check_due, the header read once for both). Nothing while detached."""
         m = self.map
-        key, gen, state, checked = _RECORDING.unpack_from(m, self.offset or 0)
-        if (key != self.key or now >= self.next_refresh) and not self._own(now, key):
-            key, gen, state, checked = _RECORDING.unpack_from(m, self.offset or 0)
+        key, gen, state, held, checked = _RECORDING.unpack_from(m, self.offset or 0)
+        if key != self.key or held != self.epoch or now >= self.next_refresh:
+            if not self._own(now, key, held):
+                return False
+            key, gen, state, held, checked = _RECORDING.unpack_from(m, self.offset or 0)
         epoch = int(now / CODE_WIDTH)
         at = self.row + epoch % CODE_SLOTS * CODE_SLOT
         stamp, slot_gen = _STAMP.unpack_from(m, at)
@@ -448,7 +530,7 @@ class BreakerCell:
         """Whether this worker evaluates the expression now: at most once per `period` for
         the node, never while tripped. Claims the check (last check = now) when it is."""
         header = self.header(now)
-        if header[3] == TRIPPED or now - header[7] < period:
+        if header is None or header[3] == TRIPPED or now - header[7] < period:
             return False
         return self._take_check(now, period)
 
@@ -458,12 +540,14 @@ class BreakerCell:
         offset = self.offset or 0
         node.lock()
         try:
-            key, gen, expires, state, _, rows, until, checked = _HEADER.unpack_from(
+            key, gen, expires, state, epoch, rows, until, checked = _HEADER.unpack_from(
                 self.map, offset
             )
-            if state == TRIPPED or now - checked < period:
+            if key != self.key or epoch != self.epoch or state == TRIPPED:
                 return False
-            _HEADER.pack_into(self.map, offset, key, gen, expires, state, 0, rows, until, now)
+            if now - checked < period:
+                return False
+            _HEADER.pack_into(self.map, offset, key, gen, expires, state, epoch, rows, until, now)
             return True
         finally:
             node.unlock()
@@ -475,13 +559,22 @@ class BreakerCell:
         offset = self.offset or 0
         node.lock()
         try:
-            key, gen, expires, state, _, rows, _until, _checked = _HEADER.unpack_from(
+            key, gen, expires, state, epoch, rows, _until, _checked = _HEADER.unpack_from(
                 self.map, offset
             )
-            if key == self.key and state != TRIPPED:
+            if key == self.key and epoch == self.epoch and state != TRIPPED:
                 expires = max(expires, now + fallback + self.horizon)
                 _HEADER.pack_into(
-                    self.map, offset, key, gen + 1, expires, TRIPPED, 0, rows, now + fallback, now
+                    self.map,
+                    offset,
+                    key,
+                    gen + 1,
+                    expires,
+                    TRIPPED,
+                    epoch,
+                    rows,
+                    now + fallback,
+                    now,
                 )
         finally:
             node.unlock()
@@ -489,9 +582,11 @@ class BreakerCell:
     def view(self, now: float) -> tuple[Counter[int], Counter[int]]:
         """The node's (codes, latencies) over the windows ending at `now`: the rows added up.
         Codes are keyed by the lowest code of their class, latencies by their value in ms,
-        as RollingWindows.view gives them to WindowView."""
+        as RollingWindows.view gives them to WindowView. Empty while detached."""
         m = self.map
         header = self.header(now)
+        if header is None:
+            return Counter(), Counter()
         gen, rows = header[1], header[5]
         offset = self.offset or 0
         classes = len(self.starts)

@@ -762,7 +762,7 @@ def compile_snapshot(config: DynamicConfig, ctx: CompileContext) -> RuntimeSnaps
     compiler = _Compiler(config, ctx)
     snapshot = compiler.compile()
     ctx.state.services = compiler.service_objects
-    ctx.state.middlewares = compiler.middleware_state
+    ctx.state.retain_middlewares(compiler.middleware_state)
     ctx.state.retain_pools(compiler.used_pools)
     ctx.state.health.retain(compiler.health_wanted)
     return snapshot

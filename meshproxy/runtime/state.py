@@ -9,7 +9,7 @@ from typing import Any
 from meshproxy.balancer.health import HealthRegistry
 from meshproxy.http.upstream import ServerPool, TransportSettings, UpstreamPool
 from meshproxy.http2.upstream import H2Pool
-from meshproxy.middlewares.base import MiddlewareState
+from meshproxy.middlewares.base import MiddlewareState, retire_dropped
 
 PoolFactory = Callable[[str, str, int, TransportSettings], ServerPool]
 
@@ -34,6 +34,14 @@ class RuntimeState:
         if pool is None:
             pool = self.pools[key] = POOL_KINDS[scheme](scheme, host, port, settings)
         return pool
+
+    def retain_middlewares(self, current: MiddlewareState) -> None:
+        """Swap in the middleware state of the snapshot just compiled, retiring the objects
+        it dropped (a node-wide breaker or retry budget frees its shared entry at once, so
+        the node's table does not fill with old definitions and a reverted one starts
+        fresh, as in one process)."""
+        retire_dropped(self.middlewares, current)
+        self.middlewares = current
 
     def retain_pools(self, used: set[tuple[str, str, int, TransportSettings]]) -> None:
         """Close idle connections of pools the new config no longer uses."""

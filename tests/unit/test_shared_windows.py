@@ -246,9 +246,141 @@ def test_an_idle_instance_is_taken_over_and_its_owner_claims_anew(node):
         now + old.horizon + 1.0,
         60.0,
     )
-    assert newcomer == offset
+    assert newcomer is not None and newcomer[0] == offset
     requests, _ = old.totals(now + old.horizon + 2.0)
     assert old.offset != offset and requests == 0
+
+
+def test_a_released_breaker_starts_fresh_when_its_definition_comes_back(node):
+    """One process (BuildContext.keep) and Traefik (middlewares rebuilt on every change)
+    keep a breaker's state only while its definition is unchanged: A tripped, reload to B,
+    reload back to A -> A is closed with empty windows. Both workers apply the reloads and
+    release A; the second release is a no-op, and even a worker one generation behind that
+    records into A after the first release writes nothing a fresh claim would see."""
+    expression = "ResponseCodeRatio(500, 600, 0, 600) > 0.5"
+    a = _breaker(node[0], expression, check=0.0, fallback=15.0)
+    b = _breaker(node[1], expression, check=0.0, fallback=15.0)
+    now = time.monotonic()
+    for _ in range(3):
+        a.observe(500, 0.001, now)
+    assert a.state == TRIPPED and b.admit(now + 0.1) is False
+    offset = a.cell.offset
+    a.retire()  # worker 0 applies the reload to B first
+    # Worker 1, one generation behind, still serves A: it is detached, not tripped, and
+    # what it records goes nowhere.
+    assert b.admit(now + 0.2) is True
+    for _ in range(5):
+        b.observe(500, 0.001, now + 0.2)
+    b.retire()  # then applies it too: a no-op
+    header = shared_windows._HEADER.unpack_from(node[0].windows.map, offset)
+    assert header[0] == 0  # the slot is free
+    # Back to A (the same key) in both workers: closed, with empty windows.
+    a2 = _breaker(node[0], expression, check=0.0, fallback=15.0)
+    b2 = _breaker(node[1], expression, check=0.0, fallback=15.0)
+    assert a2.cell.offset == b2.cell.offset
+    assert a2.admit(now + 0.3) is True and b2.admit(now + 0.3) is True
+    assert a2.state == b2.state == STANDBY
+    assert sum(a2.cell.view(now + 0.3)[0].values()) == 0
+    # The stale instances' releases, repeated, do not touch the new entry.
+    a.retire()
+    b.cell.released = False
+    b.cell.release()
+    b2.observe(200, 0.001, now + 0.4)
+    assert sum(a2.cell.view(now + 0.4)[0].values()) == 1
+    # And A works node-wide again: failures seen by one worker open it for both.
+    for _ in range(3):
+        a2.observe(500, 0.001, now + 0.5)
+    assert a2.state == TRIPPED and b2.admit(now + 0.6) is False
+
+
+def test_a_released_slot_serves_another_key_and_the_old_instance_stays_out(node):
+    """Released entries give their slot back at once (not after the 10 minute horizon), so
+    config churn cannot fill the table: another key claims the slot, and the released
+    instance (its epoch gone) neither reads nor writes it, even past REFRESH."""
+    first, second = node
+    now = time.monotonic()
+    old = first.windows.budget("old", 10.0)
+    assert old is not None
+    other_worker = second.windows.budget("old", 10.0)
+    assert other_worker is not None and other_worker.offset == old.offset
+    old.record(now, False)
+    offset = old.offset
+    old.release()
+    other_worker.release()  # every worker applies the reload: the second is a no-op
+    # A key hashing to the same start slot takes it now, horizon or not.
+    newcomer = second.windows.claim(
+        shared_windows.BUDGET_TABLE,
+        shared_windows.BUDGET_STRIDE,
+        shared_windows.BUDGETS,
+        old.key + shared_windows.BUDGETS,
+        now + 1.0,
+        60.0,
+    )
+    assert newcomer is not None and newcomer[0] == offset
+    later = now + shared_windows.REFRESH + 1.0
+    old.record(later, True)  # an exchange of the dropped snapshot ending late
+    assert old.totals(later) == (0, 0) and old.offset == offset
+    header = shared_windows._HEADER.unpack_from(first.windows.map, offset)
+    assert header[0] == old.key + shared_windows.BUDGETS  # not claimed back
+    fresh = first.windows.budget("old", 10.0)
+    assert fresh is not None and fresh.offset != offset
+    assert fresh.totals(later) == (0, 0)
+
+
+def test_reloads_release_what_they_drop_so_config_churn_fits_the_table(node, monkeypatch):
+    """F5: 300 routers sharing one circuitBreaker whose definition changes twice: 900
+    instances over time, never more than 300 in use. Through the reload path itself
+    (BuildContext.keep, then RuntimeState.retain_middlewares), each replaced instance frees
+    its slot before its successor claims one: all stay node-wide in the 512-slot table, and
+    routers removed by a reload give theirs back too."""
+    from meshproxy.config.dynamic import CircuitBreaker
+    from meshproxy.middlewares import circuit_breaker
+    from meshproxy.middlewares.base import BuildContext, MiddlewareState
+    from meshproxy.runtime.state import RuntimeState
+
+    monkeypatch.setattr(circuit_breaker, "SHARED_STATE", [node[0].breaker])
+    runtime = RuntimeState()
+
+    def reload(routers: int, fallback: float) -> MiddlewareState:
+        options = CircuitBreaker(
+            expression="ResponseCodeRatio(500, 600, 0, 600) > 0.5", fallback_duration=fallback
+        )
+        current = MiddlewareState()
+        for router in range(routers):
+            ctx = BuildContext(
+                router=f"r{router}@file",
+                name="cb@file",
+                metrics=None,
+                fingerprint=b"circuitBreaker%f" % fallback,
+                previous=runtime.middlewares,
+                current=current,
+            )
+            circuit_breaker.build_circuit_breaker(options, _unreached, ctx)
+        runtime.retain_middlewares(current)
+        return current
+
+    def used() -> int:
+        m = node[0].windows.map
+        return sum(
+            shared_windows._KEY_GEN.unpack_from(m, slot * shared_windows.BREAKER_STRIDE)[0] != 0
+            for slot in range(shared_windows.BREAKERS)
+        )
+
+    try:
+        for fallback in (3.0, 4.0, 5.0, 3.0):
+            state = reload(300, fallback)
+            kinds = {type(obj) for _, obj in state.objects.values()}
+            assert kinds == {NodeBreakerState}, fallback
+            assert used() == 300
+        reload(100, 3.0)  # 200 routers removed
+        assert used() == 100
+    finally:
+        runtime.retain_middlewares(MiddlewareState())
+    assert used() == 0
+
+
+def _unreached(ex, finish):  # the handler behind the breaker; no request is sent here
+    raise AssertionError("not called")
 
 
 def test_a_single_process_keeps_its_own_state():
