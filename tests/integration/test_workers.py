@@ -767,6 +767,80 @@ async def test_a_breaker_tripped_in_one_worker_answers_503_in_every_worker(scrip
             client.close()
 
 
+def _breaker_config(url: str, fallback: str) -> dict:
+    """One router behind a circuitBreaker whose definition differs only by `fallback`."""
+    return {
+        "http": {
+            "routers": {
+                "r": {
+                    "rule": "PathPrefix(`/`)",
+                    "service": "s",
+                    "entryPoints": ["web"],
+                    "middlewares": ["cb"],
+                }
+            },
+            "services": {"s": {"loadBalancer": {"servers": [{"url": url}]}}},
+            "middlewares": {
+                "cb": {
+                    "circuitBreaker": {
+                        "expression": "ResponseCodeRatio(500, 600, 0, 600) > 0.5",
+                        "checkPeriod": "10ms",
+                        "fallbackDuration": fallback,
+                        "recoveryDuration": "1s",
+                    }
+                }
+            },
+        }
+    }
+
+
+async def test_a_reverted_breaker_definition_starts_fresh_in_every_worker(scripted, proxy_factory):
+    """A breaker's state survives a reload only while its definition is unchanged (one
+    process: BuildContext.keep; Traefik rebuilds its middlewares, oxy's cbreaker state
+    included, on every configuration change). Definition A tripped (fallback 15 s), reload
+    to B (a fresh breaker: 200), reload back to A, as a rollback would: A is a new breaker,
+    so both workers answer 200 at once, not 503 for the rest of A's old fallback (its node
+    entry was released when the reload dropped it). And A is node-wide again: failures that
+    only one worker sees open it in the other."""
+    backend = await scripted("svc")
+    proxy = await proxy_factory(_breaker_config(backend.url, "15s"), extra_flags=["--workers=2"])
+    await wait_for(lambda: [w["generation"] for w in workers(proxy)] == [1, 1], 15, "both at 1")
+    pids = [w["pid"] for w in workers(proxy)]
+    clients = await _one_connection_per_worker(proxy.port, pids)
+    a, b = clients[pids[0]], clients[pids[1]]
+
+    async def trip_through_a() -> float:
+        backend.mode = "status:500"
+        statuses = []
+        for _ in range(50):  # only worker A sees the failures
+            statuses.append(await a.get())
+            if statuses[-1] == 503:
+                break
+        assert statuses[-1] == 503 and set(statuses) == {500, 503}, statuses
+        backend.mode = "ok"
+        assert await b.get() == 503  # the node's breaker is open in B too
+        return time.monotonic()
+
+    try:
+        tripped = await trip_through_a()
+        for generation, fallback in ((2, "16s"), (3, "15s")):  # to B, then back to A
+            proxy.write(_breaker_config(backend.url, fallback))
+            await wait_for(
+                lambda g=generation: [w["generation"] for w in workers(proxy)] == [g, g],
+                10,
+                f"both at {generation}",
+            )
+            seen = len(backend.requests)
+            statuses = [await c.get() for c in (a, b) for _ in range(5)]
+            assert statuses == [200] * 10, (fallback, statuses)
+            assert len(backend.requests) == seen + 10  # served by the backend, not the breaker
+        assert time.monotonic() - tripped < 15.0  # still within A's old fallback
+        await trip_through_a()
+    finally:
+        for client in clients.values():
+            client.close()
+
+
 async def test_a_retry_budget_holds_for_the_node_not_per_worker(scripted, proxy_factory):
     """Issue 15 point 2: a retry budget (meshproxy's extension, Linkerd's budget: retries
     may add `ratio` of the requests over `window`, and at least minRetriesPerSecond x
