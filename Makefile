@@ -30,6 +30,10 @@ $(BIN)/meshproxy: pyproject.toml setup.py meshproxy/build_info.py $(HOT_PATH)
 	$(BIN)/pip install -q -e '.[test,accel]'
 	@# The HTTP/2 libraries compiled in place by Cython (their own sources: ~1.35x per request)
 	$(BIN)/python -m meshproxy.http2.cython_build
+	@# mypyc's extensions are optional (the build falls back to Python without a word): say so
+	@$(BIN)/python -c "import sys; from meshproxy.build_info import hot_path_state as s, \
+		pure_python_requested as p; sys.exit(0 if p() or s() == 'compiled' else \
+		'make setup: the hot path is ' + s() + ', not compiled: see pip install -v -e .')"
 	touch $@
 
 setup: $(BIN)/meshproxy

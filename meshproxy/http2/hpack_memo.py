@@ -28,11 +28,34 @@ from __future__ import annotations
 
 from typing import Any
 
-from hpack import Decoder, Encoder
+from hpack import Decoder, Encoder, NeverIndexedHeaderTuple
 
 MEMO_ENTRIES = 16
 MEMO_INPUT_BYTES = 512
 MEMO_FIELDS = 24
+# Fields never put in a dynamic table (RFC 7541 §7.1.3: credentials, and cookies short enough
+# to guess): what h2's `secure_headers` does when it normalizes outbound fields, which the
+# proxy's connections skip (they build their fields themselves).
+_SENSITIVE = frozenset({b"authorization", b"proxy-authorization", b"cookie"})
+SHORT_COOKIE = 20  # bytes: a shorter cookie is never indexed (h2's threshold)
+
+
+def _never_indexed(headers: Any) -> Any:
+    """`headers` with credentials and short cookies as never-indexed fields (RFC 7541
+    §6.2.3: a peer's decoder, and every intermediary after it, keeps them out of its table)."""
+    if type(headers) is not list:
+        return headers
+    out: list[Any] = []
+    for field in headers:
+        if type(field) is tuple and len(field) == 2 and _secret(field):
+            field = NeverIndexedHeaderTuple(*field)
+        out.append(field)
+    return out
+
+
+def _secret(field: Any) -> bool:
+    name = field[0]
+    return name in _SENSITIVE and (name != b"cookie" or len(field[1]) < SHORT_COOKIE)
 
 
 class MemoDecoder(Decoder):
@@ -111,10 +134,10 @@ class MemoEncoder(Encoder):
 
     def encode(self, headers: Any, huffman: bool = True) -> bytes:
         if type(headers) is not list or len(headers) > MEMO_FIELDS or self.table_size_changes:
-            return super().encode(headers, huffman)
+            return super().encode(_never_indexed(headers), huffman)
         for field in headers:
-            if type(field) is not tuple:
-                return super().encode(headers, huffman)
+            if type(field) is not tuple or _secret(field):
+                return super().encode(_never_indexed(headers), huffman)
         table = self.header_table
         entries: Any = table.dynamic_entries  # Any: see the module docstring on mypyc
         first = entries[0] if entries else None

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from meshproxy.http2.hpack_memo import MEMO_ENTRIES, MemoDecoder, MemoEncoder
 
-NAMES = [b":method", b":path", b"content-type", b"x-a", b"x-b", b"date", b"cookie"]
+NAMES = [b":method", b":path", b"content-type", b"x-a", b"date", b"cookie", b"authorization"]
 VALUES = [b"GET", b"/", b"/a", b"text/plain", b"1", b"2", b"x" * 40, b"y" * 300]
 
 field = st.tuples(st.sampled_from(NAMES), st.sampled_from(VALUES))
@@ -38,6 +38,21 @@ def _fields(lists: list[list[tuple[bytes, bytes]]], index: int, sensitive: bool)
     return fields
 
 
+def _secured(fields: list[Any]) -> list[Any]:
+    """The reference: hpack with RFC 7541 §7.1.3's never-indexed credentials and short
+    cookies (h2's `secure_headers` rule, < 20 bytes), which the remembering encoder applies."""
+    return [
+        NeverIndexedHeaderTuple(*f)
+        if type(f) is tuple
+        and (
+            f[0] in (b"authorization", b"proxy-authorization")
+            or (f[0] == b"cookie" and len(f[1]) < 20)
+        )
+        else f
+        for f in fields
+    ]
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(field_list, min_size=1, max_size=4), st.lists(step, min_size=1, max_size=40))
 def test_a_remembering_encoder_writes_what_hpack_writes(
@@ -54,7 +69,7 @@ def test_a_remembering_encoder_writes_what_hpack_writes(
             continue
         fields = _fields(lists, value, sensitive)
         block = memo.encode(list(fields))
-        assert block == plain.encode(list(fields))
+        assert block == plain.encode(_secured(fields))
 
 
 @settings(max_examples=300, deadline=None)
@@ -156,3 +171,20 @@ def test_the_same_lowered_table_size_twice_still_sends_the_size_update() -> None
         decoder.max_allowed_table_size = max(sizes)  # hpack signals each change in turn
         assert decoder.decode(block, raw=True) == [(b":status", b"200"), (b"x-a", b"1")]
         assert decoder.header_table_size == sizes[-1]
+
+
+def test_credentials_and_short_cookies_never_enter_the_peer_table() -> None:
+    """RFC 7541 §7.1.3 (and §6.2.3 for what an intermediary receives so): `authorization`,
+    `proxy-authorization` and a cookie under 20 bytes go out as never-indexed literals
+    (0001xxxx), so neither the backend shared by every client nor any hop after it keeps a
+    client's credentials in its dynamic table (fresh tester F2); a long cookie is indexed."""
+    encoder, decoder = MemoEncoder(), Decoder()
+    fields = [(b"authorization", b"Bearer SECRET"), (b"cookie", b"sid=1"), (b"x-a", b"1")]
+    for _ in range(2):
+        got = decoder.decode(encoder.encode(list(fields)), raw=True)
+        assert got == fields
+        assert [type(f) is NeverIndexedHeaderTuple for f in got] == [True, True, False]
+    assert [entry[0] for entry in decoder.header_table.dynamic_entries] == [b"x-a"]
+    long_cookie = [(b"cookie", b"s" * 40)]
+    decoder.decode(encoder.encode(long_cookie), raw=True)
+    assert decoder.header_table.dynamic_entries[0] == (b"cookie", b"s" * 40)
