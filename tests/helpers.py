@@ -400,3 +400,17 @@ def catch_all(url: str, **options: Any) -> dict[str, Any]:
             "services": {"s": lb(url, **options)},
         }
     }
+
+
+def socket_inodes(pid: int) -> set[str]:
+    """Inodes of the sockets process `pid` holds (proc(5): its /proc/PID/fd entries that link
+    to `socket:[N]`), to match against /proc/PID/net/tcp. Raises OSError once it exited."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    return inodes

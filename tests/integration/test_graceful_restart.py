@@ -4,13 +4,12 @@ entryPoints.X.transport.lifeCycle: requestAcceptGraceTimeout, graceTimeOut; docs
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import time
 import urllib.error
 import urllib.request
 
-from tests.helpers import ProxyProcess, catch_all, request, wait_for
+from tests.helpers import ProxyProcess, catch_all, request, socket_inodes, wait_for
 from tests.integration.test_workers import Load, workers
 
 
@@ -221,14 +220,7 @@ def _listening(pid: int, port: int) -> bool:
     """Whether process `pid` holds a socket listening on `port` (proc(5): its /proc/PID/fd
     socket inodes against /proc/PID/net/tcp, state 0A = LISTEN); False once it exited."""
     try:
-        inodes = set()
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
+        inodes = socket_inodes(pid)
         with open(f"/proc/{pid}/net/tcp") as table:
             rows = [line.split() for line in table.readlines()[1:]]
     except OSError:

@@ -530,14 +530,9 @@ async def test_a_sigkilled_supervisor_leaves_no_shared_state_file(backends, prox
 def _tcp_peer_ports(pid: int) -> list[int]:
     """Remote ports of the established IPv4 TCP connections process `pid` holds (proc(5):
     /proc/PID/fd socket inodes matched against /proc/net/tcp)."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
+    from tests.helpers import socket_inodes
+
+    inodes = socket_inodes(pid)
     ports = []
     with open(f"/proc/{pid}/net/tcp") as table:
         for line in table.readlines()[1:]:
