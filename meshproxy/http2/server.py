@@ -695,11 +695,25 @@ def _checked_fields(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, byt
     `:authority` (RFC 9113 §8.3.1; as Traefik/Go: nghttp2's tools send both, differing)."""
     if any(name == b":authority" for name, _ in headers):
         headers = [(name, value) for name, value in headers if name != b"host"]
+    # a trailing empty cookie crumb would be refused below for its surrounding blank
+    headers = [
+        (name, _joined_cookie(value)) if name == b"cookie" else (name, value)
+        for name, value in headers
+    ]
     try:
         headers = list(h2.utilities.validate_headers(headers, _REQUEST_FLAGS))
     except h2.exceptions.ProtocolError:
         return None
     return strict_request(headers)
+
+
+def _joined_cookie(value: bytes) -> bytes:
+    """A `cookie` value as h2 joined its crumbs ("; ", RFC 9113 §8.2.3), without the empty
+    crumbs: each is a valid field value (RFC 9110 §5.5), but joined they leave "; " at an end
+    or twice in a row (Go forwards them so; a trailing one fails the field check)."""
+    if value[:2] != b"; " and value[-2:] != b"; " and b"; ; " not in value:
+        return value
+    return b"; ".join([crumb for crumb in value.split(b"; ") if crumb.strip()])
 
 
 def _trailer_fields(trailers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -1128,6 +1142,8 @@ class H2ServerConnection(asyncio.Protocol):
                 content_length = int(value)  # h2 checked it is a number
             elif name == b"te":
                 te_trailers = True  # h2's validation allows only `trailers`
+            elif name == b"cookie":
+                value = _joined_cookie(value)
             elif name == b"expect":
                 if value.lower() != b"100-continue":
                     return 417  # RFC 9110 §10.1.1

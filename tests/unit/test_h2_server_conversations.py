@@ -183,6 +183,26 @@ async def test_get_becomes_an_http11_request_and_the_answer_a_stream():
     assert h2c.conv.entrypoint_requests() == {200: 1}
 
 
+async def test_cookie_crumbs_are_joined_and_empty_ones_dropped():
+    """RFC 9113 §8.2.3: crumbs of a split `cookie` are joined with "; " before the request goes
+    out as HTTP/1.1; an empty crumb is a valid (empty) field value (RFC 9110 §5.5), not a
+    malformed request: it is dropped, never a trailing "; " (fresh tester F3: RST_STREAM)."""
+    cases = [
+        ([b"a=1", b"b=2"], b"a=1; b=2"),
+        ([b"a=1", b""], b"a=1"),
+        ([b"", b"a=1", b"", b"b=2"], b"a=1; b=2"),
+    ]
+    for crumbs, joined in cases:
+        h2c = H2Conversation()
+        upstream = h2c.add_upstream()
+        headers = request_headers(b"/c") + [(b"cookie", crumb) for crumb in crumbs]
+        h2c.request(headers)
+        h2c.exchange()
+        line, fields = head_of(upstream.take())
+        assert line == b"GET /c HTTP/1.1", crumbs
+        assert fields[b"cookie"] == joined, crumbs
+
+
 async def test_post_body_and_trailers_travel_as_chunked_http11_both_ways():
     """§8.1: DATA becomes the HTTP/1.1 body (chunked: no content-length), trailing HEADERS
     become chunked trailers when the client sent `te: trailers` (RFC 9110 §6.5); the backend's
