@@ -25,10 +25,17 @@ SUPERVISOR_FAMILIES = frozenset(
         "meshproxy_config_reload_failures_total",
     }
 )
-# Families only the workers know (they serve traffic and run the health checks and outlier
-# detection); the supervisor's copy, from a configuration it compiles but never probes, is
-# left out while any worker answered.
-WORKER_FAMILIES = frozenset({"traefik_service_server_up"})
+# Families only the workers know (they serve traffic and run the health checks, outlier
+# detection, breakers and retry budgets); the supervisor's copy, from a configuration it
+# compiles but never serves (a breaker there is forever "standby"), is left out while any
+# worker answered.
+WORKER_FAMILIES = frozenset(
+    {
+        "traefik_service_server_up",
+        "meshproxy_circuit_breaker_state",
+        "meshproxy_retry_budget_remaining",
+    }
+)
 # A server's health for the node: the smallest value over the workers, so UP only if UP in
 # every worker that answered. The same rule as the admin API's serverStatus
 # (admin/workers.merge_servers): a server some worker will not send to is not UP for the node.

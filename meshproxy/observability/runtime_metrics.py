@@ -6,7 +6,8 @@
   joined by commas).
 - `meshproxy_circuit_breaker_state{router,middleware,state}`: 1 for the state each
   circuitBreaker instance is in (standby, tripped, recovering), 0 for the two others: a
-  Prometheus "state set", so `== 1` selects and alerts need no magic numbers.
+  Prometheus "state set", so `== 1` selects and alerts need no magic numbers. With workers,
+  the node's state read from shared memory at scrape time.
 - `meshproxy_retry_budget_remaining{router,middleware}`: retries a retry middleware with a
   `budget` may still make in its current window (its floor or ratio, minus retries made).
 - `meshproxy_upstream_pool_connections{scheme,address,state}`: per upstream origin, the
@@ -30,7 +31,7 @@ from prometheus_client.core import GaugeMetricFamily
 from meshproxy.middlewares.circuit_breaker import RECOVERING, STANDBY, TRIPPED, BreakerState
 from meshproxy.middlewares.retry import RetryBudgetState
 
-_BREAKER_STATES = (STANDBY, TRIPPED, RECOVERING)
+_BREAKER_STATES = (STANDBY, TRIPPED, RECOVERING)  # in the order of the shared state numbers
 
 
 def certificate_labels(chain: bytes) -> tuple[tuple[str, str, str], float]:
@@ -97,8 +98,15 @@ class RuntimeCollector:
         now = monotonic()
         for (router, middleware), (_, obj) in sorted(self.state.middlewares.objects.items()):
             if isinstance(obj, BreakerState):
+                current = obj.state
+                cell = getattr(obj, "cell", None)
+                if cell is not None:
+                    # With workers the state is the node's (shared memory): read it now, not
+                    # this worker's view as of its last request through the breaker, so every
+                    # worker reports the same one and the supervisor's merge stays one-hot.
+                    current = _BREAKER_STATES[int(cell.phase(now, obj.recovery)[0])]
                 for state in _BREAKER_STATES:
-                    value = 1.0 if obj.state == state else 0.0
+                    value = 1.0 if current == state else 0.0
                     breakers.add_metric([router, middleware, state], value)
             elif isinstance(obj, RetryBudgetState):
                 budgets.add_metric([router, middleware], budget_remaining(obj, now))

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import h11
 
 from tests.helpers import catch_all, request, wait_for
+from tests.integration.test_http_hardening import metric
 
 
 @dataclass
@@ -721,6 +722,14 @@ async def test_a_breaker_tripped_in_one_worker_answers_503_in_every_worker(scrip
                 break
         tripped_by = time.monotonic()  # ... and tripped by now
         assert statuses[-1] == 503 and set(statuses) == {500, 503}, statuses
+        # Before B sees a request: /metrics (the supervisor's merge of both workers) shows the
+        # node's state, one state at 1 (fresh tester F6: B's stale "standby" showed too).
+        text = proxy.metrics()
+        states = {
+            state: metric(text, "meshproxy_circuit_breaker_state", state=state)
+            for state in ("standby", "tripped", "recovering")
+        }
+        assert states == {"standby": 0.0, "tripped": 1.0, "recovering": 0.0}, states
         backend.mode = "ok"
         seen = len(backend.requests)
         assert await b.get() == 503  # B never saw a failure: the node's breaker is open
@@ -753,10 +762,15 @@ async def test_a_breaker_tripped_in_one_worker_answers_503_in_every_worker(scrip
             return all([await c.get() == 200 for c in (a, b) for _ in range(5)])
 
         await wait_for(closed, recovery + 10, "the breaker closed in both workers")
-        assert (
-            'meshproxy_circuit_breaker_state{middleware="cb@file",router="r@file",state="standby"} 1.0'
-            in proxy.metrics()
-        )
+
+        def one_hot(state: str) -> bool:  # the node's state, and only it, at 1
+            text = proxy.metrics()
+            wanted = {s: float(s == state) for s in ("standby", "tripped", "recovering")}
+            got = {s: metric(text, "meshproxy_circuit_breaker_state", state=s) for s in wanted}
+            return got == wanted
+
+        # all requests pass before the recovering phase ends; /metrics then says standby
+        await wait_for(lambda: one_hot("standby"), recovery + 10, "standby in /metrics")
     finally:
         for client in clients.values():
             client.close()
