@@ -45,6 +45,25 @@ def free_port() -> int:
     raise RuntimeError("no free test port left in this worker's slice")
 
 
+def free_port_pair(kind: int = socket.SOCK_STREAM) -> int:
+    """A port p of this worker's slice such that p and p + 1 are both free on loopback (TCP
+    or, with SOCK_DGRAM, UDP): for a process that binds both soon after."""
+    for _ in range(5500):
+        port = next(_PORTS)
+        with (
+            socket.socket(socket.AF_INET, kind) as first,
+            socket.socket(socket.AF_INET, kind) as second,
+        ):
+            try:
+                first.bind(("127.0.0.1", port))
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            next(_PORTS)  # port + 1 is taken too: never handed out again by this worker soon
+            return port
+    raise RuntimeError("no two consecutive free test ports left in this worker's slice")
+
+
 async def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
     """Poll `condition` (sync or async) until truthy; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout

@@ -11,24 +11,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from tests.helpers import free_port, request, wait_for
+from tests.helpers import free_port, free_port_pair, request, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port_pair(kind: int = socket.SOCK_STREAM) -> int:
-    """A port p such that p and p + 1 are both free on loopback."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, kind) as first:
-            first.bind(("127.0.0.1", 0))
-            port = first.getsockname()[1]
-            with socket.socket(socket.AF_INET, kind) as second:
-                try:
-                    second.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no two consecutive free ports")
 
 
 async def test_local_mesh_serves_http_through_the_proxy_from_the_manifests(tmp_path):

@@ -27,8 +27,7 @@ import h11
 import pytest
 import yaml
 
-from tests.e2e.test_local_mesh import free_port_pair
-from tests.helpers import Response, free_port, read_response, wait_for
+from tests.helpers import Response, free_port, free_port_pair, read_response, wait_for
 
 NS = "shop"
 ALLOWED, REFUSED = "127.0.0.2", "127.0.0.3"
