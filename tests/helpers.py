@@ -50,6 +50,8 @@ def free_port_pair(kind: int = socket.SOCK_STREAM) -> int:
     or, with SOCK_DGRAM, UDP): for a process that binds both soon after."""
     for _ in range(5500):
         port = next(_PORTS)
+        if port + 1 >= _SLICE + 5500:
+            continue  # port + 1 would be the next worker's
         with (
             socket.socket(socket.AF_INET, kind) as first,
             socket.socket(socket.AF_INET, kind) as second,
