@@ -72,29 +72,39 @@ def start_meshproxy(
     dynamic_yaml: str,
     source: Path | None = None,
     env: dict[str, str] | None = None,
+    *,
+    workers: int | None = None,
+    extra: tuple[str, ...] = (),
+    pin: bool = True,
+    own_venv: bool = False,
 ) -> subprocess.Popen[bytes]:
-    """One meshproxy worker on `port`, metrics on, fed by a dynamic config file. `source`: run
-    the meshproxy package of that source tree instead (`python -m` puts the working directory
-    first on sys.path), e.g. a variant measured beside the installed one; `env`: extra
-    environment variables."""
+    """meshproxy on `port`, metrics on, fed by a dynamic config file. `source`: run the
+    meshproxy package of that source tree instead (`python -m` puts the working directory
+    first on sys.path), e.g. a variant measured beside the installed one, with that tree's own
+    .venv Python when `own_venv` and it has one (its compiled build); `env`: extra environment
+    variables; `workers`: `--workers=N` (unset: the default, one per CPU the process may use);
+    `extra`: more flags; `pin`: on the proxy's CPU (a single process only)."""
     dynamic = workdir / f"dynamic-{port}.yaml"
     dynamic.write_text(dynamic_yaml)
+    python = sys.executable
+    if own_venv and source is not None and (source / ".venv" / "bin" / "python").exists():
+        python = str(source / ".venv" / "bin" / "python")
+    command = [
+        python,
+        "-m",
+        "meshproxy",
+        "proxy",
+        *([f"--workers={workers}"] if workers is not None else []),
+        f"--entryPoints.web.address=127.0.0.1:{port}",
+        f"--entryPoints.traefik.address=127.0.0.1:{admin}",
+        f"--providers.file.filename={dynamic}",
+        "--metrics.prometheus=true",
+        "--ping",
+        "--log.level=ERROR",
+        *extra,
+    ]
     return subprocess.Popen(
-        pinned(
-            [
-                sys.executable,
-                "-m",
-                "meshproxy",
-                "proxy",
-                f"--entryPoints.web.address=127.0.0.1:{port}",
-                f"--entryPoints.traefik.address=127.0.0.1:{admin}",
-                f"--providers.file.filename={dynamic}",
-                "--metrics.prometheus=true",
-                "--ping",
-                "--log.level=ERROR",
-            ],
-            PROXY_CPU,
-        ),
+        pinned(command, PROXY_CPU) if pin else command,
         cwd=source,
         env={**os.environ, **env} if env else None,
     )

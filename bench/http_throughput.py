@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -60,6 +59,7 @@ from common import (
     save_report,
     start_backend,
     start_haproxy_for,
+    start_meshproxy,
     timestamp,
     tree_cpu_seconds,
     wait_port,
@@ -97,30 +97,18 @@ def start_meshproxy_bench(
     source: Path | None = None,
     env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """meshproxy with `workers` workers (1: one process, no supervisor), metrics on; from the
-    tree `source` (its own .venv's Python if it has one) when given."""
-    dynamic = workdir / f"dynamic-{port}.yaml"
-    dynamic.write_text(dynamic_config(backend))
-    python = sys.executable
-    if source is not None and (source / ".venv" / "bin" / "python").exists():
-        python = str(source / ".venv" / "bin" / "python")
-    command = [
-        python,
-        "-m",
-        "meshproxy",
-        "proxy",
-        f"--workers={workers}",
-        f"--entryPoints.web.address=127.0.0.1:{port}",
-        f"--entryPoints.traefik.address=127.0.0.1:{admin}",
-        f"--providers.file.filename={dynamic}",
-        "--metrics.prometheus=true",
-        "--ping",
-        "--log.level=ERROR",
-    ]
-    return subprocess.Popen(
-        pinned(command, PROXY_CPU) if workers == 1 else command,
-        cwd=source,
-        env={**os.environ, **env} if env else None,
+    """meshproxy with `workers` workers (1: one process, no supervisor, pinned), metrics on;
+    from the tree `source` (its own .venv's Python if it has one) when given."""
+    return start_meshproxy(
+        workdir,
+        port,
+        admin,
+        dynamic_config(backend),
+        source,
+        env,
+        workers=workers,
+        pin=workers == 1,
+        own_venv=True,
     )
 
 

@@ -57,6 +57,7 @@ from common import (
     start_backend,
     start_haproxy_for,
     start_haproxy_tcp,
+    start_meshproxy,
     stop_all,
     timestamp,
     wait_port,
@@ -246,28 +247,19 @@ def start_meshproxy_workers(
     metrics on, fed by a dynamic config file; with N > 1 a supervisor and N worker processes.
     `source`: run the meshproxy package of that tree (`python -m` puts the working directory
     first on sys.path), e.g. a patch measured beside the working tree."""
-    dynamic = workdir / f"dynamic-{port}.yaml"
-    dynamic.write_text(dynamic_yaml)
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "meshproxy",
-            "proxy",
-            f"--workers={workers}",
-            f"--entryPoints.web.address=127.0.0.1:{port}",
-            f"--entryPoints.traefik.address=127.0.0.1:{admin}",
-            f"--providers.file.filename={dynamic}",
-            "--metrics.prometheus=true",
-            "--ping",
-            "--api.insecure",
-            "--log.level=ERROR",
-            *(
-                f"--entryPoints.{name}.address={address}"
-                for name, address in (extra_entrypoints or {}).items()
-            ),
-        ],
-        cwd=source,
+    entrypoints = tuple(
+        f"--entryPoints.{name}.address={address}"
+        for name, address in (extra_entrypoints or {}).items()
+    )
+    return start_meshproxy(
+        workdir,
+        port,
+        admin,
+        dynamic_yaml,
+        source,
+        workers=workers,
+        extra=("--api.insecure", *entrypoints),
+        pin=False,
     )
 
 
